@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# RabbitMQ from Debian's rabbitmq-server package (3.10), run as a plain
+# detached node without systemd. Its own node name, ports and folders keep it
+# apart from a system-wide RabbitMQ the package may have set up.
+COMPONENT=rabbitmq
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+
+HOME_DIR="$STATE_DIR/rabbitmq"
+export RABBITMQ_NODENAME="${SLUICE_RABBITMQ_NODENAME:-sluice@localhost}"
+export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+export RABBITMQ_NODE_PORT="$SLUICE_RABBITMQ_PORT"
+export RABBITMQ_DIST_PORT=$((SLUICE_RABBITMQ_PORT + 20000))
+export RABBITMQ_MNESIA_BASE="$HOME_DIR/mnesia"
+export RABBITMQ_LOG_BASE="$HOME_DIR/logs"
+export RABBITMQ_CONFIG_FILE="$HOME_DIR/rabbitmq.conf"
+export RABBITMQ_ENABLED_PLUGINS_FILE="$HOME_DIR/enabled_plugins"
+export RABBITMQ_PID_FILE="$HOME_DIR/rabbitmq.pid"
+MGMT="http://127.0.0.1:$SLUICE_RABBITMQ_MGMT_PORT/api"
+
+ctl() { rabbitmqctl -q -n "$RABBITMQ_NODENAME" "$@"; }
+
+install() {
+  if ! command -v rabbitmq-server >/dev/null; then
+    log "installing rabbitmq-server from Debian"
+    # policy-rc.d (containers) or a missing systemd keep the package from
+    # starting its own node; we start ours below.
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server curl >/dev/null
+  fi
+  command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+}
+
+write_config() {
+  mkdir -p "$RABBITMQ_MNESIA_BASE" "$RABBITMQ_LOG_BASE"
+  cat >"$RABBITMQ_CONFIG_FILE" <<CONF
+listeners.tcp.default = 127.0.0.1:$SLUICE_RABBITMQ_PORT
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $SLUICE_RABBITMQ_MGMT_PORT
+# guest may log in from loopback only, which is all we listen on.
+loopback_users.guest = true
+# Queue counts in the management API refresh every second, not every 5.
+collect_statistics_interval = 1000
+# A small dev machine: do not block publishers at the default 40 % of RAM.
+vm_memory_high_watermark.relative = 0.6
+disk_free_limit.absolute = 500MB
+log.file.level = info
+CONF
+  echo '[rabbitmq_management,rabbitmq_shovel,rabbitmq_shovel_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+  # Debian's wrapper scripts drop from root to the rabbitmq user, which must
+  # own the node's folders.
+  chown -R rabbitmq:rabbitmq "$HOME_DIR"
+}
+
+answering() { curl -sf -u guest:guest "$MGMT/overview" >/dev/null; }
+
+start() {
+  install
+  if answering; then log "already running"; return 0; fi
+  write_config
+  log "starting node $RABBITMQ_NODENAME on 127.0.0.1:$SLUICE_RABBITMQ_PORT"
+  rabbitmq-server -detached >/dev/null 2>&1
+}
+
+wait_ready() {
+  # await_startup returns once the node booted; the management API answering
+  # is the check that matters to clients and the CLI.
+  if ! wait_until 180 "RabbitMQ management API" answering; then
+    tail -n 30 "$RABBITMQ_LOG_BASE"/*.log >&2 2>/dev/null || true
+    die "RabbitMQ did not come up"
+  fi
+  ctl await_startup >/dev/null
+  log "ready (amqp://127.0.0.1:$SLUICE_RABBITMQ_PORT, management :$SLUICE_RABBITMQ_MGMT_PORT)"
+}
+
+stop() {
+  if ctl status >/dev/null 2>&1; then
+    log "stopping"
+    ctl stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || ctl shutdown >/dev/null 2>&1 || true
+  fi
+}
+
+status() {
+  if answering; then
+    local v; v=$(curl -sf -u guest:guest "$MGMT/overview" | sed -n 's/.*"rabbitmq_version":"\([^"]*\)".*/\1/p')
+    echo "rabbitmq: up (version $v, amqp 127.0.0.1:$SLUICE_RABBITMQ_PORT)"
+  else
+    echo "rabbitmq: down"; return 1
+  fi
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  wait) wait_ready ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 install|start|wait|stop|status" >&2; exit 2 ;;
+esac

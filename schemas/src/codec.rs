@@ -1,0 +1,129 @@
+//! Domain events as Avro in the Confluent wire format (magic byte 0, 4-byte
+//! big-endian schema id, Avro binary body), schemas held in the registry under
+//! TopicRecordNameStrategy so any Confluent deserializer can read the topics.
+
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::catalog::EventSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The registry did not answer or refused: retry with backoff.
+    #[error("schema registry: {0}")]
+    Registry(String),
+    /// The bytes are not a record we can read: never retried, dead-lettered.
+    #[error("undecodable event: {0}")]
+    Undecodable(String),
+}
+
+impl CodecError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::Registry(_))
+    }
+}
+
+fn classify(e: SRCError) -> CodecError {
+    if e.retriable || e.error.contains("http") || e.error.contains("registry") {
+        CodecError::Registry(e.to_string())
+    } else {
+        CodecError::Undecodable(e.to_string())
+    }
+}
+
+/// Encodes and decodes events through the registry; schemas are fetched or
+/// registered once per subject and cached by the underlying converter.
+pub struct EventCodec {
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+}
+
+impl EventCodec {
+    /// `registry_url` is the Confluent-compatible base, e.g.
+    /// `http://127.0.0.1:8081/apis/ccompat/v7` (no trailing slash).
+    pub fn new(registry_url: &str) -> Result<Self, CodecError> {
+        let settings = || {
+            SrSettings::new_builder(registry_url.trim_end_matches('/').to_owned())
+                .set_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| CodecError::Registry(e.to_string()))
+        };
+        Ok(Self { encoder: AvroEncoder::new(settings()?), decoder: AvroDecoder::new(settings()?) })
+    }
+
+    fn strategy(topic: &str, spec: &EventSpec) -> SubjectNameStrategy {
+        SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+            topic.to_owned(),
+            SuppliedSchema::new(Some(spec.ty.to_owned()), SchemaType::Avro, spec.avro.to_owned()),
+        )
+    }
+
+    /// Registers (or finds) the event's schema under its subject for `topic`
+    /// and returns the schema id. An incompatible change fails here.
+    pub async fn register(&self, topic: &str, spec: &EventSpec) -> Result<u32, CodecError> {
+        let strategy = Self::strategy(topic, spec);
+        let subject = crate::names::event_subject(topic, spec.ty);
+        let result = self.encoder.get_schema_and_id(&subject, strategy).await;
+        self.forget_errors_of(&result);
+        result.map(|schema| schema.id).map_err(classify)
+    }
+
+    /// Encodes one event for `topic` in Confluent wire format.
+    pub async fn encode<T: Serialize>(&self, topic: &str, spec: &EventSpec, event: &T) -> Result<Vec<u8>, CodecError> {
+        let result = self.encoder.encode_struct(event, &Self::strategy(topic, spec)).await;
+        self.forget_errors_of(&result);
+        result.map_err(classify)
+    }
+
+    /// Encodes an Avro value of the event's record schema for `topic`.
+    pub async fn encode_value(&self, topic: &str, spec: &EventSpec, value: Value) -> Result<Vec<u8>, CodecError> {
+        let result = self.encoder.encode_value(value, &Self::strategy(topic, spec)).await;
+        self.forget_errors_of(&result);
+        result.map_err(classify)
+    }
+
+    /// Decodes a record value: the writer schema's full name and the Avro value.
+    pub async fn decode(&self, bytes: &[u8]) -> Result<(String, Value), CodecError> {
+        if bytes.len() < 5 || bytes[0] != 0 {
+            return Err(CodecError::Undecodable("not Confluent wire format (magic byte 0 + schema id)".into()));
+        }
+        let result = self.decoder.decode(Some(bytes)).await;
+        if result.is_err() {
+            self.decoder.remove_errors_from_cache();
+        }
+        let decoded = result.map_err(classify)?;
+        let name = decoded.name.map(|n| n.fullname(None)).unwrap_or_default();
+        Ok((name, decoded.value))
+    }
+
+    /// Decodes a record value into a typed event.
+    pub async fn decode_as<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<(String, T), CodecError> {
+        let (name, value) = self.decode(bytes).await?;
+        let typed = apache_avro::from_value(&value).map_err(|e| CodecError::Undecodable(format!("{name}: {e}")))?;
+        Ok((name, typed))
+    }
+
+    /// The converter caches failures; a registry that was down must be asked
+    /// again next time.
+    fn forget_errors_of<T>(&self, result: &Result<T, SRCError>) {
+        if result.is_err() {
+            self.encoder.remove_errors_from_cache();
+        }
+    }
+}
+
+/// The schema id of a Confluent wire-format record, if it is one.
+pub fn schema_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [0, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}

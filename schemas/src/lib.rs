@@ -1,0 +1,17 @@
+//! Contracts shared by every sluice role. Imports no other sluice crate.
+//!
+//! - [`cloudevent`]: the CloudEvents 1.0 envelope and its attribute rules.
+//! - [`catalog`]: bounded contexts, their command JSON Schemas (validators
+//!   compiled once) and event Avro schemas.
+//! - [`orders`]: the demo context's command and event types.
+//! - [`codec`]: events as Avro in Confluent wire format via the registry.
+//! - [`names`]: exchange, queue, topic and subject names.
+//! - [`cql`]: the CQL tables, created at startup by every role.
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod cloudevent;
+pub mod codec;
+pub mod cql;
+pub mod names;
+pub mod orders;
