@@ -1,0 +1,128 @@
+//! Layered configuration: built-in defaults, then a TOML file, then `SLUICE_*`
+//! environment variables (`SLUICE_INGEST__HTTP_ADDR`, or the short aliases
+//! below). Unknown fields are refused, and every invalid field is reported.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use sluice_ingest::auth::TenantConfig;
+use sluice_ingest::IngestConfig;
+use sluice_processors::ProcessorConfig;
+use sluice_projections::ProjectorConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    #[serde(default)]
+    pub projector: ProjectorConfig,
+    #[serde(default)]
+    pub amqp: AmqpSettings,
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub registry: RegistrySettings,
+    #[serde(default)]
+    pub cql: CqlSettings,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Default `127.0.0.1:9092`.
+    pub brokers: String,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self { brokers: "127.0.0.1:9092".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// Confluent-compatible base URL, no trailing slash.
+    pub url: String,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self { url: "http://127.0.0.1:8081/apis/ccompat/v7".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CqlSettings {
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Used only when the keyspace does not exist yet (SimpleStrategy).
+    pub replication_factor: u32,
+}
+
+impl Default for CqlSettings {
+    fn default() -> Self {
+        Self { nodes: vec!["127.0.0.1:9042".into()], keyspace: "sluice".into(), replication_factor: 1 }
+    }
+}
+
+/// Short environment names for the settings people change most.
+const ALIASES: &[(&str, &str)] = &[
+    ("HTTP_ADDR", "ingest.http_addr"),
+    ("AMQP_URL", "amqp.url"),
+    ("KAFKA_BROKERS", "kafka.brokers"),
+    ("REGISTRY_URL", "registry.url"),
+    ("CQL_KEYSPACE", "cql.keyspace"),
+];
+
+impl Settings {
+    /// Defaults ← `file` (if given) ← environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(format!("config file {} does not exist", file.display()));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // Only nested names (`A__B`) and the aliases are ours: the stack
+        // scripts' SLUICE_*_PORT variables share the prefix.
+        let env = Env::prefixed("SLUICE_")
+            .filter(|key| key.as_str().contains("__") || ALIASES.iter().any(|(a, _)| key.as_str().eq_ignore_ascii_case(a)))
+            .map(|key| {
+                ALIASES
+                    .iter()
+                    .find(|(a, _)| key.as_str().eq_ignore_ascii_case(a))
+                    .map(|(_, path)| (*path).into())
+                    .unwrap_or_else(|| key.as_str().replace("__", ".").into())
+            });
+        figment = figment.merge(env);
+        figment.extract::<Settings>().map_err(|errors| {
+            let lines: Vec<String> = errors.into_iter().map(|e| format!("  - {e}")).collect();
+            format!("invalid configuration:\n{}", lines.join("\n"))
+        })
+    }
+
+    pub fn tenant_names(&self) -> Vec<String> {
+        self.tenants.iter().map(|t| t.name.clone()).collect()
+    }
+}

@@ -1,0 +1,127 @@
+//! Bearer API keys. Configuration holds only SHA-256 hashes of the keys; a
+//! presented key is hashed and compared against every stored hash in constant
+//! time, so neither timing nor logs reveal keys.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// One API key of a tenant and what it may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Hex SHA-256 of the key (`sluice keys hash` or `sha256sum`).
+    pub sha256: String,
+    /// Command types this key may send; empty = all of the tenant's.
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// A label for logs and audit (never the key).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A tenant: its sources and keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Source prefixes the tenant may send as (`/acme/`).
+    pub sources: Vec<String>,
+    pub keys: Vec<KeyConfig>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: String,
+    pub key_name: String,
+    sources: Vec<String>,
+    commands: Vec<String>,
+}
+
+impl Caller {
+    pub fn may_send_as(&self, source: &str) -> bool {
+        self.sources.iter().any(|prefix| source.starts_with(prefix.as_str()))
+    }
+
+    pub fn may_send(&self, command_type: &str) -> bool {
+        self.commands.is_empty() || self.commands.iter().any(|c| c == command_type)
+    }
+}
+
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+struct StoredKey {
+    hash: [u8; 32],
+    caller: Caller,
+}
+
+pub struct Keys {
+    keys: Vec<StoredKey>,
+}
+
+impl Keys {
+    pub fn new(tenants: &[TenantConfig]) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for tenant in tenants {
+            for (i, key) in tenant.keys.iter().enumerate() {
+                let bytes = hex::decode(&key.sha256)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| format!("tenants.{}.keys[{i}].sha256 is not 64 hex digits", tenant.name))?;
+                keys.push(StoredKey {
+                    hash: bytes,
+                    caller: Caller {
+                        tenant: tenant.name.clone(),
+                        key_name: if key.name.is_empty() { format!("{}#{i}", tenant.name) } else { key.name.clone() },
+                        sources: tenant.sources.clone(),
+                        commands: key.commands.clone(),
+                    },
+                });
+            }
+        }
+        Ok(Self { keys })
+    }
+
+    /// The caller a presented key belongs to. Every stored hash is compared,
+    /// in constant time, whatever matches first.
+    pub fn authenticate(&self, presented: &str) -> Option<&Caller> {
+        let hash = hash_key(presented);
+        let mut found = None;
+        for stored in &self.keys {
+            if constant_time_eq(&stored.hash, &hash) {
+                found = Some(&stored.caller);
+            }
+        }
+        found
+    }
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenants() -> Vec<TenantConfig> {
+        vec![TenantConfig {
+            name: "acme".into(),
+            sources: vec!["/acme/".into()],
+            keys: vec![KeyConfig { sha256: hex::encode(hash_key("secret")), commands: vec!["a.B".into()], name: "k".into() }],
+        }]
+    }
+
+    #[test]
+    fn finds_the_tenant_of_a_key() {
+        let keys = Keys::new(&tenants()).unwrap();
+        let caller = keys.authenticate("secret").unwrap();
+        assert_eq!(caller.tenant, "acme");
+        assert!(caller.may_send_as("/acme/shop"));
+        assert!(!caller.may_send_as("/globex/shop"));
+        assert!(caller.may_send("a.B") && !caller.may_send("a.C"));
+        assert!(keys.authenticate("wrong").is_none());
+    }
+}

@@ -1,0 +1,166 @@
+//! The CloudEvents 1.0 HTTP binding: structured, binary and batch modes read
+//! from a request into events, or a problem naming what is wrong.
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use serde_json::{json, Value};
+use sluice_schemas::cloudevent::{is_attribute_name, CloudEvent};
+
+use crate::problem::Problem;
+
+const STRUCTURED: &str = "application/cloudevents+json";
+const BATCH: &str = "application/cloudevents-batch+json";
+
+/// The media type without parameters, lower-cased.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(axum::http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn is_json_media(media: &str) -> bool {
+    media == "application/json" || media.ends_with("+json") || media == "text/json"
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Problem> {
+    let text = std::str::from_utf8(body).map_err(|_| Problem::malformed("body is not valid UTF-8"))?;
+    serde_json::from_str(text).map_err(|e| Problem::malformed(format!("body is not valid JSON: {e}")))
+}
+
+fn attribute_problem(errors: Vec<sluice_schemas::cloudevent::AttributeError>, index: Option<usize>) -> Problem {
+    let list: Vec<Value> = errors
+        .iter()
+        .map(|e| match index {
+            Some(i) => json!({"index": i, "attribute": e.attribute, "problem": e.problem}),
+            None => json!({"attribute": e.attribute, "problem": e.problem}),
+        })
+        .collect();
+    let names: Vec<&str> = errors.iter().map(|e| e.attribute.as_str()).collect();
+    Problem::malformed(format!("invalid CloudEvent attributes: {}", names.join(", "))).with_errors(list)
+}
+
+/// Reads every event of a request. A batch is all or nothing.
+pub fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<CloudEvent>, Problem> {
+    let media = media_type(headers);
+    match media.as_deref() {
+        Some(STRUCTURED) => {
+            let event = CloudEvent::from_json(parse_json(body)?).map_err(|e| attribute_problem(e, None))?;
+            Ok(vec![event])
+        }
+        Some(BATCH) => {
+            let Value::Array(items) = parse_json(body)? else {
+                return Err(Problem::malformed("a batch must be a JSON array of CloudEvents"));
+            };
+            if items.is_empty() {
+                return Err(Problem::malformed("a batch must hold at least one event"));
+            }
+            let mut events = Vec::with_capacity(items.len());
+            let mut errors = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                match CloudEvent::from_json(item) {
+                    Ok(event) => events.push(event),
+                    Err(errs) => errors.extend(errs.into_iter().map(|e| json!({"index": i, "attribute": e.attribute, "problem": e.problem}))),
+                }
+            }
+            if errors.is_empty() {
+                Ok(events)
+            } else {
+                Err(Problem::malformed(format!("{} event(s) of the batch are invalid; none was accepted", errors.len()))
+                    .with_errors(errors))
+            }
+        }
+        _ if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") => binary(headers, body, media),
+        Some(other) => Err(Problem::unsupported_media_type(format!(
+            "{other} without ce-* headers; send {STRUCTURED}, {BATCH}, or binary mode (ce-* headers)"
+        ))),
+        None => Err(Problem::unsupported_media_type("missing Content-Type")),
+    }
+}
+
+/// Binary mode: attributes in `ce-*` headers (percent-encoded), data in the body.
+fn binary(headers: &HeaderMap, body: &[u8], media: Option<String>) -> Result<Vec<CloudEvent>, Problem> {
+    let mut attributes = serde_json::Map::new();
+    for (name, value) in headers {
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else { continue };
+        if !is_attribute_name(attribute) {
+            return Err(attribute_problem(
+                vec![sluice_schemas::cloudevent::AttributeError {
+                    attribute: attribute.to_owned(),
+                    problem: "attribute names are 1 to 20 lower-case letters or digits".into(),
+                }],
+                None,
+            ));
+        }
+        if attributes.contains_key(attribute) {
+            return Err(Problem::malformed(format!("header ce-{attribute} appears more than once")));
+        }
+        let raw = value.to_str().map_err(|_| Problem::malformed(format!("header ce-{attribute} is not visible ASCII")))?;
+        let decoded = percent_decode(raw).ok_or_else(|| Problem::malformed(format!("header ce-{attribute} has a bad percent-encoding")))?;
+        attributes.insert(attribute.to_owned(), Value::String(decoded));
+    }
+    if attributes.contains_key("data") || attributes.contains_key("datacontenttype") || attributes.contains_key("data_base64") {
+        return Err(Problem::malformed("binary mode carries data in the body and its type in Content-Type"));
+    }
+    if let Some(media) = &media {
+        attributes.insert("datacontenttype".into(), Value::String(media.clone()));
+    }
+    if !body.is_empty() {
+        match media.as_deref() {
+            Some(m) if is_json_media(m) => {
+                attributes.insert("data".into(), parse_json(body)?);
+            }
+            _ => {
+                attributes.insert("data_base64".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(body)));
+            }
+        }
+    }
+    let event = CloudEvent::from_json(Value::Object(attributes)).map_err(|e| attribute_problem(e, None))?;
+    Ok(vec![event])
+}
+
+/// Decodes `%XX` sequences into UTF-8 text; `None` when malformed.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn binary_mode_reads_headers_and_json_body() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("ce-specversion", HeaderValue::from_static("1.0"));
+        h.insert("ce-id", HeaderValue::from_static("1"));
+        h.insert("ce-source", HeaderValue::from_static("/acme/shop"));
+        h.insert("ce-type", HeaderValue::from_static("t.x"));
+        h.insert("ce-traceparent", HeaderValue::from_static("00-a%20b"));
+        let events = read_events(&h, br#"{"a":1}"#).unwrap();
+        assert_eq!(events[0].data, Some(json!({"a": 1})));
+        assert_eq!(events[0].extensions["traceparent"], json!("00-a b"));
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_event_is_refused_whole() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static(BATCH));
+        let body = br#"[{"id":"1","source":"/a","specversion":"1.0","type":"t"},{"id":"2","source":"/a","specversion":"2.0","type":"t"}]"#;
+        let problem = read_events(&h, body).unwrap_err();
+        assert_eq!(problem.status, 400);
+        assert_eq!(problem.errors[0]["index"], 1);
+    }
+}
