@@ -1,0 +1,41 @@
+# sluice — everyday commands. `make help` lists them.
+SHELL := /bin/bash
+CONFIG ?= config/dev.toml
+CARGO ?= cargo
+SLUICE := target/debug/sluice
+
+.PHONY: help prereqs up down status build run test unit fmt lint
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+prereqs: ## install the Debian packages the build and the stack need
+	@compose/native/prereqs
+
+up: prereqs ## start RabbitMQ, Kafka, Apicurio and Cassandra (installs what is missing)
+	@compose/native/up
+
+down: ## stop the stack (data is kept under .state/)
+	@compose/native/down
+
+status: ## one line per server
+	@compose/native/status
+
+build: prereqs ## build every crate and the sluice binary
+	$(CARGO) build --workspace
+
+run: up build ## the stack plus every sluice role with the demo config, in the foreground
+	$(SLUICE) --config $(CONFIG) serve --role all
+
+test: up ## start the stack if needed and run every test
+	$(CARGO) test --workspace --no-fail-fast
+
+unit: ## the tests that need no server
+	$(CARGO) test --workspace --lib
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+lint: ## formatting and clippy, warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
