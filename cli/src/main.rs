@@ -1,6 +1,8 @@
 //! `sluice`: the command-line entry point of every role and ops tool.
 #![forbid(unsafe_code)]
 
+mod cmd;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +28,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "all")]
         role: Role,
     },
+    /// Replay a projection from any point, or rebuild it blue/green.
+    Replay(cmd::replay::Args),
 }
 
 #[tokio::main]
@@ -42,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             serve(settings, role, shutdown, None).await
         }
+        Command::Replay(args) => cmd::replay::run(settings, args).await,
     }
 }
 

@@ -9,13 +9,11 @@ use anyhow::{bail, Context};
 use lapin::{Connection, ConnectionProperties};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use sluice_ingest::auth::Keys;
-use sluice_ingest::operation_id::OperationIds;
-use sluice_ingest::queue::AmqpCommandQueue;
+use sluice_ingest::queue::{AmqpCommandQueue, AmqpQueueSettings};
 use sluice_ingest::AppState;
-use sluice_projections::runner::OrdersProjection;
+use sluice_projections::runner::Projector;
 use sluice_projections::store::ReadModels;
-use sluice_schemas::catalog::{self, CommandSchemas};
+use sluice_schemas::catalog;
 use sluice_schemas::{cql, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -63,13 +61,40 @@ pub async fn connect_amqp(settings: &Settings) -> anyhow::Result<Arc<Connection>
     Ok(Arc::new(connection))
 }
 
+/// Declares the queues of every tenant's contexts (idempotent).
+pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow::Result<()> {
+    let connection = connect_amqp(settings).await?;
+    let channel = connection.create_channel().await?;
+    for tenant in tenants {
+        for context in catalog::CONTEXTS {
+            sluice_processors::amqp::declare_topology(&channel, tenant, context.name, &settings.processor.retry_delays_ms).await?;
+        }
+    }
+    connection.close(200, "declared".into()).await?;
+    Ok(())
+}
+
+/// The events topics of every tenant's contexts.
+pub fn events_topics(tenants: &[String]) -> Vec<String> {
+    tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect()
+}
+
+/// Creates the events topics and the projection's dead-letter topics.
+pub async fn ensure_projection_topics(settings: &Settings, topics: &[String]) -> anyhow::Result<()> {
+    let mut all = topics.to_vec();
+    all.extend(topics.iter().map(|t| sluice_projections::apply::dead_letter_topic(t, &settings.projector.name)));
+    sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &all, settings.processor.topic_partitions)
+        .await
+        .context("creating topics")
+}
+
 /// Runs `role` until `shutdown` is cancelled. `ready` receives the address
 /// the edge listens on (tests bind port 0).
 pub async fn serve(
     settings: Settings,
     role: Role,
     shutdown: CancellationToken,
-    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    mut ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> anyhow::Result<()> {
     if settings.tenants.is_empty() {
         bail!("no tenants configured: add [[tenants]] to the config file");
@@ -78,24 +103,15 @@ pub async fn serve(
     let tenants = settings.tenant_names();
     let mut roles = JoinSet::new();
 
-    let amqp = if role.includes(Role::Ingest) || role.includes(Role::Processor) {
-        let amqp = connect_amqp(&settings).await?;
+    if role.includes(Role::Ingest) {
         // The edge declares the topology too, so its first 202 does not wait
         // for a processor to have started once.
-        let channel = amqp.create_channel().await?;
-        for tenant in &tenants {
-            for context in catalog::CONTEXTS {
-                sluice_processors::amqp::declare_topology(&channel, tenant, context.name).await?;
-            }
-        }
-        Some(amqp)
-    } else {
-        None
-    };
+        declare_topology(&settings, &tenants).await?;
+    }
 
     if role.includes(Role::Processor) {
         let infra = sluice_processors::Infra {
-            amqp: amqp.clone().expect("connected above"),
+            amqp_url: settings.amqp.url.clone(),
             kafka_brokers: settings.kafka.brokers.clone(),
             registry_url: settings.registry.url.clone(),
             session: session.clone(),
@@ -106,32 +122,35 @@ pub async fn serve(
         });
     }
 
+    if !role.includes(Role::Ingest) {
+        // Nothing listens: tell the caller the roles are started.
+        drop(ready.take());
+    }
+
     if role.includes(Role::Projector) {
-        let topics: Vec<String> = tenants.iter().map(|t| names::events_topic(t, "orders")).collect();
-        sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &topics, settings.processor.topic_partitions)
-            .await
-            .context("creating topics")?;
-        let store = Arc::new(ReadModels::new(session.clone()).await?);
-        let projection =
-            OrdersProjection::new(&settings.kafka.brokers, &settings.projector.group, &settings.registry.url, &topics, store)?;
+        let topics = events_topics(&tenants);
+        ensure_projection_topics(&settings, &topics).await?;
+        let projector = Projector {
+            config: settings.projector.clone(),
+            brokers: settings.kafka.brokers.clone(),
+            registry_url: settings.registry.url.clone(),
+            topics,
+            store: Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?),
+        };
         let shutdown = shutdown.clone();
-        roles.spawn(async move { projection.run(shutdown).await.context("projector role") });
+        roles.spawn(async move { projector.run(shutdown).await.context("projector role") });
     }
 
     if role.includes(Role::Ingest) {
-        let state = Arc::new(AppState {
-            keys: Keys::new(&settings.tenants).map_err(anyhow::Error::msg)?,
-            schemas: CommandSchemas::load(),
-            operation_ids: OperationIds::new(&settings.ingest.operation_secret),
-            queue: Arc::new(AmqpCommandQueue::new(
-                amqp.clone().expect("connected above"),
-                names::COMMAND_EXCHANGE,
-                Duration::from_millis(settings.ingest.confirm_timeout_ms),
-                settings.ingest.max_in_flight,
-            )),
-            reads: Arc::new(ReadModels::new(session.clone()).await?),
-            config: settings.ingest.clone(),
-        });
+        // The queue holds the URL and reconnects by itself; a broker missing
+        // at startup still fails startup.
+        let queue = AmqpCommandQueue::connect(AmqpQueueSettings::for_edge(&settings.amqp.url, &settings.ingest))
+            .await
+            .context("connecting the edge to RabbitMQ")?;
+        let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
+        let state = Arc::new(
+            AppState::new(settings.ingest.clone(), &settings.tenants, Arc::new(queue), reads).map_err(anyhow::Error::msg)?,
+        );
         let listener = tokio::net::TcpListener::bind(&settings.ingest.http_addr)
             .await
             .with_context(|| format!("binding {}", settings.ingest.http_addr))?;

@@ -4,13 +4,13 @@
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sluice_ingest::auth::TenantConfig;
 use sluice_ingest::IngestConfig;
 use sluice_processors::ProcessorConfig;
 use sluice_projections::ProjectorConfig;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     #[serde(default)]
@@ -31,7 +31,7 @@ pub struct Settings {
     pub tenants: Vec<TenantConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
     /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -44,7 +44,7 @@ impl Default for AmqpSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     /// Default `127.0.0.1:9092`.
@@ -57,7 +57,7 @@ impl Default for KafkaSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySettings {
     /// Confluent-compatible base URL, no trailing slash.
@@ -70,7 +70,7 @@ impl Default for RegistrySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CqlSettings {
     pub nodes: Vec<String>,
@@ -86,7 +86,7 @@ impl Default for CqlSettings {
 }
 
 /// Short environment names for the settings people change most.
-const ALIASES: &[(&str, &str)] = &[
+pub const ALIASES: &[(&str, &str)] = &[
     ("HTTP_ADDR", "ingest.http_addr"),
     ("AMQP_URL", "amqp.url"),
     ("KAFKA_BROKERS", "kafka.brokers"),

@@ -2,11 +2,11 @@
 //! presented key is hashed and compared against every stored hash in constant
 //! time, so neither timing nor logs reveal keys.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// One API key of a tenant and what it may send.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Hex SHA-256 of the key (`sluice keys hash` or `sha256sum`).
@@ -20,7 +20,7 @@ pub struct KeyConfig {
 }
 
 /// A tenant: its sources and keys.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: String,
@@ -34,17 +34,26 @@ pub struct TenantConfig {
 pub struct Caller {
     pub tenant: String,
     pub key_name: String,
+    /// Position of the key among all keys: the rate limiter's bucket index,
+    /// stable for the life of the process.
+    key_index: usize,
     sources: Vec<String>,
     commands: Vec<String>,
 }
 
 impl Caller {
     pub fn may_send_as(&self, source: &str) -> bool {
-        self.sources.iter().any(|prefix| source.starts_with(prefix.as_str()))
+        self.sources
+            .iter()
+            .any(|prefix| source.starts_with(prefix.as_str()))
     }
 
     pub fn may_send(&self, command_type: &str) -> bool {
         self.commands.is_empty() || self.commands.iter().any(|c| c == command_type)
+    }
+
+    pub fn key_index(&self) -> usize {
+        self.key_index
     }
 }
 
@@ -69,12 +78,23 @@ impl Keys {
                 let bytes = hex::decode(&key.sha256)
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| format!("tenants.{}.keys[{i}].sha256 is not 64 hex digits", tenant.name))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "tenants.{}.keys[{i}].sha256 is not 64 hex digits",
+                            tenant.name
+                        )
+                    })?;
+                let key_index = keys.len();
                 keys.push(StoredKey {
                     hash: bytes,
                     caller: Caller {
                         tenant: tenant.name.clone(),
-                        key_name: if key.name.is_empty() { format!("{}#{i}", tenant.name) } else { key.name.clone() },
+                        key_index,
+                        key_name: if key.name.is_empty() {
+                            format!("{}#{i}", tenant.name)
+                        } else {
+                            key.name.clone()
+                        },
                         sources: tenant.sources.clone(),
                         commands: key.commands.clone(),
                     },
@@ -82,6 +102,15 @@ impl Keys {
             }
         }
         Ok(Self { keys })
+    }
+
+    /// How many keys there are; [`Caller::key_index`] is below this.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// The caller a presented key belongs to. Every stored hash is compared,
@@ -110,7 +139,11 @@ mod tests {
         vec![TenantConfig {
             name: "acme".into(),
             sources: vec!["/acme/".into()],
-            keys: vec![KeyConfig { sha256: hex::encode(hash_key("secret")), commands: vec!["a.B".into()], name: "k".into() }],
+            keys: vec![KeyConfig {
+                sha256: hex::encode(hash_key("secret")),
+                commands: vec!["a.B".into()],
+                name: "k".into(),
+            }],
         }]
     }
 

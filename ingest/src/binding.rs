@@ -13,8 +13,18 @@ const BATCH: &str = "application/cloudevents-batch+json";
 
 /// The media type without parameters, lower-cased.
 fn media_type(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(axum::http::header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    let value = headers
+        .get(axum::http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
+    Some(
+        value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }
 
 fn is_json_media(media: &str) -> bool {
@@ -22,11 +32,25 @@ fn is_json_media(media: &str) -> bool {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Problem> {
-    let text = std::str::from_utf8(body).map_err(|_| Problem::malformed("body is not valid UTF-8"))?;
-    serde_json::from_str(text).map_err(|e| Problem::malformed(format!("body is not valid JSON: {e}")))
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Problem::malformed(format!(
+            "body is not valid UTF-8 (bad byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    // serde_json refuses nesting deeper than 128 levels, so a deeply nested
+    // body is a 400 here, not a stack overflow.
+    serde_json::from_str(text).map_err(|e| {
+        Problem::malformed(format!("body is not valid JSON: {e}")).with_errors(vec![
+            json!({"line": e.line(), "column": e.column(), "problem": e.to_string()}),
+        ])
+    })
 }
 
-fn attribute_problem(errors: Vec<sluice_schemas::cloudevent::AttributeError>, index: Option<usize>) -> Problem {
+fn attribute_problem(
+    errors: Vec<sluice_schemas::cloudevent::AttributeError>,
+    index: Option<usize>,
+) -> Problem {
     let list: Vec<Value> = errors
         .iter()
         .map(|e| match index {
@@ -35,7 +59,11 @@ fn attribute_problem(errors: Vec<sluice_schemas::cloudevent::AttributeError>, in
         })
         .collect();
     let names: Vec<&str> = errors.iter().map(|e| e.attribute.as_str()).collect();
-    Problem::malformed(format!("invalid CloudEvent attributes: {}", names.join(", "))).with_errors(list)
+    Problem::malformed(format!(
+        "invalid CloudEvent attributes: {}",
+        names.join(", ")
+    ))
+    .with_errors(list)
 }
 
 /// Reads every event of a request. A batch is all or nothing.
@@ -71,34 +99,52 @@ pub fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<CloudEvent>, 
         _ if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") => binary(headers, body, media),
         Some(other) => Err(Problem::unsupported_media_type(format!(
             "{other} without ce-* headers; send {STRUCTURED}, {BATCH}, or binary mode (ce-* headers)"
-        ))),
-        None => Err(Problem::unsupported_media_type("missing Content-Type")),
+        ))
+        .at_header("content-type")),
+        None => Err(Problem::unsupported_media_type(format!(
+            "missing Content-Type; send {STRUCTURED}, {BATCH}, or binary mode (ce-* headers)"
+        ))
+        .at_header("content-type")),
     }
 }
 
 /// Binary mode: attributes in `ce-*` headers (percent-encoded), data in the body.
-fn binary(headers: &HeaderMap, body: &[u8], media: Option<String>) -> Result<Vec<CloudEvent>, Problem> {
+fn binary(
+    headers: &HeaderMap,
+    body: &[u8],
+    media: Option<String>,
+) -> Result<Vec<CloudEvent>, Problem> {
     let mut attributes = serde_json::Map::new();
     for (name, value) in headers {
-        let Some(attribute) = name.as_str().strip_prefix("ce-") else { continue };
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let header_problem = |problem: &str| {
+            Problem::malformed(format!("header {name}: {problem}")).with_errors(vec![
+                json!({"header": name.as_str(), "attribute": attribute, "problem": problem}),
+            ])
+        };
         if !is_attribute_name(attribute) {
-            return Err(attribute_problem(
-                vec![sluice_schemas::cloudevent::AttributeError {
-                    attribute: attribute.to_owned(),
-                    problem: "attribute names are 1 to 20 lower-case letters or digits".into(),
-                }],
-                None,
+            return Err(header_problem(
+                "attribute names are 1 to 20 lower-case letters or digits",
             ));
         }
         if attributes.contains_key(attribute) {
-            return Err(Problem::malformed(format!("header ce-{attribute} appears more than once")));
+            return Err(header_problem("appears more than once"));
         }
-        let raw = value.to_str().map_err(|_| Problem::malformed(format!("header ce-{attribute} is not visible ASCII")))?;
-        let decoded = percent_decode(raw).ok_or_else(|| Problem::malformed(format!("header ce-{attribute} has a bad percent-encoding")))?;
+        let raw = value
+            .to_str()
+            .map_err(|_| header_problem("is not visible ASCII; percent-encode other characters"))?;
+        let decoded = percent_decode(raw)
+            .ok_or_else(|| header_problem("has a bad percent-encoding or is not UTF-8"))?;
         attributes.insert(attribute.to_owned(), Value::String(decoded));
     }
-    if attributes.contains_key("data") || attributes.contains_key("datacontenttype") || attributes.contains_key("data_base64") {
-        return Err(Problem::malformed("binary mode carries data in the body and its type in Content-Type"));
+    if let Some(name) = ["data", "datacontenttype", "data_base64"]
+        .into_iter()
+        .find(|a| attributes.contains_key(*a))
+    {
+        return Err(Problem::malformed("binary mode carries data in the body and its type in Content-Type")
+            .with_errors(vec![json!({"header": format!("ce-{name}"), "attribute": name, "problem": "not allowed in binary mode"})]));
     }
     if let Some(media) = &media {
         attributes.insert("datacontenttype".into(), Value::String(media.clone()));
@@ -106,14 +152,24 @@ fn binary(headers: &HeaderMap, body: &[u8], media: Option<String>) -> Result<Vec
     if !body.is_empty() {
         match media.as_deref() {
             Some(m) if is_json_media(m) => {
-                attributes.insert("data".into(), parse_json(body)?);
+                let data = parse_json(body).map_err(|mut p| {
+                    for e in &mut p.errors {
+                        e["attribute"] = json!("data");
+                    }
+                    p
+                })?;
+                attributes.insert("data".into(), data);
             }
             _ => {
-                attributes.insert("data_base64".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(body)));
+                attributes.insert(
+                    "data_base64".into(),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(body)),
+                );
             }
         }
     }
-    let event = CloudEvent::from_json(Value::Object(attributes)).map_err(|e| attribute_problem(e, None))?;
+    let event =
+        CloudEvent::from_json(Value::Object(attributes)).map_err(|e| attribute_problem(e, None))?;
     Ok(vec![event])
 }
 
@@ -152,6 +208,53 @@ mod tests {
         let events = read_events(&h, br#"{"a":1}"#).unwrap();
         assert_eq!(events[0].data, Some(json!({"a": 1})));
         assert_eq!(events[0].extensions["traceparent"], json!("00-a b"));
+    }
+
+    #[test]
+    fn binary_mode_names_the_header_that_is_wrong() {
+        for (header, value) in [
+            ("ce-bad_name", "x"),
+            ("ce-source", "%zz"),
+            ("ce-source", "%ff"),
+            ("ce-data", "{}"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", HeaderValue::from_static("application/json"));
+            h.insert("ce-specversion", HeaderValue::from_static("1.0"));
+            h.insert("ce-id", HeaderValue::from_static("1"));
+            h.insert("ce-type", HeaderValue::from_static("t.x"));
+            h.insert(header, HeaderValue::from_static(value));
+            let problem = read_events(&h, b"{}").unwrap_err();
+            assert_eq!(problem.status, 400, "{header}");
+            assert_eq!(problem.errors[0]["header"], header, "{header}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("ce-specversion", HeaderValue::from_static("1.0"));
+        h.append("ce-id", HeaderValue::from_static("1"));
+        h.append("ce-id", HeaderValue::from_static("2"));
+        let problem = read_events(&h, b"").unwrap_err();
+        assert!(
+            problem.detail.contains("more than once"),
+            "{}",
+            problem.detail
+        );
+    }
+
+    #[test]
+    fn json_errors_say_where() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static(STRUCTURED));
+        let problem = read_events(&h, b"{\n  \"id\": }").unwrap_err();
+        assert_eq!(
+            (
+                problem.errors[0]["line"].as_u64(),
+                problem.errors[0]["column"].as_u64()
+            ),
+            (Some(2), Some(9))
+        );
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let problem = read_events(&h, deep.as_bytes()).unwrap_err();
+        assert!(problem.detail.contains("recursion"), "{}", problem.detail);
     }
 
     #[test]

@@ -1,33 +1,44 @@
 //! The HTTP edge: CloudEvents in, operation URLs and read models out.
 //!
-//! - [`routes`]: the axum router and handlers.
+//! - [`routes`]: the axum router and handlers; every route is listed once.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers.
 //! - [`binding`]: CloudEvents HTTP binding (structured, binary, batch).
 //! - [`auth`]: bearer API keys, hashed, compared in constant time.
+//! - [`rate_limit`]: a token bucket per API key.
+//! - [`trace_context`]: the W3C `traceparent` header.
 //! - [`operation_id`]: signed operation ids (no write on the hot path).
-//! - [`queue`]: publishing with confirms; 202 only after the confirm.
+//! - [`queue`]: publishing with confirms; 202 only after the confirm;
+//!   reconnects to RabbitMQ by itself.
 //! - [`problem`]: RFC 9457 problem documents.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod binding;
+pub mod openapi;
 pub mod operation_id;
 pub mod problem;
 pub mod queue;
+pub mod rate_limit;
 pub mod routes;
+pub mod trace_context;
+
+#[cfg(test)]
+mod router_tests;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sluice_projections::store::{OperationRow, OrderView, ReadModelError, ReadModels};
 use sluice_schemas::catalog::CommandSchemas;
 
-use crate::auth::Keys;
+use crate::auth::{Keys, TenantConfig};
 use crate::operation_id::OperationIds;
 use crate::queue::CommandQueue;
+use crate::rate_limit::{RateLimit, RateLimiter};
 
 /// Settings of the ingest role.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Where the edge listens (default 127.0.0.1:8088; `SLUICE_HTTP_ADDR`).
@@ -44,6 +55,11 @@ pub struct IngestConfig {
     pub require_dataschema: bool,
     /// Secret signing operation ids; set it in production (`SLUICE_INGEST__OPERATION_SECRET`).
     pub operation_secret: String,
+    /// Requests per second each API key may make to `/events`, refilled
+    /// continuously; a batch counts as one request (default 1000; 0 = no limit).
+    pub rate_limit_per_second: f64,
+    /// Requests a key may make at once after being idle (default 2000).
+    pub rate_limit_burst: u32,
 }
 
 impl Default for IngestConfig {
@@ -56,21 +72,39 @@ impl Default for IngestConfig {
             max_in_flight: 1024,
             require_dataschema: false,
             operation_secret: "sluice-dev-operation-secret".into(),
+            rate_limit_per_second: 1_000.0,
+            rate_limit_burst: 2_000,
         }
     }
 }
 
 /// The reads the edge serves, behind a trait so routes test without a database.
 pub trait Reads: Send + Sync {
-    fn order<'a>(&'a self, tenant: &'a str, order_id: &'a str) -> BoxFuture<'a, Result<Option<OrderView>, ReadModelError>>;
-    fn operation<'a>(&'a self, tenant: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>>;
+    fn order<'a>(
+        &'a self,
+        tenant: &'a str,
+        order_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OrderView>, ReadModelError>>;
+    fn operation<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>>;
 }
 
 impl Reads for ReadModels {
-    fn order<'a>(&'a self, tenant: &'a str, order_id: &'a str) -> BoxFuture<'a, Result<Option<OrderView>, ReadModelError>> {
+    fn order<'a>(
+        &'a self,
+        tenant: &'a str,
+        order_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OrderView>, ReadModelError>> {
         Box::pin(ReadModels::order(self, tenant, order_id))
     }
-    fn operation<'a>(&'a self, tenant: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>> {
+    fn operation<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>> {
         Box::pin(ReadModels::operation(self, tenant, id))
     }
 }
@@ -81,6 +115,43 @@ pub struct AppState {
     pub keys: Keys,
     pub schemas: CommandSchemas,
     pub operation_ids: OperationIds,
+    /// One token bucket per key in `keys`, so one key's flood spends only its own tokens.
+    pub limiter: RateLimiter,
     pub queue: Arc<dyn CommandQueue>,
     pub reads: Arc<dyn Reads>,
+}
+
+impl AppState {
+    /// Builds the edge's state from its configuration; every invalid field
+    /// is reported at once.
+    pub fn new(
+        config: IngestConfig,
+        tenants: &[TenantConfig],
+        queue: Arc<dyn CommandQueue>,
+        reads: Arc<dyn Reads>,
+    ) -> Result<Self, String> {
+        let mut problems = Vec::new();
+        let keys = Keys::new(tenants).map_err(|e| problems.push(e)).ok();
+        let limit = RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst)
+            .map_err(|e| problems.push(format!("ingest.{e}")))
+            .ok();
+        if config.max_batch == 0 {
+            problems.push("ingest.max_batch must be at least 1".into());
+        }
+        if config.max_in_flight == 0 {
+            problems.push("ingest.max_in_flight must be at least 1".into());
+        }
+        let (Some(keys), Some(limit), true) = (keys, limit, problems.is_empty()) else {
+            return Err(problems.join("; "));
+        };
+        Ok(Self {
+            limiter: RateLimiter::new(limit, keys.len()),
+            keys,
+            schemas: CommandSchemas::load(),
+            operation_ids: OperationIds::new(&config.operation_secret),
+            queue,
+            reads,
+            config,
+        })
+    }
 }

@@ -57,11 +57,11 @@ impl KafkaPublisher {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", "10000")
             .create()
             .map_err(|e| PublishError::Transient(e.to_string()))?;
         let codec = EventCodec::new(registry_url).map_err(|e| PublishError::Transient(e.to_string()))?;
-        Ok(Self { producer, codec, delivery_timeout: Duration::from_secs(30) })
+        Ok(Self { producer, codec, delivery_timeout: Duration::from_secs(10) })
     }
 }
 

@@ -20,9 +20,10 @@ pub mod pipeline;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Connection;
+use lapin::{Connection, ConnectionProperties};
+use tracing::warn;
 use scylla::client::session::Session;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sluice_schemas::{catalog, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,29 +36,47 @@ use crate::operations::CqlOperationStore;
 use crate::pipeline::Pipeline;
 
 /// Settings of the processor role.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorConfig {
     /// Unacked deliveries per queue, processed concurrently (default 32).
     pub prefetch: u16,
-    /// Attempts before a transiently failing command is dead-lettered (default 5).
+    /// Processing attempts before a transiently failing command is
+    /// dead-lettered as `retries_exhausted` (default 6).
     pub max_attempts: u32,
-    /// First retry delay; doubles per attempt up to `retry_max_ms` (default 200).
-    pub retry_base_ms: u64,
-    pub retry_max_ms: u64,
+    /// Delay tiers of the retry queues, in ms: attempt n waits tier n (the
+    /// last repeats). Default 1 s, 5 s, 15 s, 30 s.
+    pub retry_delays_ms: Vec<u64>,
+    /// How often dead letters are looked at for re-drive (default 60 s).
+    pub redrive_interval_ms: u64,
+    /// Re-drives of one dead letter at most (default 3; 0 turns it off).
+    pub max_redrives: u32,
     /// Partitions of a newly created events topic (default 3).
     pub topic_partitions: i32,
+    /// Delay before reconnecting to RabbitMQ after the connection dropped (default 1000).
+    pub reconnect_delay_ms: u64,
+    /// Name of this processor in operation records (default `<hostname>-<pid>`).
+    pub instance: String,
 }
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
-        Self { prefetch: 32, max_attempts: 5, retry_base_ms: 200, retry_max_ms: 5_000, topic_partitions: 3 }
+        Self {
+            prefetch: 32,
+            max_attempts: 6,
+            retry_delays_ms: vec![1_000, 5_000, 15_000, 30_000],
+            redrive_interval_ms: 60_000,
+            max_redrives: 3,
+            topic_partitions: 3,
+            reconnect_delay_ms: 1_000,
+            instance: String::new(),
+        }
     }
 }
 
-/// Connections the role needs, opened once by the binary.
+/// What the role needs: server addresses and the shared CQL session.
 pub struct Infra {
-    pub amqp: Arc<Connection>,
+    pub amqp_url: String,
     pub kafka_brokers: String,
     pub registry_url: String,
     pub session: Arc<Session>,
@@ -71,58 +90,114 @@ pub enum ProcessorError {
     Setup(String),
 }
 
-/// Declares the topology and topics of every tenant's contexts, then consumes
-/// all their queues until `shutdown`.
-pub async fn run(
-    config: &ProcessorConfig,
-    infra: &Infra,
-    tenants: &[String],
-    shutdown: CancellationToken,
-) -> Result<(), ProcessorError> {
-    let channel = infra.amqp.create_channel().await?;
-    let mut topics = Vec::new();
-    for tenant in tenants {
-        for context in catalog::CONTEXTS {
-            amqp::declare_topology(&channel, tenant, context.name).await?;
-            topics.push(names::events_topic(tenant, context.name));
-        }
+/// Consumes every tenant's context queues until `shutdown`; reconnects to
+/// RabbitMQ when the connection drops (unacked deliveries come back to some
+/// consumer, which finds their effects in the event store).
+pub async fn run(config: &ProcessorConfig, infra: &Infra, tenants: &[String], shutdown: CancellationToken) -> Result<(), ProcessorError> {
+    if config.retry_delays_ms.is_empty() {
+        return Err(ProcessorError::Setup("processor.retry_delays_ms needs at least one tier".into()));
     }
+    let topics: Vec<String> = tenants
+        .iter()
+        .flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name)))
+        .collect();
     kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions)
         .await
         .map_err(|e| ProcessorError::Setup(e.to_string()))?;
+    let instance = if config.instance.is_empty() { default_instance() } else { config.instance.clone() };
+    let pipelines = Pipelines { orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?) };
+    let operations =
+        Arc::new(CqlOperationStore::new(infra.session.clone(), &instance).await.map_err(|e| ProcessorError::Setup(e.to_string()))?);
 
-    let settings = ConsumerSettings {
-        prefetch: config.prefetch,
-        max_attempts: config.max_attempts,
-        retry_base: Duration::from_millis(config.retry_base_ms),
-        retry_max: Duration::from_millis(config.retry_max_ms),
-    };
-    let mut consumers = JoinSet::new();
-    for tenant in tenants {
-        for context in catalog::CONTEXTS {
-            match context.name {
-                orders::Orders::CONTEXT => {
-                    let pipeline = Arc::new(pipeline_for::<orders::Orders>(infra).await?);
-                    let (amqp, tenant, settings, shutdown) =
-                        (infra.amqp.clone(), tenant.clone(), settings.clone(), shutdown.clone());
-                    consumers.spawn(async move { amqp::consume(&amqp, tenant, pipeline, settings, shutdown).await });
-                }
-                other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
-            }
+    while !shutdown.is_cancelled() {
+        match run_connected(config, infra, tenants, &pipelines, &operations, &shutdown).await {
+            Ok(()) if shutdown.is_cancelled() => break,
+            Ok(()) => warn!("RabbitMQ connection ended; reconnecting"),
+            Err(e) => warn!(error = %e, "RabbitMQ unavailable; reconnecting"),
         }
-    }
-    while let Some(result) = consumers.join_next().await {
-        result.map_err(|e| ProcessorError::Setup(e.to_string()))??;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)) => {}
+        }
     }
     Ok(())
 }
 
+struct Pipelines {
+    orders: Arc<CqlPipeline<orders::Orders>>,
+}
+
+/// One connection's life: declare, consume, re-drive, until it ends.
+async fn run_connected(
+    config: &ProcessorConfig,
+    infra: &Infra,
+    tenants: &[String],
+    pipelines: &Pipelines,
+    operations: &Arc<CqlOperationStore>,
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let connection = Arc::new(Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await?);
+    let channel = connection.create_channel().await?;
+    for tenant in tenants {
+        for context in catalog::CONTEXTS {
+            amqp::declare_topology(&channel, tenant, context.name, &config.retry_delays_ms).await?;
+        }
+    }
+    let _ = channel.close(200, "declared".into()).await;
+
+    let settings = ConsumerSettings {
+        prefetch: config.prefetch,
+        max_attempts: config.max_attempts,
+        retry_delays_ms: config.retry_delays_ms.clone(),
+    };
+    // Stops this connection's tasks when the role stops or one task ends.
+    let local = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    for tenant in tenants {
+        for context in catalog::CONTEXTS {
+            match context.name {
+                orders::Orders::CONTEXT => {
+                    let (connection, tenant, settings, stop, pipeline) =
+                        (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.orders.clone());
+                    tasks.spawn(async move { amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from) });
+                }
+                other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
+            }
+            if config.max_redrives > 0 {
+                let (connection, tenant, context, stop, operations) =
+                    (connection.clone(), tenant.clone(), context.name, local.clone(), operations.clone());
+                let (interval, max) = (Duration::from_millis(config.redrive_interval_ms), config.max_redrives);
+                tasks.spawn(async move {
+                    amqp::redrive::redrive_loop(&connection, &tenant, context, interval, max, operations.as_ref(), &stop).await;
+                    Ok(())
+                });
+            }
+        }
+    }
+    // The first task to end (connection lost) ends them all; in-flight
+    // deliveries finish first.
+    let mut result = Ok(());
+    if let Some(joined) = tasks.join_next().await {
+        result = joined.map_err(|e| ProcessorError::Setup(e.to_string())).and_then(|r| r);
+    }
+    local.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = connection.close(200, "bye".into()).await;
+    result
+}
+
 type CqlPipeline<A> = Pipeline<A, CqlEventStore, KafkaPublisher, CqlOperationStore>;
 
-async fn pipeline_for<A: Aggregate>(infra: &Infra) -> Result<CqlPipeline<A>, ProcessorError> {
+/// `<hostname>-<pid>`: tells processes on one machine and across machines apart.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn pipeline_for<A: Aggregate>(infra: &Infra, instance: &str) -> Result<CqlPipeline<A>, ProcessorError> {
     let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
     let store = CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?;
-    let operations = CqlOperationStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?;
+    let operations = CqlOperationStore::new(infra.session.clone(), instance).await.map_err(|e| setup(&e))?;
     let publisher = KafkaPublisher::new(&infra.kafka_brokers, &infra.registry_url).map_err(|e| setup(&e))?;
     Ok(Pipeline::new(store, publisher, operations))
 }

@@ -21,7 +21,7 @@ pub struct EventPosition {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
-    Processing,
+    Processing { attempt: u32 },
     Succeeded(Vec<EventPosition>),
     Rejected(String),
     DeadLettered(String),
@@ -30,15 +30,16 @@ pub enum Status {
 impl Status {
     pub fn name(&self) -> &'static str {
         match self {
-            Status::Processing => "processing",
+            Status::Processing { .. } => "processing",
             Status::Succeeded(_) => "succeeded",
             Status::Rejected(_) => "rejected",
             Status::DeadLettered(_) => "dead_lettered",
         }
     }
 
-    pub fn is_terminal(name: &str) -> bool {
-        matches!(name, "succeeded" | "rejected" | "dead_lettered")
+    /// States a redelivered command must not change: its effect happened.
+    pub fn is_settled(name: &str) -> bool {
+        matches!(name, "succeeded" | "rejected")
     }
 }
 
@@ -64,6 +65,8 @@ pub trait OperationStore: Send + Sync {
 
 pub struct CqlOperationStore {
     session: Arc<Session>,
+    /// Which processor instance wrote a record (`handled_by`), for ops.
+    instance: String,
     select: PreparedStatement,
     upsert: PreparedStatement,
 }
@@ -73,7 +76,7 @@ fn op_err(e: impl std::fmt::Display) -> OperationError {
 }
 
 impl CqlOperationStore {
-    pub async fn new(session: Arc<Session>) -> Result<Self, OperationError> {
+    pub async fn new(session: Arc<Session>, instance: &str) -> Result<Self, OperationError> {
         let select = session
             .prepare("SELECT status FROM operations WHERE tenant = ? AND operation_id = ?")
             .await
@@ -81,11 +84,11 @@ impl CqlOperationStore {
         let upsert = session
             .prepare(
                 "INSERT INTO operations (tenant, operation_id, status, command_type, source, command_id, \
-                 events, error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 events, error, updated_at, attempts, handled_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .await
             .map_err(op_err)?;
-        Ok(Self { session, select, upsert })
+        Ok(Self { session, instance: instance.to_owned(), select, upsert })
     }
 }
 
@@ -98,8 +101,12 @@ impl OperationStore for CqlOperationStore {
     }
 
     async fn record(&self, op: OperationRef<'_>, status: &Status) -> Result<(), OperationError> {
+        let attempts = match status {
+            Status::Processing { attempt } => Some(i32::try_from(*attempt).unwrap_or(i32::MAX)),
+            _ => None,
+        };
         let (events, error) = match status {
-            Status::Processing => (None, None),
+            Status::Processing { .. } => (None, None),
             Status::Succeeded(positions) => (Some(serde_json::to_string(positions).map_err(op_err)?), None),
             Status::Rejected(reason) | Status::DeadLettered(reason) => (None, Some(reason.clone())),
         };
@@ -107,7 +114,7 @@ impl OperationStore for CqlOperationStore {
         self.session
             .execute_unpaged(
                 &self.upsert,
-                (op.tenant, op.operation_id, status.name(), op.command_type, op.source, op.command_id, events, error, now),
+                (op.tenant, op.operation_id, status.name(), op.command_type, op.source, op.command_id, events, error, now, attempts, self.instance.as_str()),
             )
             .await
             .map_err(op_err)?;

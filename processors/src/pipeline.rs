@@ -9,6 +9,7 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use sluice_schemas::catalog::CommandSchemas;
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
 use tracing::{debug, warn};
@@ -24,6 +25,10 @@ pub struct IncomingCommand {
     pub tenant: String,
     pub operation_id: String,
     pub event: CloudEvent,
+    /// 1 on the first delivery; counts delayed retries.
+    pub attempt: u32,
+    /// W3C trace context, carried on to the Kafka headers.
+    pub traceparent: Option<String>,
 }
 
 /// What the consumer does with the delivery.
@@ -45,6 +50,9 @@ pub enum Outcome {
 const MAX_CONFLICT_RETRIES: usize = 5;
 
 pub struct Pipeline<A, S, P, O> {
+    /// Commands can reach the queue without the edge (ops tools, other
+    /// producers), so their data is checked against its schema here too.
+    schemas: CommandSchemas,
     store: S,
     publisher: P,
     operations: O,
@@ -59,7 +67,7 @@ where
     O: OperationStore,
 {
     pub fn new(store: S, publisher: P, operations: O) -> Self {
-        Self { store, publisher, operations, _context: PhantomData }
+        Self { schemas: CommandSchemas::load(), store, publisher, operations, _context: PhantomData }
     }
 
     pub async fn handle(&self, cmd: &IncomingCommand) -> Outcome {
@@ -81,13 +89,19 @@ where
     async fn try_handle(&self, cmd: &IncomingCommand) -> Result<Outcome, Failure> {
         let op = op_ref(cmd);
         if let Some(status) = self.operations.status(&cmd.tenant, &cmd.operation_id).await? {
-            if Status::is_terminal(&status) {
-                debug!(%status, "operation already terminal");
+            // `dead_lettered` is final only until ops (or the re-drive) send
+            // the command back: then it is processed again.
+            if Status::is_settled(&status) {
+                debug!(%status, "operation already settled");
                 return Ok(Outcome::AlreadyDone);
             }
         }
-        self.operations.record(op, &Status::Processing).await?;
+        self.operations.record(op, &Status::Processing { attempt: cmd.attempt }).await?;
         let data = cmd.event.data.clone().unwrap_or_default();
+        if let Err(errors) = self.schemas.validate(&cmd.event.ty, &data) {
+            let list: Vec<String> = errors.iter().map(|e| format!("{}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.problem)).collect();
+            return Err(Failure::Permanent { class: "malformed_command", reason: format!("data fails its schema: {}", list.join("; ")) });
+        }
         let command = A::parse(&cmd.event.ty, data)?;
         let stream_id = A::stream_id(&command).to_owned();
         let stream = StreamRef { tenant: &cmd.tenant, context: A::CONTEXT, stream_id: &stream_id };
@@ -156,7 +170,7 @@ where
 
         let topic = names::events_topic(&cmd.tenant, A::CONTEXT);
         let source = format!("/sluice/{}/{}", cmd.tenant, A::CONTEXT);
-        let traceparent = cmd.event.extensions.get("traceparent").and_then(|v| v.as_str());
+        let traceparent = cmd.traceparent.as_deref();
         let mut positions = Vec::with_capacity(mine.len());
         for stored in &mine {
             let event = A::Event::from_json(&stored.event_type, stored.payload.clone())?;
@@ -230,5 +244,156 @@ impl From<PublishError> for Failure {
             }
             PublishError::Permanent(reason) => Failure::Permanent { class: "unencodable_event", reason },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline's rules with in-memory doubles of its three boundaries.
+
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::event_store::StoreError;
+    use crate::operations::{EventPosition, OperationError};
+    use crate::orders::Orders;
+
+    #[derive(Default)]
+    struct MemoryStore {
+        events: Mutex<Vec<StoredEvent>>,
+        /// Appends to refuse as conflicts before accepting one.
+        conflicts: Mutex<usize>,
+    }
+
+    impl EventStore for MemoryStore {
+        async fn load(&self, _: StreamRef<'_>) -> Result<Vec<StoredEvent>, StoreError> {
+            Ok(self.events.lock().unwrap().clone())
+        }
+        async fn append(&self, _: StreamRef<'_>, events: &[StoredEvent]) -> Result<Append, StoreError> {
+            let mut conflicts = self.conflicts.lock().unwrap();
+            if *conflicts > 0 {
+                *conflicts -= 1;
+                return Ok(Append::Conflict);
+            }
+            let mut stored = self.events.lock().unwrap();
+            if events.iter().any(|e| stored.iter().any(|s| s.version == e.version)) {
+                return Ok(Append::Conflict);
+            }
+            stored.extend_from_slice(events);
+            Ok(Append::Applied)
+        }
+    }
+
+    #[derive(Default)]
+    struct MemoryPublisher {
+        published: Mutex<Vec<String>>,
+        fail: Mutex<bool>,
+    }
+
+    impl EventPublisher for MemoryPublisher {
+        async fn publish(&self, event: OutgoingEvent<'_>) -> Result<EventPosition, PublishError> {
+            if *self.fail.lock().unwrap() {
+                return Err(PublishError::Transient("kafka down".into()));
+            }
+            let mut published = self.published.lock().unwrap();
+            published.push(event.event_id.to_owned());
+            Ok(EventPosition { event_type: event.event_type.into(), topic: event.topic.into(), partition: 0, offset: published.len() as i64 - 1 })
+        }
+    }
+
+    #[derive(Default)]
+    struct MemoryOperations {
+        statuses: Mutex<Vec<Status>>,
+    }
+
+    impl OperationStore for MemoryOperations {
+        async fn status(&self, _: &str, _: &str) -> Result<Option<String>, OperationError> {
+            Ok(self.statuses.lock().unwrap().last().map(|s| s.name().to_owned()))
+        }
+        async fn record(&self, _: OperationRef<'_>, status: &Status) -> Result<(), OperationError> {
+            self.statuses.lock().unwrap().push(status.clone());
+            Ok(())
+        }
+    }
+
+    type TestPipeline = Pipeline<Orders, MemoryStore, MemoryPublisher, MemoryOperations>;
+
+    fn pipeline() -> TestPipeline {
+        Pipeline::new(MemoryStore::default(), MemoryPublisher::default(), MemoryOperations::default())
+    }
+
+    fn submit(id: &str) -> IncomingCommand {
+        let event = CloudEvent::from_json(json!({
+            "specversion": "1.0", "id": id, "source": "/acme/shop", "type": "com.example.orders.SubmitOrder",
+            "data": {"order_id": "o1", "customer_id": "c1", "currency": "EUR", "lines": [{"sku": "a", "quantity": 1, "unit_price_cents": 10}]}
+        }))
+        .unwrap();
+        IncomingCommand { tenant: "acme".into(), operation_id: format!("op-{id}"), event, attempt: 1, traceparent: None }
+    }
+
+    #[tokio::test]
+    async fn a_command_is_stored_published_and_recorded_in_that_order() {
+        let p = pipeline();
+        assert_eq!(p.handle(&submit("1")).await, Outcome::Succeeded);
+        assert_eq!(p.store.events.lock().unwrap().len(), 1);
+        assert_eq!(p.publisher.published.lock().unwrap().len(), 1);
+        let statuses = p.operations.statuses.lock().unwrap();
+        assert!(matches!(statuses.as_slice(), [Status::Processing { attempt: 1 }, Status::Succeeded(positions)] if positions.len() == 1));
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_command_is_not_decided_twice() {
+        let p = pipeline();
+        p.handle(&submit("1")).await;
+        // Redelivery after the operation was recorded: nothing happens.
+        assert_eq!(p.handle(&submit("1")).await, Outcome::AlreadyDone);
+        assert_eq!(p.store.events.lock().unwrap().len(), 1);
+        assert_eq!(p.publisher.published.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kafka_failure_after_the_append_retries_and_republishes_the_stored_events() {
+        let p = pipeline();
+        *p.publisher.fail.lock().unwrap() = true;
+        assert!(matches!(p.handle(&submit("1")).await, Outcome::Retry(_)));
+        assert_eq!(p.store.events.lock().unwrap().len(), 1, "appended before the publish failed");
+        *p.publisher.fail.lock().unwrap() = false;
+        assert_eq!(p.handle(&submit("1")).await, Outcome::Succeeded);
+        assert_eq!(p.store.events.lock().unwrap().len(), 1, "found by its command key, not appended again");
+        let published = p.publisher.published.lock().unwrap();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0], p.store.events.lock().unwrap()[0].event_id);
+    }
+
+    #[tokio::test]
+    async fn conflicts_reload_and_decide_again_a_bounded_number_of_times() {
+        let p = pipeline();
+        *p.store.conflicts.lock().unwrap() = 2;
+        assert_eq!(p.handle(&submit("1")).await, Outcome::Succeeded);
+        assert_eq!(p.store.events.lock().unwrap().len(), 1);
+        let busy = pipeline();
+        *busy.store.conflicts.lock().unwrap() = MAX_CONFLICT_RETRIES + 1;
+        assert!(matches!(busy.handle(&submit("1")).await, Outcome::Retry(reason) if reason.contains("kept changing")));
+        assert!(busy.store.events.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_business_rejection_is_recorded_and_acked() {
+        let p = pipeline();
+        p.handle(&submit("1")).await;
+        let again = IncomingCommand { operation_id: "op-2".into(), ..submit("2") };
+        p.operations.statuses.lock().unwrap().clear();
+        assert_eq!(p.handle(&again).await, Outcome::Rejected("order was already submitted".into()));
+        assert!(matches!(p.operations.statuses.lock().unwrap().last(), Some(Status::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_does_not_fit_its_type_is_dead_lettered() {
+        let p = pipeline();
+        let mut cmd = submit("1");
+        cmd.event.data = Some(json!({"order_id": 5}));
+        assert!(matches!(p.handle(&cmd).await, Outcome::DeadLetter { class: "malformed_command", .. }));
     }
 }

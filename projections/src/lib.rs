@@ -2,26 +2,39 @@
 //! queries the edge serves from them.
 //!
 //! - [`orders`]: pure functions from an order event to read-model writes.
-//! - [`store`]: the CQL read models (writes and queries).
-//! - [`runner`]: the Kafka consumer loop (commit only after the writes).
+//! - [`store`]: the CQL read models (versions, tables, queries).
+//! - [`apply`]: one record into one version: decode, write, dead-letter poison.
+//! - [`runner`]: the live consumer group (commit only after the writes).
+//! - [`replay`]: replays and blue/green rebuilds from any offset or time.
+//! - [`lag`]: how far each projection version is behind the log.
 #![forbid(unsafe_code)]
 
+pub mod apply;
+pub mod lag;
 pub mod orders;
+pub mod replay;
 pub mod runner;
 pub mod store;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Settings of the projector role.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorConfig {
-    /// Kafka consumer group of the orders projection.
-    pub group: String,
+    /// The projection's name: its version row, table prefix and consumer
+    /// group (letters, digits, underscores; default `orders`).
+    pub name: String,
+    /// Consumer groups are `<group_prefix>.<name>.v<version>`.
+    pub group_prefix: String,
+    /// How often applied offsets are written beside the rows (default 200 ms).
+    pub offset_flush_ms: u64,
+    /// How often the projector checks which version is active (default 1000 ms).
+    pub version_poll_ms: u64,
 }
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { group: "sluice.projection.orders".into() }
+        Self { name: "orders".into(), group_prefix: "sluice.projection".into(), offset_flush_ms: 200, version_poll_ms: 1_000 }
     }
 }

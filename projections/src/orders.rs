@@ -1,14 +1,25 @@
-//! The demo read models of `orders`, as pure functions from an event to the
-//! writes it causes. Every write carries the event's stream version as its
-//! CQL write timestamp, so applying an event twice, or replaying the topic,
-//! leaves exactly the same rows.
+//! The demo read models of `orders`, as a pure function from an event (and
+//! what the order's earlier events left behind) to the writes it causes.
+//!
+//! Every write carries the event's stream version, which the store uses as the
+//! CQL write timestamp: applying an event twice, or replaying the topic, leaves
+//! exactly the same cells, and a later version always wins.
 
 use sluice_schemas::orders::{OrderEvent, OrderLine};
 
-/// One write to the `orders_by_id` read model.
+/// What later events of an order need from its submission (read back from the
+/// order read model before applying them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OrderWrite {
-    Submitted {
+pub struct OrderSnapshot {
+    pub customer_id: String,
+    pub submitted_at_ms: i64,
+    pub total_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// `orders_by_id`: the whole order, at its submission.
+    OrderSubmitted {
         order_id: String,
         customer_id: String,
         currency: String,
@@ -17,7 +28,8 @@ pub enum OrderWrite {
         at_ms: i64,
         version: i64,
     },
-    StatusChanged {
+    /// `orders_by_id`: a later status.
+    OrderStatus {
         order_id: String,
         status: &'static str,
         at_ms: i64,
@@ -25,64 +37,160 @@ pub enum OrderWrite {
         cancel_reason: Option<String>,
         shipment: Option<(String, String)>,
     },
+    /// `orders_by_customer`: the order's row in its customer's list.
+    CustomerOrder {
+        customer_id: String,
+        submitted_at_ms: i64,
+        order_id: String,
+        status: &'static str,
+        /// Set at submission; status changes leave them alone.
+        currency_and_total: Option<(String, i64)>,
+        version: i64,
+    },
+    /// `daily_sales`: one movement of one order on one day.
+    Sale { day_ms: i64, order_id: String, movement: &'static str, orders: i32, total_cents: i64, version: i64 },
 }
 
-impl OrderWrite {
+impl Write {
     pub fn version(&self) -> i64 {
         match self {
-            OrderWrite::Submitted { version, .. } | OrderWrite::StatusChanged { version, .. } => *version,
+            Write::OrderSubmitted { version, .. }
+            | Write::OrderStatus { version, .. }
+            | Write::CustomerOrder { version, .. }
+            | Write::Sale { version, .. } => *version,
         }
     }
 }
 
-pub fn apply(event: &OrderEvent) -> Vec<OrderWrite> {
-    let write = match event {
-        OrderEvent::Submitted(e) => OrderWrite::Submitted {
-            order_id: e.order_id.clone(),
-            customer_id: e.customer_id.clone(),
-            currency: e.currency.clone(),
-            lines: e.lines.clone(),
-            total_cents: e.total_cents,
-            at_ms: e.occurred_at,
-            version: e.version,
-        },
-        OrderEvent::Cancelled(e) => OrderWrite::StatusChanged {
-            order_id: e.order_id.clone(),
-            status: "cancelled",
-            at_ms: e.occurred_at,
-            version: e.version,
-            cancel_reason: Some(e.reason.clone()),
-            shipment: None,
-        },
-        OrderEvent::Shipped(e) => OrderWrite::StatusChanged {
-            order_id: e.order_id.clone(),
-            status: "shipped",
-            at_ms: e.occurred_at,
-            version: e.version,
-            cancel_reason: None,
-            shipment: Some((e.carrier.clone(), e.tracking_number.clone())),
-        },
-    };
-    vec![write]
+/// The writes one event causes. `snapshot` is the order as submitted, when
+/// the read model has it (a rebuild that starts after an order's submission
+/// does not: then only the order's own status is written).
+pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write> {
+    match event {
+        OrderEvent::Submitted(e) => vec![
+            Write::OrderSubmitted {
+                order_id: e.order_id.clone(),
+                customer_id: e.customer_id.clone(),
+                currency: e.currency.clone(),
+                lines: e.lines.clone(),
+                total_cents: e.total_cents,
+                at_ms: e.occurred_at,
+                version: e.version,
+            },
+            Write::CustomerOrder {
+                customer_id: e.customer_id.clone(),
+                submitted_at_ms: e.occurred_at,
+                order_id: e.order_id.clone(),
+                status: "submitted",
+                currency_and_total: Some((e.currency.clone(), e.total_cents)),
+                version: e.version,
+            },
+            Write::Sale {
+                day_ms: e.occurred_at,
+                order_id: e.order_id.clone(),
+                movement: "submitted",
+                orders: 1,
+                total_cents: e.total_cents,
+                version: e.version,
+            },
+        ],
+        OrderEvent::Cancelled(e) => {
+            let mut writes = vec![Write::OrderStatus {
+                order_id: e.order_id.clone(),
+                status: "cancelled",
+                at_ms: e.occurred_at,
+                version: e.version,
+                cancel_reason: Some(e.reason.clone()),
+                shipment: None,
+            }];
+            if let Some(s) = snapshot {
+                writes.push(customer_status(s, &e.order_id, "cancelled", e.version));
+                writes.push(Write::Sale {
+                    day_ms: e.occurred_at,
+                    order_id: e.order_id.clone(),
+                    movement: "cancelled",
+                    orders: -1,
+                    total_cents: -s.total_cents,
+                    version: e.version,
+                });
+            }
+            writes
+        }
+        OrderEvent::Shipped(e) => {
+            let mut writes = vec![Write::OrderStatus {
+                order_id: e.order_id.clone(),
+                status: "shipped",
+                at_ms: e.occurred_at,
+                version: e.version,
+                cancel_reason: None,
+                shipment: Some((e.carrier.clone(), e.tracking_number.clone())),
+            }];
+            if let Some(s) = snapshot {
+                writes.push(customer_status(s, &e.order_id, "shipped", e.version));
+            }
+            writes
+        }
+    }
+}
+
+/// Whether applying `event` needs the order's snapshot.
+pub fn needs_snapshot(event: &OrderEvent) -> bool {
+    !matches!(event, OrderEvent::Submitted(_))
+}
+
+fn customer_status(s: &OrderSnapshot, order_id: &str, status: &'static str, version: i64) -> Write {
+    Write::CustomerOrder {
+        customer_id: s.customer_id.clone(),
+        submitted_at_ms: s.submitted_at_ms,
+        order_id: order_id.to_owned(),
+        status,
+        currency_and_total: None,
+        version,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_schemas::orders::OrderCancelled;
+    use sluice_schemas::orders::{OrderCancelled, OrderSubmitted};
+
+    fn submitted() -> OrderEvent {
+        OrderEvent::Submitted(OrderSubmitted {
+            event_id: "e1".into(),
+            order_id: "o1".into(),
+            version: 1,
+            occurred_at: 86_400_000,
+            customer_id: "c1".into(),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "a".into(), quantity: 3, unit_price_cents: 100 }],
+            total_cents: 300,
+        })
+    }
+
+    fn cancelled() -> OrderEvent {
+        OrderEvent::Cancelled(OrderCancelled { event_id: "e2".into(), order_id: "o1".into(), version: 2, occurred_at: 2 * 86_400_000, reason: "late".into() })
+    }
 
     #[test]
-    fn a_cancellation_changes_status_at_its_version() {
-        let event = OrderEvent::Cancelled(OrderCancelled {
-            event_id: "e2".into(),
-            order_id: "o1".into(),
-            version: 2,
-            occurred_at: 5,
-            reason: "late".into(),
-        });
-        let writes = apply(&event);
-        assert_eq!(writes.len(), 1);
-        assert_eq!(writes[0].version(), 2);
-        assert!(matches!(&writes[0], OrderWrite::StatusChanged { status: "cancelled", cancel_reason: Some(r), .. } if r == "late"));
+    fn a_submission_writes_the_order_the_customer_list_and_a_sale() {
+        let writes = apply(&submitted(), None);
+        assert_eq!(writes.len(), 3);
+        assert!(matches!(&writes[2], Write::Sale { orders: 1, total_cents: 300, movement: "submitted", .. }));
+        assert!(writes.iter().all(|w| w.version() == 1));
+    }
+
+    #[test]
+    fn a_cancellation_subtracts_on_its_own_day() {
+        let snapshot = OrderSnapshot { customer_id: "c1".into(), submitted_at_ms: 86_400_000, total_cents: 300 };
+        let writes = apply(&cancelled(), Some(&snapshot));
+        assert!(matches!(&writes[0], Write::OrderStatus { status: "cancelled", cancel_reason: Some(r), .. } if r == "late"));
+        assert!(matches!(&writes[1], Write::CustomerOrder { status: "cancelled", submitted_at_ms: 86_400_000, currency_and_total: None, .. }));
+        assert!(matches!(&writes[2], Write::Sale { orders: -1, total_cents: -300, day_ms: 172_800_000, .. }));
+    }
+
+    #[test]
+    fn without_its_submission_only_the_status_is_written() {
+        assert!(needs_snapshot(&cancelled()));
+        assert_eq!(apply(&cancelled(), None).len(), 1);
     }
 }

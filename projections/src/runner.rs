@@ -1,118 +1,124 @@
-//! The projection runtime: a Kafka consumer group per projection. Each record
-//! is decoded through the registry, applied to the CQL store, and only then is
-//! its offset stored for commit (`enable.auto.offset.store=false`), so a crash
-//! replays from the last applied record instead of skipping any.
+//! The live projection: a Kafka consumer group per projection version
+//! (`<prefix>.<projection>.v<N>`) applying records to that version's tables.
+//! Offsets are stored for commit only after a record is settled (applied or
+//! dead-lettered), so a crash replays from the last settled record. When a
+//! rebuild makes another version active, the projector moves to that
+//! version's group, which the rebuild left at the end of the log.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
-use sluice_schemas::codec::EventCodec;
-use sluice_schemas::orders::OrderEvent;
+use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
-use crate::orders;
+use crate::apply::{Applier, OffsetTracker};
 use crate::store::ReadModels;
+use crate::ProjectorConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
-    Setup(String),
+    Store(#[from] crate::store::ReadModelError),
 }
 
-/// The tenant a topic belongs to (`<tenant>.<context>.events`).
-fn tenant_of(topic: &str) -> Option<&str> {
-    topic.split('.').next().filter(|t| !t.is_empty())
+/// The consumer group of one projection version.
+pub fn group_id(config: &ProjectorConfig, version: i32) -> String {
+    format!("{}.{}.v{version}", config.group_prefix, config.name)
 }
 
-pub struct OrdersProjection {
-    consumer: StreamConsumer,
-    codec: EventCodec,
-    store: Arc<ReadModels>,
-    retry_delay: Duration,
+pub struct Projector {
+    pub config: ProjectorConfig,
+    pub brokers: String,
+    pub registry_url: String,
+    pub topics: Vec<String>,
+    pub store: Arc<ReadModels>,
 }
 
-impl OrdersProjection {
-    pub fn new(brokers: &str, group: &str, registry_url: &str, topics: &[String], store: Arc<ReadModels>) -> Result<Self, ProjectionError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", group)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .create()?;
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        let codec = EventCodec::new(registry_url).map_err(|e| ProjectionError::Setup(e.to_string()))?;
-        Ok(Self { consumer, codec, store, retry_delay: Duration::from_millis(500) })
+impl Projector {
+    /// Runs until `shutdown`, following the active version.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectionError> {
+        while !shutdown.is_cancelled() {
+            let version = self.store.versions().get(&self.config.name).await?.active;
+            info!(projection = %self.config.name, version, "projecting");
+            self.run_version(version, &shutdown).await?;
+        }
+        Ok(())
     }
 
-    /// Applies records until `shutdown`. A record whose write fails is retried
-    /// in place (later records of its partition wait behind it).
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectionError> {
-        loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                message = self.consumer.recv() => message?,
-            };
-            loop {
-                match self.apply(&message).await {
-                    Ok(()) => break,
-                    Err(e) if e.is_transient() => {
-                        warn!(error = %e, topic = message.topic(), offset = message.offset(), "apply failed, retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(self.retry_delay) => {}
-                        }
+    /// Consumes into `version` until shutdown or until another version is active.
+    async fn run_version(&self, version: i32, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
+        let tables = self.store.tables(version).await?;
+        let applier = Applier::new(&self.brokers, &self.registry_url, &self.config.name, tables).await?;
+        let offsets = OffsetTracker::new(self.store.session().clone(), &self.config.name, version);
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group_id(&self.config, version))
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+
+        // Stops this version's loop: on shutdown, or when the active version
+        // changes (watched on its own task, so even a record stuck retrying
+        // against a dropped table lets go).
+        let stop = shutdown.child_token();
+        let watcher = tokio::spawn(watch_version(self.store.clone(), self.config.name.clone(), version, self.config.version_poll_ms, stop.clone()));
+        let mut flush = tokio::time::interval(Duration::from_millis(self.config.offset_flush_ms));
+        let result = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = flush.tick() => {
+                    if let Err(e) = offsets.flush().await {
+                        warn!(error = %e, "could not record applied offsets");
                     }
-                    Err(e) => {
-                        // TODO(issue 5): projection dead-letter topic. Until
-                        // then an undecodable record is logged and passed.
-                        warn!(error = %e, topic = message.topic(), offset = message.offset(), "skipping undecodable record");
-                        break;
+                }
+                message = consumer.recv() => {
+                    let message = match message {
+                        Ok(m) => m,
+                        Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
+                    };
+                    let Some(_) = applier.apply_settled(&message, &stop).await else { break Ok(()) };
+                    offsets.applied(message.topic(), message.partition(), message.offset()).await;
+                    if let Err(e) = consumer.store_offset_from_message(&message) {
+                        break Err(e.into());
                     }
                 }
             }
-            self.consumer.store_offset_from_message(&message)?;
-        }
-        Ok(())
+        };
+        watcher.abort();
+        let _ = offsets.flush().await;
+        // Commit what was stored, then close the consumer off the executor:
+        // dropping an rdkafka consumer can block.
+        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        result
     }
+}
 
-    async fn apply(&self, message: &BorrowedMessage<'_>) -> Result<(), ApplyError> {
-        let tenant = tenant_of(message.topic()).ok_or_else(|| ApplyError::Permanent("topic has no tenant".into()))?;
-        let payload = message.payload().ok_or_else(|| ApplyError::Permanent("record has no value".into()))?;
-        let (name, value) = self.codec.decode(payload).await.map_err(|e| {
-            if e.is_transient() {
-                ApplyError::Transient(e.to_string())
-            } else {
-                ApplyError::Permanent(e.to_string())
+/// Cancels `stop` once `version` is no longer the active one.
+async fn watch_version(store: Arc<ReadModels>, name: String, version: i32, poll_ms: u64, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(poll_ms));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.versions().get(&name).await {
+            Ok(state) if state.active != version => {
+                info!(from = version, to = state.active, "active version changed");
+                stop.cancel();
+                return;
             }
-        })?;
-        let event = OrderEvent::from_avro(&name, &value).map_err(|e| ApplyError::Permanent(e.0))?;
-        for write in orders::apply(&event) {
-            self.store.write_order(tenant, &write).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not read the active version"),
         }
-        debug!(tenant, event_type = name, offset = message.offset(), "applied");
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ApplyError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{0}")]
-    Permanent(String),
-}
-
-impl ApplyError {
-    fn is_transient(&self) -> bool {
-        matches!(self, ApplyError::Transient(_))
     }
 }

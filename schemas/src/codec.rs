@@ -31,8 +31,11 @@ impl CodecError {
     }
 }
 
+/// The converter marks connection failures and 502/503 as retriable; any
+/// other 5xx is the registry's trouble too. A 4xx (unknown schema id,
+/// incompatible schema) or a decoding error will not heal by itself.
 fn classify(e: SRCError) -> CodecError {
-    if e.retriable || e.error.contains("http") || e.error.contains("registry") {
+    if e.retriable || e.error.contains("failed with status 5") {
         CodecError::Registry(e.to_string())
     } else {
         CodecError::Undecodable(e.to_string())

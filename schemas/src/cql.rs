@@ -2,6 +2,7 @@
 //! same tables without depending on a database driver.
 
 const TABLES: &str = include_str!("../cql/tables.cql");
+const READ_MODELS: &str = include_str!("../cql/read_models.cql");
 
 /// `CREATE KEYSPACE IF NOT EXISTS` with SimpleStrategy; production clusters
 /// create the keyspace themselves with NetworkTopologyStrategy.
@@ -14,7 +15,22 @@ pub fn create_keyspace(keyspace: &str, replication_factor: u32) -> String {
 
 /// The `CREATE TABLE IF NOT EXISTS` statements, comments stripped.
 pub fn create_tables() -> Vec<String> {
-    let without_comments: String = TABLES
+    statements(TABLES)
+}
+
+/// The read-model tables of one version of projection `projection` (a CQL
+/// identifier: letters, digits, underscores).
+pub fn create_read_model_tables(projection: &str, version: i32) -> Vec<String> {
+    statements(&READ_MODELS.replace("{p}", projection).replace("{v}", &version.to_string()))
+}
+
+/// Names of the read-model tables of one version, to drop it after a switch.
+pub fn read_model_tables(projection: &str, version: i32) -> Vec<String> {
+    ["by_id", "by_customer", "daily_sales"].iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
+}
+
+fn statements(text: &str) -> Vec<String> {
+    let without_comments: String = text
         .lines()
         .filter(|line| !line.trim_start().starts_with("--"))
         .collect::<Vec<_>>()
@@ -34,5 +50,9 @@ mod tests {
         let statements = super::create_tables();
         assert!(statements.len() >= 3);
         assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+        let versioned = super::create_read_model_tables("orders", 7);
+        assert_eq!(versioned.len(), 3);
+        assert!(versioned[0].contains("orders_by_id_v7"));
+        assert_eq!(super::read_model_tables("orders", 7)[2], "orders_daily_sales_v7");
     }
 }

@@ -71,9 +71,11 @@ pub fn test_settings(tenants: &[&TestTenant]) -> Settings {
     let mut settings = Settings::load(None).expect("default settings load");
     settings.ingest.http_addr = "127.0.0.1:0".into();
     settings.tenants = tenants.iter().map(|t| t.config()).collect();
-    settings.projector.group = format!("sluice.test.{}", uuid::Uuid::new_v4().simple());
-    settings.processor.retry_base_ms = 50;
-    settings.processor.retry_max_ms = 500;
+    // A projection of its own: its version row, tables and consumer groups.
+    settings.projector.name = format!("orders_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // Short delay tiers and a quick re-drive, so failure tests finish fast.
+    settings.processor.retry_delays_ms = vec![200, 500, 1_000];
+    settings.processor.redrive_interval_ms = 2_000;
     settings
 }
 
@@ -91,14 +93,17 @@ impl Platform {
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
         let task = tokio::spawn(serve(settings, role, shutdown.clone(), Some(tx)));
-        let addr = match rx.await {
-            Ok(addr) => addr,
+        // Roles without the edge drop `ready` once started; a role that fails
+        // to start ends the task.
+        let base_url = match rx.await {
+            Ok(addr) => format!("http://{addr}"),
+            Err(_) if !task.is_finished() => String::new(),
             Err(_) => {
                 let result = task.await.expect("serve task");
                 panic!("sluice did not start: {result:?}");
             }
         };
-        Self { base_url: format!("http://{addr}"), shutdown, http: reqwest::Client::new(), task: Some(task) }
+        Self { base_url, shutdown, http: reqwest::Client::new(), task: Some(task) }
     }
 
     /// Stops every role and waits until they have drained.
@@ -247,4 +252,290 @@ pub async fn queue_depth(queue: &str) -> u32 {
         .expect("queue exists");
     let _ = connection.close(200, "bye".into()).await;
     q.message_count()
+}
+
+// ---------------------------------------------------------------------------
+// sluice as separate processes (competing consumers, SIGKILL tests)
+
+/// The `sluice` binary of this workspace. `make test` builds it before the
+/// tests run (`cargo test` alone does not build binaries of other packages).
+pub fn sluice_bin() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/sluice");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p sluice-cli` (make test does)", bin.display());
+    bin
+}
+
+/// A `sluice serve` child process, killed (SIGKILL) when dropped.
+pub struct SluiceProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    _config: tempfile_path::TempPath,
+}
+
+impl SluiceProcess {
+    /// Starts `sluice serve --role <role>` with `settings` written to a file.
+    pub fn spawn(settings: &Settings, role: &str) -> Self {
+        let config = tempfile_path::TempPath::new("toml");
+        std::fs::write(&config.0, toml::to_string(settings).expect("settings serialize")).expect("write config");
+        let log = std::env::temp_dir().join(format!("sluice-test-{}.log", uuid::Uuid::new_v4().simple()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(sluice_bin())
+            .arg("--config")
+            .arg(&config.0)
+            .args(["serve", "--role", role])
+            .env("SLUICE_LOG", "info")
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn sluice");
+        Self { child, log, _config: config }
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().expect("wait for sluice")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Consumers currently on a queue, straight from the broker (0 while the
+/// queue does not exist yet).
+pub async fn queue_consumers(queue: &str) -> u32 {
+    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    let q = channel
+        .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, lapin::types::FieldTable::default())
+        .await;
+    let _ = connection.close(200, "bye".into()).await;
+    q.map(|q| q.consumer_count()).unwrap_or(0)
+}
+
+mod tempfile_path {
+    /// A file path under the temp dir, removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+
+    impl TempPath {
+        pub fn new(ext: &str) -> Self {
+            Self(std::env::temp_dir().join(format!("sluice-{}.{ext}", uuid::Uuid::new_v4().simple())))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Straight to the broker and the stores, bypassing the edge
+
+/// Publishes a message straight into a queue (default exchange) and waits
+/// for the broker's confirm.
+pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, headers: lapin::types::FieldTable) {
+    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.expect("confirm mode");
+    let mut properties = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "broker did not take the message: {confirm:?}");
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// Takes every message of a queue (acking them): for tests that inspect a DLQ.
+pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(message) = channel.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("basic.get") {
+        out.push((message.delivery.properties.clone(), message.delivery.data.clone()));
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    out
+}
+
+/// Events stored for one order stream: (version, event_type, command_key).
+pub async fn stored_events(tenant: &str, order_id: &str) -> Vec<(i64, String, String)> {
+    let session = cql().await;
+    let rows = session
+        .query_unpaged(
+            "SELECT version, event_type, command_key FROM sluice.events WHERE tenant = ? AND context = 'orders' AND stream_id = ?",
+            (tenant, order_id),
+        )
+        .await
+        .expect("events query")
+        .into_rows_result()
+        .expect("rows");
+    rows.rows::<(i64, String, String)>().expect("typed rows").map(|r| r.expect("row")).collect()
+}
+
+/// A string header of an AMQP message.
+pub fn amqp_header(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The edge from outside (tests/tests/edge_*.rs): answers read whole, problem
+// documents, the tenant's command queue.
+
+/// The work queue a tenant's orders commands land in.
+pub fn orders_queue(tenant: &TestTenant) -> String {
+    sluice_schemas::names::command_queue(&tenant.name, "orders")
+}
+
+/// An HTTP answer read whole: status, headers, and the body as JSON
+/// (`Null` when it is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub async fn read(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("response body");
+        Self { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an RFC 9457 problem document: `status`, content type
+    /// `application/problem+json`, type `https://sluice.dev/problems/<kind>`,
+    /// the same status inside, a detail, and `Retry-After` on 429 and 503.
+    pub fn assert_problem(&self, status: u16, kind: &str, context: &str) {
+        assert_eq!(self.status, status, "{context}: status; body {}", self.body);
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{context}: content type");
+        assert_eq!(self.body["type"], format!("https://sluice.dev/problems/{kind}"), "{context}: type; body {}", self.body);
+        assert_eq!(self.body["status"], status, "{context}: status member");
+        assert!(self.body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{context}: detail");
+        if status == 429 || status == 503 {
+            let seconds: u64 = self.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
+            assert!(seconds >= 1, "{context}: Retry-After on {status}");
+        }
+    }
+
+    /// Whether the problem's `errors` (batch entries' own `errors` included)
+    /// hold an entry whose `key` is `value`.
+    pub fn names(&self, key: &str, value: &Value) -> bool {
+        fn any(errors: &Value, key: &str, value: &Value) -> bool {
+            errors
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| &e[key] == value || any(&e["errors"], key, value))
+        }
+        any(&self.body["errors"], key, value)
+    }
+}
+
+/// Deletes a queue (and its messages) once a test is done with it, so big
+/// test runs leave no backlog on the shared broker.
+pub async fn delete_queue(queue: &str) {
+    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()).await.expect("queue.delete");
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// A request to RabbitMQ's management API (guest, loopback only).
+pub async fn rabbitmq_management(method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+    let mut request = reqwest::Client::new().request(method, format!("{MANAGEMENT_API}{path}")).basic_auth("guest", Some("guest"));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("RabbitMQ management API at 127.0.0.1:15672 (make up)")
+}
+
+// ---------------------------------------------------------------------------
+// Read models, straight from the CQL store
+
+/// Every read-model row of `tenant` in one version of a projection, as
+/// comparable text (write timestamps excluded): orders, customer lists, sales.
+pub async fn read_model_rows(projection: &str, version: i32, tenant: &str, order_ids: &[String], customer_ids: &[String]) -> Vec<String> {
+    let session = cql().await;
+    let mut rows = Vec::new();
+    for id in order_ids {
+        let result = session
+            .query_unpaged(format!("SELECT JSON * FROM sluice.{projection}_by_id_v{version} WHERE tenant = ? AND order_id = ?"), (tenant, id))
+            .await
+            .expect("orders_by_id")
+            .into_rows_result()
+            .expect("rows");
+        for row in result.rows::<(String,)>().expect("json rows") {
+            rows.push(format!("order {}", row.expect("row").0));
+        }
+    }
+    for customer in customer_ids {
+        let result = session
+            .query_unpaged(format!("SELECT JSON * FROM sluice.{projection}_by_customer_v{version} WHERE tenant = ? AND customer_id = ?"), (tenant, customer))
+            .await
+            .expect("orders_by_customer")
+            .into_rows_result()
+            .expect("rows");
+        for row in result.rows::<(String,)>().expect("json rows") {
+            rows.push(format!("customer {}", row.expect("row").0));
+        }
+    }
+    let result = session
+        .query_unpaged(format!("SELECT JSON * FROM sluice.{projection}_daily_sales_v{version} WHERE tenant = ? ALLOW FILTERING"), (tenant,))
+        .await
+        .expect("daily_sales")
+        .into_rows_result()
+        .expect("rows");
+    for row in result.rows::<(String,)>().expect("json rows") {
+        rows.push(format!("sale {}", row.expect("row").0));
+    }
+    rows.sort();
+    rows
+}
+
+/// The CQL session with keyspace `sluice` selected, for the store types.
+pub async fn cql_sluice() -> Arc<scylla::client::session::Session> {
+    let session = cql().await;
+    session.use_keyspace("sluice", false).await.expect("keyspace sluice");
+    session
 }

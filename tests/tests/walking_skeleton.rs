@@ -11,7 +11,9 @@ use sluice_tests::{cql, read_record, submit_order, test_settings, Platform, Test
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
     let tenant = TestTenant::new();
-    let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
+    let settings = test_settings(&[&tenant]);
+    let projection = settings.projector.name.clone();
+    let platform = Platform::start(settings, Role::All).await;
 
     // 1. The edge answers 202 with an operation URL.
     let event = submit_order(&tenant, "cmd-1", "order-1", "customer-1");
@@ -70,7 +72,10 @@ async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
     assert_eq!(order["total_cents"], 2100);
     let session = cql().await;
     let rows = session
-        .query_unpaged("SELECT status, total_cents FROM sluice.orders_by_id WHERE tenant = ? AND order_id = ?", (&tenant.name, "order-1"))
+        .query_unpaged(
+            format!("SELECT status, total_cents FROM sluice.{projection}_by_id_v1 WHERE tenant = ? AND order_id = ?"),
+            (&tenant.name, "order-1"),
+        )
         .await
         .unwrap()
         .into_rows_result()

@@ -1,0 +1,59 @@
+//! Lag: how far a projection version's consumer group is behind the end of
+//! each partition. Used by `sluice status`, metrics and replays.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset the group will read (committed), if it committed any.
+    pub committed: Option<i64>,
+    /// The partition's end (high watermark).
+    pub end: i64,
+    pub lag: i64,
+}
+
+/// Lag of `group` on `topics`. Blocking calls run off the async executor.
+pub async fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, String> {
+    let (brokers, group, topics) = (brokers.to_owned(), group.to_owned(), topics.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(10);
+        let mut tpl = TopicPartitionList::new();
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition(t.name(), p.id());
+                }
+            }
+        }
+        let committed = consumer.committed_offsets(tpl.clone(), timeout).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for element in tpl.elements() {
+            let (low, high) = consumer.fetch_watermarks(element.topic(), element.partition(), timeout).map_err(|e| e.to_string())?;
+            let committed = committed
+                .find_partition(element.topic(), element.partition())
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let position = committed.unwrap_or(low);
+            out.push(PartitionLag { topic: element.topic().to_owned(), partition: element.partition(), committed, end: high, lag: (high - position).max(0) });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

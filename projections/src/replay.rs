@@ -1,0 +1,361 @@
+//! Replays and blue/green rebuilds.
+//!
+//! - **Replay** (`replay`): re-applies a range of the log to the active tables,
+//!   from the earliest offset, a time, or given offsets, up to the ends seen at
+//!   its start. Writes are idempotent, so running beside the live projector is
+//!   safe and leaves the same rows.
+//! - **Rebuild** (`rebuild`): fills the next version's tables from the chosen
+//!   point while the current version keeps serving, commits its progress under
+//!   the next version's consumer group (a crashed rebuild resumes there), tails
+//!   the log until caught up, then switches reads with one conditional update.
+//!   The live projector follows the switch and continues from the rebuild's
+//!   offsets; the old version's tables are dropped on request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use sluice_schemas::cql;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Applied, Applier, OffsetTracker};
+use crate::runner::group_id;
+use crate::store::ReadModels;
+use crate::ProjectorConfig;
+
+/// Where a replay starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    /// Milliseconds since the epoch: the first record at or after it.
+    Time(i64),
+    /// `partition:offset` pairs (every topic); unlisted partitions start earliest.
+    Offsets(Vec<(i32, i64)>),
+}
+
+impl std::str::FromStr for StartAt {
+    type Err = String;
+
+    /// `earliest`, an RFC 3339 time, or `partition:offset[,partition:offset…]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "earliest" {
+            return Ok(StartAt::Earliest);
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(StartAt::Time(t.timestamp_millis()));
+        }
+        let pairs = s
+            .split(',')
+            .map(|pair| {
+                let (p, o) = pair.split_once(':').ok_or(())?;
+                Ok((p.trim().parse().map_err(drop)?, o.trim().parse().map_err(drop)?))
+            })
+            .collect::<Result<Vec<(i32, i64)>, ()>>()
+            .map_err(|()| format!("{s:?} is not `earliest`, an RFC 3339 time, or partition:offset[,…]"))?;
+        Ok(StartAt::Offsets(pairs))
+    }
+}
+
+/// Progress of a replay, reported as it goes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Progress {
+    pub applied: u64,
+    pub dead_lettered: u64,
+    /// Records between the current positions and the target ends.
+    pub remaining: i64,
+    pub events_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayReport {
+    pub projection: String,
+    pub version: i32,
+    pub applied: u64,
+    pub dead_lettered: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    /// Set by a rebuild: the version that served before the switch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_previous: Option<bool>,
+}
+
+/// What a replay needs to reach Kafka, the registry and the store.
+pub struct ReplayCtx {
+    pub config: ProjectorConfig,
+    pub brokers: String,
+    pub registry_url: String,
+    pub topics: Vec<String>,
+    pub store: Arc<ReadModels>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Store(#[from] crate::store::ReadModelError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Re-applies the log from `start` to the ends seen now, into the active version.
+pub async fn replay(ctx: &ReplayCtx, start: StartAt, stop: &CancellationToken, progress: impl Fn(&Progress)) -> Result<ReplayReport, ReplayError> {
+    let version = ctx.store.versions().get(&ctx.config.name).await?.active;
+    run(ctx, version, start, None, false, stop, &progress).await
+}
+
+/// Builds the next version from `start`, switches reads to it once caught up,
+/// and drops the previous version's tables if `drop_previous`.
+pub async fn rebuild(
+    ctx: &ReplayCtx,
+    start: StartAt,
+    drop_previous: bool,
+    stop: &CancellationToken,
+    progress: impl Fn(&Progress),
+) -> Result<ReplayReport, ReplayError> {
+    let name = &ctx.config.name;
+    let state = ctx.store.versions().get(name).await?;
+    // A rebuild that crashed left `building` set: resume it.
+    let target = state.building.filter(|b| *b > state.active).unwrap_or(state.active + 1);
+    ctx.store.versions().start_building(name, target).await?;
+    let group = group_id(&ctx.config, target);
+    let mut report = run(ctx, target, start, Some(group), true, stop, &progress).await?;
+    if stop.is_cancelled() {
+        return Ok(report);
+    }
+    if !ctx.store.versions().switch(name, state.active, target).await? {
+        return Err(ReplayError::Other(format!("version {} is no longer active: another rebuild switched first", state.active)));
+    }
+    report.previous_version = Some(state.active);
+    if drop_previous {
+        // Let the live projector notice the switch and leave the old tables.
+        tokio::time::sleep(Duration::from_millis(ctx.config.version_poll_ms * 3)).await;
+        drop_version(&ctx.store, name, state.active).await?;
+        report.dropped_previous = Some(true);
+    }
+    Ok(report)
+}
+
+/// Drops the tables of a version that no longer serves.
+pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Result<(), ReplayError> {
+    let active = store.versions().get(name).await?.active;
+    if version >= active {
+        return Err(ReplayError::Other(format!("version {version} is not older than the active version {active}")));
+    }
+    for table in cql::read_model_tables(name, version) {
+        store.session().query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await.map_err(|e| ReplayError::Other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    ctx: &ReplayCtx,
+    version: i32,
+    start: StartAt,
+    commit_group: Option<String>,
+    tail_until_caught_up: bool,
+    stop: &CancellationToken,
+    progress: &impl Fn(&Progress),
+) -> Result<ReplayReport, ReplayError> {
+    let tables = ctx.store.tables(version).await?;
+    let applier = Applier::new(&ctx.brokers, &ctx.registry_url, &ctx.config.name, tables).await?;
+    let offsets = OffsetTracker::new(ctx.store.session().clone(), &ctx.config.name, version);
+    let group = commit_group.clone().unwrap_or_else(|| format!("{}.replay.{}", ctx.config.group_prefix, uuid_like()));
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &ctx.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?,
+    );
+
+    let (starts, mut ends) = blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
+    let mut positions: HashMap<(String, i32), i64> = starts.clone();
+    let mut assignment = TopicPartitionList::new();
+    for ((topic, partition), offset) in &starts {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.assign(&assignment)?;
+
+    let began = Instant::now();
+    let mut p = Progress::default();
+    let remaining = |positions: &HashMap<(String, i32), i64>, ends: &HashMap<(String, i32), i64>| -> i64 {
+        ends.iter().map(|(k, end)| (end - positions.get(k).copied().unwrap_or(0)).max(0)).sum()
+    };
+    p.remaining = remaining(&positions, &ends);
+    progress(&p);
+    let mut last_commit = Instant::now();
+    loop {
+        if p.remaining == 0 {
+            if !tail_until_caught_up {
+                break;
+            }
+            // Caught up with the ends seen before: look again; stop when
+            // nothing new arrived meanwhile.
+            ends = blocking_ends(consumer.clone(), ctx.topics.clone()).await?;
+            p.remaining = remaining(&positions, &ends);
+            if p.remaining == 0 {
+                break;
+            }
+        }
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = consumer.recv() => m?,
+        };
+        let key = (message.topic().to_owned(), message.partition());
+        let Some(applied) = applier.apply_settled(&message, stop).await else { break };
+        match applied {
+            Applied::Written { .. } => p.applied += 1,
+            Applied::DeadLettered { .. } => p.dead_lettered += 1,
+        }
+        offsets.applied(message.topic(), message.partition(), message.offset()).await;
+        positions.insert(key, message.offset() + 1);
+        if commit_group.is_some() {
+            consumer.store_offset_from_message(&message)?;
+        }
+        p.remaining = remaining(&positions, &ends);
+        if last_commit.elapsed() > Duration::from_millis(500) {
+            p.events_per_second = (p.applied + p.dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6);
+            progress(&p);
+            offsets.flush().await?;
+            if commit_group.is_some() {
+                consumer.commit_consumer_state(CommitMode::Async)?;
+            }
+            last_commit = Instant::now();
+        }
+    }
+    offsets.flush().await?;
+    if commit_group.is_some() {
+        let c = consumer.clone();
+        // Positions of partitions that had nothing to read are committed too,
+        // so the live projector starts where the rebuild ended.
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &positions {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await.map_err(|e| ReplayError::Other(e.to_string()))??;
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    p.events_per_second = (p.applied + p.dead_lettered) as f64 / seconds.max(1e-6);
+    progress(&p);
+    let report = ReplayReport {
+        projection: ctx.config.name.clone(),
+        version,
+        applied: p.applied,
+        dead_lettered: p.dead_lettered,
+        seconds,
+        events_per_second: p.events_per_second,
+        previous_version: None,
+        dropped_previous: None,
+    };
+    tokio::task::spawn_blocking(move || drop(consumer)).await.map_err(|e| ReplayError::Other(e.to_string()))?;
+    Ok(report)
+}
+
+type Positions = HashMap<(String, i32), i64>;
+
+/// Start positions and end offsets of every partition of `topics`.
+async fn blocking_positions(consumer: Arc<StreamConsumer>, topics: Vec<String>, start: StartAt, resume: bool) -> Result<(Positions, Positions), ReplayError> {
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let mut starts = HashMap::new();
+        let mut ends = HashMap::new();
+        let mut all = TopicPartitionList::new();
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    all.add_partition(t.name(), p.id());
+                    let (low, high) = consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
+                    starts.insert((t.name().to_owned(), p.id()), low);
+                    ends.insert((t.name().to_owned(), p.id()), high);
+                }
+            }
+        }
+        match &start {
+            StartAt::Earliest => {}
+            StartAt::Offsets(pairs) => {
+                for ((_, partition), offset) in starts.iter_mut() {
+                    if let Some((_, o)) = pairs.iter().find(|(p, _)| p == partition) {
+                        *offset = (*o).max(0);
+                    }
+                }
+            }
+            StartAt::Time(ms) => {
+                let mut query = TopicPartitionList::new();
+                for (topic, partition) in starts.keys() {
+                    query.add_partition_offset(topic, *partition, Offset::Offset(*ms))?;
+                }
+                let found = consumer.offsets_for_times(query, timeout)?;
+                for e in found.elements() {
+                    let key = (e.topic().to_owned(), e.partition());
+                    match e.offset() {
+                        Offset::Offset(o) => {
+                            starts.insert(key, o);
+                        }
+                        // No record at or after the time: nothing to replay there.
+                        _ => {
+                            let end = ends[&key];
+                            starts.insert(key, end);
+                        }
+                    }
+                }
+            }
+        }
+        if resume {
+            let committed = consumer.committed_offsets(all, timeout)?;
+            for e in committed.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    starts.insert((e.topic().to_owned(), e.partition()), o);
+                }
+            }
+        }
+        Ok((starts, ends))
+    })
+    .await
+    .map_err(|e| ReplayError::Other(e.to_string()))?
+}
+
+async fn blocking_ends(consumer: Arc<StreamConsumer>, topics: Vec<String>) -> Result<Positions, ReplayError> {
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let mut ends = HashMap::new();
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (_, high) = consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
+                    ends.insert((t.name().to_owned(), p.id()), high);
+                }
+            }
+        }
+        Ok(ends)
+    })
+    .await
+    .map_err(|e| ReplayError::Other(e.to_string()))?
+}
+
+fn uuid_like() -> String {
+    format!("{:x}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StartAt;
+
+    #[test]
+    fn parses_start_points() {
+        assert_eq!("earliest".parse::<StartAt>().unwrap(), StartAt::Earliest);
+        assert_eq!("2026-01-01T00:00:00Z".parse::<StartAt>().unwrap(), StartAt::Time(1_767_225_600_000));
+        assert_eq!("0:15,2:7".parse::<StartAt>().unwrap(), StartAt::Offsets(vec![(0, 15), (2, 7)]));
+        assert!("yesterday".parse::<StartAt>().is_err());
+    }
+}

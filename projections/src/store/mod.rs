@@ -1,0 +1,354 @@
+//! Read models in the CQL store: the queries the edge serves and the tables
+//! projections write. Reads touch only the CQL store, so they keep answering
+//! while RabbitMQ, Kafka and the processors are down.
+//!
+//! - [`versions`]: which table version serves reads; the atomic switch.
+//! - [`tables`]: one version's tables: creation, writes, per-version reads.
+
+pub mod tables;
+pub mod versions;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use scylla::client::session::Session;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimestamp;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use self::tables::{cql_date, Tables};
+use self::versions::Versions;
+
+#[derive(Debug, thiserror::Error)]
+#[error("read model store: {0}")]
+pub struct ReadModelError(pub String);
+
+pub(crate) fn rm_err(e: impl std::fmt::Display) -> ReadModelError {
+    ReadModelError(e.to_string())
+}
+
+/// How long readers trust their idea of the active version.
+const ACTIVE_VERSION_TTL: Duration = Duration::from_millis(500);
+
+/// An order as clients read it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OrderView {
+    pub order_id: String,
+    pub customer_id: Option<String>,
+    pub status: Option<String>,
+    pub currency: Option<String>,
+    pub lines: Value,
+    pub total_cents: Option<i64>,
+    pub version: Option<i64>,
+    pub submitted_at: Option<String>,
+    pub updated_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking_number: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+}
+
+/// One order in a customer's list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CustomerOrderView {
+    pub order_id: String,
+    pub status: Option<String>,
+    pub currency: Option<String>,
+    pub total_cents: Option<i64>,
+    pub submitted_at: Option<String>,
+    pub version: Option<i64>,
+}
+
+/// A page of a list, with the cursor of the next page if there is one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Sales of one day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DaySales {
+    pub day: String,
+    pub orders: i64,
+    pub total_cents: i64,
+}
+
+/// An operation as clients read it (the row the processors wrote).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OperationRow {
+    pub status: String,
+    pub command_type: Option<String>,
+    pub source: Option<String>,
+    pub command_id: Option<String>,
+    pub events: Option<Value>,
+    pub error: Option<String>,
+    pub updated_at: Option<String>,
+    /// Processing attempts so far, while `processing`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+    /// The processor instance that wrote the record.
+    pub handled_by: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("bad cursor")]
+    BadCursor,
+    #[error(transparent)]
+    Store(#[from] ReadModelError),
+}
+
+fn rfc3339(ts: Option<CqlTimestamp>) -> Option<String> {
+    ts.and_then(|t| chrono::DateTime::from_timestamp_millis(t.0)).map(|t| t.to_rfc3339())
+}
+
+type OrderRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<CqlTimestamp>,
+    Option<CqlTimestamp>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+type OpRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<CqlTimestamp>,
+    Option<i32>,
+    Option<String>,
+);
+
+pub struct ReadModels {
+    session: Arc<Session>,
+    /// The projection's name: key of its version row, prefix of its tables.
+    projection: String,
+    versions: Versions,
+    tables: Mutex<HashMap<i32, Arc<Tables>>>,
+    active: Mutex<Option<(Instant, i32)>>,
+    select_operation: PreparedStatement,
+    select_offsets: PreparedStatement,
+}
+
+impl ReadModels {
+    pub async fn new(session: Arc<Session>, projection: &str) -> Result<Self, ReadModelError> {
+        if projection.is_empty() || !projection.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ReadModelError(format!("projection name {projection:?} must be letters, digits and underscores")));
+        }
+        let select_operation = session
+            .prepare(
+                "SELECT status, command_type, source, command_id, events, error, updated_at, attempts, handled_by \
+                 FROM operations WHERE tenant = ? AND operation_id = ?",
+            )
+            .await
+            .map_err(rm_err)?;
+        let select_offsets = session
+            .prepare("SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = ? AND version = ?")
+            .await
+            .map_err(rm_err)?;
+        Ok(Self {
+            versions: Versions::new(session.clone()),
+            projection: projection.to_owned(),
+            session,
+            tables: Mutex::new(HashMap::new()),
+            active: Mutex::new(None),
+            select_operation,
+            select_offsets,
+        })
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    pub fn projection(&self) -> &str {
+        &self.projection
+    }
+
+    pub fn versions(&self) -> &Versions {
+        &self.versions
+    }
+
+    /// The tables of one version (created and prepared on first use).
+    pub async fn tables(&self, version: i32) -> Result<Arc<Tables>, ReadModelError> {
+        let mut tables = self.tables.lock().await;
+        if let Some(t) = tables.get(&version) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Tables::open(self.session.clone(), &self.projection, version).await?);
+        tables.insert(version, t.clone());
+        Ok(t)
+    }
+
+    /// The version serving reads, re-read at most every half second.
+    pub async fn active_version(&self) -> Result<i32, ReadModelError> {
+        let mut cached = self.active.lock().await;
+        if let Some((at, version)) = *cached {
+            if at.elapsed() < ACTIVE_VERSION_TTL {
+                return Ok(version);
+            }
+        }
+        let version = self.versions.get(&self.projection).await?.active;
+        *cached = Some((Instant::now(), version));
+        Ok(version)
+    }
+
+    async fn active_tables(&self) -> Result<Arc<Tables>, ReadModelError> {
+        let version = self.active_version().await?;
+        self.tables(version).await
+    }
+
+    pub async fn order(&self, tenant: &str, order_id: &str) -> Result<Option<OrderView>, ReadModelError> {
+        let t = self.active_tables().await?;
+        let rows = self.session.execute_unpaged(&t.select_order, (tenant, order_id)).await.map_err(rm_err)?.into_rows_result().map_err(rm_err)?;
+        let Some(row) = rows.maybe_first_row::<OrderRow>().map_err(rm_err)? else {
+            return Ok(None);
+        };
+        let (order_id, customer_id, status, currency, lines, total_cents, version, submitted_at, updated_at, carrier, tracking_number, cancel_reason) =
+            row;
+        // A status written before its submission (a rebuild that started
+        // after it) leaves a row without customer: not an order to show.
+        if customer_id.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(OrderView {
+            order_id,
+            customer_id,
+            status,
+            currency,
+            lines: lines.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or(Value::Null),
+            total_cents,
+            version,
+            submitted_at: rfc3339(submitted_at),
+            updated_at: rfc3339(updated_at),
+            carrier,
+            tracking_number,
+            cancel_reason,
+        }))
+    }
+
+    /// A customer's orders, newest first, `limit` per page.
+    pub async fn customer_orders(&self, tenant: &str, customer_id: &str, limit: i32, cursor: Option<&str>) -> Result<Page<CustomerOrderView>, QueryError> {
+        let t = self.active_tables().await?;
+        let paging = match cursor {
+            Some(c) => {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| QueryError::BadCursor)?;
+                PagingState::new_from_raw_bytes(bytes)
+            }
+            None => PagingState::start(),
+        };
+        let mut statement = t.select_customer_orders.clone();
+        statement.set_page_size(limit.clamp(1, 500));
+        let (result, next) = self.session.execute_single_page(&statement, (tenant, customer_id), paging).await.map_err(rm_err)?;
+        let rows = result.into_rows_result().map_err(rm_err)?;
+        let items = rows
+            .rows::<(String, Option<String>, Option<String>, Option<i64>, Option<CqlTimestamp>, Option<i64>)>()
+            .map_err(rm_err)?
+            .map(|r| {
+                r.map(|(order_id, status, currency, total_cents, submitted_at, version)| CustomerOrderView {
+                    order_id,
+                    status,
+                    currency,
+                    total_cents,
+                    submitted_at: rfc3339(submitted_at),
+                    version,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rm_err)?;
+        let next_cursor = match next {
+            PagingStateResponse::HasMorePages { state } => {
+                state.as_bytes_slice().map(|b| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b.as_ref()))
+            }
+            PagingStateResponse::NoMorePages => None,
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Orders and totals per day, `from` to `to` inclusive (UTC days, given as
+    /// milliseconds of any moment in the day).
+    pub async fn daily_sales(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<DaySales>, ReadModelError> {
+        let t = self.active_tables().await?;
+        let mut days = Vec::new();
+        let mut day = from_ms.div_euclid(86_400_000);
+        let last = to_ms.div_euclid(86_400_000);
+        while day <= last {
+            let ms = day * 86_400_000;
+            let rows = self
+                .session
+                .execute_unpaged(&t.select_sales_day, (tenant, cql_date(ms)))
+                .await
+                .map_err(rm_err)?
+                .into_rows_result()
+                .map_err(rm_err)?;
+            let (mut orders, mut total) = (0i64, 0i64);
+            for row in rows.rows::<(Option<i32>, Option<i64>)>().map_err(rm_err)? {
+                let (o, c) = row.map_err(rm_err)?;
+                orders += i64::from(o.unwrap_or(0));
+                total += c.unwrap_or(0);
+            }
+            let date = chrono::DateTime::from_timestamp_millis(ms).map(|d| d.date_naive().to_string()).unwrap_or_default();
+            days.push(DaySales { day: date, orders, total_cents: total });
+            day += 1;
+        }
+        Ok(days)
+    }
+
+    pub async fn operation(&self, tenant: &str, operation_id: &str) -> Result<Option<OperationRow>, ReadModelError> {
+        let result = self.session.execute_unpaged(&self.select_operation, (tenant, operation_id)).await.map_err(rm_err)?;
+        let rows = result.into_rows_result().map_err(rm_err)?;
+        let Some(row) = rows.maybe_first_row::<OpRow>().map_err(rm_err)? else {
+            return Ok(None);
+        };
+        let (status, command_type, source, command_id, events, error, updated_at, attempts, handled_by) = row;
+        Ok(Some(OperationRow {
+            status: status.unwrap_or_else(|| "processing".into()),
+            command_type,
+            source,
+            command_id,
+            events: events.and_then(|e| serde_json::from_str(&e).ok()),
+            error,
+            updated_at: rfc3339(updated_at),
+            attempts,
+            handled_by,
+        }))
+    }
+
+    /// Next offset to apply per (topic, partition) of the active version.
+    pub async fn applied_offsets(&self) -> Result<HashMap<(String, i32), i64>, ReadModelError> {
+        let version = self.active_version().await?;
+        self.offsets_of(version).await
+    }
+
+    pub async fn offsets_of(&self, version: i32) -> Result<HashMap<(String, i32), i64>, ReadModelError> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.select_offsets, (self.projection.as_str(), version))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        rows.rows::<(String, i32, i64)>()
+            .map_err(rm_err)?
+            .map(|r| r.map(|(t, p, o)| ((t, p), o)).map_err(rm_err))
+            .collect()
+    }
+}

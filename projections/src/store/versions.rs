@@ -1,0 +1,73 @@
+//! Which version of a projection's tables serves reads (`active`) and which
+//! one a rebuild is filling (`building`), kept in `projection_versions`.
+//! The switch is one conditional update, so every reader sees either the old
+//! version or the new one.
+
+use std::sync::Arc;
+
+use scylla::client::session::Session;
+use scylla::value::CqlTimestamp;
+
+use super::{rm_err, ReadModelError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VersionState {
+    pub active: i32,
+    pub building: Option<i32>,
+}
+
+pub struct Versions {
+    session: Arc<Session>,
+}
+
+impl Versions {
+    pub fn new(session: Arc<Session>) -> Self {
+        Self { session }
+    }
+
+    /// The state, creating version 1 as active on first use.
+    pub async fn get(&self, projection: &str) -> Result<VersionState, ReadModelError> {
+        self.session
+            .query_unpaged(
+                "INSERT INTO projection_versions (projection, active) VALUES (?, 1) IF NOT EXISTS",
+                (projection,),
+            )
+            .await
+            .map_err(rm_err)?;
+        let rows = self
+            .session
+            .query_unpaged("SELECT active, building FROM projection_versions WHERE projection = ?", (projection,))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let (active, building) = rows.single_row::<(Option<i32>, Option<i32>)>().map_err(rm_err)?;
+        Ok(VersionState { active: active.unwrap_or(1), building })
+    }
+
+    /// Marks `version` as being built (resumable: a crashed rebuild finds it).
+    pub async fn start_building(&self, projection: &str, version: i32) -> Result<(), ReadModelError> {
+        self.session
+            .query_unpaged("UPDATE projection_versions SET building = ? WHERE projection = ?", (version, projection))
+            .await
+            .map_err(rm_err)?;
+        Ok(())
+    }
+
+    /// Makes `to` the active version if `from` still is; returns whether it did.
+    pub async fn switch(&self, projection: &str, from: i32, to: i32) -> Result<bool, ReadModelError> {
+        let now = CqlTimestamp(chrono::Utc::now().timestamp_millis());
+        let rows = self
+            .session
+            .query_unpaged(
+                "UPDATE projection_versions SET active = ?, building = null, switched_at = ? WHERE projection = ? IF active = ?",
+                (to, now, projection, from),
+            )
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let first = rows.rows::<scylla::value::Row>().map_err(rm_err)?.next().transpose().map_err(rm_err)?;
+        Ok(matches!(first.and_then(|r| r.columns.into_iter().next().flatten()), Some(scylla::value::CqlValue::Boolean(true))))
+    }
+}

@@ -1,0 +1,155 @@
+//! The command side against the real stack: business rules end to end,
+//! idempotency under redelivery, and dead letters with reasons.
+
+use std::time::Duration;
+
+use lapin::types::FieldTable;
+use serde_json::json;
+use sluice_cli::serve::Role;
+use sluice_tests::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn business_rules_end_in_succeeded_or_rejected_with_a_reason() {
+    let tenant = TestTenant::new();
+    let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
+
+    let submit = platform.post_event(&tenant, &submit_order(&tenant, "s1", "o1", "c1")).await;
+    let op = platform.await_operation(&tenant, submit.headers()["location"].to_str().unwrap(), WAIT).await;
+    assert_eq!(op["status"], "succeeded");
+
+    let ship = command(&tenant, "ship1", "com.example.orders.ShipOrder", json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z9"}));
+    let response = platform.post_event(&tenant, &ship).await;
+    let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
+    assert_eq!(op["status"], "succeeded");
+    assert_eq!(op["events"][0]["type"], "com.example.orders.OrderShipped");
+
+    let cancel = command(&tenant, "cancel1", "com.example.orders.CancelOrder", json!({"order_id": "o1", "reason": "too late"}));
+    let response = platform.post_event(&tenant, &cancel).await;
+    let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
+    assert_eq!(op["status"], "rejected");
+    assert_eq!(op["error"], "a shipped order cannot be cancelled");
+
+    let again = platform.post_event(&tenant, &submit_order(&tenant, "s2", "o1", "c1")).await;
+    let op = platform.await_operation(&tenant, again.headers()["location"].to_str().unwrap(), WAIT).await;
+    assert_eq!(op["status"], "rejected");
+    assert_eq!(op["error"], "order was already submitted");
+
+    let events = stored_events(&tenant.name, "o1").await;
+    let types: Vec<&str> = events.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(types, ["com.example.orders.OrderSubmitted", "com.example.orders.OrderShipped"]);
+    assert_eq!(events.iter().map(|(v, _, _)| *v).collect::<Vec<_>>(), [1, 2]);
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_delivered_twice_produces_its_events_once() {
+    let tenant = TestTenant::new();
+    // Only the edge first: the command is queued, nobody consumes it yet.
+    let edge = Platform::start(test_settings(&[&tenant]), Role::Ingest).await;
+    let event = submit_order(&tenant, "dup-1", "o-dup", "c1");
+    let first = edge.post_event(&tenant, &event).await;
+    assert_eq!(first.status(), 202);
+    // The client retries the same CloudEvent: same operation, queued again.
+    let second = edge.post_event(&tenant, &event).await;
+    assert_eq!(second.status(), 202);
+    assert_eq!(first.headers()["location"], second.headers()["location"]);
+    let queue = format!("{}.orders.commands", tenant.name);
+    assert_eq!(queue_depth(&queue).await, 2, "both deliveries are queued");
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    let (_, op) = edge.get_json(&tenant, &location).await;
+    assert_eq!(op["status"], "accepted", "known to the edge before any processor ran");
+    edge.stop().await.unwrap();
+
+    let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
+    let op = platform.await_operation(&tenant, &location, WAIT).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    eventually(WAIT, "both deliveries consumed", || async { (queue_depth(&queue).await == 0).then_some(()) }).await;
+    let events = stored_events(&tenant.name, "o-dup").await;
+    assert_eq!(events.len(), 1, "one event for one command: {events:?}");
+    let (_, op) = platform.get_json(&tenant, &location).await;
+    assert_eq!(op["status"], "succeeded", "the duplicate did not change the outcome");
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
+    let tenant = TestTenant::new();
+    let edge = Platform::start(test_settings(&[&tenant]), Role::Ingest).await;
+    let event = submit_order(&tenant, "crash-1", "o-crash", "c9");
+    let response = edge.post_event(&tenant, &event).await;
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let operation_id = location.trim_start_matches("/operations/").to_owned();
+    edge.stop().await.unwrap();
+
+    // A processor appended the event and crashed before producing it: the
+    // store holds the event under this command's key, Kafka has nothing.
+    let session = cql().await;
+    let command_key = format!("{}\u{1f}{}", event["source"].as_str().unwrap(), "crash-1");
+    let payload = json!({"event_id": "pre-0", "order_id": "o-crash", "version": 1, "occurred_at": 1_700_000_000_000_i64,
+                         "customer_id": "c9", "currency": "EUR", "lines": [{"sku": "tea", "quantity": 1, "unit_price_cents": 5}], "total_cents": 5});
+    session
+        .query_unpaged(
+            "INSERT INTO sluice.events (tenant, context, stream_id, version, event_id, event_type, payload, command_key, operation_id, recorded_at) \
+             VALUES (?, 'orders', 'o-crash', 1, 'pre-0', 'com.example.orders.OrderSubmitted', ?, ?, ?, 1700000000000)",
+            (&tenant.name, payload.to_string(), &command_key, &operation_id),
+        )
+        .await
+        .unwrap();
+
+    let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
+    let op = platform.await_operation(&tenant, &location, WAIT).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    assert_eq!(stored_events(&tenant.name, "o-crash").await.len(), 1, "decided once, not again");
+    let position = &op["events"][0];
+    let record = read_record(position["topic"].as_str().unwrap(), position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap()).await;
+    use rdkafka::message::{Headers, Message};
+    let ce_id = record.headers().unwrap().iter().find(|h| h.key == "ce_id").and_then(|h| h.value).unwrap().to_vec();
+    assert_eq!(ce_id, b"pre-0", "the stored event itself was produced");
+    // And the read model shows it.
+    let (status, order) = eventually(WAIT, "order read model", || async {
+        let (s, b) = platform.get_json(&tenant, "/orders/o-crash").await;
+        (s == 200).then_some((s, b))
+    })
+    .await;
+    assert_eq!((status, order["total_cents"].as_i64()), (200, Some(5)));
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_and_malformed_commands_land_in_the_dlq_with_their_reason() {
+    let tenant = TestTenant::new();
+    let platform = Platform::start(test_settings(&[&tenant]), Role::Processor).await;
+    let queue = format!("{}.orders.commands", tenant.name);
+    let dlq = format!("{queue}.dlq");
+    eventually(WAIT, "the processor consuming", || async { (queue_consumers(&queue).await >= 1).then_some(()) }).await;
+
+    // Not JSON at all.
+    publish_raw(&queue, b"\x00\x01 not json", Some("op-garbage"), FieldTable::default()).await;
+    // A CloudEvent whose data does not fit its type (bypassing the edge).
+    let bad = json!({"specversion": "1.0", "id": "m1", "source": tenant.source, "type": "com.example.orders.SubmitOrder",
+                     "data": {"order_id": 42}});
+    publish_raw(&queue, bad.to_string().as_bytes(), Some("op-malformed"), FieldTable::default()).await;
+    // No operation id.
+    publish_raw(&queue, submit_order(&tenant, "x", "o-x", "c").to_string().as_bytes(), None, FieldTable::default()).await;
+
+    eventually(WAIT, "three dead letters", || async { (queue_depth(&dlq).await == 3).then_some(()) }).await;
+    let dead = drain_queue(&dlq).await;
+    let mut classes: Vec<(String, String)> = dead
+        .iter()
+        .map(|(p, _)| (amqp_header(p, "x-sluice-error-class").unwrap(), amqp_header(p, "x-sluice-reason").unwrap()))
+        .collect();
+    classes.sort();
+    assert_eq!(classes[0].0, "malformed_command");
+    assert!(classes[0].1.contains("order_id"), "{classes:?}");
+    assert_eq!(classes[1].0, "malformed_message");
+    assert!(classes[1].1.contains("not JSON"), "{classes:?}");
+    assert_eq!(classes[2].0, "malformed_message");
+    assert!(classes[2].1.contains("message_id"), "{classes:?}");
+    for (properties, _) in &dead {
+        assert_eq!(amqp_header(properties, "x-sluice-original-queue").as_deref(), Some(queue.as_str()));
+    }
+    assert_eq!(queue_depth(&queue).await, 0);
+    platform.stop().await.unwrap();
+}
