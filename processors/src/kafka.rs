@@ -89,11 +89,13 @@ impl EventPublisher for KafkaPublisher {
             headers = headers.insert(Header { key: "traceparent", value: Some(traceparent) });
         }
         let record = FutureRecord::to(event.topic).key(event.key).payload(&payload).headers(headers);
+        let started = std::time::Instant::now();
         let delivery = self
             .producer
             .send(record, self.delivery_timeout)
             .await
             .map_err(|(e, _)| PublishError::Transient(e.to_string()))?;
+        metrics::histogram!("sluice_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
         Ok(EventPosition {
             event_type: event.event_type.to_owned(),
             topic: event.topic.to_owned(),

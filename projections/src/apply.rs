@@ -94,11 +94,19 @@ impl Applier {
     /// Returns `None` only when stopped before the record was settled.
     pub async fn apply_settled(&self, message: &BorrowedMessage<'_>, stop: &tokio_util::sync::CancellationToken) -> Option<Applied> {
         let mut delay = Duration::from_millis(100);
+        let started = std::time::Instant::now();
         loop {
             match self.apply(message).await {
-                Ok(applied) => return Some(applied),
+                Ok(applied) => {
+                    metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone()).record(started.elapsed().as_secs_f64());
+                    metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "applied").increment(1);
+                    return Some(applied);
+                }
                 Err(ApplyError::Poison { class, reason }) => match self.dead_letter(message, class, &reason).await {
-                    Ok(()) => return Some(Applied::DeadLettered { reason }),
+                    Ok(()) => {
+                        metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "dead_lettered").increment(1);
+                        return Some(Applied::DeadLettered { reason });
+                    }
                     Err(e) => warn!(error = %e, "cannot dead-letter a poison record yet"),
                 },
                 Err(ApplyError::Transient(reason)) => {

@@ -71,6 +71,7 @@ impl Projector {
         // against a dropped table lets go).
         let stop = shutdown.child_token();
         let watcher = tokio::spawn(watch_version(self.store.clone(), self.config.name.clone(), version, self.config.version_poll_ms, stop.clone()));
+        let lag_gauge = tokio::spawn(report_lag(self.brokers.clone(), group_id(&self.config, version), self.topics.clone(), self.config.name.clone(), stop.clone()));
         let mut flush = tokio::time::interval(Duration::from_millis(self.config.offset_flush_ms));
         let result = loop {
             tokio::select! {
@@ -94,6 +95,7 @@ impl Projector {
             }
         };
         watcher.abort();
+        lag_gauge.abort();
         let _ = offsets.flush().await;
         // Commit what was stored, then close the consumer off the executor:
         // dropping an rdkafka consumer can block.
@@ -119,6 +121,23 @@ async fn watch_version(store: Arc<ReadModels>, name: String, version: i32, poll_
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not read the active version"),
+        }
+    }
+}
+
+/// Publishes the group's lag per partition as `sluice_projection_lag_records`.
+async fn report_lag(brokers: String, group: String, topics: Vec<String>, projection: String, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(partitions) = crate::lag::group_lag(&brokers, &group, &topics).await {
+            for p in partitions {
+                metrics::gauge!("sluice_projection_lag_records", "projection" => projection.clone(), "topic" => p.topic, "partition" => p.partition.to_string())
+                    .set(p.lag as f64);
+            }
         }
     }
 }

@@ -7,6 +7,8 @@
 //! start it (`make up`), never a skipped test.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

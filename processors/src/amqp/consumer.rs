@@ -146,6 +146,14 @@ where
             }
             other => other,
         };
+        let label = match &outcome {
+            Outcome::Succeeded => "succeeded",
+            Outcome::AlreadyDone => "duplicate",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::Retry(_) => "retried",
+            Outcome::DeadLetter { .. } => "dead_lettered",
+        };
+        metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label).increment(1);
         match outcome {
             Outcome::Succeeded | Outcome::AlreadyDone => {}
             Outcome::Rejected(reason) => info!(%reason, "rejected"),
@@ -159,6 +167,7 @@ where
             }
             Outcome::DeadLetter { class, reason } => {
                 warn!(class, %reason, "dead-lettering");
+                metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class).increment(1);
                 if let Some(cmd) = cmd {
                     if let Err(e) = self.pipeline.record_dead_letter(cmd, &reason).await {
                         // Without the record the operation would say
