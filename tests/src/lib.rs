@@ -280,6 +280,11 @@ pub struct SluiceProcess {
 impl SluiceProcess {
     /// Starts `sluice serve --role <role>` with `settings` written to a file.
     pub fn spawn(settings: &Settings, role: &str) -> Self {
+        Self::spawn_with_log_level(settings, role, "info")
+    }
+
+    /// Like [`SluiceProcess::spawn`], logging at `level` (`SLUICE_LOG`).
+    pub fn spawn_with_log_level(settings: &Settings, role: &str, level: &str) -> Self {
         let config = tempfile_path::TempPath::new("toml");
         std::fs::write(&config.0, toml::to_string(settings).expect("settings serialize")).expect("write config");
         let log = std::env::temp_dir().join(format!("sluice-test-{}.log", uuid::Uuid::new_v4().simple()));
@@ -288,7 +293,7 @@ impl SluiceProcess {
             .arg("--config")
             .arg(&config.0)
             .args(["serve", "--role", role])
-            .env("SLUICE_LOG", "info")
+            .env("SLUICE_LOG", level)
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()
