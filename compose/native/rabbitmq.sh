@@ -53,12 +53,36 @@ CONF
 
 answering() { curl -sf -u guest:guest "$MGMT/overview" >/dev/null; }
 
+# The AMQP listener answers a protocol header with connection.start (a method
+# frame, first byte 1). The management API can answer while AMQP does not
+# (e.g. out of file descriptors), so both are checked.
+amqp_answers() {
+  local first
+  first=$(exec 3<>"/dev/tcp/127.0.0.1/$SLUICE_RABBITMQ_PORT" && printf 'AMQP\x00\x00\x09\x01' >&3 && timeout 3 head -c 1 <&3 | od -An -tu1 | tr -d ' ')
+  [[ $first == 1 ]]
+}
+
+# The node's own pid (written by rabbitmq-server), if it is alive.
+node_pid() {
+  local pid
+  pid="$(cat "$RABBITMQ_PID_FILE" 2>/dev/null)" || return 1
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
 start() {
   install
-  if answering; then log "already running"; return 0; fi
+  # A node that is alive but slow to answer (booting, or busy) must not get
+  # a twin: a second node with the same name never boots and wedges the first.
+  if node_pid >/dev/null; then log "already running (pid $(node_pid))"; return 0; fi
   write_config
   log "starting node $RABBITMQ_NODENAME on 127.0.0.1:$SLUICE_RABBITMQ_PORT"
-  rabbitmq-server -detached >/dev/null 2>&1
+  # Every quorum queue keeps files open; with the default 1024 descriptors a
+  # few hundred queues leave none for client sockets, and new AMQP
+  # connections hang while the management API still answers.
+  # Debian's wrapper switches to the rabbitmq user through su, whose PAM
+  # session resets the limit to 1024; raise it inside that session instead.
+  (cd /var/lib/rabbitmq && su rabbitmq -s /bin/sh -c \
+    'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached' >/dev/null 2>&1)
 }
 
 wait_ready() {
@@ -69,14 +93,24 @@ wait_ready() {
     die "RabbitMQ did not come up"
   fi
   ctl await_startup >/dev/null
+  wait_until 60 "RabbitMQ AMQP listener" amqp_answers || die "RabbitMQ's AMQP port does not answer (see $RABBITMQ_LOG_BASE)"
   log "ready (amqp://127.0.0.1:$SLUICE_RABBITMQ_PORT, management :$SLUICE_RABBITMQ_MGMT_PORT)"
 }
 
 stop() {
-  if ctl status >/dev/null 2>&1; then
-    log "stopping"
-    ctl stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || ctl shutdown >/dev/null 2>&1 || true
+  local pid
+  pid="$(node_pid)" || return 0
+  log "stopping"
+  # `rabbitmqctl stop <pidfile>` returns once the node's process has exited.
+  timeout 60 rabbitmqctl -q -n "$RABBITMQ_NODENAME" stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || true
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "node did not stop; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
   fi
+  rm -f "$RABBITMQ_PID_FILE"
 }
 
 status() {
