@@ -4,7 +4,7 @@ CONFIG ?= config/dev.toml
 CARGO ?= cargo
 SLUICE := target/debug/sluice
 
-.PHONY: help prereqs up down status build run test unit fmt lint
+.PHONY: help prereqs up down status build run test unit fmt lint bench
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,7 +28,12 @@ run: up build ## the stack plus every sluice role with the demo config, in the f
 	$(SLUICE) --config $(CONFIG) serve --role all
 
 test: up ## start the stack if needed and run every test
+	$(CARGO) build -p sluice-cli  # tests that run the sluice binary need it built
 	$(CARGO) test --workspace --no-fail-fast
+
+bench: up ## release build, then `sluice bench` (full mode, a few minutes) with $(CONFIG)
+	$(CARGO) build --release -p sluice-cli
+	target/release/sluice --config $(CONFIG) bench $(BENCH_ARGS)
 
 unit: ## the tests that need no server
 	$(CARGO) test --workspace --lib

@@ -30,6 +30,13 @@ enum Command {
     },
     /// Replay a projection from any point, or rebuild it blue/green.
     Replay(cmd::replay::Args),
+    /// Measure the pipeline against the raw ceilings of its servers; writes a report.
+    Bench(cmd::bench::Args),
+    /// Dead letters: list, show, shovel back, purge or delete (audited).
+    Dlq(cmd::dlq::Args),
+    /// Health of every tenant's queues, topics, projection and schemas;
+    /// exits 1 when unhealthy.
+    Status(cmd::status::Args),
 }
 
 #[tokio::main]
@@ -47,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
             serve(settings, role, shutdown, None).await
         }
         Command::Replay(args) => cmd::replay::run(settings, args).await,
+        Command::Bench(args) => cmd::bench::run(settings, args).await,
+        Command::Dlq(args) => cmd::dlq::run(settings, args).await,
+        Command::Status(args) => cmd::status::run(settings, args).await,
     }
 }
 

@@ -74,9 +74,16 @@ pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow
     Ok(())
 }
 
-/// The events topics of every tenant's contexts.
+/// The events topics the orders projection reads (its live group, replays
+/// and rebuilds, lag): the `orders` topic of every tenant. Other contexts'
+/// topics have projections of their own ([`context_topics`]).
 pub fn events_topics(tenants: &[String]) -> Vec<String> {
-    tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect()
+    context_topics(tenants, sluice_schemas::orders::CONTEXT)
+}
+
+/// The events topics of one context of every tenant.
+pub fn context_topics(tenants: &[String], context: &str) -> Vec<String> {
+    tenants.iter().map(|t| names::events_topic(t, context)).collect()
 }
 
 /// Creates the events topics and the projection's dead-letter topics.
@@ -122,8 +129,19 @@ pub async fn serve(
         });
     }
 
+    // Every role records metrics; the edge serves them, other processes on
+    // `metrics.addr` when set.
+    let _ = sluice_ingest::metrics::handle();
     if !role.includes(Role::Ingest) {
-        // Nothing listens: tell the caller the roles are started.
+        if let Some(addr) = &settings.metrics.addr {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+            let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { sluice_ingest::metrics::render() }));
+            let shutdown = shutdown.clone();
+            roles.spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("metrics listener")
+            });
+        }
+        // Nothing else listens: tell the caller the roles are started.
         drop(ready.take());
     }
 
@@ -137,8 +155,22 @@ pub async fn serve(
             topics,
             store: Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?),
         };
-        let shutdown = shutdown.clone();
-        roles.spawn(async move { projector.run(shutdown).await.context("projector role") });
+        let stop = shutdown.clone();
+        roles.spawn(async move { projector.run(stop).await.context("projector role") });
+
+        let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
+        sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &patient_topics, settings.processor.topic_partitions)
+            .await
+            .context("creating topics")?;
+        let patients = sluice_projections::patients::PatientsProjector {
+            brokers: settings.kafka.brokers.clone(),
+            registry_url: settings.registry.url.clone(),
+            group: format!("{}.{}.patients", settings.projector.group_prefix, settings.projector.name),
+            topics: patient_topics,
+            session: session.clone(),
+        };
+        let stop = shutdown.clone();
+        roles.spawn(async move { patients.run(stop).await.context("patients projection") });
     }
 
     if role.includes(Role::Ingest) {

@@ -29,6 +29,16 @@ pub struct Settings {
     pub cql: CqlSettings,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Where processes without the edge serve `GET /metrics` (the edge
+    /// serves it on its own address). Unset: not served.
+    pub addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -13,6 +13,8 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod metrics;
+pub mod reads;
 pub mod binding;
 pub mod openapi;
 pub mod operation_id;
@@ -29,7 +31,9 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use sluice_projections::store::{OperationRow, OrderView, ReadModelError, ReadModels};
+use std::collections::HashMap;
+
+use sluice_projections::store::{CustomerOrderView, DaySales, OperationRow, OrderView, Page, QueryError, ReadModelError, ReadModels};
 use sluice_schemas::catalog::CommandSchemas;
 
 use crate::auth::{Keys, TenantConfig};
@@ -90,6 +94,25 @@ pub trait Reads: Send + Sync {
         tenant: &'a str,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>>;
+    fn customer_orders<'a>(
+        &'a self,
+        tenant: &'a str,
+        customer_id: &'a str,
+        limit: i32,
+        cursor: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Page<CustomerOrderView>, QueryError>>;
+    fn daily_sales<'a>(&'a self, tenant: &'a str, from_ms: i64, to_ms: i64) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>>;
+    /// Next offset the serving read models will apply, per (topic, partition).
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>>;
+    /// A patient's onboarding (patients projection). Defaults to "none", so
+    /// test doubles that do not serve patients need not implement it.
+    fn patient_onboarding<'a>(
+        &'a self,
+        _tenant: &'a str,
+        _patient_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<sluice_projections::patients::OnboardingView>, ReadModelError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 impl Reads for ReadModels {
@@ -106,6 +129,28 @@ impl Reads for ReadModels {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>> {
         Box::pin(ReadModels::operation(self, tenant, id))
+    }
+    fn customer_orders<'a>(
+        &'a self,
+        tenant: &'a str,
+        customer_id: &'a str,
+        limit: i32,
+        cursor: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Page<CustomerOrderView>, QueryError>> {
+        Box::pin(ReadModels::customer_orders(self, tenant, customer_id, limit, cursor))
+    }
+    fn daily_sales<'a>(&'a self, tenant: &'a str, from_ms: i64, to_ms: i64) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>> {
+        Box::pin(ReadModels::daily_sales(self, tenant, from_ms, to_ms))
+    }
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>> {
+        Box::pin(ReadModels::applied_offsets(self))
+    }
+    fn patient_onboarding<'a>(
+        &'a self,
+        tenant: &'a str,
+        patient_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<sluice_projections::patients::OnboardingView>, ReadModelError>> {
+        Box::pin(ReadModels::patient_onboarding(self, tenant, patient_id))
     }
 }
 

@@ -24,6 +24,10 @@ use crate::routes::{Accepted, AcceptedBatch, AcceptedOperation};
         crate::routes::accept,
         crate::routes::operation,
         crate::routes::order,
+        crate::reads::customer_orders,
+        crate::reads::daily_sales,
+        crate::routes::patient_onboarding,
+        crate::routes::metrics,
         crate::routes::list_command_schemas,
         crate::routes::command_schema,
         crate::routes::healthz,
@@ -32,7 +36,8 @@ use crate::routes::{Accepted, AcceptedBatch, AcceptedOperation};
     ),
     components(schemas(
         Problem, FieldError, Accepted, AcceptedOperation, AcceptedBatch, CloudEventDoc, OperationDoc, ProducedEventDoc,
-        OrderDoc, CommandSchemaList, CommandSchemaEntry, HealthDoc
+        OrderDoc, CommandSchemaList, CommandSchemaEntry, HealthDoc, CustomerOrdersDoc, CustomerOrderDoc, DailySalesDoc, DaySalesDoc,
+        OnboardingDoc, OnboardingStepDoc
     )),
     modifiers(&BearerAuth, &PutEventsIsPostEvents),
     tags(
@@ -186,4 +191,66 @@ pub struct CommandSchemaEntry {
 pub struct HealthDoc {
     /// `ok` or `ready`.
     pub status: String,
+}
+
+/// One page of a customer's orders.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CustomerOrdersDoc {
+    pub items: Vec<CustomerOrderDoc>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CustomerOrderDoc {
+    pub order_id: String,
+    pub status: Option<String>,
+    pub currency: Option<String>,
+    pub total_cents: Option<i64>,
+    pub submitted_at: Option<String>,
+    pub version: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct DailySalesDoc {
+    pub days: Vec<DaySalesDoc>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct DaySalesDoc {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    pub orders: i64,
+    pub total_cents: i64,
+}
+
+/// A patient's onboarding.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OnboardingDoc {
+    pub patient_id: String,
+    /// `enrolled`, `awaiting_assessment`, `escalated` or `completed`.
+    pub status: String,
+    pub reminders_sent: i64,
+    pub escalated: bool,
+    /// Stream version of the newest step.
+    pub version: i64,
+    /// Oldest first.
+    pub steps: Vec<OnboardingStepDoc>,
+}
+
+/// One step of an onboarding.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OnboardingStepDoc {
+    pub version: i64,
+    /// `enrolled`, `assessment_scheduled`, `reminder_sent`, `escalated` or `assessment_completed`.
+    pub step: String,
+    pub detail: String,
+    /// RFC 3339.
+    pub at: String,
 }

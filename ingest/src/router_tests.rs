@@ -79,6 +79,21 @@ impl Reads for NoReads {
     ) -> BoxFuture<'a, Result<Option<OperationRow>, ReadModelError>> {
         Box::pin(async { Ok(None) })
     }
+    fn customer_orders<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: i32,
+        _: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<sluice_projections::store::Page<sluice_projections::store::CustomerOrderView>, sluice_projections::store::QueryError>> {
+        Box::pin(async { Ok(sluice_projections::store::Page { items: vec![], next_cursor: None }) })
+    }
+    fn daily_sales<'a>(&'a self, _: &'a str, _: i64, _: i64) -> BoxFuture<'a, Result<Vec<sluice_projections::store::DaySales>, ReadModelError>> {
+        Box::pin(async { Ok(vec![]) })
+    }
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<std::collections::HashMap<(String, i32), i64>, ReadModelError>> {
+        Box::pin(async { Ok(Default::default()) })
+    }
 }
 
 fn tenant(name: &str) -> TenantConfig {

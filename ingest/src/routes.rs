@@ -36,6 +36,10 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/events", post(accept).put(accept)),
         ("/operations/{id}", get(operation)),
         ("/orders/{order_id}", get(order)),
+        ("/customers/{customer_id}/orders", get(crate::reads::customer_orders)),
+        ("/sales/daily", get(crate::reads::daily_sales)),
+        ("/patients/{patient_id}/onboarding", get(patient_onboarding)),
+        ("/metrics", get(metrics)),
         ("/schemas/commands", get(list_command_schemas)),
         ("/schemas/commands/{type}", get(command_schema)),
         ("/healthz", get(healthz)),
@@ -83,7 +87,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Problem {
     )
 }
 
-fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Caller, Problem> {
+pub(crate) fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Caller, Problem> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
         Problem::unauthorized("send Authorization: Bearer <api key>").at_header("authorization")
     })?;
@@ -178,10 +182,12 @@ pub enum Accepted {
     )
 )]
 async fn accept(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    match accept_inner(&state, &headers, body).await {
+    let response = match accept_inner(&state, &headers, body).await {
         Ok(response) => response,
         Err(problem) => problem.into_response(),
-    }
+    };
+    metrics::counter!("sluice_http_event_requests_total", "status" => response.status().as_u16().to_string()).increment(1);
+    response
 }
 
 async fn accept_inner(
@@ -247,7 +253,9 @@ async fn accept_inner(
     }
 
     // Publish all, then answer: a 202 means every event was confirmed.
+    let confirm_started = std::time::Instant::now();
     let results = futures::future::join_all(commands.iter().map(|c| state.queue.publish(c))).await;
+    metrics::histogram!("sluice_publish_confirm_seconds").record(confirm_started.elapsed().as_secs_f64());
     if results.iter().any(Result::is_err) {
         return Err(not_confirmed(caller, batch, &commands, &results));
     }
@@ -495,6 +503,16 @@ async fn operation(
             if body["events"].is_null() {
                 body["events"] = json!([]);
             }
+            // Read-your-writes: has the read model applied this operation's
+            // events? Absent while nothing was produced.
+            if let Some(events) = body["events"].as_array().filter(|e| !e.is_empty()) {
+                let applied = state.reads.applied_offsets().await.unwrap_or_default();
+                let caught_up = events.iter().all(|e| {
+                    let key = (e["topic"].as_str().unwrap_or_default().to_owned(), e["partition"].as_i64().unwrap_or(-1) as i32);
+                    applied.get(&key).is_some_and(|next| *next > e["offset"].as_i64().unwrap_or(i64::MAX))
+                });
+                body["read_models"] = json!({"orders": {"caught_up": caught_up}});
+            }
             body
         }
         // Issued by us, not yet picked up by a processor.
@@ -618,4 +636,44 @@ async fn openapi_json() -> Response {
         document.as_str(),
     )
         .into_response()
+}
+
+/// Prometheus metrics of this process
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text exposition format.", body = String, content_type = "text/plain")))]
+async fn metrics() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
+}
+
+/// A patient's onboarding: its status and history of steps
+///
+/// Written by the patients projection from the `patients` events, among them
+/// the reminders and the escalation the onboarding process sends.
+#[utoipa::path(
+    get,
+    path = "/patients/{patient_id}/onboarding",
+    tag = "reads",
+    security(("bearer" = [])),
+    params(("patient_id" = String, Path)),
+    responses(
+        (status = 200, description = "The onboarding.", body = crate::openapi::OnboardingDoc),
+        (status = 401, description = "Missing or unknown API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No enrolled patient with this id for this tenant.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The read store is unavailable.", body = Problem, content_type = "application/problem+json",
+            headers(("retry-after" = u64))),
+    )
+)]
+pub(crate) async fn patient_onboarding(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(patient_id): Path<String>,
+) -> Result<Response, Problem> {
+    let caller = authenticate(&state, &headers)?;
+    let view = state.reads.patient_onboarding(&caller.tenant, &patient_id).await.map_err(|e| {
+        warn!(error = %e, "onboarding read failed");
+        Problem::unavailable("the read store is unavailable")
+    })?;
+    match view {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(Problem::not_found(format!("no onboarding for patient {patient_id}"))),
+    }
 }

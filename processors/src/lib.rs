@@ -2,6 +2,9 @@
 //!
 //! - [`domain`]: the handler API (pure `decide` / `evolve`).
 //! - [`orders`]: the demo context's rules.
+//! - [`patients`]: the patient onboarding context's rules.
+//! - [`process`]: process managers (pure `react` / `on_timer`), their
+//!   durable timers and their runtime.
 //! - [`pipeline`]: one command from delivery to the decision to ack.
 //! - [`event_store`]: streams in the CQL store, LWT appends.
 //! - [`operations`]: operation records the edge serves.
@@ -15,7 +18,9 @@ pub mod event_store;
 pub mod kafka;
 pub mod operations;
 pub mod orders;
+pub mod patients;
 pub mod pipeline;
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +62,41 @@ pub struct ProcessorConfig {
     pub reconnect_delay_ms: u64,
     /// Name of this processor in operation records (default `<hostname>-<pid>`).
     pub instance: String,
+    /// The process managers this role runs.
+    pub processes: ProcessConfig,
+}
+
+/// Settings of the process managers (today: patient onboarding).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Run the process managers in this processor role (default true).
+    pub enabled: bool,
+    /// Consumer group of the onboarding process (default `sluice.process.onboarding`).
+    pub consumer_group: String,
+    /// How often due timers are looked for, in ms (default 500).
+    pub timer_poll_ms: u64,
+    /// How long a claimed timer is left to the instance that claimed it
+    /// before another may fire it, in ms (default 30 000).
+    pub timer_lease_ms: u64,
+    /// Wait for the intake assessment before each reminder and before the
+    /// escalation, in ms (default 86 400 000: a day; seconds in the demo).
+    pub assessment_timeout_ms: u64,
+    /// Reminders before escalating to the care team (default 3).
+    pub max_reminders: u32,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consumer_group: "sluice.process.onboarding".into(),
+            timer_poll_ms: 500,
+            timer_lease_ms: 30_000,
+            assessment_timeout_ms: 86_400_000,
+            max_reminders: 3,
+        }
+    }
 }
 
 impl Default for ProcessorConfig {
@@ -70,6 +110,7 @@ impl Default for ProcessorConfig {
             topic_partitions: 3,
             reconnect_delay_ms: 1_000,
             instance: String::new(),
+            processes: ProcessConfig::default(),
         }
     }
 }
@@ -105,9 +146,17 @@ pub async fn run(config: &ProcessorConfig, infra: &Infra, tenants: &[String], sh
         .await
         .map_err(|e| ProcessorError::Setup(e.to_string()))?;
     let instance = if config.instance.is_empty() { default_instance() } else { config.instance.clone() };
-    let pipelines = Pipelines { orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?) };
+    let pipelines = Pipelines {
+        orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?),
+        patients: Arc::new(pipeline_for::<patients::Patients>(infra, &instance).await?),
+    };
     let operations =
         Arc::new(CqlOperationStore::new(infra.session.clone(), &instance).await.map_err(|e| ProcessorError::Setup(e.to_string()))?);
+    let process_managers = if config.processes.enabled {
+        Some(tokio::spawn(run_onboarding(config.processes.clone(), infra, tenants, instance.clone(), shutdown.clone()).await?))
+    } else {
+        None
+    };
 
     while !shutdown.is_cancelled() {
         match run_connected(config, infra, tenants, &pipelines, &operations, &shutdown).await {
@@ -120,11 +169,51 @@ pub async fn run(config: &ProcessorConfig, infra: &Infra, tenants: &[String], sh
             _ = tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)) => {}
         }
     }
+    if let Some(task) = process_managers {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "process manager ended with an error"),
+            Err(e) => warn!(error = %e, "process manager task failed"),
+        }
+    }
     Ok(())
 }
 
 struct Pipelines {
     orders: Arc<CqlPipeline<orders::Orders>>,
+    patients: Arc<CqlPipeline<patients::Patients>>,
+}
+
+/// The onboarding process manager's runtime, ready to run until `shutdown`.
+async fn run_onboarding(
+    config: ProcessConfig,
+    infra: &Infra,
+    tenants: &[String],
+    instance: String,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = Result<(), process::runtime::StepError>>, ProcessorError> {
+    let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
+    let pm = process::onboarding::Onboarding {
+        timeout_ms: i64::try_from(config.assessment_timeout_ms).unwrap_or(i64::MAX / 4),
+        max_reminders: config.max_reminders,
+    };
+    let runtime = Arc::new(process::runtime::ProcessRuntime {
+        pm,
+        store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url),
+    });
+    let settings = process::runtime::RunSettings {
+        brokers: infra.kafka_brokers.clone(),
+        registry_url: infra.registry_url.clone(),
+        group: config.consumer_group.clone(),
+        topics: tenants.iter().map(|t| names::events_topic(t, sluice_schemas::patients::CONTEXT)).collect(),
+        tenants: tenants.to_vec(),
+        timer_poll: Duration::from_millis(config.timer_poll_ms.max(10)),
+        timer_lease: Duration::from_millis(config.timer_lease_ms),
+        instance,
+    };
+    Ok(process::runtime::run(runtime, settings, shutdown))
 }
 
 /// One connection's life: declare, consume, re-drive, until it ends.
@@ -159,6 +248,11 @@ async fn run_connected(
                 orders::Orders::CONTEXT => {
                     let (connection, tenant, settings, stop, pipeline) =
                         (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.orders.clone());
+                    tasks.spawn(async move { amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from) });
+                }
+                patients::Patients::CONTEXT => {
+                    let (connection, tenant, settings, stop, pipeline) =
+                        (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.patients.clone());
                     tasks.spawn(async move { amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from) });
                 }
                 other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),

@@ -42,11 +42,19 @@ pub enum ApplyError {
     Poison { class: &'static str, reason: String },
 }
 
+/// The bounded context a topic belongs to (`<tenant>.<context>.events`).
+pub fn context_of(topic: &str) -> Option<&str> {
+    topic.split('.').nth(1)
+}
+
 /// What became of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     Written { event_type: String },
     DeadLettered { reason: String },
+    /// The record belongs to another context's topic: not for this
+    /// projection, and not poison either.
+    Skipped,
 }
 
 pub struct Applier {
@@ -124,6 +132,9 @@ impl Applier {
     async fn apply(&self, message: &BorrowedMessage<'_>) -> Result<Applied, ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let topic = message.topic();
+        if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
+            return Ok(Applied::Skipped);
+        }
         let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
         if self.parked.lock().await.contains(&(topic.to_owned(), key.clone())) {
             return Err(poison("parked", format!("key {key} waits behind an earlier poison event")));

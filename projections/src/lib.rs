@@ -2,6 +2,8 @@
 //! queries the edge serves from them.
 //!
 //! - [`orders`]: pure functions from an order event to read-model writes.
+//! - [`patients`]: the patients projection (onboarding steps), its runner
+//!   and its query.
 //! - [`store`]: the CQL read models (versions, tables, queries).
 //! - [`apply`]: one record into one version: decode, write, dead-letter poison.
 //! - [`runner`]: the live consumer group (commit only after the writes).
@@ -12,6 +14,7 @@
 pub mod apply;
 pub mod lag;
 pub mod orders;
+pub mod patients;
 pub mod replay;
 pub mod runner;
 pub mod store;

@@ -215,6 +215,7 @@ async fn run(
         match applied {
             Applied::Written { .. } => p.applied += 1,
             Applied::DeadLettered { .. } => p.dead_lettered += 1,
+            Applied::Skipped => {}
         }
         offsets.applied(message.topic(), message.partition(), message.offset()).await;
         positions.insert(key, message.offset() + 1);

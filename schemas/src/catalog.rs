@@ -29,7 +29,7 @@ pub struct ContextSpec {
 }
 
 /// Every bounded context sluice knows.
-pub const CONTEXTS: &[ContextSpec] = &[crate::orders::SPEC];
+pub const CONTEXTS: &[ContextSpec] = &[crate::orders::SPEC, crate::patients::SPEC];
 
 pub fn context(name: &str) -> Option<&'static ContextSpec> {
     CONTEXTS.iter().find(|c| c.name == name)

@@ -4,6 +4,7 @@
 //! - [`catalog`]: bounded contexts, their command JSON Schemas (validators
 //!   compiled once) and event Avro schemas.
 //! - [`orders`]: the demo context's command and event types.
+//! - [`patients`]: the patient onboarding context (driven by a process manager).
 //! - [`codec`]: events as Avro in Confluent wire format via the registry.
 //! - [`names`]: exchange, queue, topic and subject names.
 //! - [`cql`]: the CQL tables, created at startup by every role.
@@ -15,3 +16,4 @@ pub mod codec;
 pub mod cql;
 pub mod names;
 pub mod orders;
+pub mod patients;

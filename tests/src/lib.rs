@@ -78,6 +78,8 @@ pub fn test_settings(tenants: &[&TestTenant]) -> Settings {
     // Short delay tiers and a quick re-drive, so failure tests finish fast.
     settings.processor.retry_delays_ms = vec![200, 500, 1_000];
     settings.processor.redrive_interval_ms = 2_000;
+    // A process-manager consumer group of its own, like the projection's.
+    settings.processor.processes.consumer_group = format!("sluice.process.test.{}", uuid::Uuid::new_v4().simple());
     settings
 }
 
@@ -545,4 +547,159 @@ pub async fn cql_sluice() -> Arc<scylla::client::session::Session> {
     let session = cql().await;
     session.use_keyspace("sluice", false).await.expect("keyspace sluice");
     session
+}
+
+// ---------------------------------------------------------------------------
+// Dead-letter tooling and `sluice status` (tests/tests/dlq_*.rs, status.rs):
+// dead letters written straight into a tenant's DLQ the way the processors
+// write them, and the ops functions of `sluice_cli::ops`.
+
+/// One dead letter to seed, with the headers the consumer would have written.
+#[derive(Debug, Clone)]
+pub struct SeedLetter {
+    pub message_id: String,
+    /// The CloudEvent type; `None` writes a body that is not JSON at all.
+    pub command_type: Option<String>,
+    /// `x-sluice-error-class`; `None` seeds a message RabbitMQ dead-lettered
+    /// itself (delivery limit), with `x-death` and no sluice verdict.
+    pub class: Option<String>,
+    pub reason: String,
+    pub attempts: i64,
+    pub dead_lettered_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl SeedLetter {
+    pub fn new(message_id: &str, command_type: Option<&str>, class: Option<&str>, reason: &str) -> Self {
+        Self {
+            message_id: message_id.to_owned(),
+            command_type: command_type.map(str::to_owned),
+            class: class.map(str::to_owned),
+            reason: reason.to_owned(),
+            attempts: if class == Some("retries_exhausted") { 6 } else { 1 },
+            dead_lettered_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The body and headers of this dead letter in `tenant`'s DLQ.
+    pub fn message(&self, tenant: &TestTenant) -> (Vec<u8>, lapin::types::FieldTable) {
+        use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+        let queue = orders_queue(tenant);
+        let body = match &self.command_type {
+            Some(ty) => json!({"specversion": "1.0", "id": format!("cmd-{}", self.message_id), "source": tenant.source, "type": ty,
+                               "datacontenttype": "application/json", "data": {"order_id": format!("o-{}", self.message_id)}})
+            .to_string()
+            .into_bytes(),
+            None => format!("\u{0}garbage {}", self.message_id).into_bytes(),
+        };
+        let mut headers = FieldTable::default();
+        let at = self.dead_lettered_at.to_rfc3339();
+        headers.insert("traceparent".into(), s("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        match &self.class {
+            Some(class) => {
+                headers.insert("x-sluice-attempt".into(), AMQPValue::LongLongInt(self.attempts));
+                headers.insert("x-sluice-reason".into(), s(&self.reason));
+                headers.insert("x-sluice-error-class".into(), s(class));
+                headers.insert("x-sluice-original-queue".into(), s(&queue));
+                headers.insert("x-sluice-dead-lettered-at".into(), s(&at));
+                if class == "retries_exhausted" {
+                    let mut history = FieldArray::default();
+                    for attempt in 1..=self.attempts {
+                        history.push(s(&format!("{at} attempt {attempt}: {}", self.reason)));
+                    }
+                    headers.insert("x-sluice-attempt-history".into(), AMQPValue::FieldArray(history));
+                }
+            }
+            None => {
+                let mut death = FieldTable::default();
+                death.insert("queue".into(), s(&queue));
+                death.insert("reason".into(), s("delivery_limit"));
+                death.insert("count".into(), AMQPValue::LongLongInt(1));
+                death.insert("exchange".into(), s("sluice.commands"));
+                death.insert("time".into(), AMQPValue::Timestamp(self.dead_lettered_at.timestamp() as u64));
+                let mut deaths = FieldArray::default();
+                deaths.push(AMQPValue::FieldTable(death));
+                headers.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+                headers.insert("x-first-death-reason".into(), s("delivery_limit"));
+                headers.insert("x-first-death-queue".into(), s(&queue));
+            }
+        }
+        (body, headers)
+    }
+}
+
+/// Publishes dead letters into `tenant`'s orders DLQ, in order, each
+/// confirmed by the broker (publishes pipelined, confirms awaited per batch).
+pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
+    let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
+    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.expect("confirm mode");
+    for chunk in letters.chunks(200) {
+        let mut confirms = Vec::new();
+        for letter in chunk {
+            let (body, headers) = letter.message(tenant);
+            let properties = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(letter.message_id.as_str().into())
+                .with_content_type("application/cloudevents+json".into())
+                .with_headers(headers);
+            let options = lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() };
+            confirms.push(channel.basic_publish("".into(), dlq.as_str().into(), options, &body, properties).await.expect("publish"));
+        }
+        for confirm in confirms {
+            let confirm = confirm.await.expect("confirm");
+            assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "broker did not take a dead letter: {confirm:?}");
+        }
+    }
+    let _ = connection.close(200, "seeded".into()).await;
+}
+
+/// Declares `tenant`'s queues (work queue, retry queues, DLQ) as the edge does.
+pub async fn declare_tenant_queues(settings: &Settings, tenant: &TestTenant) {
+    sluice_cli::serve::declare_topology(settings, std::slice::from_ref(&tenant.name)).await.expect("declare the tenant's queues");
+}
+
+/// Deletes `tenant`'s queues once a test is done with them.
+pub async fn delete_tenant_queues(settings: &Settings, tenant: &TestTenant) {
+    let queue = orders_queue(tenant);
+    delete_queue(&format!("{queue}.dlq")).await;
+    for delay in &settings.processor.retry_delays_ms {
+        delete_queue(&format!("{queue}.retry.{delay}")).await;
+    }
+    delete_queue(&queue).await;
+}
+
+/// The DLQ verbs on the local broker.
+pub async fn dlq_ops() -> sluice_cli::ops::dlq::Dlq {
+    require_stack().await;
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let management = sluice_cli::ops::management::Management::new(url, None).expect("management API address");
+    sluice_cli::ops::dlq::Dlq::connect(url, management).await.expect("RabbitMQ at 127.0.0.1:5672 (make up)")
+}
+
+/// The DLQs of one test tenant.
+pub fn tenant_scope(tenant: &TestTenant) -> sluice_cli::ops::dlq::Scope {
+    sluice_cli::ops::dlq::Scope::new(&[], Some(&tenant.name), Some("orders")).expect("scope")
+}
+
+/// Message ids of the messages a queue hands out, taking them all (acked):
+/// for the final count of a test.
+pub async fn drain_ids(queue: &str) -> Vec<String> {
+    drain_queue(queue).await.into_iter().map(|(p, _)| p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default()).collect()
+}
+
+/// Runs the `sluice` binary with `settings` as its config file.
+pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
+    let config = tempfile_path::TempPath::new("toml");
+    std::fs::write(&config.0, toml::to_string(settings).expect("settings serialize")).expect("write config");
+    std::process::Command::new(sluice_bin())
+        .arg("--config")
+        .arg(&config.0)
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run sluice")
 }

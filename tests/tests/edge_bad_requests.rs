@@ -1139,11 +1139,12 @@ async fn bodies_over_the_limit_are_refused_before_parsing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_key_gets_429s_and_other_tenants_do_not_notice() {
     let ctx = Ctx::start(|settings| {
-        settings.ingest.rate_limit_per_second = 0.5;
+        settings.ingest.rate_limit_per_second = 0.25;
         settings.ingest.rate_limit_burst = 3;
     })
     .await;
-    // The tenant floods: 3 of the burst pass, the rest are refused.
+    // The tenant floods: the 3 of the burst pass, the rest are refused (at
+    // one token per 4 s, the flood is over long before another comes).
     let floods = futures::future::join_all((0..20).map(|_| async {
         Answer::read(ctx.structured_event(ctx.event()).send().await.unwrap()).await
     }))
@@ -1154,8 +1155,8 @@ async fn a_flooding_key_gets_429s_and_other_tenants_do_not_notice() {
         answer.assert_problem(429, "rate-limited", "flood");
         let seconds: u64 = answer.header("retry-after").unwrap().parse().unwrap();
         assert!(
-            (1..=2).contains(&seconds),
-            "one token comes back in 2 s: Retry-After {seconds}"
+            (1..=4).contains(&seconds),
+            "a token comes back every 4 s: Retry-After {seconds}"
         );
     }
     assert_eq!(

@@ -21,6 +21,10 @@ pub const REDRIVES: &str = "x-sluice-redrives";
 /// Error classes whose cause may have gone away: eligible for re-drive.
 pub const TRANSIENT_CLASSES: &[&str] = &["retries_exhausted"];
 
+/// RabbitMQ's count of earlier deliveries of a message from a quorum queue
+/// (set by the broker, per queue).
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+
 pub fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
@@ -69,6 +73,21 @@ pub fn push_history(headers: &mut FieldTable, line: String) {
     headers.insert(HISTORY.into(), AMQPValue::FieldArray(history));
 }
 
+/// The headers of a dead letter going back to its work queue for a fresh try,
+/// by the periodic re-drive or by `sluice dlq shovel`: the attempt count
+/// starts again at 1 (so the retry tiers apply again instead of the message
+/// being dead-lettered on its first transient failure), the DLQ's reason and
+/// class go (a new failure writes its own), and so does the broker's delivery
+/// counter of the DLQ, which says nothing about the work queue. The attempt
+/// history, the original queue and the trace context stay.
+pub fn for_fresh_attempt(headers: &FieldTable) -> FieldTable {
+    let mut inner = headers.inner().clone();
+    inner.retain(|name, _| ![REASON, ERROR_CLASS, DELIVERY_COUNT].contains(&name.as_str()));
+    let mut fresh = FieldTable::from(inner);
+    fresh.insert(ATTEMPT.into(), AMQPValue::LongLongInt(1));
+    fresh
+}
+
 pub fn history(headers: &FieldTable) -> Vec<String> {
     match get(headers, HISTORY) {
         Some(AMQPValue::FieldArray(items)) => items
@@ -80,5 +99,32 @@ pub fn history(headers: &FieldTable) -> Vec<String> {
             })
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_attempt_starts_at_one_without_the_dead_letter_verdict() {
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(6));
+        headers.insert(REASON.into(), string("gave up after 6 attempts: store down"));
+        headers.insert(ERROR_CLASS.into(), string("retries_exhausted"));
+        headers.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
+        headers.insert(ORIGINAL_QUEUE.into(), string("acme.orders.commands"));
+        headers.insert("traceparent".into(), string("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        push_history(&mut headers, "t attempt 1: store down".into());
+
+        let fresh = for_fresh_attempt(&headers);
+        assert_eq!(attempt(&fresh), 1);
+        assert_eq!(get_int(&fresh, ATTEMPT), Some(1));
+        for gone in [REASON, ERROR_CLASS, DELIVERY_COUNT] {
+            assert!(get(&fresh, gone).is_none(), "{gone} is dropped");
+        }
+        assert_eq!(get_str(&fresh, ORIGINAL_QUEUE).as_deref(), Some("acme.orders.commands"));
+        assert!(get_str(&fresh, "traceparent").is_some());
+        assert_eq!(history(&fresh), ["t attempt 1: store down"]);
     }
 }

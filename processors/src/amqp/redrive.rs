@@ -87,11 +87,9 @@ pub async fn redrive_once<O: OperationStore>(
                 if redrives >= i64::from(max_redrives) {
                     continue;
                 }
-                h.insert(headers::REDRIVES.into(), AMQPValue::LongLongInt(redrives + 1));
-                h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(1));
-                let mut inner = h.inner().clone();
-                inner.retain(|name, _| name.as_str() != headers::REASON && name.as_str() != headers::ERROR_CLASS);
-                let properties = delivery.properties.clone().with_headers(FieldTable::from(inner));
+                let mut fresh = headers::for_fresh_attempt(&h);
+                fresh.insert(headers::REDRIVES.into(), AMQPValue::LongLongInt(redrives + 1));
+                let properties = delivery.properties.clone().with_headers(fresh);
                 publish_confirmed(&publisher, &queue, &delivery.data, properties).await?;
                 delivery.ack(BasicAckOptions::default()).await.map_err(|e| e.to_string())?;
                 report.redriven += 1;

@@ -312,6 +312,11 @@ impl ReadModels {
         Ok(days)
     }
 
+    /// A patient's onboarding (patients projection; not versioned).
+    pub async fn patient_onboarding(&self, tenant: &str, patient_id: &str) -> Result<Option<crate::patients::OnboardingView>, ReadModelError> {
+        crate::patients::read_onboarding(&self.session, tenant, patient_id).await
+    }
+
     pub async fn operation(&self, tenant: &str, operation_id: &str) -> Result<Option<OperationRow>, ReadModelError> {
         let result = self.session.execute_unpaged(&self.select_operation, (tenant, operation_id)).await.map_err(rm_err)?;
         let rows = result.into_rows_result().map_err(rm_err)?;

@@ -1,0 +1,140 @@
+//! Where the CPU went during each phase: CPU time of every process between
+//! two snapshots of `/proc`, grouped by who it is (a sluice role, this bench,
+//! one of the servers, anything else), beside the machine's total busy time
+//! from `/proc/stat`. On a 2-core machine shared by the stack, the roles and
+//! the load generator, this is the first thing that explains a figure.
+//!
+//! Processes that start and end between two snapshots (a compiler job) are
+//! not seen one by one; their time shows in `other`, the busy time no seen
+//! process accounts for.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Linux reports process times in USER_HZ ticks, fixed at 100 by its ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds by group over one phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseCpu {
+    pub phase: String,
+    pub seconds: f64,
+    /// Busy CPU seconds of the whole machine (all cores).
+    pub busy: f64,
+    /// CPU seconds per group, largest first; `other` is busy time that no
+    /// named group accounts for.
+    pub by: Vec<(String, f64)>,
+}
+
+/// The sluice roles' process ids, named.
+pub type Roles = Vec<(u32, &'static str)>;
+
+pub struct Snapshot {
+    at: Instant,
+    busy_ticks: u64,
+    processes: HashMap<u32, (String, u64)>,
+}
+
+impl Snapshot {
+    pub fn take(roles: &Roles) -> Self {
+        let mut processes = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+                if let Some(ticks) = process_ticks(pid) {
+                    processes.insert(pid, (label(pid, roles), ticks));
+                }
+            }
+        }
+        Self { at: Instant::now(), busy_ticks: busy_ticks().unwrap_or(0), processes }
+    }
+
+    /// CPU seconds by group from `self` to `later`.
+    pub fn until(&self, later: &Snapshot, phase: &str) -> PhaseCpu {
+        let mut by: HashMap<String, f64> = HashMap::new();
+        for (pid, (label, ticks)) in &later.processes {
+            let before = self.processes.get(pid).map_or(0, |(_, t)| *t);
+            let spent = ticks.saturating_sub(before) as f64 / TICKS_PER_SECOND;
+            if spent > 0.0 {
+                *by.entry(label.clone()).or_default() += spent;
+            }
+        }
+        let busy = later.busy_ticks.saturating_sub(self.busy_ticks) as f64 / TICKS_PER_SECOND;
+        let seen: f64 = by.values().sum();
+        *by.entry("other".into()).or_default() += (busy - seen).max(0.0);
+        let mut by: Vec<(String, f64)> = by.into_iter().filter(|(_, s)| *s >= 0.01).collect();
+        by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        PhaseCpu { phase: phase.to_owned(), seconds: later.at.duration_since(self.at).as_secs_f64(), busy, by }
+    }
+}
+
+/// utime + stime of a process (all its threads), in ticks.
+fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count
+    // from the last ')'. utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy ticks of all CPUs (everything but idle and iowait).
+fn busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let values: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    Some(values.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum())
+}
+
+/// Who a process is: a role, this bench, a server of the stack, or other.
+fn label(pid: u32, roles: &Roles) -> String {
+    if let Some((_, role)) = roles.iter().find(|(p, _)| *p == pid) {
+        return (*role).to_owned();
+    }
+    if pid == std::process::id() {
+        return "bench".into();
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    if comm == "beam.smp" || comm.starts_with("erl_child") || comm == "epmd" {
+        return "rabbitmq".into();
+    }
+    if comm == "java" {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        for (marker, name) in [
+            ("CassandraDaemon", "cassandra"),
+            ("kafka.Kafka", "kafka"),
+            ("quarkus-run.jar", "registry"),
+            ("apicurio", "registry"),
+        ] {
+            if cmdline.contains(marker) {
+                return name.into();
+            }
+        }
+    }
+    "other".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_cpu_time_and_the_machines() {
+        let roles = vec![];
+        let before = Snapshot::take(&roles);
+        let mut x = 0u64;
+        let until = Instant::now() + std::time::Duration::from_millis(60);
+        while Instant::now() < until {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        assert!(x != 1);
+        let phase = before.until(&Snapshot::take(&roles), "spin");
+        assert!(phase.busy > 0.0, "{phase:?}");
+        assert!(phase.by.iter().any(|(who, s)| who == "bench" && *s > 0.0), "{phase:?}");
+    }
+}

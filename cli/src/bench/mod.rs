@@ -1,0 +1,475 @@
+//! `sluice bench`: the pipeline measured against the raw ceilings of its own
+//! servers, on the same machine, in one run (issue 7).
+//!
+//! - [`workload`]: the commands sent, and the sizes of what they become.
+//! - [`roles`]: the roles as child processes of this executable; peak RSS.
+//! - [`probe`]: queue depth, produced and applied events, group state.
+//! - [`raw`]: RabbitMQ, Kafka and CQL on their own (no role running).
+//! - [`edge`]: accepted commands per second, the ingest role alone.
+//! - [`e2e`]: the sustained maximum and open-loop latency, every role running.
+//! - [`rebuild`]: replay rate of a blue/green rebuild.
+//! - [`report`]: the report, its ratios and targets, the table.
+//! - [`chart`]: the latency chart (SVG).
+//! - [`cpu`]: CPU time per process group in each phase.
+//!
+//! Every run has a tenant of its own (`bench<hex>`, with a random key) and a
+//! projection of its own (`bench_<hex>`): its queues, topics, consumer groups
+//! and tables are new, so a run never touches demo or test data, and they are
+//! removed at the end unless `keep` is set. Load goes only to the configured
+//! servers and the roles' loopback edge, and every phase is bounded in time.
+
+pub mod chart;
+pub mod cpu;
+pub mod e2e;
+pub mod edge;
+pub mod probe;
+pub mod raw;
+pub mod rebuild;
+pub mod report;
+pub mod roles;
+pub mod workload;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use lapin::options::QueueDeleteOptions;
+use lapin::{Channel, Connection};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use scylla::client::session::Session;
+use sluice_ingest::auth::{hash_key, KeyConfig, TenantConfig};
+use sluice_projections::runner::group_id;
+use sluice_projections::store::ReadModels;
+use sluice_schemas::{catalog, cql, names};
+
+use self::probe::KafkaProbe;
+use self::report::{Machine, MemoryReport, Report};
+use self::roles::{ConfigFile, RoleProcess};
+use self::workload::Workload;
+use crate::serve::connect_cql;
+use crate::settings::Settings;
+
+/// The context the bench's commands belong to (the demo's).
+const CONTEXT: &str = sluice_schemas::orders::CONTEXT;
+
+/// How long each phase runs, and the knobs shared by all of them.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// `full` or `quick`.
+    pub mode: &'static str,
+    /// Operations in flight in the raw phases and closed-loop edge clients;
+    /// default the processors' prefetch, the pipeline's own concurrency.
+    pub concurrency: usize,
+    /// Events per request in the edge's batch mode.
+    pub batch_size: usize,
+    pub raw_duration: Duration,
+    /// Per mode; single mode's backlog is also what the pipeline drains.
+    pub edge_duration: Duration,
+    /// Longest drain measurement (shorter if the backlog runs out).
+    pub drain_window: Duration,
+    /// Wait after the first readable event before the drain window opens.
+    pub drain_settle: Duration,
+    pub warmup: Duration,
+    /// Length of each open-loop run.
+    pub step_duration: Duration,
+    /// Open-loop rates, as fractions of the measured maximum.
+    pub fractions: Vec<f64>,
+    /// Between two reads of an order not yet visible.
+    pub poll_interval: Duration,
+    /// An order not readable this long after its 202 counts as timed out.
+    pub visible_timeout: Duration,
+    /// Longest wait for roles to start or the pipeline to go idle.
+    pub start_timeout: Duration,
+    /// Keep the run's queues, topics and tables for inspection.
+    pub keep: bool,
+}
+
+impl Plan {
+    /// The full run: a few minutes.
+    pub fn full(concurrency: usize) -> Self {
+        Self {
+            mode: "full",
+            concurrency,
+            batch_size: 20,
+            raw_duration: Duration::from_secs(10),
+            edge_duration: Duration::from_secs(10),
+            drain_window: Duration::from_secs(30),
+            drain_settle: Duration::from_secs(3),
+            warmup: Duration::from_secs(5),
+            step_duration: Duration::from_secs(30),
+            fractions: vec![0.25, 0.5, 0.75],
+            poll_interval: Duration::from_millis(5),
+            visible_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(90),
+            keep: false,
+        }
+    }
+
+    /// A smoke run of every phase in well under a minute; its figures are
+    /// too short-lived to quote.
+    pub fn quick(concurrency: usize) -> Self {
+        Self {
+            mode: "quick",
+            raw_duration: Duration::from_millis(1_000),
+            edge_duration: Duration::from_millis(1_500),
+            drain_window: Duration::from_secs(3),
+            drain_settle: Duration::from_millis(500),
+            warmup: Duration::from_secs(1),
+            step_duration: Duration::from_secs(2),
+            visible_timeout: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(60),
+            ..Self::full(concurrency)
+        }
+    }
+}
+
+/// What every phase shares: the roles' settings and clients of the stack.
+pub struct Bench {
+    pub plan: Plan,
+    /// The caller's settings with the bench tenant only, its own projection,
+    /// a free edge port and no rate limit: what the roles run with.
+    pub settings: Settings,
+    pub workload: Arc<Workload>,
+    /// The bench tenant's API key (random, per run).
+    pub key: String,
+    pub http: reqwest::Client,
+    pub session: Arc<Session>,
+    /// The bench projection's read models.
+    pub store: Arc<ReadModels>,
+    /// For the probes (queue depths, purges, cleanup).
+    pub channel: Channel,
+    amqp: Connection,
+    pub kafka: KafkaProbe,
+    cpu: std::sync::Mutex<CpuLog>,
+}
+
+/// CPU snapshots at phase boundaries.
+#[derive(Default)]
+struct CpuLog {
+    roles: cpu::Roles,
+    /// The phase under way and the snapshot at its start.
+    current: Option<(String, cpu::Snapshot)>,
+    phases: Vec<cpu::PhaseCpu>,
+}
+
+impl Bench {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.settings.ingest.http_addr)
+    }
+
+    pub fn work_queue(&self) -> String {
+        names::command_queue(self.workload.tenant(), CONTEXT)
+    }
+
+    pub fn events_topic(&self) -> String {
+        names::events_topic(self.workload.tenant(), CONTEXT)
+    }
+
+    /// Ends the phase under way (recording its CPU use) and starts `next`.
+    fn phase(&self, next: Option<&str>) {
+        let mut log = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let now = cpu::Snapshot::take(&log.roles);
+        if let Some((name, start)) = log.current.take() {
+            let spent = start.until(&now, &name);
+            log.phases.push(spent);
+        }
+        log.current = next.map(|n| (n.to_owned(), now));
+    }
+
+    /// Names a role's process in the CPU figures.
+    fn role_started(&self, role: &RoleProcess) {
+        self.cpu.lock().unwrap_or_else(|e| e.into_inner()).roles.push((role.pid(), role.role));
+    }
+}
+
+/// The roles' settings: `base` (the caller's file and environment: server
+/// addresses and tuning) with a bench tenant, a projection of its own, the
+/// edge on a free loopback port, and no rate limit on the bench key.
+fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, port: u16) -> Settings {
+    let mut settings = base.clone();
+    settings.tenants = vec![TenantConfig {
+        name: tenant.to_owned(),
+        sources: vec![format!("/{tenant}/")],
+        keys: vec![KeyConfig { sha256: hex::encode(hash_key(key)), commands: vec![], name: format!("{tenant}-bench") }],
+    }];
+    settings.projector.name = projection.to_owned();
+    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    settings.ingest.rate_limit_per_second = 0.0;
+    settings
+}
+
+/// Runs every phase against the stack `base` points at; `step` hears the
+/// name of each phase as it starts. The roles' logs go to `<out>/logs/`.
+pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Report> {
+    let began = Instant::now();
+    let load_average_start = load_average();
+    let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let (tenant, projection) = (format!("bench{id}"), format!("bench_{id}"));
+    let key = format!("{tenant}-key-{}", uuid::Uuid::new_v4().simple());
+    let settings = bench_settings(base, &tenant, &key, &projection, roles::free_port()?);
+
+    step("connecting to the stack");
+    let session = connect_cql(&settings).await?;
+    let store = Arc::new(ReadModels::new(session.clone(), &projection).await?);
+    let amqp = raw::amqp_connect(&settings.amqp.url).await?;
+    let channel = amqp.create_channel().await?;
+    let kafka = KafkaProbe::new(&settings.kafka.brokers)?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(usize::MAX)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let bench = Bench {
+        plan,
+        settings,
+        workload: Arc::new(Workload::new(&tenant)),
+        key,
+        http,
+        session,
+        store,
+        channel,
+        amqp,
+        kafka,
+        cpu: Default::default(),
+    };
+
+    let tracked = |name: &str| {
+        bench.phase(Some(name));
+        step(name);
+    };
+    let result = phases(&bench, out, &tracked).await;
+    bench.phase(None);
+    let load_average_end = load_average();
+    if !bench.plan.keep {
+        step("removing the run's queues, topics and tables");
+        for problem in cleanup(&bench).await {
+            eprintln!("warning: cleanup: {problem}");
+        }
+    }
+    let _ = bench.amqp.close(200, "bench done".into()).await;
+    let Bench { plan, kafka, cpu, .. } = bench;
+    kafka.close().await;
+    let cpu = cpu.into_inner().unwrap_or_else(|e| e.into_inner()).phases;
+    let (raw, edge, e2e, rebuild, mut memory) = result?;
+    memory.bench_mib = roles::peak_rss_kib(std::process::id())? as f64 / 1024.0;
+    let (ratios, latency_target) = Report::ratios(&raw, &edge, &e2e, &rebuild);
+    Ok(Report {
+        mode: plan.mode,
+        started_at,
+        seconds: began.elapsed().as_secs_f64(),
+        machine: Machine { load_average_start, load_average_end, ..machine() },
+        tenant,
+        projection,
+        raw,
+        edge,
+        e2e,
+        rebuild,
+        memory,
+        cpu,
+        ratios,
+        latency_target,
+    })
+}
+
+type Phases = (report::RawReport, report::EdgeReport, report::E2eReport, report::RebuildReport, MemoryReport);
+
+async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Phases> {
+    let raw = raw::run(bench, step).await?;
+
+    let config = ConfigFile::write(&bench.settings)?;
+    let logs = out.join("logs");
+    step("starting the ingest role");
+    let mut ingest = RoleProcess::spawn(&config, "ingest", &logs)?;
+    bench.role_started(&ingest);
+    wait_for_edge(bench, &mut ingest).await?;
+    let edge = edge::run(bench, step).await?;
+
+    step("starting the projector and processor roles");
+    let mut projector = RoleProcess::spawn(&config, "projector", &logs)?;
+    bench.role_started(&projector);
+    wait_for_group(bench, &mut projector).await?;
+    let mut processor = RoleProcess::spawn(&config, "processor", &logs)?;
+    bench.role_started(&processor);
+    let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], step).await?;
+
+    let memory = MemoryReport {
+        ingest_mib: ingest.peak_rss_kib()? as f64 / 1024.0,
+        processor_mib: processor.peak_rss_kib()? as f64 / 1024.0,
+        projector_mib: projector.peak_rss_kib()? as f64 / 1024.0,
+        bench_mib: 0.0,
+    };
+    step("stopping the roles");
+    let grace = Duration::from_secs(30);
+    let stopped = [ingest.stop(grace).await, processor.stop(grace).await, projector.stop(grace).await];
+    for outcome in stopped {
+        outcome?;
+    }
+
+    step("rebuild: replaying the topic into a new version");
+    let rebuild = rebuild::run(bench).await?;
+    Ok((raw, edge, e2e, rebuild, memory))
+}
+
+/// Waits until the edge answers `/readyz` (connected to RabbitMQ).
+async fn wait_for_edge(bench: &Bench, ingest: &mut RoleProcess) -> anyhow::Result<()> {
+    let deadline = Instant::now() + bench.plan.start_timeout;
+    loop {
+        ingest.check_alive()?;
+        if let Ok(response) = bench.http.get(bench.url("/readyz")).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the edge was not ready within {:?}; end of its log:\n{}",
+                bench.plan.start_timeout,
+                ingest.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the projector's consumer group has joined, so the drain
+/// measures processing, not a group forming.
+async fn wait_for_group(bench: &Bench, projector: &mut RoleProcess) -> anyhow::Result<()> {
+    let group = group_id(&bench.settings.projector, 1);
+    let deadline = Instant::now() + bench.plan.start_timeout;
+    loop {
+        projector.check_alive()?;
+        if bench.kafka.group_stable(&group).await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the projector's group {group} did not form within {:?}; end of its log:\n{}",
+                bench.plan.start_timeout,
+                projector.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removes what the run created, as far as it can; returns what failed.
+/// Rows keyed by the bench tenant in shared tables (event store, operations)
+/// stay: they are unreachable with the run's key gone, and deleting them
+/// would mean one statement per stream.
+async fn cleanup(bench: &Bench) -> Vec<String> {
+    let mut problems = Vec::new();
+    let tenant = bench.workload.tenant();
+    let projection = &bench.settings.projector.name;
+
+    // The roles declare the queues and topics of every context, not only
+    // the one the bench drives.
+    let contexts: Vec<&str> = catalog::CONTEXTS.iter().map(|c| c.name).collect();
+    let mut queues = Vec::new();
+    for context in &contexts {
+        queues.push(names::command_queue(tenant, context));
+        queues.push(names::dead_letter_queue(tenant, context));
+        let retries = &bench.settings.processor.retry_delays_ms;
+        queues.extend(retries.iter().map(|d| sluice_processors::amqp::topology::retry_queue(tenant, context, *d)));
+    }
+    queues.push(raw::raw_queue(tenant));
+    queues.push(names::dead_letter_queue(tenant, raw::RAW_CONTEXT));
+    for queue in &queues {
+        if let Err(e) = bench.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
+            problems.push(format!("deleting queue {queue}: {e}"));
+        }
+    }
+
+    let topic = bench.events_topic();
+    let mut topics: Vec<String> = contexts.iter().map(|c| names::events_topic(tenant, c)).collect();
+    topics.push(sluice_projections::apply::dead_letter_topic(&topic, projection));
+    topics.push(raw::raw_topic(tenant));
+    let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
+    match ClientConfig::new()
+        .set("bootstrap.servers", &bench.settings.kafka.brokers)
+        .create::<AdminClient<DefaultClientContext>>()
+    {
+        Ok(admin) => {
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            if let Err(e) = admin.delete_topics(&names, &options).await {
+                problems.push(format!("deleting topics: {e}"));
+            }
+            // Groups that never committed do not exist: not a problem.
+            let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+            let _ = admin.delete_groups(&names, &options).await;
+            let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+        }
+        Err(e) => problems.push(format!("Kafka admin client: {e}")),
+    }
+
+    let active = bench.store.versions().get(projection).await.map(|v| v.active).unwrap_or(1);
+    let mut tables: Vec<String> = (1..=active.max(2)).flat_map(|v| cql::read_model_tables(projection, v)).collect();
+    tables.push(raw::raw_orders_table(projection));
+    tables.push(raw::raw_events_table(projection));
+    for table in &tables {
+        if let Err(e) = bench.session.query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await {
+            problems.push(format!("dropping {table}: {e}"));
+        }
+    }
+    let mut rows = vec![("DELETE FROM projection_versions WHERE projection = ?".to_owned(), None)];
+    for v in 1..=active.max(2) {
+        rows.push(("DELETE FROM projection_offsets WHERE projection = ? AND version = ?".into(), Some(v)));
+        rows.push(("DELETE FROM projection_parked_keys WHERE projection = ? AND version = ?".into(), Some(v)));
+    }
+    for (statement, version) in rows {
+        let done = match version {
+            Some(v) => bench.session.query_unpaged(statement.as_str(), (projection, v)).await,
+            None => bench.session.query_unpaged(statement.as_str(), (projection,)).await,
+        };
+        if let Err(e) = done {
+            problems.push(format!("{statement}: {e}"));
+        }
+    }
+
+    // The schemas the processors registered for the bench topics.
+    let registry = bench.settings.registry.url.trim_end_matches('/');
+    for (context, spec) in catalog::CONTEXTS.iter().flat_map(|c| c.events.iter().map(move |e| (c.name, e))) {
+        let subject = names::event_subject(&names::events_topic(tenant, context), spec.ty);
+        for permanent in ["false", "true"] {
+            let url = format!("{registry}/subjects/{subject}?permanent={permanent}");
+            // A subject never registered answers 404: nothing to remove.
+            let _ = bench.http.delete(&url).send().await;
+        }
+    }
+    problems
+}
+
+/// The 1-minute load average (0 where /proc has none).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
+fn machine() -> Machine {
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    Machine {
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        memory_mib: memory_kib / 1024,
+        build: if cfg!(debug_assertions) { "debug" } else { "release" },
+        load_average_start: 0.0,
+        load_average_end: 0.0,
+    }
+}
+
+/// Writes `report.json`, `report.txt` and `latency.svg` into `out`.
+pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(out.join("report.json"), json).context("writing report.json")?;
+    std::fs::write(out.join("report.txt"), report.table()).context("writing report.txt")?;
+    std::fs::write(out.join("latency.svg"), chart::svg(report)).context("writing latency.svg")?;
+    Ok(())
+}

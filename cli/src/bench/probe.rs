@@ -1,0 +1,124 @@
+//! Looking at the pipeline from outside while it runs: the work queue's depth
+//! (straight from the broker, not the management API's periodic figures),
+//! how many events the processors produced (the topic's end offsets) and how
+//! many the projection applied (the offsets it keeps beside its rows),
+//! whether the projector's consumer group has joined, and how many CQL reads
+//! and writes each table has seen.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::Channel;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use scylla::client::session::Session;
+use sluice_projections::store::ReadModels;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages ready in `queue`, and its consumers (passive declare).
+pub async fn queue_state(channel: &Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
+    let q = channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .with_context(|| format!("looking at queue {queue}"))?;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// A Kafka client for metadata, end offsets and group states.
+pub struct KafkaProbe {
+    consumer: Arc<BaseConsumer>,
+}
+
+impl KafkaProbe {
+    pub fn new(brokers: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("sluice.bench.probe.{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            // Warnings and worse: its metadata of topics the cleanup deletes
+            // would otherwise be reported at info.
+            .set("log_level", "4")
+            .create()
+            .context("creating a Kafka client")?;
+        Ok(Self { consumer: Arc::new(consumer) })
+    }
+
+    /// Records in `topic` (the sum of its partitions' end offsets; the bench
+    /// topics start at 0 and are never compacted).
+    pub async fn end_offsets(&self, topic: &str) -> anyhow::Result<i64> {
+        let (consumer, name) = (self.consumer.clone(), topic.to_owned());
+        // Metadata and watermark calls block: keep them off the executor.
+        tokio::task::spawn_blocking(move || {
+            let metadata = consumer.fetch_metadata(Some(&name), KAFKA_TIMEOUT)?;
+            let mut total = 0;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    total += consumer.fetch_watermarks(t.name(), p.id(), KAFKA_TIMEOUT)?.1;
+                }
+            }
+            Ok::<_, rdkafka::error::KafkaError>(total)
+        })
+        .await?
+        .with_context(|| format!("reading the end offsets of {topic}"))
+    }
+
+    /// Whether `group` is a stable group with at least one member.
+    pub async fn group_stable(&self, group: &str) -> anyhow::Result<bool> {
+        let (consumer, name) = (self.consumer.clone(), group.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let list = consumer.fetch_group_list(Some(&name), KAFKA_TIMEOUT)?;
+            Ok::<_, rdkafka::error::KafkaError>(
+                list.groups().iter().any(|g| g.state() == "Stable" && !g.members().is_empty()),
+            )
+        })
+        .await?
+        .with_context(|| format!("looking at consumer group {group}"))
+    }
+
+    /// Closes the client off the executor (dropping one can block).
+    pub async fn close(self) {
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+}
+
+/// Events of `topic` the projection has applied in `version` (the next
+/// offsets it wrote beside its rows, summed over partitions; flushed every
+/// `projector.offset_flush_ms`).
+pub async fn applied(store: &ReadModels, version: i32, topic: &str) -> anyhow::Result<i64> {
+    let offsets = store.offsets_of(version).await.context("reading the projection's applied offsets")?;
+    Ok(offsets.iter().filter(|((t, _), _)| t == topic).map(|(_, next)| *next).sum())
+}
+
+/// Reads and writes coordinated so far per table of `keyspace`, from the
+/// CQL store's own metrics (`system_views`, Cassandra 4 and later). `None`
+/// where the store has no such tables (ScyllaDB): the figure is optional.
+pub async fn cql_counts(session: &Session, keyspace: &str) -> Option<HashMap<String, (u64, u64)>> {
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    for (view, write) in [("coordinator_read_latency", false), ("coordinator_write_latency", true)] {
+        let rows = session
+            .query_unpaged(
+                format!("SELECT table_name, count FROM system_views.{view} WHERE keyspace_name = ?"),
+                (keyspace,),
+            )
+            .await
+            .ok()?
+            .into_rows_result()
+            .ok()?;
+        for row in rows.rows::<(String, i64)>().ok()? {
+            let (table, count) = row.ok()?;
+            let entry = counts.entry(table).or_default();
+            let count = u64::try_from(count).unwrap_or(0);
+            if write {
+                entry.1 = count;
+            } else {
+                entry.0 = count;
+            }
+        }
+    }
+    Some(counts)
+}

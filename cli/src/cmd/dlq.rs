@@ -1,0 +1,425 @@
+//! `sluice dlq`: find dead letters, see why they failed, move them back, or
+//! remove them with a reason. The work is in `sluice_cli::ops::dlq`; this
+//! module parses arguments and prints.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use sluice_cli::ops::audit::{default_actor, AuditEntry, AuditLog};
+use sluice_cli::ops::dead_letter::{DeadLetter, DeadLetterDetail, Filter};
+use sluice_cli::ops::dlq::{Dlq, Listing, RemovalReport, Scope, ShovelOptions, ShovelProgress, ShovelReport, Who};
+use sluice_cli::ops::management::Management;
+use sluice_cli::ops::parse_duration;
+use sluice_cli::serve::connect_cql;
+use sluice_cli::settings::Settings;
+
+use super::{print_json, print_table};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// RabbitMQ management API, e.g. `http://user:password@host:15672`
+    /// (default: the AMQP broker's host on port 15672, same credentials).
+    #[arg(long, global = true, env = "SLUICE_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(clap::Subcommand)]
+enum Verb {
+    /// List dead letters grouped by failure (command type + error class).
+    /// Consumes nothing: the messages stay, in their order.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// A substring of the failure reason (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Dead letters shown in the table (`--json` lists all).
+        #[arg(long, default_value_t = 50)]
+        show: usize,
+        /// One JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one dead letter: headers, death history, payload.
+    Show {
+        /// Its message id (the operation id).
+        message_id: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the work queue they came from (attempt count
+    /// reset to 1, reason and class removed), or to `--to`. Each message is
+    /// removed from the DLQ only after the broker confirmed its copy.
+    Shovel {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// A substring of the failure reason (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Destination queue for every message (headers kept as they are).
+        /// Without filters, --limit and --rate this uses RabbitMQ's shovel.
+        #[arg(long)]
+        to: Option<String>,
+        /// Move at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// At most this many messages per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Show what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove dead letters for good (all of a tenant's, or those matching the
+    /// filters); recorded in the audit log.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only those whose failure reason contains this (case-insensitive).
+        #[arg(long)]
+        reason_contains: Option<String>,
+        /// Why: required, kept in the audit log.
+        #[arg(long)]
+        reason: String,
+        /// Who acts (default: the OS user).
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one dead letter for good; recorded in the audit log.
+    Delete {
+        /// Its message id (the operation id).
+        message_id: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Why: required, kept in the audit log.
+        #[arg(long)]
+        reason: String,
+        /// Who acts (default: the OS user).
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log of purges and deletes, newest first.
+    Audit {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScopeArgs {
+    /// Only this tenant's DLQs (default: every configured tenant).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this bounded context's DLQ (default: all).
+    #[arg(long)]
+    context: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// The command type: the CloudEvent type or its last segment (`SubmitOrder`).
+    #[arg(long = "type")]
+    command_type: Option<String>,
+    /// A prefix of the CloudEvent source.
+    #[arg(long)]
+    source: Option<String>,
+    /// A substring of the error class (`malformed`, `retries_exhausted`, …).
+    #[arg(long)]
+    class: Option<String>,
+    /// Dead-lettered at least this long ago: `90s`, `15m`, `2h`, `3d`.
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl FilterArgs {
+    fn filter(&self, reason: Option<String>) -> Filter {
+        Filter {
+            command_type: self.command_type.clone(),
+            source: self.source.clone(),
+            reason,
+            class: self.class.clone(),
+            older_than: self.older_than,
+        }
+    }
+}
+
+impl ScopeArgs {
+    fn scope(&self, settings: &Settings) -> anyhow::Result<Scope> {
+        Ok(Scope::new(&settings.tenant_names(), self.tenant.as_deref(), self.context.as_deref())?)
+    }
+}
+
+pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
+    if let Verb::Audit { tenant, limit, json } = &args.verb {
+        let log = AuditLog::new(connect_cql(&settings).await?);
+        let entries = log.list(tenant.as_deref(), *limit).await?;
+        return if *json { print_json(&entries) } else { print_audit(&entries) };
+    }
+    let management = Management::new(&settings.amqp.url, args.management_url.as_deref())?;
+    let dlq = Dlq::connect(&settings.amqp.url, management).await?;
+    let result = run_verb(&settings, &dlq, args.verb).await;
+    dlq.close().await;
+    result
+}
+
+async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<()> {
+    match verb {
+        Verb::List { filter, reason, show, json } => {
+            let listing = dlq.list(&filter.scope.scope(settings)?, &filter.filter(reason)).await?;
+            if json {
+                print_json(&listing)
+            } else {
+                print_listing(&listing, show);
+                Ok(())
+            }
+        }
+        Verb::Show { message_id, scope, json } => {
+            let found = dlq.show(&scope.scope(settings)?, &message_id).await?;
+            if json {
+                print_json(&found)
+            } else {
+                for (i, detail) in found.iter().enumerate() {
+                    if i > 0 {
+                        println!("\n(another copy of the same message id)\n");
+                    }
+                    print_detail(detail)?;
+                }
+                Ok(())
+            }
+        }
+        Verb::Shovel { filter, reason, to, limit, rate, dry_run, json } => {
+            let scope = filter.scope.scope(settings)?;
+            let options = ShovelOptions { to, limit, rate, dry_run };
+            let bar = (!json).then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examined  {msg}").expect("valid template"));
+                bar
+            });
+            let mut progress = |p: &ShovelProgress| {
+                if let Some(bar) = &bar {
+                    bar.set_length(p.to_examine);
+                    bar.set_position(p.examined);
+                    bar.set_message(format!("{}  moved {}", p.queue, p.moved));
+                }
+            };
+            let report = dlq.shovel(&scope, &filter.filter(reason), &options, &mut progress).await?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            if json {
+                print_json(&report)
+            } else {
+                print_shovel(&report);
+                Ok(())
+            }
+        }
+        Verb::Purge { filter, reason_contains, reason, actor, json } => {
+            if filter.scope.tenant.is_none() {
+                bail!("purge needs --tenant: a purge of every tenant's dead letters at once is not offered");
+            }
+            let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
+            let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
+            let report = dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
+            if json {
+                print_json(&report)
+            } else {
+                print_removal(&report);
+                Ok(())
+            }
+        }
+        Verb::Delete { message_id, scope, reason, actor, json } => {
+            let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
+            let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
+            let report = dlq.delete(&audit, &scope.scope(settings)?, &message_id, &who).await?;
+            if json {
+                print_json(&report)
+            } else {
+                print_removal(&report);
+                Ok(())
+            }
+        }
+        Verb::Audit { .. } => unreachable!("handled before connecting to RabbitMQ"),
+    }
+}
+
+fn print_listing(listing: &Listing, show: usize) {
+    for q in &listing.queues {
+        let state = match (q.exists, q.complete) {
+            (false, _) => "does not exist".to_owned(),
+            (true, true) => format!("{} dead letter(s)", q.depth),
+            (true, false) => format!("{} dead letter(s), {} examined (the rest could not be read in one pass)", q.depth, q.examined),
+        };
+        println!("{}  {state}", q.queue);
+    }
+    println!();
+    if listing.matching == 0 {
+        println!("no dead letters match");
+        return;
+    }
+    println!("{} matching, by failure:", listing.matching);
+    let rows: Vec<Vec<String>> = listing
+        .groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.count.to_string(),
+                g.command_type.clone(),
+                g.error_class.clone(),
+                g.oldest.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into()),
+                clip(g.reasons.first().map(String::as_str).unwrap_or("-"), 70),
+            ]
+        })
+        .collect();
+    print_table(&["COUNT", "TYPE", "ERROR CLASS", "OLDEST (UTC)", "FOR EXAMPLE"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = listing.messages.iter().take(show).map(message_row).collect();
+    print_table(&["MESSAGE ID", "TENANT", "TYPE", "ERROR CLASS", "ATTEMPTS", "AGE", "REASON"], &rows);
+    if listing.messages.len() > show {
+        println!("… and {} more (--show N, or --json)", listing.messages.len() - show);
+    }
+}
+
+fn message_row(dl: &DeadLetter) -> Vec<String> {
+    vec![
+        dl.message_id.clone().unwrap_or_else(|| "-".into()),
+        dl.tenant.clone(),
+        dl.command_type.rsplit('.').next().unwrap_or_default().to_owned(),
+        dl.error_class.clone(),
+        dl.attempts.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        dl.age_seconds.map(age).unwrap_or_else(|| "-".into()),
+        clip(dl.reason.as_deref().unwrap_or("-"), 60),
+    ]
+}
+
+fn print_detail(d: &DeadLetterDetail) -> anyhow::Result<()> {
+    let s = &d.summary;
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("message id      {}", or_dash(&s.message_id));
+    println!("queue           {} (tenant {}, context {})", s.queue, s.tenant, s.context);
+    println!("type            {}", s.command_type);
+    println!("source, id      {} {}", or_dash(&s.source), or_dash(&s.command_id));
+    println!("error class     {}", s.error_class);
+    println!("reason          {}", or_dash(&s.reason));
+    println!("attempts        {}", s.attempts.map(|a| a.to_string()).unwrap_or_else(|| "-".into()));
+    println!("original queue  {}", or_dash(&s.original_queue));
+    match (s.dead_lettered_at, s.age_seconds) {
+        (Some(at), Some(a)) => println!("dead-lettered   {} ({} ago)", at.to_rfc3339(), age(a)),
+        _ => println!("dead-lettered   -"),
+    }
+    println!("re-drives       {}", s.redrives);
+    println!("dlq deliveries  {} (every listing counts one)", s.dlq_deliveries);
+    if !d.attempt_history.is_empty() {
+        println!("\nattempt history");
+        for line in &d.attempt_history {
+            println!("  {line}");
+        }
+    }
+    if !d.deaths.is_empty() {
+        println!("\nx-death");
+        for death in &d.deaths {
+            println!("  {}", serde_json::to_string(death)?);
+        }
+    }
+    println!("\nheaders");
+    for (name, value) in &d.headers {
+        if name != "x-death" {
+            println!("  {name}: {}", serde_json::to_string(value)?);
+        }
+    }
+    println!("\nproperties");
+    for (name, value) in &d.properties {
+        println!("  {name}: {}", serde_json::to_string(value)?);
+    }
+    println!("\npayload ({} bytes{})", d.payload_bytes, if d.payload_is_json { ", JSON" } else { ", not JSON" });
+    match &d.payload {
+        serde_json::Value::String(text) if !d.payload_is_json => println!("{text}"),
+        json => println!("{}", serde_json::to_string_pretty(json)?),
+    }
+    Ok(())
+}
+
+fn print_shovel(r: &ShovelReport) {
+    let verb = if r.dry_run { "would move" } else { "moved" };
+    let count = if r.dry_run { r.selected } else { r.moved };
+    let how = match r.method {
+        sluice_cli::ops::dlq::ShovelMethod::Client => "",
+        sluice_cli::ops::dlq::ShovelMethod::BrokerShovel => " (RabbitMQ shovel)",
+    };
+    println!("{verb} {count} dead letter(s){how}");
+    for (destination, n) in &r.destinations {
+        println!("  {n} → {destination}");
+    }
+    for q in r.queues.iter().filter(|q| q.exists && !q.complete) {
+        println!("  {}: {} of {} examined; run again for the rest", q.queue, q.examined, q.depth);
+    }
+}
+
+fn print_removal(r: &RemovalReport) {
+    println!("{}: removed {} dead letter(s) as {} — {:?}", r.action, r.removed, r.actor, r.reason);
+    for q in r.queues.iter().filter(|q| q.seen.exists) {
+        let audit = q.audit_id.as_deref().map(|id| format!("  audit {id}")).unwrap_or_default();
+        let rest = if q.seen.complete { String::new() } else { format!("  ({} of {} examined; run again)", q.seen.examined, q.seen.depth) };
+        println!("  {}: {}{audit}{rest}", q.seen.queue, q.removed);
+    }
+}
+
+fn print_audit(entries: &[AuditEntry]) -> anyhow::Result<()> {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            vec![
+                e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                or_dash(&e.actor),
+                or_dash(&e.action),
+                or_dash(&e.queue),
+                e.count.to_string(),
+                or_dash(&e.status),
+                clip(&or_dash(&e.filter), 40),
+                clip(&or_dash(&e.reason), 50),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no purges or deletes recorded");
+    } else {
+        print_table(&["AT (UTC)", "ACTOR", "ACTION", "QUEUE", "COUNT", "STATUS", "SELECTED", "REASON"], &rows);
+    }
+    Ok(())
+}
+
+/// `45s`, `12m`, `3h`, `2d`.
+fn age(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn clip(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        line.to_owned()
+    } else {
+        format!("{}…", line.chars().take(max - 1).collect::<String>())
+    }
+}

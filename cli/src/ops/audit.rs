@@ -1,0 +1,198 @@
+//! The `dlq_audit` table (`schemas/cql/tables.cql`): every dead letter that
+//! `sluice dlq purge` or `sluice dlq delete` removes is recorded — who, when,
+//! from which queue, which message ids, and the reason they had to give.
+//!
+//! The order of writes is what makes the log complete: the row exists before
+//! the first message is removed, and each batch of ids is written before
+//! those messages are acked. A crash can therefore leave a row that says
+//! `started` and names a message that is still in the queue (it was about to
+//! go), never a removed message that the log does not name.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use scylla::client::session::Session;
+use scylla::value::CqlTimestamp;
+use serde::Serialize;
+
+use super::{cql_err, OpsError};
+
+/// Ids kept per row; beyond it only the count grows (`ids_truncated`), so a
+/// purge of a huge queue cannot make one CQL cell unbounded.
+pub const MAX_IDS_PER_ROW: usize = 10_000;
+
+/// What an operator is about to do to one queue.
+#[derive(Debug, Clone)]
+pub struct AuditAction<'a> {
+    pub tenant: &'a str,
+    pub context: &'a str,
+    pub queue: &'a str,
+    /// `purge` or `delete`.
+    pub action: &'a str,
+    pub actor: &'a str,
+    pub reason: &'a str,
+    /// The filter or message id that selected the messages.
+    pub filter: &'a str,
+}
+
+/// An open audit row: where it is, and what it holds so far.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    tenant: String,
+    at: CqlTimestamp,
+    pub id: String,
+    pub count: i64,
+    recorded_ids: usize,
+}
+
+/// One row as `sluice dlq audit` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub tenant: String,
+    pub at: DateTime<Utc>,
+    pub id: String,
+    pub context: Option<String>,
+    pub queue: Option<String>,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub host: Option<String>,
+    pub reason: Option<String>,
+    pub filter: Option<String>,
+    pub message_ids: Vec<String>,
+    pub count: i64,
+    pub ids_truncated: bool,
+    pub status: Option<String>,
+    pub detail: Option<String>,
+}
+
+pub struct AuditLog {
+    /// A session with the sluice keyspace selected.
+    session: Arc<Session>,
+}
+
+/// Who is acting when `--actor` is not given: the OS user.
+pub fn default_actor() -> String {
+    ["SUDO_USER", "USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+impl AuditLog {
+    pub fn new(session: Arc<Session>) -> Self {
+        Self { session }
+    }
+
+    /// Writes the row of an action about to start.
+    pub async fn begin(&self, what: &AuditAction<'_>) -> Result<AuditRow, OpsError> {
+        let row = AuditRow {
+            tenant: what.tenant.to_owned(),
+            at: CqlTimestamp(Utc::now().timestamp_millis()),
+            id: uuid::Uuid::new_v4().to_string(),
+            count: 0,
+            recorded_ids: 0,
+        };
+        self.session
+            .query_unpaged(
+                "INSERT INTO dlq_audit (tenant, at, id, context, queue, action, actor, host, reason, filter, count, ids_truncated, status) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, false, 'started')",
+                (&row.tenant, row.at, &row.id, what.context, what.queue, what.action, what.actor, host(), what.reason, what.filter),
+            )
+            .await
+            .map_err(cql_err)?;
+        Ok(row)
+    }
+
+    /// Records messages about to be removed (call before acking them).
+    pub async fn add(&self, row: &mut AuditRow, ids: &[String]) -> Result<(), OpsError> {
+        let room = MAX_IDS_PER_ROW.saturating_sub(row.recorded_ids);
+        let kept: Vec<&String> = ids.iter().take(room).collect();
+        let count = row.count + ids.len() as i64;
+        let truncated = kept.len() < ids.len() || row.recorded_ids >= MAX_IDS_PER_ROW;
+        self.session
+            .query_unpaged(
+                "UPDATE dlq_audit SET message_ids = message_ids + ?, count = ?, ids_truncated = ? WHERE tenant = ? AND at = ? AND id = ?",
+                (kept.clone(), count, truncated, &row.tenant, row.at, &row.id),
+            )
+            .await
+            .map_err(cql_err)?;
+        row.count = count;
+        row.recorded_ids += kept.len();
+        Ok(())
+    }
+
+    /// Closes the row: `done`, or `failed` with what went wrong.
+    pub async fn finish(&self, row: &AuditRow, status: &str, detail: &str) -> Result<(), OpsError> {
+        self.session
+            .query_unpaged(
+                "UPDATE dlq_audit SET status = ?, detail = ? WHERE tenant = ? AND at = ? AND id = ?",
+                (status, detail, &row.tenant, row.at, &row.id),
+            )
+            .await
+            .map_err(cql_err)?;
+        Ok(())
+    }
+
+    /// The newest `limit` rows, of one tenant or of all.
+    pub async fn list(&self, tenant: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, OpsError> {
+        use futures::TryStreamExt;
+        let select = "SELECT tenant, at, id, context, queue, action, actor, host, reason, filter, message_ids, count, \
+                      ids_truncated, status, detail FROM dlq_audit";
+        let pager = match tenant {
+            Some(t) => self.session.query_iter(format!("{select} WHERE tenant = ? LIMIT {limit}"), (t,)).await,
+            // A scan: fine for a log of ops actions, which stays small.
+            None => self.session.query_iter(select, ()).await,
+        }
+        .map_err(cql_err)?;
+        let mut stream = pager.rows_stream::<Row>().map_err(cql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = stream.try_next().await.map_err(cql_err)? {
+            out.push(entry(row));
+        }
+        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+type Row = (
+    String,
+    CqlTimestamp,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<Vec<String>>,
+    Option<i64>,
+    Option<bool>,
+    Option<String>,
+    Option<String>,
+);
+
+fn entry(r: Row) -> AuditEntry {
+    AuditEntry {
+        tenant: r.0,
+        at: Utc.timestamp_millis_opt(r.1 .0).single().unwrap_or_default(),
+        id: r.2,
+        context: r.3,
+        queue: r.4,
+        action: r.5,
+        actor: r.6,
+        host: r.7,
+        reason: r.8,
+        filter: r.9,
+        message_ids: r.10.unwrap_or_default(),
+        count: r.11.unwrap_or(0),
+        ids_truncated: r.12.unwrap_or(false),
+        status: r.13,
+        detail: r.14,
+    }
+}

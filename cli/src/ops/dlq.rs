@@ -1,0 +1,615 @@
+//! `sluice dlq`: list, show, shovel, purge and delete dead letters.
+//!
+//! Every verb reads a DLQ with a [`Walk`] (take the messages unacked, give
+//! back the ones left alone — see `ops::walk` for what that costs), and every
+//! verb that takes a message out does so with an ack that comes last:
+//!
+//! - **shovel** acks a dead letter only after the broker confirmed its copy
+//!   in the destination queue. A crash between the two leaves the message in
+//!   both places: a duplicate, which the processors deduplicate (by the
+//!   command's `source` and `id`), never a loss.
+//! - **purge** and **delete** ack only after the audit log names the
+//!   messages (`ops::audit`).
+//!
+//! A walk covers the messages present when it started, so producers that
+//! keep dead-lettering meanwhile cannot make a verb run forever; what they
+//! add is left for the next run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Connection, ConnectionProperties};
+use serde::Serialize;
+use sluice_processors::amqp::consumer::publish_confirmed;
+use sluice_schemas::{catalog, names};
+
+use super::audit::{AuditAction, AuditLog, AuditRow};
+use super::dead_letter::{self, DeadLetter, DeadLetterDetail, Filter, Group};
+use super::management::{encode, Management};
+use super::walk::{self, Walk, MAX_HELD};
+use super::{amqp_err, headers, OpsError};
+
+/// Messages removed per audit write (and per batch of acks).
+const REMOVE_BATCH: usize = 500;
+
+/// A broker-side shovel that moves nothing for this long is given up.
+const SHOVEL_STALL: Duration = Duration::from_secs(60);
+
+/// The DLQ of one tenant's context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DlqRef {
+    pub tenant: String,
+    pub context: String,
+    pub queue: String,
+}
+
+/// Which DLQs a verb looks at: the given tenant (configured or not) or every
+/// configured one, and one context or all.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub dlqs: Vec<DlqRef>,
+}
+
+impl Scope {
+    pub fn new(configured_tenants: &[String], tenant: Option<&str>, context: Option<&str>) -> Result<Self, OpsError> {
+        let tenants: Vec<String> = match tenant {
+            Some(t) => vec![t.to_owned()],
+            None if configured_tenants.is_empty() => {
+                return Err(OpsError::Usage("no tenants: give --tenant, or a config file with [[tenants]] (--config)".into()))
+            }
+            None => configured_tenants.to_vec(),
+        };
+        let contexts: Vec<&str> = match context {
+            Some(c) if catalog::context(c).is_some() => vec![c],
+            Some(c) => {
+                let known: Vec<&str> = catalog::CONTEXTS.iter().map(|c| c.name).collect();
+                return Err(OpsError::Usage(format!("unknown context {c:?} (known: {})", known.join(", "))));
+            }
+            None => catalog::CONTEXTS.iter().map(|c| c.name).collect(),
+        };
+        let dlqs = tenants
+            .iter()
+            .flat_map(|t| {
+                contexts.iter().map(move |c| DlqRef { tenant: t.clone(), context: (*c).to_owned(), queue: names::dead_letter_queue(t, c) })
+            })
+            .collect();
+        Ok(Self { dlqs })
+    }
+}
+
+/// How far a verb got through one DLQ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueSeen {
+    pub queue: String,
+    pub tenant: String,
+    pub context: String,
+    pub exists: bool,
+    /// Messages ready when the verb started on this queue.
+    pub depth: u32,
+    /// Messages looked at.
+    pub examined: u32,
+    /// Whether every message present at the start was looked at (false when
+    /// more than 65,535 had to stay in place, or someone else took some).
+    pub complete: bool,
+}
+
+impl QueueSeen {
+    fn missing(dlq: &DlqRef) -> Self {
+        Self { queue: dlq.queue.clone(), tenant: dlq.tenant.clone(), context: dlq.context.clone(), exists: false, depth: 0, examined: 0, complete: true }
+    }
+
+    fn of(dlq: &DlqRef, walk: &Walk) -> Self {
+        Self {
+            queue: dlq.queue.clone(),
+            tenant: dlq.tenant.clone(),
+            context: dlq.context.clone(),
+            exists: true,
+            depth: walk.depth_at_start(),
+            examined: walk.seen(),
+            complete: walk.complete(),
+        }
+    }
+}
+
+/// `sluice dlq list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub queues: Vec<QueueSeen>,
+    /// Dead letters that matched the filter.
+    pub matching: u64,
+    pub groups: Vec<Group>,
+    /// The matching dead letters, in queue order.
+    pub messages: Vec<DeadLetter>,
+}
+
+/// What `sluice dlq shovel` should do besides the filter.
+#[derive(Debug, Clone, Default)]
+pub struct ShovelOptions {
+    /// Destination for every message; default: each message's original
+    /// work queue (`x-sluice-original-queue`).
+    pub to: Option<String>,
+    /// Move at most this many.
+    pub limit: Option<u64>,
+    /// Messages per second at most.
+    pub rate: Option<f64>,
+    /// Select and report, move nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShovelMethod {
+    /// Read, publish with confirm, then ack, message by message (filtered
+    /// moves, and every move back to a work queue).
+    Client,
+    /// RabbitMQ's dynamic shovel (whole-queue moves to `--to`).
+    BrokerShovel,
+}
+
+/// Progress of a shovel, for a progress bar.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShovelProgress {
+    pub queue: String,
+    /// Messages looked at in this queue, of `to_examine`.
+    pub examined: u64,
+    pub to_examine: u64,
+    /// Moved so far, all queues.
+    pub moved: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShovelReport {
+    pub method: ShovelMethod,
+    pub dry_run: bool,
+    pub queues: Vec<QueueSeen>,
+    /// Messages that matched (up to `--limit`).
+    pub selected: u64,
+    /// Messages moved (0 in a dry run).
+    pub moved: u64,
+    /// Message ids moved, or that a dry run would move (a broker shovel does
+    /// not report them).
+    pub ids: Vec<String>,
+    /// Moved (or would-be moved) per destination queue.
+    pub destinations: BTreeMap<String, u64>,
+}
+
+/// Who removes dead letters, and why (both go to the audit log).
+#[derive(Debug, Clone)]
+pub struct Who {
+    pub actor: String,
+    pub reason: String,
+}
+
+/// What `purge` or `delete` removed from one queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueRemoval {
+    #[serde(flatten)]
+    pub seen: QueueSeen,
+    pub removed: u64,
+    /// The `dlq_audit` row of this queue, if anything was to be removed.
+    pub audit_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RemovalReport {
+    pub action: String,
+    pub actor: String,
+    pub reason: String,
+    pub queues: Vec<QueueRemoval>,
+    pub removed: u64,
+    pub ids: Vec<String>,
+}
+
+/// The DLQ verbs, over one AMQP connection and the management API.
+pub struct Dlq {
+    connection: Connection,
+    management: Management,
+}
+
+impl Dlq {
+    pub async fn connect(amqp_url: &str, management: Management) -> Result<Self, OpsError> {
+        let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+            .await
+            .map_err(|e| OpsError::Amqp(format!("connecting: {e}")))?;
+        Ok(Self { connection, management })
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+
+    /// Starts a walk over a DLQ after checking that walking it is safe;
+    /// `None` if the queue does not exist.
+    async fn walk(&self, dlq: &DlqRef) -> Result<Option<Walk>, OpsError> {
+        let Some(info) = self.management.queue(&dlq.queue).await? else { return Ok(None) };
+        walk::ensure_walkable(&dlq.queue, &info)?;
+        Ok(Some(Walk::start(&self.connection, &dlq.queue, MAX_HELD).await?))
+    }
+
+    /// Lists the dead letters that match `filter`, grouped by fingerprint.
+    /// Consumes nothing; see `ops::walk` for what reading costs.
+    pub async fn list(&self, scope: &Scope, filter: &Filter) -> Result<Listing, OpsError> {
+        let mut queues = Vec::new();
+        let mut messages = Vec::new();
+        let now = Utc::now();
+        for dlq in &scope.dlqs {
+            let Some(mut walk) = self.walk(dlq).await? else {
+                queues.push(QueueSeen::missing(dlq));
+                continue;
+            };
+            while let Some(delivery) = walk.next().await? {
+                let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
+                if filter.matches(&dl) {
+                    messages.push(dl);
+                }
+            }
+            queues.push(QueueSeen::of(dlq, &walk));
+            walk.finish(&self.connection).await?;
+        }
+        Ok(Listing { queues, matching: messages.len() as u64, groups: dead_letter::group(&messages), messages })
+    }
+
+    /// Every copy of the dead letter with this message id (normally one; a
+    /// duplicate shows as two).
+    pub async fn show(&self, scope: &Scope, message_id: &str) -> Result<Vec<DeadLetterDetail>, OpsError> {
+        let mut found = Vec::new();
+        let now = Utc::now();
+        for dlq in &scope.dlqs {
+            let Some(mut walk) = self.walk(dlq).await? else { continue };
+            while let Some(delivery) = walk.next().await? {
+                if message_id_of(&delivery).as_deref() == Some(message_id) {
+                    found.push(dead_letter::detail(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now));
+                }
+            }
+            walk.finish(&self.connection).await?;
+        }
+        if found.is_empty() {
+            return Err(OpsError::NotFound(message_id.to_owned(), describe(scope)));
+        }
+        Ok(found)
+    }
+
+    /// Moves matching dead letters back to their work queue (fresh attempt
+    /// count, no DLQ verdict: `headers::for_fresh_attempt`) or to `--to`
+    /// (headers kept as they are).
+    pub async fn shovel(
+        &self,
+        scope: &Scope,
+        filter: &Filter,
+        options: &ShovelOptions,
+        progress: &mut dyn FnMut(&ShovelProgress),
+    ) -> Result<ShovelReport, OpsError> {
+        if let (Some(to), true) = (&options.to, filter.is_empty() && options.limit.is_none() && options.rate.is_none() && !options.dry_run) {
+            return self.broker_shovel(scope, to, progress).await;
+        }
+        if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            return Err(OpsError::Usage("--rate must be a positive number of messages per second".into()));
+        }
+        let publisher = self.connection.create_channel().await.map_err(amqp_err)?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp_err)?;
+        let mut pace = options.rate.map(|r| {
+            let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        let mut report = ShovelReport {
+            method: ShovelMethod::Client,
+            dry_run: options.dry_run,
+            queues: Vec::new(),
+            selected: 0,
+            moved: 0,
+            ids: Vec::new(),
+            destinations: BTreeMap::new(),
+        };
+        if options.limit == Some(0) {
+            return Ok(report);
+        }
+        let mut destination_exists: HashMap<String, bool> = HashMap::new();
+        let now = Utc::now();
+        'queues: for dlq in &scope.dlqs {
+            let Some(mut walk) = self.walk(dlq).await? else {
+                report.queues.push(QueueSeen::missing(dlq));
+                continue;
+            };
+            while let Some(delivery) = walk.next().await? {
+                progress(&ShovelProgress {
+                    queue: dlq.queue.clone(),
+                    examined: u64::from(walk.seen()),
+                    to_examine: u64::from(walk.depth_at_start()),
+                    moved: report.moved,
+                });
+                let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
+                if !filter.matches(&dl) {
+                    continue; // stays where it is: given back when the walk ends
+                }
+                let home = dead_letter::return_queue(&dl);
+                let destination = options.to.clone().unwrap_or_else(|| home.clone());
+                if !destination_exists.contains_key(&destination) {
+                    let exists = walk::queue_counts(&self.connection, &destination).await?.is_some();
+                    destination_exists.insert(destination.clone(), exists);
+                }
+                if !destination_exists[&destination] {
+                    return Err(OpsError::Usage(format!("destination queue {destination} (for {}) does not exist", dlq.queue)));
+                }
+                report.selected += 1;
+                let id = dl.message_id.clone().unwrap_or_else(|| "-".into());
+                if !options.dry_run {
+                    if let Some(pace) = pace.as_mut() {
+                        pace.tick().await;
+                    }
+                    let headers = headers::headers_of(&delivery);
+                    // Back home it is a fresh try; elsewhere (a parking queue)
+                    // it keeps its verdict.
+                    let headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
+                    let properties = delivery.properties.clone().with_headers(headers);
+                    publish_confirmed(&publisher, &destination, &delivery.data, properties).await.map_err(OpsError::Amqp)?;
+                    // Only now, with the copy confirmed, may the original go.
+                    walk.remove(&delivery).await?;
+                    report.moved += 1;
+                }
+                report.ids.push(id);
+                *report.destinations.entry(destination).or_default() += 1;
+                if options.limit.is_some_and(|limit| report.selected >= limit) {
+                    report.queues.push(QueueSeen::of(dlq, &walk));
+                    walk.finish(&self.connection).await?;
+                    break 'queues;
+                }
+            }
+            report.queues.push(QueueSeen::of(dlq, &walk));
+            walk.finish(&self.connection).await?;
+        }
+        let _ = publisher.close(200, "done".into()).await;
+        Ok(report)
+    }
+
+    /// Whole-queue moves to `to` with RabbitMQ's dynamic shovel: it moves
+    /// the queue's length at its start, acking each message after the
+    /// destination confirmed it, then deletes itself. Headers stay as they
+    /// are (a broker shovel cannot rewrite them), which is why moves back to
+    /// a work queue never take this path.
+    async fn broker_shovel(&self, scope: &Scope, to: &str, progress: &mut dyn FnMut(&ShovelProgress)) -> Result<ShovelReport, OpsError> {
+        if walk::queue_counts(&self.connection, to).await?.is_none() {
+            return Err(OpsError::Usage(format!("destination queue {to} does not exist")));
+        }
+        let uri = match self.management.vhost() {
+            "/" => "amqp://".to_owned(),
+            vhost => format!("amqp:///{}", encode(vhost)),
+        };
+        let mut report = ShovelReport {
+            method: ShovelMethod::BrokerShovel,
+            dry_run: false,
+            queues: Vec::new(),
+            selected: 0,
+            moved: 0,
+            ids: Vec::new(),
+            destinations: BTreeMap::new(),
+        };
+        for dlq in &scope.dlqs {
+            let Some((depth, _)) = walk::queue_counts(&self.connection, &dlq.queue).await? else {
+                report.queues.push(QueueSeen::missing(dlq));
+                continue;
+            };
+            if depth > 0 {
+                let name = format!("sluice-dlq-{}-{}", dlq.queue, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+                let definition = serde_json::json!({
+                    "src-protocol": "amqp091",
+                    "src-uri": uri,
+                    "src-queue": dlq.queue,
+                    "src-delete-after": "queue-length",
+                    "dest-protocol": "amqp091",
+                    "dest-uri": uri,
+                    "dest-queue": to,
+                    "ack-mode": "on-confirm",
+                });
+                self.management.put_shovel(&name, &definition).await?;
+                let moved_before = report.moved;
+                let mut report_progress = |moved| {
+                    progress(&ShovelProgress { queue: dlq.queue.clone(), examined: moved, to_examine: u64::from(depth), moved: moved_before + moved })
+                };
+                if let Err(e) = self.await_shovel(&name, dlq, depth, &mut report_progress).await {
+                    // Deleting a shovel midway is safe: with on-confirm, what it
+                    // had not acked goes back to the DLQ.
+                    let _ = self.management.delete_shovel(&name).await;
+                    return Err(e);
+                }
+                report.moved += u64::from(depth);
+                report.selected += u64::from(depth);
+                *report.destinations.entry(to.to_owned()).or_default() += u64::from(depth);
+            }
+            report.queues.push(QueueSeen {
+                queue: dlq.queue.clone(),
+                tenant: dlq.tenant.clone(),
+                context: dlq.context.clone(),
+                exists: true,
+                depth,
+                examined: depth,
+                complete: true,
+            });
+        }
+        Ok(report)
+    }
+
+    async fn await_shovel(&self, name: &str, dlq: &DlqRef, depth: u32, progress: &mut dyn FnMut(u64)) -> Result<(), OpsError> {
+        let mut last_moved = 0;
+        let mut last_change = std::time::Instant::now();
+        loop {
+            if !self.management.shovel_defined(name).await? {
+                progress(u64::from(depth));
+                return Ok(());
+            }
+            if let Some(status) = self.management.shovel_status(name).await? {
+                if status["state"] == "terminated" {
+                    return Err(OpsError::Management(format!("shovel {name} stopped: {}", status["reason"])));
+                }
+            }
+            let left = walk::ready_messages(&self.connection, &dlq.queue).await?;
+            let moved = u64::from(depth.saturating_sub(left));
+            progress(moved);
+            if moved != last_moved {
+                (last_moved, last_change) = (moved, std::time::Instant::now());
+            } else if last_change.elapsed() > SHOVEL_STALL {
+                return Err(OpsError::Management(format!("shovel {name} moved nothing for {}s", SHOVEL_STALL.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Removes the dead letters that match `filter` (all of them when it is
+    /// empty) and were there when the purge started, recording each in the
+    /// audit log first.
+    pub async fn purge(&self, audit: &AuditLog, scope: &Scope, filter: &Filter, who: &Who) -> Result<RemovalReport, OpsError> {
+        let description = filter.describe();
+        self.remove(audit, scope, "purge", who, &description, true, &|dl| filter.matches(dl)).await
+    }
+
+    /// Removes the dead letter with this message id (every copy of it).
+    pub async fn delete(&self, audit: &AuditLog, scope: &Scope, message_id: &str, who: &Who) -> Result<RemovalReport, OpsError> {
+        let description = format!("message_id={message_id}");
+        let report = self.remove(audit, scope, "delete", who, &description, false, &|dl| dl.message_id.as_deref() == Some(message_id)).await?;
+        if report.removed == 0 {
+            return Err(OpsError::NotFound(message_id.to_owned(), describe(scope)));
+        }
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn remove(
+        &self,
+        audit: &AuditLog,
+        scope: &Scope,
+        action: &str,
+        who: &Who,
+        selection: &str,
+        audit_even_if_none: bool,
+        selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
+    ) -> Result<RemovalReport, OpsError> {
+        if who.reason.trim().is_empty() {
+            return Err(OpsError::Usage("a reason is required (--reason): it goes to the audit log".into()));
+        }
+        let mut report = RemovalReport {
+            action: action.to_owned(),
+            actor: who.actor.clone(),
+            reason: who.reason.clone(),
+            queues: Vec::new(),
+            removed: 0,
+            ids: Vec::new(),
+        };
+        for dlq in &scope.dlqs {
+            let Some(walk) = self.walk(dlq).await? else {
+                report.queues.push(QueueRemoval { seen: QueueSeen::missing(dlq), removed: 0, audit_id: None });
+                continue;
+            };
+            let what = AuditAction {
+                tenant: &dlq.tenant,
+                context: &dlq.context,
+                queue: &dlq.queue,
+                action,
+                actor: &who.actor,
+                reason: &who.reason,
+                filter: selection,
+            };
+            let mut row = if audit_even_if_none { Some(audit.begin(&what).await?) } else { None };
+            let mut removal = Removal { walk, ids: Vec::new() };
+            let outcome = self.remove_from(audit, &what, &mut row, &mut removal, dlq, selects).await;
+            let seen = QueueSeen::of(dlq, &removal.walk);
+            let removed = removal.ids.len() as u64;
+            if let Some(row) = &row {
+                let (status, detail) = match &outcome {
+                    Ok(()) if seen.complete => ("done".to_owned(), format!("removed {removed} of {} examined", seen.examined)),
+                    Ok(()) => ("done".to_owned(), format!("removed {removed}; {} of {} examined (run again for the rest)", seen.examined, seen.depth)),
+                    Err(e) => ("failed".to_owned(), format!("after removing {removed}: {e}")),
+                };
+                audit.finish(row, &status, &detail).await?;
+            }
+            removal.walk.finish(&self.connection).await?;
+            outcome?;
+            report.removed += removed;
+            report.ids.extend(removal.ids);
+            report.queues.push(QueueRemoval { seen, removed, audit_id: row.map(|r| r.id) });
+        }
+        Ok(report)
+    }
+
+    /// Walks one queue, removing the selected messages batch by batch: ids
+    /// into the audit row first, then the acks.
+    async fn remove_from(
+        &self,
+        audit: &AuditLog,
+        what: &AuditAction<'_>,
+        row: &mut Option<AuditRow>,
+        removal: &mut Removal,
+        dlq: &DlqRef,
+        selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
+    ) -> Result<(), OpsError> {
+        let now = Utc::now();
+        let mut batch: Vec<(Delivery, String)> = Vec::new();
+        loop {
+            let next = removal.walk.next().await?;
+            // `None`: the walk is over, or its window is full until this
+            // batch is acked.
+            let paused = next.is_none();
+            if let Some(delivery) = next {
+                let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
+                if selects(&dl) {
+                    batch.push((delivery, dl.message_id.unwrap_or_else(|| "-".into())));
+                }
+                if batch.len() < REMOVE_BATCH {
+                    continue;
+                }
+            }
+            if batch.is_empty() {
+                if paused {
+                    return Ok(());
+                }
+                continue;
+            }
+            let ids: Vec<String> = batch.iter().map(|(_, id)| id.clone()).collect();
+            if row.is_none() {
+                *row = Some(audit.begin(what).await?);
+            }
+            audit.add(row.as_mut().expect("row just written"), &ids).await?;
+            for (delivery, id) in batch.drain(..) {
+                removal.walk.remove(&delivery).await?;
+                removal.ids.push(id);
+            }
+        }
+    }
+}
+
+/// A walk and what it removed so far (kept together so a failure midway
+/// still reports what is gone).
+struct Removal {
+    walk: Walk,
+    ids: Vec<String>,
+}
+
+fn message_id_of(delivery: &Delivery) -> Option<String> {
+    delivery.properties.message_id().as_ref().map(|s| s.to_string())
+}
+
+fn describe(scope: &Scope) -> String {
+    let queues: Vec<&str> = scope.dlqs.iter().map(|d| d.queue.as_str()).collect();
+    queues.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_names_the_dlqs_of_its_tenants_and_contexts() {
+        let configured = vec!["acme".to_owned(), "globex".to_owned()];
+        let all = Scope::new(&configured, None, None).unwrap();
+        let queues: Vec<&str> = all.dlqs.iter().map(|d| d.queue.as_str()).collect();
+        assert_eq!(queues.len(), 2 * catalog::CONTEXTS.len(), "every context of every tenant");
+        assert_eq!(queues[0], "acme.orders.commands.dlq");
+        assert!(queues.contains(&"globex.orders.commands.dlq"));
+        let one = Scope::new(&configured, Some("t123"), Some("orders")).unwrap();
+        assert_eq!(one.dlqs[0].queue, "t123.orders.commands.dlq");
+        assert!(matches!(Scope::new(&configured, None, Some("billing")), Err(OpsError::Usage(_))));
+        assert!(matches!(Scope::new(&[], None, None), Err(OpsError::Usage(_))));
+    }
+}

@@ -1,0 +1,507 @@
+//! `sluice status`: one look at every tenant's queues, events topic,
+//! projection and schemas, and a verdict.
+//!
+//! Unhealthy — `critical` problems, which make `sluice status` exit 1:
+//!
+//! | problem | when |
+//! |---|---|
+//! | `server_unreachable` | RabbitMQ (AMQP or management API), Kafka, the registry or the CQL store does not answer |
+//! | `work_queue_missing` | a tenant's work queue does not exist (no edge or processor ever started for it) |
+//! | `no_consumers` | a work queue has no consumer: nothing processes the tenant's commands |
+//! | `dead_letters` | a DLQ holds more than `--max-dlq` messages (default 0) |
+//! | `events_topic_missing` | a tenant's events topic does not exist |
+//! | `projection_lag` | the active version of the projection (`projector.name`) is more than `--max-lag` events behind on a partition of a topic it reads |
+//!
+//! `warning` problems are reported and do not change the exit code: a retry
+//! queue or DLQ missing, a DLQ that cannot be read safely (delivery limit),
+//! a DLQ deeper than the sample looked at, no schema subjects for a topic.
+//!
+//! Reading a non-empty DLQ to count its messages by error class is a walk
+//! (see `ops::walk`): it adds one to each message's `x-delivery-count` and
+//! hides the messages from other consumers for the moment it takes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use serde::Serialize;
+use serde_json::Value;
+use sluice_processors::amqp::topology::retry_queue;
+use sluice_projections::lag::{group_lag, PartitionLag};
+use sluice_projections::runner::group_id;
+use sluice_projections::store::versions::Versions;
+use sluice_schemas::{catalog, names};
+
+use super::dead_letter;
+use super::management::{encode, Management};
+use super::walk::{self, Walk};
+use super::OpsError;
+use crate::settings::Settings;
+
+/// Thresholds and limits of one status run.
+#[derive(Debug, Clone)]
+pub struct StatusOptions {
+    /// Events the active projection may be behind on one partition.
+    pub max_lag: i64,
+    /// Dead letters a DLQ may hold.
+    pub max_dlq: u64,
+    /// Dead letters read per DLQ to count them by class.
+    pub dlq_sample: u32,
+    /// The management API, when not beside the AMQP broker on port 15672.
+    pub management_url: Option<String>,
+}
+
+impl Default for StatusOptions {
+    fn default() -> Self {
+        Self { max_lag: 1_000, max_dlq: 0, dlq_sample: 10_000, management_url: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub severity: Severity,
+    /// A stable key for scripts (see the table in this module's docs).
+    pub kind: &'static str,
+    /// The server, queue, topic or partition concerned.
+    pub subject: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// No critical problem.
+    pub healthy: bool,
+    pub problems: Vec<Problem>,
+    pub servers: Vec<ServerStatus>,
+    pub projection: Option<ProjectionStatus>,
+    pub tenants: Vec<TenantStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    pub name: &'static str,
+    pub address: String,
+    pub reachable: bool,
+    /// The version, or why it is unreachable.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    /// The version serving reads, and its consumer group.
+    pub active: i32,
+    pub group: String,
+    /// A version a rebuild is filling, and its group.
+    pub building: Option<i32>,
+    pub building_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantStatus {
+    pub tenant: String,
+    pub contexts: Vec<ContextStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextStatus {
+    pub context: String,
+    pub work_queue: QueueStatus,
+    pub retry_queues: Vec<QueueStatus>,
+    pub dlq: DlqStatus,
+    pub events: Option<TopicStatus>,
+    pub subjects: Option<Vec<SubjectStatus>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStatus {
+    pub name: String,
+    pub exists: bool,
+    /// Ready messages (exact, from the broker).
+    pub ready: u32,
+    /// Delivered, not yet acked (management API statistics, a few seconds old).
+    pub unacked: Option<u64>,
+    pub consumers: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DlqStatus {
+    #[serde(flatten)]
+    pub queue: QueueStatus,
+    /// Dead letters per error class, of those examined.
+    pub by_class: BTreeMap<String, u64>,
+    pub examined: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicStatus {
+    pub topic: String,
+    pub partitions: Vec<PartitionStatus>,
+    /// Sum of the end offsets: events ever written.
+    pub end_offsets_total: i64,
+    /// Sum of the active projection version's lag (`None` for a topic the
+    /// versioned projection does not read: its context's projections are
+    /// not reported here yet).
+    pub lag_total: Option<i64>,
+    /// Sum of the building version's lag, during a rebuild.
+    pub building_lag_total: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    pub end_offset: i64,
+    /// Next offset the active projection version will read.
+    pub committed: Option<i64>,
+    pub lag: Option<i64>,
+    pub building_lag: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubjectStatus {
+    pub subject: String,
+    pub versions: Vec<i64>,
+}
+
+/// Looks at everything; fails only on bad usage (no tenants), never because
+/// a server is down — that is a problem in the report.
+pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<StatusReport, OpsError> {
+    let tenants = settings.tenant_names();
+    if tenants.is_empty() {
+        return Err(OpsError::Usage("no tenants configured: give a config file with [[tenants]] (--config)".into()));
+    }
+    let mut problems = Vec::new();
+    let mut servers = Vec::new();
+
+    // RabbitMQ, over AMQP and the management API.
+    let amqp = match Connection::connect(&settings.amqp.url, ConnectionProperties::default()).await {
+        Ok(c) => {
+            servers.push(ServerStatus { name: "rabbitmq", address: redact(&settings.amqp.url), reachable: true, detail: "amqp ok".into() });
+            Some(c)
+        }
+        Err(e) => {
+            servers.push(down("rabbitmq", redact(&settings.amqp.url), &e, &mut problems));
+            None
+        }
+    };
+    let management = Management::new(&settings.amqp.url, options.management_url.as_deref())?;
+    let management_up = match management.overview().await {
+        Ok(overview) => {
+            let version = format!("RabbitMQ {}", overview["rabbitmq_version"].as_str().unwrap_or("?"));
+            servers.push(ServerStatus { name: "rabbitmq_management", address: management.base_url().into(), reachable: true, detail: version });
+            true
+        }
+        Err(e) => {
+            servers.push(down("rabbitmq_management", management.base_url().into(), &e, &mut problems));
+            false
+        }
+    };
+
+    // Kafka: a plain TCP check first, so a dead broker costs seconds, not
+    // librdkafka's metadata timeouts.
+    let kafka_up = match reachable_any(&settings.kafka.brokers).await {
+        Ok(()) => {
+            servers.push(ServerStatus { name: "kafka", address: settings.kafka.brokers.clone(), reachable: true, detail: "tcp ok".into() });
+            true
+        }
+        Err(e) => {
+            servers.push(down("kafka", settings.kafka.brokers.clone(), &e, &mut problems));
+            false
+        }
+    };
+
+    // The registry's subjects.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| OpsError::Usage(e.to_string()))?;
+    let subjects = match registry_get(&http, &format!("{}/subjects", settings.registry.url)).await {
+        Ok(Value::Array(items)) => {
+            servers.push(ServerStatus {
+                name: "registry",
+                address: settings.registry.url.clone(),
+                reachable: true,
+                detail: format!("{} subjects", items.len()),
+            });
+            Some(items.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect::<Vec<_>>())
+        }
+        Ok(other) => {
+            servers.push(down("registry", settings.registry.url.clone(), &format!("unexpected answer {other}"), &mut problems));
+            None
+        }
+        Err(e) => {
+            servers.push(down("registry", settings.registry.url.clone(), &e, &mut problems));
+            None
+        }
+    };
+
+    // The CQL store: which projection version is active.
+    let projection = match crate::serve::connect_cql(settings).await {
+        Ok(session) => {
+            servers.push(ServerStatus { name: "cql", address: settings.cql.nodes.join(","), reachable: true, detail: format!("keyspace {}", settings.cql.keyspace) });
+            match Versions::new(session).get(&settings.projector.name).await {
+                Ok(state) => Some(ProjectionStatus {
+                    name: settings.projector.name.clone(),
+                    active: state.active,
+                    group: group_id(&settings.projector, state.active),
+                    building: state.building,
+                    building_group: state.building.map(|v| group_id(&settings.projector, v)),
+                }),
+                Err(e) => {
+                    problem(&mut problems, Severity::Critical, "server_unreachable", "cql", format!("projection versions: {e}"));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            servers.push(down("cql", settings.cql.nodes.join(","), &format!("{e:#}"), &mut problems));
+            None
+        }
+    };
+
+    // Kafka end offsets of every events topic, and the lag of the versioned
+    // projection on the topics it reads, all at once.
+    let topics: Vec<String> =
+        tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
+    let projected = crate::serve::events_topics(&tenants);
+    let (mut active_lag, mut building_lag) = (None, None);
+    if kafka_up {
+        let group = projection.as_ref().map(|p| p.group.clone()).unwrap_or_else(|| group_id(&settings.projector, 1));
+        match group_lag(&settings.kafka.brokers, &group, &topics).await {
+            Ok(lag) => active_lag = Some(lag),
+            Err(e) => problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}")),
+        }
+        if let Some(group) = projection.as_ref().and_then(|p| p.building_group.clone()) {
+            building_lag = group_lag(&settings.kafka.brokers, &group, &topics).await.ok();
+        }
+    }
+
+    let mut report_tenants = Vec::new();
+    for tenant in &tenants {
+        let mut contexts = Vec::new();
+        for context in catalog::CONTEXTS {
+            let ctx = context_status(
+                settings,
+                options,
+                tenant,
+                context.name,
+                amqp.as_ref(),
+                management_up.then_some(&management),
+                (active_lag.as_deref(), building_lag.as_deref()),
+                projection.is_some() && projected.contains(&names::events_topic(tenant, context.name)),
+                subjects.as_deref(),
+                &mut problems,
+            )
+            .await?;
+            contexts.push(ctx);
+        }
+        report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts });
+    }
+    if let Some(c) = amqp {
+        let _ = c.close(200, "status done".into()).await;
+    }
+    problems.sort_by(|a, b| b.severity.cmp(&a.severity));
+    Ok(StatusReport {
+        healthy: !problems.iter().any(|p| p.severity == Severity::Critical),
+        problems,
+        servers,
+        projection,
+        tenants: report_tenants,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn context_status(
+    settings: &Settings,
+    options: &StatusOptions,
+    tenant: &str,
+    context: &str,
+    amqp: Option<&Connection>,
+    management: Option<&Management>,
+    (active_lag, building_lag): (Option<&[PartitionLag]>, Option<&[PartitionLag]>),
+    // Whether the versioned projection reads this context's topic and its
+    // version is known: only then is there a lag to show.
+    projected: bool,
+    subjects: Option<&[String]>,
+    problems: &mut Vec<Problem>,
+) -> Result<ContextStatus, OpsError> {
+    let work = names::command_queue(tenant, context);
+    let dlq_name = names::dead_letter_queue(tenant, context);
+    let mut status = ContextStatus {
+        context: context.to_owned(),
+        work_queue: QueueStatus { name: work.clone(), ..Default::default() },
+        retry_queues: Vec::new(),
+        dlq: DlqStatus { queue: QueueStatus { name: dlq_name.clone(), ..Default::default() }, ..Default::default() },
+        events: None,
+        subjects: None,
+    };
+
+    if let Some(amqp) = amqp {
+        status.work_queue = queue_status(amqp, management, &work).await?;
+        if !status.work_queue.exists {
+            problem(problems, Severity::Critical, "work_queue_missing", &work, "the queue does not exist: no edge or processor has started for this tenant".into());
+        } else if status.work_queue.consumers == 0 {
+            problem(problems, Severity::Critical, "no_consumers", &work, "no processor consumes this queue".into());
+        }
+        for delay in &settings.processor.retry_delays_ms {
+            let retry = queue_status(amqp, management, &retry_queue(tenant, context, *delay)).await?;
+            if !retry.exists {
+                problem(problems, Severity::Warning, "retry_queue_missing", &retry.name, "the retry queue does not exist".into());
+            }
+            status.retry_queues.push(retry);
+        }
+        status.dlq.queue = queue_status(amqp, management, &dlq_name).await?;
+        let depth = u64::from(status.dlq.queue.ready);
+        if !status.dlq.queue.exists {
+            problem(problems, Severity::Warning, "dlq_missing", &dlq_name, "the dead-letter queue does not exist".into());
+        } else if depth > 0 {
+            if depth > options.max_dlq {
+                problem(problems, Severity::Critical, "dead_letters", &dlq_name, format!("{depth} dead letter(s), at most {} allowed (--max-dlq)", options.max_dlq));
+            }
+            count_by_class(amqp, management, tenant, context, options.dlq_sample, &mut status.dlq, problems).await?;
+        }
+    }
+
+    let topic = names::events_topic(tenant, context);
+    if let Some(lag) = active_lag {
+        let building: Vec<&PartitionLag> = building_lag.into_iter().flatten().filter(|p| p.topic == topic).collect();
+        let mut partitions: Vec<PartitionStatus> = lag
+            .iter()
+            .filter(|p| p.topic == topic)
+            .map(|p| PartitionStatus {
+                partition: p.partition,
+                end_offset: p.end,
+                committed: p.committed.filter(|_| projected),
+                lag: projected.then_some(p.lag),
+                building_lag: building.iter().find(|b| b.partition == p.partition).map(|b| b.lag).filter(|_| projected),
+            })
+            .collect();
+        partitions.sort_by_key(|p| p.partition);
+        if partitions.is_empty() {
+            problem(problems, Severity::Critical, "events_topic_missing", &topic, "the events topic does not exist: no processor has started for this tenant".into());
+        } else {
+            for p in partitions.iter().filter(|p| p.lag.is_some_and(|lag| lag > options.max_lag)) {
+                let lag = p.lag.unwrap_or_default();
+                problem(problems, Severity::Critical, "projection_lag", &format!("{topic}/{}", p.partition), format!("{lag} events behind, at most {} allowed (--max-lag)", options.max_lag));
+            }
+        }
+        status.events = Some(TopicStatus {
+            topic: topic.clone(),
+            end_offsets_total: partitions.iter().map(|p| p.end_offset).sum(),
+            lag_total: projected.then(|| partitions.iter().filter_map(|p| p.lag).sum()),
+            building_lag_total: building_lag.filter(|_| projected).map(|_| partitions.iter().filter_map(|p| p.building_lag).sum()),
+            partitions,
+        });
+    }
+
+    if let Some(subjects) = subjects {
+        let prefix = format!("{topic}-");
+        let mut mine = Vec::new();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| OpsError::Usage(e.to_string()))?;
+        for subject in subjects.iter().filter(|s| s.starts_with(&prefix)) {
+            let versions = match registry_get(&http, &format!("{}/subjects/{}/versions", settings.registry.url, encode(subject))).await {
+                Ok(Value::Array(v)) => v.iter().filter_map(Value::as_i64).collect(),
+                _ => Vec::new(),
+            };
+            mine.push(SubjectStatus { subject: subject.clone(), versions });
+        }
+        mine.sort_by(|a, b| a.subject.cmp(&b.subject));
+        if mine.is_empty() {
+            problem(problems, Severity::Warning, "no_subjects", &topic, "no schema subjects registered for this topic yet".into());
+        }
+        status.subjects = Some(mine);
+    }
+    Ok(status)
+}
+
+/// Reads up to `sample` dead letters of a DLQ (a walk: nothing consumed).
+async fn count_by_class(
+    amqp: &Connection,
+    management: Option<&Management>,
+    tenant: &str,
+    context: &str,
+    sample: u32,
+    dlq: &mut DlqStatus,
+    problems: &mut Vec<Problem>,
+) -> Result<(), OpsError> {
+    let name = dlq.queue.name.clone();
+    let Some(management) = management else {
+        problem(problems, Severity::Warning, "dlq_unread", &name, "without the management API the DLQ is not read (its delivery limit is unknown)".into());
+        return Ok(());
+    };
+    let Some(info) = management.queue(&name).await? else { return Ok(()) };
+    if let Err(e) = walk::ensure_walkable(&name, &info) {
+        problem(problems, Severity::Warning, "dlq_unread", &name, e.to_string());
+        return Ok(());
+    }
+    let mut walk = Walk::start(amqp, &name, sample.max(1)).await?;
+    let now = chrono::Utc::now();
+    while let Some(delivery) = walk.next().await? {
+        let dl = dead_letter::summarize(tenant, context, &name, &delivery, now);
+        *dlq.by_class.entry(dl.error_class).or_default() += 1;
+    }
+    dlq.examined = walk.seen();
+    if !walk.complete() {
+        problem(problems, Severity::Warning, "dlq_sampled", &name, format!("classes counted on {} of {} dead letters", walk.seen(), walk.depth_at_start()));
+    }
+    walk.finish(amqp).await
+}
+
+async fn queue_status(amqp: &Connection, management: Option<&Management>, name: &str) -> Result<QueueStatus, OpsError> {
+    let Some((ready, consumers)) = walk::queue_counts(amqp, name).await? else {
+        return Ok(QueueStatus { name: name.to_owned(), ..Default::default() });
+    };
+    let unacked = match management {
+        Some(m) => m.queue(name).await.ok().flatten().and_then(|q| q["messages_unacknowledged"].as_u64()),
+        None => None,
+    };
+    Ok(QueueStatus { name: name.to_owned(), exists: true, ready, unacked, consumers })
+}
+
+fn problem(problems: &mut Vec<Problem>, severity: Severity, kind: &'static str, subject: &str, detail: String) {
+    problems.push(Problem { severity, kind, subject: subject.to_owned(), detail });
+}
+
+fn down(name: &'static str, address: String, error: &dyn std::fmt::Display, problems: &mut Vec<Problem>) -> ServerStatus {
+    let detail = error.to_string();
+    problem(problems, Severity::Critical, "server_unreachable", name, format!("{address}: {detail}"));
+    ServerStatus { name, address, reachable: false, detail }
+}
+
+/// The AMQP URL without its password.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(invalid URL)".into(),
+    }
+}
+
+async fn reachable_any(brokers: &str) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for broker in brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(broker)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => errors.push(format!("{broker}: {e}")),
+            Err(_) => errors.push(format!("{broker}: no answer within 3s")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+async fn registry_get(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let response = http.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}"));
+    }
+    response.json().await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,147 @@
+//! Commands of process managers onto the normal command path: a CloudEvent
+//! published persistent to exchange `sluice.commands` with routing key
+//! `<tenant>.<context>`, awaited until the broker confirms. The CloudEvent's
+//! id and the operation id (AMQP `message_id`) derive from (process,
+//! correlation, step), so sending a step again is a redelivery the
+//! processors deduplicate, never a second command.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde_json::json;
+use sluice_schemas::names;
+use tokio::sync::Mutex;
+
+use super::CommandIntent;
+
+/// A command as the process sends it.
+#[derive(Debug, Clone)]
+pub struct OutgoingCommand<'a> {
+    pub tenant: &'a str,
+    pub process: &'a str,
+    pub correlation: &'a str,
+    pub intent: &'a CommandIntent,
+}
+
+impl OutgoingCommand<'_> {
+    /// The CloudEvent `source` of a process's commands.
+    pub fn source(&self) -> String {
+        format!("/{}/processes/{}", self.tenant, self.process)
+    }
+
+    /// The CloudEvent `id`: one per step of one process instance.
+    pub fn command_id(&self) -> String {
+        format!("{}:{}:{}", self.process, self.correlation, self.intent.step)
+    }
+
+    /// The operation id: a UUID v5 of tenant, source and id (the same
+    /// inputs the edge derives its ids from), as 32 hex digits.
+    pub fn operation_id(&self) -> String {
+        let name = format!("{}\u{1f}{}\u{1f}{}", self.tenant, self.source(), self.command_id());
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple().to_string()
+    }
+
+    pub fn cloud_event(&self) -> serde_json::Value {
+        json!({
+            "specversion": "1.0",
+            "id": self.command_id(),
+            "source": self.source(),
+            "type": self.intent.ty,
+            "datacontenttype": "application/json",
+            "subject": self.correlation,
+            "data": self.intent.data,
+        })
+    }
+}
+
+/// Sending failed or was not confirmed: the step is tried again.
+#[derive(Debug, thiserror::Error)]
+#[error("sending a command: {0}")]
+pub struct SendError(pub String);
+
+pub trait CommandSender: Send + Sync {
+    /// Resolves once the broker confirmed the command is queued.
+    fn send(&self, command: OutgoingCommand<'_>) -> impl Future<Output = Result<(), SendError>> + Send;
+}
+
+/// Publishes over one confirm channel, reconnecting after a failure.
+pub struct AmqpCommandSender {
+    url: String,
+    /// The connection and its confirm channel, opened on first use.
+    channel: Mutex<Option<(Connection, Channel)>>,
+    confirm_timeout: Duration,
+}
+
+impl AmqpCommandSender {
+    pub fn new(url: &str) -> Self {
+        Self { url: url.to_owned(), channel: Mutex::new(None), confirm_timeout: Duration::from_secs(10) }
+    }
+
+    async fn open(&self) -> Result<(Connection, Channel), SendError> {
+        let err = |e: lapin::Error| SendError(e.to_string());
+        let connection = Connection::connect(&self.url, ConnectionProperties::default()).await.map_err(err)?;
+        let channel = connection.create_channel().await.map_err(err)?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
+        Ok((connection, channel))
+    }
+}
+
+impl CommandSender for AmqpCommandSender {
+    async fn send(&self, command: OutgoingCommand<'_>) -> Result<(), SendError> {
+        let mut guard = self.channel.lock().await;
+        if guard.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
+            *guard = Some(self.open().await?);
+        }
+        let (_, channel) = guard.as_ref().expect("opened above");
+        let body = command.cloud_event().to_string();
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(command.operation_id().into())
+            .with_content_type("application/cloudevents+json".into());
+        let routing_key = names::routing_key(command.tenant, &command.intent.context);
+        let result = async {
+            let confirm = channel
+                .basic_publish(
+                    names::COMMAND_EXCHANGE.into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body.as_bytes(),
+                    properties,
+                )
+                .await
+                .map_err(|e| SendError(e.to_string()))?;
+            match tokio::time::timeout(self.confirm_timeout, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(other)) => Err(SendError(format!("not confirmed by the broker: {other:?}"))),
+                Ok(Err(e)) => Err(SendError(e.to_string())),
+                Err(_) => Err(SendError("no confirm in time".into())),
+            }
+        }
+        .await;
+        if result.is_err() {
+            // Start over with a fresh channel next time.
+            *guard = None;
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_always_gets_the_same_command_and_operation_ids() {
+        let intent =
+            CommandIntent { step: "reminder-1".into(), context: "patients".into(), ty: "t".into(), data: json!({}) };
+        let a = OutgoingCommand { tenant: "acme", process: "onboarding", correlation: "p1", intent: &intent };
+        let b = a.clone();
+        assert_eq!(a.command_id(), "onboarding:p1:reminder-1");
+        assert_eq!(a.operation_id(), b.operation_id());
+        let other = CommandIntent { step: "reminder-2".into(), ..intent.clone() };
+        assert_ne!(OutgoingCommand { intent: &other, ..a.clone() }.operation_id(), a.operation_id());
+        assert_eq!(a.cloud_event()["source"], "/acme/processes/onboarding");
+    }
+}

@@ -1,0 +1,274 @@
+//! The patients projection: each patient event becomes one step of the
+//! patient's onboarding history (table `patient_onboarding_steps`, keyed by
+//! the event's stream version, so a repeated or replayed event rewrites its
+//! own row). The onboarding status is folded from the steps on read.
+//!
+//! - [`step_of`] / [`view_of`]: pure, event → row and rows → view.
+//! - [`PatientsProjector`]: its consumer group (offsets committed only after
+//!   the row is written).
+//! - [`read_onboarding`]: the query the edge serves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::Message;
+use scylla::client::session::Session;
+use scylla::value::CqlTimestamp;
+use serde::Serialize;
+use sluice_schemas::codec::EventCodec;
+use sluice_schemas::patients::PatientEvent;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::store::{rm_err, ReadModelError};
+
+/// One step of an onboarding, as stored and served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub version: i64,
+    #[serde(skip)]
+    pub event_id: String,
+    /// `enrolled`, `assessment_scheduled`, `reminder_sent`, `escalated`, `assessment_completed`.
+    pub step: String,
+    pub detail: String,
+    #[serde(skip)]
+    pub occurred_at_ms: i64,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// A patient's onboarding as clients read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OnboardingView {
+    pub patient_id: String,
+    /// `enrolled`, `awaiting_assessment`, `escalated` or `completed`.
+    pub status: String,
+    pub reminders_sent: i64,
+    pub escalated: bool,
+    pub version: i64,
+    pub steps: Vec<Step>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+/// The history row of one event.
+pub fn step_of(event: &PatientEvent) -> Step {
+    let (step, detail) = match event {
+        PatientEvent::Enrolled(e) => ("enrolled", e.name.clone()),
+        PatientEvent::AssessmentScheduled(e) => ("assessment_scheduled", e.assessment_id.clone()),
+        PatientEvent::ReminderSent(e) => ("reminder_sent", format!("reminder {} for {}", e.reminder, e.assessment_id)),
+        PatientEvent::Escalated(e) => ("escalated", e.reason.clone()),
+        PatientEvent::AssessmentCompleted(e) => {
+            ("assessment_completed", format!("{} scored {}", e.assessment_id, e.score))
+        }
+    };
+    let meta = event.meta();
+    Step {
+        version: meta.version,
+        event_id: meta.event_id.to_owned(),
+        step: step.into(),
+        detail,
+        occurred_at_ms: meta.occurred_at,
+        at: rfc3339(meta.occurred_at),
+    }
+}
+
+/// The onboarding of `patient_id` from its steps (any order); `None` before
+/// its enrolment was projected.
+pub fn view_of(patient_id: &str, mut steps: Vec<Step>) -> Option<OnboardingView> {
+    steps.sort_by_key(|s| s.version);
+    if !steps.iter().any(|s| s.step == "enrolled") {
+        return None;
+    }
+    let has = |name: &str| steps.iter().any(|s| s.step == name);
+    let escalated = has("escalated");
+    let status = if has("assessment_completed") {
+        "completed"
+    } else if escalated {
+        "escalated"
+    } else if has("assessment_scheduled") {
+        "awaiting_assessment"
+    } else {
+        "enrolled"
+    };
+    Some(OnboardingView {
+        patient_id: patient_id.to_owned(),
+        status: status.into(),
+        reminders_sent: steps.iter().filter(|s| s.step == "reminder_sent").count() as i64,
+        escalated,
+        version: steps.last().map_or(0, |s| s.version),
+        steps,
+    })
+}
+
+/// Reads a patient's onboarding.
+pub async fn read_onboarding(
+    session: &Session,
+    tenant: &str,
+    patient_id: &str,
+) -> Result<Option<OnboardingView>, ReadModelError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT version, event_id, step, detail, occurred_at FROM patient_onboarding_steps WHERE tenant = ? AND patient_id = ?",
+            (tenant, patient_id),
+        )
+        .await
+        .map_err(rm_err)?
+        .into_rows_result()
+        .map_err(rm_err)?;
+    let steps = rows
+        .rows::<(i64, Option<String>, Option<String>, Option<String>, Option<CqlTimestamp>)>()
+        .map_err(rm_err)?
+        .map(|r| {
+            r.map(|(version, event_id, step, detail, at)| {
+                let ms = at.map_or(0, |t| t.0);
+                Step {
+                    version,
+                    event_id: event_id.unwrap_or_default(),
+                    step: step.unwrap_or_default(),
+                    detail: detail.unwrap_or_default(),
+                    occurred_at_ms: ms,
+                    at: rfc3339(ms),
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(rm_err)?;
+    Ok(view_of(patient_id, steps))
+}
+
+/// The live patients projection.
+pub struct PatientsProjector {
+    pub brokers: String,
+    pub registry_url: String,
+    /// Its consumer group.
+    pub group: String,
+    /// The `patients` events topics of every tenant.
+    pub topics: Vec<String>,
+    pub session: Arc<Session>,
+}
+
+impl PatientsProjector {
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ReadModelError> {
+        let codec = EventCodec::new(&self.registry_url).map_err(rm_err)?;
+        let insert = self
+            .session
+            .prepare(
+                "INSERT INTO patient_onboarding_steps (tenant, patient_id, version, event_id, step, detail, occurred_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .await
+            .map_err(rm_err)?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(rm_err)?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(rm_err)?;
+        info!(group = %self.group, "patients projection running");
+        'records: loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = consumer.recv() => match m {
+                    Ok(m) => m,
+                    Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
+                },
+            };
+            let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default().to_owned();
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let written: Result<(), String> = async {
+                    let Some(payload) = message.payload() else { return Ok(()) };
+                    let (name, value) = match codec.decode(payload).await {
+                        Ok(decoded) => decoded,
+                        Err(e) if e.is_transient() => return Err(e.to_string()),
+                        Err(e) => {
+                            // Poison handling (dead-letter topic, parking) is
+                            // the orders projection's; here it is logged.
+                            warn!(topic = message.topic(), offset = message.offset(), error = %e, "skipping an undecodable record");
+                            return Ok(());
+                        }
+                    };
+                    let Ok(event) = PatientEvent::from_avro(&name, &value) else { return Ok(()) };
+                    let step = step_of(&event);
+                    let values = (
+                        tenant.as_str(),
+                        event.meta().patient_id,
+                        step.version,
+                        step.event_id.as_str(),
+                        step.step.as_str(),
+                        step.detail.as_str(),
+                        CqlTimestamp(step.occurred_at_ms),
+                    );
+                    self.session.execute_unpaged(&insert, values).await.map(drop).map_err(|e| e.to_string())
+                }
+                .await;
+                match written {
+                    Ok(()) => break,
+                    Err(e) => warn!(error = %e, "patients projection write failed; retrying"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'records,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            if let Err(e) = consumer.store_offset_from_message(&message) {
+                warn!(error = %e, "could not store the offset");
+            }
+        }
+        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_schemas::patients::{AssessmentCompleted, PatientEnrolled, ReminderSent};
+
+    use super::*;
+
+    #[test]
+    fn the_status_follows_the_steps_whatever_order_they_are_read_in() {
+        let enrolled = PatientEvent::Enrolled(PatientEnrolled {
+            event_id: "e1".into(),
+            patient_id: "p".into(),
+            version: 1,
+            occurred_at: 0,
+            name: "Ada".into(),
+        });
+        let reminder = PatientEvent::ReminderSent(ReminderSent {
+            event_id: "e3".into(),
+            patient_id: "p".into(),
+            version: 3,
+            occurred_at: 2,
+            assessment_id: "intake".into(),
+            reminder: 1,
+        });
+        let done = PatientEvent::AssessmentCompleted(AssessmentCompleted {
+            event_id: "e4".into(),
+            patient_id: "p".into(),
+            version: 4,
+            occurred_at: 3,
+            assessment_id: "intake".into(),
+            score: 5,
+        });
+        assert_eq!(view_of("p", vec![step_of(&reminder)]), None, "nothing to show before the enrolment");
+        let view = view_of("p", vec![step_of(&done), step_of(&enrolled), step_of(&reminder)]).unwrap();
+        assert_eq!((view.status.as_str(), view.reminders_sent, view.version), ("completed", 1, 4));
+        assert_eq!(
+            view.steps.iter().map(|s| s.step.as_str()).collect::<Vec<_>>(),
+            ["enrolled", "reminder_sent", "assessment_completed"]
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! `sluice dlq purge` and `delete` against the real broker and CQL store:
+//! what they remove is exactly what they were asked to, each removal is in
+//! the `dlq_audit` table with who, why and which ids, and nothing happens
+//! without a reason.
+
+use std::collections::HashSet;
+
+use sluice_cli::ops::audit::AuditLog;
+use sluice_cli::ops::dead_letter::Filter;
+use sluice_cli::ops::dlq::Who;
+use sluice_cli::ops::OpsError;
+use sluice_tests::*;
+
+fn letters(prefix: &str, n: usize) -> Vec<SeedLetter> {
+    (0..n)
+        .map(|i| {
+            let (ty, class) = if i % 3 == 0 {
+                ("com.example.orders.CancelOrder", "retries_exhausted")
+            } else {
+                ("com.example.orders.SubmitOrder", "malformed_command")
+            };
+            SeedLetter::new(&format!("{prefix}-{i:03}"), Some(ty), Some(class), "seeded")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let seeded = letters("p", 30);
+    seed_dead_letters(&tenant, &seeded).await;
+    let dlq = dlq_ops().await;
+    let audit = AuditLog::new(sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)"));
+    let scope = tenant_scope(&tenant);
+    let who = Who { actor: "test-ops".into(), reason: "orders from the broken 1.4.2 client".into() };
+
+    // A filtered purge: only the malformed SubmitOrders.
+    let malformed = Filter { class: Some("malformed_command".into()), ..Default::default() };
+    let report = dlq.purge(&audit, &scope, &malformed, &who).await.expect("filtered purge");
+    let expected: Vec<String> = seeded.iter().filter(|l| l.class.as_deref() == Some("malformed_command")).map(|l| l.message_id.clone()).collect();
+    assert_eq!(report.removed, 20);
+    assert_eq!(report.ids, expected);
+    assert_eq!(queue_depth(&dlq_name).await, 10);
+
+    let entries = audit.list(Some(&tenant.name), 10).await.expect("audit");
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    assert_eq!(e.action.as_deref(), Some("purge"));
+    assert_eq!(e.actor.as_deref(), Some("test-ops"));
+    assert_eq!(e.reason.as_deref(), Some("orders from the broken 1.4.2 client"));
+    assert_eq!(e.queue.as_deref(), Some(dlq_name.as_str()));
+    assert_eq!(e.status.as_deref(), Some("done"));
+    assert_eq!(e.count, 20);
+    assert_eq!(e.message_ids, expected);
+    assert!(e.filter.as_deref().unwrap().contains("malformed_command"));
+    assert_eq!(Some(&e.id), report.queues[0].audit_id.as_ref());
+    assert!((chrono::Utc::now() - e.at).num_seconds() < 120);
+
+    // The whole rest.
+    let report = dlq.purge(&audit, &scope, &Filter::default(), &who).await.expect("purge");
+    assert_eq!(report.removed, 10);
+    assert_eq!(queue_depth(&dlq_name).await, 0);
+    let entries = audit.list(Some(&tenant.name), 10).await.expect("audit");
+    assert_eq!(entries.len(), 2, "one row per purge");
+    assert_eq!((entries[0].count, entries[0].filter.as_deref()), (10, Some("all")), "newest first");
+    let all: HashSet<String> = entries.iter().flat_map(|e| e.message_ids.clone()).collect();
+    assert_eq!(all, seeded.iter().map(|l| l.message_id.clone()).collect::<HashSet<_>>(), "every removed id is in the log");
+
+    // An empty DLQ still records the attempt.
+    let report = dlq.purge(&audit, &scope, &Filter::default(), &who).await.expect("empty purge");
+    assert_eq!(report.removed, 0);
+    assert_eq!(audit.list(Some(&tenant.name), 10).await.unwrap()[0].count, 0);
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_removes_one_message_and_says_so_in_the_audit_log() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let seeded = letters("d", 5);
+    seed_dead_letters(&tenant, &seeded).await;
+    let dlq = dlq_ops().await;
+    let audit = AuditLog::new(sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)"));
+    let scope = tenant_scope(&tenant);
+    let who = Who { actor: "test-ops".into(), reason: "customer withdrew the order by phone".into() };
+
+    let report = dlq.delete(&audit, &scope, "d-002", &who).await.expect("delete");
+    assert_eq!((report.removed, report.ids.as_slice()), (1, ["d-002".to_owned()].as_slice()));
+    let entries = audit.list(Some(&tenant.name), 10).await.expect("audit");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].action.as_deref(), Some("delete"));
+    assert_eq!(entries[0].message_ids, ["d-002"]);
+    assert_eq!(entries[0].filter.as_deref(), Some("message_id=d-002"));
+    assert_eq!(entries[0].status.as_deref(), Some("done"));
+
+    // Gone for good; the rest untouched and in order.
+    assert!(matches!(dlq.delete(&audit, &scope, "d-002", &who).await, Err(OpsError::NotFound(..))));
+    assert_eq!(audit.list(Some(&tenant.name), 10).await.unwrap().len(), 1, "a delete that found nothing removed nothing to record");
+    let left = drain_ids(&dlq_name).await;
+    assert_eq!(left, ["d-000", "d-001", "d-003", "d-004"]);
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_removed_without_a_reason() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    seed_dead_letters(&tenant, &letters("r", 3)).await;
+    let dlq = dlq_ops().await;
+    let audit = AuditLog::new(sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)"));
+    let who = Who { actor: "test-ops".into(), reason: "  ".into() };
+    assert!(matches!(dlq.purge(&audit, &tenant_scope(&tenant), &Filter::default(), &who).await, Err(OpsError::Usage(_))));
+    assert!(matches!(dlq.delete(&audit, &tenant_scope(&tenant), "r-001", &who).await, Err(OpsError::Usage(_))));
+    assert_eq!(queue_depth(&format!("{}.dlq", orders_queue(&tenant))).await, 3);
+    assert!(audit.list(Some(&tenant.name), 10).await.unwrap().is_empty());
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}

@@ -1,0 +1,227 @@
+//! `sluice dlq shovel` against the real broker: a filtered shovel of one
+//! failure group out of 1,000 dead letters while producers keep
+//! dead-lettering, accounted message by message; dry runs, limits, rates, and
+//! whole-queue moves through RabbitMQ's own shovel.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_cli::ops::dead_letter::Filter;
+use sluice_cli::ops::dlq::{ShovelMethod, ShovelOptions};
+use sluice_tests::*;
+
+const SUBMIT: &str = "com.example.orders.SubmitOrder";
+const CANCEL: &str = "com.example.orders.CancelOrder";
+const SHIP: &str = "com.example.orders.ShipOrder";
+
+/// The four failure groups of the seeded DLQ: (type, class, reason).
+fn group_of(i: usize) -> (Option<&'static str>, Option<&'static str>, &'static str) {
+    match i % 10 {
+        0..=3 => (Some(SUBMIT), Some("malformed_command"), "data /lines/0/quantity: -1 is less than the minimum of 1"),
+        4..=6 => (Some(CANCEL), Some("retries_exhausted"), "gave up after 6 attempts: event store: timeout"),
+        7 | 8 => (None, Some("malformed_message"), "body is not JSON: expected value at line 1 column 1"),
+        _ => (Some(SHIP), None, "delivery_limit"),
+    }
+}
+
+fn seed(prefix: &str, range: std::ops::Range<usize>) -> Vec<SeedLetter> {
+    range
+        .map(|i| {
+            let (ty, class, reason) = group_of(i);
+            SeedLetter::new(&format!("{prefix}-{i:05}"), ty, class, reason)
+        })
+        .collect()
+}
+
+/// Group key as `dlq list` reports it.
+fn key(ty: Option<&str>, class: Option<&str>) -> (String, String) {
+    (
+        ty.unwrap_or(sluice_cli::ops::dead_letter::UNREADABLE).to_owned(),
+        class.map(str::to_owned).unwrap_or_else(|| "broker_delivery_limit".into()),
+    )
+}
+
+fn counts(listing: &sluice_cli::ops::dlq::Listing) -> BTreeMap<(String, String), u64> {
+    listing.groups.iter().map(|g| ((g.command_type.clone(), g.error_class.clone()), g.count)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_filtered_shovel_under_load_moves_one_group_and_loses_or_duplicates_nothing() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let work = orders_queue(&tenant);
+    let dlq_name = format!("{work}.dlq");
+    let seeded = seed("dl", 0..1_000);
+    seed_dead_letters(&tenant, &seeded).await;
+
+    let dlq = dlq_ops().await;
+    let scope = tenant_scope(&tenant);
+    let before = dlq.list(&scope, &Filter::default()).await.expect("list before");
+    assert_eq!(before.matching, 1_000);
+    assert_eq!((before.queues[0].depth, before.queues[0].complete), (1_000, true));
+    let expected: BTreeMap<(String, String), u64> = [
+        (key(Some(SUBMIT), Some("malformed_command")), 400),
+        (key(Some(CANCEL), Some("retries_exhausted")), 300),
+        (key(None, Some("malformed_message")), 200),
+        (key(Some(SHIP), None), 100),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(counts(&before), expected, "groups listed before");
+
+    // Producers keep dead-lettering, every group included, while the shovel runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (tenant, stop) = (tenant.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut produced = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let batch = seed("new", i..i + 10);
+                seed_dead_letters(&tenant, &batch).await;
+                produced.extend(batch);
+                i += 10;
+            }
+            produced
+        })
+    };
+    // Let the producers get going before the shovel starts.
+    eventually(Duration::from_secs(30), "the producer's first dead letters", || async {
+        (queue_depth(&dlq_name).await > 1_000).then_some(())
+    })
+    .await;
+
+    let group = Filter { command_type: Some("CancelOrder".into()), class: Some("retries_exhausted".into()), ..Default::default() };
+    let mut progress_calls = 0;
+    let report = dlq.shovel(&scope, &group, &ShovelOptions::default(), &mut |_| progress_calls += 1).await.expect("shovel");
+    stop.store(true, Ordering::SeqCst);
+    let produced = producer.await.expect("producer");
+    assert!(!produced.is_empty(), "producers published during the shovel");
+    assert_eq!(report.method, ShovelMethod::Client);
+    assert!(progress_calls > 0, "the progress callback was driven");
+
+    // Every original message of the group moved, and nothing of another group.
+    let group_ids: HashSet<String> = seeded.iter().chain(&produced).filter(|l| l.command_type.as_deref() == Some(CANCEL)).map(|l| l.message_id.clone()).collect();
+    let moved: HashSet<String> = report.ids.iter().cloned().collect();
+    assert_eq!(moved.len(), report.ids.len(), "each message moved once");
+    assert_eq!(report.moved as usize, report.ids.len());
+    for letter in seeded.iter().filter(|l| l.command_type.as_deref() == Some(CANCEL)) {
+        assert!(moved.contains(&letter.message_id), "{} of the group was present at the start and must have moved", letter.message_id);
+    }
+    assert!(moved.is_subset(&group_ids), "only the group moved");
+    assert_eq!(report.destinations.get(&work), Some(&report.moved), "all went back to the work queue");
+
+    // Listed after: the other groups grew by what the producers added; the
+    // shovelled group holds only what arrived after the shovel looked.
+    let after = dlq.list(&scope, &Filter::default()).await.expect("list after");
+    let all: Vec<&SeedLetter> = seeded.iter().chain(&produced).collect();
+    let mut expected_after: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for letter in all.iter().filter(|l| !moved.contains(&l.message_id)) {
+        *expected_after.entry(key(letter.command_type.as_deref(), letter.class.as_deref())).or_default() += 1;
+    }
+    assert_eq!(counts(&after), expected_after, "groups listed after");
+    assert_eq!(after.matching as usize, all.len() - moved.len());
+
+    // Every message is in exactly one place.
+    let in_work = drain_ids(&work).await;
+    let in_dlq = drain_ids(&dlq_name).await;
+    let work_set: HashSet<String> = in_work.iter().cloned().collect();
+    let dlq_set: HashSet<String> = in_dlq.iter().cloned().collect();
+    assert_eq!(work_set.len(), in_work.len(), "no duplicate in the work queue");
+    assert_eq!(dlq_set.len(), in_dlq.len(), "no duplicate in the DLQ");
+    assert!(work_set.is_disjoint(&dlq_set), "no message in both places");
+    assert_eq!(work_set, moved, "the work queue holds exactly what was moved");
+    let everything: HashSet<String> = all.iter().map(|l| l.message_id.clone()).collect();
+    assert_eq!(work_set.union(&dlq_set).cloned().collect::<HashSet<_>>(), everything, "nothing lost");
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shovelled_messages_go_home_for_a_fresh_try_and_a_dry_run_moves_nothing() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let work = orders_queue(&tenant);
+    let dlq_name = format!("{work}.dlq");
+    let seeded = seed("dr", 0..40);
+    seed_dead_letters(&tenant, &seeded).await;
+    let dlq = dlq_ops().await;
+    let scope = tenant_scope(&tenant);
+    let retries = Filter { class: Some("retries_exhausted".into()), ..Default::default() };
+
+    let dry = ShovelOptions { dry_run: true, ..Default::default() };
+    let report = dlq.shovel(&scope, &retries, &dry, &mut |_| {}).await.expect("dry run");
+    assert_eq!((report.dry_run, report.selected, report.moved), (true, 12, 0));
+    assert_eq!(report.destinations.get(&work), Some(&12));
+    eventually(Duration::from_secs(10), "the DLQ whole again", || async { (queue_depth(&dlq_name).await == 40).then_some(()) }).await;
+    assert_eq!(queue_depth(&work).await, 0, "a dry run moves nothing");
+
+    // Limit and rate: 5 messages at 20/s take at least 4 intervals.
+    let paced = ShovelOptions { limit: Some(5), rate: Some(20.0), ..Default::default() };
+    let started = Instant::now();
+    let report = dlq.shovel(&scope, &retries, &paced, &mut |_| {}).await.expect("limited shovel");
+    assert_eq!(report.moved, 5);
+    assert!(started.elapsed() >= Duration::from_millis(190), "--rate 20 paced 5 moves: {:?}", started.elapsed());
+    let first_five: Vec<String> =
+        seeded.iter().filter(|l| l.class.as_deref() == Some("retries_exhausted")).take(5).map(|l| l.message_id.clone()).collect();
+    assert_eq!(report.ids, first_five, "the oldest of the group go first");
+
+    // Back home: attempt 1, no verdict, history and origin kept.
+    let moved = drain_queue(&work).await;
+    assert_eq!(moved.len(), 5);
+    for (properties, _) in &moved {
+        assert_eq!(amqp_header(properties, "x-sluice-attempt").as_deref(), Some("LongLongInt(1)"));
+        assert_eq!(amqp_header(properties, "x-sluice-reason"), None);
+        assert_eq!(amqp_header(properties, "x-sluice-error-class"), None);
+        assert_eq!(amqp_header(properties, "x-delivery-count"), None);
+        assert_eq!(amqp_header(properties, "x-sluice-original-queue").as_deref(), Some(work.as_str()));
+        assert!(amqp_header(properties, "x-sluice-attempt-history").is_some());
+        assert!(amqp_header(properties, "traceparent").is_some());
+    }
+    let listed = dlq.list(&scope, &Filter::default()).await.expect("list");
+    assert_eq!(listed.matching, 35);
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_queue_move_to_another_queue_uses_the_broker_shovel_and_keeps_the_verdict() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let parking = format!("{}.parking", orders_queue(&tenant));
+    {
+        let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut args = lapin::types::FieldTable::default();
+        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+        let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
+        let _ = connection.close(200, "declared".into()).await;
+    }
+    let seeded = seed("bs", 0..300);
+    seed_dead_letters(&tenant, &seeded).await;
+    let dlq = dlq_ops().await;
+    let options = ShovelOptions { to: Some(parking.clone()), ..Default::default() };
+    let report = dlq.shovel(&tenant_scope(&tenant), &Filter::default(), &options, &mut |_| {}).await.expect("broker shovel");
+    assert_eq!(report.method, ShovelMethod::BrokerShovel);
+    assert_eq!(report.moved, 300);
+    assert_eq!(queue_depth(&dlq_name).await, 0);
+    let parked = drain_queue(&parking).await;
+    let ids: Vec<String> = parked.iter().map(|(p, _)| p.message_id().as_ref().unwrap().to_string()).collect();
+    let expected: Vec<String> = seeded.iter().map(|l| l.message_id.clone()).collect();
+    assert_eq!(ids, expected, "all moved, in order, once");
+    let with_verdict = parked.iter().filter(|(p, _)| amqp_header(p, "x-sluice-error-class").is_some()).count();
+    assert_eq!(with_verdict, 270, "headers kept as they were (the 30 broker dead letters never had a class)");
+    delete_queue(&parking).await;
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}

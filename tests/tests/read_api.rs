@@ -1,0 +1,82 @@
+//! The read API: a customer's orders paged newest first, daily sales with
+//! cancellations subtracted, the operation's read-your-writes flag, metrics,
+//! and reads that keep answering with the write side stopped.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_cli::serve::Role;
+use sluice_tests::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn customer_lists_daily_sales_and_read_your_writes() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    let mut last = String::new();
+    for i in 0..5 {
+        let response = platform.post_event(&tenant, &submit_order(&tenant, &format!("s{i}"), &format!("o{i}"), "alice")).await;
+        last = response.headers()["location"].to_str().unwrap().to_owned();
+        platform.await_operation(&tenant, &last, WAIT).await;
+    }
+    let cancel = command(&tenant, "c1", "com.example.orders.CancelOrder", json!({"order_id": "o1", "reason": "no"}));
+    let cancelled = platform.post_event(&tenant, &cancel).await.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(platform.await_operation(&tenant, &cancelled, WAIT).await["status"], "succeeded");
+
+    // Read-your-writes: the operation says when the read model has its events.
+    let op = eventually(WAIT, "the read model to catch up with the cancellation", || async {
+        let (_, op) = platform.get_json(&tenant, &cancelled).await;
+        (op["read_models"]["orders"]["caught_up"] == true).then_some(op)
+    })
+    .await;
+    assert_eq!(op["status"], "succeeded");
+    let (_, order) = platform.get_json(&tenant, "/orders/o1").await;
+    assert_eq!(order["status"], "cancelled", "caught_up means the read shows it");
+
+    // Newest first, two per page, every order exactly once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/customers/alice/orders?limit=2&cursor={c}"),
+            None => "/customers/alice/orders?limit=2".to_owned(),
+        };
+        let (status, page) = platform.get_json(&tenant, &path).await;
+        assert_eq!(status, 200, "{page}");
+        assert!(page["items"].as_array().unwrap().len() <= 2);
+        seen.extend(page["items"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["o4", "o3", "o2", "o1", "o0"]);
+    assert_eq!(platform.get_json(&tenant, "/customers/alice/orders?cursor=not-a-cursor!").await.0, 400);
+
+    // Daily sales: five orders of 2100 cents, one cancelled.
+    let today = chrono::Utc::now().date_naive();
+    let (status, sales) = platform.get_json(&tenant, &format!("/sales/daily?from={}&to={today}", today.pred_opt().unwrap())).await;
+    assert_eq!(status, 200);
+    let days = sales["days"].as_array().unwrap();
+    assert_eq!(days.len(), 2);
+    assert_eq!(days[1]["day"], today.to_string());
+    assert_eq!((days[1]["orders"].as_i64(), days[1]["total_cents"].as_i64()), (Some(4), Some(4 * 2100)));
+    assert_eq!(platform.get_json(&tenant, "/sales/daily?from=2026-13-01&to=2026-12-01").await.0, 400);
+    assert_eq!(platform.get_json(&tenant, "/sales/daily?from=2020-01-01&to=2026-01-01").await.0, 400);
+
+    // Metrics name what happened.
+    let metrics = platform.http.get(platform.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in ["sluice_http_event_requests_total", "sluice_publish_confirm_seconds", "sluice_commands_processed_total", "sluice_kafka_produce_seconds", "sluice_projection_apply_seconds"] {
+        assert!(metrics.contains(name), "{name} in /metrics");
+    }
+    platform.stop().await.unwrap();
+
+    // The write side stopped: the edge alone still serves every read.
+    let edge = Platform::start(settings, Role::Ingest).await;
+    assert_eq!(edge.get_json(&tenant, "/orders/o3").await.0, 200);
+    assert_eq!(edge.get_json(&tenant, "/customers/alice/orders").await.0, 200);
+    assert_eq!(edge.get_json(&tenant, &last).await.1["status"], "succeeded");
+    edge.stop().await.unwrap();
+}

@@ -1,0 +1,114 @@
+//! `sluice status` against the real stack: healthy while a tenant's roles
+//! run and keep up, unhealthy with a dead letter or without consumers, and
+//! the binary's `status --json` and `dlq list --json` as scripts use them.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_cli::ops::status::{status, Severity, StatusOptions, StatusReport};
+use sluice_cli::serve::Role;
+use sluice_tests::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn kinds(report: &StatusReport) -> Vec<&'static str> {
+    report.problems.iter().filter(|p| p.severity == Severity::Critical).map(|p| p.kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_not() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    let response = platform.post_event(&tenant, &submit_order(&tenant, "st-1", "o-st", "c-st")).await;
+    let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let options = StatusOptions::default();
+
+    // Healthy once the projector has applied the event.
+    let report = eventually(WAIT, "a healthy status", || async {
+        let report = status(&settings, &options).await.expect("status");
+        report.healthy.then_some(report)
+    })
+    .await;
+    assert!(report.servers.iter().all(|s| s.reachable), "{:?}", report.servers);
+    let projection = report.projection.as_ref().expect("projection");
+    assert_eq!((projection.name.as_str(), projection.active, projection.building), (settings.projector.name.as_str(), 1, None));
+    let ctx = report.tenants[0].contexts.iter().find(|c| c.context == "orders").expect("orders context");
+    assert_eq!(report.tenants[0].tenant, tenant.name);
+    assert!(ctx.work_queue.exists && ctx.work_queue.consumers >= 1, "{:?}", ctx.work_queue);
+    assert_eq!(ctx.retry_queues.len(), settings.processor.retry_delays_ms.len());
+    assert!(ctx.retry_queues.iter().all(|q| q.exists));
+    assert_eq!((ctx.dlq.queue.exists, ctx.dlq.queue.ready), (true, 0));
+    let events = ctx.events.as_ref().expect("events topic");
+    assert_eq!(events.topic, format!("{}.orders.events", tenant.name));
+    assert_eq!(events.partitions.len() as i32, settings.processor.topic_partitions);
+    assert_eq!((events.end_offsets_total, events.lag_total), (1, Some(0)));
+    let subjects = ctx.subjects.as_ref().expect("registry subjects");
+    let submitted = format!("{}.orders.events-com.example.orders.OrderSubmitted", tenant.name);
+    let subject = subjects.iter().find(|s| s.subject == submitted).unwrap_or_else(|| panic!("{submitted} in {subjects:?}"));
+    assert!(!subject.versions.is_empty());
+
+    // A dead letter makes it unhealthy, with the class counted.
+    let bad = serde_json::json!({"specversion": "1.0", "id": "st-bad", "source": tenant.source, "type": "com.example.orders.SubmitOrder", "data": {"order_id": 7}});
+    publish_raw(&orders_queue(&tenant), bad.to_string().as_bytes(), Some("op-st-bad"), lapin::types::FieldTable::default()).await;
+    let report = eventually(WAIT, "the dead letter to show", || async {
+        let report = status(&settings, &options).await.expect("status");
+        // The processors' re-drive briefly holds the DLQ every few seconds.
+        let dlq = &report.tenants[0].contexts.iter().find(|c| c.context == "orders")?.dlq;
+        (dlq.queue.ready == 1 && dlq.by_class.get("malformed_command") == Some(&1)).then_some(report)
+    })
+    .await;
+    assert!(!report.healthy);
+    assert_eq!(kinds(&report), ["dead_letters"]);
+    let tolerant = StatusOptions { max_dlq: 1, ..Default::default() };
+    assert!(status(&settings, &tolerant).await.expect("status").healthy, "--max-dlq 1 tolerates it");
+
+    // Without processors nothing consumes the work queue.
+    platform.stop().await.unwrap();
+    let report = status(&settings, &tolerant).await.expect("status");
+    assert!(!report.healthy);
+    assert_eq!(kinds(&report), ["no_consumers"]);
+    delete_tenant_queues(&settings, &tenant).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_reports_json_and_exits_non_zero_when_unhealthy() {
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    seed_dead_letters(&tenant, &[SeedLetter::new("bin-1", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "data /order_id: 7 is not of type \"string\"")]).await;
+
+    let output = run_sluice(&settings, &["dlq", "list", "--json"]);
+    assert!(output.status.success(), "dlq list: {}", String::from_utf8_lossy(&output.stderr));
+    let listing: Value = serde_json::from_slice(&output.stdout).expect("dlq list --json is JSON");
+    assert_eq!(listing["matching"], 1);
+    assert_eq!(listing["groups"][0]["type"], "com.example.orders.SubmitOrder");
+    assert_eq!(listing["groups"][0]["error_class"], "malformed_command");
+    assert_eq!(listing["groups"][0]["count"], 1);
+    assert_eq!(listing["messages"][0]["message_id"], "bin-1");
+    assert_eq!(listing["messages"][0]["reason"], "data /order_id: 7 is not of type \"string\"");
+
+    let output = run_sluice(&settings, &["status", "--json"]);
+    assert_eq!(output.status.code(), Some(1), "unhealthy exits 1: {}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("status --json is JSON");
+    assert_eq!(report["healthy"], false);
+    let problems: Vec<(&str, &str)> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["severity"] == "critical")
+        .map(|p| (p["kind"].as_str().unwrap(), p["subject"].as_str().unwrap()))
+        .collect();
+    let work = orders_queue(&tenant);
+    let dlq = format!("{work}.dlq");
+    let topic = format!("{}.orders.events", tenant.name);
+    for expected in [("no_consumers", work.as_str()), ("dead_letters", dlq.as_str()), ("events_topic_missing", topic.as_str())] {
+        assert!(problems.contains(&expected), "{expected:?} in {problems:?}");
+    }
+    let orders = report["tenants"][0]["contexts"].as_array().unwrap().iter().find(|c| c["context"] == "orders").expect("orders context");
+    assert_eq!(orders["dlq"]["by_class"]["malformed_command"], 1);
+    assert_eq!(queue_depth(&dlq).await, 1, "status read the DLQ without consuming it");
+    delete_tenant_queues(&settings, &tenant).await;
+}
