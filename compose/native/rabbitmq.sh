@@ -71,6 +71,11 @@ node_pid() {
 
 start() {
   install
+  # One start at a time (tests restart the broker while others call `up`);
+  # the lock is held until the new node has written its pid file.
+  mkdir -p "$HOME_DIR"
+  exec 9>"$STATE_DIR/rabbitmq.start.lock"
+  flock 9
   # A node that is alive but slow to answer (booting, or busy) must not get
   # a twin: a second node with the same name never boots and wedges the first.
   if node_pid >/dev/null; then log "already running (pid $(node_pid))"; return 0; fi
@@ -83,6 +88,7 @@ start() {
   # session resets the limit to 1024; raise it inside that session instead.
   (cd /var/lib/rabbitmq && su rabbitmq -s /bin/sh -c \
     'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached' >/dev/null 2>&1)
+  wait_until 60 "the node's pid file" node_pid || die "RabbitMQ did not start (see $RABBITMQ_LOG_BASE)"
 }
 
 wait_ready() {
