@@ -21,6 +21,8 @@ pub struct StoredEvent {
     pub command_key: String,
     pub operation_id: String,
     pub recorded_at_ms: i64,
+    /// Kafka confirmed it (false until then, and for events just decided).
+    pub produced: bool,
 }
 
 /// Identifies one stream.
@@ -47,12 +49,15 @@ pub trait EventStore: Send + Sync {
     fn load(&self, stream: StreamRef<'_>) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
     /// Appends events whose versions continue the stream; all or nothing.
     fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> impl Future<Output = Result<Append, StoreError>> + Send;
+    /// Marks an event as confirmed by Kafka.
+    fn mark_produced(&self, stream: StreamRef<'_>, version: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 pub struct CqlEventStore {
     session: Arc<Session>,
     load: PreparedStatement,
     insert: PreparedStatement,
+    mark: PreparedStatement,
 }
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
@@ -63,7 +68,7 @@ impl CqlEventStore {
     pub async fn new(session: Arc<Session>) -> Result<Self, StoreError> {
         let load = session
             .prepare(
-                "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at \
+                "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at, produced \
                  FROM events WHERE tenant = ? AND context = ? AND stream_id = ?",
             )
             .await
@@ -75,11 +80,15 @@ impl CqlEventStore {
             )
             .await
             .map_err(store_err)?;
-        Ok(Self { session, load, insert })
+        let mark = session
+            .prepare("UPDATE events SET produced = true WHERE tenant = ? AND context = ? AND stream_id = ? AND version = ?")
+            .await
+            .map_err(store_err)?;
+        Ok(Self { session, load, insert, mark })
     }
 }
 
-type EventRow = (i64, String, String, String, String, String, CqlTimestamp);
+type EventRow = (i64, String, String, String, String, String, CqlTimestamp, Option<bool>);
 
 impl EventStore for CqlEventStore {
     async fn load(&self, stream: StreamRef<'_>) -> Result<Vec<StoredEvent>, StoreError> {
@@ -92,7 +101,7 @@ impl EventStore for CqlEventStore {
         rows.rows::<EventRow>()
             .map_err(store_err)?
             .map(|row| {
-                let (version, event_id, event_type, payload, command_key, operation_id, recorded_at) =
+                let (version, event_id, event_type, payload, command_key, operation_id, recorded_at, produced) =
                     row.map_err(store_err)?;
                 Ok(StoredEvent {
                     version,
@@ -102,6 +111,7 @@ impl EventStore for CqlEventStore {
                     command_key,
                     operation_id,
                     recorded_at_ms: recorded_at.0,
+                    produced: produced.unwrap_or(false),
                 })
             })
             .collect()
@@ -135,5 +145,13 @@ impl EventStore for CqlEventStore {
         let first = rows.rows::<Row>().map_err(store_err)?.next().transpose().map_err(store_err)?;
         let applied = matches!(first.and_then(|row| row.columns.into_iter().next().flatten()), Some(CqlValue::Boolean(true)));
         Ok(if applied { Append::Applied } else { Append::Conflict })
+    }
+
+    async fn mark_produced(&self, stream: StreamRef<'_>, version: i64) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.mark, (stream.tenant, stream.context, stream.stream_id, version))
+            .await
+            .map_err(store_err)?;
+        Ok(())
     }
 }

@@ -109,8 +109,13 @@ where
 
         let mut command = Some(command);
         let mut mine = None;
+        let mut earlier_unproduced = Vec::new();
         for _ in 0..=MAX_CONFLICT_RETRIES {
             let history = self.store.load(stream).await?;
+            // Events of other commands that Kafka has not confirmed yet (their
+            // command is still retrying): they go out before this command's,
+            // so the stream reaches Kafka in version order.
+            earlier_unproduced = history.iter().filter(|e| !e.produced && e.command_key != command_key).cloned().collect();
             let already: Vec<StoredEvent> = history.iter().filter(|e| e.command_key == command_key).cloned().collect();
             if !already.is_empty() {
                 // A redelivery of a command whose events are stored: publish
@@ -151,6 +156,7 @@ where
                     command_key: command_key.clone(),
                     operation_id: cmd.operation_id.clone(),
                     recorded_at_ms: stamp.now_ms,
+                    produced: false,
                 })
                 .collect();
             match self.store.append(stream, &stored).await? {
@@ -168,29 +174,58 @@ where
             return Err(Failure::Transient(format!("stream {stream_id} kept changing; gave up after {MAX_CONFLICT_RETRIES} conflicts")));
         };
 
+        // Only events before this command's own: later ones wait for it.
+        let first_own = mine.first().map_or(i64::MAX, |e| e.version);
+        earlier_unproduced.retain(|e| e.version < first_own);
         let topic = names::events_topic(&cmd.tenant, A::CONTEXT);
         let source = format!("/sluice/{}/{}", cmd.tenant, A::CONTEXT);
         let traceparent = cmd.traceparent.as_deref();
+        for stored in &earlier_unproduced {
+            self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?;
+        }
         let mut positions = Vec::with_capacity(mine.len());
         for stored in &mine {
-            let event = A::Event::from_json(&stored.event_type, stored.payload.clone())?;
-            let position = self
-                .publisher
-                .publish(OutgoingEvent {
-                    topic: &topic,
-                    key: &stream_id,
-                    event_id: &stored.event_id,
-                    event_type: &stored.event_type,
-                    source: &source,
-                    time_ms: stored.recorded_at_ms,
-                    avro: event.to_avro(),
-                    traceparent,
-                })
-                .await?;
-            positions.push(position);
+            positions.push(self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?);
         }
         self.operations.record(op, &Status::Succeeded(positions)).await?;
         Ok(Outcome::Succeeded)
+    }
+}
+
+impl<A, S, P, O> Pipeline<A, S, P, O>
+where
+    A: Aggregate,
+    S: EventStore,
+    P: EventPublisher,
+    O: OperationStore,
+{
+    /// Produces one stored event, then marks it produced in the store.
+    async fn produce(
+        &self,
+        cmd: &IncomingCommand,
+        topic: &str,
+        source: &str,
+        stream_id: &str,
+        stored: &StoredEvent,
+        traceparent: Option<&str>,
+    ) -> Result<crate::operations::EventPosition, Failure> {
+        let event = A::Event::from_json(&stored.event_type, stored.payload.clone())?;
+        let position = self
+            .publisher
+            .publish(OutgoingEvent {
+                topic,
+                key: stream_id,
+                event_id: &stored.event_id,
+                event_type: &stored.event_type,
+                source,
+                time_ms: stored.recorded_at_ms,
+                avro: event.to_avro(),
+                traceparent,
+            })
+            .await?;
+        let stream = StreamRef { tenant: &cmd.tenant, context: A::CONTEXT, stream_id };
+        self.store.mark_produced(stream, stored.version).await?;
+        Ok(position)
     }
 }
 
@@ -283,6 +318,10 @@ mod tests {
             }
             stored.extend_from_slice(events);
             Ok(Append::Applied)
+        }
+        async fn mark_produced(&self, _: StreamRef<'_>, version: i64) -> Result<(), StoreError> {
+            self.events.lock().unwrap().iter_mut().filter(|e| e.version == version).for_each(|e| e.produced = true);
+            Ok(())
         }
     }
 
@@ -377,6 +416,24 @@ mod tests {
         *busy.store.conflicts.lock().unwrap() = MAX_CONFLICT_RETRIES + 1;
         assert!(matches!(busy.handle(&submit("1")).await, Outcome::Retry(reason) if reason.contains("kept changing")));
         assert!(busy.store.events.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_event_still_waiting_for_kafka_is_produced_before_a_later_one() {
+        let p = pipeline();
+        *p.publisher.fail.lock().unwrap() = true;
+        assert!(matches!(p.handle(&submit("1")).await, Outcome::Retry(_)), "v1 stored, not produced");
+        *p.publisher.fail.lock().unwrap() = false;
+        let ship = CloudEvent::from_json(json!({
+            "specversion": "1.0", "id": "ship", "source": "/acme/shop", "type": "com.example.orders.ShipOrder",
+            "data": {"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"}
+        }))
+        .unwrap();
+        let ship = IncomingCommand { tenant: "acme".into(), operation_id: "op-ship".into(), event: ship, attempt: 1, traceparent: None };
+        assert_eq!(p.handle(&ship).await, Outcome::Succeeded);
+        let stored: Vec<String> = p.store.events.lock().unwrap().iter().map(|e| e.event_id.clone()).collect();
+        assert_eq!(*p.publisher.published.lock().unwrap(), stored, "Kafka sees the stream in version order");
+        assert!(p.store.events.lock().unwrap().iter().all(|e| e.produced));
     }
 
     #[tokio::test]

@@ -358,9 +358,18 @@ pub async fn run(config: ChaosConfig) -> Summary {
         }
     }
     for (customer, count) in &per_customer {
-        let page = store.customer_orders(&tenant.name, customer, 500, None).await.expect("customer orders");
-        if page.items.len() != *count {
-            eprintln!("customer {customer} lists {} orders; the store has {count}", page.items.len());
+        let mut listed = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = store.customer_orders(&tenant.name, customer, 500, cursor.as_deref()).await.expect("customer orders");
+            listed += page.items.len();
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        if listed != *count {
+            eprintln!("customer {customer} lists {listed} orders; the store has {count}");
             summary.mismatches += 1;
         }
     }

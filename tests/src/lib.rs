@@ -662,14 +662,16 @@ pub async fn declare_tenant_queues(settings: &Settings, tenant: &TestTenant) {
     sluice_cli::serve::declare_topology(settings, std::slice::from_ref(&tenant.name)).await.expect("declare the tenant's queues");
 }
 
-/// Deletes `tenant`'s queues once a test is done with them.
+/// Deletes `tenant`'s queues (every context's) once a test is done with them.
 pub async fn delete_tenant_queues(settings: &Settings, tenant: &TestTenant) {
-    let queue = orders_queue(tenant);
-    delete_queue(&format!("{queue}.dlq")).await;
-    for delay in &settings.processor.retry_delays_ms {
-        delete_queue(&format!("{queue}.retry.{delay}")).await;
+    for context in sluice_schemas::catalog::CONTEXTS {
+        let queue = sluice_schemas::names::command_queue(&tenant.name, context.name);
+        delete_queue(&format!("{queue}.dlq")).await;
+        for delay in &settings.processor.retry_delays_ms {
+            delete_queue(&format!("{queue}.retry.{delay}")).await;
+        }
+        delete_queue(&queue).await;
     }
-    delete_queue(&queue).await;
 }
 
 /// The DLQ verbs on the local broker.

@@ -52,9 +52,24 @@ async fn filters_select_by_type_class_reason_source_and_age() {
     declare_tenant_queues(&settings, &tenant).await;
     let old = chrono::Utc::now() - chrono::Duration::hours(3);
     let mut letters = vec![
-        SeedLetter::new("f-1", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "data /currency: \"EURO\" is not one of the allowed values"),
-        SeedLetter::new("f-2", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "data /lines: [] has fewer than 1 item"),
-        SeedLetter::new("f-3", Some("com.example.orders.CancelOrder"), Some("retries_exhausted"), "gave up after 6 attempts: Kafka: timed out"),
+        SeedLetter::new(
+            "f-1",
+            Some("com.example.orders.SubmitOrder"),
+            Some("malformed_command"),
+            "data /currency: \"EURO\" is not one of the allowed values",
+        ),
+        SeedLetter::new(
+            "f-2",
+            Some("com.example.orders.SubmitOrder"),
+            Some("malformed_command"),
+            "data /lines: [] has fewer than 1 item",
+        ),
+        SeedLetter::new(
+            "f-3",
+            Some("com.example.orders.CancelOrder"),
+            Some("retries_exhausted"),
+            "gave up after 6 attempts: Kafka: timed out",
+        ),
         SeedLetter::new("f-4", None, Some("malformed_message"), "body is not JSON: expected value"),
         SeedLetter::new("f-5", Some("com.example.orders.ShipOrder"), None, "delivery_limit"),
     ];
@@ -75,14 +90,21 @@ async fn filters_select_by_type_class_reason_source_and_age() {
     let broker = Filter { class: Some("broker_".into()), ..Default::default() };
     assert_eq!(ids(&dlq.list(&scope, &broker).await.unwrap()), ["f-5"]);
     let by_source = Filter { source: Some(format!("/{}/", tenant.name)), ..Default::default() };
-    assert_eq!(ids(&dlq.list(&scope, &by_source).await.unwrap()), ["f-1", "f-2", "f-3", "f-5"], "the non-JSON one has no source");
+    assert_eq!(
+        ids(&dlq.list(&scope, &by_source).await.unwrap()),
+        ["f-1", "f-2", "f-3", "f-5"],
+        "the non-JSON one has no source"
+    );
     let old_ones = Filter { older_than: Some(Duration::from_secs(3_600)), ..Default::default() };
     let listing = dlq.list(&scope, &old_ones).await.unwrap();
     assert_eq!(ids(&listing), ["f-3", "f-5"]);
     assert!(listing.messages.iter().all(|m| m.age_seconds.unwrap() >= 3 * 3_600 - 5));
     let all = dlq.list(&scope, &Filter::default()).await.unwrap();
     assert_eq!(all.groups.len(), 4);
-    assert_eq!((all.groups[0].command_type.as_str(), all.groups[0].error_class.as_str(), all.groups[0].count), ("com.example.orders.SubmitOrder", "malformed_command", 2));
+    assert_eq!(
+        (all.groups[0].command_type.as_str(), all.groups[0].error_class.as_str(), all.groups[0].count),
+        ("com.example.orders.SubmitOrder", "malformed_command", 2)
+    );
     assert_eq!(all.groups[0].reasons.len(), 2);
     delete_tenant_queues(&settings, &tenant).await;
     dlq.close().await;
@@ -95,7 +117,12 @@ async fn show_tells_the_whole_story_of_one_dead_letter() {
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let letters = [
-        SeedLetter::new("s-1", Some("com.example.orders.CancelOrder"), Some("retries_exhausted"), "gave up after 6 attempts: store down"),
+        SeedLetter::new(
+            "s-1",
+            Some("com.example.orders.CancelOrder"),
+            Some("retries_exhausted"),
+            "gave up after 6 attempts: store down",
+        ),
         SeedLetter::new("s-2", Some("com.example.orders.ShipOrder"), None, "delivery_limit"),
     ];
     seed_dead_letters(&tenant, &letters).await;
@@ -137,7 +164,11 @@ async fn a_dlq_with_a_delivery_limit_is_not_read() {
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let dlq_name = format!("{}.dlq", orders_queue(&tenant));
-    seed_dead_letters(&tenant, &[SeedLetter::new("l-1", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "bad")]).await;
+    seed_dead_letters(
+        &tenant,
+        &[SeedLetter::new("l-1", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "bad")],
+    )
+    .await;
     // A policy gives this DLQ (only) a delivery limit.
     let policy = format!("sluice-test-limit-{}", tenant.name);
     let path = format!("/policies/%2F/{policy}");
@@ -145,7 +176,12 @@ async fn a_dlq_with_a_delivery_limit_is_not_read() {
     let response = rabbitmq_management(reqwest::Method::PUT, &path, Some(body)).await;
     assert!(response.status().is_success(), "policy: {}", response.status());
     eventually(Duration::from_secs(15), "the policy to apply", || async {
-        let info: serde_json::Value = rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{dlq_name}"), None).await.json().await.ok()?;
+        let info: serde_json::Value =
+            rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{dlq_name}"), None)
+                .await
+                .json()
+                .await
+                .ok()?;
         (info["effective_policy_definition"]["delivery-limit"] == 5).then_some(())
     })
     .await;

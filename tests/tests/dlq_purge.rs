@@ -41,7 +41,11 @@ async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
     // A filtered purge: only the malformed SubmitOrders.
     let malformed = Filter { class: Some("malformed_command".into()), ..Default::default() };
     let report = dlq.purge(&audit, &scope, &malformed, &who).await.expect("filtered purge");
-    let expected: Vec<String> = seeded.iter().filter(|l| l.class.as_deref() == Some("malformed_command")).map(|l| l.message_id.clone()).collect();
+    let expected: Vec<String> = seeded
+        .iter()
+        .filter(|l| l.class.as_deref() == Some("malformed_command"))
+        .map(|l| l.message_id.clone())
+        .collect();
     assert_eq!(report.removed, 20);
     assert_eq!(report.ids, expected);
     assert_eq!(queue_depth(&dlq_name).await, 10);
@@ -68,7 +72,11 @@ async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
     assert_eq!(entries.len(), 2, "one row per purge");
     assert_eq!((entries[0].count, entries[0].filter.as_deref()), (10, Some("all")), "newest first");
     let all: HashSet<String> = entries.iter().flat_map(|e| e.message_ids.clone()).collect();
-    assert_eq!(all, seeded.iter().map(|l| l.message_id.clone()).collect::<HashSet<_>>(), "every removed id is in the log");
+    assert_eq!(
+        all,
+        seeded.iter().map(|l| l.message_id.clone()).collect::<HashSet<_>>(),
+        "every removed id is in the log"
+    );
 
     // An empty DLQ still records the attempt.
     let report = dlq.purge(&audit, &scope, &Filter::default(), &who).await.expect("empty purge");
@@ -103,7 +111,11 @@ async fn delete_removes_one_message_and_says_so_in_the_audit_log() {
 
     // Gone for good; the rest untouched and in order.
     assert!(matches!(dlq.delete(&audit, &scope, "d-002", &who).await, Err(OpsError::NotFound(..))));
-    assert_eq!(audit.list(Some(&tenant.name), 10).await.unwrap().len(), 1, "a delete that found nothing removed nothing to record");
+    assert_eq!(
+        audit.list(Some(&tenant.name), 10).await.unwrap().len(),
+        1,
+        "a delete that found nothing removed nothing to record"
+    );
     let left = drain_ids(&dlq_name).await;
     assert_eq!(left, ["d-000", "d-001", "d-003", "d-004"]);
     delete_tenant_queues(&settings, &tenant).await;
@@ -120,7 +132,10 @@ async fn nothing_is_removed_without_a_reason() {
     let dlq = dlq_ops().await;
     let audit = AuditLog::new(sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)"));
     let who = Who { actor: "test-ops".into(), reason: "  ".into() };
-    assert!(matches!(dlq.purge(&audit, &tenant_scope(&tenant), &Filter::default(), &who).await, Err(OpsError::Usage(_))));
+    assert!(matches!(
+        dlq.purge(&audit, &tenant_scope(&tenant), &Filter::default(), &who).await,
+        Err(OpsError::Usage(_))
+    ));
     assert!(matches!(dlq.delete(&audit, &tenant_scope(&tenant), "r-001", &who).await, Err(OpsError::Usage(_))));
     assert_eq!(queue_depth(&format!("{}.dlq", orders_queue(&tenant))).await, 3);
     assert!(audit.list(Some(&tenant.name), 10).await.unwrap().is_empty());

@@ -38,7 +38,7 @@ use lapin::options::QueueDeleteOptions;
 use lapin::{Channel, Connection};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use scylla::client::session::Session;
 use sluice_ingest::auth::{hash_key, KeyConfig, TenantConfig};
 use sluice_projections::runner::group_id;
@@ -77,7 +77,7 @@ pub struct Plan {
     pub step_duration: Duration,
     /// Open-loop rates, as fractions of the measured maximum.
     pub fractions: Vec<f64>,
-    /// Between two reads of an order not yet visible.
+    /// Shortest wait between two reads of an order not yet visible.
     pub poll_interval: Duration,
     /// An order not readable this long after its 202 counts as timed out.
     pub visible_timeout: Duration,
@@ -391,6 +391,8 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
     match ClientConfig::new()
         .set("bootstrap.servers", &bench.settings.kafka.brokers)
+        // Deleting topics makes it report their partitions gone, at info.
+        .set_log_level(RDKafkaLogLevel::Warning)
         .create::<AdminClient<DefaultClientContext>>()
     {
         Ok(admin) => {

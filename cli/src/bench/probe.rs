@@ -13,7 +13,7 @@ use anyhow::Context;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use scylla::client::session::Session;
 use sluice_projections::store::ReadModels;
@@ -42,7 +42,7 @@ impl KafkaProbe {
             .set("enable.auto.commit", "false")
             // Warnings and worse: its metadata of topics the cleanup deletes
             // would otherwise be reported at info.
-            .set("log_level", "4")
+            .set_log_level(RDKafkaLogLevel::Warning)
             .create()
             .context("creating a Kafka client")?;
         Ok(Self { consumer: Arc::new(consumer) })
@@ -94,31 +94,41 @@ pub async fn applied(store: &ReadModels, version: i32, topic: &str) -> anyhow::R
     Ok(offsets.iter().filter(|((t, _), _)| t == topic).map(|(_, next)| *next).sum())
 }
 
-/// Reads and writes coordinated so far per table of `keyspace`, from the
-/// CQL store's own metrics (`system_views`, Cassandra 4 and later). `None`
-/// where the store has no such tables (ScyllaDB): the figure is optional.
-pub async fn cql_counts(session: &Session, keyspace: &str) -> Option<HashMap<String, (u64, u64)>> {
-    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+/// Reads and writes coordinated so far per table of `keyspace`, and their
+/// recent median latency in ms, from the CQL store's own metrics
+/// (`system_views`, Cassandra 4 and later). `None` where the store has no
+/// such tables (ScyllaDB): the figure is optional.
+pub async fn cql_counts(session: &Session, keyspace: &str) -> Option<HashMap<String, CqlTableCounts>> {
+    let mut counts: HashMap<String, CqlTableCounts> = HashMap::new();
     for (view, write) in [("coordinator_read_latency", false), ("coordinator_write_latency", true)] {
         let rows = session
             .query_unpaged(
-                format!("SELECT table_name, count FROM system_views.{view} WHERE keyspace_name = ?"),
+                format!("SELECT table_name, count, p50th FROM system_views.{view} WHERE keyspace_name = ?"),
                 (keyspace,),
             )
             .await
             .ok()?
             .into_rows_result()
             .ok()?;
-        for row in rows.rows::<(String, i64)>().ok()? {
-            let (table, count) = row.ok()?;
+        for row in rows.rows::<(String, i64, f64)>().ok()? {
+            let (table, count, p50) = row.ok()?;
             let entry = counts.entry(table).or_default();
             let count = u64::try_from(count).unwrap_or(0);
             if write {
-                entry.1 = count;
+                (entry.writes, entry.write_p50_ms) = (count, p50);
             } else {
-                entry.0 = count;
+                (entry.reads, entry.read_p50_ms) = (count, p50);
             }
         }
     }
     Some(counts)
+}
+
+/// One table's coordinator counts and recent median latencies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CqlTableCounts {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_p50_ms: f64,
+    pub write_p50_ms: f64,
 }

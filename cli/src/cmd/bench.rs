@@ -1,6 +1,7 @@
 //! `sluice bench`: measures the pipeline against the raw ceilings of its own
 //! servers and writes a report (the work is in `sluice_cli::bench`).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,7 +31,8 @@ pub struct Args {
     /// Open-loop rates as fractions of the measured maximum.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
     rates: Vec<f64>,
-    /// Milliseconds between two reads of an order not yet visible.
+    /// Shortest wait, in ms, between two reads of an order not yet visible
+    /// (waits grow to a tenth of the time waited, at most 100 ms).
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
     /// Keep the run's queues, topics and tables instead of removing them.
@@ -58,7 +60,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         PathBuf::from("bench-results").join(chrono::Utc::now().format("%Y-%m-%dT%H-%M-%SZ").to_string())
     });
 
-    let bar = (!args.json).then(|| {
+    // A spinner on a terminal; plain lines (with times) anywhere else.
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
         bar.enable_steady_tick(Duration::from_millis(200));

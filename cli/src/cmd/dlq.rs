@@ -30,6 +30,13 @@ pub struct Args {
 enum Verb {
     /// List dead letters grouped by failure (command type + error class).
     /// Consumes nothing: the messages stay, in their order.
+    ///
+    /// RabbitMQ cannot browse a quorum queue, so a listing takes every dead
+    /// letter unacked on one channel and then gives them all back: they keep
+    /// their order, but each listing counts as one delivery in their
+    /// `x-delivery-count`, and other consumers of the DLQ do not see them for
+    /// the moment it takes. A DLQ with a delivery limit is therefore refused.
+    /// One pass reads at most 65,535 dead letters per queue.
     List {
         #[command(flatten)]
         filter: FilterArgs,
@@ -209,7 +216,12 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             let options = ShovelOptions { to, limit, rate, dry_run };
             let bar = (!json).then(|| {
                 let bar = ProgressBar::new(0);
-                bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examined  {msg}").expect("valid template"));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examined  {msg}",
+                    )
+                    .expect("valid template"),
+                );
                 bar
             });
             let mut progress = |p: &ShovelProgress| {
@@ -236,7 +248,8 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             }
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
             let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
-            let report = dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
+            let report =
+                dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
             if json {
                 print_json(&report)
             } else {
@@ -264,7 +277,9 @@ fn print_listing(listing: &Listing, show: usize) {
         let state = match (q.exists, q.complete) {
             (false, _) => "does not exist".to_owned(),
             (true, true) => format!("{} dead letter(s)", q.depth),
-            (true, false) => format!("{} dead letter(s), {} examined (the rest could not be read in one pass)", q.depth, q.examined),
+            (true, false) => {
+                format!("{} dead letter(s), {} examined (the rest could not be read in one pass)", q.depth, q.examined)
+            }
         };
         println!("{}  {state}", q.queue);
     }
@@ -375,7 +390,11 @@ fn print_removal(r: &RemovalReport) {
     println!("{}: removed {} dead letter(s) as {} — {:?}", r.action, r.removed, r.actor, r.reason);
     for q in r.queues.iter().filter(|q| q.seen.exists) {
         let audit = q.audit_id.as_deref().map(|id| format!("  audit {id}")).unwrap_or_default();
-        let rest = if q.seen.complete { String::new() } else { format!("  ({} of {} examined; run again)", q.seen.examined, q.seen.depth) };
+        let rest = if q.seen.complete {
+            String::new()
+        } else {
+            format!("  ({} of {} examined; run again)", q.seen.examined, q.seen.depth)
+        };
         println!("  {}: {}{audit}{rest}", q.seen.queue, q.removed);
     }
 }

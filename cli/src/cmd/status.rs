@@ -29,7 +29,12 @@ pub struct Args {
 }
 
 pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
-    let options = StatusOptions { max_lag: args.max_lag, max_dlq: args.max_dlq, dlq_sample: args.dlq_sample, management_url: args.management_url };
+    let options = StatusOptions {
+        max_lag: args.max_lag,
+        max_dlq: args.max_dlq,
+        dlq_sample: args.dlq_sample,
+        management_url: args.management_url,
+    };
     let report = status(&settings, &options).await?;
     if args.json {
         print_json(&report)?;
@@ -47,7 +52,14 @@ fn print_report(r: &StatusReport) {
     let rows: Vec<Vec<String>> = r
         .servers
         .iter()
-        .map(|s| vec![s.name.to_owned(), s.address.clone(), if s.reachable { "ok".into() } else { "DOWN".into() }, s.detail.clone()])
+        .map(|s| {
+            vec![
+                s.name.to_owned(),
+                s.address.clone(),
+                if s.reachable { "ok".into() } else { "DOWN".into() },
+                s.detail.clone(),
+            ]
+        })
         .collect();
     print_table(&["SERVER", "ADDRESS", "STATE", "DETAIL"], &rows);
     if let Some(p) = &r.projection {
@@ -112,5 +124,8 @@ fn print_report(r: &StatusReport) {
     }
     let critical = r.problems.iter().filter(|p| p.severity == Severity::Critical).count();
     let warnings = r.problems.len() - critical;
-    println!("status: {} ({critical} critical, {warnings} warning(s))", if r.healthy { "healthy" } else { "UNHEALTHY" });
+    println!(
+        "status: {} ({critical} critical, {warnings} warning(s))",
+        if r.healthy { "healthy" } else { "UNHEALTHY" }
+    );
 }

@@ -79,7 +79,9 @@ pub fn default_actor() -> String {
 }
 
 fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 impl AuditLog {
@@ -153,7 +155,7 @@ impl AuditLog {
         while let Some(row) = stream.try_next().await.map_err(cql_err)? {
             out.push(entry(row));
         }
-        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out.sort_by_key(|e| std::cmp::Reverse(e.at));
         out.truncate(limit);
         Ok(out)
     }

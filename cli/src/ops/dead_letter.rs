@@ -88,7 +88,13 @@ pub fn summarize(tenant: &str, context: &str, queue: &str, delivery: &Delivery, 
         .or_else(|| deaths.first().and_then(|d| d["queue"].as_str()).map(str::to_owned));
     let dead_lettered_at = headers::get_str(&h, headers::DEAD_LETTERED_AT)
         .and_then(|t| DateTime::parse_from_rfc3339(&t).ok().map(|t| t.with_timezone(&Utc)))
-        .or_else(|| deaths.first().and_then(|d| d["time"].as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc)))
+        .or_else(|| {
+            deaths
+                .first()
+                .and_then(|d| d["time"].as_str())
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+        })
         .or_else(|| delivery.properties.timestamp().and_then(|t| Utc.timestamp_opt(t as i64, 0).single()));
     DeadLetter {
         message_id: delivery.properties.message_id().as_ref().map(|s| s.to_string()),
@@ -130,7 +136,7 @@ pub fn detail(tenant: &str, context: &str, queue: &str, delivery: &Delivery, now
     put("correlation_id", p.correlation_id().as_ref().map(|s| json!(s.as_str())));
     put("reply_to", p.reply_to().as_ref().map(|s| json!(s.as_str())));
     put("expiration", p.expiration().as_ref().map(|s| json!(s.as_str())));
-    put("timestamp", p.timestamp().map(|t| timestamp_json(t)));
+    put("timestamp", p.timestamp().map(timestamp_json));
     put("type", p.kind().as_ref().map(|s| json!(s.as_str())));
     put("user_id", p.user_id().as_ref().map(|s| json!(s.as_str())));
     put("app_id", p.app_id().as_ref().map(|s| json!(s.as_str())));
@@ -225,13 +231,16 @@ impl Filter {
     }
 
     pub fn matches(&self, dl: &DeadLetter) -> bool {
-        let ty = self.command_type.as_deref().is_none_or(|want| {
-            dl.command_type == want || dl.command_type.rsplit('.').next() == Some(want)
-        });
-        let source = self.source.as_deref().is_none_or(|want| dl.source.as_deref().is_some_and(|s| s.starts_with(want)));
-        let reason = self.reason.as_deref().is_none_or(|want| {
-            dl.reason.as_deref().is_some_and(|r| r.to_lowercase().contains(&want.to_lowercase()))
-        });
+        let ty = self
+            .command_type
+            .as_deref()
+            .is_none_or(|want| dl.command_type == want || dl.command_type.rsplit('.').next() == Some(want));
+        let source =
+            self.source.as_deref().is_none_or(|want| dl.source.as_deref().is_some_and(|s| s.starts_with(want)));
+        let reason = self
+            .reason
+            .as_deref()
+            .is_none_or(|want| dl.reason.as_deref().is_some_and(|r| r.to_lowercase().contains(&want.to_lowercase())));
         let class = self.class.as_deref().is_none_or(|want| dl.error_class.contains(want));
         let age = self.older_than.is_none_or(|min| dl.age_seconds.is_some_and(|age| age >= min.as_secs() as i64));
         ty && source && reason && class && age
@@ -330,9 +339,12 @@ mod tests {
         let dl = letter("com.example.orders.SubmitOrder", "malformed_command", "data /order_id: not a string", 600);
         assert!(Filter::default().matches(&dl));
         assert!(Filter { command_type: Some("SubmitOrder".into()), ..Default::default() }.matches(&dl));
-        assert!(Filter { command_type: Some("com.example.orders.SubmitOrder".into()), ..Default::default() }.matches(&dl));
+        assert!(
+            Filter { command_type: Some("com.example.orders.SubmitOrder".into()), ..Default::default() }.matches(&dl)
+        );
         assert!(!Filter { command_type: Some("Submit".into()), ..Default::default() }.matches(&dl));
-        assert!(Filter { class: Some("malformed".into()), reason: Some("ORDER_ID".into()), ..Default::default() }.matches(&dl));
+        assert!(Filter { class: Some("malformed".into()), reason: Some("ORDER_ID".into()), ..Default::default() }
+            .matches(&dl));
         assert!(Filter { source: Some("/acme/".into()), ..Default::default() }.matches(&dl));
         assert!(!Filter { source: Some("/globex/".into()), ..Default::default() }.matches(&dl));
         assert!(Filter { older_than: Some(Duration::from_secs(300)), ..Default::default() }.matches(&dl));

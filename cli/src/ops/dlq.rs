@@ -58,7 +58,9 @@ impl Scope {
         let tenants: Vec<String> = match tenant {
             Some(t) => vec![t.to_owned()],
             None if configured_tenants.is_empty() => {
-                return Err(OpsError::Usage("no tenants: give --tenant, or a config file with [[tenants]] (--config)".into()))
+                return Err(OpsError::Usage(
+                    "no tenants: give --tenant, or a config file with [[tenants]] (--config)".into(),
+                ))
             }
             None => configured_tenants.to_vec(),
         };
@@ -73,7 +75,11 @@ impl Scope {
         let dlqs = tenants
             .iter()
             .flat_map(|t| {
-                contexts.iter().map(move |c| DlqRef { tenant: t.clone(), context: (*c).to_owned(), queue: names::dead_letter_queue(t, c) })
+                contexts.iter().map(move |c| DlqRef {
+                    tenant: t.clone(),
+                    context: (*c).to_owned(),
+                    queue: names::dead_letter_queue(t, c),
+                })
             })
             .collect();
         Ok(Self { dlqs })
@@ -98,7 +104,15 @@ pub struct QueueSeen {
 
 impl QueueSeen {
     fn missing(dlq: &DlqRef) -> Self {
-        Self { queue: dlq.queue.clone(), tenant: dlq.tenant.clone(), context: dlq.context.clone(), exists: false, depth: 0, examined: 0, complete: true }
+        Self {
+            queue: dlq.queue.clone(),
+            tenant: dlq.tenant.clone(),
+            context: dlq.context.clone(),
+            exists: false,
+            depth: 0,
+            examined: 0,
+            complete: true,
+        }
     }
 
     fn of(dlq: &DlqRef, walk: &Walk) -> Self {
@@ -282,7 +296,9 @@ impl Dlq {
         options: &ShovelOptions,
         progress: &mut dyn FnMut(&ShovelProgress),
     ) -> Result<ShovelReport, OpsError> {
-        if let (Some(to), true) = (&options.to, filter.is_empty() && options.limit.is_none() && options.rate.is_none() && !options.dry_run) {
+        if let (Some(to), true) =
+            (&options.to, filter.is_empty() && options.limit.is_none() && options.rate.is_none() && !options.dry_run)
+        {
             return self.broker_shovel(scope, to, progress).await;
         }
         if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
@@ -332,7 +348,10 @@ impl Dlq {
                     destination_exists.insert(destination.clone(), exists);
                 }
                 if !destination_exists[&destination] {
-                    return Err(OpsError::Usage(format!("destination queue {destination} (for {}) does not exist", dlq.queue)));
+                    return Err(OpsError::Usage(format!(
+                        "destination queue {destination} (for {}) does not exist",
+                        dlq.queue
+                    )));
                 }
                 report.selected += 1;
                 let id = dl.message_id.clone().unwrap_or_else(|| "-".into());
@@ -345,7 +364,9 @@ impl Dlq {
                     // it keeps its verdict.
                     let headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
                     let properties = delivery.properties.clone().with_headers(headers);
-                    publish_confirmed(&publisher, &destination, &delivery.data, properties).await.map_err(OpsError::Amqp)?;
+                    publish_confirmed(&publisher, &destination, &delivery.data, properties)
+                        .await
+                        .map_err(OpsError::Amqp)?;
                     // Only now, with the copy confirmed, may the original go.
                     walk.remove(&delivery).await?;
                     report.moved += 1;
@@ -370,7 +391,12 @@ impl Dlq {
     /// destination confirmed it, then deletes itself. Headers stay as they
     /// are (a broker shovel cannot rewrite them), which is why moves back to
     /// a work queue never take this path.
-    async fn broker_shovel(&self, scope: &Scope, to: &str, progress: &mut dyn FnMut(&ShovelProgress)) -> Result<ShovelReport, OpsError> {
+    async fn broker_shovel(
+        &self,
+        scope: &Scope,
+        to: &str,
+        progress: &mut dyn FnMut(&ShovelProgress),
+    ) -> Result<ShovelReport, OpsError> {
         if walk::queue_counts(&self.connection, to).await?.is_none() {
             return Err(OpsError::Usage(format!("destination queue {to} does not exist")));
         }
@@ -407,7 +433,12 @@ impl Dlq {
                 self.management.put_shovel(&name, &definition).await?;
                 let moved_before = report.moved;
                 let mut report_progress = |moved| {
-                    progress(&ShovelProgress { queue: dlq.queue.clone(), examined: moved, to_examine: u64::from(depth), moved: moved_before + moved })
+                    progress(&ShovelProgress {
+                        queue: dlq.queue.clone(),
+                        examined: moved,
+                        to_examine: u64::from(depth),
+                        moved: moved_before + moved,
+                    })
                 };
                 if let Err(e) = self.await_shovel(&name, dlq, depth, &mut report_progress).await {
                     // Deleting a shovel midway is safe: with on-confirm, what it
@@ -432,7 +463,13 @@ impl Dlq {
         Ok(report)
     }
 
-    async fn await_shovel(&self, name: &str, dlq: &DlqRef, depth: u32, progress: &mut dyn FnMut(u64)) -> Result<(), OpsError> {
+    async fn await_shovel(
+        &self,
+        name: &str,
+        dlq: &DlqRef,
+        depth: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), OpsError> {
         let mut last_moved = 0;
         let mut last_change = std::time::Instant::now();
         loop {
@@ -451,7 +488,10 @@ impl Dlq {
             if moved != last_moved {
                 (last_moved, last_change) = (moved, std::time::Instant::now());
             } else if last_change.elapsed() > SHOVEL_STALL {
-                return Err(OpsError::Management(format!("shovel {name} moved nothing for {}s", SHOVEL_STALL.as_secs())));
+                return Err(OpsError::Management(format!(
+                    "shovel {name} moved nothing for {}s",
+                    SHOVEL_STALL.as_secs()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -460,15 +500,31 @@ impl Dlq {
     /// Removes the dead letters that match `filter` (all of them when it is
     /// empty) and were there when the purge started, recording each in the
     /// audit log first.
-    pub async fn purge(&self, audit: &AuditLog, scope: &Scope, filter: &Filter, who: &Who) -> Result<RemovalReport, OpsError> {
+    pub async fn purge(
+        &self,
+        audit: &AuditLog,
+        scope: &Scope,
+        filter: &Filter,
+        who: &Who,
+    ) -> Result<RemovalReport, OpsError> {
         let description = filter.describe();
         self.remove(audit, scope, "purge", who, &description, true, &|dl| filter.matches(dl)).await
     }
 
     /// Removes the dead letter with this message id (every copy of it).
-    pub async fn delete(&self, audit: &AuditLog, scope: &Scope, message_id: &str, who: &Who) -> Result<RemovalReport, OpsError> {
+    pub async fn delete(
+        &self,
+        audit: &AuditLog,
+        scope: &Scope,
+        message_id: &str,
+        who: &Who,
+    ) -> Result<RemovalReport, OpsError> {
         let description = format!("message_id={message_id}");
-        let report = self.remove(audit, scope, "delete", who, &description, false, &|dl| dl.message_id.as_deref() == Some(message_id)).await?;
+        let report = self
+            .remove(audit, scope, "delete", who, &description, false, &|dl| {
+                dl.message_id.as_deref() == Some(message_id)
+            })
+            .await?;
         if report.removed == 0 {
             return Err(OpsError::NotFound(message_id.to_owned(), describe(scope)));
         }
@@ -518,8 +574,16 @@ impl Dlq {
             let removed = removal.ids.len() as u64;
             if let Some(row) = &row {
                 let (status, detail) = match &outcome {
-                    Ok(()) if seen.complete => ("done".to_owned(), format!("removed {removed} of {} examined", seen.examined)),
-                    Ok(()) => ("done".to_owned(), format!("removed {removed}; {} of {} examined (run again for the rest)", seen.examined, seen.depth)),
+                    Ok(()) if seen.complete => {
+                        ("done".to_owned(), format!("removed {removed} of {} examined", seen.examined))
+                    }
+                    Ok(()) => (
+                        "done".to_owned(),
+                        format!(
+                            "removed {removed}; {} of {} examined (run again for the rest)",
+                            seen.examined, seen.depth
+                        ),
+                    ),
                     Err(e) => ("failed".to_owned(), format!("after removing {removed}: {e}")),
                 };
                 audit.finish(row, &status, &detail).await?;

@@ -24,7 +24,11 @@ pub struct Management {
 impl std::fmt::Debug for Management {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the password.
-        f.debug_struct("Management").field("base", &self.base).field("user", &self.user).field("vhost", &self.vhost).finish()
+        f.debug_struct("Management")
+            .field("base", &self.base)
+            .field("user", &self.user)
+            .field("vhost", &self.vhost)
+            .finish()
     }
 }
 
@@ -51,7 +55,8 @@ impl Management {
         };
         let base = match management_url {
             Some(url) => {
-                let mut parsed = Url::parse(url).map_err(|e| OpsError::Usage(format!("management URL {url:?}: {e}")))?;
+                let mut parsed =
+                    Url::parse(url).map_err(|e| OpsError::Usage(format!("management URL {url:?}: {e}")))?;
                 if !parsed.username().is_empty() {
                     user = percent_decode(parsed.username());
                     password = parsed.password().map(percent_decode).unwrap_or_default();
@@ -80,7 +85,8 @@ impl Management {
     }
 
     async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(StatusCode, Value), OpsError> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).basic_auth(&self.user, Some(&self.password));
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.base)).basic_auth(&self.user, Some(&self.password));
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -138,7 +144,9 @@ impl Management {
         let path = format!("/shovels/{}", encode(&self.vhost));
         match self.request(Method::GET, &path, None).await? {
             (s, Value::Array(items)) if s.is_success() => Ok(items.into_iter().find(|s| s["name"] == name)),
-            (StatusCode::NOT_FOUND, _) => Err(OpsError::Management("the shovel plugin (rabbitmq_shovel_management) is not enabled".into())),
+            (StatusCode::NOT_FOUND, _) => {
+                Err(OpsError::Management("the shovel plugin (rabbitmq_shovel_management) is not enabled".into()))
+            }
             (s, v) => Err(OpsError::Management(format!("GET {path}: {s} {v}"))),
         }
     }
@@ -190,7 +198,8 @@ mod tests {
         let m = Management::new("amqp://ops:s%40cret@rabbit.internal:5672/%2f", None).unwrap();
         assert_eq!(m.base_url(), "http://rabbit.internal:15672/api");
         assert_eq!((m.user.as_str(), m.password.as_str(), m.vhost()), ("ops", "s@cret", "/"));
-        let m = Management::new("amqp://guest:guest@127.0.0.1:5672/prod", Some("https://admin:pw@mq.example:443/")).unwrap();
+        let m = Management::new("amqp://guest:guest@127.0.0.1:5672/prod", Some("https://admin:pw@mq.example:443/"))
+            .unwrap();
         assert_eq!(m.base_url(), "https://mq.example/api");
         assert_eq!((m.user.as_str(), m.password.as_str(), m.vhost()), ("admin", "pw", "prod"));
         assert!(!format!("{m:?}").contains("pw"));

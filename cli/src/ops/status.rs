@@ -14,7 +14,8 @@
 //!
 //! `warning` problems are reported and do not change the exit code: a retry
 //! queue or DLQ missing, a DLQ that cannot be read safely (delivery limit),
-//! a DLQ deeper than the sample looked at, no schema subjects for a topic.
+//! a DLQ deeper than the sample looked at, a topic with events but no schema
+//! subject in the registry.
 //!
 //! Reading a non-empty DLQ to count its messages by error class is a walk
 //! (see `ops::walk`): it adds one to each message's `x-delivery-count` and
@@ -183,7 +184,12 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     // RabbitMQ, over AMQP and the management API.
     let amqp = match Connection::connect(&settings.amqp.url, ConnectionProperties::default()).await {
         Ok(c) => {
-            servers.push(ServerStatus { name: "rabbitmq", address: redact(&settings.amqp.url), reachable: true, detail: "amqp ok".into() });
+            servers.push(ServerStatus {
+                name: "rabbitmq",
+                address: redact(&settings.amqp.url),
+                reachable: true,
+                detail: "amqp ok".into(),
+            });
             Some(c)
         }
         Err(e) => {
@@ -195,7 +201,12 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     let management_up = match management.overview().await {
         Ok(overview) => {
             let version = format!("RabbitMQ {}", overview["rabbitmq_version"].as_str().unwrap_or("?"));
-            servers.push(ServerStatus { name: "rabbitmq_management", address: management.base_url().into(), reachable: true, detail: version });
+            servers.push(ServerStatus {
+                name: "rabbitmq_management",
+                address: management.base_url().into(),
+                reachable: true,
+                detail: version,
+            });
             true
         }
         Err(e) => {
@@ -208,7 +219,12 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     // librdkafka's metadata timeouts.
     let kafka_up = match reachable_any(&settings.kafka.brokers).await {
         Ok(()) => {
-            servers.push(ServerStatus { name: "kafka", address: settings.kafka.brokers.clone(), reachable: true, detail: "tcp ok".into() });
+            servers.push(ServerStatus {
+                name: "kafka",
+                address: settings.kafka.brokers.clone(),
+                reachable: true,
+                detail: "tcp ok".into(),
+            });
             true
         }
         Err(e) => {
@@ -218,7 +234,10 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     };
 
     // The registry's subjects.
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| OpsError::Usage(e.to_string()))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| OpsError::Usage(e.to_string()))?;
     let subjects = match registry_get(&http, &format!("{}/subjects", settings.registry.url)).await {
         Ok(Value::Array(items)) => {
             servers.push(ServerStatus {
@@ -230,7 +249,12 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
             Some(items.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect::<Vec<_>>())
         }
         Ok(other) => {
-            servers.push(down("registry", settings.registry.url.clone(), &format!("unexpected answer {other}"), &mut problems));
+            servers.push(down(
+                "registry",
+                settings.registry.url.clone(),
+                &format!("unexpected answer {other}"),
+                &mut problems,
+            ));
             None
         }
         Err(e) => {
@@ -242,7 +266,12 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     // The CQL store: which projection version is active.
     let projection = match crate::serve::connect_cql(settings).await {
         Ok(session) => {
-            servers.push(ServerStatus { name: "cql", address: settings.cql.nodes.join(","), reachable: true, detail: format!("keyspace {}", settings.cql.keyspace) });
+            servers.push(ServerStatus {
+                name: "cql",
+                address: settings.cql.nodes.join(","),
+                reachable: true,
+                detail: format!("keyspace {}", settings.cql.keyspace),
+            });
             match Versions::new(session).get(&settings.projector.name).await {
                 Ok(state) => Some(ProjectionStatus {
                     name: settings.projector.name.clone(),
@@ -252,7 +281,13 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
                     building_group: state.building.map(|v| group_id(&settings.projector, v)),
                 }),
                 Err(e) => {
-                    problem(&mut problems, Severity::Critical, "server_unreachable", "cql", format!("projection versions: {e}"));
+                    problem(
+                        &mut problems,
+                        Severity::Critical,
+                        "server_unreachable",
+                        "cql",
+                        format!("projection versions: {e}"),
+                    );
                     None
                 }
             }
@@ -273,7 +308,9 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
         let group = projection.as_ref().map(|p| p.group.clone()).unwrap_or_else(|| group_id(&settings.projector, 1));
         match group_lag(&settings.kafka.brokers, &group, &topics).await {
             Ok(lag) => active_lag = Some(lag),
-            Err(e) => problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}")),
+            Err(e) => {
+                problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}"))
+            }
         }
         if let Some(group) = projection.as_ref().and_then(|p| p.building_group.clone()) {
             building_lag = group_lag(&settings.kafka.brokers, &group, &topics).await.ok();
@@ -304,7 +341,7 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     if let Some(c) = amqp {
         let _ = c.close(200, "status done".into()).await;
     }
-    problems.sort_by(|a, b| b.severity.cmp(&a.severity));
+    problems.sort_by_key(|p| std::cmp::Reverse(p.severity));
     Ok(StatusReport {
         healthy: !problems.iter().any(|p| p.severity == Severity::Critical),
         problems,
@@ -343,24 +380,48 @@ async fn context_status(
     if let Some(amqp) = amqp {
         status.work_queue = queue_status(amqp, management, &work).await?;
         if !status.work_queue.exists {
-            problem(problems, Severity::Critical, "work_queue_missing", &work, "the queue does not exist: no edge or processor has started for this tenant".into());
+            problem(
+                problems,
+                Severity::Critical,
+                "work_queue_missing",
+                &work,
+                "the queue does not exist: no edge or processor has started for this tenant".into(),
+            );
         } else if status.work_queue.consumers == 0 {
             problem(problems, Severity::Critical, "no_consumers", &work, "no processor consumes this queue".into());
         }
         for delay in &settings.processor.retry_delays_ms {
             let retry = queue_status(amqp, management, &retry_queue(tenant, context, *delay)).await?;
             if !retry.exists {
-                problem(problems, Severity::Warning, "retry_queue_missing", &retry.name, "the retry queue does not exist".into());
+                problem(
+                    problems,
+                    Severity::Warning,
+                    "retry_queue_missing",
+                    &retry.name,
+                    "the retry queue does not exist".into(),
+                );
             }
             status.retry_queues.push(retry);
         }
         status.dlq.queue = queue_status(amqp, management, &dlq_name).await?;
         let depth = u64::from(status.dlq.queue.ready);
         if !status.dlq.queue.exists {
-            problem(problems, Severity::Warning, "dlq_missing", &dlq_name, "the dead-letter queue does not exist".into());
+            problem(
+                problems,
+                Severity::Warning,
+                "dlq_missing",
+                &dlq_name,
+                "the dead-letter queue does not exist".into(),
+            );
         } else if depth > 0 {
             if depth > options.max_dlq {
-                problem(problems, Severity::Critical, "dead_letters", &dlq_name, format!("{depth} dead letter(s), at most {} allowed (--max-dlq)", options.max_dlq));
+                problem(
+                    problems,
+                    Severity::Critical,
+                    "dead_letters",
+                    &dlq_name,
+                    format!("{depth} dead letter(s), at most {} allowed (--max-dlq)", options.max_dlq),
+                );
             }
             count_by_class(amqp, management, tenant, context, options.dlq_sample, &mut status.dlq, problems).await?;
         }
@@ -382,18 +443,32 @@ async fn context_status(
             .collect();
         partitions.sort_by_key(|p| p.partition);
         if partitions.is_empty() {
-            problem(problems, Severity::Critical, "events_topic_missing", &topic, "the events topic does not exist: no processor has started for this tenant".into());
+            problem(
+                problems,
+                Severity::Critical,
+                "events_topic_missing",
+                &topic,
+                "the events topic does not exist: no processor has started for this tenant".into(),
+            );
         } else {
             for p in partitions.iter().filter(|p| p.lag.is_some_and(|lag| lag > options.max_lag)) {
                 let lag = p.lag.unwrap_or_default();
-                problem(problems, Severity::Critical, "projection_lag", &format!("{topic}/{}", p.partition), format!("{lag} events behind, at most {} allowed (--max-lag)", options.max_lag));
+                problem(
+                    problems,
+                    Severity::Critical,
+                    "projection_lag",
+                    &format!("{topic}/{}", p.partition),
+                    format!("{lag} events behind, at most {} allowed (--max-lag)", options.max_lag),
+                );
             }
         }
         status.events = Some(TopicStatus {
             topic: topic.clone(),
             end_offsets_total: partitions.iter().map(|p| p.end_offset).sum(),
             lag_total: projected.then(|| partitions.iter().filter_map(|p| p.lag).sum()),
-            building_lag_total: building_lag.filter(|_| projected).map(|_| partitions.iter().filter_map(|p| p.building_lag).sum()),
+            building_lag_total: building_lag
+                .filter(|_| projected)
+                .map(|_| partitions.iter().filter_map(|p| p.building_lag).sum()),
             partitions,
         });
     }
@@ -401,17 +476,27 @@ async fn context_status(
     if let Some(subjects) = subjects {
         let prefix = format!("{topic}-");
         let mut mine = Vec::new();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| OpsError::Usage(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| OpsError::Usage(e.to_string()))?;
         for subject in subjects.iter().filter(|s| s.starts_with(&prefix)) {
-            let versions = match registry_get(&http, &format!("{}/subjects/{}/versions", settings.registry.url, encode(subject))).await {
-                Ok(Value::Array(v)) => v.iter().filter_map(Value::as_i64).collect(),
-                _ => Vec::new(),
-            };
+            let versions =
+                match registry_get(&http, &format!("{}/subjects/{}/versions", settings.registry.url, encode(subject)))
+                    .await
+                {
+                    Ok(Value::Array(v)) => v.iter().filter_map(Value::as_i64).collect(),
+                    _ => Vec::new(),
+                };
             mine.push(SubjectStatus { subject: subject.clone(), versions });
         }
         mine.sort_by(|a, b| a.subject.cmp(&b.subject));
-        if mine.is_empty() {
-            problem(problems, Severity::Warning, "no_subjects", &topic, "no schema subjects registered for this topic yet".into());
+        // Subjects are registered with the first event of each type: a topic
+        // with events but none is the odd one.
+        let has_events = status.events.as_ref().is_some_and(|e| e.end_offsets_total > 0);
+        if mine.is_empty() && has_events {
+            let detail = "the topic has events but no schema subject is registered for it".into();
+            problem(problems, Severity::Warning, "no_subjects", &topic, detail);
         }
         status.subjects = Some(mine);
     }
@@ -430,7 +515,13 @@ async fn count_by_class(
 ) -> Result<(), OpsError> {
     let name = dlq.queue.name.clone();
     let Some(management) = management else {
-        problem(problems, Severity::Warning, "dlq_unread", &name, "without the management API the DLQ is not read (its delivery limit is unknown)".into());
+        problem(
+            problems,
+            Severity::Warning,
+            "dlq_unread",
+            &name,
+            "without the management API the DLQ is not read (its delivery limit is unknown)".into(),
+        );
         return Ok(());
     };
     let Some(info) = management.queue(&name).await? else { return Ok(()) };
@@ -446,7 +537,13 @@ async fn count_by_class(
     }
     dlq.examined = walk.seen();
     if !walk.complete() {
-        problem(problems, Severity::Warning, "dlq_sampled", &name, format!("classes counted on {} of {} dead letters", walk.seen(), walk.depth_at_start()));
+        problem(
+            problems,
+            Severity::Warning,
+            "dlq_sampled",
+            &name,
+            format!("classes counted on {} of {} dead letters", walk.seen(), walk.depth_at_start()),
+        );
     }
     walk.finish(amqp).await
 }
@@ -466,7 +563,12 @@ fn problem(problems: &mut Vec<Problem>, severity: Severity, kind: &'static str, 
     problems.push(Problem { severity, kind, subject: subject.to_owned(), detail });
 }
 
-fn down(name: &'static str, address: String, error: &dyn std::fmt::Display, problems: &mut Vec<Problem>) -> ServerStatus {
+fn down(
+    name: &'static str,
+    address: String,
+    error: &dyn std::fmt::Display,
+    problems: &mut Vec<Problem>,
+) -> ServerStatus {
     let detail = error.to_string();
     problem(problems, Severity::Critical, "server_unreachable", name, format!("{address}: {detail}"));
     ServerStatus { name, address, reachable: false, detail }

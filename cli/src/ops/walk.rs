@@ -95,10 +95,14 @@ pub fn ensure_walkable(queue: &str, info: &Value) -> Result<(), OpsError> {
 /// The delivery limit that applies to a queue, from its arguments, its
 /// (operator) policy, or the queue-type default the broker reports.
 pub fn delivery_limit(info: &Value) -> Option<i64> {
-    [&info["arguments"]["x-delivery-limit"], &info["effective_policy_definition"]["delivery-limit"], &info["delivery_limit"]]
-        .into_iter()
-        .filter_map(Value::as_i64)
-        .find(|limit| *limit >= 0)
+    [
+        &info["arguments"]["x-delivery-limit"],
+        &info["effective_policy_definition"]["delivery-limit"],
+        &info["delivery_limit"],
+    ]
+    .into_iter()
+    .filter_map(Value::as_i64)
+    .find(|limit| *limit >= 0)
 }
 
 impl Walk {
@@ -113,7 +117,12 @@ impl Walk {
         } else {
             channel.basic_qos(prefetch as u16, BasicQosOptions::default()).await.map_err(amqp_err)?;
             let consumer = channel
-                .basic_consume(queue.into(), ShortString::from(""), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    queue.into(),
+                    ShortString::from(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await
                 .map_err(amqp_err)?;
             Some(consumer)

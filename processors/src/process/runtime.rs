@@ -209,6 +209,8 @@ where
             command_key: String::new(),
             operation_id: String::new(),
             recorded_at_ms: now,
+            // A process's own stream never goes to Kafka.
+            produced: true,
         };
         self.store.append(stream, &[event]).await.map_err(step_err)
     }
@@ -409,6 +411,9 @@ mod tests {
             }
             stream.extend_from_slice(events);
             Ok(Append::Applied)
+        }
+        async fn mark_produced(&self, _: StreamRef<'_>, _: i64) -> Result<(), StoreError> {
+            Ok(())
         }
     }
 
