@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "An asynchronous command API platform: CloudEvents in, Avro events out, read models served")]
+#[command(
+    name = "sluice",
+    version,
+    about = "An asynchronous command API platform: CloudEvents in, Avro events out, read models served"
+)]
 struct Cli {
     /// Configuration file (TOML); `SLUICE_*` environment variables override it.
     #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
@@ -42,7 +46,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,scylla=error")))
+        .with_env_filter(
+            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,scylla=error")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -67,7 +67,13 @@ pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {
-            sluice_processors::amqp::declare_topology(&channel, tenant, context.name, &settings.processor.retry_delays_ms).await?;
+            sluice_processors::amqp::declare_topology(
+                &channel,
+                tenant,
+                context.name,
+                &settings.processor.retry_delays_ms,
+            )
+            .await?;
         }
     }
     connection.close(200, "declared".into()).await?;
@@ -134,11 +140,16 @@ pub async fn serve(
     let _ = sluice_ingest::metrics::handle();
     if !role.includes(Role::Ingest) {
         if let Some(addr) = &settings.metrics.addr {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
-            let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { sluice_ingest::metrics::render() }));
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(|| async { sluice_ingest::metrics::render() }));
             let shutdown = shutdown.clone();
             roles.spawn(async move {
-                axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("metrics listener")
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .context("metrics listener")
             });
         }
         // Nothing else listens: tell the caller the roles are started.
@@ -159,9 +170,13 @@ pub async fn serve(
         roles.spawn(async move { projector.run(stop).await.context("projector role") });
 
         let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
-        sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &patient_topics, settings.processor.topic_partitions)
-            .await
-            .context("creating topics")?;
+        sluice_processors::kafka::ensure_topics(
+            &settings.kafka.brokers,
+            &patient_topics,
+            settings.processor.topic_partitions,
+        )
+        .await
+        .context("creating topics")?;
         let patients = sluice_projections::patients::PatientsProjector {
             brokers: settings.kafka.brokers.clone(),
             registry_url: settings.registry.url.clone(),
@@ -181,7 +196,8 @@ pub async fn serve(
             .context("connecting the edge to RabbitMQ")?;
         let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
         let state = Arc::new(
-            AppState::new(settings.ingest.clone(), &settings.tenants, Arc::new(queue), reads).map_err(anyhow::Error::msg)?,
+            AppState::new(settings.ingest.clone(), &settings.tenants, Arc::new(queue), reads)
+                .map_err(anyhow::Error::msg)?,
         );
         let listener = tokio::net::TcpListener::bind(&settings.ingest.http_addr)
             .await

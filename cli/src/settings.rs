@@ -117,7 +117,9 @@ impl Settings {
         // Only nested names (`A__B`) and the aliases are ours: the stack
         // scripts' SLUICE_*_PORT variables share the prefix.
         let env = Env::prefixed("SLUICE_")
-            .filter(|key| key.as_str().contains("__") || ALIASES.iter().any(|(a, _)| key.as_str().eq_ignore_ascii_case(a)))
+            .filter(|key| {
+                key.as_str().contains("__") || ALIASES.iter().any(|(a, _)| key.as_str().eq_ignore_ascii_case(a))
+            })
             .map(|key| {
                 ALIASES
                     .iter()

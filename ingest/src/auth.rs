@@ -43,9 +43,7 @@ pub struct Caller {
 
 impl Caller {
     pub fn may_send_as(&self, source: &str) -> bool {
-        self.sources
-            .iter()
-            .any(|prefix| source.starts_with(prefix.as_str()))
+        self.sources.iter().any(|prefix| source.starts_with(prefix.as_str()))
     }
 
     pub fn may_send(&self, command_type: &str) -> bool {
@@ -78,23 +76,14 @@ impl Keys {
                 let bytes = hex::decode(&key.sha256)
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| {
-                        format!(
-                            "tenants.{}.keys[{i}].sha256 is not 64 hex digits",
-                            tenant.name
-                        )
-                    })?;
+                    .ok_or_else(|| format!("tenants.{}.keys[{i}].sha256 is not 64 hex digits", tenant.name))?;
                 let key_index = keys.len();
                 keys.push(StoredKey {
                     hash: bytes,
                     caller: Caller {
                         tenant: tenant.name.clone(),
                         key_index,
-                        key_name: if key.name.is_empty() {
-                            format!("{}#{i}", tenant.name)
-                        } else {
-                            key.name.clone()
-                        },
+                        key_name: if key.name.is_empty() { format!("{}#{i}", tenant.name) } else { key.name.clone() },
                         sources: tenant.sources.clone(),
                         commands: key.commands.clone(),
                     },

@@ -13,18 +13,8 @@ const BATCH: &str = "application/cloudevents-batch+json";
 
 /// The media type without parameters, lower-cased.
 fn media_type(headers: &HeaderMap) -> Option<String> {
-    let value = headers
-        .get(axum::http::header::CONTENT_TYPE)?
-        .to_str()
-        .ok()?;
-    Some(
-        value
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase(),
-    )
+    let value = headers.get(axum::http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
 fn is_json_media(media: &str) -> bool {
@@ -32,25 +22,17 @@ fn is_json_media(media: &str) -> bool {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Problem> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        Problem::malformed(format!(
-            "body is not valid UTF-8 (bad byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Problem::malformed(format!("body is not valid UTF-8 (bad byte at offset {})", e.valid_up_to())))?;
     // serde_json refuses nesting deeper than 128 levels, so a deeply nested
     // body is a 400 here, not a stack overflow.
     serde_json::from_str(text).map_err(|e| {
-        Problem::malformed(format!("body is not valid JSON: {e}")).with_errors(vec![
-            json!({"line": e.line(), "column": e.column(), "problem": e.to_string()}),
-        ])
+        Problem::malformed(format!("body is not valid JSON: {e}"))
+            .with_errors(vec![json!({"line": e.line(), "column": e.column(), "problem": e.to_string()})])
     })
 }
 
-fn attribute_problem(
-    errors: Vec<sluice_schemas::cloudevent::AttributeError>,
-    index: Option<usize>,
-) -> Problem {
+fn attribute_problem(errors: Vec<sluice_schemas::cloudevent::AttributeError>, index: Option<usize>) -> Problem {
     let list: Vec<Value> = errors
         .iter()
         .map(|e| match index {
@@ -59,11 +41,7 @@ fn attribute_problem(
         })
         .collect();
     let names: Vec<&str> = errors.iter().map(|e| e.attribute.as_str()).collect();
-    Problem::malformed(format!(
-        "invalid CloudEvent attributes: {}",
-        names.join(", ")
-    ))
-    .with_errors(list)
+    Problem::malformed(format!("invalid CloudEvent attributes: {}", names.join(", "))).with_errors(list)
 }
 
 /// Reads every event of a request. A batch is all or nothing.
@@ -86,14 +64,19 @@ pub fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<CloudEvent>, 
             for (i, item) in items.into_iter().enumerate() {
                 match CloudEvent::from_json(item) {
                     Ok(event) => events.push(event),
-                    Err(errs) => errors.extend(errs.into_iter().map(|e| json!({"index": i, "attribute": e.attribute, "problem": e.problem}))),
+                    Err(errs) => errors.extend(
+                        errs.into_iter().map(|e| json!({"index": i, "attribute": e.attribute, "problem": e.problem})),
+                    ),
                 }
             }
             if errors.is_empty() {
                 Ok(events)
             } else {
-                Err(Problem::malformed(format!("{} event(s) of the batch are invalid; none was accepted", errors.len()))
-                    .with_errors(errors))
+                Err(Problem::malformed(format!(
+                    "{} event(s) of the batch are invalid; none was accepted",
+                    errors.len()
+                ))
+                .with_errors(errors))
             }
         }
         _ if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") => binary(headers, body, media),
@@ -109,42 +92,33 @@ pub fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<CloudEvent>, 
 }
 
 /// Binary mode: attributes in `ce-*` headers (percent-encoded), data in the body.
-fn binary(
-    headers: &HeaderMap,
-    body: &[u8],
-    media: Option<String>,
-) -> Result<Vec<CloudEvent>, Problem> {
+fn binary(headers: &HeaderMap, body: &[u8], media: Option<String>) -> Result<Vec<CloudEvent>, Problem> {
     let mut attributes = serde_json::Map::new();
     for (name, value) in headers {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
         let header_problem = |problem: &str| {
-            Problem::malformed(format!("header {name}: {problem}")).with_errors(vec![
-                json!({"header": name.as_str(), "attribute": attribute, "problem": problem}),
-            ])
+            Problem::malformed(format!("header {name}: {problem}"))
+                .with_errors(vec![json!({"header": name.as_str(), "attribute": attribute, "problem": problem})])
         };
         if !is_attribute_name(attribute) {
-            return Err(header_problem(
-                "attribute names are 1 to 20 lower-case letters or digits",
-            ));
+            return Err(header_problem("attribute names are 1 to 20 lower-case letters or digits"));
         }
         if attributes.contains_key(attribute) {
             return Err(header_problem("appears more than once"));
         }
-        let raw = value
-            .to_str()
-            .map_err(|_| header_problem("is not visible ASCII; percent-encode other characters"))?;
-        let decoded = percent_decode(raw)
-            .ok_or_else(|| header_problem("has a bad percent-encoding or is not UTF-8"))?;
+        let raw =
+            value.to_str().map_err(|_| header_problem("is not visible ASCII; percent-encode other characters"))?;
+        let decoded =
+            percent_decode(raw).ok_or_else(|| header_problem("has a bad percent-encoding or is not UTF-8"))?;
         attributes.insert(attribute.to_owned(), Value::String(decoded));
     }
-    if let Some(name) = ["data", "datacontenttype", "data_base64"]
-        .into_iter()
-        .find(|a| attributes.contains_key(*a))
-    {
+    if let Some(name) = ["data", "datacontenttype", "data_base64"].into_iter().find(|a| attributes.contains_key(*a)) {
         return Err(Problem::malformed("binary mode carries data in the body and its type in Content-Type")
-            .with_errors(vec![json!({"header": format!("ce-{name}"), "attribute": name, "problem": "not allowed in binary mode"})]));
+            .with_errors(vec![
+                json!({"header": format!("ce-{name}"), "attribute": name, "problem": "not allowed in binary mode"}),
+            ]));
     }
     if let Some(media) = &media {
         attributes.insert("datacontenttype".into(), Value::String(media.clone()));
@@ -168,8 +142,7 @@ fn binary(
             }
         }
     }
-    let event =
-        CloudEvent::from_json(Value::Object(attributes)).map_err(|e| attribute_problem(e, None))?;
+    let event = CloudEvent::from_json(Value::Object(attributes)).map_err(|e| attribute_problem(e, None))?;
     Ok(vec![event])
 }
 
@@ -212,12 +185,7 @@ mod tests {
 
     #[test]
     fn binary_mode_names_the_header_that_is_wrong() {
-        for (header, value) in [
-            ("ce-bad_name", "x"),
-            ("ce-source", "%zz"),
-            ("ce-source", "%ff"),
-            ("ce-data", "{}"),
-        ] {
+        for (header, value) in [("ce-bad_name", "x"), ("ce-source", "%zz"), ("ce-source", "%ff"), ("ce-data", "{}")] {
             let mut h = HeaderMap::new();
             h.insert("content-type", HeaderValue::from_static("application/json"));
             h.insert("ce-specversion", HeaderValue::from_static("1.0"));
@@ -233,11 +201,7 @@ mod tests {
         h.append("ce-id", HeaderValue::from_static("1"));
         h.append("ce-id", HeaderValue::from_static("2"));
         let problem = read_events(&h, b"").unwrap_err();
-        assert!(
-            problem.detail.contains("more than once"),
-            "{}",
-            problem.detail
-        );
+        assert!(problem.detail.contains("more than once"), "{}", problem.detail);
     }
 
     #[test]
@@ -245,13 +209,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static(STRUCTURED));
         let problem = read_events(&h, b"{\n  \"id\": }").unwrap_err();
-        assert_eq!(
-            (
-                problem.errors[0]["line"].as_u64(),
-                problem.errors[0]["column"].as_u64()
-            ),
-            (Some(2), Some(9))
-        );
+        assert_eq!((problem.errors[0]["line"].as_u64(), problem.errors[0]["column"].as_u64()), (Some(2), Some(9)));
         let deep = "[".repeat(200) + &"]".repeat(200);
         let problem = read_events(&h, deep.as_bytes()).unwrap_err();
         assert!(problem.detail.contains("recursion"), "{}", problem.detail);

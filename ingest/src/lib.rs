@@ -13,14 +13,14 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod metrics;
-pub mod reads;
 pub mod binding;
+pub mod metrics;
 pub mod openapi;
 pub mod operation_id;
 pub mod problem;
 pub mod queue;
 pub mod rate_limit;
+pub mod reads;
 pub mod routes;
 pub mod trace_context;
 
@@ -33,7 +33,9 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-use sluice_projections::store::{CustomerOrderView, DaySales, OperationRow, OrderView, Page, QueryError, ReadModelError, ReadModels};
+use sluice_projections::store::{
+    CustomerOrderView, DaySales, OperationRow, OrderView, Page, QueryError, ReadModelError, ReadModels,
+};
 use sluice_schemas::catalog::CommandSchemas;
 
 use crate::auth::{Keys, TenantConfig};
@@ -101,7 +103,12 @@ pub trait Reads: Send + Sync {
         limit: i32,
         cursor: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Page<CustomerOrderView>, QueryError>>;
-    fn daily_sales<'a>(&'a self, tenant: &'a str, from_ms: i64, to_ms: i64) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>>;
+    fn daily_sales<'a>(
+        &'a self,
+        tenant: &'a str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>>;
     /// Next offset the serving read models will apply, per (topic, partition).
     fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>>;
     /// A patient's onboarding (patients projection). Defaults to "none", so
@@ -139,7 +146,12 @@ impl Reads for ReadModels {
     ) -> BoxFuture<'a, Result<Page<CustomerOrderView>, QueryError>> {
         Box::pin(ReadModels::customer_orders(self, tenant, customer_id, limit, cursor))
     }
-    fn daily_sales<'a>(&'a self, tenant: &'a str, from_ms: i64, to_ms: i64) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>> {
+    fn daily_sales<'a>(
+        &'a self,
+        tenant: &'a str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>> {
         Box::pin(ReadModels::daily_sales(self, tenant, from_ms, to_ms))
     }
     fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>> {

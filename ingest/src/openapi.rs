@@ -59,9 +59,7 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "An API key of the tenant; stored hashed on the server",
-                    ))
+                    .description(Some("An API key of the tenant; stored hashed on the server"))
                     .build(),
             ),
         );

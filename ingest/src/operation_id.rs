@@ -22,9 +22,7 @@ pub struct OperationIds {
 
 impl OperationIds {
     pub fn new(secret: &str) -> Self {
-        Self {
-            secret: secret.as_bytes().to_vec(),
-        }
+        Self { secret: secret.as_bytes().to_vec() }
     }
 
     pub fn issue(&self, tenant: &str, source: &str, id: &str) -> String {
@@ -34,11 +32,7 @@ impl OperationIds {
             hasher.update(part.as_bytes());
         }
         let digest = &hasher.finalize()[..DIGEST_LEN];
-        format!(
-            "{}{}",
-            hex::encode(digest),
-            hex::encode(self.tag(tenant, digest))
-        )
+        format!("{}{}", hex::encode(digest), hex::encode(self.tag(tenant, digest)))
     }
 
     /// Whether `operation_id` was issued to `tenant`.
@@ -54,8 +48,7 @@ impl OperationIds {
     }
 
     fn tag(&self, tenant: &str, digest: &[u8]) -> [u8; TAG_LEN] {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
         mac.update(&(tenant.len() as u64).to_be_bytes());
         mac.update(tenant.as_bytes());
         mac.update(digest);

@@ -54,12 +54,7 @@ pub struct FieldError {
 }
 
 impl Problem {
-    pub fn new(
-        status: StatusCode,
-        slug: &str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
+    pub fn new(status: StatusCode, slug: &str, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             kind: format!("https://sluice.dev/problems/{slug}"),
             title,
@@ -93,21 +88,11 @@ impl Problem {
     }
 
     pub fn malformed(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            "Malformed request",
-            detail,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "malformed", "Malformed request", detail)
     }
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Missing or unknown API key",
-            detail,
-        )
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Missing or unknown API key", detail)
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {
@@ -119,63 +104,30 @@ impl Problem {
     }
 
     pub fn too_large(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-large",
-            "Request too large",
-            detail,
-        )
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request too large", detail)
     }
 
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            detail,
-        )
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type", detail)
     }
 
     pub fn invalid_data(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid-data",
-            "Data fails its schema",
-            detail,
-        )
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-data", "Data fails its schema", detail)
     }
 
     pub fn rate_limited(detail: impl Into<String>, seconds: u64) -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Too many requests",
-            detail,
-        )
-        .retry_after(seconds)
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests", detail).retry_after(seconds)
     }
 
     /// 503, and nothing was queued.
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-            detail,
-        )
-        .retry_after(1)
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail).retry_after(1)
     }
 
     /// 503, and the command may or may not be queued: the broker took it but
     /// never confirmed. Retrying the same CloudEvent is safe.
     pub fn unconfirmed(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unconfirmed",
-            "Command not confirmed",
-            detail,
-        )
-        .retry_after(1)
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unconfirmed", "Command not confirmed", detail).retry_after(1)
     }
 
     pub fn status_code(&self) -> StatusCode {
@@ -190,10 +142,7 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(seconds) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

@@ -21,32 +21,19 @@ impl RateLimit {
     /// `per_second == 0` turns the limit off. Errors name the field.
     pub fn new(per_second: f64, burst: u32) -> Result<Self, String> {
         if !per_second.is_finite() || per_second < 0.0 {
-            return Err(format!(
-                "rate_limit_per_second must be a number >= 0, not {per_second}"
-            ));
+            return Err(format!("rate_limit_per_second must be a number >= 0, not {per_second}"));
         }
         if per_second == 0.0 {
-            return Ok(Self {
-                per_second: None,
-                burst: 0.0,
-            });
+            return Ok(Self { per_second: None, burst: 0.0 });
         }
         if burst == 0 {
-            return Err(
-                "rate_limit_burst must be at least 1 when rate_limit_per_second > 0".into(),
-            );
+            return Err("rate_limit_burst must be at least 1 when rate_limit_per_second > 0".into());
         }
-        Ok(Self {
-            per_second: Some(per_second),
-            burst: f64::from(burst),
-        })
+        Ok(Self { per_second: Some(per_second), burst: f64::from(burst) })
     }
 
     pub fn unlimited() -> Self {
-        Self {
-            per_second: None,
-            burst: 0.0,
-        }
+        Self { per_second: None, burst: 0.0 }
     }
 }
 
@@ -60,10 +47,7 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A bucket that starts full, so a new key may burst at once.
     pub fn full(limit: &RateLimit, now: Instant) -> Self {
-        Self {
-            tokens: limit.burst,
-            updated: now,
-        }
+        Self { tokens: limit.burst, updated: now }
     }
 
     /// Takes one token, or says how long until one will be there.
@@ -94,12 +78,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(limit: RateLimit, keys: usize) -> Self {
         let now = Instant::now();
-        Self {
-            limit,
-            buckets: (0..keys)
-                .map(|_| Mutex::new(TokenBucket::full(&limit, now)))
-                .collect(),
-        }
+        Self { limit, buckets: (0..keys).map(|_| Mutex::new(TokenBucket::full(&limit, now))).collect() }
     }
 
     /// Spends one token of `key`, or says how long it must wait.
@@ -150,16 +129,9 @@ mod tests {
         let wait = bucket.try_take(&limit, t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(100));
         // 50 ms later half a token has come back: still not enough.
-        let wait = bucket
-            .try_take(&limit, t0 + Duration::from_millis(50))
-            .unwrap_err();
-        assert!(
-            wait <= Duration::from_millis(51) && wait >= Duration::from_millis(49),
-            "{wait:?}"
-        );
-        bucket
-            .try_take(&limit, t0 + Duration::from_millis(100))
-            .unwrap();
+        let wait = bucket.try_take(&limit, t0 + Duration::from_millis(50)).unwrap_err();
+        assert!(wait <= Duration::from_millis(51) && wait >= Duration::from_millis(49), "{wait:?}");
+        bucket.try_take(&limit, t0 + Duration::from_millis(100)).unwrap();
         // A long idle refills only up to the burst.
         let later = t0 + Duration::from_secs(60);
         for _ in 0..3 {
@@ -182,25 +154,16 @@ mod tests {
         let limiter = RateLimiter::new(RateLimit::new(1.0, 2).unwrap(), 2);
         assert!(limiter.check(0).is_ok() && limiter.check(0).is_ok());
         assert!(limiter.check(0).is_err(), "key 0 spent its burst");
-        assert!(
-            limiter.check(1).is_ok(),
-            "key 1 is untouched by key 0's flood"
-        );
+        assert!(limiter.check(1).is_ok(), "key 1 is untouched by key 0's flood");
     }
 
     #[test]
     fn zero_turns_the_limit_off_and_bad_values_are_named() {
         let limiter = RateLimiter::new(RateLimit::new(0.0, 0).unwrap(), 1);
         assert!((0..10_000).all(|_| limiter.check(0).is_ok()));
-        assert!(RateLimit::new(-1.0, 1)
-            .unwrap_err()
-            .contains("rate_limit_per_second"));
-        assert!(RateLimit::new(f64::NAN, 1)
-            .unwrap_err()
-            .contains("rate_limit_per_second"));
-        assert!(RateLimit::new(5.0, 0)
-            .unwrap_err()
-            .contains("rate_limit_burst"));
+        assert!(RateLimit::new(-1.0, 1).unwrap_err().contains("rate_limit_per_second"));
+        assert!(RateLimit::new(f64::NAN, 1).unwrap_err().contains("rate_limit_per_second"));
+        assert!(RateLimit::new(5.0, 0).unwrap_err().contains("rate_limit_burst"));
     }
 
     #[test]

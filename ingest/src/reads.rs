@@ -54,13 +54,15 @@ pub async fn customer_orders(
     if !(1..=500).contains(&limit) {
         return Err(Problem::malformed("limit must be between 1 and 500"));
     }
-    let page = state.reads.customer_orders(&caller.tenant, &customer_id, limit, page.cursor.as_deref()).await.map_err(|e| match e {
-        QueryError::BadCursor => Problem::malformed("cursor is not one this API handed out"),
-        QueryError::Store(e) => {
-            warn!(error = %e, "customer orders read failed");
-            Problem::unavailable("the read store is unavailable")
-        }
-    })?;
+    let page = state.reads.customer_orders(&caller.tenant, &customer_id, limit, page.cursor.as_deref()).await.map_err(
+        |e| match e {
+            QueryError::BadCursor => Problem::malformed("cursor is not one this API handed out"),
+            QueryError::Store(e) => {
+                warn!(error = %e, "customer orders read failed");
+                Problem::unavailable("the read store is unavailable")
+            }
+        },
+    )?;
     Ok(Json(page).into_response())
 }
 

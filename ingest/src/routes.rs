@@ -56,9 +56,7 @@ pub fn served_paths() -> Vec<&'static str> {
 pub fn router(state: Arc<AppState>) -> Router {
     routes()
         .into_iter()
-        .fold(Router::new(), |router, (path, methods)| {
-            router.route(path, methods)
-        })
+        .fold(Router::new(), |router, (path, methods)| router.route(path, methods))
         // Errors are problem documents everywhere, unknown routes included;
         // axum still adds `Allow` to the 405.
         .fallback(no_such_route)
@@ -80,32 +78,23 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Problem {
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         "Method not allowed",
-        format!(
-            "{} does not take {method}; see the Allow header",
-            uri.path()
-        ),
+        format!("{} does not take {method}; see the Allow header", uri.path()),
     )
 }
 
 pub(crate) fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Caller, Problem> {
-    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-        Problem::unauthorized("send Authorization: Bearer <api key>").at_header("authorization")
-    })?;
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| Problem::unauthorized("send Authorization: Bearer <api key>").at_header("authorization"))?;
     let key = value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            Problem::unauthorized("Authorization must be: Bearer <api key>")
-                .at_header("authorization")
-        })?;
+        .ok_or_else(|| Problem::unauthorized("Authorization must be: Bearer <api key>").at_header("authorization"))?;
     // The key itself never goes into a log or a problem document.
-    state
-        .keys
-        .authenticate(key)
-        .ok_or_else(|| Problem::unauthorized("unknown API key").at_header("authorization"))
+    state.keys.authenticate(key).ok_or_else(|| Problem::unauthorized("unknown API key").at_header("authorization"))
 }
 
 /// What a 202 for one event says.
@@ -186,31 +175,23 @@ async fn accept(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         Ok(response) => response,
         Err(problem) => problem.into_response(),
     };
-    metrics::counter!("sluice_http_event_requests_total", "status" => response.status().as_u16().to_string()).increment(1);
+    metrics::counter!("sluice_http_event_requests_total", "status" => response.status().as_u16().to_string())
+        .increment(1);
     response
 }
 
-async fn accept_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
+async fn accept_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
     let caller = authenticate(state, headers)?;
     // Before the body is read: a flooding key costs the edge as little as possible.
     state.limiter.check(caller.key_index()).map_err(|wait| {
         Problem::rate_limited(
-            format!(
-                "key {} is over its rate limit ({})",
-                caller.key_name,
-                state.limiter.limit()
-            ),
+            format!("key {} is over its rate limit ({})", caller.key_name, state.limiter.limit()),
             retry_after_seconds(wait),
         )
     })?;
     let limit = state.config.max_body_bytes;
-    let body = to_bytes(body, limit)
-        .await
-        .map_err(|_| Problem::too_large(format!("the body exceeds {limit} bytes")))?;
+    let body =
+        to_bytes(body, limit).await.map_err(|_| Problem::too_large(format!("the body exceeds {limit} bytes")))?;
     let events = read_events(headers, &body)?;
     if events.len() > state.config.max_batch {
         return Err(Problem::too_large(format!(
@@ -243,11 +224,7 @@ async fn accept_inner(
             status,
             "batch-refused",
             "Batch refused",
-            format!(
-                "{} of {} events refused; none was accepted",
-                failures.len(),
-                events.len()
-            ),
+            format!("{} of {} events refused; none was accepted", failures.len(), events.len()),
         )
         .with_errors(errors));
     }
@@ -272,22 +249,13 @@ async fn accept_inner(
         info!(tenant = %caller.tenant, r#type = %event.ty, id = %event.id, operation = %command.operation_id, "accepted");
     }
     if batch {
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(Accepted::Batch(AcceptedBatch {
-                operations: accepted,
-            })),
-        )
-            .into_response());
+        return Ok(
+            (StatusCode::ACCEPTED, Json(Accepted::Batch(AcceptedBatch { operations: accepted }))).into_response()
+        );
     }
     let one = accepted.into_iter().next().expect("one event was accepted");
     let location = HeaderValue::from_str(&one.location).expect("operation ids are hex");
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(Accepted::One(one)),
-    )
-        .into_response())
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(Accepted::One(one))).into_response())
 }
 
 /// The 503 after failed publishes: `unconfirmed` when any command may be
@@ -311,11 +279,7 @@ fn not_confirmed(
         (false, false) => "RabbitMQ is unavailable; nothing was queued. Retry later.",
         (false, true) => "RabbitMQ is unavailable; the events listed without an operation_id were not queued. Retry the batch later.",
     };
-    let problem = if maybe_queued {
-        Problem::unconfirmed(detail)
-    } else {
-        Problem::unavailable(detail)
-    };
+    let problem = if maybe_queued { Problem::unconfirmed(detail) } else { Problem::unavailable(detail) };
     if !batch {
         return problem;
     }
@@ -338,10 +302,7 @@ fn is_batch(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.to_ascii_lowercase()
-                .starts_with("application/cloudevents-batch+json")
-        })
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/cloudevents-batch+json"))
 }
 
 /// The edge's rules for one event: permission, schema, route.
@@ -352,35 +313,26 @@ fn admit(
     http_traceparent: Option<&str>,
 ) -> Result<QueuedCommand, Problem> {
     if !caller.may_send_as(&event.source) {
-        return Err(Problem::forbidden(format!(
-            "this key may not send as source {}",
-            event.source
-        ))
-        .at_attribute("source"));
-    }
-    let context = catalog::context_of_command(&event.ty).ok_or_else(|| {
-        Problem::malformed(format!("unknown command type {}", event.ty)).at_attribute("type")
-    })?;
-    if !caller.may_send(&event.ty) {
         return Err(
-            Problem::forbidden(format!("this key may not send {}", event.ty)).at_attribute("type"),
+            Problem::forbidden(format!("this key may not send as source {}", event.source)).at_attribute("source")
         );
+    }
+    let context = catalog::context_of_command(&event.ty)
+        .ok_or_else(|| Problem::malformed(format!("unknown command type {}", event.ty)).at_attribute("type"))?;
+    if !caller.may_send(&event.ty) {
+        return Err(Problem::forbidden(format!("this key may not send {}", event.ty)).at_attribute("type"));
     }
     match &event.dataschema {
         Some(schema) => match state.schemas.type_of_schema(schema) {
             Some(ty) if ty == event.ty => {}
             Some(ty) => {
-                return Err(Problem::malformed(format!(
-                    "dataschema {schema} is the schema of {ty}, not {}",
-                    event.ty
-                ))
-                .at_attribute("dataschema"))
+                return Err(Problem::malformed(format!("dataschema {schema} is the schema of {ty}, not {}", event.ty))
+                    .at_attribute("dataschema"))
             }
             None => {
-                return Err(Problem::malformed(format!(
-                    "dataschema {schema} is not a known schema"
-                ))
-                .at_attribute("dataschema"))
+                return Err(
+                    Problem::malformed(format!("dataschema {schema} is not a known schema")).at_attribute("dataschema")
+                )
             }
         },
         None if state.config.require_dataschema => {
@@ -389,60 +341,30 @@ fn admit(
         None => {}
     }
     if event.data_base64.is_some() {
-        return Err(Problem::unsupported_media_type(format!(
-            "{} takes JSON data, not binary data",
-            event.ty
-        ))
-        .at_attribute("datacontenttype"));
+        return Err(Problem::unsupported_media_type(format!("{} takes JSON data, not binary data", event.ty))
+            .at_attribute("datacontenttype"));
     }
     if let Some(media) = &event.datacontenttype {
-        let media = media
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let media = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if media != "application/json" && !media.ends_with("+json") {
-            return Err(Problem::unsupported_media_type(format!(
-                "{} takes JSON data, not {media}",
-                event.ty
-            ))
-            .at_attribute("datacontenttype"));
+            return Err(Problem::unsupported_media_type(format!("{} takes JSON data, not {media}", event.ty))
+                .at_attribute("datacontenttype"));
         }
     }
     let data = event.data.as_ref().ok_or_else(|| {
-        Problem::invalid_data(format!("{} needs data", event.ty)).with_errors(vec![
-            json!({"pointer": "", "attribute": "data", "problem": "data is required"}),
-        ])
+        Problem::invalid_data(format!("{} needs data", event.ty))
+            .with_errors(vec![json!({"pointer": "", "attribute": "data", "problem": "data is required"})])
     })?;
     state.schemas.validate(&event.ty, data).map_err(|errors| {
-        let pointers: Vec<&str> = errors
-            .iter()
-            .map(|e| {
-                if e.pointer.is_empty() {
-                    "/"
-                } else {
-                    e.pointer.as_str()
-                }
-            })
-            .collect();
+        let pointers: Vec<&str> =
+            errors.iter().map(|e| if e.pointer.is_empty() { "/" } else { e.pointer.as_str() }).collect();
         Problem::invalid_data(format!("data fails its schema at {}", pointers.join(", ")))
-            .with_errors(
-                errors
-                    .iter()
-                    .map(|e| json!({"pointer": e.pointer, "problem": e.problem}))
-                    .collect(),
-            )
+            .with_errors(errors.iter().map(|e| json!({"pointer": e.pointer, "problem": e.problem})).collect())
     })?;
 
-    let operation_id = state
-        .operation_ids
-        .issue(&caller.tenant, &event.source, &event.id);
+    let operation_id = state.operation_ids.issue(&caller.tenant, &event.source, &event.id);
     let mut headers = vec![
-        (
-            "cloudEvents:specversion".to_owned(),
-            event.specversion.clone(),
-        ),
+        ("cloudEvents:specversion".to_owned(), event.specversion.clone()),
         ("cloudEvents:id".to_owned(), event.id.clone()),
         ("cloudEvents:source".to_owned(), event.source.clone()),
         ("cloudEvents:type".to_owned(), event.ty.clone()),
@@ -488,14 +410,10 @@ async fn operation(
     if !state.operation_ids.verify(&caller.tenant, &id) {
         return Err(Problem::not_found("no such operation"));
     }
-    let row = state
-        .reads
-        .operation(&caller.tenant, &id)
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "operation read failed");
-            Problem::unavailable("the read store is unavailable")
-        })?;
+    let row = state.reads.operation(&caller.tenant, &id).await.map_err(|e| {
+        warn!(error = %e, "operation read failed");
+        Problem::unavailable("the read store is unavailable")
+    })?;
     let body = match row {
         Some(row) => {
             let mut body = serde_json::to_value(&row).unwrap_or_default();
@@ -508,7 +426,10 @@ async fn operation(
             if let Some(events) = body["events"].as_array().filter(|e| !e.is_empty()) {
                 let applied = state.reads.applied_offsets().await.unwrap_or_default();
                 let caught_up = events.iter().all(|e| {
-                    let key = (e["topic"].as_str().unwrap_or_default().to_owned(), e["partition"].as_i64().unwrap_or(-1) as i32);
+                    let key = (
+                        e["topic"].as_str().unwrap_or_default().to_owned(),
+                        e["partition"].as_i64().unwrap_or(-1) as i32,
+                    );
                     applied.get(&key).is_some_and(|next| *next > e["offset"].as_i64().unwrap_or(i64::MAX))
                 });
                 body["read_models"] = json!({"orders": {"caught_up": caught_up}});
@@ -542,14 +463,10 @@ async fn order(
     Path(order_id): Path<String>,
 ) -> Result<Response, Problem> {
     let caller = authenticate(&state, &headers)?;
-    let view = state
-        .reads
-        .order(&caller.tenant, &order_id)
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "order read failed");
-            Problem::unavailable("the read store is unavailable")
-        })?;
+    let view = state.reads.order(&caller.tenant, &order_id).await.map_err(|e| {
+        warn!(error = %e, "order read failed");
+        Problem::unavailable("the read store is unavailable")
+    })?;
     match view {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(Problem::not_found(format!("no order {order_id}"))),
@@ -589,11 +506,7 @@ async fn command_schema(Path(ty): Path<String>) -> Result<Response, Problem> {
         .flat_map(|c| c.commands)
         .find(|c| c.ty == ty)
         .ok_or_else(|| Problem::not_found(format!("no schema for {ty}")))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/schema+json")],
-        spec.schema,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/schema+json")], spec.schema).into_response())
 }
 
 /// Liveness: the process answers
@@ -631,11 +544,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 async fn openapi_json() -> Response {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     let document = DOCUMENT.get_or_init(crate::openapi::document_json);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        document.as_str(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], document.as_str()).into_response()
 }
 
 /// Prometheus metrics of this process

@@ -9,9 +9,7 @@
 
 /// The `traceparent` to put on the AMQP message, if any valid one was sent.
 pub fn pick<'a>(extension: Option<&'a str>, http_header: Option<&'a str>) -> Option<&'a str> {
-    extension
-        .filter(|v| is_traceparent(v))
-        .or(http_header.filter(|v| is_traceparent(v)))
+    extension.filter(|v| is_traceparent(v)).or(http_header.filter(|v| is_traceparent(v)))
 }
 
 /// `version-traceid-parentid-flags`, lower-case hex, ids not all zero;
@@ -39,9 +37,7 @@ pub fn is_traceparent(value: &str) -> bool {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -53,9 +49,7 @@ mod tests {
     #[test]
     fn accepts_the_spec_example_and_refuses_broken_ones() {
         assert!(is_traceparent(GOOD));
-        assert!(is_traceparent(
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later"
-        ));
+        assert!(is_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later"));
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",

@@ -48,9 +48,14 @@ pub struct StoreError(pub String);
 pub trait EventStore: Send + Sync {
     fn load(&self, stream: StreamRef<'_>) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
     /// Appends events whose versions continue the stream; all or nothing.
-    fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> impl Future<Output = Result<Append, StoreError>> + Send;
+    fn append(
+        &self,
+        stream: StreamRef<'_>,
+        events: &[StoredEvent],
+    ) -> impl Future<Output = Result<Append, StoreError>> + Send;
     /// Marks an event as confirmed by Kafka.
-    fn mark_produced(&self, stream: StreamRef<'_>, version: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn mark_produced(&self, stream: StreamRef<'_>, version: i64)
+        -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 pub struct CqlEventStore {
@@ -81,7 +86,9 @@ impl CqlEventStore {
             .await
             .map_err(store_err)?;
         let mark = session
-            .prepare("UPDATE events SET produced = true WHERE tenant = ? AND context = ? AND stream_id = ? AND version = ?")
+            .prepare(
+                "UPDATE events SET produced = true WHERE tenant = ? AND context = ? AND stream_id = ? AND version = ?",
+            )
             .await
             .map_err(store_err)?;
         Ok(Self { session, load, insert, mark })
@@ -143,7 +150,8 @@ impl EventStore for CqlEventStore {
         // On a conflict the row also carries the existing columns, so read it
         // untyped.
         let first = rows.rows::<Row>().map_err(store_err)?.next().transpose().map_err(store_err)?;
-        let applied = matches!(first.and_then(|row| row.columns.into_iter().next().flatten()), Some(CqlValue::Boolean(true)));
+        let applied =
+            matches!(first.and_then(|row| row.columns.into_iter().next().flatten()), Some(CqlValue::Boolean(true)));
         Ok(if applied { Append::Applied } else { Append::Conflict })
     }
 

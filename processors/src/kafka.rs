@@ -120,7 +120,8 @@ pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) ->
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin.create_topics(&new_topics, &options).await.map_err(|e| PublishError::Transient(e.to_string()))?;
+    let results =
+        admin.create_topics(&new_topics, &options).await.map_err(|e| PublishError::Transient(e.to_string()))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
-use tracing::warn;
 use scylla::client::session::Session;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::{catalog, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::amqp::ConsumerSettings;
 use crate::domain::Aggregate;
@@ -134,14 +134,17 @@ pub enum ProcessorError {
 /// Consumes every tenant's context queues until `shutdown`; reconnects to
 /// RabbitMQ when the connection drops (unacked deliveries come back to some
 /// consumer, which finds their effects in the event store).
-pub async fn run(config: &ProcessorConfig, infra: &Infra, tenants: &[String], shutdown: CancellationToken) -> Result<(), ProcessorError> {
+pub async fn run(
+    config: &ProcessorConfig,
+    infra: &Infra,
+    tenants: &[String],
+    shutdown: CancellationToken,
+) -> Result<(), ProcessorError> {
     if config.retry_delays_ms.is_empty() {
         return Err(ProcessorError::Setup("processor.retry_delays_ms needs at least one tier".into()));
     }
-    let topics: Vec<String> = tenants
-        .iter()
-        .flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name)))
-        .collect();
+    let topics: Vec<String> =
+        tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
     kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions)
         .await
         .map_err(|e| ProcessorError::Setup(e.to_string()))?;
@@ -150,10 +153,15 @@ pub async fn run(config: &ProcessorConfig, infra: &Infra, tenants: &[String], sh
         orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?),
         patients: Arc::new(pipeline_for::<patients::Patients>(infra, &instance).await?),
     };
-    let operations =
-        Arc::new(CqlOperationStore::new(infra.session.clone(), &instance).await.map_err(|e| ProcessorError::Setup(e.to_string()))?);
+    let operations = Arc::new(
+        CqlOperationStore::new(infra.session.clone(), &instance)
+            .await
+            .map_err(|e| ProcessorError::Setup(e.to_string()))?,
+    );
     let process_managers = if config.processes.enabled {
-        Some(tokio::spawn(run_onboarding(config.processes.clone(), infra, tenants, instance.clone(), shutdown.clone()).await?))
+        Some(tokio::spawn(
+            run_onboarding(config.processes.clone(), infra, tenants, instance.clone(), shutdown.clone()).await?,
+        ))
     } else {
         None
     };
@@ -248,12 +256,21 @@ async fn run_connected(
                 orders::Orders::CONTEXT => {
                     let (connection, tenant, settings, stop, pipeline) =
                         (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.orders.clone());
-                    tasks.spawn(async move { amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from) });
+                    tasks.spawn(async move {
+                        amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from)
+                    });
                 }
                 patients::Patients::CONTEXT => {
-                    let (connection, tenant, settings, stop, pipeline) =
-                        (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.patients.clone());
-                    tasks.spawn(async move { amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from) });
+                    let (connection, tenant, settings, stop, pipeline) = (
+                        connection.clone(),
+                        tenant.clone(),
+                        settings.clone(),
+                        local.clone(),
+                        pipelines.patients.clone(),
+                    );
+                    tasks.spawn(async move {
+                        amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from)
+                    });
                 }
                 other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
             }
@@ -262,7 +279,16 @@ async fn run_connected(
                     (connection.clone(), tenant.clone(), context.name, local.clone(), operations.clone());
                 let (interval, max) = (Duration::from_millis(config.redrive_interval_ms), config.max_redrives);
                 tasks.spawn(async move {
-                    amqp::redrive::redrive_loop(&connection, &tenant, context, interval, max, operations.as_ref(), &stop).await;
+                    amqp::redrive::redrive_loop(
+                        &connection,
+                        &tenant,
+                        context,
+                        interval,
+                        max,
+                        operations.as_ref(),
+                        &stop,
+                    )
+                    .await;
                     Ok(())
                 });
             }
@@ -284,7 +310,9 @@ type CqlPipeline<A> = Pipeline<A, CqlEventStore, KafkaPublisher, CqlOperationSto
 
 /// `<hostname>-<pid>`: tells processes on one machine and across machines apart.
 fn default_instance() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
     format!("{host}-{}", std::process::id())
 }
 

@@ -59,7 +59,11 @@ pub struct OperationError(pub String);
 
 pub trait OperationStore: Send + Sync {
     /// The recorded status name, if any.
-    fn status(&self, tenant: &str, operation_id: &str) -> impl Future<Output = Result<Option<String>, OperationError>> + Send;
+    fn status(
+        &self,
+        tenant: &str,
+        operation_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, OperationError>> + Send;
     fn record(&self, op: OperationRef<'_>, status: &Status) -> impl Future<Output = Result<(), OperationError>> + Send;
 }
 
@@ -114,7 +118,19 @@ impl OperationStore for CqlOperationStore {
         self.session
             .execute_unpaged(
                 &self.upsert,
-                (op.tenant, op.operation_id, status.name(), op.command_type, op.source, op.command_id, events, error, now, attempts, self.instance.as_str()),
+                (
+                    op.tenant,
+                    op.operation_id,
+                    status.name(),
+                    op.command_type,
+                    op.source,
+                    op.command_id,
+                    events,
+                    error,
+                    now,
+                    attempts,
+                    self.instance.as_str(),
+                ),
             )
             .await
             .map_err(op_err)?;

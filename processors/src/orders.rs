@@ -161,17 +161,32 @@ mod tests {
     #[test]
     fn a_shipped_order_cannot_be_cancelled() {
         let mut history = submitted();
-        history.extend(given_when(&history, contract::SHIP_ORDER, json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"})).unwrap());
+        history.extend(
+            given_when(
+                &history,
+                contract::SHIP_ORDER,
+                json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"}),
+            )
+            .unwrap(),
+        );
         assert_eq!(history[1].version(), 2);
-        let rejection = given_when(&history, contract::CANCEL_ORDER, json!({"order_id": "o1", "reason": "late"})).unwrap_err();
+        let rejection =
+            given_when(&history, contract::CANCEL_ORDER, json!({"order_id": "o1", "reason": "late"})).unwrap_err();
         assert_eq!(rejection.0, "a shipped order cannot be cancelled");
     }
 
     #[test]
     fn a_cancelled_order_cannot_be_shipped() {
         let mut history = submitted();
-        history.extend(given_when(&history, contract::CANCEL_ORDER, json!({"order_id": "o1", "reason": "changed mind"})).unwrap());
-        let rejection = given_when(&history, contract::SHIP_ORDER, json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"})).unwrap_err();
+        history.extend(
+            given_when(&history, contract::CANCEL_ORDER, json!({"order_id": "o1", "reason": "changed mind"})).unwrap(),
+        );
+        let rejection = given_when(
+            &history,
+            contract::SHIP_ORDER,
+            json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"}),
+        )
+        .unwrap_err();
         assert_eq!(rejection.0, "a cancelled order cannot be shipped");
     }
 

@@ -80,10 +80,7 @@ where
 
     /// Records the terminal state of a command the consumer dead-lettered.
     pub async fn record_dead_letter(&self, cmd: &IncomingCommand, reason: &str) -> Result<(), String> {
-        self.operations
-            .record(op_ref(cmd), &Status::DeadLettered(reason.to_owned()))
-            .await
-            .map_err(|e| e.to_string())
+        self.operations.record(op_ref(cmd), &Status::DeadLettered(reason.to_owned())).await.map_err(|e| e.to_string())
     }
 
     async fn try_handle(&self, cmd: &IncomingCommand) -> Result<Outcome, Failure> {
@@ -99,8 +96,14 @@ where
         self.operations.record(op, &Status::Processing { attempt: cmd.attempt }).await?;
         let data = cmd.event.data.clone().unwrap_or_default();
         if let Err(errors) = self.schemas.validate(&cmd.event.ty, &data) {
-            let list: Vec<String> = errors.iter().map(|e| format!("{}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.problem)).collect();
-            return Err(Failure::Permanent { class: "malformed_command", reason: format!("data fails its schema: {}", list.join("; ")) });
+            let list: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.problem))
+                .collect();
+            return Err(Failure::Permanent {
+                class: "malformed_command",
+                reason: format!("data fails its schema: {}", list.join("; ")),
+            });
         }
         let command = A::parse(&cmd.event.ty, data)?;
         let stream_id = A::stream_id(&command).to_owned();
@@ -115,7 +118,8 @@ where
             // Events of other commands that Kafka has not confirmed yet (their
             // command is still retrying): they go out before this command's,
             // so the stream reaches Kafka in version order.
-            earlier_unproduced = history.iter().filter(|e| !e.produced && e.command_key != command_key).cloned().collect();
+            earlier_unproduced =
+                history.iter().filter(|e| !e.produced && e.command_key != command_key).cloned().collect();
             let already: Vec<StoredEvent> = history.iter().filter(|e| e.command_key == command_key).cloned().collect();
             if !already.is_empty() {
                 // A redelivery of a command whose events are stored: publish
@@ -171,7 +175,9 @@ where
             }
         }
         let Some(mine) = mine else {
-            return Err(Failure::Transient(format!("stream {stream_id} kept changing; gave up after {MAX_CONFLICT_RETRIES} conflicts")));
+            return Err(Failure::Transient(format!(
+                "stream {stream_id} kept changing; gave up after {MAX_CONFLICT_RETRIES} conflicts"
+            )));
         };
 
         // Only events before this command's own: later ones wait for it.
@@ -338,7 +344,12 @@ mod tests {
             }
             let mut published = self.published.lock().unwrap();
             published.push(event.event_id.to_owned());
-            Ok(EventPosition { event_type: event.event_type.into(), topic: event.topic.into(), partition: 0, offset: published.len() as i64 - 1 })
+            Ok(EventPosition {
+                event_type: event.event_type.into(),
+                topic: event.topic.into(),
+                partition: 0,
+                offset: published.len() as i64 - 1,
+            })
         }
     }
 
@@ -369,7 +380,13 @@ mod tests {
             "data": {"order_id": "o1", "customer_id": "c1", "currency": "EUR", "lines": [{"sku": "a", "quantity": 1, "unit_price_cents": 10}]}
         }))
         .unwrap();
-        IncomingCommand { tenant: "acme".into(), operation_id: format!("op-{id}"), event, attempt: 1, traceparent: None }
+        IncomingCommand {
+            tenant: "acme".into(),
+            operation_id: format!("op-{id}"),
+            event,
+            attempt: 1,
+            traceparent: None,
+        }
     }
 
     #[tokio::test]
@@ -379,7 +396,9 @@ mod tests {
         assert_eq!(p.store.events.lock().unwrap().len(), 1);
         assert_eq!(p.publisher.published.lock().unwrap().len(), 1);
         let statuses = p.operations.statuses.lock().unwrap();
-        assert!(matches!(statuses.as_slice(), [Status::Processing { attempt: 1 }, Status::Succeeded(positions)] if positions.len() == 1));
+        assert!(
+            matches!(statuses.as_slice(), [Status::Processing { attempt: 1 }, Status::Succeeded(positions)] if positions.len() == 1)
+        );
     }
 
     #[tokio::test]
@@ -429,7 +448,13 @@ mod tests {
             "data": {"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"}
         }))
         .unwrap();
-        let ship = IncomingCommand { tenant: "acme".into(), operation_id: "op-ship".into(), event: ship, attempt: 1, traceparent: None };
+        let ship = IncomingCommand {
+            tenant: "acme".into(),
+            operation_id: "op-ship".into(),
+            event: ship,
+            attempt: 1,
+            traceparent: None,
+        };
         assert_eq!(p.handle(&ship).await, Outcome::Succeeded);
         let stored: Vec<String> = p.store.events.lock().unwrap().iter().map(|e| e.event_id.clone()).collect();
         assert_eq!(*p.publisher.published.lock().unwrap(), stored, "Kafka sees the stream in version order");

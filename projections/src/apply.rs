@@ -50,8 +50,12 @@ pub fn context_of(topic: &str) -> Option<&str> {
 /// What became of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    Written { event_type: String },
-    DeadLettered { reason: String },
+    Written {
+        event_type: String,
+    },
+    DeadLettered {
+        reason: String,
+    },
     /// The record belongs to another context's topic: not for this
     /// projection, and not poison either.
     Skipped,
@@ -69,15 +73,24 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub async fn new(brokers: &str, registry_url: &str, projection: &str, tables: Arc<Tables>) -> Result<Self, ReadModelError> {
+    pub async fn new(
+        brokers: &str,
+        registry_url: &str,
+        projection: &str,
+        tables: Arc<Tables>,
+    ) -> Result<Self, ReadModelError> {
         let session = tables.session.clone();
         let rows = session
-            .query_unpaged("SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?", (projection, tables.version))
+            .query_unpaged(
+                "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
+                (projection, tables.version),
+            )
             .await
             .map_err(rm_err)?
             .into_rows_result()
             .map_err(rm_err)?;
-        let parked = rows.rows::<(String, String)>().map_err(rm_err)?.collect::<Result<HashSet<_>, _>>().map_err(rm_err)?;
+        let parked =
+            rows.rows::<(String, String)>().map_err(rm_err)?.collect::<Result<HashSet<_>, _>>().map_err(rm_err)?;
         let dead_letters = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -100,13 +113,18 @@ impl Applier {
 
     /// Applies a record, retrying transient failures until `stop` says so.
     /// Returns `None` only when stopped before the record was settled.
-    pub async fn apply_settled(&self, message: &BorrowedMessage<'_>, stop: &tokio_util::sync::CancellationToken) -> Option<Applied> {
+    pub async fn apply_settled(
+        &self,
+        message: &BorrowedMessage<'_>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Option<Applied> {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
         loop {
             match self.apply(message).await {
                 Ok(applied) => {
-                    metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone()).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone())
+                        .record(started.elapsed().as_secs_f64());
                     metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "applied").increment(1);
                     return Some(applied);
                 }
@@ -150,7 +168,10 @@ impl Applier {
         })?;
         let event = OrderEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
         let snapshot = if orders::needs_snapshot(&event) {
-            self.tables.snapshot(tenant, event.meta().order_id).await.map_err(|e| ApplyError::Transient(e.to_string()))?
+            self.tables
+                .snapshot(tenant, event.meta().order_id)
+                .await
+                .map_err(|e| ApplyError::Transient(e.to_string()))?
         } else {
             None
         };

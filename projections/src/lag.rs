@@ -42,15 +42,21 @@ pub async fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Result<
         let committed = consumer.committed_offsets(tpl.clone(), timeout).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for element in tpl.elements() {
-            let (low, high) = consumer.fetch_watermarks(element.topic(), element.partition(), timeout).map_err(|e| e.to_string())?;
-            let committed = committed
-                .find_partition(element.topic(), element.partition())
-                .and_then(|e| match e.offset() {
+            let (low, high) =
+                consumer.fetch_watermarks(element.topic(), element.partition(), timeout).map_err(|e| e.to_string())?;
+            let committed =
+                committed.find_partition(element.topic(), element.partition()).and_then(|e| match e.offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
             let position = committed.unwrap_or(low);
-            out.push(PartitionLag { topic: element.topic().to_owned(), partition: element.partition(), committed, end: high, lag: (high - position).max(0) });
+            out.push(PartitionLag {
+                topic: element.topic().to_owned(),
+                partition: element.partition(),
+                committed,
+                end: high,
+                lag: (high - position).max(0),
+            });
         }
         Ok(out)
     })

@@ -38,6 +38,11 @@ pub struct ProjectorConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { name: "orders".into(), group_prefix: "sluice.projection".into(), offset_flush_ms: 200, version_poll_ms: 1_000 }
+        Self {
+            name: "orders".into(),
+            group_prefix: "sluice.projection".into(),
+            offset_flush_ms: 200,
+            version_poll_ms: 1_000,
+        }
     }
 }

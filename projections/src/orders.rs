@@ -168,7 +168,13 @@ mod tests {
     }
 
     fn cancelled() -> OrderEvent {
-        OrderEvent::Cancelled(OrderCancelled { event_id: "e2".into(), order_id: "o1".into(), version: 2, occurred_at: 2 * 86_400_000, reason: "late".into() })
+        OrderEvent::Cancelled(OrderCancelled {
+            event_id: "e2".into(),
+            order_id: "o1".into(),
+            version: 2,
+            occurred_at: 2 * 86_400_000,
+            reason: "late".into(),
+        })
     }
 
     #[test]
@@ -183,8 +189,13 @@ mod tests {
     fn a_cancellation_subtracts_on_its_own_day() {
         let snapshot = OrderSnapshot { customer_id: "c1".into(), submitted_at_ms: 86_400_000, total_cents: 300 };
         let writes = apply(&cancelled(), Some(&snapshot));
-        assert!(matches!(&writes[0], Write::OrderStatus { status: "cancelled", cancel_reason: Some(r), .. } if r == "late"));
-        assert!(matches!(&writes[1], Write::CustomerOrder { status: "cancelled", submitted_at_ms: 86_400_000, currency_and_total: None, .. }));
+        assert!(
+            matches!(&writes[0], Write::OrderStatus { status: "cancelled", cancel_reason: Some(r), .. } if r == "late")
+        );
+        assert!(matches!(
+            &writes[1],
+            Write::CustomerOrder { status: "cancelled", submitted_at_ms: 86_400_000, currency_and_total: None, .. }
+        ));
         assert!(matches!(&writes[2], Write::Sale { orders: -1, total_cents: -300, day_ms: 172_800_000, .. }));
     }
 

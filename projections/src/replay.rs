@@ -105,7 +105,12 @@ pub enum ReplayError {
 }
 
 /// Re-applies the log from `start` to the ends seen now, into the active version.
-pub async fn replay(ctx: &ReplayCtx, start: StartAt, stop: &CancellationToken, progress: impl Fn(&Progress)) -> Result<ReplayReport, ReplayError> {
+pub async fn replay(
+    ctx: &ReplayCtx,
+    start: StartAt,
+    stop: &CancellationToken,
+    progress: impl Fn(&Progress),
+) -> Result<ReplayReport, ReplayError> {
     let version = ctx.store.versions().get(&ctx.config.name).await?.active;
     run(ctx, version, start, None, false, stop, &progress).await
 }
@@ -130,7 +135,10 @@ pub async fn rebuild(
         return Ok(report);
     }
     if !ctx.store.versions().switch(name, state.active, target).await? {
-        return Err(ReplayError::Other(format!("version {} is no longer active: another rebuild switched first", state.active)));
+        return Err(ReplayError::Other(format!(
+            "version {} is no longer active: another rebuild switched first",
+            state.active
+        )));
     }
     report.previous_version = Some(state.active);
     if drop_previous {
@@ -149,7 +157,11 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
         return Err(ReplayError::Other(format!("version {version} is not older than the active version {active}")));
     }
     for table in cql::read_model_tables(name, version) {
-        store.session().query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await.map_err(|e| ReplayError::Other(e.to_string()))?;
+        store
+            .session()
+            .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())
+            .await
+            .map_err(|e| ReplayError::Other(e.to_string()))?;
     }
     Ok(())
 }
@@ -177,7 +189,8 @@ async fn run(
             .create()?,
     );
 
-    let (starts, mut ends) = blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
+    let (starts, mut ends) =
+        blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
     let mut positions: HashMap<(String, i32), i64> = starts.clone();
     let mut assignment = TopicPartitionList::new();
     for ((topic, partition), offset) in &starts {
@@ -242,7 +255,9 @@ async fn run(
         for ((topic, partition), offset) in &positions {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
-        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await.map_err(|e| ReplayError::Other(e.to_string()))??;
+        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| ReplayError::Other(e.to_string()))??;
     }
     let seconds = began.elapsed().as_secs_f64();
     p.events_per_second = (p.applied + p.dead_lettered) as f64 / seconds.max(1e-6);
@@ -264,7 +279,12 @@ async fn run(
 type Positions = HashMap<(String, i32), i64>;
 
 /// Start positions and end offsets of every partition of `topics`.
-async fn blocking_positions(consumer: Arc<StreamConsumer>, topics: Vec<String>, start: StartAt, resume: bool) -> Result<(Positions, Positions), ReplayError> {
+async fn blocking_positions(
+    consumer: Arc<StreamConsumer>,
+    topics: Vec<String>,
+    start: StartAt,
+    resume: bool,
+) -> Result<(Positions, Positions), ReplayError> {
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);
         let mut starts = HashMap::new();

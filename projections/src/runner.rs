@@ -70,8 +70,20 @@ impl Projector {
         // changes (watched on its own task, so even a record stuck retrying
         // against a dropped table lets go).
         let stop = shutdown.child_token();
-        let watcher = tokio::spawn(watch_version(self.store.clone(), self.config.name.clone(), version, self.config.version_poll_ms, stop.clone()));
-        let lag_gauge = tokio::spawn(report_lag(self.brokers.clone(), group_id(&self.config, version), self.topics.clone(), self.config.name.clone(), stop.clone()));
+        let watcher = tokio::spawn(watch_version(
+            self.store.clone(),
+            self.config.name.clone(),
+            version,
+            self.config.version_poll_ms,
+            stop.clone(),
+        ));
+        let lag_gauge = tokio::spawn(report_lag(
+            self.brokers.clone(),
+            group_id(&self.config, version),
+            self.topics.clone(),
+            self.config.name.clone(),
+            stop.clone(),
+        ));
         let mut flush = tokio::time::interval(Duration::from_millis(self.config.offset_flush_ms));
         let result = loop {
             tokio::select! {

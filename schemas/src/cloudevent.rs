@@ -59,23 +59,21 @@ impl CloudEvent {
             return Err(vec![AttributeError::new("", "a CloudEvent must be a JSON object")]);
         };
         let mut errors = Vec::new();
-        let mut take_string = |map: &mut Map<String, Value>, name: &str, required: bool| {
-            match map.remove(name) {
-                Some(Value::String(s)) if s.is_empty() => {
-                    errors.push(AttributeError::new(name, "must not be empty"));
-                    None
-                }
-                Some(Value::String(s)) => Some(s),
-                Some(_) => {
-                    errors.push(AttributeError::new(name, "must be a string"));
-                    None
-                }
-                None if required => {
-                    errors.push(AttributeError::new(name, "is required"));
-                    None
-                }
-                None => None,
+        let mut take_string = |map: &mut Map<String, Value>, name: &str, required: bool| match map.remove(name) {
+            Some(Value::String(s)) if s.is_empty() => {
+                errors.push(AttributeError::new(name, "must not be empty"));
+                None
             }
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                errors.push(AttributeError::new(name, "must be a string"));
+                None
+            }
+            None if required => {
+                errors.push(AttributeError::new(name, "is required"));
+                None
+            }
+            None => None,
         };
         let [id, source, specversion, ty] = REQUIRED.map(|name| take_string(&mut map, name, true));
         let [datacontenttype, dataschema, subject, time] =

@@ -116,7 +116,12 @@ impl OrderEvent {
     pub fn meta(&self) -> EventMeta<'_> {
         macro_rules! meta {
             ($e:expr) => {
-                EventMeta { event_id: &$e.event_id, order_id: &$e.order_id, version: $e.version, occurred_at: $e.occurred_at }
+                EventMeta {
+                    event_id: &$e.event_id,
+                    order_id: &$e.order_id,
+                    version: $e.version,
+                    occurred_at: $e.occurred_at,
+                }
             };
         }
         match self {

@@ -19,7 +19,8 @@ fn any_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 32, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
-            prop::collection::btree_map("[a-z_]{1,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            prop::collection::btree_map("[a-z_]{1,8}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
         ]
     })
 }
@@ -27,8 +28,8 @@ fn any_json() -> impl Strategy<Value = Value> {
 /// An envelope built from plausible and implausible attribute values.
 fn envelope() -> impl Strategy<Value = Value> {
     let attr = prop_oneof![Just(None), ".{0,10}".prop_map(|s| Some(json!(s))), any_json().prop_map(Some)];
-    (attr.clone(), attr.clone(), prop_oneof![Just(Some(json!("1.0"))), attr.clone()], attr.clone(), attr, any_json()).prop_map(
-        |(id, source, specversion, ty, time, data)| {
+    (attr.clone(), attr.clone(), prop_oneof![Just(Some(json!("1.0"))), attr.clone()], attr.clone(), attr, any_json())
+        .prop_map(|(id, source, specversion, ty, time, data)| {
             let mut m = Map::new();
             for (k, v) in [("id", id), ("source", source), ("specversion", specversion), ("type", ty), ("time", time)] {
                 if let Some(v) = v {
@@ -37,8 +38,7 @@ fn envelope() -> impl Strategy<Value = Value> {
             }
             m.insert("data".into(), data);
             Value::Object(m)
-        },
-    )
+        })
 }
 
 proptest! {

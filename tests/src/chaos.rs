@@ -30,7 +30,8 @@ pub struct ChaosConfig {
 impl ChaosConfig {
     /// Size from `SLUICE_CHAOS_COMMANDS` / `SLUICE_CHAOS_CLIENTS`, else the defaults given.
     pub fn from_env(commands: usize, clients: usize) -> Self {
-        let read = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let read =
+            |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         Self {
             commands: read("SLUICE_CHAOS_COMMANDS", commands),
             clients: read("SLUICE_CHAOS_CLIENTS", clients),
@@ -137,7 +138,10 @@ pub async fn run(config: ChaosConfig) -> Summary {
     let base = format!("http://127.0.0.1:{port}");
 
     let _edge = SluiceProcess::spawn(&settings, "ingest");
-    let processors = Arc::new(Mutex::new(vec![SluiceProcess::spawn(&settings, "processor"), SluiceProcess::spawn(&settings, "processor")]));
+    let processors = Arc::new(Mutex::new(vec![
+        SluiceProcess::spawn(&settings, "processor"),
+        SluiceProcess::spawn(&settings, "processor"),
+    ]));
     let projector = Arc::new(Mutex::new(SluiceProcess::spawn(&settings, "projector")));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     eventually(Duration::from_secs(60), "the edge to answer", || async {
@@ -145,7 +149,10 @@ pub async fn run(config: ChaosConfig) -> Summary {
     })
     .await;
     let queue = format!("{}.orders.commands", tenant.name);
-    eventually(Duration::from_secs(60), "two processors consuming", || async { (queue_consumers(&queue).await >= 2).then_some(()) }).await;
+    eventually(Duration::from_secs(60), "two processors consuming", || async {
+        (queue_consumers(&queue).await >= 2).then_some(())
+    })
+    .await;
 
     let summary = Arc::new(Mutex::new(Summary::default()));
     let accepted: Arc<Mutex<Vec<Accepted>>> = Arc::new(Mutex::new(Vec::new()));
@@ -153,14 +160,23 @@ pub async fn run(config: ChaosConfig) -> Summary {
 
     // The faults, at random moments while the clients send.
     let faults = {
-        let (settings, processors, projector, summary, sent) = (settings.clone(), processors.clone(), projector.clone(), summary.clone(), sent.clone());
+        let (settings, processors, projector, summary, sent) =
+            (settings.clone(), processors.clone(), projector.clone(), summary.clone(), sent.clone());
         let total = config.commands as u64;
         let enabled = config.faults;
         tokio::spawn(async move {
             if !enabled {
                 return;
             }
-            let plan = ["kill processor", "restart rabbitmq", "kill projector", "restart kafka", "kill processor", "restart cassandra", "kill projector"];
+            let plan = [
+                "kill processor",
+                "restart rabbitmq",
+                "kill projector",
+                "restart kafka",
+                "kill processor",
+                "restart cassandra",
+                "kill projector",
+            ];
             for (i, fault) in plan.iter().enumerate() {
                 // Spread the faults over the sending phase, at jittered points.
                 let target = total * (i as u64 + 1) / (plan.len() as u64 + 1) + (rand_u64() % (total / 20 + 1));
@@ -361,7 +377,8 @@ pub async fn run(config: ChaosConfig) -> Summary {
         let mut listed = 0;
         let mut cursor: Option<String> = None;
         loop {
-            let page = store.customer_orders(&tenant.name, customer, 500, cursor.as_deref()).await.expect("customer orders");
+            let page =
+                store.customer_orders(&tenant.name, customer, 500, cursor.as_deref()).await.expect("customer orders");
             listed += page.items.len();
             match page.next_cursor {
                 Some(next) => cursor = Some(next),
@@ -391,11 +408,29 @@ fn plan_command(tenant: &TestTenant, n: usize) -> (Value, String, bool) {
         0..=12 => (submit(n), order(n), false),
         13 | 14 => {
             let k = n - 13;
-            (command(tenant, &format!("c{n}"), "com.example.orders.CancelOrder", json!({"order_id": order(k), "reason": "chaos"})), order(k), false)
+            (
+                command(
+                    tenant,
+                    &format!("c{n}"),
+                    "com.example.orders.CancelOrder",
+                    json!({"order_id": order(k), "reason": "chaos"}),
+                ),
+                order(k),
+                false,
+            )
         }
         15 | 16 => {
             let k = n - 15;
-            (command(tenant, &format!("x{n}"), "com.example.orders.ShipOrder", json!({"order_id": order(k), "carrier": "c", "tracking_number": "t"})), order(k), false)
+            (
+                command(
+                    tenant,
+                    &format!("x{n}"),
+                    "com.example.orders.ShipOrder",
+                    json!({"order_id": order(k), "carrier": "c", "tracking_number": "t"}),
+                ),
+                order(k),
+                false,
+            )
         }
         17 | 18 => {
             // The same order submitted again under a new id: rejected.
@@ -405,7 +440,12 @@ fn plan_command(tenant: &TestTenant, n: usize) -> (Value, String, bool) {
             (e, order(k), false)
         }
         _ => {
-            let e = command(tenant, &format!("p{n}"), "com.example.orders.SubmitOrder", json!({"order_id": order(n), "lines": "not a list"}));
+            let e = command(
+                tenant,
+                &format!("p{n}"),
+                "com.example.orders.SubmitOrder",
+                json!({"order_id": order(n), "lines": "not a list"}),
+            );
             (e, order(n), true)
         }
     }
@@ -424,7 +464,10 @@ fn order_total(order: &str) -> i64 {
 /// Publishes a command to the exchange the way the edge does; false when the
 /// broker is unavailable or did not confirm.
 async fn publish_to_exchange(tenant: &TestTenant, event: &Value, operation_id: &str) -> bool {
-    let Ok(connection) = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default()).await else {
+    let Ok(connection) =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+    else {
         return false;
     };
     let result = async {
@@ -453,7 +496,8 @@ async fn publish_to_exchange(tenant: &TestTenant, event: &Value, operation_id: &
 /// A little randomness without a dependency: the clock's nanoseconds, mixed.
 fn rand_u64() -> u64 {
     static STATE: AtomicU64 = AtomicU64::new(0);
-    let seed = chrono::Utc::now().timestamp_subsec_nanos() as u64 ^ STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    let seed =
+        chrono::Utc::now().timestamp_subsec_nanos() as u64 ^ STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
     let mut x = seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
     x ^= x >> 33;
     x

@@ -56,7 +56,11 @@ impl TestTenant {
         TenantConfig {
             name: self.name.clone(),
             sources: vec![format!("/{}/", self.name)],
-            keys: vec![KeyConfig { sha256: hex::encode(hash_key(&self.key)), commands: vec![], name: format!("{}-test", self.name) }],
+            keys: vec![KeyConfig {
+                sha256: hex::encode(hash_key(&self.key)),
+                commands: vec![],
+                name: format!("{}-test", self.name),
+            }],
         }
     }
 }
@@ -242,9 +246,10 @@ pub async fn cql() -> Arc<scylla::client::session::Session> {
 /// Messages ready in a queue, straight from the broker (passive declare), not
 /// from the management API's periodic statistics.
 pub async fn queue_depth(queue: &str) -> u32 {
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     let q = channel
         .queue_declare(
@@ -329,12 +334,17 @@ impl Drop for SluiceProcess {
 /// Consumers currently on a queue, straight from the broker (0 while the
 /// queue does not exist yet).
 pub async fn queue_consumers(queue: &str) -> u32 {
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     let q = channel
-        .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, lapin::types::FieldTable::default())
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::types::FieldTable::default(),
+        )
         .await;
     let _ = connection.close(200, "bye".into()).await;
     q.map(|q| q.consumer_count()).unwrap_or(0)
@@ -363,9 +373,10 @@ mod tempfile_path {
 /// Publishes a message straight into a queue (default exchange) and waits
 /// for the broker's confirm.
 pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, headers: lapin::types::FieldTable) {
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.expect("confirm mode");
     let mut properties = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers);
@@ -373,7 +384,13 @@ pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, hea
         properties = properties.with_message_id(id.into());
     }
     let confirm = channel
-        .basic_publish("".into(), queue.into(), lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
+            body,
+            properties,
+        )
         .await
         .expect("publish")
         .await
@@ -384,12 +401,15 @@ pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, hea
 
 /// Takes every message of a queue (acking them): for tests that inspect a DLQ.
 pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     let mut out = Vec::new();
-    while let Some(message) = channel.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("basic.get") {
+    while let Some(message) =
+        channel.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("basic.get")
+    {
         out.push((message.delivery.properties.clone(), message.delivery.data.clone()));
     }
     let _ = connection.close(200, "bye".into()).await;
@@ -456,7 +476,12 @@ impl Answer {
     pub fn assert_problem(&self, status: u16, kind: &str, context: &str) {
         assert_eq!(self.status, status, "{context}: status; body {}", self.body);
         assert_eq!(self.header("content-type"), Some("application/problem+json"), "{context}: content type");
-        assert_eq!(self.body["type"], format!("https://sluice.dev/problems/{kind}"), "{context}: type; body {}", self.body);
+        assert_eq!(
+            self.body["type"],
+            format!("https://sluice.dev/problems/{kind}"),
+            "{context}: type; body {}",
+            self.body
+        );
         assert_eq!(self.body["status"], status, "{context}: status member");
         assert!(self.body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{context}: detail");
         if status == 429 || status == 503 {
@@ -469,11 +494,7 @@ impl Answer {
     /// hold an entry whose `key` is `value`.
     pub fn names(&self, key: &str, value: &Value) -> bool {
         fn any(errors: &Value, key: &str, value: &Value) -> bool {
-            errors
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|e| &e[key] == value || any(&e["errors"], key, value))
+            errors.as_array().into_iter().flatten().any(|e| &e[key] == value || any(&e["errors"], key, value))
         }
         any(&self.body["errors"], key, value)
     }
@@ -482,9 +503,10 @@ impl Answer {
 /// Deletes a queue (and its messages) once a test is done with it, so big
 /// test runs leave no backlog on the shared broker.
 pub async fn delete_queue(queue: &str) {
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     channel.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()).await.expect("queue.delete");
     let _ = connection.close(200, "bye".into()).await;
@@ -492,7 +514,8 @@ pub async fn delete_queue(queue: &str) {
 
 /// A request to RabbitMQ's management API (guest, loopback only).
 pub async fn rabbitmq_management(method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
-    let mut request = reqwest::Client::new().request(method, format!("{MANAGEMENT_API}{path}")).basic_auth("guest", Some("guest"));
+    let mut request =
+        reqwest::Client::new().request(method, format!("{MANAGEMENT_API}{path}")).basic_auth("guest", Some("guest"));
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -504,12 +527,21 @@ pub async fn rabbitmq_management(method: reqwest::Method, path: &str, body: Opti
 
 /// Every read-model row of `tenant` in one version of a projection, as
 /// comparable text (write timestamps excluded): orders, customer lists, sales.
-pub async fn read_model_rows(projection: &str, version: i32, tenant: &str, order_ids: &[String], customer_ids: &[String]) -> Vec<String> {
+pub async fn read_model_rows(
+    projection: &str,
+    version: i32,
+    tenant: &str,
+    order_ids: &[String],
+    customer_ids: &[String],
+) -> Vec<String> {
     let session = cql().await;
     let mut rows = Vec::new();
     for id in order_ids {
         let result = session
-            .query_unpaged(format!("SELECT JSON * FROM sluice.{projection}_by_id_v{version} WHERE tenant = ? AND order_id = ?"), (tenant, id))
+            .query_unpaged(
+                format!("SELECT JSON * FROM sluice.{projection}_by_id_v{version} WHERE tenant = ? AND order_id = ?"),
+                (tenant, id),
+            )
             .await
             .expect("orders_by_id")
             .into_rows_result()
@@ -530,7 +562,10 @@ pub async fn read_model_rows(projection: &str, version: i32, tenant: &str, order
         }
     }
     let result = session
-        .query_unpaged(format!("SELECT JSON * FROM sluice.{projection}_daily_sales_v{version} WHERE tenant = ? ALLOW FILTERING"), (tenant,))
+        .query_unpaged(
+            format!("SELECT JSON * FROM sluice.{projection}_daily_sales_v{version} WHERE tenant = ? ALLOW FILTERING"),
+            (tenant,),
+        )
         .await
         .expect("daily_sales")
         .into_rows_result()
@@ -632,9 +667,10 @@ impl SeedLetter {
 /// confirmed by the broker (publishes pipelined, confirms awaited per batch).
 pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
     let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
-    let connection = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.expect("confirm mode");
     for chunk in letters.chunks(200) {
@@ -647,11 +683,19 @@ pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
                 .with_content_type("application/cloudevents+json".into())
                 .with_headers(headers);
             let options = lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() };
-            confirms.push(channel.basic_publish("".into(), dlq.as_str().into(), options, &body, properties).await.expect("publish"));
+            confirms.push(
+                channel
+                    .basic_publish("".into(), dlq.as_str().into(), options, &body, properties)
+                    .await
+                    .expect("publish"),
+            );
         }
         for confirm in confirms {
             let confirm = confirm.await.expect("confirm");
-            assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "broker did not take a dead letter: {confirm:?}");
+            assert!(
+                matches!(confirm, lapin::Confirmation::Ack(None)),
+                "broker did not take a dead letter: {confirm:?}"
+            );
         }
     }
     let _ = connection.close(200, "seeded".into()).await;
@@ -659,7 +703,9 @@ pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
 
 /// Declares `tenant`'s queues (work queue, retry queues, DLQ) as the edge does.
 pub async fn declare_tenant_queues(settings: &Settings, tenant: &TestTenant) {
-    sluice_cli::serve::declare_topology(settings, std::slice::from_ref(&tenant.name)).await.expect("declare the tenant's queues");
+    sluice_cli::serve::declare_topology(settings, std::slice::from_ref(&tenant.name))
+        .await
+        .expect("declare the tenant's queues");
 }
 
 /// Deletes `tenant`'s queues (every context's) once a test is done with them.
@@ -690,7 +736,11 @@ pub fn tenant_scope(tenant: &TestTenant) -> sluice_cli::ops::dlq::Scope {
 /// Message ids of the messages a queue hands out, taking them all (acked):
 /// for the final count of a test.
 pub async fn drain_ids(queue: &str) -> Vec<String> {
-    drain_queue(queue).await.into_iter().map(|(p, _)| p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default()).collect()
+    drain_queue(queue)
+        .await
+        .into_iter()
+        .map(|(p, _)| p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default())
+        .collect()
 }
 
 /// Runs the `sluice` binary with `settings` as its config file.

@@ -19,13 +19,19 @@ async fn business_rules_end_in_succeeded_or_rejected_with_a_reason() {
     let op = platform.await_operation(&tenant, submit.headers()["location"].to_str().unwrap(), WAIT).await;
     assert_eq!(op["status"], "succeeded");
 
-    let ship = command(&tenant, "ship1", "com.example.orders.ShipOrder", json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z9"}));
+    let ship = command(
+        &tenant,
+        "ship1",
+        "com.example.orders.ShipOrder",
+        json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z9"}),
+    );
     let response = platform.post_event(&tenant, &ship).await;
     let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
     assert_eq!(op["status"], "succeeded");
     assert_eq!(op["events"][0]["type"], "com.example.orders.OrderShipped");
 
-    let cancel = command(&tenant, "cancel1", "com.example.orders.CancelOrder", json!({"order_id": "o1", "reason": "too late"}));
+    let cancel =
+        command(&tenant, "cancel1", "com.example.orders.CancelOrder", json!({"order_id": "o1", "reason": "too late"}));
     let response = platform.post_event(&tenant, &cancel).await;
     let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
     assert_eq!(op["status"], "rejected");
@@ -103,7 +109,12 @@ async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
     assert_eq!(op["status"], "succeeded", "{op}");
     assert_eq!(stored_events(&tenant.name, "o-crash").await.len(), 1, "decided once, not again");
     let position = &op["events"][0];
-    let record = read_record(position["topic"].as_str().unwrap(), position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap()).await;
+    let record = read_record(
+        position["topic"].as_str().unwrap(),
+        position["partition"].as_i64().unwrap() as i32,
+        position["offset"].as_i64().unwrap(),
+    )
+    .await;
     use rdkafka::message::{Headers, Message};
     let ce_id = record.headers().unwrap().iter().find(|h| h.key == "ce_id").and_then(|h| h.value).unwrap().to_vec();
     assert_eq!(ce_id, b"pre-0", "the stored event itself was produced");
@@ -132,7 +143,8 @@ async fn undecodable_and_malformed_commands_land_in_the_dlq_with_their_reason() 
                      "data": {"order_id": 42}});
     publish_raw(&queue, bad.to_string().as_bytes(), Some("op-malformed"), FieldTable::default()).await;
     // No operation id.
-    publish_raw(&queue, submit_order(&tenant, "x", "o-x", "c").to_string().as_bytes(), None, FieldTable::default()).await;
+    publish_raw(&queue, submit_order(&tenant, "x", "o-x", "c").to_string().as_bytes(), None, FieldTable::default())
+        .await;
 
     eventually(WAIT, "three dead letters", || async { (queue_depth(&dlq).await == 3).then_some(()) }).await;
     let dead = drain_queue(&dlq).await;

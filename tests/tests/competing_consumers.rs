@@ -13,7 +13,9 @@ const WAIT: Duration = Duration::from_secs(180);
 async fn post_orders(edge: &Platform, tenant: &TestTenant, prefix: &str, count: usize) -> Vec<String> {
     let mut locations = Vec::with_capacity(count);
     for i in 0..count {
-        let response = edge.post_event(tenant, &submit_order(tenant, &format!("{prefix}{i}"), &format!("{prefix}-o{i}"), "c1")).await;
+        let response = edge
+            .post_event(tenant, &submit_order(tenant, &format!("{prefix}{i}"), &format!("{prefix}-o{i}"), "c1"))
+            .await;
         assert_eq!(response.status(), 202);
         locations.push(response.headers()["location"].to_str().unwrap().to_owned());
     }
@@ -29,7 +31,8 @@ async fn three_processor_processes_all_receive_work_from_one_queue() {
     let queue = format!("{}.orders.commands", tenant.name);
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let processes: Vec<SluiceProcess> = (0..3).map(|_| SluiceProcess::spawn(&settings, "processor")).collect();
-    eventually(WAIT, "three consumers on the queue", || async { (queue_consumers(&queue).await == 3).then_some(()) }).await;
+    eventually(WAIT, "three consumers on the queue", || async { (queue_consumers(&queue).await == 3).then_some(()) })
+        .await;
 
     let count = 60;
     let started = Instant::now();
@@ -41,7 +44,10 @@ async fn three_processor_processes_all_receive_work_from_one_queue() {
         handlers.insert(op["handled_by"].as_str().unwrap().to_owned());
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!("{count} commands through 3 processor processes (debug build) in {seconds:.2}s: {:.0}/s", count as f64 / seconds);
+    println!(
+        "{count} commands through 3 processor processes (debug build) in {seconds:.2}s: {:.0}/s",
+        count as f64 / seconds
+    );
     assert_eq!(handlers.len(), 3, "every process handled some commands: {handlers:?}");
     drop(processes);
     edge.stop().await.unwrap();
@@ -56,7 +62,8 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let mut victim = SluiceProcess::spawn(&settings, "processor");
     let _survivor = SluiceProcess::spawn(&settings, "processor");
-    eventually(WAIT, "two consumers on the queue", || async { (queue_consumers(&queue).await == 2).then_some(()) }).await;
+    eventually(WAIT, "two consumers on the queue", || async { (queue_consumers(&queue).await == 2).then_some(()) })
+        .await;
 
     let count = 150;
     let locations = post_orders(&edge, &tenant, "k", count).await;

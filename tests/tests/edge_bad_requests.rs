@@ -16,8 +16,8 @@ use sluice_cli::serve::Role;
 use sluice_cli::settings::Settings;
 use sluice_ingest::auth::{hash_key, KeyConfig};
 use sluice_tests::{
-    delete_queue, eventually, orders_queue, publish_raw, queue_depth, rabbitmq_management,
-    submit_order, test_settings, Answer, Platform, TestTenant,
+    delete_queue, eventually, orders_queue, publish_raw, queue_depth, rabbitmq_management, submit_order, test_settings,
+    Answer, Platform, TestTenant,
 };
 
 /// What a refused request's problem must name.
@@ -45,13 +45,7 @@ fn case(
     names: Vec<Names>,
     build: impl Fn(&Ctx) -> RequestBuilder + 'static,
 ) -> Case {
-    Case {
-        name,
-        build: Box::new(build),
-        status,
-        kind,
-        names,
-    }
+    Case { name, build: Box::new(build), status, kind, names }
 }
 
 fn attribute(name: &'static str) -> Names {
@@ -87,25 +81,15 @@ impl Ctx {
         });
         adjust(&mut settings);
         let platform = Platform::start(settings, Role::Ingest).await;
-        Self {
-            platform,
-            tenant,
-            other,
-            cancel_only_key,
-        }
+        Self { platform, tenant, other, cancel_only_key }
     }
 
     fn post(&self) -> RequestBuilder {
-        self.platform
-            .http
-            .post(self.platform.url("/events"))
-            .bearer_auth(&self.tenant.key)
+        self.platform.http.post(self.platform.url("/events")).bearer_auth(&self.tenant.key)
     }
 
     fn structured(&self, body: impl Into<reqwest::Body>) -> RequestBuilder {
-        self.post()
-            .header("content-type", "application/cloudevents+json")
-            .body(body)
+        self.post().header("content-type", "application/cloudevents+json").body(body)
     }
 
     fn structured_event(&self, event: Value) -> RequestBuilder {
@@ -113,19 +97,12 @@ impl Ctx {
     }
 
     fn batch(&self, body: impl Into<reqwest::Body>) -> RequestBuilder {
-        self.post()
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(body)
+        self.post().header("content-type", "application/cloudevents-batch+json").body(body)
     }
 
     /// A valid SubmitOrder of `tenant`, to break one piece of.
     fn event(&self) -> Value {
-        submit_order(
-            &self.tenant,
-            &uuid::Uuid::new_v4().to_string(),
-            "order-1",
-            "customer-1",
-        )
+        submit_order(&self.tenant, &uuid::Uuid::new_v4().to_string(), "order-1", "customer-1")
     }
 
     fn event_with(&self, attribute: &str, value: Value) -> Value {
@@ -189,10 +166,7 @@ impl Ctx {
             for queue in &queues {
                 before.push(queue_depth(queue).await);
             }
-            let response = (case.build)(self)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            let response = (case.build)(self).send().await.unwrap_or_else(|e| panic!("{}: {e}", case.name));
             let answer = Answer::read(response).await;
             answer.assert_problem(case.status, case.kind, case.name);
             for names in &case.names {
@@ -207,21 +181,12 @@ impl Ctx {
                     }
                     Names::Detail(words) => {
                         let detail = answer.body["detail"].as_str().unwrap_or_default();
-                        assert!(
-                            detail.contains(words),
-                            "{}: detail {detail:?} mentions {words:?}",
-                            case.name
-                        )
+                        assert!(detail.contains(words), "{}: detail {detail:?} mentions {words:?}", case.name)
                     }
                 }
             }
             for (queue, before) in queues.iter().zip(before) {
-                assert_eq!(
-                    queue_depth(queue).await,
-                    before,
-                    "{}: nothing queued in {queue}",
-                    case.name
-                );
+                assert_eq!(queue_depth(queue).await, before, "{}: nothing queued in {queue}", case.name);
             }
         }
     }
@@ -239,222 +204,97 @@ async fn structured_mode_refuses_broken_cloudevents() {
     let ctx = Ctx::start(|_| {}).await;
     let deep = "[".repeat(300) + &"]".repeat(300);
     let cases = vec![
-        case(
-            "malformed JSON",
-            400,
-            "malformed",
-            vec![Names::Field("line", json!(1))],
-            |c| c.structured(r#"{"id": "1", "source": "#),
-        ),
-        case(
-            "trailing garbage",
-            400,
-            "malformed",
-            vec![Names::Detail("not valid JSON")],
-            |c| c.structured(format!("{} x", c.event())),
-        ),
-        case(
-            "empty body",
-            400,
-            "malformed",
-            vec![Names::Detail("not valid JSON")],
-            |c| c.structured(""),
-        ),
-        case("JSON null", 400, "malformed", vec![attribute("")], |c| {
-            c.structured("null")
+        case("malformed JSON", 400, "malformed", vec![Names::Field("line", json!(1))], |c| {
+            c.structured(r#"{"id": "1", "source": "#)
         }),
-        case(
-            "an array in structured mode",
-            400,
-            "malformed",
-            vec![attribute("")],
-            |c| c.structured(format!("[{}]", c.event())),
-        ),
-        case(
-            "invalid UTF-8",
-            400,
-            "malformed",
-            vec![Names::Detail("UTF-8")],
-            |c| {
-                let mut body = c.event().to_string().into_bytes();
-                let at = body.len() - 3;
-                body[at] = 0xff;
-                c.structured(body)
-            },
-        ),
-        case(
-            "deeply nested data",
-            400,
-            "malformed",
-            vec![Names::Detail("recursion")],
-            move |c| {
-                let event = c.event().to_string();
-                c.structured(event.replacen(
-                    r#""data":{"#,
-                    &format!(r#""deep":{deep},"data":{{"#),
-                    1,
-                ))
-            },
-        ),
-        case("missing id", 400, "malformed", vec![attribute("id")], |c| {
-            c.structured_event(c.event_without("id"))
+        case("trailing garbage", 400, "malformed", vec![Names::Detail("not valid JSON")], |c| {
+            c.structured(format!("{} x", c.event()))
         }),
-        case(
-            "missing source",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            |c| c.structured_event(c.event_without("source")),
-        ),
-        case(
-            "missing specversion",
-            400,
-            "malformed",
-            vec![attribute("specversion")],
-            |c| c.structured_event(c.event_without("specversion")),
-        ),
-        case(
-            "missing type",
-            400,
-            "malformed",
-            vec![attribute("type")],
-            |c| c.structured_event(c.event_without("type")),
-        ),
+        case("empty body", 400, "malformed", vec![Names::Detail("not valid JSON")], |c| c.structured("")),
+        case("JSON null", 400, "malformed", vec![attribute("")], |c| c.structured("null")),
+        case("an array in structured mode", 400, "malformed", vec![attribute("")], |c| {
+            c.structured(format!("[{}]", c.event()))
+        }),
+        case("invalid UTF-8", 400, "malformed", vec![Names::Detail("UTF-8")], |c| {
+            let mut body = c.event().to_string().into_bytes();
+            let at = body.len() - 3;
+            body[at] = 0xff;
+            c.structured(body)
+        }),
+        case("deeply nested data", 400, "malformed", vec![Names::Detail("recursion")], move |c| {
+            let event = c.event().to_string();
+            c.structured(event.replacen(r#""data":{"#, &format!(r#""deep":{deep},"data":{{"#), 1))
+        }),
+        case("missing id", 400, "malformed", vec![attribute("id")], |c| c.structured_event(c.event_without("id"))),
+        case("missing source", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_without("source"))
+        }),
+        case("missing specversion", 400, "malformed", vec![attribute("specversion")], |c| {
+            c.structured_event(c.event_without("specversion"))
+        }),
+        case("missing type", 400, "malformed", vec![attribute("type")], |c| {
+            c.structured_event(c.event_without("type"))
+        }),
         case(
             "every required attribute missing",
             400,
             "malformed",
-            vec![
-                attribute("id"),
-                attribute("source"),
-                attribute("specversion"),
-                attribute("type"),
-            ],
+            vec![attribute("id"), attribute("source"), attribute("specversion"), attribute("type")],
             |c| c.structured_event(json!({"data": Ctx::good_data()})),
         ),
         case("empty id", 400, "malformed", vec![attribute("id")], |c| {
             c.structured_event(c.event_with("id", json!("")))
         }),
-        case(
-            "empty source",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            |c| c.structured_event(c.event_with("source", json!(""))),
-        ),
+        case("empty source", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!("")))
+        }),
         case("numeric id", 400, "malformed", vec![attribute("id")], |c| {
             c.structured_event(c.event_with("id", json!(42)))
         }),
-        case(
-            "specversion 0.3",
-            400,
-            "malformed",
-            vec![attribute("specversion")],
-            |c| c.structured_event(c.event_with("specversion", json!("0.3"))),
-        ),
-        case(
-            "specversion 1",
-            400,
-            "malformed",
-            vec![attribute("specversion")],
-            |c| c.structured_event(c.event_with("specversion", json!("1"))),
-        ),
-        case(
-            "time that is not a time",
-            400,
-            "malformed",
-            vec![attribute("time")],
-            |c| c.structured_event(c.event_with("time", json!("yesterday"))),
-        ),
-        case(
-            "time without an offset",
-            400,
-            "malformed",
-            vec![attribute("time")],
-            |c| c.structured_event(c.event_with("time", json!("2026-11-26T10:00:00"))),
-        ),
-        case(
-            "source with a space",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            |c| {
-                c.structured_event(
-                    c.event_with("source", json!(format!("/{}/my shop", c.tenant.name))),
-                )
-            },
-        ),
-        case(
-            "source with non-ASCII",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            |c| {
-                c.structured_event(
-                    c.event_with("source", json!(format!("/{}/café", c.tenant.name))),
-                )
-            },
-        ),
-        case(
-            "relative dataschema",
-            400,
-            "malformed",
-            vec![attribute("dataschema")],
-            |c| c.structured_event(c.event_with("dataschema", json!("schemas/1"))),
-        ),
-        case(
-            "upper-case extension name",
-            400,
-            "malformed",
-            vec![attribute("Region")],
-            |c| c.structured_event(c.event_with("Region", json!("eu"))),
-        ),
-        case(
-            "extension name over 20 characters",
-            400,
-            "malformed",
-            vec![attribute("abcdefghijklmnopqrstu")],
-            |c| c.structured_event(c.event_with("abcdefghijklmnopqrstu", json!("x"))),
-        ),
-        case(
-            "object as extension value",
-            400,
-            "malformed",
-            vec![attribute("region")],
-            |c| c.structured_event(c.event_with("region", json!({"name": "eu"}))),
-        ),
-        case(
-            "data and data_base64",
-            400,
-            "malformed",
-            vec![attribute("data_base64")],
-            |c| c.structured_event(c.event_with("data_base64", json!("AAAA"))),
-        ),
-        case(
-            "empty subject",
-            400,
-            "malformed",
-            vec![attribute("subject")],
-            |c| c.structured_event(c.event_with("subject", json!(""))),
-        ),
-        case(
-            "numeric datacontenttype",
-            400,
-            "malformed",
-            vec![attribute("datacontenttype")],
-            |c| c.structured_event(c.event_with("datacontenttype", json!(7))),
-        ),
-        case(
-            "text datacontenttype",
-            415,
-            "unsupported-media-type",
-            vec![attribute("datacontenttype")],
-            |c| {
-                let mut event = c.event_with("datacontenttype", json!("text/plain"));
-                event["data"] = json!("order please");
-                c.structured_event(event)
-            },
-        ),
+        case("specversion 0.3", 400, "malformed", vec![attribute("specversion")], |c| {
+            c.structured_event(c.event_with("specversion", json!("0.3")))
+        }),
+        case("specversion 1", 400, "malformed", vec![attribute("specversion")], |c| {
+            c.structured_event(c.event_with("specversion", json!("1")))
+        }),
+        case("time that is not a time", 400, "malformed", vec![attribute("time")], |c| {
+            c.structured_event(c.event_with("time", json!("yesterday")))
+        }),
+        case("time without an offset", 400, "malformed", vec![attribute("time")], |c| {
+            c.structured_event(c.event_with("time", json!("2026-11-26T10:00:00")))
+        }),
+        case("source with a space", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(format!("/{}/my shop", c.tenant.name))))
+        }),
+        case("source with non-ASCII", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(format!("/{}/café", c.tenant.name))))
+        }),
+        case("relative dataschema", 400, "malformed", vec![attribute("dataschema")], |c| {
+            c.structured_event(c.event_with("dataschema", json!("schemas/1")))
+        }),
+        case("upper-case extension name", 400, "malformed", vec![attribute("Region")], |c| {
+            c.structured_event(c.event_with("Region", json!("eu")))
+        }),
+        case("extension name over 20 characters", 400, "malformed", vec![attribute("abcdefghijklmnopqrstu")], |c| {
+            c.structured_event(c.event_with("abcdefghijklmnopqrstu", json!("x")))
+        }),
+        case("object as extension value", 400, "malformed", vec![attribute("region")], |c| {
+            c.structured_event(c.event_with("region", json!({"name": "eu"})))
+        }),
+        case("data and data_base64", 400, "malformed", vec![attribute("data_base64")], |c| {
+            c.structured_event(c.event_with("data_base64", json!("AAAA")))
+        }),
+        case("empty subject", 400, "malformed", vec![attribute("subject")], |c| {
+            c.structured_event(c.event_with("subject", json!("")))
+        }),
+        case("numeric datacontenttype", 400, "malformed", vec![attribute("datacontenttype")], |c| {
+            c.structured_event(c.event_with("datacontenttype", json!(7)))
+        }),
+        case("text datacontenttype", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
+            let mut event = c.event_with("datacontenttype", json!("text/plain"));
+            event["data"] = json!("order please");
+            c.structured_event(event)
+        }),
         case(
             "binary data_base64 for a JSON command",
             415,
@@ -467,35 +307,15 @@ async fn structured_mode_refuses_broken_cloudevents() {
                 c.structured_event(event)
             },
         ),
-        case(
-            "no Content-Type",
-            415,
-            "unsupported-media-type",
-            vec![header("content-type")],
-            |c| c.post().body(c.event().to_string()),
-        ),
-        case(
-            "plain JSON without ce-* headers",
-            415,
-            "unsupported-media-type",
-            vec![header("content-type")],
-            |c| {
-                c.post()
-                    .header("content-type", "application/json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "text/plain",
-            415,
-            "unsupported-media-type",
-            vec![header("content-type")],
-            |c| {
-                c.post()
-                    .header("content-type", "text/plain")
-                    .body(c.event().to_string())
-            },
-        ),
+        case("no Content-Type", 415, "unsupported-media-type", vec![header("content-type")], |c| {
+            c.post().body(c.event().to_string())
+        }),
+        case("plain JSON without ce-* headers", 415, "unsupported-media-type", vec![header("content-type")], |c| {
+            c.post().header("content-type", "application/json").body(c.event().to_string())
+        }),
+        case("text/plain", 415, "unsupported-media-type", vec![header("content-type")], |c| {
+            c.post().header("content-type", "text/plain").body(c.event().to_string())
+        }),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -506,254 +326,83 @@ async fn binary_mode_refuses_broken_headers_and_bodies() {
     let ctx = Ctx::start(|_| {}).await;
     let data = Ctx::good_data().to_string();
     let cases = vec![
-        case(
-            "ce-specversion 0.3",
-            400,
-            "malformed",
-            vec![attribute("specversion")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-specversion", "0.3")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "no ce-source",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            {
-                let data = data.clone();
-                move |c| c.binary(&["ce-source"], &[], Some("application/json"), data.clone())
-            },
-        ),
-        case(
-            "no ce-specversion (ce-id present)",
-            400,
-            "malformed",
-            vec![attribute("specversion")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &["ce-specversion"],
-                        &[],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "ce-id twice",
-            400,
-            "malformed",
-            vec![header("ce-id"), Names::Detail("more than once")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(&[], &[], Some("application/json"), data.clone())
-                        .header("ce-id", "second")
-                }
-            },
-        ),
-        case(
-            "invalid attribute name in a header",
-            400,
-            "malformed",
-            vec![header("ce-order_id")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-order_id", "o1")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "bad percent-encoding",
-            400,
-            "malformed",
-            vec![header("ce-source")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-source", "/shop%zz")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "percent-encoded bytes that are not UTF-8",
-            400,
-            "malformed",
-            vec![header("ce-subject")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-subject", "%ff%fe")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "raw non-ASCII bytes in a header",
-            400,
-            "malformed",
-            vec![header("ce-subject")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(&[], &[], Some("application/json"), data.clone())
-                        .header("ce-subject", HeaderValue::from_bytes(b"caf\xe9").unwrap())
-                }
-            },
-        ),
-        case(
-            "ce-datacontenttype header",
-            400,
-            "malformed",
-            vec![header("ce-datacontenttype")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-datacontenttype", "application/json")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "ce-data header",
-            400,
-            "malformed",
-            vec![header("ce-data")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-data", "{}")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "ce-time that is not a time",
-            400,
-            "malformed",
-            vec![attribute("time")],
-            {
-                let data = data.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[("ce-time", "26/11/2026")],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "ce-source that decodes to a non-URI",
-            400,
-            "malformed",
-            vec![attribute("source")],
-            {
-                let data = data.clone();
-                move |c| {
-                    let source = format!("/{}/my%20shop", c.tenant.name);
-                    c.binary(
-                        &[],
-                        &[("ce-source", source.as_str())],
-                        Some("application/json"),
-                        data.clone(),
-                    )
-                }
-            },
-        ),
-        case(
-            "malformed JSON body",
-            400,
-            "malformed",
-            vec![attribute("data"), Names::Field("line", json!(1))],
-            |c| c.binary(&[], &[], Some("application/json"), r#"{"order_id": "#),
-        ),
-        case(
-            "text/plain data",
-            415,
-            "unsupported-media-type",
-            vec![attribute("datacontenttype")],
-            |c| c.binary(&[], &[], Some("text/plain"), "two cups of tea"),
-        ),
-        case(
-            "XML data",
-            415,
-            "unsupported-media-type",
-            vec![attribute("datacontenttype")],
-            |c| c.binary(&[], &[], Some("application/xml"), "<order id=\"1\"/>"),
-        ),
-        case(
-            "octet-stream data",
-            415,
-            "unsupported-media-type",
-            vec![attribute("datacontenttype")],
-            |c| {
-                c.binary(
-                    &[],
-                    &[],
-                    Some("application/octet-stream"),
-                    vec![0u8, 1, 2, 255],
-                )
-            },
-        ),
-        case(
-            "data without a Content-Type",
-            415,
-            "unsupported-media-type",
-            vec![attribute("datacontenttype")],
-            |c| c.binary(&[], &[], None, "{}"),
-        ),
-        case(
-            "data failing the schema",
-            422,
-            "invalid-data",
-            vec![pointer("/currency")],
-            |c| {
-                c.binary(&[], &[], Some("application/json"), r#"{"order_id": "o1", "customer_id": "c1", "currency": "euro", "lines": [{"sku": "x", "quantity": 1, "unit_price_cents": 1}]}"#)
-            },
-        ),
-        case(
-            "no body",
-            422,
-            "invalid-data",
-            vec![attribute("data")],
-            |c| c.binary(&[], &[], Some("application/json"), ""),
-        ),
+        case("ce-specversion 0.3", 400, "malformed", vec![attribute("specversion")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-specversion", "0.3")], Some("application/json"), data.clone())
+        }),
+        case("no ce-source", 400, "malformed", vec![attribute("source")], {
+            let data = data.clone();
+            move |c| c.binary(&["ce-source"], &[], Some("application/json"), data.clone())
+        }),
+        case("no ce-specversion (ce-id present)", 400, "malformed", vec![attribute("specversion")], {
+            let data = data.clone();
+            move |c| c.binary(&["ce-specversion"], &[], Some("application/json"), data.clone())
+        }),
+        case("ce-id twice", 400, "malformed", vec![header("ce-id"), Names::Detail("more than once")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[], Some("application/json"), data.clone()).header("ce-id", "second")
+        }),
+        case("invalid attribute name in a header", 400, "malformed", vec![header("ce-order_id")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-order_id", "o1")], Some("application/json"), data.clone())
+        }),
+        case("bad percent-encoding", 400, "malformed", vec![header("ce-source")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-source", "/shop%zz")], Some("application/json"), data.clone())
+        }),
+        case("percent-encoded bytes that are not UTF-8", 400, "malformed", vec![header("ce-subject")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-subject", "%ff%fe")], Some("application/json"), data.clone())
+        }),
+        case("raw non-ASCII bytes in a header", 400, "malformed", vec![header("ce-subject")], {
+            let data = data.clone();
+            move |c| {
+                c.binary(&[], &[], Some("application/json"), data.clone())
+                    .header("ce-subject", HeaderValue::from_bytes(b"caf\xe9").unwrap())
+            }
+        }),
+        case("ce-datacontenttype header", 400, "malformed", vec![header("ce-datacontenttype")], {
+            let data = data.clone();
+            move |c| {
+                c.binary(&[], &[("ce-datacontenttype", "application/json")], Some("application/json"), data.clone())
+            }
+        }),
+        case("ce-data header", 400, "malformed", vec![header("ce-data")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-data", "{}")], Some("application/json"), data.clone())
+        }),
+        case("ce-time that is not a time", 400, "malformed", vec![attribute("time")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-time", "26/11/2026")], Some("application/json"), data.clone())
+        }),
+        case("ce-source that decodes to a non-URI", 400, "malformed", vec![attribute("source")], {
+            let data = data.clone();
+            move |c| {
+                let source = format!("/{}/my%20shop", c.tenant.name);
+                c.binary(&[], &[("ce-source", source.as_str())], Some("application/json"), data.clone())
+            }
+        }),
+        case("malformed JSON body", 400, "malformed", vec![attribute("data"), Names::Field("line", json!(1))], |c| {
+            c.binary(&[], &[], Some("application/json"), r#"{"order_id": "#)
+        }),
+        case("text/plain data", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
+            c.binary(&[], &[], Some("text/plain"), "two cups of tea")
+        }),
+        case("XML data", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
+            c.binary(&[], &[], Some("application/xml"), "<order id=\"1\"/>")
+        }),
+        case("octet-stream data", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
+            c.binary(&[], &[], Some("application/octet-stream"), vec![0u8, 1, 2, 255])
+        }),
+        case("data without a Content-Type", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
+            c.binary(&[], &[], None, "{}")
+        }),
+        case("data failing the schema", 422, "invalid-data", vec![pointer("/currency")], |c| {
+            c.binary(&[], &[], Some("application/json"), r#"{"order_id": "o1", "customer_id": "c1", "currency": "euro", "lines": [{"sku": "x", "quantity": 1, "unit_price_cents": 1}]}"#)
+        }),
+        case("no body", 422, "invalid-data", vec![attribute("data")], |c| {
+            c.binary(&[], &[], Some("application/json"), "")
+        }),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -763,217 +412,112 @@ async fn binary_mode_refuses_broken_headers_and_bodies() {
 async fn keys_sources_types_and_schemas_are_checked() {
     let ctx = Ctx::start(|_| {}).await;
     let cases = vec![
-        case(
-            "no Authorization",
-            401,
-            "unauthorized",
-            vec![header("authorization")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "Basic instead of Bearer",
-            401,
-            "unauthorized",
-            vec![header("authorization")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .basic_auth(&c.tenant.name, Some(&c.tenant.key))
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "empty bearer key",
-            401,
-            "unauthorized",
-            vec![header("authorization")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .header("authorization", "Bearer ")
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "unknown key",
-            401,
-            "unauthorized",
-            vec![header("authorization")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .bearer_auth(format!("{}x", c.tenant.key))
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "another tenant's source",
-            403,
-            "forbidden",
-            vec![attribute("source")],
-            |c| c.structured_event(c.event_with("source", json!(c.other.source))),
-        ),
-        case(
-            "another tenant's key for this tenant's source",
-            403,
-            "forbidden",
-            vec![attribute("source")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .bearer_auth(&c.other.key)
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "a source that only starts like the tenant's prefix",
-            403,
-            "forbidden",
-            vec![attribute("source")],
-            |c| {
-                c.structured_event(
-                    c.event_with("source", json!(format!("/{}-evil/shop", c.tenant.name))),
-                )
-            },
-        ),
-        case(
-            "a type this key may not send",
-            403,
-            "forbidden",
-            vec![attribute("type")],
-            |c| {
-                c.platform
-                    .http
-                    .post(c.platform.url("/events"))
-                    .bearer_auth(&c.cancel_only_key)
-                    .header("content-type", "application/cloudevents+json")
-                    .body(c.event().to_string())
-            },
-        ),
-        case(
-            "unknown type",
-            400,
-            "malformed",
-            vec![attribute("type")],
-            |c| c.structured_event(c.event_with("type", json!("com.example.orders.RefundOrder"))),
-        ),
-        case(
-            "unknown dataschema",
-            400,
-            "malformed",
-            vec![attribute("dataschema")],
-            |c| {
-                c.structured_event(c.event_with(
-                    "dataschema",
-                    json!("https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/99"),
-                ))
-            },
-        ),
-        case(
-            "another type's dataschema",
-            400,
-            "malformed",
-            vec![attribute("dataschema")],
-            |c| {
-                c.structured_event(c.event_with(
-                    "dataschema",
-                    json!("https://sluice.dev/schemas/commands/com.example.orders.CancelOrder/1"),
-                ))
-            },
-        ),
-        case(
-            "a quantity of zero",
-            422,
-            "invalid-data",
-            vec![pointer("/lines/0/quantity")],
-            |c| {
-                let mut data = Ctx::good_data();
-                data["lines"][0]["quantity"] = json!(0);
-                c.structured_event(c.event_with_data(data))
-            },
-        ),
+        case("no Authorization", 401, "unauthorized", vec![header("authorization")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("Basic instead of Bearer", 401, "unauthorized", vec![header("authorization")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .basic_auth(&c.tenant.name, Some(&c.tenant.key))
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("empty bearer key", 401, "unauthorized", vec![header("authorization")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .header("authorization", "Bearer ")
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("unknown key", 401, "unauthorized", vec![header("authorization")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .bearer_auth(format!("{}x", c.tenant.key))
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("another tenant's source", 403, "forbidden", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(c.other.source)))
+        }),
+        case("another tenant's key for this tenant's source", 403, "forbidden", vec![attribute("source")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .bearer_auth(&c.other.key)
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("a source that only starts like the tenant's prefix", 403, "forbidden", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(format!("/{}-evil/shop", c.tenant.name))))
+        }),
+        case("a type this key may not send", 403, "forbidden", vec![attribute("type")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .bearer_auth(&c.cancel_only_key)
+                .header("content-type", "application/cloudevents+json")
+                .body(c.event().to_string())
+        }),
+        case("unknown type", 400, "malformed", vec![attribute("type")], |c| {
+            c.structured_event(c.event_with("type", json!("com.example.orders.RefundOrder")))
+        }),
+        case("unknown dataschema", 400, "malformed", vec![attribute("dataschema")], |c| {
+            c.structured_event(c.event_with(
+                "dataschema",
+                json!("https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/99"),
+            ))
+        }),
+        case("another type's dataschema", 400, "malformed", vec![attribute("dataschema")], |c| {
+            c.structured_event(c.event_with(
+                "dataschema",
+                json!("https://sluice.dev/schemas/commands/com.example.orders.CancelOrder/1"),
+            ))
+        }),
+        case("a quantity of zero", 422, "invalid-data", vec![pointer("/lines/0/quantity")], |c| {
+            let mut data = Ctx::good_data();
+            data["lines"][0]["quantity"] = json!(0);
+            c.structured_event(c.event_with_data(data))
+        }),
         case(
             "two bad lines",
             422,
             "invalid-data",
-            vec![
-                pointer("/lines/0/sku"),
-                pointer("/lines/1/unit_price_cents"),
-            ],
+            vec![pointer("/lines/0/sku"), pointer("/lines/1/unit_price_cents")],
             |c| {
                 let mut data = Ctx::good_data();
                 data["lines"] = json!([{"sku": "", "quantity": 1, "unit_price_cents": 1}, {"sku": "x", "quantity": 1, "unit_price_cents": -5}]);
                 c.structured_event(c.event_with_data(data))
             },
         ),
-        case(
-            "a missing required field",
-            422,
-            "invalid-data",
-            vec![pointer(""), Names::Detail("at /")],
-            |c| {
-                let mut data = Ctx::good_data();
-                data.as_object_mut().unwrap().remove("currency");
-                c.structured_event(c.event_with_data(data))
-            },
-        ),
-        case(
-            "lines that are not a list",
-            422,
-            "invalid-data",
-            vec![pointer("/lines")],
-            |c| {
-                let mut data = Ctx::good_data();
-                data["lines"] = json!("tea");
-                c.structured_event(c.event_with_data(data))
-            },
-        ),
-        case(
-            "a field the schema does not know",
-            422,
-            "invalid-data",
-            vec![pointer("")],
-            |c| {
-                let mut data = Ctx::good_data();
-                data["discount"] = json!(10);
-                c.structured_event(c.event_with_data(data))
-            },
-        ),
-        case(
-            "data that is a string",
-            422,
-            "invalid-data",
-            vec![pointer("")],
-            |c| c.structured_event(c.event_with_data(json!("an order"))),
-        ),
-        case(
-            "no data",
-            422,
-            "invalid-data",
-            vec![attribute("data")],
-            |c| c.structured_event(c.event_without("data")),
-        ),
-        case(
-            "CancelOrder data for SubmitOrder",
-            422,
-            "invalid-data",
-            vec![pointer("")],
-            |c| c.structured_event(c.event_with_data(json!({"order_id": "o1", "reason": "no"}))),
-        ),
+        case("a missing required field", 422, "invalid-data", vec![pointer(""), Names::Detail("at /")], |c| {
+            let mut data = Ctx::good_data();
+            data.as_object_mut().unwrap().remove("currency");
+            c.structured_event(c.event_with_data(data))
+        }),
+        case("lines that are not a list", 422, "invalid-data", vec![pointer("/lines")], |c| {
+            let mut data = Ctx::good_data();
+            data["lines"] = json!("tea");
+            c.structured_event(c.event_with_data(data))
+        }),
+        case("a field the schema does not know", 422, "invalid-data", vec![pointer("")], |c| {
+            let mut data = Ctx::good_data();
+            data["discount"] = json!(10);
+            c.structured_event(c.event_with_data(data))
+        }),
+        case("data that is a string", 422, "invalid-data", vec![pointer("")], |c| {
+            c.structured_event(c.event_with_data(json!("an order")))
+        }),
+        case("no data", 422, "invalid-data", vec![attribute("data")], |c| c.structured_event(c.event_without("data"))),
+        case("CancelOrder data for SubmitOrder", 422, "invalid-data", vec![pointer("")], |c| {
+            c.structured_event(c.event_with_data(json!({"order_id": "o1", "reason": "no"})))
+        }),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -983,65 +527,23 @@ async fn keys_sources_types_and_schemas_are_checked() {
 async fn a_batch_is_refused_whole() {
     let ctx = Ctx::start(|settings| settings.ingest.max_batch = 5).await;
     let cases = vec![
-        case(
-            "one bad event",
-            400,
-            "malformed",
-            vec![Names::Field("index", json!(1)), attribute("specversion")],
-            |c| {
-                c.batch(
-                    json!([
-                        c.event(),
-                        c.event_with("specversion", json!("2.0")),
-                        c.event()
-                    ])
-                    .to_string(),
-                )
-            },
-        ),
-        case(
-            "one item that is not an object",
-            400,
-            "malformed",
-            vec![Names::Field("index", json!(0))],
-            |c| c.batch(json!(["event", c.event()]).to_string()),
-        ),
-        case(
-            "not an array",
-            400,
-            "malformed",
-            vec![Names::Detail("JSON array")],
-            |c| c.batch(c.event().to_string()),
-        ),
-        case(
-            "an empty array",
-            400,
-            "malformed",
-            vec![Names::Detail("at least one")],
-            |c| c.batch("[]"),
-        ),
-        case(
-            "malformed JSON",
-            400,
-            "malformed",
-            vec![Names::Field("line", json!(1))],
-            |c| c.batch(format!("[{},", c.event())),
-        ),
+        case("one bad event", 400, "malformed", vec![Names::Field("index", json!(1)), attribute("specversion")], |c| {
+            c.batch(json!([c.event(), c.event_with("specversion", json!("2.0")), c.event()]).to_string())
+        }),
+        case("one item that is not an object", 400, "malformed", vec![Names::Field("index", json!(0))], |c| {
+            c.batch(json!(["event", c.event()]).to_string())
+        }),
+        case("not an array", 400, "malformed", vec![Names::Detail("JSON array")], |c| c.batch(c.event().to_string())),
+        case("an empty array", 400, "malformed", vec![Names::Detail("at least one")], |c| c.batch("[]")),
+        case("malformed JSON", 400, "malformed", vec![Names::Field("line", json!(1))], |c| {
+            c.batch(format!("[{},", c.event()))
+        }),
         case(
             "one event of another tenant",
             403,
             "batch-refused",
             vec![Names::Field("index", json!(2)), attribute("source")],
-            |c| {
-                c.batch(
-                    json!([
-                        c.event(),
-                        c.event(),
-                        c.event_with("source", json!(c.other.source))
-                    ])
-                    .to_string(),
-                )
-            },
+            |c| c.batch(json!([c.event(), c.event(), c.event_with("source", json!(c.other.source))]).to_string()),
         ),
         case(
             "one event failing its schema",
@@ -1059,31 +561,17 @@ async fn a_batch_is_refused_whole() {
             400,
             "batch-refused",
             vec![Names::Field("index", json!(1)), attribute("type")],
-            |c| {
-                c.batch(
-                    json!([c.event(), c.event_with("type", json!("com.example.Nope"))]).to_string(),
-                )
-            },
+            |c| c.batch(json!([c.event(), c.event_with("type", json!("com.example.Nope"))]).to_string()),
         ),
-        case(
-            "more events than max_batch",
-            413,
-            "too-large",
-            vec![Names::Detail("at most 5")],
-            |c| c.batch(Value::Array((0..6).map(|_| c.event()).collect()).to_string()),
-        ),
+        case("more events than max_batch", 413, "too-large", vec![Names::Detail("at most 5")], |c| {
+            c.batch(Value::Array((0..6).map(|_| c.event()).collect()).to_string())
+        }),
     ];
     ctx.run(cases).await;
 
     // The same events without the bad one go through, all of them.
     let good: Vec<Value> = (0..5).map(|_| ctx.event()).collect();
-    let answer = Answer::read(
-        ctx.batch(Value::Array(good).to_string())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let answer = Answer::read(ctx.batch(Value::Array(good).to_string()).send().await.unwrap()).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     assert_eq!(queue_depth(&orders_queue(&ctx.tenant)).await, 5);
     ctx.finish().await;
@@ -1094,43 +582,18 @@ async fn bodies_over_the_limit_are_refused_before_parsing() {
     let ctx = Ctx::start(|settings| settings.ingest.max_body_bytes = 16 * 1024).await;
     let padding = "x".repeat(20 * 1024);
     let cases = vec![
-        case(
-            "structured body over the limit",
-            413,
-            "too-large",
-            vec![Names::Detail("16384 bytes")],
-            {
-                let padding = padding.clone();
-                move |c| c.structured_event(c.event_with("padding", json!(padding)))
-            },
-        ),
-        case(
-            "binary body over the limit",
-            413,
-            "too-large",
-            vec![Names::Detail("16384 bytes")],
-            {
-                let padding = padding.clone();
-                move |c| {
-                    c.binary(
-                        &[],
-                        &[],
-                        Some("application/json"),
-                        format!(r#"{{"pad": "{padding}"}}"#),
-                    )
-                }
-            },
-        ),
-        case(
-            "batch body over the limit",
-            413,
-            "too-large",
-            vec![Names::Detail("16384 bytes")],
-            {
-                let padding = padding.clone();
-                move |c| c.batch(json!([c.event_with("padding", json!(padding))]).to_string())
-            },
-        ),
+        case("structured body over the limit", 413, "too-large", vec![Names::Detail("16384 bytes")], {
+            let padding = padding.clone();
+            move |c| c.structured_event(c.event_with("padding", json!(padding)))
+        }),
+        case("binary body over the limit", 413, "too-large", vec![Names::Detail("16384 bytes")], {
+            let padding = padding.clone();
+            move |c| c.binary(&[], &[], Some("application/json"), format!(r#"{{"pad": "{padding}"}}"#))
+        }),
+        case("batch body over the limit", 413, "too-large", vec![Names::Detail("16384 bytes")], {
+            let padding = padding.clone();
+            move |c| c.batch(json!([c.event_with("padding", json!(padding))]).to_string())
+        }),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -1145,47 +608,29 @@ async fn a_flooding_key_gets_429s_and_other_tenants_do_not_notice() {
     .await;
     // The tenant floods: the 3 of the burst pass, the rest are refused (at
     // one token per 4 s, the flood is over long before another comes).
-    let floods = futures::future::join_all((0..20).map(|_| async {
-        Answer::read(ctx.structured_event(ctx.event()).send().await.unwrap()).await
-    }))
+    let floods = futures::future::join_all(
+        (0..20).map(|_| async { Answer::read(ctx.structured_event(ctx.event()).send().await.unwrap()).await }),
+    )
     .await;
     let accepted = floods.iter().filter(|a| a.status == 202).count();
     assert_eq!(accepted, 3, "the burst");
     for answer in floods.iter().filter(|a| a.status != 202) {
         answer.assert_problem(429, "rate-limited", "flood");
         let seconds: u64 = answer.header("retry-after").unwrap().parse().unwrap();
-        assert!(
-            (1..=4).contains(&seconds),
-            "a token comes back every 4 s: Retry-After {seconds}"
-        );
+        assert!((1..=4).contains(&seconds), "a token comes back every 4 s: Retry-After {seconds}");
     }
-    assert_eq!(
-        queue_depth(&orders_queue(&ctx.tenant)).await,
-        3,
-        "429s queue nothing"
-    );
+    assert_eq!(queue_depth(&orders_queue(&ctx.tenant)).await, 3, "429s queue nothing");
 
     // The other tenant, meanwhile, has its whole burst.
     for i in 0..3 {
         let event = submit_order(&ctx.other, &format!("other-{i}"), "order-9", "customer-9");
         let answer = Answer::read(ctx.platform.post_event(&ctx.other, &event).await).await;
-        assert_eq!(
-            answer.status, 202,
-            "other tenant, request {i}: {}",
-            answer.body
-        );
+        assert_eq!(answer.status, 202, "other tenant, request {i}: {}", answer.body);
     }
     assert_eq!(queue_depth(&orders_queue(&ctx.other)).await, 3);
 
     // Waiting as told is enough.
-    let wait: u64 = floods
-        .iter()
-        .find(|a| a.status == 429)
-        .unwrap()
-        .header("retry-after")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait: u64 = floods.iter().find(|a| a.status == 429).unwrap().header("retry-after").unwrap().parse().unwrap();
     tokio::time::sleep(Duration::from_secs(wait)).await; // the test is about time passing
     let answer = Answer::read(ctx.structured_event(ctx.event()).send().await.unwrap()).await;
     assert_eq!(answer.status, 202, "after Retry-After: {}", answer.body);
@@ -1204,47 +649,28 @@ async fn a_broker_that_refuses_gets_503_and_nothing_is_queued() {
     let definition = json!({"pattern": format!("^{}$", regex_escape(&queue)), "apply-to": "queues", "priority": 100,
                             "definition": {"max-length": 0}});
     let response = rabbitmq_management(Method::PUT, &policy, Some(definition)).await;
-    assert!(
-        response.status().is_success(),
-        "policy: {}",
-        response.status()
-    );
-    eventually(
-        Duration::from_secs(30),
-        "the policy to apply to the queue",
-        || async {
-            let response =
-                rabbitmq_management(Method::GET, &format!("/queues/%2f/{queue}"), None).await;
-            let queue: Value = response.json().await.unwrap_or_default();
-            (queue["effective_policy_definition"]["max-length"] == 0).then_some(())
-        },
-    )
+    assert!(response.status().is_success(), "policy: {}", response.status());
+    eventually(Duration::from_secs(30), "the policy to apply to the queue", || async {
+        let response = rabbitmq_management(Method::GET, &format!("/queues/%2f/{queue}"), None).await;
+        let queue: Value = response.json().await.unwrap_or_default();
+        (queue["effective_policy_definition"]["max-length"] == 0).then_some(())
+    })
     .await;
     // A quorum queue takes messages while it holds no more than max-length,
     // so one message (sent around the edge) makes it full.
     publish_raw(&queue, b"filler", None, FieldTable::default()).await;
     assert_eq!(queue_depth(&queue).await, 1);
-    ctx.run(vec![case(
-        "a queue that is full",
-        503,
-        "unavailable",
-        vec![Names::Detail("nothing was queued")],
-        |c| c.structured_event(c.event()),
-    )])
+    ctx.run(vec![case("a queue that is full", 503, "unavailable", vec![Names::Detail("nothing was queued")], |c| {
+        c.structured_event(c.event())
+    })])
     .await;
     let response = rabbitmq_management(Method::DELETE, &policy, None).await;
-    assert!(
-        response.status().is_success(),
-        "policy delete: {}",
-        response.status()
-    );
+    assert!(response.status().is_success(), "policy delete: {}", response.status());
 
-    let connection = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel
         .queue_unbind(
@@ -1256,25 +682,13 @@ async fn a_broker_that_refuses_gets_503_and_nothing_is_queued() {
         .await
         .unwrap();
     let _ = connection.close(200, "bye".into()).await;
-    ctx.run(vec![case(
-        "no queue bound",
-        503,
-        "unavailable",
-        vec![Names::Detail("nothing was queued")],
-        |c| c.structured_event(c.event()),
-    )])
+    ctx.run(vec![case("no queue bound", 503, "unavailable", vec![Names::Detail("nothing was queued")], |c| {
+        c.structured_event(c.event())
+    })])
     .await;
     ctx.finish().await;
 }
 
 fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_ascii_alphanumeric() {
-                vec![c]
-            } else {
-                vec!['\\', c]
-            }
-        })
-        .collect()
+    s.chars().flat_map(|c| if c.is_ascii_alphanumeric() { vec![c] } else { vec!['\\', c] }).collect()
 }

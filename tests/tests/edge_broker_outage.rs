@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use sluice_cli::serve::Role;
 use sluice_tests::{
-    delete_queue, drain_queue, eventually, orders_queue, queue_depth, submit_order, test_settings,
-    Answer, Platform, TestTenant,
+    delete_queue, drain_queue, eventually, orders_queue, queue_depth, submit_order, test_settings, Answer, Platform,
+    TestTenant,
 };
 
 const CLIENTS: usize = 8;
@@ -29,10 +29,8 @@ fn rabbitmq_script() -> PathBuf {
 
 /// Runs `compose/native/rabbitmq.sh <verb>`, blocking.
 fn rabbitmq(verb: &str) {
-    let status = std::process::Command::new(rabbitmq_script())
-        .arg(verb)
-        .status()
-        .expect("run compose/native/rabbitmq.sh");
+    let status =
+        std::process::Command::new(rabbitmq_script()).arg(verb).status().expect("run compose/native/rabbitmq.sh");
     assert!(status.success(), "rabbitmq.sh {verb}: {status}");
 }
 
@@ -44,9 +42,7 @@ struct StoppedBroker {
 
 impl StoppedBroker {
     async fn stop() -> Self {
-        tokio::task::spawn_blocking(|| rabbitmq("stop"))
-            .await
-            .expect("stop thread");
+        tokio::task::spawn_blocking(|| rabbitmq("stop")).await.expect("stop thread");
         Self { started: false }
     }
 
@@ -65,12 +61,8 @@ impl Drop for StoppedBroker {
     fn drop(&mut self) {
         if !self.started {
             eprintln!("restarting RabbitMQ after a failed test");
-            let _ = std::process::Command::new(rabbitmq_script())
-                .arg("start")
-                .status();
-            let _ = std::process::Command::new(rabbitmq_script())
-                .arg("wait")
-                .status();
+            let _ = std::process::Command::new(rabbitmq_script()).arg("start").status();
+            let _ = std::process::Command::new(rabbitmq_script()).arg("wait").status();
         }
     }
 }
@@ -99,22 +91,13 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let mut clients = Vec::new();
     for client in 0..CLIENTS {
-        let (platform, tenant, stop, outcomes) = (
-            platform.clone(),
-            tenant.clone(),
-            stop.clone(),
-            outcomes.clone(),
-        );
+        let (platform, tenant, stop, outcomes) = (platform.clone(), tenant.clone(), stop.clone(), outcomes.clone());
         clients.push(tokio::spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
-                let event = submit_order(
-                    &tenant,
-                    &format!("c{client}-{n}"),
-                    &format!("order-{client}-{n}"),
-                    "customer-1",
-                );
+                let event =
+                    submit_order(&tenant, &format!("c{client}-{n}"), &format!("order-{client}-{n}"), "customer-1");
                 let started = Instant::now();
                 let response = platform
                     .http
@@ -128,11 +111,7 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
                     .expect("the edge answers while the broker is away");
                 let answer = Answer::read(response).await;
                 let refused = answer.status == 503;
-                let outcome = Outcome {
-                    answer,
-                    took: started.elapsed(),
-                    at: begin.elapsed(),
-                };
+                let outcome = Outcome { answer, took: started.elapsed(), at: begin.elapsed() };
                 outcomes.lock().unwrap().push(outcome);
                 if refused {
                     // A client backs off a little after a 503 (a real one
@@ -144,45 +123,23 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
             }
         }));
     }
-    let count = |status: u16| {
-        outcomes
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|o| o.answer.status == status)
-            .count()
-    };
-    let ready = || async {
-        platform
-            .http
-            .get(platform.url("/readyz"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    };
+    let count = |status: u16| outcomes.lock().unwrap().iter().filter(|o| o.answer.status == status).count();
+    let ready =
+        || async { platform.http.get(platform.url("/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) };
 
-    eventually(
-        Duration::from_secs(30),
-        "100 commands accepted before the outage",
-        || async { (count(202) >= 100).then_some(()) },
-    )
+    eventually(Duration::from_secs(30), "100 commands accepted before the outage", || async {
+        (count(202) >= 100).then_some(())
+    })
     .await;
 
     // The broker goes away while requests are in flight.
     let mut broker = StoppedBroker::stop().await;
     let stopped_at = begin.elapsed();
-    eventually(
-        Duration::from_secs(10),
-        "/readyz to say not ready",
-        || async { (ready().await == 503).then_some(()) },
-    )
-    .await;
+    eventually(Duration::from_secs(10), "/readyz to say not ready", || async { (ready().await == 503).then_some(()) })
+        .await;
     let before = count(503);
-    eventually(Duration::from_secs(10), "clients to get 503s", || async {
-        (count(503) >= before + 50).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "clients to get 503s", || async { (count(503) >= before + 50).then_some(()) })
+        .await;
     // Keep the clients sending against the stopped broker for a while: the
     // outage itself is what is under test.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -190,25 +147,15 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
     // Back again: the edge reconnects by itself.
     broker.start().await;
     let started_at = begin.elapsed();
-    eventually(
-        Duration::from_secs(30),
-        "/readyz to say ready again",
-        || async { (ready().await == 200).then_some(()) },
-    )
+    eventually(Duration::from_secs(30), "/readyz to say ready again", || async {
+        (ready().await == 200).then_some(())
+    })
     .await;
-    let accepted_after = || {
-        outcomes
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|o| o.answer.status == 202 && o.at > started_at)
-            .count()
-    };
-    eventually(
-        Duration::from_secs(30),
-        "commands accepted after the restart",
-        || async { (accepted_after() >= 100).then_some(()) },
-    )
+    let accepted_after =
+        || outcomes.lock().unwrap().iter().filter(|o| o.answer.status == 202 && o.at > started_at).count();
+    eventually(Duration::from_secs(30), "commands accepted after the restart", || async {
+        (accepted_after() >= 100).then_some(())
+    })
     .await;
 
     stop.store(true, Ordering::SeqCst);
@@ -229,12 +176,7 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
         match outcome.answer.status {
             202 => {
                 assert!(
-                    accepted.insert(
-                        outcome.answer.body["operation_id"]
-                            .as_str()
-                            .unwrap()
-                            .to_owned()
-                    ),
+                    accepted.insert(outcome.answer.body["operation_id"].as_str().unwrap().to_owned()),
                     "operation ids are unique"
                 );
             }
@@ -246,22 +188,13 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
                     .next()
                     .unwrap_or_default()
                     .to_owned();
-                assert!(
-                    kind == "unavailable" || kind == "unconfirmed",
-                    "503 type {kind}"
-                );
-                outcome
-                    .answer
-                    .assert_problem(503, &kind, "503 during the outage");
+                assert!(kind == "unavailable" || kind == "unconfirmed", "503 type {kind}");
+                outcome.answer.assert_problem(503, &kind, "503 during the outage");
                 unconfirmed += usize::from(kind == "unconfirmed");
             }
             other => panic!("a client got {other}: {:?}", outcome.answer.body),
         }
-        assert!(
-            outcome.took < CONFIRM_TIMEOUT + Duration::from_secs(3),
-            "a request took {:?}",
-            outcome.took
-        );
+        assert!(outcome.took < CONFIRM_TIMEOUT + Duration::from_secs(3), "a request took {:?}", outcome.took);
     }
 
     // Every 202 is in the queue after the restart. A command whose confirm
@@ -272,41 +205,24 @@ async fn rabbitmq_restart_under_load_loses_no_accepted_command() {
     assert_eq!(messages.len(), depth as usize);
     let queued: Vec<String> = messages
         .iter()
-        .map(|(p, _)| {
-            p.message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_default()
-        })
+        .map(|(p, _)| p.message_id().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default())
         .collect();
     let queued_set: BTreeSet<String> = queued.iter().cloned().collect();
-    assert_eq!(
-        queued_set.len(),
-        queued.len(),
-        "no command is in the queue twice"
-    );
+    assert_eq!(queued_set.len(), queued.len(), "no command is in the queue twice");
     let missing: Vec<_> = accepted.difference(&queued_set).collect();
-    assert!(
-        missing.is_empty(),
-        "{} accepted commands are not in the queue: {missing:?}",
-        missing.len()
-    );
+    assert!(missing.is_empty(), "{} accepted commands are not in the queue: {missing:?}", missing.len());
     let extra = queued_set.len() - accepted.len();
-    assert!(extra <= unconfirmed, "{extra} queued commands were never accepted, but only {unconfirmed} 503s said they might be");
+    assert!(
+        extra <= unconfirmed,
+        "{extra} queued commands were never accepted, but only {unconfirmed} 503s said they might be"
+    );
 
     eprintln!(
         "outage: broker stopped at {stopped_at:?}, started at {started_at:?}; answers {by_status:?}; \
          503 unconfirmed {unconfirmed}; queue depth {depth} = {} accepted + {extra} unconfirmed; slowest answer {slowest:?}",
         accepted.len()
     );
-    assert!(
-        by_status.get(&503).copied().unwrap_or(0) > 0,
-        "the outage was seen"
-    );
-    Arc::into_inner(platform)
-        .expect("clients are done")
-        .stop()
-        .await
-        .unwrap();
+    assert!(by_status.get(&503).copied().unwrap_or(0) > 0, "the outage was seen");
+    Arc::into_inner(platform).expect("clients are done").stop().await.unwrap();
     delete_queue(&queue).await;
 }

@@ -8,8 +8,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use sluice_cli::serve::Role;
 use sluice_tests::{
-    amqp_header, delete_queue, drain_queue, orders_queue, queue_depth, submit_order, test_settings,
-    Answer, Platform, TestTenant,
+    amqp_header, delete_queue, drain_queue, orders_queue, queue_depth, submit_order, test_settings, Answer, Platform,
+    TestTenant,
 };
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -25,25 +25,13 @@ fn assert_accepted(answer: &Answer, context: &str) -> String {
         .unwrap_or_else(|| panic!("{context}: operation_id in {}", answer.body))
         .to_owned();
     assert_eq!(answer.body["status"], "accepted", "{context}");
-    assert_eq!(
-        answer.header("location"),
-        Some(format!("/operations/{id}").as_str()),
-        "{context}: Location"
-    );
-    assert_eq!(
-        answer.body["location"],
-        format!("/operations/{id}"),
-        "{context}"
-    );
+    assert_eq!(answer.header("location"), Some(format!("/operations/{id}").as_str()), "{context}: Location");
+    assert_eq!(answer.body["location"], format!("/operations/{id}"), "{context}");
     id
 }
 
 fn message_id(properties: &BasicProperties) -> String {
-    properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_default()
+    properties.message_id().as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,42 +44,27 @@ async fn every_mode_queues_a_command_the_processors_can_read() {
 
     // Structured, POST and PUT; the HTTP traceparent header travels.
     for (i, method) in [Method::POST, Method::PUT].into_iter().enumerate() {
-        let event = submit_order(
-            &tenant,
-            &format!("structured-{i}"),
-            &format!("order-s{i}"),
-            "c-1",
-        );
+        let event = submit_order(&tenant, &format!("structured-{i}"), &format!("order-s{i}"), "c-1");
         let response = platform
             .http
             .request(method.clone(), &url)
             .bearer_auth(&tenant.key)
-            .header(
-                "content-type",
-                "application/cloudevents+json; charset=utf-8",
-            )
+            .header("content-type", "application/cloudevents+json; charset=utf-8")
             .header("traceparent", TRACEPARENT)
             .body(event.to_string())
             .send()
             .await
             .unwrap();
-        let id = assert_accepted(
-            &Answer::read(response).await,
-            &format!("structured {method}"),
-        );
+        let id = assert_accepted(&Answer::read(response).await, &format!("structured {method}"));
         expected.push((id, format!("structured-{i}")));
     }
     assert_eq!(queue_depth(&queue).await, 2);
 
     // Binary: attributes in percent-encoded ce-* headers, JSON data in the
     // body under any JSON media type.
-    for (i, content_type) in [
-        "application/json",
-        "application/json; charset=utf-8",
-        "application/vnd.acme.order+json",
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, content_type) in ["application/json", "application/json; charset=utf-8", "application/vnd.acme.order+json"]
+        .into_iter()
+        .enumerate()
     {
         let data = json!({"order_id": format!("order-b{i}"), "customer_id": "c-1", "currency": "EUR",
                           "lines": [{"sku": "tea", "quantity": 1, "unit_price_cents": 450}]});
@@ -106,33 +79,19 @@ async fn every_mode_queues_a_command_the_processors_can_read() {
             .header("ce-type", "com.example.orders.SubmitOrder")
             .header("ce-subject", "order%20b") // percent-decoded to "order b"
             .header("ce-time", "2026-11-26T10:00:00Z")
-            .header(
-                "ce-dataschema",
-                "https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/1",
-            )
+            .header("ce-dataschema", "https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/1")
             .body(data.to_string())
             .send()
             .await
             .unwrap();
-        let id = assert_accepted(
-            &Answer::read(response).await,
-            &format!("binary {content_type}"),
-        );
+        let id = assert_accepted(&Answer::read(response).await, &format!("binary {content_type}"));
         expected.push((id, format!("binary-{i}")));
     }
     assert_eq!(queue_depth(&queue).await, 5);
 
     // Batch: one 202 for all, an operation per event, in order.
-    let events: Vec<Value> = (0..3)
-        .map(|i| {
-            submit_order(
-                &tenant,
-                &format!("batch-{i}"),
-                &format!("order-x{i}"),
-                "c-2",
-            )
-        })
-        .collect();
+    let events: Vec<Value> =
+        (0..3).map(|i| submit_order(&tenant, &format!("batch-{i}"), &format!("order-x{i}"), "c-2")).collect();
     let response = platform
         .http
         .post(&url)
@@ -144,18 +103,12 @@ async fn every_mode_queues_a_command_the_processors_can_read() {
         .unwrap();
     let answer = Answer::read(response).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
-    assert!(
-        answer.header("location").is_none(),
-        "a batch has one operation per event, no single Location"
-    );
+    assert!(answer.header("location").is_none(), "a batch has one operation per event, no single Location");
     let operations = answer.body["operations"].as_array().expect("operations");
     assert_eq!(operations.len(), 3);
     for (i, operation) in operations.iter().enumerate() {
         assert_eq!(operation["status"], "accepted");
-        expected.push((
-            operation["operation_id"].as_str().unwrap().to_owned(),
-            format!("batch-{i}"),
-        ));
+        expected.push((operation["operation_id"].as_str().unwrap().to_owned(), format!("batch-{i}")));
     }
     assert_eq!(queue_depth(&queue).await, 8);
 
@@ -164,51 +117,25 @@ async fn every_mode_queues_a_command_the_processors_can_read() {
     let messages = drain_queue(&queue).await;
     assert_eq!(messages.len(), expected.len());
     for ((properties, body), (operation_id, event_id)) in messages.iter().zip(&expected) {
-        assert_eq!(
-            &message_id(properties),
-            operation_id,
-            "queue order is publish order"
-        );
+        assert_eq!(&message_id(properties), operation_id, "queue order is publish order");
         assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
-        assert_eq!(
-            properties.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/cloudevents+json")
-        );
+        assert_eq!(properties.content_type().as_ref().map(|s| s.as_str()), Some("application/cloudevents+json"));
         let event: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(&event["id"], event_id);
         assert_eq!(event["specversion"], "1.0");
-        assert_eq!(
-            amqp_header(properties, "cloudEvents:id").as_deref(),
-            Some(event_id.as_str())
-        );
-        assert_eq!(
-            amqp_header(properties, "cloudEvents:source").as_deref(),
-            Some(tenant.source.as_str())
-        );
-        assert_eq!(
-            amqp_header(properties, "cloudEvents:type").as_deref(),
-            Some("com.example.orders.SubmitOrder")
-        );
-        assert_eq!(
-            amqp_header(properties, "sluice-tenant").as_deref(),
-            Some(tenant.name.as_str())
-        );
+        assert_eq!(amqp_header(properties, "cloudEvents:id").as_deref(), Some(event_id.as_str()));
+        assert_eq!(amqp_header(properties, "cloudEvents:source").as_deref(), Some(tenant.source.as_str()));
+        assert_eq!(amqp_header(properties, "cloudEvents:type").as_deref(), Some("com.example.orders.SubmitOrder"));
+        assert_eq!(amqp_header(properties, "sluice-tenant").as_deref(), Some(tenant.name.as_str()));
         let traceparent = amqp_header(properties, "traceparent");
         if event_id.starts_with("structured") {
-            assert_eq!(
-                traceparent.as_deref(),
-                Some(TRACEPARENT),
-                "{event_id}: HTTP traceparent header"
-            );
+            assert_eq!(traceparent.as_deref(), Some(TRACEPARENT), "{event_id}: HTTP traceparent header");
         } else {
             assert_eq!(traceparent, None, "{event_id}");
         }
         if event_id.starts_with("binary") {
             assert_eq!(event["subject"], "order b");
-            assert_eq!(
-                event["data"]["currency"], "EUR",
-                "JSON data is data, not data_base64"
-            );
+            assert_eq!(event["data"]["currency"], "EUR", "JSON data is data, not data_base64");
             assert!(event.get("data_base64").is_none());
         }
     }
@@ -252,10 +179,7 @@ async fn the_cloudevent_traceparent_extension_wins_over_the_http_header() {
         .unwrap();
     assert_accepted(&Answer::read(response).await, "traced binary");
     let messages = drain_queue(&orders_queue(&tenant)).await;
-    let traceparents: Vec<_> = messages
-        .iter()
-        .map(|(p, _)| amqp_header(p, "traceparent"))
-        .collect();
+    let traceparents: Vec<_> = messages.iter().map(|(p, _)| amqp_header(p, "traceparent")).collect();
     assert_eq!(traceparents, [Some(own.to_owned()), Some(own.to_owned())]);
     platform.stop().await.unwrap();
     delete_queue(&orders_queue(&tenant)).await;
@@ -266,22 +190,13 @@ async fn a_retried_cloudevent_keeps_its_operation_and_operations_stay_with_their
     let (tenant, other) = (TestTenant::new(), TestTenant::new());
     let platform = ingest_only(&[&tenant, &other]).await;
     let event = submit_order(&tenant, "retried", "order-r", "c-1");
-    let first = assert_accepted(
-        &Answer::read(platform.post_event(&tenant, &event).await).await,
-        "first",
-    );
-    let second = assert_accepted(
-        &Answer::read(platform.post_event(&tenant, &event).await).await,
-        "retry",
-    );
+    let first = assert_accepted(&Answer::read(platform.post_event(&tenant, &event).await).await, "first");
+    let second = assert_accepted(&Answer::read(platform.post_event(&tenant, &event).await).await, "retry");
     assert_eq!(first, second, "same (source, id), same operation");
     // Same id from another source is another command.
     let mut elsewhere = event.clone();
     elsewhere["source"] = json!(format!("/{}/pos", tenant.name));
-    let third = assert_accepted(
-        &Answer::read(platform.post_event(&tenant, &elsewhere).await).await,
-        "other source",
-    );
+    let third = assert_accepted(&Answer::read(platform.post_event(&tenant, &elsewhere).await).await, "other source");
     assert_ne!(first, third);
     // Both deliveries are queued; the processors deduplicate them.
     assert_eq!(queue_depth(&orders_queue(&tenant)).await, 3);
@@ -289,43 +204,17 @@ async fn a_retried_cloudevent_keeps_its_operation_and_operations_stay_with_their
     // Not processed yet (no processor runs): accepted, not 404.
     let location = format!("/operations/{first}");
     let (status, body) = platform.get_json(&tenant, &location).await;
-    assert_eq!(
-        (status, body["status"].as_str(), body["id"].as_str()),
-        (200, Some("accepted"), Some(first.as_str()))
-    );
+    assert_eq!((status, body["status"].as_str(), body["id"].as_str()), (200, Some("accepted"), Some(first.as_str())));
     assert_eq!(body["events"], json!([]));
 
     // Another tenant's key: 404, as for a made-up id.
-    let response = platform
-        .http
-        .get(platform.url(&location))
-        .bearer_auth(&other.key)
-        .send()
-        .await
-        .unwrap();
-    Answer::read(response)
-        .await
-        .assert_problem(404, "not-found", "other tenant");
+    let response = platform.http.get(platform.url(&location)).bearer_auth(&other.key).send().await.unwrap();
+    Answer::read(response).await.assert_problem(404, "not-found", "other tenant");
     let made_up = format!("/operations/{}", "0".repeat(first.len()));
-    let response = platform
-        .http
-        .get(platform.url(&made_up))
-        .bearer_auth(&tenant.key)
-        .send()
-        .await
-        .unwrap();
-    Answer::read(response)
-        .await
-        .assert_problem(404, "not-found", "made-up id");
-    let response = platform
-        .http
-        .get(platform.url(&location))
-        .send()
-        .await
-        .unwrap();
-    Answer::read(response)
-        .await
-        .assert_problem(401, "unauthorized", "no key");
+    let response = platform.http.get(platform.url(&made_up)).bearer_auth(&tenant.key).send().await.unwrap();
+    Answer::read(response).await.assert_problem(404, "not-found", "made-up id");
+    let response = platform.http.get(platform.url(&location)).send().await.unwrap();
+    Answer::read(response).await.assert_problem(401, "unauthorized", "no key");
     assert_eq!(queue_depth(&orders_queue(&other)).await, 0);
     platform.stop().await.unwrap();
     delete_queue(&orders_queue(&tenant)).await;
@@ -335,30 +224,12 @@ async fn a_retried_cloudevent_keeps_its_operation_and_operations_stay_with_their
 async fn the_openapi_document_describes_what_the_server_answers() {
     let tenant = TestTenant::new();
     let platform = ingest_only(&[&tenant]).await;
-    let response = platform
-        .http
-        .get(platform.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap();
+    let response = platform.http.get(platform.url("/openapi.json")).send().await.unwrap();
     let answer = Answer::read(response).await;
     assert_eq!(answer.status, 200);
-    assert!(
-        answer.body["openapi"]
-            .as_str()
-            .is_some_and(|v| v.starts_with("3.")),
-        "{}",
-        answer.body["openapi"]
-    );
+    assert!(answer.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", answer.body["openapi"]);
     let paths = answer.body["paths"].as_object().expect("paths");
-    for path in [
-        "/events",
-        "/operations/{id}",
-        "/orders/{order_id}",
-        "/healthz",
-        "/readyz",
-        "/openapi.json",
-    ] {
+    for path in ["/events", "/operations/{id}", "/orders/{order_id}", "/healthz", "/readyz", "/openapi.json"] {
         assert!(paths.contains_key(path), "{path} is documented");
     }
     // Every documented operation is served: a request reaches a handler,
@@ -367,45 +238,19 @@ async fn the_openapi_document_describes_what_the_server_answers() {
         for method in item.as_object().unwrap().keys() {
             let concrete = path.replace('{', "x-").replace('}', "");
             let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
-            let response = platform
-                .http
-                .request(method.clone(), platform.url(&concrete))
-                .send()
-                .await
-                .unwrap();
+            let response = platform.http.request(method.clone(), platform.url(&concrete)).send().await.unwrap();
             let answer = Answer::read(response).await;
             assert_ne!(answer.status, 405, "{method} {path}");
-            assert_ne!(
-                answer.body["type"], "https://sluice.dev/problems/no-such-route",
-                "{method} {path}"
-            );
+            assert_ne!(answer.body["type"], "https://sluice.dev/problems/no-such-route", "{method} {path}");
         }
     }
     // And something undocumented is not.
-    let response = platform
-        .http
-        .get(platform.url("/admin"))
-        .send()
-        .await
-        .unwrap();
-    Answer::read(response)
-        .await
-        .assert_problem(404, "no-such-route", "undocumented path");
+    let response = platform.http.get(platform.url("/admin")).send().await.unwrap();
+    Answer::read(response).await.assert_problem(404, "no-such-route", "undocumented path");
 
     // Health, readiness and the schemas need no key.
-    for path in [
-        "/healthz",
-        "/readyz",
-        "/schemas/commands",
-        "/schemas/commands/com.example.orders.SubmitOrder",
-    ] {
-        let status = platform
-            .http
-            .get(platform.url(path))
-            .send()
-            .await
-            .unwrap()
-            .status();
+    for path in ["/healthz", "/readyz", "/schemas/commands", "/schemas/commands/com.example.orders.SubmitOrder"] {
+        let status = platform.http.get(platform.url(path)).send().await.unwrap().status();
         assert_eq!(status, 200, "{path}");
     }
     platform.stop().await.unwrap();

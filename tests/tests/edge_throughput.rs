@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_cli::serve::Role;
-use sluice_tests::{
-    delete_queue, orders_queue, queue_depth, submit_order, test_settings, Platform, TestTenant,
-};
+use sluice_tests::{delete_queue, orders_queue, queue_depth, submit_order, test_settings, Platform, TestTenant};
 
 const CLIENTS: usize = 32;
 const RUN_FOR: Duration = Duration::from_secs(5);
@@ -64,25 +62,12 @@ async fn drive(
 }
 
 fn single(tenant: &TestTenant, client: usize, n: u64) -> String {
-    submit_order(
-        tenant,
-        &format!("s-{client}-{n}"),
-        &format!("o-{client}-{n}"),
-        "c-1",
-    )
-    .to_string()
+    submit_order(tenant, &format!("s-{client}-{n}"), &format!("o-{client}-{n}"), "c-1").to_string()
 }
 
 fn batch(tenant: &TestTenant, client: usize, n: u64) -> String {
     let events: Vec<Value> = (0..BATCH)
-        .map(|i| {
-            submit_order(
-                tenant,
-                &format!("b-{client}-{n}-{i}"),
-                &format!("o-{client}-{n}-{i}"),
-                "c-1",
-            )
-        })
+        .map(|i| submit_order(tenant, &format!("b-{client}-{n}-{i}"), &format!("o-{client}-{n}-{i}"), "c-1"))
         .collect();
     Value::Array(events).to_string()
 }
@@ -100,41 +85,19 @@ async fn accepted_commands_per_second() {
     let single_rate = singles as f64 / started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let batches = drive(
-        &platform,
-        &tenant,
-        "application/cloudevents-batch+json",
-        batch,
-    )
-    .await;
+    let batches = drive(&platform, &tenant, "application/cloudevents-batch+json", batch).await;
     let seconds = started.elapsed().as_secs_f64();
-    let (batch_rate, batch_events_rate) =
-        (batches as f64 / seconds, (batches * BATCH) as f64 / seconds);
+    let (batch_rate, batch_events_rate) = (batches as f64 / seconds, (batches * BATCH) as f64 / seconds);
 
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
     eprintln!(
         "edge throughput ({profile} build, {CLIENTS} clients, {}s each, {} CPUs): single {single_rate:.0} requests/s; \
          batch of {BATCH}: {batch_rate:.0} requests/s = {batch_events_rate:.0} commands/s",
         RUN_FOR.as_secs(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     );
-    assert_eq!(
-        queue_depth(&queue).await as usize,
-        singles + batches * BATCH,
-        "every accepted command is queued"
-    );
-    assert!(
-        single_rate > 20.0 && batch_events_rate > 20.0,
-        "the edge accepts commands at all"
-    );
-    Arc::into_inner(platform)
-        .expect("clients are done")
-        .stop()
-        .await
-        .unwrap();
+    assert_eq!(queue_depth(&queue).await as usize, singles + batches * BATCH, "every accepted command is queued");
+    assert!(single_rate > 20.0 && batch_events_rate > 20.0, "the edge accepts commands at all");
+    Arc::into_inner(platform).expect("clients are done").stop().await.unwrap();
     delete_queue(&queue).await;
 }

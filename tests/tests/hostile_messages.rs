@@ -31,15 +31,73 @@ async fn malformed_commands_in_the_work_queue_are_dead_lettered_with_their_reaso
     let cases: Vec<(&str, Vec<u8>, FieldTable, &str, &str)> = vec![
         ("m01", b"\xff\xfe garbage".to_vec(), FieldTable::default(), "malformed_message", "not JSON"),
         ("m02", b"[1,2,3]".to_vec(), FieldTable::default(), "malformed_message", "JSON object"),
-        ("m03", event(json!({"source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder"})), FieldTable::default(), "malformed_message", "id"),
-        ("m04", event(json!({"id": "x", "source": src, "specversion": "0.3", "type": "com.example.orders.SubmitOrder"})), FieldTable::default(), "malformed_message", "specversion"),
-        ("m05", event(json!({"id": "x", "source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder", "time": "noon"})), FieldTable::default(), "malformed_message", "time"),
-        ("m06", event(json!({"id": "x6", "source": src, "specversion": "1.0", "type": "com.example.orders.Unknown", "data": {}})), FieldTable::default(), "malformed_command", "Unknown"),
-        ("m07", event(json!({"id": "x7", "source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder", "data": {"order_id": "o"}})), FieldTable::default(), "malformed_command", "schema"),
-        ("m08", event(json!({"id": "x8", "source": src, "specversion": "1.0", "type": "com.example.orders.CancelOrder"})), FieldTable::default(), "malformed_command", "schema"),
-        ("m09", event(json!({"id": "x9", "source": src, "specversion": "1.0", "type": "com.example.orders.ShipOrder", "data": "text"})), header, "malformed_command", "schema"),
+        (
+            "m03",
+            event(json!({"source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder"})),
+            FieldTable::default(),
+            "malformed_message",
+            "id",
+        ),
+        (
+            "m04",
+            event(json!({"id": "x", "source": src, "specversion": "0.3", "type": "com.example.orders.SubmitOrder"})),
+            FieldTable::default(),
+            "malformed_message",
+            "specversion",
+        ),
+        (
+            "m05",
+            event(
+                json!({"id": "x", "source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder", "time": "noon"}),
+            ),
+            FieldTable::default(),
+            "malformed_message",
+            "time",
+        ),
+        (
+            "m06",
+            event(
+                json!({"id": "x6", "source": src, "specversion": "1.0", "type": "com.example.orders.Unknown", "data": {}}),
+            ),
+            FieldTable::default(),
+            "malformed_command",
+            "Unknown",
+        ),
+        (
+            "m07",
+            event(
+                json!({"id": "x7", "source": src, "specversion": "1.0", "type": "com.example.orders.SubmitOrder", "data": {"order_id": "o"}}),
+            ),
+            FieldTable::default(),
+            "malformed_command",
+            "schema",
+        ),
+        (
+            "m08",
+            event(json!({"id": "x8", "source": src, "specversion": "1.0", "type": "com.example.orders.CancelOrder"})),
+            FieldTable::default(),
+            "malformed_command",
+            "schema",
+        ),
+        (
+            "m09",
+            event(
+                json!({"id": "x9", "source": src, "specversion": "1.0", "type": "com.example.orders.ShipOrder", "data": "text"}),
+            ),
+            header,
+            "malformed_command",
+            "schema",
+        ),
         ("m10", b"".to_vec(), FieldTable::default(), "malformed_message", "not JSON"),
-        ("m11", event(json!({"id": "x11", "source": "has spaces", "specversion": "1.0", "type": "com.example.orders.SubmitOrder"})), FieldTable::default(), "malformed_message", "source"),
+        (
+            "m11",
+            event(
+                json!({"id": "x11", "source": "has spaces", "specversion": "1.0", "type": "com.example.orders.SubmitOrder"}),
+            ),
+            FieldTable::default(),
+            "malformed_message",
+            "source",
+        ),
     ];
     for (id, body, headers, _, _) in &cases {
         publish_raw(&queue, body, Some(id), headers.clone()).await;
@@ -48,13 +106,22 @@ async fn malformed_commands_in_the_work_queue_are_dead_lettered_with_their_reaso
     publish_raw(&queue, &event(submit_order(&tenant, "noid", "o-noid", "c")), None, FieldTable::default()).await;
 
     let dlq = format!("{queue}.dlq");
-    eventually(WAIT, "every malformed message in the DLQ", || async { (queue_depth(&dlq).await as usize == cases.len() + 1).then_some(()) }).await;
+    eventually(WAIT, "every malformed message in the DLQ", || async {
+        (queue_depth(&dlq).await as usize == cases.len() + 1).then_some(())
+    })
+    .await;
     let dead: BTreeMap<String, (String, String)> = drain_queue(&dlq)
         .await
         .into_iter()
         .map(|(p, _)| {
             let id = p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_else(|| "none".into());
-            (id, (amqp_header(&p, "x-sluice-error-class").unwrap_or_default(), amqp_header(&p, "x-sluice-reason").unwrap_or_default()))
+            (
+                id,
+                (
+                    amqp_header(&p, "x-sluice-error-class").unwrap_or_default(),
+                    amqp_header(&p, "x-sluice-reason").unwrap_or_default(),
+                ),
+            )
         })
         .collect();
     for (id, _, _, class, words) in &cases {
@@ -81,7 +148,8 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     let response = platform.post_event(&tenant, &submit_order(&tenant, "real", "o-real", "c1")).await;
     let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
     let position = &op["events"][0];
-    let real = read_record(&topic, position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap()).await;
+    let real =
+        read_record(&topic, position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap()).await;
     let real_value = real.payload().unwrap().to_vec();
     let submitted_id = &real_value[1..5];
     let cancelled_id = {
@@ -112,7 +180,9 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
     for (key, value) in &cases {
         // No ce_* headers at all, as a foreign producer might send.
-        let mut record = FutureRecord::to(&topic).key(key.as_str()).headers(OwnedHeaders::new().insert(Header { key: "x-junk", value: Some("1") }));
+        let mut record = FutureRecord::to(&topic)
+            .key(key.as_str())
+            .headers(OwnedHeaders::new().insert(Header { key: "x-junk", value: Some("1") }));
         if let Some(v) = value {
             record = record.payload(v.as_slice());
         }
@@ -121,7 +191,10 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     // A healthy event afterwards is applied.
     let response = platform.post_event(&tenant, &submit_order(&tenant, "later", "o-later", "c1")).await;
     platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
-    eventually(WAIT, "the later order applied", || async { (platform.get_json(&tenant, "/orders/o-later").await.0 == 200).then_some(()) }).await;
+    eventually(WAIT, "the later order applied", || async {
+        (platform.get_json(&tenant, "/orders/o-later").await.0 == 200).then_some(())
+    })
+    .await;
 
     let dlt = sluice_projections::apply::dead_letter_topic(&topic, &settings.projector.name);
     let group = format!("sluice.test.hostile.{}", uuid::Uuid::new_v4().simple());
@@ -133,7 +206,12 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     let reasons: BTreeMap<String, String> = records
         .iter()
         .map(|m| {
-            let reason = m.headers().and_then(|h| h.iter().find(|x| x.key == "sluice_reason")).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+            let reason = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == "sluice_reason"))
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
             (String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), reason)
         })
         .collect();

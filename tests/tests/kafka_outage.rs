@@ -34,14 +34,19 @@ async fn commands_retry_through_a_kafka_outage_and_then_succeed() {
     let platform = Platform::start(settings, Role::All).await;
     // The topic exists and the producer is warm before the outage.
     let warm = platform.post_event(&tenant, &submit_order(&tenant, "warm", "o-warm", "c1")).await;
-    assert_eq!(platform.await_operation(&tenant, warm.headers()["location"].to_str().unwrap(), Duration::from_secs(60)).await["status"], "succeeded");
+    assert_eq!(
+        platform.await_operation(&tenant, warm.headers()["location"].to_str().unwrap(), Duration::from_secs(60)).await
+            ["status"],
+        "succeeded"
+    );
 
     let _guard = KafkaBack;
     kafka("stop");
     let outage = std::time::Instant::now();
     let mut locations = Vec::new();
     for i in 0..20 {
-        let response = platform.post_event(&tenant, &submit_order(&tenant, &format!("k{i}"), &format!("o{i}"), "c1")).await;
+        let response =
+            platform.post_event(&tenant, &submit_order(&tenant, &format!("k{i}"), &format!("o{i}"), "c1")).await;
         assert_eq!(response.status(), 202, "the edge does not need Kafka");
         locations.push(response.headers()["location"].to_str().unwrap().to_owned());
     }

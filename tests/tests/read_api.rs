@@ -17,7 +17,8 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     let platform = Platform::start(settings.clone(), Role::All).await;
     let mut last = String::new();
     for i in 0..5 {
-        let response = platform.post_event(&tenant, &submit_order(&tenant, &format!("s{i}"), &format!("o{i}"), "alice")).await;
+        let response =
+            platform.post_event(&tenant, &submit_order(&tenant, &format!("s{i}"), &format!("o{i}"), "alice")).await;
         last = response.headers()["location"].to_str().unwrap().to_owned();
         platform.await_operation(&tenant, &last, WAIT).await;
     }
@@ -57,7 +58,8 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
 
     // Daily sales: five orders of 2100 cents, one cancelled.
     let today = chrono::Utc::now().date_naive();
-    let (status, sales) = platform.get_json(&tenant, &format!("/sales/daily?from={}&to={today}", today.pred_opt().unwrap())).await;
+    let (status, sales) =
+        platform.get_json(&tenant, &format!("/sales/daily?from={}&to={today}", today.pred_opt().unwrap())).await;
     assert_eq!(status, 200);
     let days = sales["days"].as_array().unwrap();
     assert_eq!(days.len(), 2);
@@ -68,7 +70,13 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
 
     // Metrics name what happened.
     let metrics = platform.http.get(platform.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for name in ["sluice_http_event_requests_total", "sluice_publish_confirm_seconds", "sluice_commands_processed_total", "sluice_kafka_produce_seconds", "sluice_projection_apply_seconds"] {
+    for name in [
+        "sluice_http_event_requests_total",
+        "sluice_publish_confirm_seconds",
+        "sluice_commands_processed_total",
+        "sluice_kafka_produce_seconds",
+        "sluice_projection_apply_seconds",
+    ] {
         assert!(metrics.contains(name), "{name} in /metrics");
     }
     platform.stop().await.unwrap();

@@ -18,14 +18,20 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// Sends orders (some later cancelled or shipped) and waits until every
 /// operation is settled and the read model shows the last one.
-async fn submit_orders(platform: &Platform, tenant: &TestTenant, prefix: &str, count: usize) -> (Vec<String>, Vec<String>) {
+async fn submit_orders(
+    platform: &Platform,
+    tenant: &TestTenant,
+    prefix: &str,
+    count: usize,
+) -> (Vec<String>, Vec<String>) {
     let mut orders = Vec::new();
     let mut customers = Vec::new();
     let mut locations = Vec::new();
     for i in 0..count {
         let order = format!("{prefix}-{i}");
         let customer = format!("c{}", i % 3);
-        let response = platform.post_event(tenant, &submit_order(tenant, &format!("{order}-s"), &order, &customer)).await;
+        let response =
+            platform.post_event(tenant, &submit_order(tenant, &format!("{order}-s"), &order, &customer)).await;
         assert_eq!(response.status(), 202);
         locations.push(response.headers()["location"].to_str().unwrap().to_owned());
         orders.push(order);
@@ -39,8 +45,18 @@ async fn submit_orders(platform: &Platform, tenant: &TestTenant, prefix: &str, c
     let mut follow_ups = Vec::new();
     for (i, order) in orders.iter().enumerate() {
         let event = match i % 3 {
-            0 => command(tenant, &format!("{order}-c"), "com.example.orders.CancelOrder", json!({"order_id": order, "reason": "changed mind"})),
-            1 => command(tenant, &format!("{order}-x"), "com.example.orders.ShipOrder", json!({"order_id": order, "carrier": "dhl", "tracking_number": "T1"})),
+            0 => command(
+                tenant,
+                &format!("{order}-c"),
+                "com.example.orders.CancelOrder",
+                json!({"order_id": order, "reason": "changed mind"}),
+            ),
+            1 => command(
+                tenant,
+                &format!("{order}-x"),
+                "com.example.orders.ShipOrder",
+                json!({"order_id": order, "carrier": "dhl", "tracking_number": "T1"}),
+            ),
             _ => continue,
         };
         follow_ups.push(platform.post_event(tenant, &event).await.headers()["location"].to_str().unwrap().to_owned());
@@ -87,8 +103,14 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     let reading = Arc::new(AtomicBool::new(true));
     let (reads, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let reader = {
-        let (reading, reads, failures, http, url, key) =
-            (reading.clone(), reads.clone(), failures.clone(), platform.http.clone(), platform.url("/orders/o-1"), tenant.key.clone());
+        let (reading, reads, failures, http, url, key) = (
+            reading.clone(),
+            reads.clone(),
+            failures.clone(),
+            platform.http.clone(),
+            platform.url("/orders/o-1"),
+            tenant.key.clone(),
+        );
         tokio::spawn(async move {
             while reading.load(Ordering::Relaxed) {
                 let response = http.get(&url).bearer_auth(&key).send().await;
@@ -156,7 +178,9 @@ async fn a_replay_can_start_at_a_time() {
 
     let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
     let ctx = replay_ctx(&settings, events_topics(&[tenant.name.clone()]), store.clone());
-    let report = replay::rebuild(&ctx, StartAt::Time(cut.timestamp_millis()), false, &CancellationToken::new(), |_| {}).await.unwrap();
+    let report = replay::rebuild(&ctx, StartAt::Time(cut.timestamp_millis()), false, &CancellationToken::new(), |_| {})
+        .await
+        .unwrap();
     // 3 submissions, 1 cancellation and 1 shipment after the cut.
     assert_eq!(report.applied, 5, "{report:?}");
     assert!(store.order(&tenant.name, &late[0]).await.unwrap().is_some());

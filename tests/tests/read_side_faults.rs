@@ -50,7 +50,12 @@ async fn a_projector_killed_mid_stream_leaves_daily_sales_equal_to_the_accepted_
     }
     let mut cancels = Vec::new();
     for i in (0..count).step_by(3) {
-        let event = command(&tenant, &format!("c{i}"), "com.example.orders.CancelOrder", json!({"order_id": format!("o{i}"), "reason": "r"}));
+        let event = command(
+            &tenant,
+            &format!("c{i}"),
+            "com.example.orders.CancelOrder",
+            json!({"order_id": format!("o{i}"), "reason": "r"}),
+        );
         cancels.push(edge.post_event(&tenant, &event).await.headers()["location"].to_str().unwrap().to_owned());
         expected_orders -= 1;
         expected_total -= i64::from((i % 5) + 1) * 100;
@@ -102,7 +107,10 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     // A real order for the poisoned key, and one for a healthy key.
     for (id, order) in [("p1", "o-poison"), ("f1", "o-fine")] {
         let response = platform.post_event(&tenant, &submit_order(&tenant, id, order, "c1")).await;
-        assert_eq!(platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await["status"], "succeeded");
+        assert_eq!(
+            platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await["status"],
+            "succeeded"
+        );
     }
     eventually(WAIT, "the healthy order in the read model", || async {
         (platform.get_json(&tenant, "/orders/o-fine").await.0 == 200).then_some(())
@@ -119,9 +127,16 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
         .iter()
         .map(|m| {
             let header = |name: &str| {
-                m.headers().and_then(|h| h.iter().find(|x| x.key == name)).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+                m.headers()
+                    .and_then(|h| h.iter().find(|x| x.key == name))
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
             };
-            (format!("{}:{}", String::from_utf8_lossy(m.key().unwrap_or_default()), header("sluice_error_class")), (header("sluice_reason"), header("sluice_original_topic")))
+            (
+                format!("{}:{}", String::from_utf8_lossy(m.key().unwrap_or_default()), header("sluice_error_class")),
+                (header("sluice_reason"), header("sluice_original_topic")),
+            )
         })
         .collect();
     assert!(by_class.contains_key("o-poison:undecodable"), "{by_class:?}");

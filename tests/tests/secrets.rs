@@ -15,7 +15,10 @@ async fn keys_are_never_logged() {
     let mut sluice = SluiceProcess::spawn_with_log_level(&settings, "all", "debug");
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "the edge", || async { http.get(format!("{base}/healthz")).send().await.ok().map(drop) }).await;
+    eventually(Duration::from_secs(60), "the edge", || async {
+        http.get(format!("{base}/healthz")).send().await.ok().map(drop)
+    })
+    .await;
 
     let wrong_key = format!("wrong-{}", uuid::Uuid::new_v4().simple());
     for (i, key) in [&tenant.key, &wrong_key].into_iter().enumerate() {

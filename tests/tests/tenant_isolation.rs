@@ -19,7 +19,10 @@ async fn a_tenant_cannot_send_as_or_read_another() {
     let response = platform.post_event(&b, &submit_order(&b, "b1", "shared-id", "cb")).await;
     let b_location = response.headers()["location"].to_str().unwrap().to_owned();
     assert_eq!(platform.await_operation(&b, &b_location, WAIT).await["status"], "succeeded");
-    eventually(WAIT, "B's order readable by B", || async { (platform.get_json(&b, "/orders/shared-id").await.0 == 200).then_some(()) }).await;
+    eventually(WAIT, "B's order readable by B", || async {
+        (platform.get_json(&b, "/orders/shared-id").await.0 == 200).then_some(())
+    })
+    .await;
 
     // A sending as B's source: refused, nothing queued for anyone.
     let mut forged = submit_order(&a, "a-forged", "x", "c");
@@ -53,8 +56,14 @@ async fn a_tenant_cannot_send_as_or_read_another() {
     // Each tenant's topic holds only its own events.
     for (tenant, customer) in [(&a, "ca"), (&b, "cb")] {
         let topic = format!("{}.orders.events", tenant.name);
-        let position = if tenant.name == a.name { &op["events"][0] } else { &platform.get_json(&b, &b_location).await.1["events"][0] };
-        let record = read_record(&topic, position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap()).await;
+        let position = if tenant.name == a.name {
+            &op["events"][0]
+        } else {
+            &platform.get_json(&b, &b_location).await.1["events"][0]
+        };
+        let record =
+            read_record(&topic, position["partition"].as_i64().unwrap() as i32, position["offset"].as_i64().unwrap())
+                .await;
         let bytes = record.payload().unwrap();
         assert!(String::from_utf8_lossy(bytes).contains(customer), "{topic} holds {customer}'s order");
         assert!(!String::from_utf8_lossy(bytes).contains(if customer == "ca" { "cb" } else { "ca" }));

@@ -32,21 +32,27 @@ async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
 
     // 3. The Kafka record: key = order id, magic byte 0, a schema id the
     //    registry resolves to OrderSubmitted, an Avro body with the order.
-    let record = read_record(&topic, produced["partition"].as_i64().unwrap() as i32, produced["offset"].as_i64().unwrap()).await;
+    let record =
+        read_record(&topic, produced["partition"].as_i64().unwrap() as i32, produced["offset"].as_i64().unwrap()).await;
     assert_eq!(record.key(), Some(&b"order-1"[..]));
     let value = record.payload().expect("record value");
     assert_eq!(value[0], 0, "magic byte");
     let schema_id = u32::from_be_bytes(value[1..5].try_into().unwrap());
-    let registry: serde_json::Value = reqwest::get(format!("http://127.0.0.1:8081/apis/ccompat/v7/schemas/ids/{schema_id}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let registry: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:8081/apis/ccompat/v7/schemas/ids/{schema_id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     let schema = apache_avro::Schema::parse_str(registry["schema"].as_str().unwrap()).unwrap();
     assert_eq!(schema.name().unwrap().fullname(None), "com.example.orders.OrderSubmitted");
-    let subjects: Vec<String> = reqwest::get("http://127.0.0.1:8081/apis/ccompat/v7/subjects").await.unwrap().json().await.unwrap();
-    assert!(subjects.contains(&format!("{topic}-com.example.orders.OrderSubmitted")), "TopicRecordNameStrategy subject");
+    let subjects: Vec<String> =
+        reqwest::get("http://127.0.0.1:8081/apis/ccompat/v7/subjects").await.unwrap().json().await.unwrap();
+    assert!(
+        subjects.contains(&format!("{topic}-com.example.orders.OrderSubmitted")),
+        "TopicRecordNameStrategy subject"
+    );
     #[allow(deprecated)] // the plain datum reader is what a data team would use too
     let decoded = apache_avro::from_avro_datum(&schema, &mut &value[5..], None).unwrap();
     let decoded: sluice_schemas::orders::OrderSubmitted = apache_avro::from_value(&decoded).unwrap();
@@ -56,7 +62,11 @@ async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
     assert_eq!(decoded.lines.len(), 2);
     let header = |name: &str| {
         use rdkafka::message::Headers;
-        record.headers().and_then(|h| h.iter().find(|x| x.key == name)).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned())
+        record
+            .headers()
+            .and_then(|h| h.iter().find(|x| x.key == name))
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     assert_eq!(header("ce_type").as_deref(), Some("com.example.orders.OrderSubmitted"));
     assert_eq!(header("ce_subject").as_deref(), Some("order-1"));

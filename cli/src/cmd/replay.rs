@@ -64,8 +64,10 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     let bar = (!args.json).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events  {msg}  ETA {eta}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events  {msg}  ETA {eta}",
+            )
+            .expect("valid template"),
         );
         bar
     });
@@ -76,7 +78,10 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             Some(bar) => {
                 bar.set_length(done + p.remaining.max(0) as u64);
                 bar.set_position(done);
-                bar.set_message(format!("lag {}  {:.0}/s  dead-lettered {}", p.remaining, p.events_per_second, p.dead_lettered));
+                bar.set_message(format!(
+                    "lag {}  {:.0}/s  dead-lettered {}",
+                    p.remaining, p.events_per_second, p.dead_lettered
+                ));
             }
             None if json => {
                 let _ = super::print_json(&serde_json::json!({"progress": p}));
@@ -105,7 +110,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             report.seconds,
             report.events_per_second,
             match report.previous_version {
-                Some(v) if stop.is_cancelled() => format!("; stopped before switching from version {v} (run again to resume)"),
+                Some(v) if stop.is_cancelled() =>
+                    format!("; stopped before switching from version {v} (run again to resume)"),
                 Some(v) => format!("; reads switched from version {v}"),
                 None if stop.is_cancelled() => "; stopped early".into(),
                 None => String::new(),

@@ -30,10 +30,7 @@ impl Default for Backoff {
     /// within 2 s, and a broker that stays down gets a connection attempt
     /// every 2 s from each edge process, which costs it nothing.
     fn default() -> Self {
-        Self {
-            first: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        }
+        Self { first: Duration::from_millis(100), max: Duration::from_secs(2) }
     }
 }
 
@@ -62,10 +59,7 @@ impl Link {
     /// The live connection, if there is one.
     pub(super) fn current(&self) -> Option<(u64, Arc<Connection>)> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current
-            .as_ref()
-            .filter(|(_, c)| c.status().connected())
-            .cloned()
+        current.as_ref().filter(|(_, c)| c.status().connected()).cloned()
     }
 
     pub(super) fn suspect(&self) {
@@ -104,10 +98,7 @@ pub(super) fn supervise(
     connect_timeout: Duration,
     stop: CancellationToken,
 ) -> Arc<Link> {
-    let link = Arc::new(Link {
-        current: RwLock::new(None),
-        suspect: Notify::new(),
-    });
+    let link = Arc::new(Link { current: RwLock::new(None), suspect: Notify::new() });
     let shared = link.clone();
     tokio::spawn(async move {
         let mut next = Some(first);
@@ -166,10 +157,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_bound() {
-        let backoff = Backoff {
-            first: Duration::from_millis(100),
-            max: Duration::from_millis(350),
-        };
+        let backoff = Backoff { first: Duration::from_millis(100), max: Duration::from_millis(350) };
         let mut d = backoff.first;
         let mut seen = Vec::new();
         for _ in 0..5 {

@@ -78,13 +78,7 @@ impl AmqpCommandQueue {
             .await
             .map_err(|e| QueueError::Unavailable(format!("connecting to RabbitMQ: {e}")))?;
         let stop = CancellationToken::new();
-        let link = link::supervise(
-            settings.url,
-            first,
-            settings.reconnect,
-            settings.connect_timeout,
-            stop.clone(),
-        );
+        let link = link::supervise(settings.url, first, settings.reconnect, settings.connect_timeout, stop.clone());
         Ok(Self {
             link,
             channel: Mutex::new(None),
@@ -97,31 +91,22 @@ impl AmqpCommandQueue {
 
     /// Phase 1: a permit and an open confirm channel; nothing is sent.
     async fn prepare(&self) -> Result<(SemaphorePermit<'_>, Channel), QueueError> {
-        let permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| QueueError::Unavailable("the queue is closed".into()))?;
-        let (generation, connection) = self.link.current().ok_or_else(|| {
-            QueueError::Unavailable("not connected to RabbitMQ (reconnecting)".into())
-        })?;
+        let permit =
+            self.in_flight.acquire().await.map_err(|_| QueueError::Unavailable("the queue is closed".into()))?;
+        let (generation, connection) = self
+            .link
+            .current()
+            .ok_or_else(|| QueueError::Unavailable("not connected to RabbitMQ (reconnecting)".into()))?;
         if connection.status().blocked() {
-            return Err(QueueError::Unavailable(
-                "RabbitMQ blocks publishers (a resource alarm)".into(),
-            ));
+            return Err(QueueError::Unavailable("RabbitMQ blocks publishers (a resource alarm)".into()));
         }
         let mut slot = self.channel.lock().await;
-        if let Some((_, channel)) = slot
-            .as_ref()
-            .filter(|(g, c)| *g == generation && c.status().connected())
-        {
+        if let Some((_, channel)) = slot.as_ref().filter(|(g, c)| *g == generation && c.status().connected()) {
             return Ok((permit, channel.clone()));
         }
         let opened = async {
             let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
             Ok::<_, lapin::Error>(channel)
         };
         let channel = opened.await.map_err(|e| {
@@ -136,15 +121,9 @@ impl AmqpCommandQueue {
     async fn send(&self, channel: &Channel, command: &QueuedCommand) -> Result<(), QueueError> {
         let mut headers = FieldTable::default();
         for (name, value) in &command.headers {
-            headers.insert(
-                name.as_str().into(),
-                AMQPValue::LongString(LongString::from(value.as_str())),
-            );
+            headers.insert(name.as_str().into(), AMQPValue::LongString(LongString::from(value.as_str())));
         }
-        headers.insert(
-            "sluice-tenant".into(),
-            AMQPValue::LongString(LongString::from(command.tenant.as_str())),
-        );
+        headers.insert("sluice-tenant".into(), AMQPValue::LongString(LongString::from(command.tenant.as_str())));
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/cloudevents+json".into())
@@ -153,10 +132,7 @@ impl AmqpCommandQueue {
             .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default())
             .with_headers(headers);
         // mandatory: a message no queue takes comes back instead of vanishing.
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm = channel
             .basic_publish(
                 self.exchange.as_str().into(),
@@ -182,18 +158,13 @@ impl AmqpCommandQueue {
         })?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(QueueError::Refused(format!(
-                "no queue is bound for {}",
-                command.routing_key
-            ))),
-            Confirmation::Nack(_) => Err(QueueError::Refused(
-                "nack (queue full or unavailable)".into(),
-            )),
+            Confirmation::Ack(Some(_)) => {
+                Err(QueueError::Refused(format!("no queue is bound for {}", command.routing_key)))
+            }
+            Confirmation::Nack(_) => Err(QueueError::Refused("nack (queue full or unavailable)".into())),
             // Cannot happen on a channel in confirm mode; if it did, the
             // message went out without a promise either way.
-            Confirmation::NotRequested => Err(QueueError::Unconfirmed(
-                "the channel is not in confirm mode".into(),
-            )),
+            Confirmation::NotRequested => Err(QueueError::Unconfirmed("the channel is not in confirm mode".into())),
         }
     }
 }
@@ -203,22 +174,17 @@ impl CommandQueue for AmqpCommandQueue {
         Box::pin(async move {
             let deadline = Instant::now() + self.confirm_timeout;
             let waited = self.confirm_timeout.as_millis();
-            let (_permit, channel) =
-                timeout_at(deadline, self.prepare()).await.map_err(|_| {
-                    QueueError::Unavailable(format!("no channel to RabbitMQ within {waited} ms"))
-                })??;
-            timeout_at(deadline, self.send(&channel, command))
+            let (_permit, channel) = timeout_at(deadline, self.prepare())
                 .await
-                .map_err(|_| {
-                    self.link.suspect();
-                    QueueError::Unconfirmed(format!("no confirm within {waited} ms"))
-                })?
+                .map_err(|_| QueueError::Unavailable(format!("no channel to RabbitMQ within {waited} ms")))??;
+            timeout_at(deadline, self.send(&channel, command)).await.map_err(|_| {
+                self.link.suspect();
+                QueueError::Unconfirmed(format!("no confirm within {waited} ms"))
+            })?
         })
     }
 
     fn is_ready(&self) -> bool {
-        self.link
-            .current()
-            .is_some_and(|(_, connection)| !connection.status().blocked())
+        self.link.current().is_some_and(|(_, connection)| !connection.status().blocked())
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Confirmation, Connection};
 use sluice_schemas::cloudevent::CloudEvent;
@@ -55,7 +57,12 @@ where
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     let consumer = channel
-        .basic_consume(queue.as_str().into(), ShortString::from(""), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     info!(%queue, "consuming");
     let ctx = Arc::new(ConsumerCtx { tenant, queue, pipeline, settings, publisher });
@@ -94,7 +101,8 @@ where
         let headers = headers::headers_of(&delivery);
         let attempt = headers::attempt(&headers);
         let operation_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
-        let span = info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"), attempt);
+        let span =
+            info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"), attempt);
         async {
             let settled = match self.decode(&delivery, &headers, operation_id, attempt) {
                 Ok(cmd) => {
@@ -115,9 +123,16 @@ where
         .await
     }
 
-    fn decode(&self, delivery: &Delivery, headers: &FieldTable, operation_id: Option<String>, attempt: u32) -> Result<IncomingCommand, String> {
+    fn decode(
+        &self,
+        delivery: &Delivery,
+        headers: &FieldTable,
+        operation_id: Option<String>,
+        attempt: u32,
+    ) -> Result<IncomingCommand, String> {
         let operation_id = operation_id.ok_or("message has no message_id (operation id)")?;
-        let json: serde_json::Value = serde_json::from_slice(&delivery.data).map_err(|e| format!("body is not JSON: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&delivery.data).map_err(|e| format!("body is not JSON: {e}"))?;
         let event = CloudEvent::from_json(json).map_err(|errors| {
             let list: Vec<String> = errors.iter().map(|e| format!("{} {}", e.attribute, e.problem)).collect();
             format!("not a valid CloudEvent: {}", list.join("; "))
@@ -137,9 +152,15 @@ where
     ) -> Result<(), String> {
         let outcome = match outcome {
             Outcome::Retry(reason) => {
-                headers::push_history(&mut headers, format!("{} attempt {attempt}: {reason}", chrono::Utc::now().to_rfc3339()));
+                headers::push_history(
+                    &mut headers,
+                    format!("{} attempt {attempt}: {reason}", chrono::Utc::now().to_rfc3339()),
+                );
                 if attempt >= self.settings.max_attempts {
-                    Outcome::DeadLetter { class: "retries_exhausted", reason: format!("gave up after {attempt} attempts: {reason}") }
+                    Outcome::DeadLetter {
+                        class: "retries_exhausted",
+                        reason: format!("gave up after {attempt} attempts: {reason}"),
+                    }
                 } else {
                     Outcome::Retry(reason)
                 }
@@ -153,7 +174,8 @@ where
             Outcome::Retry(_) => "retried",
             Outcome::DeadLetter { .. } => "dead_lettered",
         };
-        metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label).increment(1);
+        metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label)
+            .increment(1);
         match outcome {
             Outcome::Succeeded | Outcome::AlreadyDone => {}
             Outcome::Rejected(reason) => info!(%reason, "rejected"),
@@ -167,13 +189,18 @@ where
             }
             Outcome::DeadLetter { class, reason } => {
                 warn!(class, %reason, "dead-lettering");
-                metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class).increment(1);
+                metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class)
+                    .increment(1);
                 if let Some(cmd) = cmd {
                     if let Err(e) = self.pipeline.record_dead_letter(cmd, &reason).await {
                         // Without the record the operation would say
                         // `processing` forever: leave the message for later.
                         warn!(error = %e, "cannot record the dead letter yet; requeueing");
-                        return delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map(drop).map_err(|e| e.to_string());
+                        return delivery
+                            .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string());
                     }
                 }
                 headers.insert(headers::REASON.into(), string(&reason));
@@ -197,9 +224,20 @@ where
 
 /// Publishes to a queue through the default exchange and waits for the
 /// confirm; a return (no such queue) or a nack is an error.
-pub async fn publish_confirmed(channel: &Channel, queue: &str, body: &[u8], properties: lapin::BasicProperties) -> Result<(), String> {
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> Result<(), String> {
     let confirm = channel
-        .basic_publish("".into(), queue.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            body,
+            properties,
+        )
         .await
         .map_err(|e| e.to_string())?;
     match tokio::time::timeout(Duration::from_secs(30), confirm).await {

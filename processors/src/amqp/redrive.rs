@@ -14,7 +14,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Connection;
 use sluice_schemas::cloudevent::CloudEvent;
@@ -43,7 +45,11 @@ pub async fn redrive_once<O: OperationStore>(
     let queue = names::command_queue(tenant, context);
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
-    let depth = channel.queue_declare(dlq.as_str().into(), passive, FieldTable::default()).await.map_err(|e| e.to_string())?.message_count();
+    let depth = channel
+        .queue_declare(dlq.as_str().into(), passive, FieldTable::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .message_count();
     let mut report = RedriveReport::default();
     if depth == 0 {
         let _ = channel.close(200, "done".into()).await;
@@ -56,7 +62,12 @@ pub async fn redrive_once<O: OperationStore>(
     let prefetch = u16::try_from(depth).unwrap_or(u16::MAX);
     channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
     let mut consumer = channel
-        .basic_consume(dlq.as_str().into(), ShortString::from(""), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            dlq.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     for _ in 0..prefetch {
@@ -68,9 +79,21 @@ pub async fn redrive_once<O: OperationStore>(
                 let why = headers::get_str(&h, "x-first-death-reason").unwrap_or_else(|| "unknown".into());
                 let reason = format!("dead-lettered by the broker ({why}): consumers failed on it repeatedly");
                 if let Some(op) = delivery.properties.message_id().as_ref() {
-                    if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&delivery.data).map_err(|e| e.to_string()).and_then(|v| CloudEvent::from_json(v).map_err(|_| "invalid".to_owned())) {
-                        let op_ref = OperationRef { tenant, operation_id: op.as_str(), command_type: &event.ty, source: &event.source, command_id: &event.id };
-                        operations.record(op_ref, &Status::DeadLettered(reason.clone())).await.map_err(|e| e.to_string())?;
+                    if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| CloudEvent::from_json(v).map_err(|_| "invalid".to_owned()))
+                    {
+                        let op_ref = OperationRef {
+                            tenant,
+                            operation_id: op.as_str(),
+                            command_type: &event.ty,
+                            source: &event.source,
+                            command_id: &event.id,
+                        };
+                        operations
+                            .record(op_ref, &Status::DeadLettered(reason.clone()))
+                            .await
+                            .map_err(|e| e.to_string())?;
                     }
                 }
                 h.insert(headers::REASON.into(), string(&reason));

@@ -47,7 +47,12 @@ fn quorum() -> FieldTable {
 
 /// Declares exchange, work queue, delay queues and DLQ of one tenant's
 /// context. Idempotent: the same arguments every time.
-pub async fn declare_topology(channel: &Channel, tenant: &str, context: &str, retry_delays_ms: &[u64]) -> lapin::Result<()> {
+pub async fn declare_topology(
+    channel: &Channel,
+    tenant: &str,
+    context: &str,
+    retry_delays_ms: &[u64],
+) -> lapin::Result<()> {
     channel
         .exchange_declare(
             names::COMMAND_EXCHANGE.into(),

@@ -151,7 +151,9 @@ pub struct ReadModels {
 impl ReadModels {
     pub async fn new(session: Arc<Session>, projection: &str) -> Result<Self, ReadModelError> {
         if projection.is_empty() || !projection.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(ReadModelError(format!("projection name {projection:?} must be letters, digits and underscores")));
+            return Err(ReadModelError(format!(
+                "projection name {projection:?} must be letters, digits and underscores"
+            )));
         }
         let select_operation = session
             .prepare(
@@ -161,7 +163,9 @@ impl ReadModels {
             .await
             .map_err(rm_err)?;
         let select_offsets = session
-            .prepare("SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = ? AND version = ?")
+            .prepare(
+                "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = ? AND version = ?",
+            )
             .await
             .map_err(rm_err)?;
         Ok(Self {
@@ -218,12 +222,30 @@ impl ReadModels {
 
     pub async fn order(&self, tenant: &str, order_id: &str) -> Result<Option<OrderView>, ReadModelError> {
         let t = self.active_tables().await?;
-        let rows = self.session.execute_unpaged(&t.select_order, (tenant, order_id)).await.map_err(rm_err)?.into_rows_result().map_err(rm_err)?;
+        let rows = self
+            .session
+            .execute_unpaged(&t.select_order, (tenant, order_id))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
         let Some(row) = rows.maybe_first_row::<OrderRow>().map_err(rm_err)? else {
             return Ok(None);
         };
-        let (order_id, customer_id, status, currency, lines, total_cents, version, submitted_at, updated_at, carrier, tracking_number, cancel_reason) =
-            row;
+        let (
+            order_id,
+            customer_id,
+            status,
+            currency,
+            lines,
+            total_cents,
+            version,
+            submitted_at,
+            updated_at,
+            carrier,
+            tracking_number,
+            cancel_reason,
+        ) = row;
         // A status written before its submission (a rebuild that started
         // after it) leaves a row without customer: not an order to show.
         if customer_id.is_none() {
@@ -246,18 +268,26 @@ impl ReadModels {
     }
 
     /// A customer's orders, newest first, `limit` per page.
-    pub async fn customer_orders(&self, tenant: &str, customer_id: &str, limit: i32, cursor: Option<&str>) -> Result<Page<CustomerOrderView>, QueryError> {
+    pub async fn customer_orders(
+        &self,
+        tenant: &str,
+        customer_id: &str,
+        limit: i32,
+        cursor: Option<&str>,
+    ) -> Result<Page<CustomerOrderView>, QueryError> {
         let t = self.active_tables().await?;
         let paging = match cursor {
             Some(c) => {
-                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| QueryError::BadCursor)?;
+                let bytes =
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| QueryError::BadCursor)?;
                 PagingState::new_from_raw_bytes(bytes)
             }
             None => PagingState::start(),
         };
         let mut statement = t.select_customer_orders.clone();
         statement.set_page_size(limit.clamp(1, 500));
-        let (result, next) = self.session.execute_single_page(&statement, (tenant, customer_id), paging).await.map_err(rm_err)?;
+        let (result, next) =
+            self.session.execute_single_page(&statement, (tenant, customer_id), paging).await.map_err(rm_err)?;
         let rows = result.into_rows_result().map_err(rm_err)?;
         let items = rows
             .rows::<(String, Option<String>, Option<String>, Option<i64>, Option<CqlTimestamp>, Option<i64>)>()
@@ -305,7 +335,8 @@ impl ReadModels {
                 orders += i64::from(o.unwrap_or(0));
                 total += c.unwrap_or(0);
             }
-            let date = chrono::DateTime::from_timestamp_millis(ms).map(|d| d.date_naive().to_string()).unwrap_or_default();
+            let date =
+                chrono::DateTime::from_timestamp_millis(ms).map(|d| d.date_naive().to_string()).unwrap_or_default();
             days.push(DaySales { day: date, orders, total_cents: total });
             day += 1;
         }
@@ -313,12 +344,17 @@ impl ReadModels {
     }
 
     /// A patient's onboarding (patients projection; not versioned).
-    pub async fn patient_onboarding(&self, tenant: &str, patient_id: &str) -> Result<Option<crate::patients::OnboardingView>, ReadModelError> {
+    pub async fn patient_onboarding(
+        &self,
+        tenant: &str,
+        patient_id: &str,
+    ) -> Result<Option<crate::patients::OnboardingView>, ReadModelError> {
         crate::patients::read_onboarding(&self.session, tenant, patient_id).await
     }
 
     pub async fn operation(&self, tenant: &str, operation_id: &str) -> Result<Option<OperationRow>, ReadModelError> {
-        let result = self.session.execute_unpaged(&self.select_operation, (tenant, operation_id)).await.map_err(rm_err)?;
+        let result =
+            self.session.execute_unpaged(&self.select_operation, (tenant, operation_id)).await.map_err(rm_err)?;
         let rows = result.into_rows_result().map_err(rm_err)?;
         let Some(row) = rows.maybe_first_row::<OpRow>().map_err(rm_err)? else {
             return Ok(None);

@@ -118,7 +118,10 @@ impl Tables {
                 let lines = serde_json::to_string(lines).map_err(rm_err)?;
                 let at = CqlTimestamp(*at_ms);
                 self.session
-                    .execute_unpaged(&self.insert_order, (tenant, order_id, customer_id, currency, lines, total_cents, version, at, at, ts))
+                    .execute_unpaged(
+                        &self.insert_order,
+                        (tenant, order_id, customer_id, currency, lines, total_cents, version, at, at, ts),
+                    )
                     .await
             }
             Write::OrderStatus { order_id, status, at_ms, version, cancel_reason, shipment } => {
@@ -129,7 +132,17 @@ impl Tables {
                 self.session
                     .execute_unpaged(
                         &self.update_order,
-                        (ts, *status, version, CqlTimestamp(*at_ms), cancel_reason, carrier, tracking, tenant, order_id),
+                        (
+                            ts,
+                            *status,
+                            version,
+                            CqlTimestamp(*at_ms),
+                            cancel_reason,
+                            carrier,
+                            tracking,
+                            tenant,
+                            order_id,
+                        ),
                     )
                     .await
             }
@@ -146,14 +159,20 @@ impl Tables {
                     }
                     None => {
                         self.session
-                            .execute_unpaged(&self.update_customer_order, (ts, *status, version, tenant, customer_id, submitted_at, order_id))
+                            .execute_unpaged(
+                                &self.update_customer_order,
+                                (ts, *status, version, tenant, customer_id, submitted_at, order_id),
+                            )
                             .await
                     }
                 }
             }
             Write::Sale { day_ms, order_id, movement, orders, total_cents, .. } => {
                 self.session
-                    .execute_unpaged(&self.insert_sale, (tenant, cql_date(*day_ms), order_id, *movement, orders, total_cents, ts))
+                    .execute_unpaged(
+                        &self.insert_sale,
+                        (tenant, cql_date(*day_ms), order_id, *movement, orders, total_cents, ts),
+                    )
                     .await
             }
         };

@@ -68,6 +68,9 @@ impl Versions {
             .into_rows_result()
             .map_err(rm_err)?;
         let first = rows.rows::<scylla::value::Row>().map_err(rm_err)?.next().transpose().map_err(rm_err)?;
-        Ok(matches!(first.and_then(|r| r.columns.into_iter().next().flatten()), Some(scylla::value::CqlValue::Boolean(true))))
+        Ok(matches!(
+            first.and_then(|r| r.columns.into_iter().next().flatten()),
+            Some(scylla::value::CqlValue::Boolean(true))
+        ))
     }
 }
