@@ -243,9 +243,9 @@ pub async fn cql() -> Arc<scylla::client::session::Session> {
     Arc::new(session)
 }
 
-/// Messages ready in a queue, straight from the broker (passive declare), not
-/// from the management API's periodic statistics.
-pub async fn queue_depth(queue: &str) -> u32 {
+/// A queue as the broker sees it now (passive declare), `None` while it does
+/// not exist: straight from the broker, not the management API's statistics.
+async fn passive_queue(queue: &str) -> Option<lapin::Queue> {
     let connection =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
             .await
@@ -258,9 +258,14 @@ pub async fn queue_depth(queue: &str) -> u32 {
             lapin::types::FieldTable::default(),
         )
         .await
-        .expect("queue exists");
+        .ok();
     let _ = connection.close(200, "bye".into()).await;
-    q.message_count()
+    q
+}
+
+/// Messages ready in a queue (the queue must exist).
+pub async fn queue_depth(queue: &str) -> u32 {
+    passive_queue(queue).await.expect("queue exists").message_count()
 }
 
 // ---------------------------------------------------------------------------
@@ -331,23 +336,9 @@ impl Drop for SluiceProcess {
     }
 }
 
-/// Consumers currently on a queue, straight from the broker (0 while the
-/// queue does not exist yet).
+/// Consumers currently on a queue (0 while the queue does not exist yet).
 pub async fn queue_consumers(queue: &str) -> u32 {
-    let connection =
-        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
-    let channel = connection.create_channel().await.expect("channel");
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            lapin::types::FieldTable::default(),
-        )
-        .await;
-    let _ = connection.close(200, "bye".into()).await;
-    q.map(|q| q.consumer_count()).unwrap_or(0)
+    passive_queue(queue).await.map_or(0, |q| q.consumer_count())
 }
 
 mod tempfile_path {
@@ -754,4 +745,30 @@ pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
         .env("SLUICE_LOG", "warn")
         .output()
         .expect("run sluice")
+}
+
+/// Every record of a topic from the beginning, read for a few seconds by a
+/// consumer group of its own.
+pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9092")
+            .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("kafka consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(300)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    })
+    .await
+    .expect("reader thread")
 }

@@ -197,9 +197,8 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     .await;
 
     let dlt = sluice_projections::apply::dead_letter_topic(&topic, &settings.projector.name);
-    let group = format!("sluice.test.hostile.{}", uuid::Uuid::new_v4().simple());
     let records = eventually(WAIT, "every malformed record dead-lettered", || async {
-        let records = read_all(&dlt, &group).await;
+        let records = read_topic(&dlt).await;
         (records.len() >= cases.len()).then_some(records)
     })
     .await;
@@ -220,30 +219,4 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     }
     assert_eq!(platform.get_json(&tenant, "/orders/o-real").await.0, 200, "earlier rows untouched");
     platform.stop().await.unwrap();
-}
-
-/// Every record of a topic from the beginning (a fresh group each call).
-async fn read_all(topic: &str, group: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    let (topic, group) = (topic.to_owned(), format!("{group}.{}", uuid::Uuid::new_v4().simple()));
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9092")
-            .set("group.id", &group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
-        let mut out = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(6);
-        while std::time::Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(300)) {
-                out.push(m.detach());
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
 }

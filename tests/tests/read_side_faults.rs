@@ -147,29 +147,3 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     assert_eq!(status, 404, "not applied out of order behind its poison");
     platform.stop().await.unwrap();
 }
-
-/// Every record of a topic, from the beginning.
-async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9092")
-            .set("group.id", format!("sluice.test.dlt.{}", uuid::Uuid::new_v4().simple()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
-        let mut out = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(8);
-        while std::time::Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(300)) {
-                out.push(m.detach());
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
-}
