@@ -101,6 +101,29 @@ pub async fn ensure_projection_topics(settings: &Settings, topics: &[String]) ->
         .context("creating topics")
 }
 
+/// Retries a startup step while a server is briefly unavailable (a role
+/// restarted during a broker or database restart must come up, not exit),
+/// for at most two minutes or until shutdown.
+async fn until_available<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "{what} unavailable at startup; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs `role` until `shutdown` is cancelled. `ready` receives the address
 /// the edge listens on (tests bind port 0).
 pub async fn serve(
@@ -112,14 +135,14 @@ pub async fn serve(
     if settings.tenants.is_empty() {
         bail!("no tenants configured: add [[tenants]] to the config file");
     }
-    let session = connect_cql(&settings).await?;
+    let session = until_available("the CQL store", &shutdown, || connect_cql(&settings)).await?;
     let tenants = settings.tenant_names();
     let mut roles = JoinSet::new();
 
     if role.includes(Role::Ingest) {
         // The edge declares the topology too, so its first 202 does not wait
         // for a processor to have started once.
-        declare_topology(&settings, &tenants).await?;
+        until_available("RabbitMQ", &shutdown, || declare_topology(&settings, &tenants)).await?;
     }
 
     if role.includes(Role::Processor) {
@@ -158,7 +181,7 @@ pub async fn serve(
 
     if role.includes(Role::Projector) {
         let topics = events_topics(&tenants);
-        ensure_projection_topics(&settings, &topics).await?;
+        until_available("Kafka", &shutdown, || ensure_projection_topics(&settings, &topics)).await?;
         let projector = Projector {
             config: settings.projector.clone(),
             brokers: settings.kafka.brokers.clone(),

@@ -145,9 +145,14 @@ pub async fn run(
     }
     let topics: Vec<String> =
         tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
-    kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions)
-        .await
-        .map_err(|e| ProcessorError::Setup(e.to_string()))?;
+    // Kafka may be restarting while this processor starts: wait for it.
+    while let Err(e) = kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions).await {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        warn!(error = %e, "Kafka unavailable at startup; retrying");
+        tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)).await;
+    }
     let instance = if config.instance.is_empty() { default_instance() } else { config.instance.clone() };
     let pipelines = Pipelines {
         orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?),
