@@ -9,10 +9,10 @@ use std::fmt::Write as _;
 
 use super::report::{Report, Step};
 
-const WIDTH: f64 = 880.0;
+const WIDTH: f64 = 940.0;
 const HEIGHT: f64 = 520.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 220.0;
+const RIGHT: f64 = 280.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLOURS: [&str; 6] = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"];

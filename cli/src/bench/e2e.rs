@@ -363,8 +363,6 @@ fn per_command(
                 table: table.replacen(projection, "<projection>", 1),
                 reads: now.reads.saturating_sub(then.reads) as f64 / commands as f64,
                 writes: now.writes.saturating_sub(then.writes) as f64 / commands as f64,
-                read_p50_ms: now.read_p50_ms,
-                write_p50_ms: now.write_p50_ms,
             }
         })
         .filter(|o| o.reads >= 0.01 || o.writes >= 0.01)

@@ -94,41 +94,38 @@ pub async fn applied(store: &ReadModels, version: i32, topic: &str) -> anyhow::R
     Ok(offsets.iter().filter(|((t, _), _)| t == topic).map(|(_, next)| *next).sum())
 }
 
-/// Reads and writes coordinated so far per table of `keyspace`, and their
-/// recent median latency in ms, from the CQL store's own metrics
-/// (`system_views`, Cassandra 4 and later). `None` where the store has no
-/// such tables (ScyllaDB): the figure is optional.
+/// Reads and writes coordinated so far per table of `keyspace`, from the
+/// CQL store's own metrics (`system_views`, Cassandra 4 and later). `None`
+/// where the store has no such tables (ScyllaDB): the figure is optional.
 pub async fn cql_counts(session: &Session, keyspace: &str) -> Option<HashMap<String, CqlTableCounts>> {
     let mut counts: HashMap<String, CqlTableCounts> = HashMap::new();
     for (view, write) in [("coordinator_read_latency", false), ("coordinator_write_latency", true)] {
         let rows = session
             .query_unpaged(
-                format!("SELECT table_name, count, p50th FROM system_views.{view} WHERE keyspace_name = ?"),
+                format!("SELECT table_name, count FROM system_views.{view} WHERE keyspace_name = ?"),
                 (keyspace,),
             )
             .await
             .ok()?
             .into_rows_result()
             .ok()?;
-        for row in rows.rows::<(String, i64, f64)>().ok()? {
-            let (table, count, p50) = row.ok()?;
+        for row in rows.rows::<(String, i64)>().ok()? {
+            let (table, count) = row.ok()?;
             let entry = counts.entry(table).or_default();
             let count = u64::try_from(count).unwrap_or(0);
             if write {
-                (entry.writes, entry.write_p50_ms) = (count, p50);
+                entry.writes = count;
             } else {
-                (entry.reads, entry.read_p50_ms) = (count, p50);
+                entry.reads = count;
             }
         }
     }
     Some(counts)
 }
 
-/// One table's coordinator counts and recent median latencies.
+/// One table's coordinator counts (an LWT counts as a write and reads).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CqlTableCounts {
     pub reads: u64,
     pub writes: u64,
-    pub read_p50_ms: f64,
-    pub write_p50_ms: f64,
 }

@@ -155,15 +155,13 @@ pub struct Step {
     pub cql_per_command: Vec<TableOps>,
 }
 
-/// CQL reads and writes per command on one table, and the store's recent
-/// median coordinator latency of each (an LWT counts as a read of its table).
+/// CQL reads and writes per command on one table, as the store's
+/// coordinator counts them (an LWT shows as a write and reads).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TableOps {
     pub table: String,
     pub reads: f64,
     pub writes: f64,
-    pub read_p50_ms: f64,
-    pub write_p50_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -381,6 +381,9 @@ fn print_shovel(r: &ShovelReport) {
     for (destination, n) in &r.destinations {
         println!("  {n} → {destination}");
     }
+    if !r.ids.is_empty() && r.ids.len() <= 20 {
+        println!("  message ids: {}", r.ids.join(" "));
+    }
     for q in r.queues.iter().filter(|q| q.exists && !q.complete) {
         println!("  {}: {} of {} examined; run again for the rest", q.queue, q.examined, q.depth);
     }
@@ -388,7 +391,7 @@ fn print_shovel(r: &ShovelReport) {
 
 fn print_removal(r: &RemovalReport) {
     println!("{}: removed {} dead letter(s) as {} — {:?}", r.action, r.removed, r.actor, r.reason);
-    for q in r.queues.iter().filter(|q| q.seen.exists) {
+    for q in r.queues.iter().filter(|q| q.seen.exists && (q.removed > 0 || q.audit_id.is_some())) {
         let audit = q.audit_id.as_deref().map(|id| format!("  audit {id}")).unwrap_or_default();
         let rest = if q.seen.complete {
             String::new()
@@ -410,8 +413,9 @@ fn print_audit(entries: &[AuditEntry]) -> anyhow::Result<()> {
                 or_dash(&e.action),
                 or_dash(&e.queue),
                 e.count.to_string(),
+                clip(&e.message_ids.join(" "), 30),
                 or_dash(&e.status),
-                clip(&or_dash(&e.filter), 40),
+                clip(&or_dash(&e.filter), 30),
                 clip(&or_dash(&e.reason), 50),
             ]
         })
@@ -419,7 +423,10 @@ fn print_audit(entries: &[AuditEntry]) -> anyhow::Result<()> {
     if rows.is_empty() {
         println!("no purges or deletes recorded");
     } else {
-        print_table(&["AT (UTC)", "ACTOR", "ACTION", "QUEUE", "COUNT", "STATUS", "SELECTED", "REASON"], &rows);
+        print_table(
+            &["AT (UTC)", "ACTOR", "ACTION", "QUEUE", "COUNT", "MESSAGE IDS", "STATUS", "SELECTED BY", "REASON"],
+            &rows,
+        );
     }
     Ok(())
 }

@@ -70,12 +70,26 @@ pub struct AuditLog {
     session: Arc<Session>,
 }
 
-/// Who is acting when `--actor` is not given: the OS user.
+/// Who is acting when `--actor` is not given: the OS user (who ran `sudo`,
+/// if it was sudo), from the environment or else from the process's uid.
 pub fn default_actor() -> String {
-    ["SUDO_USER", "USER", "LOGNAME", "USERNAME"]
+    ["SUDO_USER", "USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .or_else(user_of_uid)
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The name of this process's real uid in `/etc/passwd` (`uid <n>` if absent).
+fn user_of_uid() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_owned();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.get(2) == Some(&uid.as_str())).then(|| fields[0].to_owned())
+    });
+    Some(name.unwrap_or_else(|| format!("uid {uid}")))
 }
 
 fn host() -> String {

@@ -499,7 +499,7 @@ impl Dlq {
 
     /// Removes the dead letters that match `filter` (all of them when it is
     /// empty) and were there when the purge started, recording each in the
-    /// audit log first.
+    /// audit log first (one row per queue something was removed from).
     pub async fn purge(
         &self,
         audit: &AuditLog,
@@ -508,7 +508,7 @@ impl Dlq {
         who: &Who,
     ) -> Result<RemovalReport, OpsError> {
         let description = filter.describe();
-        self.remove(audit, scope, "purge", who, &description, true, &|dl| filter.matches(dl)).await
+        self.remove(audit, scope, "purge", who, &description, &|dl| filter.matches(dl)).await
     }
 
     /// Removes the dead letter with this message id (every copy of it).
@@ -521,9 +521,7 @@ impl Dlq {
     ) -> Result<RemovalReport, OpsError> {
         let description = format!("message_id={message_id}");
         let report = self
-            .remove(audit, scope, "delete", who, &description, false, &|dl| {
-                dl.message_id.as_deref() == Some(message_id)
-            })
+            .remove(audit, scope, "delete", who, &description, &|dl| dl.message_id.as_deref() == Some(message_id))
             .await?;
         if report.removed == 0 {
             return Err(OpsError::NotFound(message_id.to_owned(), describe(scope)));
@@ -539,7 +537,6 @@ impl Dlq {
         action: &str,
         who: &Who,
         selection: &str,
-        audit_even_if_none: bool,
         selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
     ) -> Result<RemovalReport, OpsError> {
         if who.reason.trim().is_empty() {
@@ -567,7 +564,9 @@ impl Dlq {
                 reason: &who.reason,
                 filter: selection,
             };
-            let mut row = if audit_even_if_none { Some(audit.begin(&what).await?) } else { None };
+            // Written just before the first removal: a queue where nothing
+            // was selected gets no row.
+            let mut row = None;
             let mut removal = Removal { walk, ids: Vec::new() };
             let outcome = self.remove_from(audit, &what, &mut row, &mut removal, dlq, selects).await;
             let seen = QueueSeen::of(dlq, &removal.walk);
