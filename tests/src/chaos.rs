@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
-use sluice_ingest::operation_id::OperationIds;
 use sluice_projections::store::ReadModels;
+use sluice_schemas::operation_id::OperationIds;
 use tokio::sync::Mutex;
 
 use crate::*;
@@ -273,34 +274,17 @@ pub async fn run(config: ChaosConfig) -> Summary {
     }
     faults.await.expect("faults");
 
-    // Quiet: every accepted command settles.
+    // Quiet: every accepted command settles. The checks below read thousands
+    // of operations, streams and rows; they run CHECKS_IN_FLIGHT at a time.
     let accepted = accepted.lock().await.clone();
     let deadline = Instant::now() + config.settle_timeout;
-    let mut statuses: HashMap<String, String> = HashMap::new();
-    for a in &accepted {
-        loop {
-            let response = http.get(format!("{base}{}", a.location)).bearer_auth(&tenant.key).send().await;
-            let body: Value = match response {
-                Ok(r) if r.status() == 200 => r.json().await.unwrap_or(Value::Null),
-                _ => Value::Null,
-            };
-            let status = body["status"].as_str().unwrap_or("").to_owned();
-            if matches!(status.as_str(), "succeeded" | "rejected" | "dead_lettered") {
-                if status == "dead_lettered" || status == "rejected" {
-                    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{status} without a reason: {body}");
-                }
-                statuses.insert(a.location.clone(), status);
-                break;
-            }
-            if Instant::now() > deadline {
-                statuses.insert(a.location.clone(), format!("stuck:{status}"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let statuses: Vec<String> = stream::iter(&accepted)
+        .map(|a| final_status(&http, format!("{base}{}", a.location), &tenant.key, deadline))
+        .buffer_unordered(CHECKS_IN_FLIGHT)
+        .collect()
+        .await;
     let mut summary = summary.lock().await.clone();
-    for status in statuses.values() {
+    for status in &statuses {
         match status.as_str() {
             "succeeded" => summary.succeeded += 1,
             "rejected" => summary.rejected += 1,
@@ -313,15 +297,22 @@ pub async fn run(config: ChaosConfig) -> Summary {
     let mut orders: Vec<String> = accepted.iter().map(|a| a.order_id.clone()).collect();
     orders.sort();
     orders.dedup();
-    let mut streams: BTreeMap<String, Vec<(i64, String, String)>> = BTreeMap::new();
-    for order in &orders {
-        let events = stored_events(&tenant.name, order).await;
+    let session = cql().await;
+    let streams: BTreeMap<String, Vec<(i64, String, String)>> = stream::iter(&orders)
+        .map(|order| {
+            let session = &session;
+            let tenant = &tenant.name;
+            async move { (order.clone(), stored_events_in(session, tenant, order).await) }
+        })
+        .buffer_unordered(CHECKS_IN_FLIGHT)
+        .collect()
+        .await;
+    for events in streams.values() {
         let mut keys: Vec<&String> = events.iter().map(|(_, _, k)| k).collect();
         let before = keys.len();
         keys.sort();
         keys.dedup();
         summary.duplicated += (before - keys.len()) as u64;
-        streams.insert(order.clone(), events);
     }
 
     // The read models against the event store, once the projector is idle.
@@ -333,19 +324,27 @@ pub async fn run(config: ChaosConfig) -> Summary {
     })
     .await;
     let store = ReadModels::new(cql_sluice().await, &settings.projector.name).await.expect("read models");
+    let views: HashMap<&String, Option<_>> = stream::iter(streams.keys())
+        .map(|order| {
+            let store = &store;
+            let tenant = &tenant.name;
+            async move { (order, store.order(tenant, order).await.expect("read order")) }
+        })
+        .buffer_unordered(CHECKS_IN_FLIGHT)
+        .collect()
+        .await;
     let (mut expected_orders, mut expected_total) = (0i64, 0i64);
     let mut per_customer: HashMap<String, usize> = HashMap::new();
     for (order, events) in &streams {
         let Some((last_version, last_type, _)) = events.last() else { continue };
         let submitted = events.iter().any(|(_, t, _)| t.ends_with("OrderSubmitted"));
         let cancelled = events.iter().any(|(_, t, _)| t.ends_with("OrderCancelled"));
-        let view = store.order(&tenant.name, order).await.expect("read order");
         let want_status = match last_type.rsplit('.').next() {
             Some("OrderSubmitted") => "submitted",
             Some("OrderCancelled") => "cancelled",
             _ => "shipped",
         };
-        match view {
+        match &views[order] {
             Some(v) if v.status.as_deref() == Some(want_status) && v.version == Some(*last_version) => {}
             other => {
                 summary.mismatches += 1;
@@ -391,6 +390,31 @@ pub async fn run(config: ChaosConfig) -> Summary {
         }
     }
     summary
+}
+
+/// How many operations, streams or rows the checks read at once.
+const CHECKS_IN_FLIGHT: usize = 32;
+
+/// An operation's terminal status, polled until it has one or `deadline`
+/// passes (then `stuck:<last status>`). Rejections and dead letters must say why.
+async fn final_status(http: &reqwest::Client, url: String, key: &str, deadline: Instant) -> String {
+    loop {
+        let body: Value = match http.get(&url).bearer_auth(key).send().await {
+            Ok(r) if r.status() == 200 => r.json().await.unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        let status = body["status"].as_str().unwrap_or("").to_owned();
+        if matches!(status.as_str(), "succeeded" | "rejected" | "dead_lettered") {
+            if status != "succeeded" {
+                assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{status} without a reason: {body}");
+            }
+            return status;
+        }
+        if Instant::now() > deadline {
+            return format!("stuck:{status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Command `n` of the plan: mostly submissions, then follow-ups on earlier

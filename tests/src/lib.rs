@@ -409,7 +409,15 @@ pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> 
 
 /// Events stored for one order stream: (version, event_type, command_key).
 pub async fn stored_events(tenant: &str, order_id: &str) -> Vec<(i64, String, String)> {
-    let session = cql().await;
+    stored_events_in(&*cql().await, tenant, order_id).await
+}
+
+/// [`stored_events`] over an open session (checks of thousands of orders).
+pub async fn stored_events_in(
+    session: &scylla::client::session::Session,
+    tenant: &str,
+    order_id: &str,
+) -> Vec<(i64, String, String)> {
     let rows = session
         .query_unpaged(
             "SELECT version, event_type, command_key FROM sluice.events WHERE tenant = ? AND context = 'orders' AND stream_id = ?",
