@@ -11,9 +11,12 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use sluice_ingest::queue::{AmqpCommandQueue, AmqpQueueSettings};
 use sluice_ingest::AppState;
+use sluice_projections::dead_letter::dead_letter_topic;
+use sluice_projections::patients;
 use sluice_projections::runner::Projector;
 use sluice_projections::store::ReadModels;
 use sluice_schemas::catalog;
+use sluice_schemas::operation_id::OperationIds;
 use sluice_schemas::{cql, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +98,7 @@ pub fn context_topics(tenants: &[String], context: &str) -> Vec<String> {
 /// Creates the events topics and the projection's dead-letter topics.
 pub async fn ensure_projection_topics(settings: &Settings, topics: &[String]) -> anyhow::Result<()> {
     let mut all = topics.to_vec();
-    all.extend(topics.iter().map(|t| sluice_projections::apply::dead_letter_topic(t, &settings.projector.name)));
+    all.extend(topics.iter().map(|t| dead_letter_topic(t, &settings.projector.name)));
     sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &all, settings.processor.topic_partitions)
         .await
         .context("creating topics")
@@ -148,6 +151,7 @@ pub async fn serve(
     if role.includes(Role::Processor) {
         let infra = sluice_processors::Infra {
             amqp_url: settings.amqp.url.clone(),
+            operation_ids: OperationIds::new(&settings.ingest.operation_secret),
             kafka_brokers: settings.kafka.brokers.clone(),
             registry_url: settings.registry.url.clone(),
             session: session.clone(),
@@ -193,22 +197,24 @@ pub async fn serve(
         roles.spawn(async move { projector.run(stop).await.context("projector role") });
 
         let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
-        sluice_processors::kafka::ensure_topics(
-            &settings.kafka.brokers,
-            &patient_topics,
-            settings.processor.topic_partitions,
-        )
-        .await
-        .context("creating topics")?;
-        let patients = sluice_projections::patients::PatientsProjector {
+        let mut with_dead_letters = patient_topics.clone();
+        with_dead_letters.extend(patient_topics.iter().map(|t| dead_letter_topic(t, patients::PROJECTION)));
+        until_available("Kafka", &shutdown, || async {
+            let partitions = settings.processor.topic_partitions;
+            sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &with_dead_letters, partitions)
+                .await
+                .context("creating topics")
+        })
+        .await?;
+        let patients_projection = patients::PatientsProjector {
             brokers: settings.kafka.brokers.clone(),
             registry_url: settings.registry.url.clone(),
-            group: format!("{}.{}.patients", settings.projector.group_prefix, settings.projector.name),
+            group: patients::group_id(&settings.projector),
             topics: patient_topics,
             session: session.clone(),
         };
         let stop = shutdown.clone();
-        roles.spawn(async move { patients.run(stop).await.context("patients projection") });
+        roles.spawn(async move { patients_projection.run(stop).await.context("patients projection") });
     }
 
     if role.includes(Role::Ingest) {

@@ -6,7 +6,6 @@
 //! - [`auth`]: bearer API keys, hashed, compared in constant time.
 //! - [`rate_limit`]: a token bucket per API key.
 //! - [`trace_context`]: the W3C `traceparent` header.
-//! - [`operation_id`]: signed operation ids (no write on the hot path).
 //! - [`queue`]: publishing with confirms; 202 only after the confirm;
 //!   reconnects to RabbitMQ by itself.
 //! - [`problem`]: RFC 9457 problem documents.
@@ -16,7 +15,6 @@ pub mod auth;
 pub mod binding;
 pub mod metrics;
 pub mod openapi;
-pub mod operation_id;
 pub mod problem;
 pub mod queue;
 pub mod rate_limit;
@@ -31,7 +29,6 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 use sluice_projections::store::{
     CustomerOrderView, DaySales, OperationRow, OrderView, Page, QueryError, ReadModelError, ReadModels,
@@ -39,9 +36,9 @@ use sluice_projections::store::{
 use sluice_schemas::catalog::CommandSchemas;
 
 use crate::auth::{Keys, TenantConfig};
-use crate::operation_id::OperationIds;
 use crate::queue::CommandQueue;
 use crate::rate_limit::{RateLimit, RateLimiter};
+use sluice_schemas::operation_id::OperationIds;
 
 /// Settings of the ingest role.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -110,7 +107,7 @@ pub trait Reads: Send + Sync {
         to_ms: i64,
     ) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>>;
     /// Next offset the serving read models will apply, per (topic, partition).
-    fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>>;
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<sluice_projections::store::Offsets, ReadModelError>>;
     /// A patient's onboarding (patients projection). Defaults to "none", so
     /// test doubles that do not serve patients need not implement it.
     fn patient_onboarding<'a>(
@@ -154,7 +151,7 @@ impl Reads for ReadModels {
     ) -> BoxFuture<'a, Result<Vec<DaySales>, ReadModelError>> {
         Box::pin(ReadModels::daily_sales(self, tenant, from_ms, to_ms))
     }
-    fn applied_offsets(&self) -> BoxFuture<'_, Result<HashMap<(String, i32), i64>, ReadModelError>> {
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<sluice_projections::store::Offsets, ReadModelError>> {
         Box::pin(ReadModels::applied_offsets(self))
     }
     fn patient_onboarding<'a>(

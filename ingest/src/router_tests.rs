@@ -88,7 +88,7 @@ impl Reads for NoReads {
     ) -> BoxFuture<'a, Result<Vec<sluice_projections::store::DaySales>, ReadModelError>> {
         Box::pin(async { Ok(vec![]) })
     }
-    fn applied_offsets(&self) -> BoxFuture<'_, Result<std::collections::HashMap<(String, i32), i64>, ReadModelError>> {
+    fn applied_offsets(&self) -> BoxFuture<'_, Result<sluice_projections::store::Offsets, ReadModelError>> {
         Box::pin(async { Ok(Default::default()) })
     }
 }

@@ -28,6 +28,8 @@ use std::time::Duration;
 use lapin::{Connection, ConnectionProperties};
 use scylla::client::session::Session;
 use serde::{Deserialize, Serialize};
+use sluice_projections::dead_letter::{dead_letter_topic, DeadLetters};
+use sluice_schemas::operation_id::OperationIds;
 use sluice_schemas::{catalog, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +41,8 @@ use crate::event_store::CqlEventStore;
 use crate::kafka::KafkaPublisher;
 use crate::operations::CqlOperationStore;
 use crate::pipeline::Pipeline;
+use crate::process::onboarding::Onboarding;
+use crate::process::ProcessManager;
 
 /// Settings of the processor role.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -118,6 +122,9 @@ impl Default for ProcessorConfig {
 /// What the role needs: server addresses and the shared CQL session.
 pub struct Infra {
     pub amqp_url: String,
+    /// Signs the operation ids of the commands process managers send, as
+    /// the edge signs clients' (so `GET /operations/{id}` serves both).
+    pub operation_ids: OperationIds,
     pub kafka_brokers: String,
     pub registry_url: String,
     pub session: Arc<Session>,
@@ -143,8 +150,15 @@ pub async fn run(
     if config.retry_delays_ms.is_empty() {
         return Err(ProcessorError::Setup("processor.retry_delays_ms needs at least one tier".into()));
     }
-    let topics: Vec<String> =
+    let mut topics: Vec<String> =
         tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
+    if config.processes.enabled {
+        topics.extend(
+            tenants.iter().map(|t| {
+                dead_letter_topic(&names::events_topic(t, sluice_schemas::patients::CONTEXT), Onboarding::NAME)
+            }),
+        );
+    }
     // Kafka may be restarting while this processor starts: wait for it.
     while let Err(e) = kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions).await {
         if shutdown.is_cancelled() {
@@ -206,7 +220,7 @@ async fn run_onboarding(
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = Result<(), process::runtime::StepError>>, ProcessorError> {
     let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
-    let pm = process::onboarding::Onboarding {
+    let pm = Onboarding {
         timeout_ms: i64::try_from(config.assessment_timeout_ms).unwrap_or(i64::MAX / 4),
         max_reminders: config.max_reminders,
     };
@@ -214,7 +228,7 @@ async fn run_onboarding(
         pm,
         store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
-        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url),
+        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone()),
     });
     let settings = process::runtime::RunSettings {
         brokers: infra.kafka_brokers.clone(),
@@ -226,7 +240,10 @@ async fn run_onboarding(
         timer_lease: Duration::from_millis(config.timer_lease_ms),
         instance,
     };
-    Ok(process::runtime::run(runtime, settings, shutdown))
+    let dead_letters = DeadLetters::new(&infra.kafka_brokers, infra.session.clone(), Onboarding::NAME, 1)
+        .await
+        .map_err(|e| setup(&e))?;
+    Ok(process::runtime::run(runtime, settings, dead_letters, shutdown))
 }
 
 /// One connection's life: declare, consume, re-drive, until it ends.

@@ -1,31 +1,22 @@
 //! Applying one Kafka record to one version of the read models: decode via
 //! the registry, read the order's snapshot if needed, write, and on poison
-//! (cannot be decoded or does not fit) send it to the projection's
-//! dead-letter topic with the reason in headers. Later records of a poisoned
-//! key follow it there ("parked"), so a key's events are never applied out of
-//! order; nothing is skipped silently, and the projection never stalls on one.
+//! (cannot be decoded or does not fit) hand it to [`DeadLetters`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::message::{BorrowedMessage, Message};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
+use crate::dead_letter::{DeadLetters, PARKED};
 use crate::orders;
 use crate::store::tables::Tables;
 use crate::store::{rm_err, ReadModelError};
-
-/// The dead-letter topic of a projection for one events topic.
-pub fn dead_letter_topic(topic: &str, projection: &str) -> String {
-    format!("{topic}.{projection}.dlt")
-}
 
 /// The tenant a topic belongs to (`<tenant>.<context>.events`).
 pub fn tenant_of(topic: &str) -> Option<&str> {
@@ -65,11 +56,8 @@ pub struct Applier {
     projection: String,
     version: i32,
     tables: Arc<Tables>,
-    session: Arc<Session>,
     codec: EventCodec,
-    dead_letters: FutureProducer,
-    /// (topic, key) of poisoned keys.
-    parked: Mutex<HashSet<(String, String)>>,
+    dead_letters: DeadLetters,
 }
 
 impl Applier {
@@ -79,31 +67,13 @@ impl Applier {
         projection: &str,
         tables: Arc<Tables>,
     ) -> Result<Self, ReadModelError> {
-        let session = tables.session.clone();
-        let rows = session
-            .query_unpaged(
-                "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
-                (projection, tables.version),
-            )
-            .await
-            .map_err(rm_err)?
-            .into_rows_result()
-            .map_err(rm_err)?;
-        let parked =
-            rows.rows::<(String, String)>().map_err(rm_err)?.collect::<Result<HashSet<_>, _>>().map_err(rm_err)?;
-        let dead_letters = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .create()
-            .map_err(rm_err)?;
+        let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
         Ok(Self {
             projection: projection.to_owned(),
             version: tables.version,
             tables,
-            session,
             codec: EventCodec::new(registry_url).map_err(rm_err)?,
             dead_letters,
-            parked: Mutex::new(parked),
         })
     }
 
@@ -128,13 +98,15 @@ impl Applier {
                     metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "applied").increment(1);
                     return Some(applied);
                 }
-                Err(ApplyError::Poison { class, reason }) => match self.dead_letter(message, class, &reason).await {
-                    Ok(()) => {
-                        metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "dead_lettered").increment(1);
-                        return Some(Applied::DeadLettered { reason });
+                Err(ApplyError::Poison { class, reason }) => {
+                    match self.dead_letters.send(message, class, &reason).await {
+                        Ok(()) => {
+                            metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "dead_lettered").increment(1);
+                            return Some(Applied::DeadLettered { reason });
+                        }
+                        Err(e) => warn!(error = %e, "cannot dead-letter a poison record yet"),
                     }
-                    Err(e) => warn!(error = %e, "cannot dead-letter a poison record yet"),
-                },
+                }
                 Err(ApplyError::Transient(reason)) => {
                     warn!(%reason, topic = message.topic(), offset = message.offset(), "apply failed; retrying");
                 }
@@ -153,9 +125,9 @@ impl Applier {
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
             return Ok(Applied::Skipped);
         }
-        let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-        if self.parked.lock().await.contains(&(topic.to_owned(), key.clone())) {
-            return Err(poison("parked", format!("key {key} waits behind an earlier poison event")));
+        if self.dead_letters.is_parked(message).await {
+            let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+            return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
         let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
@@ -180,46 +152,6 @@ impl Applier {
         }
         debug!(tenant, event_type = name, offset = message.offset(), "applied");
         Ok(Applied::Written { event_type: name })
-    }
-
-    /// Copies the record to the dead-letter topic with the reason, and parks
-    /// its key, before the caller moves past it.
-    async fn dead_letter(&self, message: &BorrowedMessage<'_>, class: &str, reason: &str) -> Result<(), String> {
-        let topic = message.topic();
-        let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-        // Created with the events topics at startup (`sluice serve`).
-        let dlt = dead_letter_topic(topic, &self.projection);
-        let (partition, offset) = (message.partition().to_string(), message.offset().to_string());
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for h in original.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
-            }
-        }
-        let headers = headers
-            .insert(Header { key: "sluice_projection", value: Some(self.projection.as_str()) })
-            .insert(Header { key: "sluice_reason", value: Some(reason) })
-            .insert(Header { key: "sluice_error_class", value: Some(class) })
-            .insert(Header { key: "sluice_original_topic", value: Some(topic) })
-            .insert(Header { key: "sluice_original_partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "sluice_original_offset", value: Some(offset.as_str()) });
-        let mut record = FutureRecord::to(&dlt).key(key.as_bytes()).headers(headers);
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        self.dead_letters.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e.to_string())?;
-        if class != "parked" {
-            self.session
-                .query_unpaged(
-                    "INSERT INTO projection_parked_keys (projection, version, topic, key, first_offset, reason) VALUES (?, ?, ?, ?, ?, ?)",
-                    (&self.projection, self.version, topic, &key, message.offset(), reason),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            self.parked.lock().await.insert((topic.to_owned(), key));
-        }
-        warn!(topic, offset = message.offset(), class, reason, dlt, "record dead-lettered");
-        Ok(())
     }
 }
 

@@ -6,12 +6,14 @@
 //!   and its query.
 //! - [`store`]: the CQL read models (versions, tables, queries).
 //! - [`apply`]: one record into one version: decode, write, dead-letter poison.
+//! - [`dead_letter`]: poison records to a dead-letter topic, their keys parked.
 //! - [`runner`]: the live consumer group (commit only after the writes).
 //! - [`replay`]: replays and blue/green rebuilds from any offset or time.
 //! - [`lag`]: how far each projection version is behind the log.
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod dead_letter;
 pub mod lag;
 pub mod orders;
 pub mod patients;

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
 use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use sluice_schemas::codec::EventCodec;
@@ -22,6 +24,8 @@ use sluice_schemas::patients::PatientEvent;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::apply::ApplyError;
+use crate::dead_letter::{DeadLetters, PARKED};
 use crate::store::{rm_err, ReadModelError};
 
 /// One step of an onboarding, as stored and served.
@@ -141,6 +145,14 @@ pub async fn read_onboarding(
     Ok(view_of(patient_id, steps))
 }
 
+/// The projection's name: its dead-letter topics and parked keys.
+pub const PROJECTION: &str = "patients";
+
+/// The patients projection's consumer group, beside the orders projection's.
+pub fn group_id(config: &crate::ProjectorConfig) -> String {
+    format!("{}.{}.{PROJECTION}", config.group_prefix, config.name)
+}
+
 /// The live patients projection.
 pub struct PatientsProjector {
     pub brokers: String,
@@ -155,6 +167,7 @@ pub struct PatientsProjector {
 impl PatientsProjector {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ReadModelError> {
         let codec = EventCodec::new(&self.registry_url).map_err(rm_err)?;
+        let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?;
         let insert = self
             .session
             .prepare(
@@ -186,32 +199,11 @@ impl PatientsProjector {
             let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default().to_owned();
             let mut delay = Duration::from_millis(100);
             loop {
-                let written: Result<(), String> = async {
-                    let Some(payload) = message.payload() else { return Ok(()) };
-                    let (name, value) = match codec.decode(payload).await {
-                        Ok(decoded) => decoded,
-                        Err(e) if e.is_transient() => return Err(e.to_string()),
-                        Err(e) => {
-                            // Poison handling (dead-letter topic, parking) is
-                            // the orders projection's; here it is logged.
-                            warn!(topic = message.topic(), offset = message.offset(), error = %e, "skipping an undecodable record");
-                            return Ok(());
-                        }
-                    };
-                    let Ok(event) = PatientEvent::from_avro(&name, &value) else { return Ok(()) };
-                    let step = step_of(&event);
-                    let values = (
-                        tenant.as_str(),
-                        event.meta().patient_id,
-                        step.version,
-                        step.event_id.as_str(),
-                        step.step.as_str(),
-                        step.detail.as_str(),
-                        CqlTimestamp(step.occurred_at_ms),
-                    );
-                    self.session.execute_unpaged(&insert, values).await.map(drop).map_err(|e| e.to_string())
-                }
-                .await;
+                let written = match self.write(&codec, &dead_letters, &insert, &tenant, &message).await {
+                    Ok(()) => Ok(()),
+                    Err(ApplyError::Transient(e)) => Err(e),
+                    Err(ApplyError::Poison { class, reason }) => dead_letters.send(&message, class, &reason).await,
+                };
                 match written {
                     Ok(()) => break,
                     Err(e) => warn!(error = %e, "patients projection write failed; retrying"),
@@ -229,6 +221,42 @@ impl PatientsProjector {
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())
+    }
+
+    /// Writes the step of one record; poison (undecodable, not a patient
+    /// event, a key parked behind one) is for the dead-letter topic.
+    async fn write(
+        &self,
+        codec: &EventCodec,
+        dead_letters: &DeadLetters,
+        insert: &PreparedStatement,
+        tenant: &str,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<(), ApplyError> {
+        let poison = |class, reason: String| ApplyError::Poison { class, reason };
+        if dead_letters.is_parked(message).await {
+            return Err(poison(PARKED, "the key waits behind an earlier poison event".into()));
+        }
+        let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
+        let (name, value) = codec.decode(payload).await.map_err(|e| {
+            if e.is_transient() {
+                ApplyError::Transient(e.to_string())
+            } else {
+                poison("undecodable", e.to_string())
+            }
+        })?;
+        let event = PatientEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
+        let step = step_of(&event);
+        let values = (
+            tenant,
+            event.meta().patient_id,
+            step.version,
+            step.event_id.as_str(),
+            step.step.as_str(),
+            step.detail.as_str(),
+            CqlTimestamp(step.occurred_at_ms),
+        );
+        self.session.execute_unpaged(insert, values).await.map(drop).map_err(|e| ApplyError::Transient(e.to_string()))
     }
 }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applied, Applier, OffsetTracker};
 use crate::runner::group_id;
-use crate::store::ReadModels;
+use crate::store::{Offsets, ReadModels};
 use crate::ProjectorConfig;
 
 /// Where a replay starts.
@@ -191,7 +191,7 @@ async fn run(
 
     let (starts, mut ends) =
         blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
-    let mut positions: HashMap<(String, i32), i64> = starts.clone();
+    let mut positions: Offsets = starts.clone();
     let mut assignment = TopicPartitionList::new();
     for ((topic, partition), offset) in &starts {
         assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
@@ -200,7 +200,7 @@ async fn run(
 
     let began = Instant::now();
     let mut p = Progress::default();
-    let remaining = |positions: &HashMap<(String, i32), i64>, ends: &HashMap<(String, i32), i64>| -> i64 {
+    let remaining = |positions: &Offsets, ends: &Offsets| -> i64 {
         ends.iter().map(|(k, end)| (end - positions.get(k).copied().unwrap_or(0)).max(0)).sum()
     };
     p.remaining = remaining(&positions, &ends);
@@ -249,7 +249,7 @@ async fn run(
     offsets.flush().await?;
     if commit_group.is_some() {
         let c = consumer.clone();
-        // Positions of partitions that had nothing to read are committed too,
+        // Offsets of partitions that had nothing to read are committed too,
         // so the live projector starts where the rebuild ended.
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &positions {
@@ -276,15 +276,13 @@ async fn run(
     Ok(report)
 }
 
-type Positions = HashMap<(String, i32), i64>;
-
 /// Start positions and end offsets of every partition of `topics`.
 async fn blocking_positions(
     consumer: Arc<StreamConsumer>,
     topics: Vec<String>,
     start: StartAt,
     resume: bool,
-) -> Result<(Positions, Positions), ReplayError> {
+) -> Result<(Offsets, Offsets), ReplayError> {
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);
         let mut starts = HashMap::new();
@@ -345,7 +343,7 @@ async fn blocking_positions(
     .map_err(|e| ReplayError::Other(e.to_string()))?
 }
 
-async fn blocking_ends(consumer: Arc<StreamConsumer>, topics: Vec<String>) -> Result<Positions, ReplayError> {
+async fn blocking_ends(consumer: Arc<StreamConsumer>, topics: Vec<String>) -> Result<Offsets, ReplayError> {
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);
         let mut ends = HashMap::new();

@@ -7,6 +7,7 @@
 //! - [`patients`]: the patient onboarding context (driven by a process manager).
 //! - [`codec`]: events as Avro in Confluent wire format via the registry.
 //! - [`names`]: exchange, queue, topic and subject names.
+//! - [`operation_id`]: signed operation ids (no write on the hot path).
 //! - [`cql`]: the CQL tables, created at startup by every role.
 #![forbid(unsafe_code)]
 
@@ -15,5 +16,6 @@ pub mod cloudevent;
 pub mod codec;
 pub mod cql;
 pub mod names;
+pub mod operation_id;
 pub mod orders;
 pub mod patients;

@@ -6,12 +6,15 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sluice_cli::serve::Role;
 use sluice_cli::settings::Settings;
 use sluice_processors::process::onboarding::Onboarding;
 use sluice_processors::process::{record, ProcessManager, PROCESS_CONTEXT};
+use sluice_schemas::operation_id::OperationIds;
 use sluice_tests::{command, cql, eventually, test_settings, Platform, SluiceProcess, TestTenant};
 
 const ENROLL: &str = "com.example.patients.EnrollPatient";
@@ -110,7 +113,8 @@ async fn timers_of(tenant: &str) -> usize {
 #[tokio::test]
 async fn an_onboarding_runs_to_completion() {
     let tenant = TestTenant::new();
-    let platform = Platform::start(settings_with(&tenant, 60_000, 3), Role::All).await;
+    let settings = settings_with(&tenant, 60_000, 3);
+    let platform = Platform::start(settings.clone(), Role::All).await;
 
     enroll(&platform, &tenant, "p1").await;
     let view = onboarding_when(
@@ -145,6 +149,59 @@ async fn an_onboarding_runs_to_completion() {
     let rebuilt = record::rebuild(&Onboarding { timeout_ms: 60_000, max_reminders: 3 }, &records).unwrap();
     assert_eq!(Onboarding::stage(&rebuilt.state), "completed");
     assert!(rebuilt.undispatched.is_empty(), "every decision was carried out");
+
+    // The command the process sent has an operation the tenant can read,
+    // signed like the ones the edge hands out.
+    let ids = OperationIds::new(&settings.ingest.operation_secret);
+    let source = format!("/{}/processes/onboarding", tenant.name);
+    let operation = ids.issue(&tenant.name, &source, "onboarding:p1:schedule-assessment");
+    let (status, body) = platform.get_json(&tenant, &format!("/operations/{operation}")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("succeeded")), "{body}");
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_patient_waits_behind_them() {
+    let tenant = TestTenant::new();
+    let platform = Platform::start(settings_with(&tenant, 60_000, 3), Role::All).await;
+    let topic = format!("{}.patients.events", tenant.name);
+    // A foreign producer writes garbage for patient p-bad.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    for value in [&b"\xff not avro"[..], &[0, 0, 0][..]] {
+        producer.send(FutureRecord::to(&topic).key("p-bad").payload(value), Duration::from_secs(10)).await.unwrap();
+    }
+    // Then p-bad enrols for real: its events wait behind the poison (parked),
+    // while another patient goes through untouched.
+    enroll(&platform, &tenant, "p-bad").await;
+    enroll(&platform, &tenant, "p-good").await;
+    onboarding_when(&platform, &tenant, "p-good", Duration::from_secs(60), "p-good's assessment scheduled", |v| {
+        v["status"] == "awaiting_assessment"
+    })
+    .await;
+
+    // The projection and the process manager each dead-letter what they read:
+    // the first poison record with its reason, then everything later of
+    // p-bad (the second poison record and the enrolment) as parked.
+    for consumer in [sluice_projections::patients::PROJECTION, Onboarding::NAME] {
+        let dlt = sluice_projections::dead_letter::dead_letter_topic(&topic, consumer);
+        let records = eventually(Duration::from_secs(60), "three records dead-lettered", || async {
+            let records = sluice_tests::read_topic(&dlt).await;
+            (records.len() >= 3).then_some(records)
+        })
+        .await;
+        let header = |m: &rdkafka::message::OwnedMessage, name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let classes: Vec<String> = records.iter().map(|m| header(m, "sluice_error_class")).collect();
+        assert_eq!(classes, ["undecodable", "parked", "parked"], "{consumer}");
+        assert!(records.iter().all(|m| m.key() == Some(&b"p-bad"[..]) && !header(m, "sluice_reason").is_empty()));
+    }
+    assert_eq!(platform.get_json(&tenant, "/patients/p-bad/onboarding").await.0, 404, "p-bad was not applied");
+    assert_eq!(process_records(&tenant.name, "p-bad").await.len(), 0, "nor reacted to");
     platform.stop().await.unwrap();
 }
 

@@ -94,7 +94,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     let projection = settings.projector.name.clone();
     let platform = Platform::start(settings.clone(), Role::All).await;
     let (orders, customers) = submit_orders(&platform, &tenant, "o", 12).await;
-    let topics = events_topics(&[tenant.name.clone()]);
+    let topics = events_topics(std::slice::from_ref(&tenant.name));
     await_projection_idle(&settings, 1, &topics).await;
     let live = read_model_rows(&projection, 1, &tenant.name, &orders, &customers).await;
     assert_eq!(live.iter().filter(|r| r.starts_with("order ")).count(), 12);
@@ -177,7 +177,7 @@ async fn a_replay_can_start_at_a_time() {
     let (late, _) = submit_orders(&platform, &tenant, "late", 3).await;
 
     let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
-    let ctx = replay_ctx(&settings, events_topics(&[tenant.name.clone()]), store.clone());
+    let ctx = replay_ctx(&settings, events_topics(std::slice::from_ref(&tenant.name)), store.clone());
     let report = replay::rebuild(&ctx, StartAt::Time(cut.timestamp_millis()), false, &CancellationToken::new(), |_| {})
         .await
         .unwrap();

@@ -36,7 +36,7 @@ async fn keys_are_never_logged() {
     }
     // The accepted command is processed, so its whole path is in the log.
     let (_, op) = eventually(Duration::from_secs(60), "the command processed", || async {
-        let ids = sluice_ingest::operation_id::OperationIds::new(&settings.ingest.operation_secret);
+        let ids = sluice_schemas::operation_id::OperationIds::new(&settings.ingest.operation_secret);
         let id = ids.issue(&tenant.name, &tenant.source, "s-0");
         let r = http.get(format!("{base}/operations/{id}")).bearer_auth(&tenant.key).send().await.ok()?;
         let body: serde_json::Value = r.json().await.ok()?;

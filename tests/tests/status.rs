@@ -23,15 +23,29 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     let response = platform.post_event(&tenant, &submit_order(&tenant, "st-1", "o-st", "c-st")).await;
     let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
     assert_eq!(op["status"], "succeeded", "{op}");
+    let data = serde_json::json!({"patient_id": "p-st", "name": "Ada"});
+    let enrol = command(&tenant, "st-enrol", "com.example.patients.EnrollPatient", data);
+    assert_eq!(platform.post_event(&tenant, &enrol).await.status(), 202);
     let options = StatusOptions::default();
 
-    // Healthy once the projector has applied the event: no lag at all allowed.
+    // Healthy once the projections have applied the events (no lag at all
+    // allowed) and the onboarding process waits for the assessment.
     let strict = StatusOptions { max_lag: 0, ..Default::default() };
     let report = eventually(WAIT, "a healthy status", || async {
         let report = status(&settings, &strict).await.expect("status");
-        report.healthy.then_some(report)
+        let onboarding = report.tenants[0].processes.as_ref()?.iter().find(|p| p.process == "onboarding")?.clone();
+        (report.healthy && onboarding.by_stage.get("awaiting_assessment") == Some(&1)).then_some(report)
     })
     .await;
+    let onboarding = &report.tenants[0].processes.as_ref().unwrap()[0];
+    assert_eq!((onboarding.timers_pending, onboarding.timers_due), (1, 0), "the reminder timer is set, not due");
+    let patients = report.tenants[0].contexts.iter().find(|c| c.context == "patients").expect("patients context");
+    let patient_events = patients.events.as_ref().expect("patients topic");
+    assert_eq!(
+        (patient_events.end_offsets_total, patient_events.lag_total),
+        (2, Some(0)),
+        "enrolled and scheduled, both projected"
+    );
     assert!(report.servers.iter().all(|s| s.reachable), "{:?}", report.servers);
     let projection = report.projection.as_ref().expect("projection");
     assert_eq!(

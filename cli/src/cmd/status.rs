@@ -1,5 +1,5 @@
 //! `sluice status`: the health of every configured tenant's queues, events
-//! topic, projection and schemas. Exit code 0 when healthy, 1 when any
+//! topic, projections, process managers and schemas. Exit code 0 when healthy, 1 when any
 //! critical problem was found (the rules are in `sluice_cli::ops::status`).
 
 use sluice_cli::ops::status::{status, Severity, StatusOptions, StatusReport};
@@ -20,6 +20,9 @@ pub struct Args {
     /// not consume them; see `sluice dlq list --help`).
     #[arg(long, default_value_t = 10_000)]
     dlq_sample: u32,
+    /// Seconds a process timer may stay due (unfired) before it is reported.
+    #[arg(long, default_value_t = 60)]
+    max_timer_delay: u64,
     /// RabbitMQ management API (default: the AMQP broker's host, port 15672).
     #[arg(long, env = "SLUICE_MANAGEMENT_URL")]
     management_url: Option<String>,
@@ -34,6 +37,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         max_dlq: args.max_dlq,
         dlq_sample: args.dlq_sample,
         management_url: args.management_url,
+        max_timer_delay: std::time::Duration::from_secs(args.max_timer_delay),
     };
     let report = status(&settings, &options).await?;
     if args.json {
@@ -112,6 +116,18 @@ fn print_report(r: &StatusReport) {
                     println!("schema  {}  {}", s.subject, versions.join(" "));
                 }
             }
+        }
+        for p in t.processes.iter().flatten() {
+            println!("\n{} / process {}", t.tenant, p.process);
+            let stages: Vec<String> = p.by_stage.iter().map(|(stage, n)| format!("{stage} {n}")).collect();
+            let oldest = p.oldest_due_ms.and_then(chrono::DateTime::from_timestamp_millis).map(|t| t.to_rfc3339());
+            let rows = vec![vec![
+                if stages.is_empty() { "-".into() } else { stages.join(", ") },
+                p.timers_due.to_string(),
+                p.timers_pending.to_string(),
+                oldest.unwrap_or_else(|| "-".into()),
+            ]];
+            print_table(&["INSTANCES BY STAGE", "TIMERS DUE", "TIMERS PENDING", "OLDEST DUE"], &rows);
         }
     }
     println!();

@@ -10,12 +10,13 @@
 //! | `no_consumers` | a work queue has no consumer: nothing processes the tenant's commands |
 //! | `dead_letters` | a DLQ holds more than `--max-dlq` messages (default 0) |
 //! | `events_topic_missing` | a tenant's events topic does not exist |
-//! | `projection_lag` | the active version of the projection (`projector.name`) is more than `--max-lag` events behind on a partition of a topic it reads |
+//! | `projection_lag` | a context's projection (the active version of `projector.name` for orders, the patients projection) is more than `--max-lag` events behind on a partition |
 //!
 //! `warning` problems are reported and do not change the exit code: a retry
 //! queue or DLQ missing, a DLQ that cannot be read safely (delivery limit),
 //! a DLQ deeper than the sample looked at, a topic with events but no schema
-//! subject in the registry.
+//! subject in the registry, process timers overdue by more than
+//! `--max-timer-delay` seconds (no processor fires them).
 //!
 //! Reading a non-empty DLQ to count its messages by error class is a walk
 //! (see `ops::walk`): it adds one to each message's `x-delivery-count` and
@@ -25,10 +26,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
+use scylla::client::session::Session;
 use serde::Serialize;
 use serde_json::Value;
 use sluice_processors::amqp::topology::retry_queue;
+use sluice_processors::process::onboarding::Onboarding;
+use sluice_processors::process::timers::{summary, ProcessSummary};
+use sluice_processors::process::ProcessManager;
 use sluice_projections::lag::{group_lag, PartitionLag};
+use sluice_projections::patients;
 use sluice_projections::runner::group_id;
 use sluice_projections::store::versions::Versions;
 use sluice_schemas::{catalog, names};
@@ -50,11 +56,19 @@ pub struct StatusOptions {
     pub dlq_sample: u32,
     /// The management API, when not beside the AMQP broker on port 15672.
     pub management_url: Option<String>,
+    /// How long a process timer may stay due before it is reported.
+    pub max_timer_delay: Duration,
 }
 
 impl Default for StatusOptions {
     fn default() -> Self {
-        Self { max_lag: 1_000, max_dlq: 0, dlq_sample: 10_000, management_url: None }
+        Self {
+            max_lag: 1_000,
+            max_dlq: 0,
+            dlq_sample: 10_000,
+            management_url: None,
+            max_timer_delay: Duration::from_secs(60),
+        }
     }
 }
 
@@ -109,6 +123,9 @@ pub struct ProjectionStatus {
 pub struct TenantStatus {
     pub tenant: String,
     pub contexts: Vec<ContextStatus>,
+    /// Process managers: instances by stage, timers due (`None` while the
+    /// CQL store is unreachable).
+    pub processes: Option<Vec<ProcessSummary>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,9 +164,8 @@ pub struct TopicStatus {
     pub partitions: Vec<PartitionStatus>,
     /// Sum of the end offsets: events ever written.
     pub end_offsets_total: i64,
-    /// Sum of the active projection version's lag (`None` for a topic the
-    /// versioned projection does not read: its context's projections are
-    /// not reported here yet).
+    /// Sum of the context projection's lag (`None` while the active version
+    /// of the versioned projection is unknown).
     pub lag_total: Option<i64>,
     /// Sum of the building version's lag, during a rebuild.
     pub building_lag_total: Option<i64>,
@@ -159,7 +175,7 @@ pub struct TopicStatus {
 pub struct PartitionStatus {
     pub partition: i32,
     pub end_offset: i64,
-    /// Next offset the active projection version will read.
+    /// Next offset the context's projection (its active version) will read.
     pub committed: Option<i64>,
     pub lag: Option<i64>,
     pub building_lag: Option<i64>,
@@ -264,7 +280,8 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     };
 
     // The CQL store: which projection version is active.
-    let projection = match crate::serve::connect_cql(settings).await {
+    let session = crate::serve::connect_cql(settings).await;
+    let projection = match &session {
         Ok(session) => {
             servers.push(ServerStatus {
                 name: "cql",
@@ -272,7 +289,7 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
                 reachable: true,
                 detail: format!("keyspace {}", settings.cql.keyspace),
             });
-            match Versions::new(session).get(&settings.projector.name).await {
+            match Versions::new(session.clone()).get(&settings.projector.name).await {
                 Ok(state) => Some(ProjectionStatus {
                     name: settings.projector.name.clone(),
                     active: state.active,
@@ -298,22 +315,32 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
         }
     };
 
-    // Kafka end offsets of every events topic, and the lag of the versioned
-    // projection on the topics it reads, all at once.
-    let topics: Vec<String> =
-        tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
-    let projected = crate::serve::events_topics(&tenants);
+    // Kafka end offsets of every events topic, and the lag of each context's
+    // projection: the orders projection's active (and building) version,
+    // the patients projection's group.
     let (mut active_lag, mut building_lag) = (None, None);
     if kafka_up {
-        let group = projection.as_ref().map(|p| p.group.clone()).unwrap_or_else(|| group_id(&settings.projector, 1));
-        match group_lag(&settings.kafka.brokers, &group, &topics).await {
-            Ok(lag) => active_lag = Some(lag),
-            Err(e) => {
-                problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}"))
+        let orders_group =
+            projection.as_ref().map(|p| p.group.clone()).unwrap_or_else(|| group_id(&settings.projector, 1));
+        let groups = [
+            (orders_group, crate::serve::events_topics(&tenants)),
+            (
+                patients::group_id(&settings.projector),
+                crate::serve::context_topics(&tenants, sluice_schemas::patients::CONTEXT),
+            ),
+        ];
+        let mut lags = Vec::new();
+        for (group, topics) in &groups {
+            match group_lag(&settings.kafka.brokers, group, topics).await {
+                Ok(lag) => lags.extend(lag),
+                Err(e) => {
+                    problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}"))
+                }
             }
         }
+        active_lag = Some(lags);
         if let Some(group) = projection.as_ref().and_then(|p| p.building_group.clone()) {
-            building_lag = group_lag(&settings.kafka.brokers, &group, &topics).await.ok();
+            building_lag = group_lag(&settings.kafka.brokers, &group, &groups[0].1).await.ok();
         }
     }
 
@@ -329,14 +356,19 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
                 amqp.as_ref(),
                 management_up.then_some(&management),
                 (active_lag.as_deref(), building_lag.as_deref()),
-                projection.is_some() && projected.contains(&names::events_topic(tenant, context.name)),
+                // The orders projection's group depends on its active version.
+                projection.is_some() || context.name != sluice_schemas::orders::CONTEXT,
                 subjects.as_deref(),
                 &mut problems,
             )
             .await?;
             contexts.push(ctx);
         }
-        report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts });
+        let processes = match &session {
+            Ok(session) => Some(process_status(session, tenant, options, &mut problems).await),
+            Err(_) => None,
+        };
+        report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts, processes });
     }
     if let Some(c) = amqp {
         let _ = c.close(200, "status done".into()).await;
@@ -360,8 +392,8 @@ async fn context_status(
     amqp: Option<&Connection>,
     management: Option<&Management>,
     (active_lag, building_lag): (Option<&[PartitionLag]>, Option<&[PartitionLag]>),
-    // Whether the versioned projection reads this context's topic and its
-    // version is known: only then is there a lag to show.
+    // Whether the context's projection group is known: only then is there a
+    // lag to show.
     projected: bool,
     subjects: Option<&[String]>,
     problems: &mut Vec<Problem>,
@@ -501,6 +533,34 @@ async fn context_status(
         status.subjects = Some(mine);
     }
     Ok(status)
+}
+
+/// The tenant's process managers by stage, and their timers; timers due for
+/// longer than `max_timer_delay` are a warning (no processor fires them).
+async fn process_status(
+    session: &Session,
+    tenant: &str,
+    options: &StatusOptions,
+    problems: &mut Vec<Problem>,
+) -> Vec<ProcessSummary> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut out = Vec::new();
+    for process in [Onboarding::NAME] {
+        match summary(session, tenant, process, now_ms).await {
+            Ok(s) => {
+                let overdue_ms = s.oldest_due_ms.map_or(0, |due| now_ms - due);
+                if overdue_ms > options.max_timer_delay.as_millis() as i64 {
+                    let detail = format!("{} timer(s) due, the oldest for {} s", s.timers_due, overdue_ms / 1_000);
+                    problem(problems, Severity::Warning, "timers_overdue", &format!("{tenant}/{process}"), detail);
+                }
+                out.push(s);
+            }
+            Err(e) => {
+                problem(problems, Severity::Warning, "process_status", &format!("{tenant}/{process}"), e.to_string())
+            }
+        }
+    }
+    out
 }
 
 /// Reads up to `sample` dead letters of a DLQ (a walk: nothing consumed).

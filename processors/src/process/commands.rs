@@ -1,9 +1,10 @@
 //! Commands of process managers onto the normal command path: a CloudEvent
 //! published persistent to exchange `sluice.commands` with routing key
 //! `<tenant>.<context>`, awaited until the broker confirms. The CloudEvent's
-//! id and the operation id (AMQP `message_id`) derive from (process,
-//! correlation, step), so sending a step again is a redelivery the
-//! processors deduplicate, never a second command.
+//! id derives from (process, correlation, step), and the operation id (AMQP
+//! `message_id`) is signed from it as the edge signs clients' ids, so sending
+//! a step again is a redelivery the processors deduplicate, never a second
+//! command, and its operation can be read at `GET /operations/{id}`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::json;
 use sluice_schemas::names;
+use sluice_schemas::operation_id::OperationIds;
 use tokio::sync::Mutex;
 
 use super::CommandIntent;
@@ -36,11 +38,9 @@ impl OutgoingCommand<'_> {
         format!("{}:{}:{}", self.process, self.correlation, self.intent.step)
     }
 
-    /// The operation id: a UUID v5 of tenant, source and id (the same
-    /// inputs the edge derives its ids from), as 32 hex digits.
-    pub fn operation_id(&self) -> String {
-        let name = format!("{}\u{1f}{}\u{1f}{}", self.tenant, self.source(), self.command_id());
-        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple().to_string()
+    /// The operation id, from the same inputs as the edge's ids.
+    pub fn operation_id(&self, ids: &OperationIds) -> String {
+        ids.issue(self.tenant, &self.source(), &self.command_id())
     }
 
     pub fn cloud_event(&self) -> serde_json::Value {
@@ -69,14 +69,15 @@ pub trait CommandSender: Send + Sync {
 /// Publishes over one confirm channel, reconnecting after a failure.
 pub struct AmqpCommandSender {
     url: String,
+    operation_ids: OperationIds,
     /// The connection and its confirm channel, opened on first use.
     channel: Mutex<Option<(Connection, Channel)>>,
     confirm_timeout: Duration,
 }
 
 impl AmqpCommandSender {
-    pub fn new(url: &str) -> Self {
-        Self { url: url.to_owned(), channel: Mutex::new(None), confirm_timeout: Duration::from_secs(10) }
+    pub fn new(url: &str, operation_ids: OperationIds) -> Self {
+        Self { url: url.to_owned(), operation_ids, channel: Mutex::new(None), confirm_timeout: Duration::from_secs(10) }
     }
 
     async fn open(&self) -> Result<(Connection, Channel), SendError> {
@@ -98,7 +99,7 @@ impl CommandSender for AmqpCommandSender {
         let body = command.cloud_event().to_string();
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_message_id(command.operation_id().into())
+            .with_message_id(command.operation_id(&self.operation_ids).into())
             .with_content_type("application/cloudevents+json".into());
         let routing_key = names::routing_key(command.tenant, &command.intent.context);
         let result = async {
@@ -138,10 +139,12 @@ mod tests {
             CommandIntent { step: "reminder-1".into(), context: "patients".into(), ty: "t".into(), data: json!({}) };
         let a = OutgoingCommand { tenant: "acme", process: "onboarding", correlation: "p1", intent: &intent };
         let b = a.clone();
+        let ids = OperationIds::new("secret");
         assert_eq!(a.command_id(), "onboarding:p1:reminder-1");
-        assert_eq!(a.operation_id(), b.operation_id());
+        assert_eq!(a.operation_id(&ids), b.operation_id(&ids));
+        assert!(ids.verify("acme", &a.operation_id(&ids)), "signed for its tenant, as the edge signs");
         let other = CommandIntent { step: "reminder-2".into(), ..intent.clone() };
-        assert_ne!(OutgoingCommand { intent: &other, ..a.clone() }.operation_id(), a.operation_id());
+        assert_ne!(OutgoingCommand { intent: &other, ..a.clone() }.operation_id(&ids), a.operation_id(&ids));
         assert_eq!(a.cloud_event()["source"], "/acme/processes/onboarding");
     }
 }

@@ -14,6 +14,8 @@
 //!
 //! A Kafka offset is stored for commit only after its event was handled; a
 //! timer row is deleted only by carrying out the decision that consumed it.
+//! A record that cannot be decoded goes to the process's dead-letter topic
+//! (`<topic>.<process>.dlt`), and its key's later records follow it there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
+use sluice_projections::dead_letter::{DeadLetters, PARKED};
 use sluice_schemas::codec::EventCodec;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -237,6 +240,7 @@ pub struct RunSettings {
 pub async fn run<M, S, T, C>(
     runtime: Arc<ProcessRuntime<M, S, T, C>>,
     settings: RunSettings,
+    dead_letters: DeadLetters,
     shutdown: CancellationToken,
 ) -> Result<(), StepError>
 where
@@ -269,7 +273,7 @@ where
                     Ok(m) => m,
                     Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
                 };
-                if !handle_message(&runtime, &codec, &message, &shutdown).await {
+                if !handle_message(&runtime, &codec, &dead_letters, &message, &shutdown).await {
                     break;
                 }
                 if let Err(e) = consumer.store_offset_from_message(&message) {
@@ -287,6 +291,7 @@ where
 async fn handle_message<M, S, T, C>(
     runtime: &ProcessRuntime<M, S, T, C>,
     codec: &EventCodec,
+    dead_letters: &DeadLetters,
     message: &BorrowedMessage<'_>,
     shutdown: &CancellationToken,
 ) -> bool
@@ -300,16 +305,21 @@ where
     let mut delay = Duration::from_millis(100);
     loop {
         let outcome = async {
-            let payload = message.payload().ok_or_else(|| StepError("record has no value".into()))?;
+            let poison = |class: &'static str, reason: String| async move {
+                dead_letters.send(message, class, &reason).await.map(|()| Handling::Ignored).map_err(StepError)
+            };
+            if dead_letters.is_parked(message).await {
+                return poison(PARKED, "the key waits behind an earlier poison event".into()).await;
+            }
+            let Some(payload) = message.payload() else {
+                return poison("no_value", "record has no value".into()).await;
+            };
             let (name, value) = match codec.decode(payload).await {
                 Ok(decoded) => decoded,
                 Err(e) if e.is_transient() => return Err(step_err(e)),
-                Err(e) => {
-                    // Not ours to judge: the projections dead-letter poison.
-                    warn!(topic = message.topic(), offset = message.offset(), error = %e, "skipping an undecodable record");
-                    return Ok(Handling::Ignored);
-                }
+                Err(e) => return poison("undecodable", e.to_string()).await,
             };
+            // Events of the context that the process does not follow pass by.
             let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
             let correlation = M::correlation(&event).to_owned();
             runtime.handle(&tenant, &correlation, &Input::Event(event)).await

@@ -24,6 +24,9 @@ use tokio::sync::Mutex;
 use self::tables::{cql_date, Tables};
 use self::versions::Versions;
 
+/// The next offset to apply, per (topic, partition).
+pub type Offsets = HashMap<(String, i32), i64>;
+
 #[derive(Debug, thiserror::Error)]
 #[error("read model store: {0}")]
 pub struct ReadModelError(pub String);
@@ -374,12 +377,12 @@ impl ReadModels {
     }
 
     /// Next offset to apply per (topic, partition) of the active version.
-    pub async fn applied_offsets(&self) -> Result<HashMap<(String, i32), i64>, ReadModelError> {
+    pub async fn applied_offsets(&self) -> Result<Offsets, ReadModelError> {
         let version = self.active_version().await?;
         self.offsets_of(version).await
     }
 
-    pub async fn offsets_of(&self, version: i32) -> Result<HashMap<(String, i32), i64>, ReadModelError> {
+    pub async fn offsets_of(&self, version: i32) -> Result<Offsets, ReadModelError> {
         let rows = self
             .session
             .execute_unpaged(&self.select_offsets, (self.projection.as_str(), version))

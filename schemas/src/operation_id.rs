@@ -5,12 +5,11 @@
 //! tag is an HMAC of (tenant, digest) under the server secret, cut to 8 bytes.
 //! `GET /operations/{id}` checks the tag against the caller's tenant: a valid
 //! id with no row yet is `accepted` (never 404), and an id of another tenant,
-//! or a made-up one, fails the check and is 404.
+//! or a made-up one, fails the check and is 404. The edge issues ids for
+//! clients' commands, the process managers for the commands they send.
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-
-use crate::auth::constant_time_eq;
 
 const DIGEST_LEN: usize = 16;
 const TAG_LEN: usize = 8;
@@ -44,16 +43,21 @@ impl OperationIds {
             return false;
         }
         let (digest, tag) = bytes.split_at(DIGEST_LEN);
-        constant_time_eq(&self.tag(tenant, digest), tag)
+        // Compared in constant time.
+        self.mac(tenant, digest).verify_truncated_left(tag).is_ok()
     }
 
     fn tag(&self, tenant: &str, digest: &[u8]) -> [u8; TAG_LEN] {
+        let full = self.mac(tenant, digest).finalize().into_bytes();
+        full[..TAG_LEN].try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+
+    fn mac(&self, tenant: &str, digest: &[u8]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
         mac.update(&(tenant.len() as u64).to_be_bytes());
         mac.update(tenant.as_bytes());
         mac.update(digest);
-        let full = mac.finalize().into_bytes();
-        full[..TAG_LEN].try_into().expect("HMAC-SHA256 is 32 bytes")
+        mac
     }
 }
 

@@ -1,0 +1,116 @@
+//! Poison records of an events consumer (a projection, a process manager):
+//! copied to the consumer's dead-letter topic `<topic>.<consumer>.dlt` with
+//! the reason in headers, their key "parked" (recorded in
+//! `projection_parked_keys`) so the key's later records follow them there and
+//! are never applied out of order. Nothing is skipped silently, and a consumer
+//! never stalls on one record.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use scylla::client::session::Session;
+use tokio::sync::Mutex;
+use tracing::warn;
+
+use crate::store::{rm_err, ReadModelError};
+
+/// The dead-letter topic of a consumer for one events topic.
+pub fn dead_letter_topic(topic: &str, consumer: &str) -> String {
+    format!("{topic}.{consumer}.dlt")
+}
+
+/// The error class of a record parked behind an earlier poison record.
+pub const PARKED: &str = "parked";
+
+/// One consumer's dead-letter topics and parked keys.
+pub struct DeadLetters {
+    consumer: String,
+    /// Parked keys are per version of a versioned projection (1 otherwise).
+    version: i32,
+    session: Arc<Session>,
+    producer: FutureProducer,
+    /// (topic, key) of poisoned keys.
+    parked: Mutex<HashSet<(String, String)>>,
+}
+
+impl DeadLetters {
+    /// Loads the consumer's parked keys.
+    pub async fn new(
+        brokers: &str,
+        session: Arc<Session>,
+        consumer: &str,
+        version: i32,
+    ) -> Result<Self, ReadModelError> {
+        let rows = session
+            .query_unpaged(
+                "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
+                (consumer, version),
+            )
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let parked =
+            rows.rows::<(String, String)>().map_err(rm_err)?.collect::<Result<HashSet<_>, _>>().map_err(rm_err)?;
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .create()
+            .map_err(rm_err)?;
+        Ok(Self { consumer: consumer.to_owned(), version, session, producer, parked: Mutex::new(parked) })
+    }
+
+    /// Whether the record's key waits behind an earlier poison record.
+    pub async fn is_parked(&self, message: &BorrowedMessage<'_>) -> bool {
+        self.parked.lock().await.contains(&(message.topic().to_owned(), key_of(message)))
+    }
+
+    /// Copies the record to the dead-letter topic with the reason and parks
+    /// its key, before the caller moves past it. An error means nothing was
+    /// settled: retry.
+    pub async fn send(&self, message: &BorrowedMessage<'_>, class: &str, reason: &str) -> Result<(), String> {
+        let topic = message.topic();
+        let key = key_of(message);
+        // Created with the events topics at startup (`sluice serve`).
+        let dlt = dead_letter_topic(topic, &self.consumer);
+        let (partition, offset) = (message.partition().to_string(), message.offset().to_string());
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for h in original.iter() {
+                headers = headers.insert(Header { key: h.key, value: h.value });
+            }
+        }
+        let headers = headers
+            .insert(Header { key: "sluice_projection", value: Some(self.consumer.as_str()) })
+            .insert(Header { key: "sluice_reason", value: Some(reason) })
+            .insert(Header { key: "sluice_error_class", value: Some(class) })
+            .insert(Header { key: "sluice_original_topic", value: Some(topic) })
+            .insert(Header { key: "sluice_original_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "sluice_original_offset", value: Some(offset.as_str()) });
+        let mut record = FutureRecord::to(&dlt).key(key.as_bytes()).headers(headers);
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e.to_string())?;
+        if class != PARKED {
+            self.session
+                .query_unpaged(
+                    "INSERT INTO projection_parked_keys (projection, version, topic, key, first_offset, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                    (&self.consumer, self.version, topic, &key, message.offset(), reason),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            self.parked.lock().await.insert((topic.to_owned(), key));
+        }
+        warn!(topic, offset = message.offset(), class, reason, dlt, "record dead-lettered");
+        Ok(())
+    }
+}
+
+fn key_of(message: &BorrowedMessage<'_>) -> String {
+    message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+}
