@@ -5,11 +5,10 @@ mod cmd;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use sluice_cli::serve::{serve, Role};
 use sluice_cli::settings::Settings;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -45,15 +44,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,scylla=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref()).map_err(anyhow::Error::msg)?;
-    match cli.command {
+    // Spans are exported by the serving roles, one service name per role.
+    let (service, otlp) = match &cli.command {
+        Command::Serve { role } => {
+            let role = role.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default();
+            (format!("sluice-{role}"), settings.traces.otlp_endpoint.as_deref())
+        }
+        _ => ("sluice".to_owned(), None),
+    };
+    let telemetry = sluice_telemetry::init(&service, otlp).map_err(anyhow::Error::msg)?;
+    let result = match cli.command {
         Command::Serve { role } => {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -63,7 +65,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd::bench::run(settings, args).await,
         Command::Dlq(args) => cmd::dlq::run(settings, args).await,
         Command::Status(args) => cmd::status::run(settings, args).await,
-    }
+    };
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
 }
 
 /// SIGTERM or Ctrl-C: stop taking work, finish what is in flight, exit.

@@ -31,6 +31,16 @@ pub struct Settings {
     pub tenants: Vec<TenantConfig>,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub traces: TracesSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracesSettings {
+    /// An OTLP/HTTP collector (`http://127.0.0.1:4318`): the serving roles
+    /// export their spans to `<endpoint>/v1/traces` as JSON. Unset: none.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -102,6 +112,7 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("KAFKA_BROKERS", "kafka.brokers"),
     ("REGISTRY_URL", "registry.url"),
     ("CQL_KEYSPACE", "cql.keyspace"),
+    ("OTLP_ENDPOINT", "traces.otlp_endpoint"),
 ];
 
 impl Settings {

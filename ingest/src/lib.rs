@@ -5,7 +5,6 @@
 //! - [`binding`]: CloudEvents HTTP binding (structured, binary, batch).
 //! - [`auth`]: bearer API keys, hashed, compared in constant time.
 //! - [`rate_limit`]: a token bucket per API key.
-//! - [`trace_context`]: the W3C `traceparent` header.
 //! - [`queue`]: publishing with confirms; 202 only after the confirm;
 //!   reconnects to RabbitMQ by itself.
 //! - [`problem`]: RFC 9457 problem documents.
@@ -20,7 +19,6 @@ pub mod queue;
 pub mod rate_limit;
 pub mod reads;
 pub mod routes;
-pub mod trace_context;
 
 #[cfg(test)]
 mod router_tests;

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 use sluice_schemas::catalog;
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
-use tracing::{info, warn};
+use sluice_telemetry::trace_context;
+use tracing::{info, info_span, warn, Instrument};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
@@ -28,7 +29,7 @@ use crate::openapi::{CloudEventDoc, CommandSchemaList, HealthDoc, OperationDoc, 
 use crate::problem::Problem;
 use crate::queue::{QueueError, QueuedCommand};
 use crate::rate_limit::retry_after_seconds;
-use crate::{trace_context, AppState};
+use crate::AppState;
 
 /// Every path the edge serves, with its handlers.
 fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
@@ -204,10 +205,19 @@ async fn accept_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
     let http_traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
 
     let mut commands = Vec::with_capacity(events.len());
+    // One span per command: a child of the trace the client sent, if any.
+    let mut spans = Vec::with_capacity(events.len());
     let mut failures: Vec<(usize, Problem)> = Vec::new();
     for (index, event) in events.iter().enumerate() {
-        match admit(state, caller, event, http_traceparent) {
-            Ok(command) => commands.push(command),
+        let extension = event.extensions.get("traceparent").and_then(Value::as_str);
+        let received = trace_context::pick(extension, http_traceparent);
+        let span = info_span!("sluice.ingest", tenant = %caller.tenant, r#type = %event.ty, id = %event.id);
+        sluice_telemetry::set_parent(&span, received);
+        match admit(state, caller, event, sluice_telemetry::onward(&span, received)) {
+            Ok(command) => {
+                commands.push(command);
+                spans.push(span);
+            }
             Err(problem) => failures.push((index, problem)),
         }
     }
@@ -231,7 +241,8 @@ async fn accept_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
 
     // Publish all, then answer: a 202 means every event was confirmed.
     let confirm_started = std::time::Instant::now();
-    let results = futures::future::join_all(commands.iter().map(|c| state.queue.publish(c))).await;
+    let publishes = commands.iter().zip(&spans).map(|(c, span)| state.queue.publish(c).instrument(span.clone()));
+    let results = futures::future::join_all(publishes).await;
     metrics::histogram!("sluice_publish_confirm_seconds").record(confirm_started.elapsed().as_secs_f64());
     if results.iter().any(Result::is_err) {
         return Err(not_confirmed(caller, batch, &commands, &results));
@@ -305,12 +316,13 @@ fn is_batch(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/cloudevents-batch+json"))
 }
 
-/// The edge's rules for one event: permission, schema, route.
+/// The edge's rules for one event: permission, schema, route. `traceparent`
+/// goes on the AMQP message.
 fn admit(
     state: &AppState,
     caller: &Caller,
     event: &CloudEvent,
-    http_traceparent: Option<&str>,
+    traceparent: Option<String>,
 ) -> Result<QueuedCommand, Problem> {
     if !caller.may_send_as(&event.source) {
         return Err(
@@ -369,9 +381,8 @@ fn admit(
         ("cloudEvents:source".to_owned(), event.source.clone()),
         ("cloudEvents:type".to_owned(), event.ty.clone()),
     ];
-    let extension = event.extensions.get("traceparent").and_then(Value::as_str);
-    if let Some(traceparent) = trace_context::pick(extension, http_traceparent) {
-        headers.push(("traceparent".to_owned(), traceparent.to_owned()));
+    if let Some(traceparent) = traceparent {
+        headers.push(("traceparent".to_owned(), traceparent));
     }
     Ok(QueuedCommand {
         routing_key: names::routing_key(&caller.tenant, context.name),

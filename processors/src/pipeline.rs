@@ -185,7 +185,9 @@ where
         earlier_unproduced.retain(|e| e.version < first_own);
         let topic = names::events_topic(&cmd.tenant, A::CONTEXT);
         let source = format!("/sluice/{}/{}", cmd.tenant, A::CONTEXT);
-        let traceparent = cmd.traceparent.as_deref();
+        // This processing's span when traces are exported, else the received one.
+        let traceparent = sluice_telemetry::onward(&tracing::Span::current(), cmd.traceparent.as_deref());
+        let traceparent = traceparent.as_deref();
         for stored in &earlier_unproduced {
             self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?;
         }

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
 use tokio::sync::Mutex;
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::dead_letter::{DeadLetters, PARKED};
 use crate::orders;
@@ -82,8 +82,24 @@ impl Applier {
     }
 
     /// Applies a record, retrying transient failures until `stop` says so.
-    /// Returns `None` only when stopped before the record was settled.
+    /// Returns `None` only when stopped before the record was settled. Its
+    /// span continues the trace of the command that produced the event.
     pub async fn apply_settled(
+        &self,
+        message: &BorrowedMessage<'_>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Option<Applied> {
+        let span = info_span!("sluice.project", projection = %self.projection, topic = message.topic(), offset = message.offset());
+        let traceparent = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok());
+        sluice_telemetry::set_parent(&span, traceparent);
+        self.apply_with_retries(message, stop).instrument(span).await
+    }
+
+    async fn apply_with_retries(
         &self,
         message: &BorrowedMessage<'_>,
         stop: &tokio_util::sync::CancellationToken,

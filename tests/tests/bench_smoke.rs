@@ -64,6 +64,12 @@ async fn quick_bench_writes_a_complete_report() {
     positive(&report, "/edge/single/commands_per_second");
     positive(&report, "/edge/batch/commands_per_second");
     positive(&report, "/e2e/max_per_second");
+    let scaling = report["e2e"]["scaling"].as_array().expect("e2e scaling");
+    let processes: Vec<u64> = scaling.iter().filter_map(|s| s["processes"].as_u64()).collect();
+    assert_eq!(processes, [1, 2], "one processor, then two on the same backlog");
+    for i in 0..scaling.len() {
+        positive(&report, &format!("/e2e/scaling/{i}/commands_per_second"));
+    }
     let steps = report["e2e"]["steps"].as_array().expect("e2e steps");
     assert_eq!(steps.len(), 3, "25, 50 and 75 % of the maximum");
     for (i, _) in steps.iter().enumerate() {

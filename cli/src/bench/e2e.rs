@@ -7,7 +7,10 @@
 //! growth of the topic's end offsets and the projector's the growth of its
 //! applied offsets; the pipeline's maximum is the smaller of the two (a
 //! stage faster than the one before it can only follow). Any higher arrival
-//! rate grows the backlog. The rest of the backlog is then purged.
+//! rate grows the backlog. Then more processor processes join on the same
+//! backlog (`--processors`, default 3 in all) and the processors' rate is
+//! measured again the same way: competing consumers, scaled out on one
+//! machine. The rest of the backlog is then purged.
 //!
 //! **Latency.** An open-loop generator sends single commands at fixed rates
 //! (fractions of the maximum) on a schedule that does not wait for answers,
@@ -27,7 +30,7 @@ use lapin::options::QueuePurgeOptions;
 use tokio::task::JoinSet;
 
 use super::probe::{self, queue_state, CqlTableCounts};
-use super::report::{E2eReport, Percentiles, Step, TableOps};
+use super::report::{E2eReport, Percentiles, Scaling, Step, TableOps};
 use super::roles::RoleProcess;
 use super::Bench;
 
@@ -41,9 +44,31 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// beyond it the generator skips sends and counts them as errors.
 const MAX_OUTSTANDING: usize = 20_000;
 
-pub async fn run(bench: &Bench, roles: &mut [&mut RoleProcess], step: &dyn Fn(&str)) -> anyhow::Result<E2eReport> {
+/// `more_processor` starts one more processor process for the scaling step.
+pub async fn run(
+    bench: &Bench,
+    roles: &mut [&mut RoleProcess],
+    more_processor: &dyn Fn() -> anyhow::Result<RoleProcess>,
+    step: &dyn Fn(&str),
+) -> anyhow::Result<E2eReport> {
     step("e2e: draining the backlog (maximum rate)");
     let mut report = drain(bench, roles).await?;
+    report.scaling.push(Scaling { processes: 1, commands_per_second: report.processor_per_second });
+    let processes = bench.plan.processors;
+    if processes > 1 {
+        step(&format!("e2e: {processes} processor processes on the same backlog"));
+        let mut extra = Vec::new();
+        for _ in 1..processes {
+            let processor = more_processor()?;
+            bench.role_started(&processor);
+            extra.push(processor);
+        }
+        let rate = scaled_drain(bench, roles, &mut extra, processes).await;
+        for processor in extra {
+            processor.stop(Duration::from_secs(30)).await?;
+        }
+        report.scaling.push(Scaling { processes, commands_per_second: rate? });
+    }
     step("e2e: purging the rest of the backlog");
     quiesce(bench, roles).await?;
 
@@ -118,21 +143,8 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
         tokio::time::sleep(SAMPLE).await;
     };
     tokio::time::sleep_until((first.at + bench.plan.drain_settle).into()).await;
-    let start = sample(bench).await?;
-    let mut end = start;
-    while end.at.duration_since(start.at) < bench.plan.drain_window {
-        tokio::time::sleep(SAMPLE).await;
-        let s = sample(bench).await?;
-        if s.depth == 0 {
-            // The backlog ran out: the last sample that still had one ends the window.
-            break;
-        }
-        end = s;
-    }
+    let (start, end) = window(bench).await?;
     let seconds = end.at.duration_since(start.at).as_secs_f64();
-    if seconds < 0.5 {
-        bail!("the backlog ({backlog} commands) ran out before a measurement window: make the edge phase longer");
-    }
     let processor = (end.produced - start.produced) as f64 / seconds;
     let projector = (end.applied - start.applied) as f64 / seconds;
     Ok(E2eReport {
@@ -151,6 +163,53 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
         ),
         ..Default::default()
     })
+}
+
+/// Samples the pipeline over the drain window, or until the backlog runs out
+/// (the last sample that still had one ends the window).
+async fn window(bench: &Bench) -> anyhow::Result<(Sample, Sample)> {
+    let start = sample(bench).await?;
+    let mut end = start;
+    while end.at.duration_since(start.at) < bench.plan.drain_window {
+        tokio::time::sleep(SAMPLE).await;
+        let s = sample(bench).await?;
+        if s.depth == 0 {
+            break;
+        }
+        end = s;
+    }
+    if end.at.duration_since(start.at) < Duration::from_millis(500) {
+        bail!("the backlog ran out before a measurement window: make the edge phase longer");
+    }
+    Ok((start, end))
+}
+
+/// The processors' rate once `processes` processor processes consume the
+/// backlog: events produced per second over a window that opens once they
+/// all consume, plus the settle time.
+async fn scaled_drain(
+    bench: &Bench,
+    roles: &mut [&mut RoleProcess],
+    extra: &mut [RoleProcess],
+    processes: usize,
+) -> anyhow::Result<f64> {
+    let began = Instant::now();
+    loop {
+        for role in roles.iter_mut().map(|r| &mut **r).chain(extra.iter_mut()) {
+            role.check_alive()?;
+        }
+        let (_, consumers) = queue_state(&bench.channel, &bench.work_queue()).await?;
+        if consumers as usize >= processes {
+            break;
+        }
+        if began.elapsed() > bench.plan.start_timeout {
+            bail!("{processes} processors were not all consuming within {:?}", bench.plan.start_timeout);
+        }
+        tokio::time::sleep(SAMPLE).await;
+    }
+    tokio::time::sleep(bench.plan.drain_settle).await;
+    let (start, end) = window(bench).await?;
+    Ok((end.produced - start.produced) as f64 / end.at.duration_since(start.at).as_secs_f64())
 }
 
 /// Purges what is left of the backlog and waits until every produced event

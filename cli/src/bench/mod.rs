@@ -72,6 +72,8 @@ pub struct Plan {
     pub drain_window: Duration,
     /// Wait after the first readable event before the drain window opens.
     pub drain_settle: Duration,
+    /// Processor processes in the drain's scaling step (1: no such step).
+    pub processors: usize,
     pub warmup: Duration,
     /// Length of each open-loop run.
     pub step_duration: Duration,
@@ -98,6 +100,7 @@ impl Plan {
             edge_duration: Duration::from_secs(10),
             drain_window: Duration::from_secs(30),
             drain_settle: Duration::from_secs(3),
+            processors: 3,
             warmup: Duration::from_secs(5),
             step_duration: Duration::from_secs(30),
             fractions: vec![0.25, 0.5, 0.75],
@@ -117,6 +120,7 @@ impl Plan {
             edge_duration: Duration::from_millis(1_500),
             drain_window: Duration::from_secs(3),
             drain_settle: Duration::from_millis(500),
+            processors: 2,
             warmup: Duration::from_secs(1),
             step_duration: Duration::from_secs(2),
             visible_timeout: Duration::from_secs(15),
@@ -295,7 +299,8 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     wait_for_group(bench, &mut projector).await?;
     let mut processor = RoleProcess::spawn(&config, "processor", &logs)?;
     bench.role_started(&processor);
-    let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], step).await?;
+    let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
+    let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
 
     let memory = MemoryReport {
         ingest_mib: ingest.peak_rss_kib()? as f64 / 1024.0,

@@ -182,6 +182,16 @@ pub struct E2eReport {
     pub poll_interval_ms: f64,
     pub first_poll_ms: f64,
     pub steps: Vec<Step>,
+    /// The processors' rate on the same backlog with 1, then N processor
+    /// processes (competing consumers of one queue).
+    pub scaling: Vec<Scaling>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Scaling {
+    pub processes: usize,
+    /// Events produced per second (one per command in the bench workload).
+    pub commands_per_second: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -358,6 +368,18 @@ impl Report {
             "  {:<34} {:>10.0} /s  (processor {:.0}/s, projector {:.0}/s; bottleneck {}; {:.1} s window from a backlog of {})",
             "max sustained", x.max_per_second, x.processor_per_second, x.projector_per_second, x.bottleneck, x.window_seconds, x.backlog_at_start
         );
+        for (i, scaled) in x.scaling.iter().enumerate() {
+            let relative = x.scaling.first().filter(|_| i > 0).map(|one| {
+                format!(" ({:.2} × one process)", scaled.commands_per_second / one.commands_per_second.max(1e-9))
+            });
+            let _ = writeln!(
+                t,
+                "  {:<34} {:>10.0} /s{}",
+                format!("processors, {} process(es)", scaled.processes),
+                scaled.commands_per_second,
+                relative.unwrap_or_default()
+            );
+        }
         let _ = writeln!(
             t,
             "  {:>6} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} {:>7} {:>7}",

@@ -22,6 +22,9 @@ pub struct Args {
     /// `processor.prefetch`, the pipeline's own concurrency).
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Processor processes in the end-to-end scaling step (1 skips it).
+    #[arg(long)]
+    processors: Option<usize>,
     /// Events per request in the edge's batch mode.
     #[arg(long, default_value_t = 20)]
     batch_size: usize,
@@ -54,6 +57,9 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--rates takes fractions of the maximum in (0, 1], e.g. 0.25,0.5,0.75");
     }
     plan.fractions = args.rates;
+    if let Some(processors) = args.processors {
+        plan.processors = processors.max(1);
+    }
     plan.poll_interval = Duration::from_millis(args.poll_ms.max(1));
     plan.keep = args.keep;
     let out = args.out.unwrap_or_else(|| {

@@ -103,6 +103,7 @@ where
         let operation_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
         let span =
             info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"), attempt);
+        sluice_telemetry::set_parent(&span, headers::get_str(&headers, "traceparent").as_deref());
         async {
             let settled = match self.decode(&delivery, &headers, operation_id, attempt) {
                 Ok(cmd) => {
