@@ -12,8 +12,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sluice_cli::serve::Role;
 use sluice_cli::settings::Settings;
+use sluice_processors::process::commands::{AmqpCommandSender, CommandSender, OutgoingCommand};
 use sluice_processors::process::onboarding::Onboarding;
-use sluice_processors::process::{record, ProcessManager, PROCESS_CONTEXT};
+use sluice_processors::process::{record, CommandIntent, ProcessManager, PROCESS_CONTEXT};
 use sluice_schemas::operation_id::OperationIds;
 use sluice_tests::{command, cql, eventually, test_settings, Platform, SluiceProcess, TestTenant};
 
@@ -202,6 +203,45 @@ async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_p
     }
     assert_eq!(platform.get_json(&tenant, "/patients/p-bad/onboarding").await.0, 404, "p-bad was not applied");
     assert_eq!(process_records(&tenant.name, "p-bad").await.len(), 0, "nor reacted to");
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_lettered_process_step_is_listed_by_sluice_dlq_like_any_other() {
+    let tenant = TestTenant::new();
+    let settings = settings_with(&tenant, 60_000, 3);
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    // A step whose command cannot pass its schema (a process with a bug),
+    // sent the way the process runtime sends its commands.
+    let ids = OperationIds::new(&settings.ingest.operation_secret);
+    let sender = AmqpCommandSender::new(&settings.amqp.url, ids.clone());
+    let intent = CommandIntent {
+        step: "schedule-assessment".into(),
+        context: "patients".into(),
+        ty: "com.example.patients.ScheduleAssessment".into(),
+        data: json!({"patient_id": 7}),
+    };
+    let command =
+        OutgoingCommand { tenant: &tenant.name, process: Onboarding::NAME, correlation: "p-bug", intent: &intent };
+    sender.send(command.clone()).await.expect("queued");
+
+    let operation = command.operation_id(&ids);
+    let (status, body) = eventually(Duration::from_secs(60), "the step dead-lettered", || async {
+        let (status, body) = platform.get_json(&tenant, &format!("/operations/{operation}")).await;
+        (body["status"] == "dead_lettered").then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("patient_id")), "{body}");
+
+    let scope = sluice_cli::ops::dlq::Scope::new(&[], Some(&tenant.name), Some("patients")).expect("scope");
+    let listing = sluice_tests::dlq_ops().await.list(&scope, &Default::default()).await.expect("dlq list");
+    assert_eq!(listing.matching, 1);
+    let letter = &listing.messages[0];
+    assert_eq!(letter.message_id.as_deref(), Some(operation.as_str()));
+    assert_eq!(letter.source.as_deref(), Some(format!("/{}/processes/onboarding", tenant.name).as_str()));
+    assert_eq!(letter.command_id.as_deref(), Some("onboarding:p-bug:schedule-assessment"));
+    assert_eq!(letter.error_class, "malformed_command");
     platform.stop().await.unwrap();
 }
 
