@@ -141,19 +141,8 @@ impl Applier {
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
             return Ok(Applied::Skipped);
         }
-        if self.dead_letters.is_parked(message).await {
-            let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
-            return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
-        }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
-        let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
-        let (name, value) = self.codec.decode(payload).await.map_err(|e| {
-            if e.is_transient() {
-                ApplyError::Transient(e.to_string())
-            } else {
-                poison("undecodable", e.to_string())
-            }
-        })?;
+        let (name, value) = decode_record(&self.codec, &self.dead_letters, message).await?;
         let event = OrderEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
         let snapshot = if orders::needs_snapshot(&event) {
             self.tables
@@ -169,6 +158,29 @@ impl Applier {
         debug!(tenant, event_type = name, offset = message.offset(), "applied");
         Ok(Applied::Written { event_type: name })
     }
+}
+
+/// The event name and Avro value of a record, or why it cannot be applied:
+/// its key is parked, it has no value or cannot be decoded (poison), or the
+/// registry is unavailable (transient).
+pub async fn decode_record(
+    codec: &EventCodec,
+    dead_letters: &DeadLetters,
+    message: &BorrowedMessage<'_>,
+) -> Result<(String, apache_avro::types::Value), ApplyError> {
+    let poison = |class, reason: String| ApplyError::Poison { class, reason };
+    if dead_letters.is_parked(message).await {
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
+    }
+    let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
+    codec.decode(payload).await.map_err(|e| {
+        if e.is_transient() {
+            ApplyError::Transient(e.to_string())
+        } else {
+            poison("undecodable", e.to_string())
+        }
+    })
 }
 
 /// Next offsets to apply, written beside the rows every so often.

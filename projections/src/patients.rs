@@ -24,8 +24,8 @@ use sluice_schemas::patients::PatientEvent;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::apply::ApplyError;
-use crate::dead_letter::{DeadLetters, PARKED};
+use crate::apply::{decode_record, ApplyError};
+use crate::dead_letter::DeadLetters;
 use crate::store::{rm_err, ReadModelError};
 
 /// One step of an onboarding, as stored and served.
@@ -234,17 +234,7 @@ impl PatientsProjector {
         message: &BorrowedMessage<'_>,
     ) -> Result<(), ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
-        if dead_letters.is_parked(message).await {
-            return Err(poison(PARKED, "the key waits behind an earlier poison event".into()));
-        }
-        let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
-        let (name, value) = codec.decode(payload).await.map_err(|e| {
-            if e.is_transient() {
-                ApplyError::Transient(e.to_string())
-            } else {
-                poison("undecodable", e.to_string())
-            }
-        })?;
+        let (name, value) = decode_record(codec, dead_letters, message).await?;
         let event = PatientEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
         let step = step_of(&event);
         let values = (
