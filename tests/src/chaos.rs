@@ -487,7 +487,15 @@ fn order_total(order: &str) -> i64 {
 
 /// Publishes a command to the exchange the way the edge does; false when the
 /// broker is unavailable or did not confirm.
+/// Publishes `event` with a confirm; false when not confirmed within 10 s
+/// (a broker restarting can leave a connect, a confirm or a close waiting
+/// forever: lapin has no timeouts of its own).
 async fn publish_to_exchange(tenant: &TestTenant, event: &Value, operation_id: &str) -> bool {
+    let publish = publish_confirmed(tenant, event, operation_id);
+    tokio::time::timeout(Duration::from_secs(10), publish).await.unwrap_or(false)
+}
+
+async fn publish_confirmed(tenant: &TestTenant, event: &Value, operation_id: &str) -> bool {
     let Ok(connection) =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
             .await

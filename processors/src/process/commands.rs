@@ -80,12 +80,19 @@ impl AmqpCommandSender {
         Self { url: url.to_owned(), operation_ids, channel: Mutex::new(None), confirm_timeout: Duration::from_secs(10) }
     }
 
+    /// Connects and opens a confirm channel, within the confirm timeout (a
+    /// broker that is starting can accept the socket and never answer).
     async fn open(&self) -> Result<(Connection, Channel), SendError> {
         let err = |e: lapin::Error| SendError(e.to_string());
-        let connection = Connection::connect(&self.url, ConnectionProperties::default()).await.map_err(err)?;
-        let channel = connection.create_channel().await.map_err(err)?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
-        Ok((connection, channel))
+        let open = async {
+            let connection = Connection::connect(&self.url, ConnectionProperties::default()).await.map_err(err)?;
+            let channel = connection.create_channel().await.map_err(err)?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
+            Ok((connection, channel))
+        };
+        tokio::time::timeout(self.confirm_timeout, open)
+            .await
+            .unwrap_or_else(|_| Err(SendError("RabbitMQ did not answer in time".into())))
     }
 }
 
