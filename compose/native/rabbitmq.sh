@@ -86,8 +86,10 @@ start() {
   # connections hang while the management API still answers.
   # Debian's wrapper switches to the rabbitmq user through su, whose PAM
   # session resets the limit to 1024; raise it inside that session instead.
+  # `9>&-`: the node must not inherit the lock, or it holds it for its whole
+  # life and the next `start` (after a crash or a kill) waits forever.
   (cd /var/lib/rabbitmq && su rabbitmq -s /bin/sh -c \
-    'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached' >/dev/null 2>&1)
+    'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached' >/dev/null 2>&1 9>&-)
   wait_until 60 "the node's pid file" node_pid || die "RabbitMQ did not start (see $RABBITMQ_LOG_BASE)"
 }
 
