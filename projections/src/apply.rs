@@ -152,9 +152,12 @@ impl Applier {
         } else {
             None
         };
-        for write in orders::apply(&event, snapshot.as_ref()) {
-            self.tables.write(tenant, &write).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
-        }
+        // An event's rows are in different tables and all carry the event's
+        // version as their write timestamp: written at once, order does not matter.
+        let writes = orders::apply(&event, snapshot.as_ref());
+        futures::future::try_join_all(writes.iter().map(|write| self.tables.write(tenant, write)))
+            .await
+            .map_err(|e| ApplyError::Transient(e.to_string()))?;
         debug!(tenant, event_type = name, offset = message.offset(), "applied");
         Ok(Applied::Written { event_type: name })
     }
