@@ -95,10 +95,10 @@ pub fn context_topics(tenants: &[String], context: &str) -> Vec<String> {
     tenants.iter().map(|t| names::events_topic(t, context)).collect()
 }
 
-/// Creates the events topics and the projection's dead-letter topics.
-pub async fn ensure_projection_topics(settings: &Settings, topics: &[String]) -> anyhow::Result<()> {
+/// Creates the events topics a projection reads and its dead-letter topics.
+pub async fn ensure_projection_topics(settings: &Settings, topics: &[String], projection: &str) -> anyhow::Result<()> {
     let mut all = topics.to_vec();
-    all.extend(topics.iter().map(|t| dead_letter_topic(t, &settings.projector.name)));
+    all.extend(topics.iter().map(|t| dead_letter_topic(t, projection)));
     sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &all, settings.processor.topic_partitions)
         .await
         .context("creating topics")
@@ -185,7 +185,8 @@ pub async fn serve(
 
     if role.includes(Role::Projector) {
         let topics = events_topics(&tenants);
-        until_available("Kafka", &shutdown, || ensure_projection_topics(&settings, &topics)).await?;
+        let name = &settings.projector.name;
+        until_available("Kafka", &shutdown, || ensure_projection_topics(&settings, &topics, name)).await?;
         let projector = Projector {
             config: settings.projector.clone(),
             brokers: settings.kafka.brokers.clone(),
@@ -197,13 +198,8 @@ pub async fn serve(
         roles.spawn(async move { projector.run(stop).await.context("projector role") });
 
         let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
-        let mut with_dead_letters = patient_topics.clone();
-        with_dead_letters.extend(patient_topics.iter().map(|t| dead_letter_topic(t, patients::PROJECTION)));
-        until_available("Kafka", &shutdown, || async {
-            let partitions = settings.processor.topic_partitions;
-            sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &with_dead_letters, partitions)
-                .await
-                .context("creating topics")
+        until_available("Kafka", &shutdown, || {
+            ensure_projection_topics(&settings, &patient_topics, patients::PROJECTION)
         })
         .await?;
         let patients_projection = patients::PatientsProjector {

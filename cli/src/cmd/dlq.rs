@@ -190,12 +190,7 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
     match verb {
         Verb::List { filter, reason, show, json } => {
             let listing = dlq.list(&filter.scope.scope(settings)?, &filter.filter(reason)).await?;
-            if json {
-                print_json(&listing)
-            } else {
-                print_listing(&listing, show);
-                Ok(())
-            }
+            output(json, &listing, |l| print_listing(l, show))
         }
         Verb::Show { message_id, scope, json } => {
             let found = dlq.show(&scope.scope(settings)?, &message_id).await?;
@@ -235,12 +230,7 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            if json {
-                print_json(&report)
-            } else {
-                print_shovel(&report);
-                Ok(())
-            }
+            output(json, &report, print_shovel)
         }
         Verb::Purge { filter, reason_contains, reason, actor, json } => {
             if filter.scope.tenant.is_none() {
@@ -250,26 +240,25 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
             let report =
                 dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
-            if json {
-                print_json(&report)
-            } else {
-                print_removal(&report);
-                Ok(())
-            }
+            output(json, &report, print_removal)
         }
         Verb::Delete { message_id, scope, reason, actor, json } => {
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
             let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
             let report = dlq.delete(&audit, &scope.scope(settings)?, &message_id, &who).await?;
-            if json {
-                print_json(&report)
-            } else {
-                print_removal(&report);
-                Ok(())
-            }
+            output(json, &report, print_removal)
         }
         Verb::Audit { .. } => unreachable!("handled before connecting to RabbitMQ"),
     }
+}
+
+/// `--json`: the report as one JSON document; else `table` prints it for people.
+fn output<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    table(report);
+    Ok(())
 }
 
 fn print_listing(listing: &Listing, show: usize) {

@@ -45,7 +45,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     }
     let start: StartAt = args.from.parse().map_err(anyhow::Error::msg)?;
     let topics = events_topics(&settings.tenant_names());
-    ensure_projection_topics(&settings, &topics).await?;
+    ensure_projection_topics(&settings, &topics, &settings.projector.name).await?;
     let ctx = ReplayCtx {
         config: settings.projector.clone(),
         brokers: settings.kafka.brokers.clone(),
