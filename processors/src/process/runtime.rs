@@ -24,7 +24,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
-use sluice_projections::dead_letter::{DeadLetters, PARKED};
+use sluice_projections::apply::{decode_record, ApplyError};
+use sluice_projections::dead_letter::DeadLetters;
 use sluice_schemas::codec::EventCodec;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -305,19 +306,14 @@ where
     let mut delay = Duration::from_millis(100);
     loop {
         let outcome = async {
-            let poison = |class: &'static str, reason: String| async move {
-                dead_letters.send(message, class, &reason).await.map(|()| Handling::Ignored).map_err(StepError)
-            };
-            if dead_letters.is_parked(message).await {
-                return poison(PARKED, "the key waits behind an earlier poison event".into()).await;
-            }
-            let Some(payload) = message.payload() else {
-                return poison("no_value", "record has no value".into()).await;
-            };
-            let (name, value) = match codec.decode(payload).await {
+            // Parked key, no value or undecodable: dead-lettered, as the projections do.
+            let (name, value) = match decode_record(codec, dead_letters, message).await {
                 Ok(decoded) => decoded,
-                Err(e) if e.is_transient() => return Err(step_err(e)),
-                Err(e) => return poison("undecodable", e.to_string()).await,
+                Err(ApplyError::Transient(e)) => return Err(StepError(e)),
+                Err(ApplyError::Poison { class, reason }) => {
+                    dead_letters.send(message, class, &reason).await.map_err(StepError)?;
+                    return Ok(Handling::Ignored);
+                }
             };
             // Events of the context that the process does not follow pass by.
             let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
