@@ -262,7 +262,7 @@ async fn run_connected(
             amqp::declare_topology(&channel, tenant, context.name, &config.retry_delays_ms).await?;
         }
     }
-    let _ = channel.close(200, "declared".into()).await;
+    amqp::close_quietly(channel.close(200, "declared".into())).await;
 
     let settings = ConsumerSettings {
         prefetch: config.prefetch,
@@ -324,7 +324,7 @@ async fn run_connected(
     }
     local.cancel();
     while tasks.join_next().await.is_some() {}
-    let _ = connection.close(200, "bye".into()).await;
+    amqp::close_quietly(connection.close(200, "bye".into())).await;
     result
 }
 

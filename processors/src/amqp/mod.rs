@@ -16,3 +16,10 @@ pub mod topology;
 
 pub use consumer::{consume, ConsumerSettings};
 pub use topology::declare_topology;
+
+/// Closes a channel or connection without waiting long: a close on a
+/// connection the broker already dropped can wait forever in lapin, and a
+/// close only says goodbye (everything was acked or confirmed before).
+pub(crate) async fn close_quietly<T>(close: impl std::future::Future<Output = T>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
+}

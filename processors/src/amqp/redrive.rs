@@ -52,7 +52,7 @@ pub async fn redrive_once<O: OperationStore>(
         .message_count();
     let mut report = RedriveReport::default();
     if depth == 0 {
-        let _ = channel.close(200, "done".into()).await;
+        super::close_quietly(channel.close(200, "done".into())).await;
         return Ok(report);
     }
     let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
@@ -120,8 +120,8 @@ pub async fn redrive_once<O: OperationStore>(
             Some(_) => {}
         }
     }
-    let _ = channel.close(200, "done".into()).await;
-    let _ = publisher.close(200, "done".into()).await;
+    super::close_quietly(channel.close(200, "done".into())).await;
+    super::close_quietly(publisher.close(200, "done".into())).await;
     if report != RedriveReport::default() {
         info!(%dlq, redriven = report.redriven, annotated = report.annotated, "dead-letter upkeep");
     }
