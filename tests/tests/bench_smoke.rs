@@ -3,7 +3,6 @@
 //! is never asserted (this machine is shared); only that each figure was
 //! measured (> 0) and the files were written.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,15 +54,31 @@ async fn quick_bench_writes_a_complete_report() {
     assert_eq!(printed["tenant"], report["tenant"], "the printed report is the written one");
     assert_eq!(report["mode"], "quick");
 
-    for section in ["raw", "edge", "e2e", "rebuild", "memory", "ratios", "latency_target"] {
+    for section in ["machine", "mix", "raw", "bare", "edge", "e2e", "rebuild", "memory", "ratios", "latency_target"] {
         assert!(report[section].is_object(), "section {section} missing: {text}");
     }
-    for raw in ["amqp_publish", "amqp_consume", "kafka_produce", "cql_insert", "cql_lwt_insert"] {
-        positive(&report, &format!("/raw/{raw}/per_second"));
+    // Every ceiling swept over both quick windows, each with a rate and the
+    // CPU it cost; the bare-hops pipeline likewise.
+    let ceilings =
+        ["amqp_publish", "amqp_consume", "kafka_produce", "cql_insert", "cql_batch_insert", "cql_lwt_insert"];
+    let sweeps = ceilings.iter().map(|c| format!("/raw/{c}")).chain(["/bare/ceiling".to_owned()]);
+    for ceiling in sweeps {
+        positive(&report, &format!("{ceiling}/per_second"));
+        let sweep = report.pointer(&format!("{ceiling}/sweep")).and_then(Value::as_array).expect("a sweep");
+        let windows: Vec<u64> = sweep.iter().filter_map(|p| p["window"].as_u64()).collect();
+        assert_eq!(windows, [32, 128], "{ceiling} is swept over the quick windows");
+        for i in 0..sweep.len() {
+            positive(&report, &format!("{ceiling}/sweep/{i}/rate/per_second"));
+            positive(&report, &format!("{ceiling}/sweep/{i}/busy_us_per_op"));
+            let cpu = sweep[i]["cpu_us_per_op"].as_array().expect("CPU per operation");
+            assert!(!cpu.is_empty(), "{ceiling} window {i} has CPU figures");
+        }
     }
     positive(&report, "/edge/single/commands_per_second");
     positive(&report, "/edge/batch/commands_per_second");
-    positive(&report, "/e2e/max_per_second");
+    for figure in ["max_per_second", "processor_per_second", "projector_per_second", "events_per_command"] {
+        positive(&report, &format!("/e2e/{figure}"));
+    }
     let scaling = report["e2e"]["scaling"].as_array().expect("e2e scaling");
     let processes: Vec<u64> = scaling.iter().filter_map(|s| s["processes"].as_u64()).collect();
     assert_eq!(processes, [1, 2], "one processor, then two on the same backlog");
@@ -71,22 +86,67 @@ async fn quick_bench_writes_a_complete_report() {
         positive(&report, &format!("/e2e/scaling/{i}/commands_per_second"));
     }
     let steps = report["e2e"]["steps"].as_array().expect("e2e steps");
-    assert_eq!(steps.len(), 3, "25, 50 and 75 % of the maximum");
-    for (i, _) in steps.iter().enumerate() {
-        for field in ["latency_ms/p50", "latency_ms/p99", "latency_ms/p999", "latency_ms/max", "generator_lag_ms/max"] {
-            positive(&report, &format!("/e2e/steps/{i}/{field}"));
+    assert_eq!(steps.len(), 2, "25 and 50 % of the drain maximum");
+    let step_figures = |pointer: &str| {
+        for field in ["latency_ms/p50", "latency_ms/p99", "latency_ms/max", "accept_latency_ms/p99", "sent_per_second"]
+        {
+            positive(&report, &format!("{pointer}/{field}"));
         }
+        assert!(
+            report.pointer(&format!("{pointer}/holds")).is_some_and(Value::is_boolean),
+            "{pointer} says if it held"
+        );
+        assert!(report.pointer(&format!("{pointer}/backlog_growth_per_second")).is_some_and(Value::is_number));
+    };
+    for i in 0..steps.len() {
+        step_figures(&format!("/e2e/steps/{i}"));
+    }
+    // The sustained maximum is the highest step that held; the latency step
+    // at half of it runs whenever one did.
+    let held = steps.iter().filter(|s| s["holds"] == true).count();
+    let sustained = report["e2e"]["sustained_per_second"].as_f64().expect("sustained maximum");
+    assert_eq!(held > 0, sustained > 0.0, "sustained > 0 exactly when a step held");
+    if held > 0 {
+        step_figures("/e2e/half_sustained");
+        positive(&report, "/latency_target/p99_ms");
+    } else {
+        assert!(report["e2e"]["half_sustained"].is_null());
     }
     positive(&report, "/rebuild/events_per_second");
-    for role in ["ingest_mib", "processor_mib", "projector_mib"] {
+    positive(&report, "/rebuild/rows_per_second");
+    for role in ["ingest_mib", "processor_mib", "projector_mib", "bench_mib"] {
         positive(&report, &format!("/memory/{role}"));
     }
-    for ratio in ["e2e_vs_slowest_raw", "edge_vs_amqp_publish", "edge_batch_vs_amqp_publish", "rebuild_vs_cql_insert"] {
+    // Noise guard and memory per phase: every phase says how loaded the
+    // machine was and how much memory the processes held.
+    let phases = report["cpu"].as_array().expect("phases");
+    assert!(phases.len() >= 10, "a record per phase");
+    for phase in phases {
+        assert!(phase["load_average_start"].is_number() && phase["steal"].is_number(), "{phase}");
+        assert!(!phase["peak_rss_mib"].as_array().expect("peak RSS").is_empty(), "{phase}");
+    }
+    assert!(report["machine"]["busy_share_before"].is_number());
+    for ratio in ["edge_single_vs_amqp_publish", "edge_batch_vs_amqp_publish", "rebuild_rows_vs_cql_batch_insert"] {
         positive(&report, &format!("/ratios/{ratio}/value"));
     }
-    positive(&report, "/latency_target/p99_ms");
-    let chart = std::fs::read_to_string(out.join("latency.svg")).expect("latency.svg is written");
-    assert!(chart.starts_with("<svg") && chart.contains("polyline"), "the chart has curves");
-    assert!(Path::new(&out.join("report.txt")).exists());
+    assert!(report["ratios"]["sustained_vs_bare"]["value"].is_number());
+    for chart in ["latency.svg", "stages.svg"] {
+        let svg = std::fs::read_to_string(out.join(chart)).unwrap_or_else(|e| panic!("{chart} is written: {e}"));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{chart} is an SVG");
+    }
+    let markdown = std::fs::read_to_string(out.join("report.md")).expect("report.md is written");
+    assert!(markdown.contains("## Ratios") && markdown.contains("bare hops"), "report.md has every section");
+
+    // --compare prints every figure of two reports side by side.
+    let compared = Command::new(sluice_bin())
+        .args(["bench", "--compare"])
+        .arg(out.join("report.json"))
+        .arg("--against")
+        .arg(out.join("report.json"))
+        .output()
+        .expect("sluice bench --compare");
+    assert!(compared.status.success(), "{}", String::from_utf8_lossy(&compared.stderr));
+    let table = String::from_utf8_lossy(&compared.stdout);
+    assert!(table.contains("| bare.ceiling.per_second |") && table.contains("+0.0 %"), "{table}");
     let _ = std::fs::remove_dir_all(&out);
 }

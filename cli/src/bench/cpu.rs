@@ -7,6 +7,10 @@
 //! Processes that start and end between two snapshots (a compiler job) are
 //! not seen one by one; their time shows in `other`, the busy time no seen
 //! process accounts for.
+//!
+//! Each phase also records the noise around it: the load average at its start
+//! and end, and CPU time stolen by the hypervisor (a run on a busy host says
+//! so instead of passing its figures off as the machine's).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -26,6 +30,21 @@ pub struct PhaseCpu {
     /// CPU seconds per group, largest first; `other` is busy time that no
     /// named group accounts for.
     pub by: Vec<(String, f64)>,
+    /// CPU seconds the hypervisor gave to someone else (steal; not in `busy`).
+    pub steal: f64,
+    /// 1-minute load average at the phase's start and end.
+    pub load_average_start: f64,
+    pub load_average_end: f64,
+    /// Peak RSS of each role process (and the bench) within the phase, MiB.
+    pub peak_rss_mib: Vec<(String, f64)>,
+}
+
+impl PhaseCpu {
+    /// CPU µs per operation by group, for `operations` done in the phase.
+    pub fn micros_per(&self, operations: u64) -> Vec<(String, f64)> {
+        let n = operations.max(1) as f64;
+        self.by.iter().map(|(who, s)| (who.clone(), s * 1e6 / n)).collect()
+    }
 }
 
 /// The sluice roles' process ids, named.
@@ -34,6 +53,8 @@ pub type Roles = Vec<(u32, &'static str)>;
 pub struct Snapshot {
     at: Instant,
     busy_ticks: u64,
+    steal_ticks: u64,
+    load_average: f64,
     processes: HashMap<u32, (String, u64)>,
 }
 
@@ -48,7 +69,8 @@ impl Snapshot {
                 }
             }
         }
-        Self { at: Instant::now(), busy_ticks: busy_ticks().unwrap_or(0), processes }
+        let (busy_ticks, steal_ticks) = machine_ticks().unwrap_or((0, 0));
+        Self { at: Instant::now(), busy_ticks, steal_ticks, load_average: load_average(), processes }
     }
 
     /// CPU seconds by group from `self` to `later`.
@@ -66,7 +88,16 @@ impl Snapshot {
         *by.entry("other".into()).or_default() += (busy - seen).max(0.0);
         let mut by: Vec<(String, f64)> = by.into_iter().filter(|(_, s)| *s >= 0.01).collect();
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
-        PhaseCpu { phase: phase.to_owned(), seconds: later.at.duration_since(self.at).as_secs_f64(), busy, by }
+        PhaseCpu {
+            phase: phase.to_owned(),
+            seconds: later.at.duration_since(self.at).as_secs_f64(),
+            busy,
+            by,
+            steal: later.steal_ticks.saturating_sub(self.steal_ticks) as f64 / TICKS_PER_SECOND,
+            load_average_start: self.load_average,
+            load_average_end: later.load_average,
+            peak_rss_mib: Vec::new(),
+        }
     }
 }
 
@@ -80,13 +111,30 @@ fn process_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// Busy ticks of all CPUs (everything but idle and iowait).
-fn busy_ticks() -> Option<u64> {
+/// Busy ticks of all CPUs (everything but idle, iowait and steal), and
+/// steal ticks.
+fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
     let values: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest is inside user).
-    Some(values.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum())
+    let busy = values.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Some((busy, values.get(7).copied().unwrap_or(0)))
+}
+
+/// The 1-minute load average (0 where /proc has none).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// The share of the machine's CPUs busy over `span` (0 to 1), measured now:
+/// the noise guard's look before a run starts.
+pub async fn busy_share(span: std::time::Duration) -> f64 {
+    let before = machine_ticks().unwrap_or((0, 0)).0;
+    tokio::time::sleep(span).await;
+    let after = machine_ticks().unwrap_or((0, 0)).0;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    (after.saturating_sub(before) as f64 / TICKS_PER_SECOND / span.as_secs_f64() / cpus).clamp(0.0, 1.0)
 }
 
 /// Who a process is: a role, this bench, a server of the stack, or other.

@@ -1,23 +1,32 @@
 //! End to end, with every role running.
 //!
-//! **Maximum.** The edge phase leaves a backlog in the work queue. The
-//! projector starts first (its group joined, nothing to read yet), then the
-//! processor, which drains the backlog as fast as it can. Over a window that
-//! starts once events reach the read model, the processors' rate is the
-//! growth of the topic's end offsets and the projector's the growth of its
-//! applied offsets; the pipeline's maximum is the smaller of the two (a
-//! stage faster than the one before it can only follow). Any higher arrival
-//! rate grows the backlog. Then more processor processes join on the same
-//! backlog (`--processors`, default 3 in all) and the processors' rate is
-//! measured again the same way: competing consumers, scaled out on one
-//! machine. The rest of the backlog is then purged.
+//! **Drain maximum.** The edge phase leaves a backlog of the workload's mix
+//! in the work queue. The projector starts first (its group joined, nothing
+//! to read yet), then the processor, which drains the backlog as fast as it
+//! can. Over a window that starts once events reach the read model, the
+//! processors' rate is the queue's shrinking (commands taken) and the
+//! projector's the growth of its applied offsets, turned into commands by the
+//! window's events per command (rejections and retries make none); the drain
+//! maximum is the smaller of the two. Then more processor processes join on
+//! the same backlog (`--processors`, default 3 in all) and the processors'
+//! rate is measured again: competing consumers, scaled out on one machine.
+//! The rest of the backlog is then purged.
 //!
-//! **Latency.** An open-loop generator sends single commands at fixed rates
-//! (fractions of the maximum) on a schedule that does not wait for answers,
-//! and each request's latency counts from its *scheduled* time, so a stalled
-//! generator or edge shows up as latency instead of hiding (coordinated
-//! omission); the generator's own lag is reported beside it. Each accepted
-//! order is then watched with `GET /orders/{id}` until it answers 200.
+//! **Sustained maximum.** A drain is not a rate that can be held. Open-loop
+//! steps offer fixed rates (fractions of the drain maximum) on a schedule
+//! that does not wait for answers; while each runs, the backlog (commands
+//! queued plus events not yet applied) is sampled. A step holds when the
+//! generator sent its rate, every command got its 202, every sampled
+//! command became visible, and the backlog stayed under a second's worth
+//! without growing. The sustained maximum is the highest rate that held;
+//! one more step at half of it gives the latency figure of the ratios.
+//!
+//! **Latency** counts from each request's *scheduled* time (coordinated
+//! omission: a stalled generator or edge shows up as latency). Following
+//! every command would itself load the servers, so one command in N (at
+//! most `MAX_SAMPLED_PER_SECOND` a second) is followed as a client would:
+//! `GET /operations/{id}` until it is terminal, then, if it changed an order,
+//! `GET /orders/{id}` until the read model shows the change.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,22 +36,28 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use lapin::options::QueuePurgeOptions;
+use serde_json::Value;
 use tokio::task::JoinSet;
 
 use super::probe::{self, queue_state, CqlTableCounts};
 use super::report::{E2eReport, Percentiles, Scaling, Step, TableOps};
 use super::roles::RoleProcess;
+use super::workload::{Command, Kind};
 use super::Bench;
 
-/// How often the pipeline is looked at while it drains.
+/// How often the pipeline is looked at.
 const SAMPLE: Duration = Duration::from_millis(250);
 
-/// The longest wait between two reads of an order not yet visible.
+/// The longest wait between two reads of a command not yet visible.
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Requests of one step allowed to be outstanding (sent, not yet visible);
-/// beyond it the generator skips sends and counts them as errors.
-const MAX_OUTSTANDING: usize = 20_000;
+/// Commands followed to the read model per second, at most.
+const MAX_SAMPLED_PER_SECOND: f64 = 50.0;
+
+/// Requests of one step waiting for their 202 at once; beyond it the
+/// generator skips sends and counts them as errors (the step fails) rather
+/// than opening ever more connections.
+const MAX_OUTSTANDING: usize = 5_000;
 
 /// `more_processor` starts one more processor process for the scaling step.
 pub async fn run(
@@ -51,7 +66,7 @@ pub async fn run(
     more_processor: &dyn Fn() -> anyhow::Result<RoleProcess>,
     step: &dyn Fn(&str),
 ) -> anyhow::Result<E2eReport> {
-    step("e2e: draining the backlog (maximum rate)");
+    step("e2e: draining the backlog (drain maximum)");
     let mut report = drain(bench, roles).await?;
     report.scaling.push(Scaling { processes: 1, commands_per_second: report.processor_per_second });
     let processes = bench.plan.processors;
@@ -70,37 +85,40 @@ pub async fn run(
         report.scaling.push(Scaling { processes, commands_per_second: rate? });
     }
     step("e2e: purging the rest of the backlog");
-    quiesce(bench, roles).await?;
+    purge(bench).await?;
+    settle(bench, roles).await?;
 
     // A short, slow run first: warms every path and measures the shortest
-    // time from 202 to readable, so later polls need not start at once.
+    // time from 202 to visible, so later polls need not start at once.
     step("e2e: warm-up");
     let warm_rate = (report.max_per_second * 0.1).clamp(1.0, 20.0);
-    let (_, floor) = fixed_rate(bench, 0.0, warm_rate, bench.plan.warmup, Duration::ZERO).await?;
+    let warm = Pace { fraction: 0.0, rate: warm_rate, duration: bench.plan.warmup, first_poll: Duration::ZERO };
+    let (_, floor) = fixed_rate(bench, roles, &warm).await?;
     let first_poll = floor.mul_f64(0.8);
 
     for fraction in bench.plan.fractions.clone() {
         let rate = report.max_per_second * fraction;
-        step(&format!("e2e: {:.0}% of the maximum, {rate:.0}/s open loop", fraction * 100.0));
-        for role in roles.iter_mut() {
-            role.check_alive()?;
-        }
-        let (s, _) = fixed_rate(bench, fraction, rate, bench.plan.step_duration, first_poll).await?;
+        step(&format!("e2e: {:.0}% of the drain maximum, {rate:.0}/s open loop", fraction * 100.0));
+        let pace = Pace { fraction, rate, duration: bench.plan.step_duration, first_poll };
+        let (s, _) = fixed_rate(bench, roles, &pace).await?;
         report.steps.push(s);
     }
-    let p = &bench.plan;
-    report.poll_interval_ms = p.poll_interval.as_secs_f64() * 1000.0;
-    report.first_poll_ms = first_poll.as_secs_f64() * 1000.0;
+    report.sustained_per_second =
+        report.steps.iter().filter(|s| s.holds).map(|s| s.sent_per_second).fold(0.0, f64::max);
+    if report.sustained_per_second > 0.0 {
+        let rate = report.sustained_per_second * 0.5;
+        step(&format!("e2e: half the sustained maximum, {rate:.0}/s open loop (latency)"));
+        let pace = Pace { fraction: 0.5, rate, duration: bench.plan.step_duration, first_poll };
+        report.half_sustained = Some(fixed_rate(bench, roles, &pace).await?.0);
+    }
     report.visibility = format!(
-        "each accepted order is read with GET /orders/{{id}} over keep-alive, first {:.0} ms after its 202 \
-         (0.8 × the shortest 202→readable time of the warm-up), then again after max({:.0} ms, a tenth of the time \
-         waited so far, at most {} ms), for at most {:.0} s; it counts as visible when a 200 arrives, so it is late \
-         by at most one wait plus one GET (≤ about 10 % of its latency beyond {:.0} ms)",
-        report.first_poll_ms,
-        report.poll_interval_ms,
+        "scheduled send → visible, for one command in N (at most {MAX_SAMPLED_PER_SECOND:.0} a second): GET \
+         /operations/{{id}} until terminal, then for a change that succeeded GET /orders/{{id}} until it shows it \
+         (submitted, shipped, cancelled); first read {:.0} ms after the 202 (0.8 × the warm-up's shortest), then \
+         after max({} ms, a tenth of the time waited, at most {} ms); late by at most one wait plus one GET",
+        first_poll.as_secs_f64() * 1000.0,
+        bench.plan.poll_interval.as_millis(),
         MAX_POLL_INTERVAL.as_millis(),
-        p.visible_timeout.as_secs_f64(),
-        report.poll_interval_ms * 10.0,
     );
     Ok(report)
 }
@@ -109,9 +127,19 @@ pub async fn run(
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
+    /// Commands ready in the work queue.
     depth: u32,
+    /// Events produced to the topic.
     produced: i64,
+    /// Events the projection applied.
     applied: i64,
+}
+
+impl Sample {
+    /// Commands waiting plus events not yet applied.
+    fn backlog(&self) -> i64 {
+        i64::from(self.depth) + (self.produced - self.applied).max(0)
+    }
 }
 
 async fn sample(bench: &Bench) -> anyhow::Result<Sample> {
@@ -119,6 +147,10 @@ async fn sample(bench: &Bench) -> anyhow::Result<Sample> {
     let produced = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let applied = probe::applied(&bench.store, 1, &bench.events_topic()).await?;
     Ok(Sample { at: Instant::now(), depth, produced, applied })
+}
+
+fn check_alive(roles: &mut [&mut RoleProcess]) -> anyhow::Result<()> {
+    roles.iter_mut().try_for_each(|role| role.check_alive())
 }
 
 /// Measures how fast the pipeline drains the backlog the edge phase left.
@@ -130,9 +162,7 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
     let began = Instant::now();
     // Wait for the first events in the read model: the roles are up.
     let first = loop {
-        for role in roles.iter_mut() {
-            role.check_alive()?;
-        }
+        check_alive(roles)?;
         let s = sample(bench).await?;
         if s.applied > 0 {
             break s;
@@ -145,19 +175,22 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
     tokio::time::sleep_until((first.at + bench.plan.drain_settle).into()).await;
     let (start, end) = window(bench).await?;
     let seconds = end.at.duration_since(start.at).as_secs_f64();
-    let processor = (end.produced - start.produced) as f64 / seconds;
-    let projector = (end.applied - start.applied) as f64 / seconds;
+    let taken = f64::from(start.depth.saturating_sub(end.depth));
+    let events_per_command = (end.produced - start.produced) as f64 / taken.max(1.0);
+    let processor = taken / seconds;
+    let projector = (end.applied - start.applied) as f64 / seconds / events_per_command.max(1e-9);
     Ok(E2eReport {
         max_per_second: processor.min(projector),
         processor_per_second: processor,
         projector_per_second: projector,
+        events_per_command,
         bottleneck: if processor <= projector { "processor" } else { "projector" }.into(),
         window_seconds: seconds,
         backlog_at_start: backlog,
         method: format!(
-            "drain of a {backlog}-command backlog left by the edge phase, processor and projector running; \
-             over a {seconds:.1} s window from {:.1} s after the first event was readable: min(Δ topic end offsets, \
-             Δ projection applied offsets) / Δt, sampled every {} ms",
+            "Drain of a {backlog}-command backlog left by the edge phase; over a {seconds:.1} s window from {:.1} s \
+             after the first event was readable: commands taken off the queue per second vs events applied per second \
+             ÷ events per command, sampled every {} ms.",
             bench.plan.drain_settle.as_secs_f64(),
             SAMPLE.as_millis()
         ),
@@ -185,7 +218,7 @@ async fn window(bench: &Bench) -> anyhow::Result<(Sample, Sample)> {
 }
 
 /// The processors' rate once `processes` processor processes consume the
-/// backlog: events produced per second over a window that opens once they
+/// backlog: commands taken per second over a window that opens once they
 /// all consume, plus the settle time.
 async fn scaled_drain(
     bench: &Bench,
@@ -209,34 +242,35 @@ async fn scaled_drain(
     }
     tokio::time::sleep(bench.plan.drain_settle).await;
     let (start, end) = window(bench).await?;
-    Ok((end.produced - start.produced) as f64 / end.at.duration_since(start.at).as_secs_f64())
+    Ok(f64::from(start.depth.saturating_sub(end.depth)) / end.at.duration_since(start.at).as_secs_f64())
 }
 
-/// Purges what is left of the backlog and waits until every produced event
-/// is applied, so the latency runs start on an idle pipeline.
-async fn quiesce(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<()> {
+async fn purge(bench: &Bench) -> anyhow::Result<()> {
     bench
         .channel
         .queue_purge(bench.work_queue().as_str().into(), QueuePurgeOptions::default())
         .await
         .context("purging the work queue")?;
-    let deadline = Instant::now() + bench.plan.start_timeout;
+    Ok(())
+}
+
+/// Waits until the pipeline is idle: nothing queued, everything produced
+/// applied, and nothing new produced since the last look (deliveries in
+/// flight). Returns how long that took.
+async fn settle(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<Duration> {
+    let began = Instant::now();
     let mut previous: Option<Sample> = None;
     loop {
-        for role in roles.iter_mut() {
-            role.check_alive()?;
-        }
+        check_alive(roles)?;
         let s = sample(bench).await?;
-        // Idle: nothing queued, everything produced is applied, and nothing
-        // new was produced since the last look (deliveries in flight).
         if s.depth == 0 && s.applied >= s.produced && previous.is_some_and(|p| p.produced == s.produced) {
-            return Ok(());
+            return Ok(began.elapsed());
         }
-        if Instant::now() > deadline {
+        if began.elapsed() > bench.plan.settle_timeout {
             bail!("the pipeline did not go idle: {} queued, {} produced, {} applied", s.depth, s.produced, s.applied);
         }
         previous = Some(s);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(SAMPLE).await;
     }
 }
 
@@ -249,32 +283,35 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// What the requests of one run record.
+/// What the requests of one step record.
 struct Recorder {
     latency: Histogram<u64>,
-    service: Histogram<u64>,
     accept: Histogram<u64>,
     lag: Histogram<u64>,
-    /// 202 to readable, for the warm-up's floor.
+    /// 202 to visible, for the warm-up's floor.
     after_accept: Histogram<u64>,
     accepted: u64,
     errors: u64,
     timeouts: u64,
 }
 
-/// Sends `rate` commands per second for `duration` on a fixed schedule and
-/// follows each to the read model. Returns the step and the shortest time
-/// from a 202 to a readable order.
-async fn fixed_rate(
-    bench: &Bench,
+/// One open-loop step: `rate` commands per second for `duration`.
+struct Pace {
     fraction: f64,
     rate: f64,
     duration: Duration,
+    /// Wait after a sampled command's 202 before its first read.
     first_poll: Duration,
-) -> anyhow::Result<(Step, Duration)> {
+}
+
+/// Sends the workload at `pace.rate` on a fixed schedule, follows sampled
+/// commands until visible, samples the backlog meanwhile, then waits for
+/// the pipeline to go idle. Returns the step and the shortest time from a
+/// 202 to a visible command.
+async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) -> anyhow::Result<(Step, Duration)> {
+    check_alive(roles)?;
     let recorder = Arc::new(Mutex::new(Recorder {
         latency: histogram(),
-        service: histogram(),
         accept: histogram(),
         lag: histogram(),
         after_accept: histogram(),
@@ -285,7 +322,10 @@ async fn fixed_rate(
     let polls = Arc::new(AtomicU64::new(0));
     let keyspace = &bench.settings.cql.keyspace;
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
-    let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let rate = pace.rate.max(0.1);
+    let total = (rate * pace.duration.as_secs_f64()).round().max(1.0) as u64;
+    let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
+    let backlog = BacklogWatch::start(bench).await?;
     let start = Instant::now() + Duration::from_millis(20);
     let mut requests = JoinSet::new();
     let mut skipped = 0;
@@ -297,73 +337,59 @@ async fn fixed_rate(
             skipped += 1;
             continue;
         }
-        let (bench_http, key, workload) = (bench.http.clone(), bench.key.clone(), bench.workload.clone());
-        let (events_url, orders_url) = (bench.url("/events"), bench.url("/orders/"));
-        let (recorder, polls) = (recorder.clone(), polls.clone());
-        let (interval, timeout) = (bench.plan.poll_interval, bench.plan.visible_timeout);
+        let command = bench.workload.next();
+        let follow = (i % sample_every == 0).then(|| Follow {
+            http: bench.http.clone(),
+            key: bench.key.clone(),
+            base: bench.url(""),
+            first_poll: pace.first_poll,
+            interval: bench.plan.poll_interval,
+            timeout: bench.plan.visible_timeout,
+            polls: polls.clone(),
+        });
+        let (http, key, url, recorder) =
+            (bench.http.clone(), bench.key.clone(), bench.url("/events"), recorder.clone());
         requests.spawn(async move {
             let sent = Instant::now();
-            let (order_id, body) = workload.single_body();
-            let answer = bench_http
-                .post(&events_url)
+            let answer = http
+                .post(&url)
                 .bearer_auth(&key)
                 .header("content-type", "application/cloudevents+json")
-                .body(body)
+                .body(command.body.to_vec())
                 .send()
                 .await;
-            let accepted = match answer {
-                Ok(response) => {
-                    let ok = response.status().as_u16() == 202;
+            let operation = match answer {
+                Ok(response) if response.status().as_u16() == 202 => {
+                    let location = response.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_owned);
                     let _ = response.bytes().await;
-                    ok
+                    Some(location.unwrap_or_default())
                 }
-                Err(_) => false,
+                Ok(response) => {
+                    let _ = response.bytes().await;
+                    None
+                }
+                Err(_) => None,
             };
             let acked = Instant::now();
             let lag = micros(sent.saturating_duration_since(scheduled));
-            if !accepted {
+            let Some(operation) = operation else {
                 let mut r = recorder.lock().unwrap_or_else(|e| e.into_inner());
                 r.lag.saturating_record(lag);
                 r.errors += 1;
                 return;
-            }
-            let url = format!("{orders_url}{order_id}");
-            let mut next = acked + first_poll;
-            let visible = loop {
-                tokio::time::sleep_until(next.into()).await;
-                polls.fetch_add(1, Ordering::Relaxed);
-                let found = match bench_http.get(&url).bearer_auth(&key).send().await {
-                    Ok(response) => {
-                        let ok = response.status().as_u16() == 200;
-                        let _ = response.bytes().await;
-                        ok
-                    }
-                    Err(_) => false,
-                };
-                let now = Instant::now();
-                if found {
-                    break Some(now);
-                }
-                let waited = now.duration_since(acked);
-                if waited > timeout {
-                    break None;
-                }
-                // The wait grows with the time already waited (a tenth of
-                // it, at least `interval`, at most MAX_POLL_INTERVAL): a
-                // slow order costs a few dozen reads instead of hundreds,
-                // which would load the store the pipeline needs, and the
-                // error stays within about a tenth of its latency.
-                let wait = interval.max(waited / 10).min(MAX_POLL_INTERVAL);
-                next = (next + wait).max(now);
             };
+            {
+                let mut r = recorder.lock().unwrap_or_else(|e| e.into_inner());
+                r.accepted += 1;
+                r.lag.saturating_record(lag);
+                r.accept.saturating_record(micros(acked - sent));
+            }
+            let Some(follow) = follow else { return };
+            let visible = follow.until_visible(&command, &operation, acked).await;
             let mut r = recorder.lock().unwrap_or_else(|e| e.into_inner());
-            r.accepted += 1;
-            r.lag.saturating_record(lag);
-            r.accept.saturating_record(micros(acked - sent));
             match visible {
                 Some(visible) => {
                     r.latency.saturating_record(micros(visible - scheduled.min(sent)));
-                    r.service.saturating_record(micros(visible - sent));
                     r.after_accept.saturating_record(micros(visible - acked));
                 }
                 None => r.timeouts += 1,
@@ -372,34 +398,170 @@ async fn fixed_rate(
     }
     let sending = start.elapsed().as_secs_f64().max(1e-3);
     let sent = total - skipped;
-    let backlog_after_sending = queue_state(&bench.channel, &bench.work_queue()).await?.0;
+    let watched = backlog.stop().await?;
     while let Some(done) = requests.join_next().await {
         done.context("a request task panicked")?;
     }
     let finished = start.elapsed().as_secs_f64();
     let cql_after = probe::cql_counts(&bench.session, keyspace).await;
-    let backlog_at_end = queue_state(&bench.channel, &bench.work_queue()).await?.0;
+    let settle_seconds = settle(bench, roles).await?.as_secs_f64();
     let r = recorder.lock().unwrap_or_else(|e| e.into_inner());
     let floor = Duration::from_micros(if r.after_accept.is_empty() { 0 } else { r.after_accept.min() });
+    let sent_per_second = sent as f64 / sending;
+    let (after_sending, max, growth) = watched.summary();
+    let errors = r.errors + skipped;
+    // A slope over less than about two seconds is noise, not growth.
+    let growth_known = watched.0.len() >= 16;
+    let holds = sent_per_second >= 0.95 * rate
+        && errors == 0
+        && r.timeouts == 0
+        && after_sending as f64 <= rate.max(100.0)
+        && (!growth_known || growth <= (0.02 * rate).max(5.0));
     let step = Step {
-        fraction,
+        fraction: pace.fraction,
         target_per_second: rate,
-        seconds: duration.as_secs_f64(),
+        seconds: pace.duration.as_secs_f64(),
         sent,
-        sent_per_second: sent as f64 / sending,
+        sent_per_second,
         accepted: r.accepted,
-        errors: r.errors + skipped,
+        errors,
+        sample_every,
         timeouts: r.timeouts,
         latency_ms: Percentiles::from_micros(&r.latency),
-        service_latency_ms: Percentiles::from_micros(&r.service),
         accept_latency_ms: Percentiles::from_micros(&r.accept),
         generator_lag_ms: Percentiles::from_micros(&r.lag),
-        backlog_after_sending,
-        backlog_at_end,
+        backlog_after_sending: after_sending,
+        backlog_max: max,
+        backlog_growth_per_second: growth,
+        holds,
+        settle_seconds,
         polls_per_second: polls.load(Ordering::Relaxed) as f64 / finished,
         cql_per_command: per_command(cql_before, cql_after, r.accepted, &bench.settings.projector.name),
     };
     Ok((step, floor))
+}
+
+/// How a sampled command is followed until it is visible.
+struct Follow {
+    http: reqwest::Client,
+    key: String,
+    /// `http://<edge>`.
+    base: String,
+    first_poll: Duration,
+    interval: Duration,
+    timeout: Duration,
+    polls: Arc<AtomicU64>,
+}
+
+impl Follow {
+    /// When the command became visible: its operation terminal and, for a
+    /// change that succeeded, the order showing it. `None` on timeout.
+    async fn until_visible(&self, command: &Command, operation: &str, acked: Instant) -> Option<Instant> {
+        let mut next = acked + self.first_poll;
+        let mut succeeded = false;
+        loop {
+            tokio::time::sleep_until(next.into()).await;
+            if !succeeded {
+                match self.get(operation).await.as_ref().and_then(|o| o["status"].as_str()) {
+                    Some("rejected" | "dead_lettered") => return Some(Instant::now()),
+                    Some("succeeded") => succeeded = true,
+                    _ => {}
+                }
+            }
+            if succeeded {
+                let order = self.get(&format!("/orders/{}", command.order_id)).await;
+                let status = order.as_ref().and_then(|o| o["status"].as_str());
+                let shows = match command.kind {
+                    Kind::Submit => order.is_some(),
+                    Kind::Ship => status == Some("shipped"),
+                    Kind::Cancel => status == Some("cancelled"),
+                };
+                if shows {
+                    return Some(Instant::now());
+                }
+            }
+            let now = Instant::now();
+            let waited = now.duration_since(acked);
+            if waited > self.timeout {
+                return None;
+            }
+            // The wait grows with the time already waited (a tenth of it,
+            // at least `interval`, at most MAX_POLL_INTERVAL): a slow
+            // command costs a few dozen reads instead of hundreds, and the
+            // error stays within about a tenth of its latency.
+            let wait = self.interval.max(waited / 10).min(MAX_POLL_INTERVAL);
+            next = (next + wait).max(now);
+        }
+    }
+
+    /// A 200's JSON body, or `None`.
+    async fn get(&self, path: &str) -> Option<Value> {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.key).send().await.ok()?;
+        if response.status().as_u16() != 200 {
+            let _ = response.bytes().await;
+            return None;
+        }
+        response.json().await.ok()
+    }
+}
+
+/// The backlog sampled every `SAMPLE` in the background while a step sends.
+struct BacklogWatch {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<Vec<(f64, i64)>>>,
+}
+
+impl BacklogWatch {
+    async fn start(bench: &Bench) -> anyhow::Result<Self> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        // The probes are cheap to clone: a channel, a Kafka client, a store.
+        let (channel, kafka, store) = (bench.channel.clone(), bench.kafka.clone(), bench.store.clone());
+        let (queue, topic) = (bench.work_queue(), bench.events_topic());
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let began = Instant::now();
+            let mut seen = Vec::new();
+            loop {
+                let (depth, _) = queue_state(&channel, &queue).await?;
+                let produced = kafka.end_offsets(&topic).await?;
+                let applied = probe::applied(&store, 1, &topic).await?;
+                let s = Sample { at: Instant::now(), depth, produced, applied };
+                seen.push((s.at.duration_since(began).as_secs_f64(), s.backlog()));
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(seen),
+                    _ = tokio::time::sleep(SAMPLE) => {}
+                }
+            }
+        });
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<Backlog> {
+        self.stop.cancel();
+        Ok(Backlog(self.task.await.context("the backlog watch panicked")??))
+    }
+}
+
+/// (seconds since the step began, backlog) samples.
+struct Backlog(Vec<(f64, i64)>);
+
+impl Backlog {
+    /// The last backlog, the largest, and the growth per second over the
+    /// second half (least-squares slope; 0 with fewer than 3 samples).
+    fn summary(&self) -> (i64, i64, f64) {
+        let last = self.0.last().map_or(0, |s| s.1);
+        let max = self.0.iter().map(|s| s.1).max().unwrap_or(0);
+        let half = &self.0[self.0.len() / 2..];
+        if half.len() < 3 {
+            return (last, max, 0.0);
+        }
+        let n = half.len() as f64;
+        let (mx, my) = (half.iter().map(|s| s.0).sum::<f64>() / n, half.iter().map(|s| s.1 as f64).sum::<f64>() / n);
+        let sxy: f64 = half.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
+        let sxx: f64 = half.iter().map(|s| (s.0 - mx).powi(2)).sum();
+        (last, max, if sxx > 0.0 { sxy / sxx } else { 0.0 })
+    }
 }
 
 /// CQL statements per command between two metric snapshots, by table; the
@@ -428,4 +590,24 @@ fn per_command(
         .collect();
     ops.sort_by(|a, b| a.table.cmp(&b.table));
     ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_growth_is_the_slope_of_the_second_half() {
+        let steady = Backlog((0..40).map(|i| (f64::from(i) * 0.25, 10 + i64::from(i % 2))).collect());
+        let (last, max, growth) = steady.summary();
+        assert_eq!((last, max), (11, 11));
+        assert!(growth.abs() < 1.0, "{growth}");
+        // Flat, then growing by 100 commands a second.
+        let growing = Backlog(
+            (0..40).map(|i| (f64::from(i) * 0.25, if i < 20 { 5 } else { 5 + 25 * i64::from(i - 20) })).collect(),
+        );
+        let (_, _, growth) = growing.summary();
+        assert!((growth - 100.0).abs() < 1.0, "{growth}");
+        assert_eq!(Backlog(vec![]).summary(), (0, 0, 0.0));
+    }
 }

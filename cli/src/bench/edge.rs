@@ -2,7 +2,9 @@
 //! connection each) POST commands to the ingest role, which is the only role
 //! running, so the figure is what the edge accepts (202 = confirmed by
 //! RabbitMQ), not what the pipeline processes. Single mode sends one
-//! structured CloudEvent per request, batch mode `batch_size` per request.
+//! structured CloudEvent of the workload's mix per request, batch mode
+//! `batch_size` per request. What it queues is the backlog the end-to-end
+//! phase drains.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,7 +51,7 @@ async fn drive(bench: &Bench, mode: Mode) -> anyhow::Result<EdgeMode> {
         clients.spawn(async move {
             while Instant::now() < deadline {
                 let body = match mode {
-                    Mode::Single => workload.single_body().1,
+                    Mode::Single => workload.next().body.to_vec(),
                     Mode::Batch(n) => workload.batch_body(n),
                 };
                 let answer =

@@ -1,16 +1,21 @@
-//! `sluice bench`: the pipeline measured against the raw ceilings of its own
-//! servers, on the same machine, in one run (issue 7).
+//! `sluice bench`: the pipeline measured against the physical limit of its
+//! own servers, on the same machine, in one run (issues 7 and 12).
 //!
-//! - [`workload`]: the commands sent, and the sizes of what they become.
+//! - [`workload`]: the commands sent (a mix that looks like use), and the
+//!   sizes of what they become.
 //! - [`roles`]: the roles as child processes of this executable; peak RSS.
 //! - [`probe`]: queue depth, produced and applied events, group state.
-//! - [`raw`]: RabbitMQ, Kafka and CQL on their own (no role running).
+//! - [`raw`]: RabbitMQ, Kafka and CQL on their own, each swept over its
+//!   in-flight window (no role running).
+//! - [`bare`]: the bare-hops ceiling: every hop a command needs, with the
+//!   same client crates and no sluice logic: what sluice is measured against.
 //! - [`edge`]: accepted commands per second, the ingest role alone.
-//! - [`e2e`]: the sustained maximum and open-loop latency, every role running.
-//! - [`rebuild`]: replay rate of a blue/green rebuild.
-//! - [`report`]: the report, its ratios and targets, the table.
-//! - [`chart`]: the latency chart (SVG).
-//! - [`cpu`]: CPU time per process group in each phase.
+//! - [`e2e`]: the drain maximum, the sustained maximum (open-loop steps) and
+//!   latency, every role running.
+//! - [`rebuild`]: replay rate of a blue/green rebuild, in events and rows.
+//! - [`report`]: the report, its ratios, Markdown, and `--compare`.
+//! - [`chart`]: latency against offered load, and each stage's rate (SVG).
+//! - [`cpu`]: CPU time per process group, noise and peak RSS in each phase.
 //!
 //! Every run has a tenant of its own (`bench<hex>`, with a random key) and a
 //! projection of its own (`bench_<hex>`): its queues, topics, consumer groups
@@ -18,6 +23,7 @@
 //! removed at the end unless `keep` is set. Load goes only to the configured
 //! servers and the roles' loopback edge, and every phase is bounded in time.
 
+pub mod bare;
 pub mod chart;
 pub mod cpu;
 pub mod e2e;
@@ -48,7 +54,7 @@ use sluice_schemas::{catalog, cql, names};
 use self::probe::KafkaProbe;
 use self::report::{Machine, MemoryReport, Report};
 use self::roles::{ConfigFile, RoleProcess};
-use self::workload::Workload;
+use self::workload::{Mix, Workload};
 use crate::serve::connect_cql;
 use crate::settings::Settings;
 
@@ -60,11 +66,16 @@ const CONTEXT: &str = sluice_schemas::orders::CONTEXT;
 pub struct Plan {
     /// `full` or `quick`.
     pub mode: &'static str,
-    /// Operations in flight in the raw phases and closed-loop edge clients;
-    /// default the processors' prefetch, the pipeline's own concurrency.
+    /// Closed-loop edge clients; default the processors' prefetch.
     pub concurrency: usize,
+    /// In-flight windows every ceiling (raw and bare) is swept over.
+    pub windows: Vec<usize>,
+    /// The workload's mix of commands, and the seed of its draws.
+    pub mix: Mix,
+    pub seed: u64,
     /// Events per request in the edge's batch mode.
     pub batch_size: usize,
+    /// Length of each window of a ceiling's sweep.
     pub raw_duration: Duration,
     /// Per mode; single mode's backlog is also what the pipeline drains.
     pub edge_duration: Duration,
@@ -83,48 +94,57 @@ pub struct Plan {
     pub poll_interval: Duration,
     /// An order not readable this long after its 202 counts as timed out.
     pub visible_timeout: Duration,
-    /// Longest wait for roles to start or the pipeline to go idle.
+    /// Longest wait for roles to start.
     pub start_timeout: Duration,
+    /// Longest wait for the pipeline to go idle after a step.
+    pub settle_timeout: Duration,
     /// Keep the run's queues, topics and tables for inspection.
     pub keep: bool,
 }
 
 impl Plan {
-    /// The full run: a few minutes.
+    /// The full run: about ten minutes.
     pub fn full(concurrency: usize) -> Self {
         Self {
             mode: "full",
             concurrency,
+            windows: vec![32, 128, 512],
+            mix: Mix::default(),
+            seed: 12,
             batch_size: 20,
-            raw_duration: Duration::from_secs(10),
+            raw_duration: Duration::from_secs(5),
             edge_duration: Duration::from_secs(10),
-            drain_window: Duration::from_secs(30),
+            drain_window: Duration::from_secs(20),
             drain_settle: Duration::from_secs(3),
             processors: 3,
             warmup: Duration::from_secs(5),
-            step_duration: Duration::from_secs(30),
-            fractions: vec![0.25, 0.5, 0.75],
+            step_duration: Duration::from_secs(20),
+            fractions: vec![0.25, 0.5, 0.75, 0.9, 1.0, 1.1],
             poll_interval: Duration::from_millis(5),
             visible_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(90),
+            settle_timeout: Duration::from_secs(120),
             keep: false,
         }
     }
 
-    /// A smoke run of every phase in well under a minute; its figures are
-    /// too short-lived to quote.
+    /// A smoke run of every phase in about a minute; its figures are too
+    /// short-lived to quote.
     pub fn quick(concurrency: usize) -> Self {
         Self {
             mode: "quick",
-            raw_duration: Duration::from_millis(1_000),
+            windows: vec![32, 128],
+            raw_duration: Duration::from_millis(600),
             edge_duration: Duration::from_millis(1_500),
-            drain_window: Duration::from_secs(3),
+            drain_window: Duration::from_secs(2),
             drain_settle: Duration::from_millis(500),
             processors: 2,
             warmup: Duration::from_secs(1),
-            step_duration: Duration::from_secs(2),
+            step_duration: Duration::from_millis(1_500),
+            fractions: vec![0.25, 0.5],
             visible_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(60),
+            settle_timeout: Duration::from_secs(60),
             ..Self::full(concurrency)
         }
     }
@@ -172,12 +192,29 @@ impl Bench {
         names::events_topic(self.workload.tenant(), CONTEXT)
     }
 
-    /// Ends the phase under way (recording its CPU use) and starts `next`.
+    /// Ends the phase under way (recording its CPU use and each process's
+    /// peak RSS within it) and starts `next`.
     fn phase(&self, next: Option<&str>) {
         let mut log = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
         let now = cpu::Snapshot::take(&log.roles);
+        let mut processes: Vec<(u32, &str)> = log.roles.clone();
+        processes.push((std::process::id(), "bench"));
+        // Peaks since the last reset, then a reset: the next phase's peak
+        // is its own. A role that has exited is simply not listed.
+        let mut peaks: Vec<(String, f64)> = Vec::new();
+        for (pid, name) in processes {
+            if let Ok(kib) = roles::peak_rss_kib(pid) {
+                let mib = kib as f64 / 1024.0;
+                match peaks.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, peak)) => *peak = peak.max(mib),
+                    None => peaks.push((name.to_owned(), mib)),
+                }
+                roles::reset_peak_rss(pid);
+            }
+        }
         if let Some((name, start)) = log.current.take() {
-            let spent = start.until(&now, &name);
+            let mut spent = start.until(&now, &name);
+            spent.peak_rss_mib = peaks;
             log.phases.push(spent);
         }
         log.current = next.map(|n| (n.to_owned(), now));
@@ -208,8 +245,10 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
 /// Runs every phase against the stack `base` points at; `step` hears the
 /// name of each phase as it starts. The roles' logs go to `<out>/logs/`.
 pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Report> {
+    step("noise guard: how busy is the machine before the run");
+    let busy_share_before = cpu::busy_share(Duration::from_secs(2)).await;
     let began = Instant::now();
-    let load_average_start = load_average();
+    let load_average_start = cpu::load_average();
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
     let (tenant, projection) = (format!("bench{id}"), format!("bench_{id}"));
@@ -228,10 +267,11 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         .timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")?;
+    let workload = Workload::new(&tenant, plan.mix, plan.seed);
     let bench = Bench {
         plan,
         settings,
-        workload: Arc::new(Workload::new(&tenant)),
+        workload: Arc::new(workload),
         key,
         http,
         session,
@@ -248,7 +288,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     };
     let result = phases(&bench, out, &tracked).await;
     bench.phase(None);
-    let load_average_end = load_average();
+    let load_average_end = cpu::load_average();
     if !bench.plan.keep {
         step("removing the run's queues, topics and tables");
         for problem in cleanup(&bench).await {
@@ -259,17 +299,27 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let Bench { plan, kafka, cpu, .. } = bench;
     kafka.close().await;
     let cpu = cpu.into_inner().unwrap_or_else(|e| e.into_inner()).phases;
-    let (raw, edge, e2e, rebuild, mut memory) = result?;
-    memory.bench_mib = roles::peak_rss_kib(std::process::id())? as f64 / 1024.0;
-    let (ratios, latency_target) = Report::ratios(&raw, &edge, &e2e, &rebuild);
+    let Phases { raw, bare, edge, e2e, rebuild, mut memory } = result?;
+    memory.bench_mib = peak_over_run(&cpu, "bench");
+    let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let warning = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
+        format!(
+            "the machine was busy when the run started ({:.0} % of its CPUs in the two seconds before, load average \
+             {load_average_start:.1} on {cpus} CPUs): these figures are not comparable with a quiet run's",
+            busy_share_before * 100.0
+        )
+    });
     Ok(Report {
         mode: plan.mode,
         started_at,
         seconds: began.elapsed().as_secs_f64(),
-        machine: Machine { load_average_start, load_average_end, ..machine() },
+        machine: Machine { load_average_start, load_average_end, busy_share_before, warning, ..machine() },
         tenant,
         projection,
+        mix: plan.mix,
         raw,
+        bare,
         edge,
         e2e,
         rebuild,
@@ -280,10 +330,23 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     })
 }
 
-type Phases = (report::RawReport, report::EdgeReport, report::E2eReport, report::RebuildReport, MemoryReport);
+struct Phases {
+    raw: report::RawReport,
+    bare: report::BareReport,
+    edge: report::EdgeReport,
+    e2e: report::E2eReport,
+    rebuild: report::RebuildReport,
+    memory: MemoryReport,
+}
+
+/// The largest per-phase peak RSS of `who`, MiB.
+fn peak_over_run(phases: &[cpu::PhaseCpu], who: &str) -> f64 {
+    phases.iter().flat_map(|p| &p.peak_rss_mib).filter(|(n, _)| n == who).map(|(_, mib)| *mib).fold(0.0, f64::max)
+}
 
 async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Phases> {
     let raw = raw::run(bench, step).await?;
+    let bare = bare::run(bench, step).await?;
 
     let config = ConfigFile::write(&bench.settings)?;
     let logs = out.join("logs");
@@ -302,13 +365,17 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
 
-    let memory = MemoryReport {
-        ingest_mib: ingest.peak_rss_kib()? as f64 / 1024.0,
-        processor_mib: processor.peak_rss_kib()? as f64 / 1024.0,
-        projector_mib: projector.peak_rss_kib()? as f64 / 1024.0,
-        bench_mib: 0.0,
-    };
+    // A new phase: the last e2e phase's peaks are recorded while the roles live.
     step("stopping the roles");
+    let memory = {
+        let log = bench.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        MemoryReport {
+            ingest_mib: peak_over_run(&log.phases, "ingest"),
+            processor_mib: peak_over_run(&log.phases, "processor"),
+            projector_mib: peak_over_run(&log.phases, "projector"),
+            bench_mib: 0.0,
+        }
+    };
     let grace = Duration::from_secs(30);
     let stopped = [ingest.stop(grace).await, processor.stop(grace).await, projector.stop(grace).await];
     for outcome in stopped {
@@ -317,7 +384,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
 
     step("rebuild: replaying the topic into a new version");
     let rebuild = rebuild::run(bench).await?;
-    Ok((raw, edge, e2e, rebuild, memory))
+    Ok(Phases { raw, bare, edge, e2e, rebuild, memory })
 }
 
 /// Waits until the edge answers `/readyz` (connected to RabbitMQ).
@@ -381,8 +448,11 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
         let retries = &bench.settings.processor.retry_delays_ms;
         queues.extend(retries.iter().map(|d| sluice_processors::amqp::topology::retry_queue(tenant, context, *d)));
     }
-    queues.push(raw::raw_queue(tenant));
-    queues.push(names::dead_letter_queue(tenant, raw::RAW_CONTEXT));
+    for (queue, context) in [(raw::raw_queue(tenant), raw::RAW_CONTEXT), (bare::bare_queue(tenant), bare::BARE_CONTEXT)]
+    {
+        queues.push(queue);
+        queues.push(names::dead_letter_queue(tenant, context));
+    }
     for queue in &queues {
         if let Err(e) = bench.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
             problems.push(format!("deleting queue {queue}: {e}"));
@@ -393,6 +463,7 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     let mut topics: Vec<String> = contexts.iter().map(|c| names::events_topic(tenant, c)).collect();
     topics.push(sluice_projections::dead_letter::dead_letter_topic(&topic, projection));
     topics.push(raw::raw_topic(tenant));
+    topics.push(bare::bare_topic(tenant));
     let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
     match ClientConfig::new()
         .set("bootstrap.servers", &bench.settings.kafka.brokers)
@@ -416,8 +487,8 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
 
     let active = bench.store.versions().get(projection).await.map(|v| v.active).unwrap_or(1);
     let mut tables: Vec<String> = (1..=active.max(2)).flat_map(|v| cql::read_model_tables(projection, v)).collect();
-    tables.push(raw::raw_orders_table(projection));
-    tables.push(raw::raw_events_table(projection));
+    tables.extend(raw::raw_tables(projection));
+    tables.extend(bare::bare_tables(projection));
     for table in &tables {
         if let Err(e) = bench.session.query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await {
             problems.push(format!("dropping {table}: {e}"));
@@ -451,11 +522,6 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     problems
 }
 
-/// The 1-minute load average (0 where /proc has none).
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
-}
-
 fn machine() -> Machine {
     let memory_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -466,17 +532,18 @@ fn machine() -> Machine {
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         memory_mib: memory_kib / 1024,
         build: if cfg!(debug_assertions) { "debug" } else { "release" },
-        load_average_start: 0.0,
-        load_average_end: 0.0,
+        ..Default::default()
     }
 }
 
-/// Writes `report.json`, `report.txt` and `latency.svg` into `out`.
+/// Writes `report.json`, `report.md`, `latency.svg` (latency percentiles
+/// against offered load) and `stages.svg` (each stage's rate) into `out`.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(out.join("report.json"), json).context("writing report.json")?;
-    std::fs::write(out.join("report.txt"), report.table()).context("writing report.txt")?;
-    std::fs::write(out.join("latency.svg"), chart::svg(report)).context("writing latency.svg")?;
+    std::fs::write(out.join("report.md"), report.markdown()).context("writing report.md")?;
+    std::fs::write(out.join("latency.svg"), chart::latency(report)).context("writing latency.svg")?;
+    std::fs::write(out.join("stages.svg"), chart::stages(report)).context("writing stages.svg")?;
     Ok(())
 }

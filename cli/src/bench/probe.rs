@@ -29,7 +29,8 @@ pub async fn queue_state(channel: &Channel, queue: &str) -> anyhow::Result<(u32,
     Ok((q.message_count(), q.consumer_count()))
 }
 
-/// A Kafka client for metadata, end offsets and group states.
+/// A Kafka client for metadata, end offsets and group states (clones share it).
+#[derive(Clone)]
 pub struct KafkaProbe {
     consumer: Arc<BaseConsumer>,
 }

@@ -1,10 +1,13 @@
 //! The raw ceilings: what RabbitMQ, Kafka and the CQL store do on their own
-//! on this machine, driven with the client libraries the roles use, messages
-//! of the size the pipeline moves, and as many operations in flight as the
-//! processors have (their prefetch). No sluice role runs meanwhile.
+//! on this machine, driven with the client libraries the roles use and
+//! messages of the size the pipeline moves. No sluice role runs meanwhile.
 //!
-//! Each phase runs for a fixed time; every operation is awaited to its
-//! durable end (confirm, delivery report, write), as the pipeline awaits it.
+//! Each ceiling is swept over its in-flight window (`Plan::windows`, e.g.
+//! 32, 128, 512 operations at once): a closed loop at one window measures a
+//! round trip, not capacity; the best window of the sweep is the ceiling.
+//! Every operation is awaited to its durable end (confirm, delivery report,
+//! write), as the pipeline awaits it, and each window reports the CPU time
+//! per operation of every server process.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,17 +25,22 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use scylla::client::session::Session;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use sluice_schemas::{cql, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::report::{RawReport, Throughput};
+use super::cpu;
+use super::report::{Ceiling, RawReport, SweepPoint, Throughput};
 use super::Bench;
 
 /// The bounded context name of the raw phase's queue and topic
 /// (`<tenant>.raw.commands`, `<tenant>.raw.events`).
 pub const RAW_CONTEXT: &str = "raw";
+
+/// Rows per unlogged batch in the batched-insert ceiling (one partition).
+pub const ROWS_PER_BATCH: usize = 16;
 
 /// Names of what the raw phases create, for the cleanup.
 pub fn raw_queue(tenant: &str) -> String {
@@ -43,37 +51,99 @@ pub fn raw_topic(tenant: &str) -> String {
     names::events_topic(tenant, RAW_CONTEXT)
 }
 
+/// The raw phases' tables: copies of the read model's tables (projection
+/// `<projection>_raw`, version 1) and of the event store table.
+pub fn raw_tables(projection: &str) -> Vec<String> {
+    let mut tables = cql::read_model_tables(&format!("{projection}_raw"), 1);
+    tables.push(raw_events_table(projection));
+    tables
+}
+
 /// The copy of the read model's order table the raw inserts go to.
-pub fn raw_orders_table(projection: &str) -> String {
+fn raw_orders_table(projection: &str) -> String {
     format!("{projection}_raw_by_id_v1")
 }
 
+/// The copy of the by-customer table the batched inserts go to.
+fn raw_customer_table(projection: &str) -> String {
+    format!("{projection}_raw_by_customer_v1")
+}
+
 /// The copy of the event store table the raw LWT inserts go to.
-pub fn raw_events_table(projection: &str) -> String {
+fn raw_events_table(projection: &str) -> String {
     format!("{projection}_raw_events")
 }
 
 pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport> {
-    let duration = bench.plan.raw_duration;
-    step("raw: RabbitMQ publish with confirms");
-    let (amqp_publish, published) = amqp_publish(bench, duration).await?;
-    step("raw: RabbitMQ consume with acks");
-    let amqp_consume = amqp_consume(bench, duration, published).await?;
-    step("raw: Kafka idempotent produce");
-    let kafka_produce = kafka_produce(bench, duration).await?;
-    step("raw: CQL prepared inserts");
-    let cql_insert = cql_insert(bench, duration).await?;
-    step("raw: CQL inserts IF NOT EXISTS");
-    let cql_lwt_insert = cql_lwt_insert(bench, duration).await?;
+    let (duration, windows) = (bench.plan.raw_duration, bench.plan.windows.clone());
+    let mut amqp_publish = Vec::new();
+    let mut published = 0;
+    for &w in &windows {
+        step(&format!("raw: RabbitMQ publish with confirms, {w} in flight"));
+        let p = point(w, amqp_publish_at(bench, w, duration)).await?;
+        published += p.rate.count;
+        amqp_publish.push(p);
+    }
+    let mut amqp_consume = Vec::new();
+    for &w in &windows {
+        step(&format!("raw: RabbitMQ consume with acks, prefetch {w}"));
+        let available = published.saturating_sub(amqp_consume.iter().map(|p: &SweepPoint| p.rate.count).sum());
+        if available == 0 {
+            break;
+        }
+        amqp_consume.push(point(w, amqp_consume_at(bench, w, duration, available)).await?);
+    }
+    let mut kafka_produce = Vec::new();
+    for &w in &windows {
+        step(&format!("raw: Kafka idempotent produce, {w} in flight"));
+        kafka_produce.push(point(w, kafka_produce_at(bench, w, duration)).await?);
+    }
+    let mut cql_insert = Vec::new();
+    let insert = CqlInsert::prepare(bench).await?;
+    for &w in &windows {
+        step(&format!("raw: CQL prepared inserts, {w} in flight"));
+        cql_insert.push(point(w, insert.run(bench, w, duration)).await?);
+    }
+    let mut cql_batch_insert = Vec::new();
+    let batched = CqlInsert::prepare_batch(bench).await?;
+    for &w in &windows {
+        step(&format!("raw: CQL unlogged batches of {ROWS_PER_BATCH} rows, {w} in flight"));
+        cql_batch_insert.push(point(w, batched.run(bench, w, duration)).await?);
+    }
+    let mut cql_lwt_insert = Vec::new();
+    for &w in &windows {
+        step(&format!("raw: CQL inserts IF NOT EXISTS, {w} in flight"));
+        cql_lwt_insert.push(point(w, cql_lwt_insert_at(bench, w, duration)).await?);
+    }
     Ok(RawReport {
-        concurrency: bench.plan.concurrency,
-        amqp_publish,
-        amqp_consume,
-        kafka_produce,
-        cql_insert,
-        cql_lwt_insert,
+        windows,
+        amqp_publish: Ceiling::new("publishes", amqp_publish),
+        amqp_consume: Ceiling::new("deliveries", amqp_consume),
+        kafka_produce: Ceiling::new("records", kafka_produce),
+        cql_insert: Ceiling::new("rows", cql_insert),
+        cql_batch_insert: Ceiling::new("rows", cql_batch_insert),
+        cql_lwt_insert: Ceiling::new("rows", cql_lwt_insert),
+        rows_per_batch: ROWS_PER_BATCH,
         command_bytes: bench.workload.command_bytes().len(),
         event_bytes: bench.workload.event_bytes()?.len(),
+    })
+}
+
+/// Measures one window: the work's rate and the CPU each process group
+/// spent per operation meanwhile.
+pub async fn point(
+    window: usize,
+    work: impl Future<Output = anyhow::Result<Throughput>>,
+) -> anyhow::Result<SweepPoint> {
+    let no_roles = cpu::Roles::new();
+    let before = cpu::Snapshot::take(&no_roles);
+    let rate = work.await?;
+    let spent = before.until(&cpu::Snapshot::take(&no_roles), "");
+    Ok(SweepPoint {
+        window,
+        cpu_us_per_op: spent.micros_per(rate.count),
+        busy_us_per_op: spent.busy * 1e6 / rate.count.max(1) as f64,
+        rate,
     })
 }
 
@@ -113,8 +183,8 @@ pub async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
 
 /// Persistent, mandatory publishes through the command exchange into a
 /// quorum queue declared with the work queues' own arguments, with the edge's
-/// properties and headers. Returns the rate and how many were published.
-async fn amqp_publish(bench: &Bench, duration: Duration) -> anyhow::Result<(Throughput, u64)> {
+/// properties and headers, `window` awaiting their confirms at once.
+async fn amqp_publish_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
     let tenant = bench.workload.tenant();
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
@@ -125,7 +195,7 @@ async fn amqp_publish(bench: &Bench, duration: Duration) -> anyhow::Result<(Thro
     let body = Arc::new(bench.workload.command_bytes());
     let routing_key = names::routing_key(tenant, RAW_CONTEXT);
     let (source, tenant) = (bench.workload.source().to_owned(), tenant.to_owned());
-    let rate = closed_loop(bench.plan.concurrency, duration, |deadline| {
+    let rate = closed_loop(window, duration, |deadline| {
         let (channel, body, routing_key, source, tenant) =
             (channel.clone(), body.clone(), routing_key.clone(), source.clone(), tenant.clone());
         async move {
@@ -174,18 +244,22 @@ async fn amqp_publish(bench: &Bench, duration: Duration) -> anyhow::Result<(Thro
     })
     .await?;
     let _ = connection.close(200, "raw publish done".into()).await;
-    let published = rate.count;
-    Ok((rate, published))
+    Ok(rate)
 }
 
 /// Consumes what the publish phase left, acking each delivery on its own
-/// (as the processors do), prefetch = concurrency, until all are taken or
-/// `duration` has passed.
-async fn amqp_consume(bench: &Bench, duration: Duration, available: u64) -> anyhow::Result<Throughput> {
+/// (as the processors do), prefetch = `window`, until `available` are taken
+/// or `duration` has passed.
+async fn amqp_consume_at(
+    bench: &Bench,
+    window: usize,
+    duration: Duration,
+    available: u64,
+) -> anyhow::Result<Throughput> {
     let queue = raw_queue(bench.workload.tenant());
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
-    let prefetch = u16::try_from(bench.plan.concurrency).unwrap_or(u16::MAX);
+    let prefetch = u16::try_from(window).unwrap_or(u16::MAX);
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let started = Instant::now();
     let consumer = channel
@@ -204,7 +278,7 @@ async fn amqp_consume(bench: &Bench, duration: Duration, available: u64) -> anyh
     };
     consumer
         .take_until(done.clone().cancelled_owned())
-        .for_each_concurrent(bench.plan.concurrency, |delivery| {
+        .for_each_concurrent(window, |delivery| {
             let (acked, last_ack, done) = (acked.clone(), last_ack.clone(), done.clone());
             async move {
                 let Ok(delivery) = delivery else { return };
@@ -224,8 +298,9 @@ async fn amqp_consume(bench: &Bench, duration: Duration, available: u64) -> anyh
     Ok(Throughput::new(count, seconds))
 }
 
-/// The processors' producer settings, the event's size and its headers.
-async fn kafka_produce(bench: &Bench, duration: Duration) -> anyhow::Result<Throughput> {
+/// The processors' producer settings, the event's size and its headers,
+/// `window` records awaiting their delivery reports at once.
+async fn kafka_produce_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
     let topic = raw_topic(bench.workload.tenant());
     sluice_processors::kafka::ensure_topics(
         &bench.settings.kafka.brokers,
@@ -243,8 +318,14 @@ async fn kafka_produce(bench: &Bench, duration: Duration) -> anyhow::Result<Thro
         .create()
         .context("creating a Kafka producer")?;
     let payload = Arc::new(bench.workload.event_bytes()?);
+    // One record first: a new producer waits for its idempotence id (and a
+    // new broker loads its coordinators), which is not what the window measures.
+    producer
+        .send(FutureRecord::<str, [u8]>::to(&topic).key("warm-up").payload(payload.as_slice()), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("raw produce warm-up: {e}"))?;
     let (workload, source) = (bench.workload.clone(), bench.workload.source().to_owned());
-    let rate = closed_loop(bench.plan.concurrency, duration, |deadline| {
+    let rate = closed_loop(window, duration, |deadline| {
         let (producer, payload, topic, workload, source) =
             (producer.clone(), payload.clone(), topic.clone(), workload.clone(), source.clone());
         async move {
@@ -288,48 +369,102 @@ async fn create_copy(session: &Session, statements: &[String], original: &str, t
     Ok(())
 }
 
-/// The projection's OrderSubmitted write: the same statement and values as
-/// the read model's order row, into a copy of its table.
-async fn cql_insert(bench: &Bench, duration: Duration) -> anyhow::Result<Throughput> {
-    let session = bench.session.clone();
-    let projection = &bench.settings.projector.name;
-    let table = raw_orders_table(projection);
-    // The read-model statements of a projection named `<p>_raw`, version 1.
-    let statements = cql::create_read_model_tables(&format!("{projection}_raw"), 1);
-    create_copy(&session, &statements, &table, &table).await?;
-    let insert = session
-        .prepare(format!(
-            "INSERT INTO {table} (tenant, order_id, customer_id, status, currency, lines, total_cents, \
-             version, submitted_at, updated_at) VALUES (?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
-        ))
-        .await
-        .context("preparing the raw insert")?;
-    let lines = serde_json::to_string(&bench.workload.submit_order("o-0")["data"]["lines"])?;
-    let tenant = bench.workload.tenant().to_owned();
-    let workload = bench.workload.clone();
-    closed_loop(bench.plan.concurrency, duration, |deadline| {
-        let (session, insert, lines, tenant, workload) =
-            (session.clone(), insert.clone(), lines.clone(), tenant.clone(), workload.clone());
-        async move {
-            let mut n = 0;
-            while Instant::now() < deadline {
-                let order_id = workload.next_order();
-                let at = CqlTimestamp(chrono::Utc::now().timestamp_millis());
-                session
-                    .execute_unpaged(&insert, (&tenant, &order_id, "c-1", "EUR", &lines, 2100i64, 1i64, at, at, 1i64))
-                    .await
-                    .context("raw insert")?;
-                n += 1;
-            }
-            Ok(n)
+/// A prepared write of the read model's rows: one row, or a batch of
+/// `ROWS_PER_BATCH` rows.
+#[derive(Clone)]
+enum CqlInsert {
+    Single(scylla::statement::prepared::PreparedStatement),
+    Batched(Arc<Batch>),
+}
+
+impl CqlInsert {
+    /// The projection's OrderSubmitted write: the same statement and values
+    /// as the read model's order row, into a copy of its table.
+    async fn prepare(bench: &Bench) -> anyhow::Result<Self> {
+        let session = &bench.session;
+        let projection = &bench.settings.projector.name;
+        let table = raw_orders_table(projection);
+        let statements = cql::create_read_model_tables(&format!("{projection}_raw"), 1);
+        create_copy(session, &statements, &table, &table).await?;
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {table} (tenant, order_id, customer_id, status, currency, lines, total_cents, \
+                 version, submitted_at, updated_at) VALUES (?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await
+            .context("preparing the raw insert")?;
+        Ok(Self::Single(insert))
+    }
+
+    /// Unlogged batches of `ROWS_PER_BATCH` rows of one partition of the
+    /// by-customer table (one customer's orders): how a projection that
+    /// groups its writes by partition key writes rows.
+    async fn prepare_batch(bench: &Bench) -> anyhow::Result<Self> {
+        let session = &bench.session;
+        let projection = &bench.settings.projector.name;
+        let table = raw_customer_table(projection);
+        let statements = cql::create_read_model_tables(&format!("{projection}_raw"), 1);
+        create_copy(session, &statements, &table, &table).await?;
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {table} (tenant, customer_id, submitted_at, order_id, status, currency, total_cents, \
+                 version) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await
+            .context("preparing the raw batched insert")?;
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for _ in 0..ROWS_PER_BATCH {
+            batch.append_statement(insert.clone());
         }
-    })
-    .await
+        Ok(Self::Batched(Arc::new(batch)))
+    }
+
+    /// `window` executions in flight for `duration`; counts rows.
+    async fn run(&self, bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
+        let rows = match self {
+            Self::Single(_) => 1,
+            Self::Batched(_) => ROWS_PER_BATCH,
+        };
+        let session = bench.session.clone();
+        let lines = bench.workload.lines_json();
+        let tenant = bench.workload.tenant().to_owned();
+        let workload = bench.workload.clone();
+        let executions = closed_loop(window, duration, |deadline| {
+            let (session, lines, tenant, workload, insert) =
+                (session.clone(), lines.clone(), tenant.clone(), workload.clone(), self.clone());
+            async move {
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let at = CqlTimestamp(chrono::Utc::now().timestamp_millis());
+                    match &insert {
+                        Self::Single(insert) => {
+                            let order_id = workload.next_order();
+                            let values = (&tenant, &order_id, "c-1", "EUR", &lines, 2100i64, 1i64, at, at, 1i64);
+                            session.execute_unpaged(insert, values).await.context("raw insert")?;
+                        }
+                        Self::Batched(batch) => {
+                            let customer = format!("c-{}", n % 1000);
+                            let values: Vec<_> = (0..ROWS_PER_BATCH)
+                                .map(|_| {
+                                    (&tenant, customer.clone(), at, workload.next_order(), "EUR", 2100i64, 1i64, 1i64)
+                                })
+                                .collect();
+                            session.batch(batch, values).await.context("raw batched insert")?;
+                        }
+                    }
+                    n += 1;
+                }
+                Ok(n)
+            }
+        })
+        .await?;
+        Ok(Throughput::new(executions.count * rows as u64, executions.seconds))
+    }
 }
 
 /// The event store's append: INSERT … IF NOT EXISTS (a Paxos round on
 /// Cassandra), into a copy of the `events` table.
-async fn cql_lwt_insert(bench: &Bench, duration: Duration) -> anyhow::Result<Throughput> {
+async fn cql_lwt_insert_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
     let session = bench.session.clone();
     let table = raw_events_table(&bench.settings.projector.name);
     create_copy(&session, &cql::create_tables(), "events", &table).await?;
@@ -340,10 +475,10 @@ async fn cql_lwt_insert(bench: &Bench, duration: Duration) -> anyhow::Result<Thr
         ))
         .await
         .context("preparing the raw LWT insert")?;
-    let payload = serde_json::to_string(&bench.workload.submit_order("o-0")["data"])?;
+    let payload = String::from_utf8(bench.workload.command_bytes())?;
     let tenant = bench.workload.tenant().to_owned();
     let workload = bench.workload.clone();
-    closed_loop(bench.plan.concurrency, duration, |deadline| {
+    closed_loop(window, duration, |deadline| {
         let (session, insert, payload, tenant, workload) =
             (session.clone(), insert.clone(), payload.clone(), tenant.clone(), workload.clone());
         async move {

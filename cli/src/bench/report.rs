@@ -1,11 +1,17 @@
-//! The benchmark's findings: one serializable report (written as
-//! `report.json`), the ratios and targets of issue 7 computed from it, and
-//! the table printed at the end (also written as `report.txt`).
+//! The benchmark's findings: one serializable report (`report.json`), the
+//! ratios of issue 12 computed from it, the same report as Markdown
+//! (`report.md`, also what a run prints), and `--compare`: the change of
+//! every figure between two reports.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use serde_json::Value;
+
+use super::cpu::PhaseCpu;
+use super::workload::Mix;
 
 /// A count over a time.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -21,40 +27,75 @@ impl Throughput {
     }
 }
 
+/// One in-flight window of a ceiling's sweep.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepPoint {
+    /// Operations in flight at once.
+    pub window: usize,
+    pub rate: Throughput,
+    /// CPU µs per operation of each process group (servers, the bench's
+    /// clients, `other`), largest first.
+    pub cpu_us_per_op: Vec<(String, f64)>,
+    /// Busy CPU µs of the whole machine per operation.
+    pub busy_us_per_op: f64,
+}
+
+/// A ceiling: the best window of a sweep.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ceiling {
+    /// What one operation is (publishes, rows, commands…).
+    pub unit: &'static str,
+    pub best_window: usize,
+    pub per_second: f64,
+    pub sweep: Vec<SweepPoint>,
+}
+
+impl Ceiling {
+    pub fn new(unit: &'static str, sweep: Vec<SweepPoint>) -> Self {
+        let best = sweep.iter().max_by(|a, b| a.rate.per_second.total_cmp(&b.rate.per_second));
+        Self {
+            unit,
+            best_window: best.map_or(0, |p| p.window),
+            per_second: best.map_or(0.0, |p| p.rate.per_second),
+            sweep,
+        }
+    }
+
+    fn best(&self) -> Option<&SweepPoint> {
+        self.sweep.iter().find(|p| p.window == self.best_window)
+    }
+}
+
 /// The servers' own ceilings, measured with the roles' client libraries.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RawReport {
-    /// Operations in flight at once in every raw phase (the processors' prefetch).
-    pub concurrency: usize,
+    /// The in-flight windows every ceiling was swept over.
+    pub windows: Vec<usize>,
     /// Persistent, mandatory publishes to a quorum queue declared like the
     /// work queues, each awaited until the broker's confirm.
-    pub amqp_publish: Throughput,
-    /// Deliveries of that queue, acked one by one, prefetch = concurrency.
-    pub amqp_consume: Throughput,
+    pub amqp_publish: Ceiling,
+    /// Deliveries of that queue, acked one by one, prefetch = window.
+    pub amqp_consume: Ceiling,
     /// Idempotent produce (acks=all, linger 2 ms, as the processors).
-    pub kafka_produce: Throughput,
+    pub kafka_produce: Ceiling,
     /// Prepared INSERTs of the read model's order row (USING TIMESTAMP).
-    pub cql_insert: Throughput,
-    /// Prepared INSERT … IF NOT EXISTS into a copy of the event store table:
-    /// the processors' append. Context for the end-to-end figure, not a ceiling.
-    pub cql_lwt_insert: Throughput,
+    pub cql_insert: Ceiling,
+    /// Unlogged batches of `rows_per_batch` rows of one partition, in rows.
+    pub cql_batch_insert: Ceiling,
+    /// INSERT … IF NOT EXISTS into a copy of the event store table (a Paxos
+    /// round): context for what an LWT per append costs, not a ceiling.
+    pub cql_lwt_insert: Ceiling,
+    pub rows_per_batch: usize,
     pub command_bytes: usize,
     pub event_bytes: usize,
 }
 
-impl RawReport {
-    /// The slowest of the ceilings the pipeline stands on.
-    pub fn slowest(&self) -> (&'static str, f64) {
-        [
-            ("amqp_publish", self.amqp_publish.per_second),
-            ("amqp_consume", self.amqp_consume.per_second),
-            ("kafka_produce", self.kafka_produce.per_second),
-            ("cql_insert", self.cql_insert.per_second),
-        ]
-        .into_iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("four ceilings")
-    }
+/// The bare-hops pipeline: every hop a command needs, no sluice logic.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BareReport {
+    pub hops: String,
+    /// Commands through every hop per second, swept over the window.
+    pub ceiling: Ceiling,
 }
 
 /// Closed-loop clients against the edge alone.
@@ -70,7 +111,7 @@ pub struct EdgeMode {
     pub commands_per_second: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct EdgeReport {
     pub clients: usize,
     pub batch_size: usize,
@@ -78,7 +119,7 @@ pub struct EdgeReport {
     pub batch: EdgeMode,
 }
 
-/// Milliseconds at the percentiles that matter, and the curve for the chart.
+/// Milliseconds at the percentiles that matter, and the curve for charts.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
     pub count: u64,
@@ -87,15 +128,7 @@ pub struct Percentiles {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
-    /// (percentile, ms) pairs from 0 to 100, for the chart.
-    pub curve: Vec<(f64, f64)>,
 }
-
-/// Percentiles at which the chart's curves are drawn.
-const CURVE: [f64; 25] = [
-    0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 93.0, 95.0, 97.0, 98.0, 99.0, 99.3, 99.5, 99.7, 99.9,
-    99.93, 99.95, 99.97, 99.99, 99.999, 100.0,
-];
 
 impl Percentiles {
     /// From a histogram of microseconds.
@@ -111,15 +144,14 @@ impl Percentiles {
             p99: ms(0.99),
             p999: ms(0.999),
             max: h.max() as f64 / 1000.0,
-            curve: CURVE.iter().map(|p| (*p, ms(p / 100.0))).collect(),
         }
     }
 }
 
-/// One open-loop run at a fixed rate.
+/// One open-loop run at a fixed offered rate.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Step {
-    /// Of the end-to-end maximum.
+    /// Of the drain maximum (or, for the latency step, of the sustained maximum).
     pub fraction: f64,
     pub target_per_second: f64,
     pub seconds: f64,
@@ -129,29 +161,33 @@ pub struct Step {
     pub accepted: u64,
     /// Answers other than 202, and transport errors.
     pub errors: u64,
-    /// Orders not readable within the visibility timeout.
+    /// Every `sample_every`-th command is followed to the read model.
+    pub sample_every: u64,
+    /// Sampled commands not visible within the visibility timeout.
     pub timeouts: u64,
-    /// From the request's scheduled send time to the order being readable:
-    /// what a client that wanted to send then waits, coordinated omission
-    /// included.
+    /// Sampled commands: from the scheduled send to the command being
+    /// visible (its operation terminal and, if it changed the order, the
+    /// read model showing the change). Coordinated omission included.
     pub latency_ms: Percentiles,
-    /// From the actual send to the order being readable.
-    pub service_latency_ms: Percentiles,
-    /// From the actual send to the 202.
+    /// From the actual send to the 202 (every command).
     pub accept_latency_ms: Percentiles,
     /// How late the generator sent each request against its schedule.
     pub generator_lag_ms: Percentiles,
-    /// Commands waiting in the work queue when the step's last request was
-    /// sent (a backlog that grows with the step's length means the rate is
-    /// above what the pipeline sustains)…
-    pub backlog_after_sending: u32,
-    /// …and once every request of the step was readable or timed out.
-    pub backlog_at_end: u32,
-    /// Read-model GETs per second spent on watching for visibility.
+    /// Commands queued plus events not yet applied, sampled while sending:
+    /// at the end of sending, the largest seen, and its growth per second
+    /// over the second half (least squares).
+    pub backlog_after_sending: i64,
+    pub backlog_max: i64,
+    pub backlog_growth_per_second: f64,
+    /// The pipeline kept up: the generator sent the rate, nothing failed,
+    /// the backlog stayed under a second's worth and did not grow.
+    pub holds: bool,
+    /// Seconds the pipeline needed after the step to be idle again.
+    pub settle_seconds: f64,
+    /// Visibility reads (operation and order GETs) per second.
     pub polls_per_second: f64,
     /// CQL statements per accepted command during the step, by table, from
-    /// the store's own metrics (empty where it has none). The reads of the
-    /// projection's `by_id` table include the visibility polls.
+    /// the store's own metrics (empty where it has none).
     pub cql_per_command: Vec<TableOps>,
 }
 
@@ -166,22 +202,27 @@ pub struct TableOps {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct E2eReport {
-    /// The highest rate the pipeline sustains: min(processor, projector)
-    /// while draining a backlog.
+    /// The drain maximum: min(processor, projector) in commands/s while
+    /// draining a backlog; the offered rates are fractions of it.
     pub max_per_second: f64,
-    /// Events produced to Kafka per second while draining.
+    /// Commands taken off the work queue per second while draining.
     pub processor_per_second: f64,
-    /// Events applied to the read model per second while draining.
+    /// Events applied per second while draining, in commands (÷ events per command).
     pub projector_per_second: f64,
+    pub events_per_command: f64,
     pub bottleneck: String,
     pub window_seconds: f64,
     pub backlog_at_start: u32,
     pub method: String,
-    /// How "read-model-visible" was measured.
+    /// How visibility was measured.
     pub visibility: String,
-    pub poll_interval_ms: f64,
-    pub first_poll_ms: f64,
+    /// The open-loop sweep.
     pub steps: Vec<Step>,
+    /// The highest offered rate whose step held (accepted commands/s), 0
+    /// when none did.
+    pub sustained_per_second: f64,
+    /// The latency step at half the sustained maximum.
+    pub half_sustained: Option<Step>,
     /// The processors' rate on the same backlog with 1, then N processor
     /// processes (competing consumers of one queue).
     pub scaling: Vec<Scaling>,
@@ -190,23 +231,27 @@ pub struct E2eReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scaling {
     pub processes: usize,
-    /// Events produced per second (one per command in the bench workload).
+    /// Commands taken off the work queue per second.
     pub commands_per_second: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RebuildReport {
     pub events: u64,
+    /// Read-model rows written (from the store's write counters where it
+    /// has them, else events × rows of an OrderSubmitted).
+    pub rows: u64,
+    pub rows_counted_by_store: bool,
     pub seconds: f64,
     pub events_per_second: f64,
-    /// CQL writes one OrderSubmitted costs the projection.
-    pub writes_per_event: usize,
+    pub rows_per_second: f64,
     pub version: i32,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MemoryReport {
-    /// Peak RSS (VmHWM) of each role process over the whole run, MiB.
+    /// Peak RSS (VmHWM) of each role process over the whole run, MiB; per
+    /// phase in `cpu[].peak_rss_mib`.
     pub ingest_mib: f64,
     pub processor_mib: f64,
     pub projector_mib: f64,
@@ -223,40 +268,44 @@ pub struct Ratio {
 }
 
 impl Ratio {
-    fn new(numerator: f64, denominator: f64, target: f64, of: String) -> Self {
+    fn new(numerator: f64, denominator: f64, target: f64, of: &str) -> Self {
         let value = if denominator > 0.0 { numerator / denominator } else { 0.0 };
-        Self { value, target, met: value >= target, of }
+        Self { value, target, met: value >= target, of: of.to_owned() }
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
-    pub e2e_vs_slowest_raw: Ratio,
-    /// Single mode: one publish per request, `concurrency` clients, as the raw phase.
-    pub edge_vs_amqp_publish: Ratio,
-    /// Batch mode, for comparison (more publishes in flight than the raw phase).
+    pub sustained_vs_bare: Ratio,
+    pub edge_single_vs_amqp_publish: Ratio,
     pub edge_batch_vs_amqp_publish: Ratio,
-    pub rebuild_vs_cql_insert: Ratio,
+    pub rebuild_rows_vs_cql_batch_insert: Ratio,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyTarget {
-    pub fraction: f64,
+    /// The offered rate of the latency step (half the sustained maximum).
+    pub per_second: f64,
     pub p99_ms: f64,
     pub target_ms: f64,
     pub met: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Machine {
     pub cpus: usize,
     pub memory_mib: u64,
     /// `release` or `debug`: a debug build's figures say little.
     pub build: &'static str,
-    /// 1-minute load average when the run started and when it ended: other
-    /// work on the machine competes with the stack and the bench for CPUs.
+    /// 1-minute load average when the run started and when it ended.
     pub load_average_start: f64,
     pub load_average_end: f64,
+    /// Share of the CPUs busy over the two seconds before the run (the
+    /// stack idling costs a few percent).
+    pub busy_share_before: f64,
+    /// Set when the machine was busy before the run: its figures are not
+    /// comparable with a quiet run's.
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,165 +316,205 @@ pub struct Report {
     pub machine: Machine,
     pub tenant: String,
     pub projection: String,
+    pub mix: Mix,
     pub raw: RawReport,
+    pub bare: BareReport,
     pub edge: EdgeReport,
     pub e2e: E2eReport,
     pub rebuild: RebuildReport,
     pub memory: MemoryReport,
-    /// CPU seconds per process group in each phase.
-    pub cpu: Vec<super::cpu::PhaseCpu>,
+    /// CPU seconds per process group, noise and peak RSS in each phase.
+    pub cpu: Vec<PhaseCpu>,
     pub ratios: Ratios,
     pub latency_target: LatencyTarget,
 }
 
 impl Report {
-    /// The ratios and targets of the issue, from the measured figures.
+    /// The ratios and the latency target, from the measured figures.
     pub fn ratios(
         raw: &RawReport,
+        bare: &BareReport,
         edge: &EdgeReport,
         e2e: &E2eReport,
         rebuild: &RebuildReport,
     ) -> (Ratios, LatencyTarget) {
-        let (slowest, slowest_rate) = raw.slowest();
         let ratios = Ratios {
-            e2e_vs_slowest_raw: Ratio::new(e2e.max_per_second, slowest_rate, 0.8, format!("e2e max / raw {slowest}")),
-            edge_vs_amqp_publish: Ratio::new(
+            sustained_vs_bare: Ratio::new(
+                e2e.sustained_per_second,
+                bare.ceiling.per_second,
+                0.8,
+                "sustained e2e / bare-hops ceiling",
+            ),
+            edge_single_vs_amqp_publish: Ratio::new(
                 edge.single.commands_per_second,
                 raw.amqp_publish.per_second,
                 0.8,
-                "edge single / raw amqp_publish".into(),
+                "edge single / raw publish at saturation",
             ),
             edge_batch_vs_amqp_publish: Ratio::new(
                 edge.batch.commands_per_second,
                 raw.amqp_publish.per_second,
                 0.8,
-                "edge batch / raw amqp_publish".into(),
+                "edge batch / raw publish at saturation",
             ),
-            rebuild_vs_cql_insert: Ratio::new(
-                rebuild.events_per_second,
-                raw.cql_insert.per_second,
+            rebuild_rows_vs_cql_batch_insert: Ratio::new(
+                rebuild.rows_per_second,
+                raw.cql_batch_insert.per_second,
                 0.8,
-                "rebuild events / raw cql_insert".into(),
+                "rebuild rows / raw batched insert rows",
             ),
         };
-        let half = e2e.steps.iter().min_by(|a, b| (a.fraction - 0.5).abs().total_cmp(&(b.fraction - 0.5).abs()));
-        let (fraction, p99) = half.map_or((0.5, 0.0), |s| (s.fraction, s.latency_ms.p99));
-        let latency = LatencyTarget { fraction, p99_ms: p99, target_ms: 50.0, met: p99 > 0.0 && p99 <= 50.0 };
+        let (per_second, p99) =
+            e2e.half_sustained.as_ref().map_or((0.0, 0.0), |s| (s.target_per_second, s.latency_ms.p99));
+        let latency = LatencyTarget { per_second, p99_ms: p99, target_ms: 50.0, met: p99 > 0.0 && p99 <= 50.0 };
         (ratios, latency)
     }
 
-    /// The table printed at the end of a run.
-    pub fn table(&self) -> String {
+    /// The report as Markdown: printed at the end of a run, and `report.md`.
+    pub fn markdown(&self) -> String {
         let mut t = String::new();
         let m = &self.machine;
         let _ = writeln!(
             t,
-            "sluice bench ({} mode, {} build, {} CPUs, {} MiB, load average {:.1} → {:.1}) — tenant {}, {:.0} s",
-            self.mode,
-            m.build,
-            m.cpus,
-            m.memory_mib,
+            "# sluice bench — {} mode, {} build, {} CPUs, {} MiB",
+            self.mode, m.build, m.cpus, m.memory_mib
+        );
+        let _ = writeln!(
+            t,
+            "\nStarted {} (tenant `{}`), {:.0} s. Load average {:.2} → {:.2}; CPUs busy before the start: {:.0} %.",
+            self.started_at,
+            self.tenant,
+            self.seconds,
             m.load_average_start,
             m.load_average_end,
-            self.tenant,
-            self.seconds
+            m.busy_share_before * 100.0
         );
-        let r = &self.raw;
+        if let Some(warning) = &m.warning {
+            let _ = writeln!(t, "\n**Warning: {warning}**");
+        }
+        let x = &self.mix;
         let _ = writeln!(
             t,
-            "\nRAW CEILINGS ({} in flight; command {} B JSON, event {} B Avro)",
-            r.concurrency, r.command_bytes, r.event_bytes
+            "\nWorkload: {:.0} % SubmitOrder (new orders), {:.0} % ShipOrder, {:.0} % CancelOrder (orders drawn with skew \
+             from the 5,000 newest), {:.0} % client retries of an earlier CloudEvent.",
+            x.submit * 100.0,
+            x.ship * 100.0,
+            x.cancel * 100.0,
+            x.retry * 100.0
         );
-        let raw_line = |t: &mut String, name: &str, x: &Throughput, note: &str| {
-            let _ = writeln!(t, "  {name:<34} {:>10.0} /s  ({} in {:.1} s){note}", x.per_second, x.count, x.seconds);
-        };
-        raw_line(&mut t, "RabbitMQ publish, confirms", &r.amqp_publish, "");
-        raw_line(&mut t, "RabbitMQ consume, acks", &r.amqp_consume, "");
-        raw_line(&mut t, "Kafka produce, idempotent acks=all", &r.kafka_produce, "");
-        raw_line(&mut t, "CQL prepared insert", &r.cql_insert, "");
-        raw_line(&mut t, "CQL insert IF NOT EXISTS (LWT)", &r.cql_lwt_insert, "  [context]");
+
+        let r = &self.raw;
+        let windows: Vec<String> = r.windows.iter().map(usize::to_string).collect();
+        let _ = writeln!(
+            t,
+            "\n## Ceilings\n\nEach swept over {} operations in flight; the best window counts. Command {} B JSON, event {} B Avro.\n",
+            windows.join(", "),
+            r.command_bytes,
+            r.event_bytes
+        );
+        let _ = writeln!(t, "| what | best /s | window | per window (/s) | CPU µs per operation at the best window |");
+        let _ = writeln!(t, "|---|---:|---:|---|---|");
+        let b = &self.bare;
+        for (name, c) in [
+            ("RabbitMQ publish, confirms", &r.amqp_publish),
+            ("RabbitMQ consume, acks", &r.amqp_consume),
+            ("Kafka produce, idempotent acks=all", &r.kafka_produce),
+            ("CQL insert (rows)", &r.cql_insert),
+            (&*format!("CQL unlogged batch of {} (rows)", r.rows_per_batch), &r.cql_batch_insert),
+            ("CQL insert IF NOT EXISTS (context)", &r.cql_lwt_insert),
+            ("**bare hops** (commands, every hop)", &b.ceiling),
+        ] {
+            let sweep: Vec<String> =
+                c.sweep.iter().map(|p| format!("{}: {:.0}", p.window, p.rate.per_second)).collect();
+            let cpu = c.best().map(cpu_line).unwrap_or_default();
+            let _ = writeln!(t, "| {name} | {:.0} | {} | {} | {cpu} |", c.per_second, c.best_window, sweep.join(" · "));
+        }
+        let _ = writeln!(t, "\nBare hops: {}.", b.hops);
 
         let e = &self.edge;
-        let _ = writeln!(t, "\nEDGE (ingest role only, {} keep-alive clients)", e.clients);
-        let _ = writeln!(
-            t,
-            "  {:<34} {:>10.0} /s  ({} accepted, {} errors)",
-            "single (structured)", e.single.commands_per_second, e.single.commands, e.single.errors
-        );
-        let _ = writeln!(
-            t,
-            "  {:<34} {:>10.0} /s  ({} requests/s, {} errors)",
-            format!("batch of {}", e.batch_size),
-            e.batch.commands_per_second,
-            e.batch.requests_per_second.round(),
-            e.batch.errors
-        );
+        let _ = writeln!(t, "\n## Edge (ingest role alone, {} keep-alive clients)\n", e.clients);
+        let _ = writeln!(t, "| mode | commands/s | requests/s | errors |\n|---|---:|---:|---:|");
+        for (name, mode) in
+            [("single (structured)".to_owned(), &e.single), (format!("batch of {}", e.batch_size), &e.batch)]
+        {
+            let _ = writeln!(
+                t,
+                "| {name} | {:.0} | {:.0} | {} |",
+                mode.commands_per_second, mode.requests_per_second, mode.errors
+            );
+        }
 
         let x = &self.e2e;
-        let _ = writeln!(t, "\nEND TO END (POST → read model)");
+        let _ = writeln!(t, "\n## End to end (POST → visible)\n");
         let _ = writeln!(
             t,
-            "  {:<34} {:>10.0} /s  (processor {:.0}/s, projector {:.0}/s; bottleneck {}; {:.1} s window from a backlog of {})",
-            "max sustained", x.max_per_second, x.processor_per_second, x.projector_per_second, x.bottleneck, x.window_seconds, x.backlog_at_start
+            "Drain maximum {:.0} commands/s (processors {:.0}/s, projector {:.0}/s at {:.2} events per command; \
+             bottleneck: {}). {}",
+            x.max_per_second,
+            x.processor_per_second,
+            x.projector_per_second,
+            x.events_per_command,
+            x.bottleneck,
+            x.method
         );
-        for (i, scaled) in x.scaling.iter().enumerate() {
+        for (i, s) in x.scaling.iter().enumerate() {
             let relative = x.scaling.first().filter(|_| i > 0).map(|one| {
-                format!(" ({:.2} × one process)", scaled.commands_per_second / one.commands_per_second.max(1e-9))
+                format!(" ({:.2} × one process)", s.commands_per_second / one.commands_per_second.max(1e-9))
             });
             let _ = writeln!(
                 t,
-                "  {:<34} {:>10.0} /s{}",
-                format!("processors, {} process(es)", scaled.processes),
-                scaled.commands_per_second,
+                "- processors, {} process(es): {:.0} commands/s{}",
+                s.processes,
+                s.commands_per_second,
                 relative.unwrap_or_default()
             );
         }
         let _ = writeln!(
             t,
-            "  {:>6} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
-            "rate",
-            "target/s",
-            "sent/s",
-            "p50 ms",
-            "p99",
-            "p99.9",
-            "max",
-            "lag p99",
-            "lag max",
-            "errors",
-            "timeout",
-            "queued"
+            "\n| offered /s | of max | sent /s | accepted | p50 ms | p90 | p99 | p99.9 | max | 202 p99 | lag p99 | \
+             backlog end | growth /s | settle s | holds |"
         );
-        for s in &x.steps {
+        let _ = writeln!(t, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for s in x.steps.iter().chain(&x.half_sustained) {
             let l = &s.latency_ms;
             let _ = writeln!(
                 t,
-                "  {:>5.0}% {:>8.0} {:>8.0} | {:>8.1} {:>8.1} {:>8.1} {:>8.1} | {:>8.1} {:>8.1} | {:>7} {:>7} {:>7}",
-                s.fraction * 100.0,
+                "| {:.0} | {:.0} % | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
                 s.target_per_second,
+                s.fraction * 100.0,
                 s.sent_per_second,
+                s.accepted,
                 l.p50,
+                l.p90,
                 l.p99,
                 l.p999,
                 l.max,
+                s.accept_latency_ms.p99,
                 s.generator_lag_ms.p99,
-                s.generator_lag_ms.max,
-                s.errors,
-                s.timeouts,
-                s.backlog_after_sending
+                s.backlog_after_sending,
+                s.backlog_growth_per_second,
+                s.settle_seconds,
+                if s.holds { "yes" } else { "**no**" }
             );
         }
-        let _ = writeln!(t, "  latency = scheduled send → order readable; {}", x.visibility);
-        let polls: Vec<String> = x.steps.iter().map(|s| format!("{:.0}", s.polls_per_second)).collect();
-        let _ = writeln!(t, "  visibility polls: {} GET/s per step", polls.join(", "));
+        let _ = writeln!(
+            t,
+            "\nSustained maximum: **{:.0} commands/s** (the highest offered rate that held){}.",
+            x.sustained_per_second,
+            x.half_sustained
+                .as_ref()
+                .map(|s| format!("; the last row is the latency step at half of it ({:.0}/s)", s.target_per_second))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(t, "Latency: {}", x.visibility);
         if let Some(s) = x.steps.iter().find(|s| !s.cql_per_command.is_empty()) {
             let sum = |f: fn(&TableOps) -> f64| s.cql_per_command.iter().map(f).sum::<f64>();
             let each: Vec<String> =
                 s.cql_per_command.iter().map(|o| format!("{} {:.1}w/{:.1}r", o.table, o.writes, o.reads)).collect();
             let _ = writeln!(
                 t,
-                "  CQL per command at {:.0}%: {:.1} writes, {:.1} reads ({})",
-                s.fraction * 100.0,
+                "CQL per command at {:.0}/s: {:.1} writes, {:.1} reads ({}).",
+                s.target_per_second,
                 sum(|o| o.writes),
                 sum(|o| o.reads),
                 each.join(", ")
@@ -433,59 +522,172 @@ impl Report {
         }
 
         let b = &self.rebuild;
-        let _ = writeln!(t, "\nREBUILD (blue/green into version {})", b.version);
         let _ = writeln!(
             t,
-            "  {:<34} {:>10.0} /s  ({} events in {:.1} s; {} CQL writes per event)",
-            "replay from earliest", b.events_per_second, b.events, b.seconds, b.writes_per_event
+            "\n## Rebuild (blue/green into version {})\n\n{:.0} events/s, {:.0} rows/s ({} events, {} rows{} in {:.1} s).",
+            b.version,
+            b.events_per_second,
+            b.rows_per_second,
+            b.events,
+            b.rows,
+            if b.rows_counted_by_store { " counted by the store" } else { " estimated" },
+            b.seconds
         );
 
         let mem = &self.memory;
-        let _ = writeln!(t, "\nPEAK RSS (VmHWM)");
         let _ = writeln!(
             t,
-            "  ingest {:.0} MiB, processor {:.0} MiB, projector {:.0} MiB (bench itself {:.0} MiB)",
-            mem.ingest_mib, mem.processor_mib, mem.projector_mib, mem.bench_mib
+            "\n## Memory and noise by phase\n\nPeak RSS over the run: ingest {:.0} MiB, processor {:.0} MiB, projector {:.0} MiB, \
+             bench {:.0} MiB. CPU in % of one core ({} cores = {} %).\n",
+            mem.ingest_mib,
+            mem.processor_mib,
+            mem.projector_mib,
+            mem.bench_mib,
+            m.cpus,
+            m.cpus * 100
         );
-
-        let _ = writeln!(t, "\nCPU BY PHASE (% of one core; {} cores = {}%)", m.cpus, m.cpus * 100);
+        let _ = writeln!(t, "| phase | s | busy % | steal s | load | peak RSS MiB | CPU by process group (%) |");
+        let _ = writeln!(t, "|---|---:|---:|---:|---|---|---|");
         for phase in self.cpu.iter().filter(|p| p.seconds >= 0.5) {
             let pct = |s: f64| s / phase.seconds * 100.0;
             let top: Vec<String> = phase.by.iter().take(6).map(|(who, s)| format!("{who} {:.0}", pct(*s))).collect();
+            let rss: Vec<String> = phase.peak_rss_mib.iter().map(|(who, mib)| format!("{who} {mib:.0}")).collect();
             let _ = writeln!(
                 t,
-                "  {:<48} {:>5.1} s  busy {:>3.0}%: {}",
+                "| {} | {:.1} | {:.0} | {:.1} | {:.1} → {:.1} | {} | {} |",
                 phase.phase,
                 phase.seconds,
                 pct(phase.busy),
+                phase.steal,
+                phase.load_average_start,
+                phase.load_average_end,
+                rss.join(", "),
                 top.join(", ")
             );
         }
 
-        let _ = writeln!(t, "\nRATIOS (target ≥ 0.8)");
-        let ratio = |t: &mut String, r: &Ratio| {
-            let _ = writeln!(t, "  {:<40} {:>6.2}  {}", r.of, r.value, if r.met { "met" } else { "MISSED" });
-        };
-        ratio(&mut t, &self.ratios.e2e_vs_slowest_raw);
-        ratio(&mut t, &self.ratios.edge_vs_amqp_publish);
-        ratio(&mut t, &self.ratios.edge_batch_vs_amqp_publish);
-        ratio(&mut t, &self.ratios.rebuild_vs_cql_insert);
+        let _ = writeln!(t, "\n## Ratios\n\n| ratio | value | target | |\n|---|---:|---:|---|");
+        let rs = &self.ratios;
+        for r in [
+            &rs.sustained_vs_bare,
+            &rs.edge_single_vs_amqp_publish,
+            &rs.edge_batch_vs_amqp_publish,
+            &rs.rebuild_rows_vs_cql_batch_insert,
+        ] {
+            let _ = writeln!(
+                t,
+                "| {} | {:.2} | ≥ {:.1} | {} |",
+                r.of,
+                r.value,
+                r.target,
+                if r.met { "met" } else { "**missed**" }
+            );
+        }
         let lt = &self.latency_target;
         let _ = writeln!(
             t,
-            "  {:<40} {:>6.1}  {} (target ≤ {:.0} ms)",
-            format!("e2e p99 ms at {:.0}% of max", lt.fraction * 100.0),
+            "| e2e p99 ms at half the sustained maximum ({:.0}/s) | {:.1} | ≤ {:.0} | {} |",
+            lt.per_second,
             lt.p99_ms,
-            if lt.met { "met" } else { "MISSED" },
-            lt.target_ms
+            lt.target_ms,
+            if lt.met { "met" } else { "**missed**" }
         );
         t
+    }
+}
+
+/// "rabbitmq 41, bench 20 (busy 70)": the groups that spent ≥ 1 µs.
+fn cpu_line(p: &SweepPoint) -> String {
+    let groups: Vec<String> =
+        p.cpu_us_per_op.iter().filter(|(_, us)| *us >= 1.0).map(|(who, us)| format!("{who} {us:.0}")).collect();
+    format!("{} (machine {:.0})", groups.join(", "), p.busy_us_per_op)
+}
+
+/// Every number of two reports side by side, with its change: the figures
+/// are found by their JSON paths, so the comparison follows any report
+/// shape (a figure present in one report only is listed as such).
+pub fn compare(old: &Value, new: &Value) -> String {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten(old, String::new(), &mut a);
+    flatten(new, String::new(), &mut b);
+    let mut t = String::from("| figure | old | new | change |\n|---|---:|---:|---:|\n");
+    let paths: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for path in paths {
+        let line = match (a.get(path), b.get(path)) {
+            (Some(o), Some(n)) => {
+                let change = if *o != 0.0 { format!("{:+.1} %", (n - o) / o.abs() * 100.0) } else { "—".into() };
+                format!("| {path} | {} | {} | {change} |", number(*o), number(*n))
+            }
+            (Some(o), None) => format!("| {path} | {} | (none) | |", number(*o)),
+            (None, Some(n)) => format!("| {path} | (none) | {} | |", number(*n)),
+            (None, None) => continue,
+        };
+        let _ = writeln!(t, "{line}");
+    }
+    t
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Numeric leaves by path. Arrays of objects with a naming field (`window`,
+/// `processes`, `phase`, `fraction`) are keyed by it, so a sweep point or a
+/// phase is compared with its namesake, not with whatever has its index;
+/// `[name, number]` pairs (CPU by group) are keyed by the name.
+fn flatten(value: &Value, path: String, out: &mut BTreeMap<String, f64>) {
+    match value {
+        Value::Number(n) => {
+            if let Some(v) = n.as_f64() {
+                out.insert(path, v);
+            }
+        }
+        Value::Bool(b) => {
+            out.insert(path, if *b { 1.0 } else { 0.0 });
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                flatten(v, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let key = match item {
+                    Value::Array(pair) if pair.len() == 2 && pair[0].is_string() => {
+                        pair[0].as_str().unwrap_or_default().to_owned()
+                    }
+                    Value::Object(map) => ["window", "processes", "phase", "fraction", "table"]
+                        .iter()
+                        .find_map(|k| {
+                            map.get(*k).map(|v| format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_owned)))
+                        })
+                        .unwrap_or_else(|| i.to_string()),
+                    _ => i.to_string(),
+                };
+                let item = match item {
+                    Value::Array(pair) if pair.len() == 2 && pair[0].is_string() => &pair[1],
+                    other => other,
+                };
+                flatten(item, format!("{path}[{key}]"), out);
+            }
+        }
+        _ => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn point(window: usize, per_second: u64) -> SweepPoint {
+        SweepPoint { window, rate: Throughput::new(per_second, 1.0), ..Default::default() }
+    }
 
     #[test]
     fn percentiles_come_from_microseconds() {
@@ -498,44 +700,62 @@ mod tests {
         assert!((p.p50 - 500.0).abs() < 1.0, "{}", p.p50);
         assert!((p.p99 - 990.0).abs() < 1.0, "{}", p.p99);
         assert!((p.max - 1000.0).abs() < 1.0);
-        assert_eq!(p.curve.len(), CURVE.len());
         assert_eq!(Percentiles::from_micros(&Histogram::new_with_bounds(1, 10, 2).unwrap()).count, 0);
     }
 
     #[test]
-    fn ratios_name_the_slowest_ceiling() {
+    fn a_ceiling_is_its_best_window() {
+        let c = Ceiling::new("rows", vec![point(32, 900), point(128, 1500), point(512, 1400)]);
+        assert_eq!((c.best_window, c.per_second), (128, 1500.0));
+        assert_eq!(Ceiling::new("rows", vec![]).per_second, 0.0);
+    }
+
+    #[test]
+    fn ratios_use_the_bare_ceiling_saturation_and_rows() {
         let raw = RawReport {
-            concurrency: 32,
-            amqp_publish: Throughput::new(1000, 1.0),
-            amqp_consume: Throughput::new(2000, 1.0),
-            kafka_produce: Throughput::new(500, 1.0),
-            cql_insert: Throughput::new(800, 1.0),
-            cql_lwt_insert: Throughput::new(100, 1.0),
-            command_bytes: 300,
-            event_bytes: 100,
-        };
-        let edge = EdgeReport {
-            clients: 32,
-            batch_size: 20,
-            single: EdgeMode { commands_per_second: 900.0, ..Default::default() },
-            batch: EdgeMode { commands_per_second: 700.0, ..Default::default() },
-        };
-        let e2e = E2eReport {
-            max_per_second: 300.0,
-            steps: vec![Step {
-                fraction: 0.5,
-                latency_ms: Percentiles { p99: 40.0, ..Default::default() },
-                ..Default::default()
-            }],
+            amqp_publish: Ceiling::new("publishes", vec![point(32, 1000), point(128, 2000)]),
+            cql_batch_insert: Ceiling::new("rows", vec![point(32, 10_000)]),
             ..Default::default()
         };
-        let rebuild = RebuildReport { events_per_second: 400.0, ..Default::default() };
-        let (ratios, latency) = Report::ratios(&raw, &edge, &e2e, &rebuild);
-        assert_eq!(ratios.e2e_vs_slowest_raw.of, "e2e max / raw kafka_produce");
-        assert!((ratios.e2e_vs_slowest_raw.value - 0.6).abs() < 1e-9);
-        assert!(!ratios.e2e_vs_slowest_raw.met);
-        assert!(ratios.edge_vs_amqp_publish.met);
-        assert!((ratios.rebuild_vs_cql_insert.value - 0.5).abs() < 1e-9);
-        assert!(latency.met);
+        let bare = BareReport { ceiling: Ceiling::new("commands", vec![point(32, 500)]), ..Default::default() };
+        let edge = EdgeReport {
+            single: EdgeMode { commands_per_second: 1800.0, ..Default::default() },
+            batch: EdgeMode { commands_per_second: 1000.0, ..Default::default() },
+            ..Default::default()
+        };
+        let half = Step {
+            target_per_second: 150.0,
+            latency_ms: Percentiles { p99: 40.0, ..Default::default() },
+            ..Default::default()
+        };
+        let e2e = E2eReport { sustained_per_second: 300.0, half_sustained: Some(half), ..Default::default() };
+        let rebuild = RebuildReport { rows_per_second: 5000.0, ..Default::default() };
+        let (ratios, latency) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
+        assert!((ratios.sustained_vs_bare.value - 0.6).abs() < 1e-9);
+        assert!(!ratios.sustained_vs_bare.met);
+        assert!((ratios.edge_single_vs_amqp_publish.value - 0.9).abs() < 1e-9, "against the best window");
+        assert!(!ratios.edge_batch_vs_amqp_publish.met);
+        assert!((ratios.rebuild_rows_vs_cql_batch_insert.value - 0.5).abs() < 1e-9);
+        assert!(latency.met && latency.per_second == 150.0);
+    }
+
+    #[test]
+    fn compare_matches_figures_by_name_not_position() {
+        let old = serde_json::json!({
+            "raw": {"sweep": [{"window": 32, "per_second": 100.0}, {"window": 128, "per_second": 200.0}]},
+            "cpu": [["kafka", 2.0]],
+            "gone": 1
+        });
+        let new = serde_json::json!({
+            "raw": {"sweep": [{"window": 128, "per_second": 300.0}]},
+            "cpu": [["kafka", 1.0]],
+            "added": 5
+        });
+        let table = compare(&old, &new);
+        assert!(table.contains("| raw.sweep[window=128].per_second | 200 | 300 | +50.0 % |"), "{table}");
+        assert!(table.contains("| raw.sweep[window=32].per_second | 100 | (none) | |"), "{table}");
+        assert!(table.contains("| cpu[kafka] | 2 | 1 | -50.0 % |"), "{table}");
+        assert!(table.contains("| added | (none) | 5 | |"), "{table}");
+        assert!(table.contains("raw.sweep[window=128].window"), "{table}");
     }
 }

@@ -94,11 +94,6 @@ impl RoleProcess {
         Ok(())
     }
 
-    /// Peak resident set size so far, in KiB (`VmHWM`).
-    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        peak_rss_kib(self.pid())
-    }
-
     /// SIGTERM, then waits up to `grace` for the drain to finish; SIGKILL after.
     pub async fn stop(mut self, grace: Duration) -> anyhow::Result<()> {
         if self.child.try_wait()?.is_some() {
@@ -142,6 +137,13 @@ pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_vm_hwm(&status).with_context(|| format!("no VmHWM in {path}"))
+}
+
+/// Resets a process's peak RSS to its current RSS (`5` to `clear_refs`,
+/// Linux ≥ 4.0), so the next reading is the peak of what came after. Best
+/// effort: without it, readings are peaks since the process started.
+pub fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 fn parse_vm_hwm(status: &str) -> Option<u64> {

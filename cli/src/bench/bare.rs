@@ -1,0 +1,445 @@
+//! The bare-hops ceiling: the physical limit sluice is measured against.
+//!
+//! A pipeline written with the roles' client crates (lapin, rdkafka, scylla)
+//! and no sluice logic carries commands through the same hops with the least
+//! server work a command needs:
+//!
+//! 1. publish with confirm to a quorum queue (the work queues' arguments);
+//! 2. consume and ack (after the steps below, as the processors do);
+//! 3. the CQL writes an event append and an operation record need, as plain
+//!    inserts into copies of the `events` and `operations` tables;
+//! 4. Kafka produce (idempotent, acks=all) of the event's Avro-sized bytes,
+//!    awaited before the ack;
+//! 5. consume the topic and write the read model's three rows.
+//!
+//! It pipelines freely: at most `window` commands are anywhere between the
+//! publish and the read-model write (a permit is taken at the publish and
+//! given back after the last row), swept over `Plan::windows`. The rate of
+//! commands through all five hops over the measured span, with every
+//! server's CPU time per command, is what the servers can do together; what
+//! sluice does beyond it is the cost of its guarantees and logic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlDate, CqlTimestamp};
+use sluice_schemas::{cql, names};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::raw::{amqp_connect, point};
+use super::report::{BareReport, Ceiling, Throughput};
+use super::Bench;
+
+/// The bounded context name of the bare pipeline's queue and topic.
+pub const BARE_CONTEXT: &str = "bare";
+
+/// The longest wait for the commands in flight once publishing stopped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn bare_queue(tenant: &str) -> String {
+    names::command_queue(tenant, BARE_CONTEXT)
+}
+
+pub fn bare_topic(tenant: &str) -> String {
+    names::events_topic(tenant, BARE_CONTEXT)
+}
+
+/// The bare pipeline's tables: copies of the event store, the operations
+/// table and the read model (projection `<projection>_bare`, version 1).
+pub fn bare_tables(projection: &str) -> Vec<String> {
+    let mut tables = cql::read_model_tables(&format!("{projection}_bare"), 1);
+    tables.push(format!("{projection}_bare_events"));
+    tables.push(format!("{projection}_bare_operations"));
+    tables
+}
+
+/// What every window shares: the prepared statements, producer and names.
+struct Hops {
+    tenant: String,
+    queue: String,
+    topic: String,
+    amqp_url: String,
+    brokers: String,
+    command: Vec<u8>,
+    event: Vec<u8>,
+    lines: String,
+    append: PreparedStatement,
+    operation: PreparedStatement,
+    rows: [PreparedStatement; 3],
+    producer: FutureProducer,
+    session: Arc<scylla::client::session::Session>,
+}
+
+pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareReport> {
+    step("bare: preparing the queue, topic and tables");
+    let hops = Arc::new(prepare(bench).await?);
+    let mut points = Vec::new();
+    for &window in &bench.plan.windows {
+        step(&format!("bare: every hop, {window} commands in flight"));
+        let settle = bench.plan.raw_duration / 5;
+        let measured = bench.plan.raw_duration;
+        // The CPU snapshot spans the measured part only (`point`), after
+        // the pipeline has filled; the drain at the end is outside it.
+        let run = Run::start(hops.clone(), window).await?;
+        tokio::time::sleep(settle).await;
+        let p = point(window, run.measure(measured)).await;
+        let drained = run.stop().await;
+        let p = p?;
+        drained?;
+        points.push(p);
+    }
+    let Ok(hops) = Arc::try_unwrap(hops) else { bail!("a bare run outlived its window") };
+    let _ = tokio::task::spawn_blocking(move || drop(hops.producer)).await;
+    Ok(BareReport {
+        hops: "publish+confirm → consume → 2 CQL inserts (event, operation) → Kafka produce (idempotent, acks=all) \
+               → ack; Kafka consume → 3 CQL inserts (read model)"
+            .into(),
+        ceiling: Ceiling::new("commands", points),
+    })
+}
+
+async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
+    let tenant = bench.workload.tenant().to_owned();
+    let (queue, topic) = (bare_queue(&tenant), bare_topic(&tenant));
+    let connection = amqp_connect(&bench.settings.amqp.url).await?;
+    let channel = connection.create_channel().await?;
+    sluice_processors::amqp::declare_topology(&channel, &tenant, BARE_CONTEXT, &[])
+        .await
+        .context("declaring the bare queue")?;
+    let _ = connection.close(200, "bare topology declared".into()).await;
+    sluice_processors::kafka::ensure_topics(
+        &bench.settings.kafka.brokers,
+        std::slice::from_ref(&topic),
+        bench.settings.processor.topic_partitions,
+    )
+    .await
+    .context("creating the bare topic")?;
+
+    let session = &bench.session;
+    let projection = &bench.settings.projector.name;
+    let bare = format!("{projection}_bare");
+    for create in cql::create_read_model_tables(&bare, 1) {
+        session.query_unpaged(create, ()).await.context("creating the bare read-model tables")?;
+    }
+    for original in ["events", "operations"] {
+        let create = cql::create_tables()
+            .into_iter()
+            .find(|s| s.contains(&format!("EXISTS {original} (")))
+            .with_context(|| format!("no CREATE TABLE for {original}"))?
+            .replacen(&format!("EXISTS {original} ("), &format!("EXISTS {bare}_{original} ("), 1);
+        session.query_unpaged(create, ()).await.with_context(|| format!("creating {bare}_{original}"))?;
+    }
+    let prepare = |cql: String| async move { session.prepare(cql).await.context("preparing a bare statement") };
+    let append = prepare(format!(
+        "INSERT INTO {bare}_events (tenant, context, stream_id, version, event_id, event_type, payload, command_key, \
+         operation_id, recorded_at) VALUES (?, 'bare', ?, 1, ?, 'OrderSubmitted', ?, ?, ?, ?)"
+    ))
+    .await?;
+    let operation = prepare(format!(
+        "INSERT INTO {bare}_operations (tenant, operation_id, status, command_type, source, command_id, events, \
+         updated_at) VALUES (?, ?, 'succeeded', 'SubmitOrder', ?, ?, ?, ?)"
+    ))
+    .await?;
+    let rows = [
+        prepare(format!(
+            "INSERT INTO {bare}_by_id_v1 (tenant, order_id, customer_id, status, currency, lines, total_cents, \
+             version, submitted_at, updated_at) VALUES (?, ?, ?, 'submitted', 'EUR', ?, 2100, 1, ?, ?) \
+             USING TIMESTAMP 1"
+        ))
+        .await?,
+        prepare(format!(
+            "INSERT INTO {bare}_by_customer_v1 (tenant, customer_id, submitted_at, order_id, status, currency, \
+             total_cents, version) VALUES (?, ?, ?, ?, 'submitted', 'EUR', 2100, 1) USING TIMESTAMP 1"
+        ))
+        .await?,
+        prepare(format!(
+            "INSERT INTO {bare}_daily_sales_v1 (tenant, day, order_id, movement, orders, total_cents) \
+             VALUES (?, ?, ?, 'submitted', 1, 2100) USING TIMESTAMP 1"
+        ))
+        .await?,
+    ];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bench.settings.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .context("creating the bare Kafka producer")?;
+    Ok(Hops {
+        tenant,
+        queue,
+        topic,
+        amqp_url: bench.settings.amqp.url.clone(),
+        brokers: bench.settings.kafka.brokers.clone(),
+        command: bench.workload.command_bytes(),
+        event: bench.workload.event_bytes()?,
+        lines: bench.workload.lines_json(),
+        append,
+        operation,
+        rows,
+        producer,
+        session: bench.session.clone(),
+    })
+}
+
+/// One window's pipeline, running.
+struct Run {
+    window: usize,
+    /// Commands allowed in flight; taken at the publish, given back after
+    /// the read-model rows.
+    permits: Arc<Semaphore>,
+    /// Commands through every hop.
+    done: Arc<AtomicU64>,
+    /// Ends the publisher; the consumers end once everything drained.
+    stop_publishing: CancellationToken,
+    stop_consuming: CancellationToken,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    connection: lapin::Connection,
+}
+
+impl Run {
+    async fn start(hops: Arc<Hops>, window: usize) -> anyhow::Result<Self> {
+        let permits = Arc::new(Semaphore::new(window));
+        let done = Arc::new(AtomicU64::new(0));
+        let (stop_publishing, stop_consuming) = (CancellationToken::new(), CancellationToken::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        let connection = amqp_connect(&hops.amqp_url).await?;
+
+        // Hop 5: read the topic from its current end.
+        let reader = read_from_end(&hops.brokers, &hops.topic).await?;
+        {
+            let (hops, permits, done, stop) = (hops.clone(), permits.clone(), done.clone(), stop_consuming.clone());
+            tasks.spawn(async move {
+                let failed = AtomicU64::new(0);
+                reader
+                    .stream()
+                    .take_until(stop.cancelled_owned())
+                    .map(|m| m.map(|m| m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()))
+                    .for_each_concurrent(window, |order_id| {
+                        let (hops, permits, done, failed) = (&hops, &permits, &done, &failed);
+                        async move {
+                            let Ok(order_id) = order_id else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            };
+                            match write_rows(hops, &order_id).await {
+                                Ok(()) => {
+                                    done.fetch_add(1, Ordering::Relaxed);
+                                    permits.add_permits(1);
+                                }
+                                Err(_) => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    })
+                    .await;
+                let _ = tokio::task::spawn_blocking(move || drop(reader)).await;
+                match failed.load(Ordering::Relaxed) {
+                    0 => Ok(()),
+                    n => bail!("{n} bare read-model writes failed"),
+                }
+            });
+        }
+
+        // Hops 2–4: consume, two inserts, produce, ack.
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(u16::try_from(window).unwrap_or(u16::MAX), BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(hops.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .context("consuming the bare queue")?;
+        {
+            let (hops, stop) = (hops.clone(), stop_consuming.clone());
+            tasks.spawn(async move {
+                let failed = AtomicU64::new(0);
+                consumer
+                    .take_until(stop.cancelled_owned())
+                    .for_each_concurrent(window, |delivery| {
+                        let (hops, failed) = (&hops, &failed);
+                        async move {
+                            let handled = match delivery {
+                                Ok(delivery) => handle(hops, delivery).await,
+                                Err(e) => Err(e.into()),
+                            };
+                            if handled.is_err() {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                    .await;
+                match failed.load(Ordering::Relaxed) {
+                    0 => Ok(()),
+                    n => bail!("{n} bare deliveries failed"),
+                }
+            });
+        }
+
+        // Hop 1: publish with confirms while permits last.
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        {
+            let (hops, permits, stop) = (hops.clone(), permits.clone(), stop_publishing.clone());
+            tasks.spawn(async move {
+                let routing_key = names::routing_key(&hops.tenant, BARE_CONTEXT);
+                let mut confirms = futures::stream::FuturesUnordered::new();
+                let mut n = 0u64;
+                loop {
+                    let permit = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        Some(confirm) = confirms.next(), if !confirms.is_empty() => {
+                            check_confirm(confirm)?;
+                            continue;
+                        }
+                        permit = permits.acquire() => permit?,
+                    };
+                    permit.forget();
+                    n += 1;
+                    let properties =
+                        BasicProperties::default().with_delivery_mode(2).with_message_id(format!("o-{n}").into());
+                    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+                    let confirm = channel
+                        .basic_publish(
+                            names::COMMAND_EXCHANGE.into(),
+                            routing_key.as_str().into(),
+                            options,
+                            &hops.command,
+                            properties,
+                        )
+                        .await?;
+                    confirms.push(confirm);
+                }
+                while let Some(confirm) = confirms.next().await {
+                    check_confirm(confirm)?;
+                }
+                Ok(())
+            });
+        }
+        Ok(Self { window, permits, done, stop_publishing, stop_consuming, tasks, connection })
+    }
+
+    /// Commands through every hop per second over the next `span`.
+    async fn measure(&self, span: Duration) -> anyhow::Result<Throughput> {
+        let (start, from) = (Instant::now(), self.done.load(Ordering::Relaxed));
+        tokio::time::sleep(span).await;
+        Ok(Throughput::new(self.done.load(Ordering::Relaxed) - from, start.elapsed().as_secs_f64()))
+    }
+
+    /// Stops publishing, waits until every command in flight went through
+    /// (all permits back), then stops the consumers.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_publishing.cancel();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let drained = loop {
+            if self.permits.available_permits() >= self.window {
+                break true;
+            }
+            if let Some(Ok(Err(e))) = self.tasks.try_join_next() {
+                self.stop_consuming.cancel();
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.stop_consuming.cancel();
+        while let Some(task) = self.tasks.join_next().await {
+            task.context("a bare task panicked")??;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.connection.close(200, "bare done".into())).await;
+        if !drained {
+            bail!("the bare pipeline did not drain within {DRAIN_TIMEOUT:?}");
+        }
+        Ok(())
+    }
+}
+
+fn check_confirm(confirm: lapin::Result<Confirmation>) -> anyhow::Result<()> {
+    match confirm? {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("RabbitMQ did not take a bare publish: {other:?}"),
+    }
+}
+
+/// Hops 2–4 for one delivery: the event append and operation record at
+/// once, then the produce, then the ack.
+async fn handle(hops: &Hops, delivery: lapin::message::Delivery) -> anyhow::Result<()> {
+    let session = &hops.session;
+    let order_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    let key = format!("{order_id}-{}", delivery.delivery_tag);
+    let now = CqlTimestamp(chrono::Utc::now().timestamp_millis());
+    let payload = std::str::from_utf8(&delivery.data).unwrap_or_default();
+    let source = format!("/{}/bench", hops.tenant);
+    let (append, operation) = futures::join!(
+        session.execute_unpaged(&hops.append, (&hops.tenant, &key, &key, payload, &key, &key, now)),
+        session.execute_unpaged(&hops.operation, (&hops.tenant, &key, &source, &key, "[]", now)),
+    );
+    append.context("bare append")?;
+    operation.context("bare operation record")?;
+    let record = FutureRecord::to(&hops.topic).key(&key).payload(&hops.event);
+    hops.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::anyhow!("bare produce: {e}"))?;
+    delivery.ack(BasicAckOptions::default()).await.context("bare ack")?;
+    Ok(())
+}
+
+/// Hop 5 for one event: the read model's three rows at once.
+async fn write_rows(hops: &Hops, order_id: &str) -> anyhow::Result<()> {
+    let session = &hops.session;
+    let now = chrono::Utc::now();
+    let at = CqlTimestamp(now.timestamp_millis());
+    let day = CqlDate((now.timestamp().div_euclid(86_400) + (1 << 31)) as u32);
+    let customer = format!("c-{}", order_id.len() % 7);
+    let (by_id, by_customer, daily) = futures::join!(
+        session.execute_unpaged(&hops.rows[0], (&hops.tenant, order_id, &customer, &hops.lines, at, at)),
+        session.execute_unpaged(&hops.rows[1], (&hops.tenant, &customer, at, order_id)),
+        session.execute_unpaged(&hops.rows[2], (&hops.tenant, day, order_id)),
+    );
+    by_id.context("bare by_id row")?;
+    by_customer.context("bare by_customer row")?;
+    daily.context("bare daily row")?;
+    Ok(())
+}
+
+/// A consumer of `topic` assigned at every partition's current end.
+async fn read_from_end(brokers: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("sluice.bench.bare.{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .context("creating the bare Kafka consumer")?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut assignment = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
+                assignment.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        Ok::<_, rdkafka::error::KafkaError>(consumer)
+    })
+    .await?
+    .context("assigning the bare topic")
+}
