@@ -3,17 +3,18 @@
 //! (cannot be decoded or does not fit) hand it to [`DeadLetters`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
-use tokio::sync::Mutex;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::dead_letter::{DeadLetters, PARKED};
+use sluice_streams::backoff::Backoff;
+use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::{decode_record, ApplyError};
+
 use crate::orders;
 use crate::store::tables::Tables;
 use crate::store::{rm_err, ReadModelError};
@@ -21,16 +22,6 @@ use crate::store::{rm_err, ReadModelError};
 /// The tenant a topic belongs to (`<tenant>.<context>.events`).
 pub fn tenant_of(topic: &str) -> Option<&str> {
     topic.split('.').next().filter(|t| !t.is_empty())
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The store, registry or Kafka is unavailable: retry, the record waits.
-    #[error("{0}")]
-    Transient(String),
-    /// The record can never be applied: dead-letter it.
-    #[error("{class}: {reason}")]
-    Poison { class: &'static str, reason: String },
 }
 
 /// The bounded context a topic belongs to (`<tenant>.<context>.events`).
@@ -86,7 +77,7 @@ impl Applier {
     /// span continues the trace of the command that produced the event.
     pub async fn apply_settled(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Option<Applied> {
         let span = info_span!("sluice.project", projection = %self.projection, topic = message.topic(), offset = message.offset());
@@ -101,10 +92,10 @@ impl Applier {
 
     async fn apply_with_retries(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Option<Applied> {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         let started = std::time::Instant::now();
         loop {
             match self.apply(message).await {
@@ -127,15 +118,13 @@ impl Applier {
                     warn!(%reason, topic = message.topic(), offset = message.offset(), "apply failed; retrying");
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(stop).await {
+                return None;
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
-    async fn apply(&self, message: &BorrowedMessage<'_>) -> Result<Applied, ApplyError> {
+    async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let topic = message.topic();
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
@@ -163,29 +152,6 @@ impl Applier {
     }
 }
 
-/// The event name and Avro value of a record, or why it cannot be applied:
-/// its key is parked, it has no value or cannot be decoded (poison), or the
-/// registry is unavailable (transient).
-pub async fn decode_record(
-    codec: &EventCodec,
-    dead_letters: &DeadLetters,
-    message: &BorrowedMessage<'_>,
-) -> Result<(String, apache_avro::types::Value), ApplyError> {
-    let poison = |class, reason: String| ApplyError::Poison { class, reason };
-    if dead_letters.is_parked(message).await {
-        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
-        return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
-    }
-    let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
-    codec.decode(payload).await.map_err(|e| {
-        if e.is_transient() {
-            ApplyError::Transient(e.to_string())
-        } else {
-            poison("undecodable", e.to_string())
-        }
-    })
-}
-
 /// Next offsets to apply, written beside the rows every so often.
 pub struct OffsetTracker {
     projection: String,
@@ -199,13 +165,13 @@ impl OffsetTracker {
         Self { projection: projection.to_owned(), version, session, pending: Mutex::new(HashMap::new()) }
     }
 
-    pub async fn applied(&self, topic: &str, partition: i32, offset: i64) {
-        self.pending.lock().await.insert((topic.to_owned(), partition), offset + 1);
+    pub fn applied(&self, topic: &str, partition: i32, offset: i64) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.to_owned(), partition), offset + 1);
     }
 
     /// Writes what changed since the last flush.
     pub async fn flush(&self) -> Result<(), ReadModelError> {
-        let pending: Vec<_> = self.pending.lock().await.drain().collect();
+        let pending: Vec<_> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         for ((topic, partition), next) in pending {
             self.session
                 .query_unpaged(

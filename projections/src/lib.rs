@@ -5,15 +5,15 @@
 //! - [`patients`]: the patients projection (onboarding steps), its runner
 //!   and its query.
 //! - [`store`]: the CQL read models (versions, tables, queries).
-//! - [`apply`]: one record into one version: decode, write, dead-letter poison.
-//! - [`dead_letter`]: poison records to a dead-letter topic, their keys parked.
-//! - [`runner`]: the live consumer group (commit only after the writes).
+//! - [`apply`]: one record into one version: decode, write, dead-letter poison
+//!   (decoding and dead-lettering are the `sluice_streams` runtime's).
+//! - [`runner`]: the live consumer group on the streams runtime's batches
+//!   (offsets stored only after a batch's writes).
 //! - [`replay`]: replays and blue/green rebuilds from any offset or time.
 //! - [`lag`]: how far each projection version is behind the log.
 #![forbid(unsafe_code)]
 
 pub mod apply;
-pub mod dead_letter;
 pub mod lag;
 pub mod orders;
 pub mod patients;

@@ -9,11 +9,10 @@
 //! - [`read_onboarding`]: the query the edge serves.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
@@ -24,8 +23,11 @@ use sluice_schemas::patients::PatientEvent;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::apply::{decode_record, ApplyError};
-use crate::dead_letter::DeadLetters;
+use sluice_streams::backoff::Backoff;
+use sluice_streams::batch::{self, BatchConfig};
+use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::{decode_record, ApplyError};
+
 use crate::store::{rm_err, ReadModelError};
 
 /// One step of an onboarding, as stored and served.
@@ -188,36 +190,14 @@ impl PatientsProjector {
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(rm_err)?;
         info!(group = %self.group, "patients projection running");
-        'records: loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                m = consumer.recv() => match m {
-                    Ok(m) => m,
-                    Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
-                },
-            };
-            let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default().to_owned();
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let written = match self.write(&codec, &dead_letters, &insert, &tenant, &message).await {
-                    Ok(()) => Ok(()),
-                    Err(ApplyError::Transient(e)) => Err(e),
-                    Err(ApplyError::Poison { class, reason }) => dead_letters.send(&message, class, &reason).await,
-                };
-                match written {
-                    Ok(()) => break,
-                    Err(e) => warn!(error = %e, "patients projection write failed; retrying"),
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'records,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            if let Err(e) = consumer.store_offset_from_message(&message) {
-                warn!(error = %e, "could not store the offset");
-            }
-        }
+        let settle = WriteStep {
+            projector: self,
+            codec: &codec,
+            dead_letters: &dead_letters,
+            insert: &insert,
+            shutdown: &shutdown,
+        };
+        batch::consume(&consumer, &BatchConfig::default(), &shutdown, &settle, |_| {}).await;
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())
@@ -231,7 +211,7 @@ impl PatientsProjector {
         dead_letters: &DeadLetters,
         insert: &PreparedStatement,
         tenant: &str,
-        message: &BorrowedMessage<'_>,
+        message: &OwnedMessage,
     ) -> Result<(), ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let (name, value) = decode_record(codec, dead_letters, message).await?;
@@ -247,6 +227,42 @@ impl PatientsProjector {
             CqlTimestamp(step.occurred_at_ms),
         );
         self.session.execute_unpaged(insert, values).await.map(drop).map_err(|e| ApplyError::Transient(e.to_string()))
+    }
+}
+
+/// One record written as a step (retried while transient, dead-lettered
+/// when poison) until `shutdown`.
+struct WriteStep<'x> {
+    projector: &'x PatientsProjector,
+    codec: &'x EventCodec,
+    dead_letters: &'x DeadLetters,
+    insert: &'x PreparedStatement,
+    shutdown: &'x CancellationToken,
+}
+
+impl batch::Settle for WriteStep<'_> {
+    fn settle<'a>(&'a self, message: &'a OwnedMessage) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
+            let mut backoff = Backoff::default();
+            loop {
+                let written =
+                    match self.projector.write(self.codec, self.dead_letters, self.insert, tenant, message).await {
+                        Ok(()) => Ok(()),
+                        Err(ApplyError::Transient(e)) => Err(e),
+                        Err(ApplyError::Poison { class, reason }) => {
+                            self.dead_letters.send(message, class, &reason).await
+                        }
+                    };
+                match written {
+                    Ok(()) => return true,
+                    Err(e) => warn!(error = %e, "patients projection write failed; retrying"),
+                }
+                if !backoff.wait(self.shutdown).await {
+                    return false;
+                }
+            }
+        })
     }
 }
 

@@ -230,7 +230,7 @@ async fn run(
             Applied::DeadLettered { .. } => p.dead_lettered += 1,
             Applied::Skipped => {}
         }
-        offsets.applied(message.topic(), message.partition(), message.offset()).await;
+        offsets.applied(message.topic(), message.partition(), message.offset());
         positions.insert(key, message.offset() + 1);
         if commit_group.is_some() {
             consumer.store_offset_from_message(&message)?;

@@ -1,8 +1,11 @@
 //! The live projection: a Kafka consumer group per projection version
-//! (`<prefix>.<projection>.v<N>`) applying records to that version's tables.
-//! Offsets are stored for commit only after a record is settled (applied or
-//! dead-lettered), so a crash replays from the last settled record. When a
-//! rebuild makes another version active, the projector moves to that
+//! (`<prefix>.<projection>.v<N>`) applying records to that version's tables,
+//! in batches of the streams runtime (`sluice_streams::batch`): records of
+//! different orders at once, each order's in offset order. A batch's offsets
+//! are stored for commit only after every record of it is settled (applied
+//! or dead-lettered), so a crash replays from the last settled batch, and the
+//! writes (stamped with the event's version) make the replay harmless. When
+//! a rebuild makes another version active, the projector moves to that
 //! version's group, which the rebuild left at the end of the log.
 
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::Message;
+use sluice_streams::batch::{self, BatchConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -54,7 +57,7 @@ impl Projector {
     async fn run_version(&self, version: i32, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
         let tables = self.store.tables(version).await?;
         let applier = Applier::new(&self.brokers, &self.registry_url, &self.config.name, tables).await?;
-        let offsets = OffsetTracker::new(self.store.session().clone(), &self.config.name, version);
+        let offsets = Arc::new(OffsetTracker::new(self.store.session().clone(), &self.config.name, version));
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", group_id(&self.config, version))
@@ -84,28 +87,18 @@ impl Projector {
             self.config.name.clone(),
             stop.clone(),
         ));
-        let mut flush = tokio::time::interval(Duration::from_millis(self.config.offset_flush_ms));
-        let result = loop {
-            tokio::select! {
-                _ = stop.cancelled() => break Ok(()),
-                _ = flush.tick() => {
-                    if let Err(e) = offsets.flush().await {
-                        warn!(error = %e, "could not record applied offsets");
-                    }
-                }
-                message = consumer.recv() => {
-                    let message = match message {
-                        Ok(m) => m,
-                        Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
-                    };
-                    let Some(_) = applier.apply_settled(&message, &stop).await else { break Ok(()) };
-                    offsets.applied(message.topic(), message.partition(), message.offset()).await;
-                    if let Err(e) = consumer.store_offset_from_message(&message) {
-                        break Err(e.into());
-                    }
-                }
+        // Applied offsets go beside the rows every `offset_flush_ms`, on a
+        // task of their own so an idle projector still writes its last ones.
+        let flusher = tokio::spawn(flush_offsets(offsets.clone(), self.config.offset_flush_ms, stop.clone()));
+        let settle = Apply { applier: &applier, stop: &stop };
+        let note = |next: &[(String, i32, i64)]| {
+            for (topic, partition, offset) in next {
+                offsets.applied(topic, *partition, offset - 1);
             }
         };
+        batch::consume(&consumer, &BatchConfig::default(), &stop, &settle, note).await;
+        stop.cancel();
+        let _ = flusher.await;
         watcher.abort();
         lag_gauge.abort();
         let _ = offsets.flush().await;
@@ -113,7 +106,34 @@ impl Projector {
         // dropping an rdkafka consumer can block.
         let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        result
+        Ok(())
+    }
+}
+
+/// A record applied to this version (retried while transient, dead-lettered
+/// when poison) until `stop`.
+struct Apply<'x> {
+    applier: &'x Applier,
+    stop: &'x CancellationToken,
+}
+
+impl batch::Settle for Apply<'_> {
+    fn settle<'a>(&'a self, record: &'a rdkafka::message::OwnedMessage) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(async move { self.applier.apply_settled(record, self.stop).await.is_some() })
+    }
+}
+
+/// Writes the applied offsets every `every_ms` until `stop`.
+async fn flush_offsets(offsets: Arc<OffsetTracker>, every_ms: u64, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = offsets.flush().await {
+            warn!(error = %e, "could not record applied offsets");
+        }
     }
 }
 

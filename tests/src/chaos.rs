@@ -319,8 +319,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     let group = sluice_projections::runner::group_id(&settings.projector, 1);
     let topics = vec![format!("{}.orders.events", tenant.name)];
     eventually(config.settle_timeout, "the projection to catch up", || async {
-        let lag = sluice_projections::lag::group_lag(&settings.kafka.brokers, &group, &topics).await.ok()?;
-        lag.iter().all(|p| p.lag == 0).then_some(())
+        crate::caught_up(&settings.kafka.brokers, &group, &topics).await.then_some(())
     })
     .await;
     let store = ReadModels::new(cql_sluice().await, &settings.projector.name).await.expect("read models");

@@ -67,10 +67,10 @@ async fn quick_bench_writes_a_complete_report() {
         let sweep = report.pointer(&format!("{ceiling}/sweep")).and_then(Value::as_array).expect("a sweep");
         let windows: Vec<u64> = sweep.iter().filter_map(|p| p["window"].as_u64()).collect();
         assert_eq!(windows, [32, 128], "{ceiling} is swept over the quick windows");
-        for i in 0..sweep.len() {
+        for (i, point) in sweep.iter().enumerate() {
             positive(&report, &format!("{ceiling}/sweep/{i}/rate/per_second"));
             positive(&report, &format!("{ceiling}/sweep/{i}/busy_us_per_op"));
-            let cpu = sweep[i]["cpu_us_per_op"].as_array().expect("CPU per operation");
+            let cpu = point["cpu_us_per_op"].as_array().expect("CPU per operation");
             assert!(!cpu.is_empty(), "{ceiling} window {i} has CPU figures");
         }
     }

@@ -196,7 +196,7 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     })
     .await;
 
-    let dlt = sluice_projections::dead_letter::dead_letter_topic(&topic, &settings.projector.name);
+    let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, &settings.projector.name);
     let records = eventually(WAIT, "every malformed record dead-lettered", || async {
         let records = read_topic(&dlt).await;
         (records.len() >= cases.len()).then_some(records)

@@ -184,7 +184,7 @@ async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_p
     // the first poison record with its reason, then everything later of
     // p-bad (the second poison record and the enrolment) as parked.
     for consumer in [sluice_projections::patients::PROJECTION, Onboarding::NAME] {
-        let dlt = sluice_projections::dead_letter::dead_letter_topic(&topic, consumer);
+        let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, consumer);
         let records = eventually(Duration::from_secs(60), "three records dead-lettered", || async {
             let records = sluice_tests::read_topic(&dlt).await;
             (records.len() >= 3).then_some(records)

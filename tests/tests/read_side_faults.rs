@@ -82,8 +82,7 @@ async fn a_projector_killed_mid_stream_leaves_daily_sales_equal_to_the_accepted_
     let group = sluice_projections::runner::group_id(&settings.projector, 1);
     let topics = events_topics(std::slice::from_ref(&tenant.name));
     eventually(WAIT, "projector caught up", || async {
-        let lag = sluice_projections::lag::group_lag(&settings.kafka.brokers, &group, &topics).await.ok()?;
-        lag.iter().all(|p| p.lag == 0).then_some(())
+        sluice_tests::caught_up(&settings.kafka.brokers, &group, &topics).await.then_some(())
     })
     .await;
     let days = store.daily_sales(&tenant.name, today - 86_400_000, today).await.unwrap();
@@ -117,7 +116,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     })
     .await;
 
-    let dlt = sluice_projections::dead_letter::dead_letter_topic(&topic, &settings.projector.name);
+    let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, &settings.projector.name);
     let records = eventually(WAIT, "three dead-lettered records", || async {
         let records = read_topic(&dlt).await;
         (records.len() >= 3).then_some(records)

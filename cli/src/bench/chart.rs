@@ -40,6 +40,9 @@ fn open(s: &mut String, title: &str) {
     let _ = writeln!(s, r#"<text x="{LEFT}" y="24" font-size="15" font-weight="bold">{}</text>"#, escape(title));
 }
 
+/// A curve of the latency chart: its name and the step's figure it draws.
+type Series = (&'static str, fn(&Step) -> f64);
+
 /// Latency percentiles against offered load.
 pub fn latency(report: &Report) -> String {
     let steps: Vec<&Step> = report.e2e.steps.iter().chain(&report.e2e.half_sustained).collect();
@@ -102,7 +105,7 @@ pub fn latency(report: &Report) -> String {
     );
     let mut sorted = steps.clone();
     sorted.sort_by(|a, b| a.target_per_second.total_cmp(&b.target_per_second));
-    let series: [(&str, fn(&Step) -> f64); 5] = [
+    let series: [Series; 5] = [
         ("p50", |s| s.latency_ms.p50),
         ("p90", |s| s.latency_ms.p90),
         ("p99", |s| s.latency_ms.p99),

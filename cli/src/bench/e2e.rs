@@ -399,12 +399,14 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let sending = start.elapsed().as_secs_f64().max(1e-3);
     let sent = total - skipped;
     let watched = backlog.stop().await?;
+    // Idle first (how long the backlog takes to clear), then the followed
+    // commands, which are visible by then.
+    let settle_seconds = settle(bench, roles).await?.as_secs_f64();
     while let Some(done) = requests.join_next().await {
         done.context("a request task panicked")?;
     }
     let finished = start.elapsed().as_secs_f64();
     let cql_after = probe::cql_counts(&bench.session, keyspace).await;
-    let settle_seconds = settle(bench, roles).await?.as_secs_f64();
     let r = recorder.lock().unwrap_or_else(|e| e.into_inner());
     let floor = Duration::from_micros(if r.after_accept.is_empty() { 0 } else { r.after_accept.min() });
     let sent_per_second = sent as f64 / sending;

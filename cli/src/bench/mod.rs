@@ -461,7 +461,7 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
 
     let topic = bench.events_topic();
     let mut topics: Vec<String> = contexts.iter().map(|c| names::events_topic(tenant, c)).collect();
-    topics.push(sluice_projections::dead_letter::dead_letter_topic(&topic, projection));
+    topics.push(sluice_streams::dead_letter::dead_letter_topic(&topic, projection));
     topics.push(raw::raw_topic(tenant));
     topics.push(bare::bare_topic(tenant));
     let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();

@@ -182,7 +182,7 @@ pub struct Step {
     /// The pipeline kept up: the generator sent the rate, nothing failed,
     /// the backlog stayed under a second's worth and did not grow.
     pub holds: bool,
-    /// Seconds the pipeline needed after the step to be idle again.
+    /// Seconds from the end of sending until the pipeline was idle again.
     pub settle_seconds: f64,
     /// Visibility reads (operation and order GETs) per second.
     pub polls_per_second: f64,

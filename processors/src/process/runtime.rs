@@ -24,9 +24,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
-use sluice_projections::apply::{decode_record, ApplyError};
-use sluice_projections::dead_letter::DeadLetters;
 use sluice_schemas::codec::EventCodec;
+use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::{decode_record, ApplyError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 

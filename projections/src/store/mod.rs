@@ -35,6 +35,12 @@ pub(crate) fn rm_err(e: impl std::fmt::Display) -> ReadModelError {
     ReadModelError(e.to_string())
 }
 
+impl From<sluice_streams::StreamsError> for ReadModelError {
+    fn from(e: sluice_streams::StreamsError) -> Self {
+        ReadModelError(e.0)
+    }
+}
+
 /// How long readers trust their idea of the active version.
 const ACTIVE_VERSION_TTL: Duration = Duration::from_millis(500);
 

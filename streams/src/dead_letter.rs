@@ -9,14 +9,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use scylla::client::session::Session;
 use tokio::sync::Mutex;
 use tracing::warn;
 
-use crate::store::{rm_err, ReadModelError};
+use crate::StreamsError;
+
+fn err(e: impl std::fmt::Display) -> StreamsError {
+    StreamsError(e.to_string())
+}
 
 /// The dead-letter topic of a consumer for one events topic.
 pub fn dead_letter_topic(topic: &str, consumer: &str) -> String {
@@ -39,40 +43,34 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// Loads the consumer's parked keys.
-    pub async fn new(
-        brokers: &str,
-        session: Arc<Session>,
-        consumer: &str,
-        version: i32,
-    ) -> Result<Self, ReadModelError> {
+    pub async fn new(brokers: &str, session: Arc<Session>, consumer: &str, version: i32) -> Result<Self, StreamsError> {
         let rows = session
             .query_unpaged(
                 "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
                 (consumer, version),
             )
             .await
-            .map_err(rm_err)?
+            .map_err(err)?
             .into_rows_result()
-            .map_err(rm_err)?;
-        let parked =
-            rows.rows::<(String, String)>().map_err(rm_err)?.collect::<Result<HashSet<_>, _>>().map_err(rm_err)?;
+            .map_err(err)?;
+        let parked = rows.rows::<(String, String)>().map_err(err)?.collect::<Result<HashSet<_>, _>>().map_err(err)?;
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .create()
-            .map_err(rm_err)?;
+            .map_err(err)?;
         Ok(Self { consumer: consumer.to_owned(), version, session, producer, parked: Mutex::new(parked) })
     }
 
     /// Whether the record's key waits behind an earlier poison record.
-    pub async fn is_parked(&self, message: &BorrowedMessage<'_>) -> bool {
+    pub async fn is_parked(&self, message: &impl Message) -> bool {
         self.parked.lock().await.contains(&(message.topic().to_owned(), key_of(message)))
     }
 
     /// Copies the record to the dead-letter topic with the reason and parks
     /// its key, before the caller moves past it. An error means nothing was
     /// settled: retry.
-    pub async fn send(&self, message: &BorrowedMessage<'_>, class: &str, reason: &str) -> Result<(), String> {
+    pub async fn send(&self, message: &impl Message, class: &str, reason: &str) -> Result<(), String> {
         let topic = message.topic();
         let key = key_of(message);
         // Created with the events topics at startup (`sluice serve`).
@@ -111,6 +109,6 @@ impl DeadLetters {
     }
 }
 
-fn key_of(message: &BorrowedMessage<'_>) -> String {
+fn key_of(message: &impl Message) -> String {
     message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
 }

@@ -1,0 +1,42 @@
+//! A record's event through the registry, or why it cannot be applied.
+//! Every consumer of events decodes the same way: a parked key waits, a
+//! record without a value or with bytes the registry's schemas cannot read is
+//! poison, and the registry being unavailable is transient.
+
+use rdkafka::message::Message;
+use sluice_schemas::codec::EventCodec;
+
+use crate::dead_letter::{DeadLetters, PARKED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The store, registry or Kafka is unavailable: retry, the record waits.
+    #[error("{0}")]
+    Transient(String),
+    /// The record can never be applied: dead-letter it.
+    #[error("{class}: {reason}")]
+    Poison { class: &'static str, reason: String },
+}
+
+/// The event name and Avro value of a record, or why it cannot be applied:
+/// its key is parked, it has no value or cannot be decoded (poison), or the
+/// registry is unavailable (transient).
+pub async fn decode_record(
+    codec: &EventCodec,
+    dead_letters: &DeadLetters,
+    message: &impl Message,
+) -> Result<(String, apache_avro::types::Value), ApplyError> {
+    let poison = |class, reason: String| ApplyError::Poison { class, reason };
+    if dead_letters.is_parked(message).await {
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
+    }
+    let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
+    codec.decode(payload).await.map_err(|e| {
+        if e.is_transient() {
+            ApplyError::Transient(e.to_string())
+        } else {
+            poison("undecodable", e.to_string())
+        }
+    })
+}

@@ -1,0 +1,30 @@
+//! The runtime under every Kafka consumer of events (DESIGN: `streams`):
+//! what the projections and the process managers share, below both, so that
+//! neither imports the other.
+//!
+//! - [`batch`]: records polled in batches, applied with different keys
+//!   concurrently and each key in order, offsets stored only after the whole
+//!   batch is settled.
+//! - [`decode`]: a record's event through the registry, or why it cannot be
+//!   applied ([`ApplyError`]: transient, or poison).
+//! - [`dead_letter`]: poison records to `<topic>.<consumer>.dlt`, their keys
+//!   parked so later records of the key follow them.
+//! - [`backoff`]: the one retry policy for transient failures.
+//!
+//! Still to come here (issue 13): the `Projection` trait with the runtime
+//! owning the CQL writes, rebalance handling that loads parked keys for an
+//! assigned partition, and the process managers on the batch loop.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod batch;
+pub mod dead_letter;
+pub mod decode;
+
+pub use decode::{decode_record, ApplyError};
+
+/// An error of the runtime's own storage (parked keys) or Kafka clients.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamsError(pub String);
