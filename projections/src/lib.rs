@@ -36,6 +36,23 @@ pub struct ProjectorConfig {
     pub offset_flush_ms: u64,
     /// How often the projector checks which version is active (default 1000 ms).
     pub version_poll_ms: u64,
+    /// Records applied as one batch at most (default 500); 1 applies one
+    /// record at a time.
+    pub batch_max_records: usize,
+    /// Keys (orders) of a batch applied at once (default 64); each key's
+    /// records always one after the other.
+    pub max_keys_in_flight: usize,
+}
+
+impl ProjectorConfig {
+    /// How the streams runtime batches this projection's records.
+    pub fn batching(&self) -> sluice_streams::batch::BatchConfig {
+        sluice_streams::batch::BatchConfig {
+            max_records: self.batch_max_records.max(1),
+            max_keys_in_flight: self.max_keys_in_flight.max(1),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for ProjectorConfig {
@@ -45,6 +62,8 @@ impl Default for ProjectorConfig {
             group_prefix: "sluice.projection".into(),
             offset_flush_ms: 200,
             version_poll_ms: 1_000,
+            batch_max_records: 500,
+            max_keys_in_flight: 64,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use sluice_streams::batch::{self, BatchConfig};
+use sluice_streams::batch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -96,7 +96,7 @@ impl Projector {
                 offsets.applied(topic, *partition, offset - 1);
             }
         };
-        batch::consume(&consumer, &BatchConfig::default(), &stop, &settle, note).await;
+        batch::consume(&consumer, &self.config.batching(), &stop, &settle, note).await;
         stop.cancel();
         let _ = flusher.await;
         watcher.abort();

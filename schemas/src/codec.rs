@@ -31,15 +31,27 @@ impl CodecError {
     }
 }
 
-/// The converter marks connection failures and 502/503 as retriable; any
-/// other 5xx is the registry's trouble too. A 4xx (unknown schema id,
-/// incompatible schema) or a decoding error will not heal by itself.
+/// By what the registry answered, never by guess: a record is poison only
+/// when the registry itself says the schema does not exist (404: the decoder
+/// asked afresh, failures are never cached) or that a schema is invalid or
+/// incompatible (409, 422), or when the bytes cannot be read with the schema
+/// it gave. Any other answer (401/403 while credentials rotate, 429 while it
+/// sheds load, 5xx), a timeout or a refused connection is the registry's
+/// trouble and heals: retried with backoff, never dead-lettered.
 fn classify(e: SRCError) -> CodecError {
-    if e.retriable || e.error.contains("failed with status 5") {
-        CodecError::Registry(e.to_string())
-    } else {
-        CodecError::Undecodable(e.to_string())
+    match http_status(&e.error) {
+        Some(404 | 409 | 422) => CodecError::Undecodable(e.to_string()),
+        Some(_) => CodecError::Registry(e.to_string()),
+        None if e.retriable => CodecError::Registry(e.to_string()),
+        None => CodecError::Undecodable(e.to_string()),
     }
+}
+
+/// The status of a failed registry call, from the converter's message
+/// ("HTTP request to schema registry failed with status 429 Too Many Requests").
+fn http_status(message: &str) -> Option<u16> {
+    let rest = &message[message.find("failed with status ")? + "failed with status ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Encodes and decodes events through the registry; schemas are fetched or
@@ -128,5 +140,27 @@ pub fn schema_id(bytes: &[u8]) -> Option<u32> {
     match bytes {
         [0, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(status: &str, retriable: bool) -> SRCError {
+        SRCError::new(&format!("HTTP request to schema registry failed with status {status}"), None, retriable)
+    }
+
+    #[test]
+    fn only_a_missing_or_rejected_schema_is_poison() {
+        for status in ["404 Not Found", "409 Conflict", "422 Unprocessable Entity"] {
+            assert!(!classify(failed(status, false)).is_transient(), "{status}");
+        }
+        for status in ["401 Unauthorized", "403 Forbidden", "429 Too Many Requests", "500 Internal Server Error"] {
+            assert!(classify(failed(status, false)).is_transient(), "{status}");
+        }
+        assert!(classify(failed("503 Service Unavailable", true)).is_transient());
+        assert!(classify(SRCError::new("http call to schema registry failed", None, true)).is_transient());
+        assert!(!classify(SRCError::new("could not parse to RawRegisteredSchema", None, false)).is_transient());
     }
 }

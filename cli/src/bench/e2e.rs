@@ -98,6 +98,7 @@ pub async fn run(
 
     for fraction in bench.plan.fractions.clone() {
         let rate = report.max_per_second * fraction;
+        bench.quiet(step, &format!("the {:.0}% step", fraction * 100.0)).await;
         step(&format!("e2e: {:.0}% of the drain maximum, {rate:.0}/s open loop", fraction * 100.0));
         let pace = Pace { fraction, rate, duration: bench.plan.step_duration, first_poll };
         let (s, _) = fixed_rate(bench, roles, &pace).await?;
@@ -107,6 +108,7 @@ pub async fn run(
         report.steps.iter().filter(|s| s.holds).map(|s| s.sent_per_second).fold(0.0, f64::max);
     if report.sustained_per_second > 0.0 {
         let rate = report.sustained_per_second * 0.5;
+        bench.quiet(step, "the latency step").await;
         step(&format!("e2e: half the sustained maximum, {rate:.0}/s open loop (latency)"));
         let pace = Pace { fraction: 0.5, rate, duration: bench.plan.step_duration, first_poll };
         report.half_sustained = Some(fixed_rate(bench, roles, &pace).await?.0);

@@ -58,6 +58,10 @@ use self::workload::{Mix, Workload};
 use crate::serve::connect_cql;
 use crate::settings::Settings;
 
+/// A machine whose CPUs are less busy than this is quiet (the stack idling
+/// with the roles running costs 10–25 % here).
+const QUIET_SHARE: f64 = 0.35;
+
 /// The context the bench's commands belong to (the demo's).
 const CONTEXT: &str = sluice_schemas::orders::CONTEXT;
 
@@ -98,6 +102,9 @@ pub struct Plan {
     pub start_timeout: Duration,
     /// Longest wait for the pipeline to go idle after a step.
     pub settle_timeout: Duration,
+    /// Longest wait for a quiet machine before a measured phase (the
+    /// store compacting what the phase before wrote, for one).
+    pub quiet_timeout: Duration,
     /// Keep the run's queues, topics and tables for inspection.
     pub keep: bool,
 }
@@ -124,6 +131,7 @@ impl Plan {
             visible_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(90),
             settle_timeout: Duration::from_secs(120),
+            quiet_timeout: Duration::from_secs(120),
             keep: false,
         }
     }
@@ -145,6 +153,7 @@ impl Plan {
             visible_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(60),
             settle_timeout: Duration::from_secs(60),
+            quiet_timeout: Duration::from_secs(3),
             ..Self::full(concurrency)
         }
     }
@@ -218,6 +227,17 @@ impl Bench {
             log.phases.push(spent);
         }
         log.current = next.map(|n| (n.to_owned(), now));
+    }
+
+    /// Waits (at most `quiet_timeout`) until the machine's CPUs are less
+    /// than `QUIET_SHARE` busy over two seconds, so each measured phase
+    /// starts from the same state: not while the store still compacts what
+    /// the phase before wrote. The wait is a phase of its own in the CPU
+    /// figures, so what kept the machine busy shows there.
+    pub async fn quiet(&self, step: &dyn Fn(&str), before: &str) {
+        step(&format!("quiet: waiting for a quiet machine before {before}"));
+        let deadline = Instant::now() + self.plan.quiet_timeout;
+        while cpu::busy_share(Duration::from_secs(2)).await > QUIET_SHARE && Instant::now() < deadline {}
     }
 
     /// Names a role's process in the CPU figures.
@@ -346,6 +366,7 @@ fn peak_over_run(phases: &[cpu::PhaseCpu], who: &str) -> f64 {
 
 async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Phases> {
     let raw = raw::run(bench, step).await?;
+    bench.quiet(step, "the bare hops").await;
     let bare = bare::run(bench, step).await?;
 
     let config = ConfigFile::write(&bench.settings)?;
@@ -354,12 +375,14 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let mut ingest = RoleProcess::spawn(&config, "ingest", &logs)?;
     bench.role_started(&ingest);
     wait_for_edge(bench, &mut ingest).await?;
+    bench.quiet(step, "the edge").await;
     let edge = edge::run(bench, step).await?;
 
     step("starting the projector and processor roles");
     let mut projector = RoleProcess::spawn(&config, "projector", &logs)?;
     bench.role_started(&projector);
     wait_for_group(bench, &mut projector).await?;
+    bench.quiet(step, "the drain").await;
     let mut processor = RoleProcess::spawn(&config, "processor", &logs)?;
     bench.role_started(&processor);
     let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
