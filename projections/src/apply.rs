@@ -3,15 +3,19 @@
 //! (cannot be decoded or does not fit) hand it to [`DeadLetters`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rdkafka::message::{Headers, Message};
+use futures::future::BoxFuture;
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
 use tracing::{debug, info_span, warn, Instrument};
 
 use sluice_streams::backoff::Backoff;
+use sluice_streams::batch::Settle;
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::{decode_record, ApplyError};
 
@@ -149,6 +153,35 @@ impl Applier {
             .map_err(|e| ApplyError::Transient(e.to_string()))?;
         debug!(tenant, event_type = name, offset = message.offset(), "applied");
         Ok(Applied::Written { event_type: name })
+    }
+}
+
+/// Records of a batch applied to one version (each retried while
+/// transient, dead-lettered when poison) until `stop`, counted.
+pub struct Settling<'x> {
+    applier: &'x Applier,
+    stop: &'x tokio_util::sync::CancellationToken,
+    pub applied: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+impl<'x> Settling<'x> {
+    pub fn new(applier: &'x Applier, stop: &'x tokio_util::sync::CancellationToken) -> Self {
+        Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0) }
+    }
+}
+
+impl Settle for Settling<'_> {
+    fn settle<'a>(&'a self, record: &'a OwnedMessage) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            match self.applier.apply_settled(record, self.stop).await {
+                Some(Applied::Written { .. }) => self.applied.fetch_add(1, Ordering::Relaxed),
+                Some(Applied::DeadLettered { .. }) => self.dead_lettered.fetch_add(1, Ordering::Relaxed),
+                Some(Applied::Skipped) => 0,
+                None => return false,
+            };
+            true
+        })
     }
 }
 

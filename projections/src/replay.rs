@@ -12,17 +12,20 @@
 //!   offsets; the old version's tables are dropped on request.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sluice_schemas::cql;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Applied, Applier, OffsetTracker};
+use sluice_streams::batch;
+
+use crate::apply::{Applier, OffsetTracker, Settling};
 use crate::runner::group_id;
 use crate::store::{Offsets, ReadModels};
 use crate::ProjectorConfig;
@@ -198,6 +201,8 @@ async fn run(
     }
     consumer.assign(&assignment)?;
 
+    let batching = ctx.config.batching();
+    let settling = Settling::new(&applier, stop);
     let began = Instant::now();
     let mut p = Progress::default();
     let remaining = |positions: &Offsets, ends: &Offsets| -> i64 {
@@ -219,22 +224,26 @@ async fn run(
                 break;
             }
         }
-        let message = tokio::select! {
+        let first = tokio::select! {
             _ = stop.cancelled() => break,
-            m = consumer.recv() => m?,
+            m = consumer.recv() => m?.detach(),
         };
-        let key = (message.topic().to_owned(), message.partition());
-        let Some(applied) = applier.apply_settled(&message, stop).await else { break };
-        match applied {
-            Applied::Written { .. } => p.applied += 1,
-            Applied::DeadLettered { .. } => p.dead_lettered += 1,
-            Applied::Skipped => {}
+        // In batches, like the live projector: different orders at once,
+        // each order's events in order, positions moved after the batch.
+        let records = batch::fill(&consumer, first, &batching).await;
+        if !batch::settle(&records, batching.max_keys_in_flight, &settling).await {
+            break;
         }
-        offsets.applied(message.topic(), message.partition(), message.offset());
-        positions.insert(key, message.offset() + 1);
+        let next = batch::next_offsets(&records);
+        for (topic, partition, offset) in &next {
+            offsets.applied(topic, *partition, offset - 1);
+            positions.insert((topic.clone(), *partition), *offset);
+        }
         if commit_group.is_some() {
-            consumer.store_offset_from_message(&message)?;
+            batch::store_offsets(&*consumer, &next)?;
         }
+        p.applied = settling.applied.load(Ordering::Relaxed);
+        p.dead_lettered = settling.dead_lettered.load(Ordering::Relaxed);
         p.remaining = remaining(&positions, &ends);
         if last_commit.elapsed() > Duration::from_millis(500) {
             p.events_per_second = (p.applied + p.dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6);

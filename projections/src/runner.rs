@@ -17,7 +17,7 @@ use sluice_streams::batch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::apply::{Applier, OffsetTracker};
+use crate::apply::{Applier, OffsetTracker, Settling};
 use crate::store::ReadModels;
 use crate::ProjectorConfig;
 
@@ -90,7 +90,7 @@ impl Projector {
         // Applied offsets go beside the rows every `offset_flush_ms`, on a
         // task of their own so an idle projector still writes its last ones.
         let flusher = tokio::spawn(flush_offsets(offsets.clone(), self.config.offset_flush_ms, stop.clone()));
-        let settle = Apply { applier: &applier, stop: &stop };
+        let settle = Settling::new(&applier, &stop);
         let note = |next: &[(String, i32, i64)]| {
             for (topic, partition, offset) in next {
                 offsets.applied(topic, *partition, offset - 1);
@@ -107,19 +107,6 @@ impl Projector {
         let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())
-    }
-}
-
-/// A record applied to this version (retried while transient, dead-lettered
-/// when poison) until `stop`.
-struct Apply<'x> {
-    applier: &'x Applier,
-    stop: &'x CancellationToken,
-}
-
-impl batch::Settle for Apply<'_> {
-    fn settle<'a>(&'a self, record: &'a rdkafka::message::OwnedMessage) -> futures::future::BoxFuture<'a, bool> {
-        Box::pin(async move { self.applier.apply_settled(record, self.stop).await.is_some() })
     }
 }
 

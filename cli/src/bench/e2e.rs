@@ -414,13 +414,16 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let sent_per_second = sent as f64 / sending;
     let (after_sending, max, growth) = watched.summary();
     let errors = r.errors + skipped;
-    // A slope over less than about two seconds is noise, not growth.
-    let growth_known = watched.0.len() >= 16;
+    // Growth counts only when it can be told from noise: over at least two
+    // seconds of samples, and with more than a quarter second's worth of
+    // commands waiting at the end (a few dozen commands come and go).
+    let growing =
+        watched.0.len() >= 16 && after_sending as f64 > (0.25 * rate).max(50.0) && growth > (0.02 * rate).max(5.0);
     let holds = sent_per_second >= 0.95 * rate
         && errors == 0
         && r.timeouts == 0
         && after_sending as f64 <= rate.max(100.0)
-        && (!growth_known || growth <= (0.02 * rate).max(5.0));
+        && !growing;
     let step = Step {
         fraction: pace.fraction,
         target_per_second: rate,

@@ -180,7 +180,8 @@ pub struct Step {
     pub backlog_max: i64,
     pub backlog_growth_per_second: f64,
     /// The pipeline kept up: the generator sent the rate, nothing failed,
-    /// the backlog stayed under a second's worth and did not grow.
+    /// the backlog ended under a second's worth and, if more than a quarter
+    /// second's worth was waiting, did not grow (by 2 % of the rate a second).
     pub holds: bool,
     /// Seconds from the end of sending until the pipeline was idle again.
     pub settle_seconds: f64,
