@@ -7,17 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
-use tracing::{debug, info_span, warn, Instrument};
-
 use sluice_streams::backoff::Backoff;
 use sluice_streams::batch::Settle;
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::{decode_record, ApplyError};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::orders;
 use crate::store::tables::Tables;

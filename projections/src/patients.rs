@@ -20,13 +20,12 @@ use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::patients::PatientEvent;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
 use sluice_streams::backoff::Backoff;
 use sluice_streams::batch::{self, BatchConfig};
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::{decode_record, ApplyError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::store::{rm_err, ReadModelError};
 

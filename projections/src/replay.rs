@@ -21,9 +21,8 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sluice_schemas::cql;
-use tokio_util::sync::CancellationToken;
-
 use sluice_streams::batch;
+use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, OffsetTracker, Settling};
 use crate::runner::group_id;
