@@ -24,6 +24,13 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A round axis end at or above `v`: 1, 2, 2.5 or 5 times a power of ten.
+fn round_up(v: f64) -> f64 {
+    let v = v.max(1.0);
+    let magnitude = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * magnitude).find(|c| *c >= v).unwrap_or(10.0 * magnitude)
+}
+
 /// Decades from `lo` to `hi` covering `[min, max]` (both > 0).
 fn decades(min: f64, max: f64) -> (f64, f64) {
     let lo = 10f64.powf(min.max(1e-3).log10().floor());
@@ -47,7 +54,7 @@ type Series = (&'static str, fn(&Step) -> f64);
 pub fn latency(report: &Report) -> String {
     let steps: Vec<&Step> = report.e2e.steps.iter().chain(&report.e2e.half_sustained).collect();
     let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
-    let x_max = steps.iter().map(|s| s.target_per_second).fold(report.e2e.max_per_second, f64::max).max(1.0) * 1.05;
+    let x_max = round_up(steps.iter().map(|s| s.target_per_second).fold(report.e2e.max_per_second, f64::max) * 1.05);
     let values = steps.iter().flat_map(|s| [s.latency_ms.p50, s.latency_ms.max]).filter(|v| *v > 0.0);
     let (lo, hi) = decades(values.clone().fold(f64::MAX, f64::min).min(1.0), values.fold(1.0, f64::max));
     let x = |rate: f64| LEFT + rate / x_max * plot_w;
@@ -103,7 +110,9 @@ pub fn latency(report: &Report) -> String {
         r#"<text transform="translate(20 {:.1}) rotate(-90)" text-anchor="middle">milliseconds (log)</text>"#,
         TOP + plot_h / 2.0
     );
-    let mut sorted = steps.clone();
+    // The sweep's steps are joined by lines; the latency step at half the
+    // sustained maximum is drawn as squares of its own.
+    let mut sorted: Vec<&Step> = report.e2e.steps.iter().collect();
     sorted.sort_by(|a, b| a.target_per_second.total_cmp(&b.target_per_second));
     let series: [Series; 5] = [
         ("p50", |s| s.latency_ms.p50),
@@ -130,6 +139,14 @@ pub fn latency(report: &Report) -> String {
                 y(value(st))
             );
         }
+        if let Some(half) = report.e2e.half_sustained.as_ref().filter(|st| value(st) > 0.0) {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="{colour}"/>"#,
+                x(half.target_per_second) - 4.0,
+                y(value(half)) - 4.0
+            );
+        }
         let (lx, ly) = (LEFT + plot_w + 16.0, TOP + 10.0 + i as f64 * 22.0);
         let _ = writeln!(
             s,
@@ -139,12 +156,16 @@ pub fn latency(report: &Report) -> String {
             ly + 4.0
         );
     }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}">hollow: step did not hold</text>"#,
-        LEFT + plot_w + 16.0,
-        TOP + 10.0 + 5.0 * 22.0 + 4.0
-    );
+    for (i, line) in
+        ["hollow: step did not hold", "square: latency step at", "half the sustained max"].iter().enumerate()
+    {
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{line}</text>"#,
+            LEFT + plot_w + 16.0,
+            TOP + 10.0 + (5.0 + i as f64) * 22.0 + 4.0
+        );
+    }
     let _ = writeln!(s, "</svg>");
     s
 }

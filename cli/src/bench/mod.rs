@@ -110,7 +110,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The full run: about ten minutes.
+    /// The full run: about eight minutes.
     pub fn full(concurrency: usize) -> Self {
         Self {
             mode: "full",

@@ -2,7 +2,7 @@
 //! own servers and writes a report (the work is in `sluice_cli::bench`);
 //! `--compare` prints the change of every figure against an earlier report.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -73,7 +73,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         None => None,
     };
     if let (Some(old), Some(new)) = (&old, &args.against) {
-        print!("{}", bench::report::compare(old, &read_report(new)?));
+        // A reader that stops early (`| head`) is not an error.
+        let _ = std::io::stdout().write_all(bench::report::compare(old, &read_report(new)?).as_bytes());
         return Ok(());
     }
     let concurrency = args.concurrency.unwrap_or(usize::from(settings.processor.prefetch)).max(1);
