@@ -51,14 +51,6 @@ pub const BARE_CONTEXT: &str = "bare";
 /// The longest wait for the commands in flight once publishing stopped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn bare_queue(tenant: &str) -> String {
-    names::command_queue(tenant, BARE_CONTEXT)
-}
-
-pub fn bare_topic(tenant: &str) -> String {
-    names::events_topic(tenant, BARE_CONTEXT)
-}
-
 /// The bare pipeline's tables: copies of the event store, the operations
 /// table and the read model (projection `<projection>_bare`, version 1).
 pub fn bare_tables(projection: &str) -> Vec<String> {
@@ -115,7 +107,7 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
 
 async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
     let tenant = bench.workload.tenant().to_owned();
-    let (queue, topic) = (bare_queue(&tenant), bare_topic(&tenant));
+    let (queue, topic) = (names::command_queue(&tenant, BARE_CONTEXT), names::events_topic(&tenant, BARE_CONTEXT));
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
     sluice_processors::amqp::declare_topology(&channel, &tenant, BARE_CONTEXT, &[])

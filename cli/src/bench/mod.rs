@@ -471,11 +471,9 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
         let retries = &bench.settings.processor.retry_delays_ms;
         queues.extend(retries.iter().map(|d| sluice_processors::amqp::topology::retry_queue(tenant, context, *d)));
     }
-    for (queue, context) in [(raw::raw_queue(tenant), raw::RAW_CONTEXT), (bare::bare_queue(tenant), bare::BARE_CONTEXT)]
-    {
-        queues.push(queue);
-        queues.push(names::dead_letter_queue(tenant, context));
-    }
+    // The raw and bare phases' scratch contexts.
+    let scratch = [raw::RAW_CONTEXT, bare::BARE_CONTEXT];
+    queues.extend(scratch.iter().flat_map(|c| [names::command_queue(tenant, c), names::dead_letter_queue(tenant, c)]));
     for queue in &queues {
         if let Err(e) = bench.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
             problems.push(format!("deleting queue {queue}: {e}"));
@@ -485,8 +483,7 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     let topic = bench.events_topic();
     let mut topics: Vec<String> = contexts.iter().map(|c| names::events_topic(tenant, c)).collect();
     topics.push(sluice_streams::dead_letter::dead_letter_topic(&topic, projection));
-    topics.push(raw::raw_topic(tenant));
-    topics.push(bare::bare_topic(tenant));
+    topics.extend(scratch.iter().map(|c| names::events_topic(tenant, c)));
     let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
     match ClientConfig::new()
         .set("bootstrap.servers", &bench.settings.kafka.brokers)

@@ -42,15 +42,6 @@ pub const RAW_CONTEXT: &str = "raw";
 /// Rows per unlogged batch in the batched-insert ceiling (one partition).
 pub const ROWS_PER_BATCH: usize = 16;
 
-/// Names of what the raw phases create, for the cleanup.
-pub fn raw_queue(tenant: &str) -> String {
-    names::command_queue(tenant, RAW_CONTEXT)
-}
-
-pub fn raw_topic(tenant: &str) -> String {
-    names::events_topic(tenant, RAW_CONTEXT)
-}
-
 /// The raw phases' tables: copies of the read model's tables (projection
 /// `<projection>_raw`, version 1) and of the event store table.
 pub fn raw_tables(projection: &str) -> Vec<String> {
@@ -256,7 +247,7 @@ async fn amqp_consume_at(
     duration: Duration,
     available: u64,
 ) -> anyhow::Result<Throughput> {
-    let queue = raw_queue(bench.workload.tenant());
+    let queue = names::command_queue(bench.workload.tenant(), RAW_CONTEXT);
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
     let prefetch = u16::try_from(window).unwrap_or(u16::MAX);
@@ -301,7 +292,7 @@ async fn amqp_consume_at(
 /// The processors' producer settings, the event's size and its headers,
 /// `window` records awaiting their delivery reports at once.
 async fn kafka_produce_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
-    let topic = raw_topic(bench.workload.tenant());
+    let topic = names::events_topic(bench.workload.tenant(), RAW_CONTEXT);
     sluice_processors::kafka::ensure_topics(
         &bench.settings.kafka.brokers,
         std::slice::from_ref(&topic),
