@@ -41,7 +41,7 @@ use sluice_schemas::{cql, names};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::raw::{amqp_connect, point};
+use super::raw::{amqp_connect, point, scratch_topic};
 use super::report::{BareReport, Ceiling, Throughput};
 use super::Bench;
 
@@ -107,20 +107,14 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
 
 async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
     let tenant = bench.workload.tenant().to_owned();
-    let (queue, topic) = (names::command_queue(&tenant, BARE_CONTEXT), names::events_topic(&tenant, BARE_CONTEXT));
+    let queue = names::command_queue(&tenant, BARE_CONTEXT);
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
     sluice_processors::amqp::declare_topology(&channel, &tenant, BARE_CONTEXT, &[])
         .await
         .context("declaring the bare queue")?;
     let _ = connection.close(200, "bare topology declared".into()).await;
-    sluice_processors::kafka::ensure_topics(
-        &bench.settings.kafka.brokers,
-        std::slice::from_ref(&topic),
-        bench.settings.processor.topic_partitions,
-    )
-    .await
-    .context("creating the bare topic")?;
+    let (topic, producer) = scratch_topic(bench, BARE_CONTEXT).await?;
 
     let session = &bench.session;
     let projection = &bench.settings.projector.name;
@@ -165,14 +159,6 @@ async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
         ))
         .await?,
     ];
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bench.settings.kafka.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "2")
-        .set("message.timeout.ms", "10000")
-        .create()
-        .context("creating the bare Kafka producer")?;
     Ok(Hops {
         tenant,
         queue,

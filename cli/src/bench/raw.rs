@@ -289,18 +289,19 @@ async fn amqp_consume_at(
     Ok(Throughput::new(count, seconds))
 }
 
-/// The processors' producer settings, the event's size and its headers,
-/// `window` records awaiting their delivery reports at once.
-async fn kafka_produce_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
-    let topic = names::events_topic(bench.workload.tenant(), RAW_CONTEXT);
+/// The events topic of a scratch context (`raw`, `bare`), created with the
+/// events topics' partitions, and a producer with the processors' settings
+/// (idempotent, acks=all, linger 2 ms).
+pub async fn scratch_topic(bench: &Bench, context: &str) -> anyhow::Result<(String, FutureProducer)> {
+    let topic = names::events_topic(bench.workload.tenant(), context);
     sluice_processors::kafka::ensure_topics(
         &bench.settings.kafka.brokers,
         std::slice::from_ref(&topic),
         bench.settings.processor.topic_partitions,
     )
     .await
-    .context("creating the raw topic")?;
-    let producer: FutureProducer = ClientConfig::new()
+    .with_context(|| format!("creating {topic}"))?;
+    let producer = ClientConfig::new()
         .set("bootstrap.servers", &bench.settings.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -308,6 +309,13 @@ async fn kafka_produce_at(bench: &Bench, window: usize, duration: Duration) -> a
         .set("message.timeout.ms", "10000")
         .create()
         .context("creating a Kafka producer")?;
+    Ok((topic, producer))
+}
+
+/// The event's size and headers, `window` records awaiting their delivery
+/// reports at once.
+async fn kafka_produce_at(bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
+    let (topic, producer) = scratch_topic(bench, RAW_CONTEXT).await?;
     let payload = Arc::new(bench.workload.event_bytes()?);
     // One record first: a new producer waits for its idempotence id (and a
     // new broker loads its coordinators), which is not what the window measures.
