@@ -239,6 +239,7 @@ async fn run_onboarding(
         timer_poll: Duration::from_millis(config.timer_poll_ms.max(10)),
         timer_lease: Duration::from_millis(config.timer_lease_ms),
         instance,
+        lanes: sluice_streams::lanes::LaneConfig::default(),
     };
     let dead_letters = DeadLetters::new(&infra.kafka_brokers, infra.session.clone(), Onboarding::NAME, 1)
         .await

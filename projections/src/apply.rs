@@ -11,11 +11,11 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
-use sluice_streams::backoff::Backoff;
 use sluice_streams::batch::Settle;
 use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::settle::{settle_record, Settled};
 use sluice_streams::{decode_record, ApplyError};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::orders;
 use crate::store::tables::Tables;
@@ -97,33 +97,17 @@ impl Applier {
         message: &impl Message,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Option<Applied> {
-        let mut backoff = Backoff::default();
         let started = std::time::Instant::now();
-        loop {
-            match self.apply(message).await {
-                Ok(applied) => {
-                    metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "applied").increment(1);
-                    return Some(applied);
-                }
-                Err(ApplyError::Poison { class, reason }) => {
-                    match self.dead_letters.send(message, class, &reason).await {
-                        Ok(()) => {
-                            metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => "dead_lettered").increment(1);
-                            return Some(Applied::DeadLettered { reason });
-                        }
-                        Err(e) => warn!(error = %e, "cannot dead-letter a poison record yet"),
-                    }
-                }
-                Err(ApplyError::Transient(reason)) => {
-                    warn!(%reason, topic = message.topic(), offset = message.offset(), "apply failed; retrying");
-                }
-            }
-            if !backoff.wait(stop).await {
-                return None;
-            }
-        }
+        let settled = settle_record(&self.dead_letters, message, stop, || self.apply(message)).await?;
+        let (applied, outcome) = match settled {
+            Settled::Applied(applied) => (applied, "applied"),
+            Settled::DeadLettered { reason, .. } => (Applied::DeadLettered { reason }, "dead_lettered"),
+        };
+        metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => outcome)
+            .increment(1);
+        Some(applied)
     }
 
     async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {

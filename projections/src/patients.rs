@@ -20,12 +20,12 @@ use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::patients::PatientEvent;
-use sluice_streams::backoff::Backoff;
 use sluice_streams::batch::{self, BatchConfig};
 use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::settle::settle_record;
 use sluice_streams::{decode_record, ApplyError};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::store::{rm_err, ReadModelError};
 
@@ -243,24 +243,8 @@ impl batch::Settle for WriteStep<'_> {
     fn settle<'a>(&'a self, message: &'a OwnedMessage) -> futures::future::BoxFuture<'a, bool> {
         Box::pin(async move {
             let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
-            let mut backoff = Backoff::default();
-            loop {
-                let written =
-                    match self.projector.write(self.codec, self.dead_letters, self.insert, tenant, message).await {
-                        Ok(()) => Ok(()),
-                        Err(ApplyError::Transient(e)) => Err(e),
-                        Err(ApplyError::Poison { class, reason }) => {
-                            self.dead_letters.send(message, class, &reason).await
-                        }
-                    };
-                match written {
-                    Ok(()) => return true,
-                    Err(e) => warn!(error = %e, "patients projection write failed; retrying"),
-                }
-                if !backoff.wait(self.shutdown).await {
-                    return false;
-                }
-            }
+            let write = || self.projector.write(self.codec, self.dead_letters, self.insert, tenant, message);
+            settle_record(self.dead_letters, message, self.shutdown, write).await.is_some()
         })
     }
 }

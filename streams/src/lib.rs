@@ -9,11 +9,15 @@
 //!   applied ([`ApplyError`]: transient, or poison).
 //! - [`dead_letter`]: poison records to `<topic>.<consumer>.dlt`, their keys
 //!   parked so later records of the key follow them.
+//! - [`lanes`]: records in one lane per key, polling going on while a key
+//!   waits for a retry (process managers: one instance never holds back
+//!   another).
+//! - [`settle`]: one record applied for good, or dead-lettered.
 //! - [`backoff`]: the one retry policy for transient failures.
 //!
 //! Still to come here (issue 13): the `Projection` trait with the runtime
-//! owning the CQL writes, rebalance handling that loads parked keys for an
-//! assigned partition, and the process managers on the batch loop.
+//! owning the CQL writes, and rebalance handling that loads parked keys for
+//! an assigned partition.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +25,8 @@ pub mod backoff;
 pub mod batch;
 pub mod dead_letter;
 pub mod decode;
+pub mod lanes;
+pub mod settle;
 
 pub use decode::{decode_record, ApplyError};
 

@@ -190,19 +190,78 @@ async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_p
             (records.len() >= 3).then_some(records)
         })
         .await;
-        let header = |m: &rdkafka::message::OwnedMessage, name: &str| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == name))
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
         let classes: Vec<String> = records.iter().map(|m| header(m, "sluice_error_class")).collect();
         assert_eq!(classes, ["undecodable", "parked", "parked"], "{consumer}");
         assert!(records.iter().all(|m| m.key() == Some(&b"p-bad"[..]) && !header(m, "sluice_reason").is_empty()));
     }
     assert_eq!(platform.get_json(&tenant, "/patients/p-bad/onboarding").await.0, 404, "p-bad was not applied");
     assert_eq!(process_records(&tenant.name, "p-bad").await.len(), 0, "nor reacted to");
+    platform.stop().await.unwrap();
+}
+
+/// A record's header as text.
+fn header(m: &rdkafka::message::OwnedMessage, name: &str) -> String {
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_instance_whose_stream_is_corrupt_is_dead_lettered_once_and_holds_back_no_other_instance_nor_timer() {
+    use sluice_processors::event_store::{CqlEventStore, EventStore, StoredEvent, StreamRef};
+    let tenant = TestTenant::new();
+    let timeout = Duration::from_millis(1_500);
+    let platform = Platform::start(settings_with(&tenant, timeout.as_millis() as u64, 10), Role::All).await;
+    // A foreign write the process cannot fold: every step of p-corrupt
+    // fails, and retrying cannot help.
+    let store = CqlEventStore::new(sluice_tests::cql_sluice().await).await.expect("event store");
+    let stream_id = format!("{}:p-corrupt", Onboarding::NAME);
+    let garbage = StoredEvent {
+        version: 1,
+        event_id: "garbage".into(),
+        event_type: "not.a.process.Record".into(),
+        payload: json!({}),
+        command_key: String::new(),
+        operation_id: String::new(),
+        recorded_at_ms: 0,
+        produced: true,
+    };
+    let stream = StreamRef { tenant: &tenant.name, context: PROCESS_CONTEXT, stream_id: &stream_id };
+    store.append(stream, &[garbage]).await.expect("garbage appended");
+
+    enroll(&platform, &tenant, "p-corrupt").await;
+    enroll(&platform, &tenant, "p-good").await;
+    // p-good goes through, timers included, while p-corrupt's step failed.
+    onboarding_when(&platform, &tenant, "p-good", Duration::from_secs(60), "p-good's first reminder", |v| {
+        v["reminders_sent"] == 1
+    })
+    .await;
+    let topic = format!("{}.patients.events", tenant.name);
+    let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, Onboarding::NAME);
+    let first = eventually(Duration::from_secs(30), "p-corrupt's enrolment dead-lettered", || async {
+        let records = sluice_tests::read_topic(&dlt).await;
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(header(&first[0], "sluice_error_class"), "corrupt_stream");
+    assert_eq!(first[0].key(), Some(&b"p-corrupt"[..]));
+    // Another reminder of p-good later, p-corrupt's record is still there once.
+    let (_, view) = platform.get_json(&tenant, "/patients/p-good/onboarding").await;
+    let reminded = view["reminders_sent"].as_i64().unwrap_or_default();
+    onboarding_when(&platform, &tenant, "p-good", Duration::from_secs(30), "a later reminder of p-good", |v| {
+        v["reminders_sent"].as_i64().unwrap_or_default() > reminded
+    })
+    .await;
+    let records = sluice_tests::read_topic(&dlt).await;
+    assert_eq!(
+        records.len(),
+        1,
+        "dead-lettered once, never retried: {:?}",
+        records.iter().map(|m| m.offset()).collect::<Vec<_>>()
+    );
+    assert_eq!(decided_steps(&process_records(&tenant.name, "p-corrupt").await), Vec::<String>::new());
     platform.stop().await.unwrap();
 }
 

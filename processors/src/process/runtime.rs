@@ -12,26 +12,37 @@
 //!    carry it out (send commands with confirms, set and cancel timers),
 //!    append the `Dispatched` marker.
 //!
-//! A Kafka offset is stored for commit only after its event was handled; a
-//! timer row is deleted only by carrying out the decision that consumed it.
-//! A record that cannot be decoded goes to the process's dead-letter topic
+//! Events come through the streams runtime's lanes (`sluice_streams::lanes`):
+//! each process instance's key is a lane of its own, so an instance whose
+//! step keeps failing (a command broker down for it, a store error) waits
+//! with backoff and holds back only its own later events, never other
+//! instances nor the timers, which fire from a loop of their own. A Kafka
+//! offset is committed only up to the first event not yet handled; a timer
+//! row is deleted only by carrying out the decision that consumed it. A
+//! record that cannot be decoded, or whose instance's stream cannot be read
+//! (corrupt), goes once to the process's dead-letter topic
 //! (`<topic>.<process>.dlt`), and its key's later records follow it there.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use sluice_schemas::codec::EventCodec;
+use sluice_streams::batch::Settle;
 use sluice_streams::dead_letter::DeadLetters;
+use sluice_streams::lanes::{self, LaneConfig};
+use sluice_streams::settle::settle_record;
 use sluice_streams::{decode_record, ApplyError};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::commands::{CommandSender, OutgoingCommand};
-use super::record::{rebuild, Dispatched, Handled, InputRecord, Rebuilt, DISPATCHED, HANDLED};
+use super::record::{rebuild, CorruptStream, Dispatched, Handled, InputRecord, Rebuilt, DISPATCHED, HANDLED};
 use super::timers::{TimerRef, TimerStore};
 use super::{ProcessManager, Timer, PROCESS_CONTEXT};
 use crate::domain::DomainEvent;
@@ -58,14 +69,20 @@ pub enum Handling {
     Ignored,
 }
 
-/// Handling stopped; the input is tried again later (its offset is not
-/// committed, its timer's lease runs out).
+/// Why handling stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("process step: {0}")]
-pub struct StepError(pub String);
+pub enum StepError {
+    /// A store or broker failed: the input is tried again later (its offset
+    /// is not committed, its timer's lease runs out).
+    #[error("process step: {0}")]
+    Transient(String),
+    /// The instance's stream cannot be read: trying again cannot help.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptStream),
+}
 
 fn step_err(e: impl std::fmt::Display) -> StepError {
-    StepError(e.to_string())
+    StepError::Transient(e.to_string())
 }
 
 pub struct ProcessRuntime<M, S, T, C> {
@@ -87,7 +104,7 @@ where
         let stream_id = format!("{}:{correlation}", M::NAME);
         let stream = StreamRef { tenant, context: PROCESS_CONTEXT, stream_id: &stream_id };
         let records = self.store.load(stream).await.map_err(step_err)?;
-        rebuild(&self.pm, &records).map_err(step_err)
+        Ok(rebuild(&self.pm, &records)?)
     }
 
     pub async fn handle(
@@ -109,7 +126,7 @@ where
         let key = record.key();
         for _ in 0..MAX_CONFLICTS {
             let records = self.store.load(stream).await.map_err(step_err)?;
-            let rebuilt = rebuild(&self.pm, &records).map_err(step_err)?;
+            let rebuilt = rebuild(&self.pm, &records)?;
             if let Some((version, handled)) = rebuilt.undispatched.first() {
                 info!(tenant, stream_id, version, "carrying out a recorded decision");
                 self.carry_out(tenant, correlation, handled).await?;
@@ -169,7 +186,7 @@ where
             }
             return Ok(Handling::Applied);
         }
-        Err(StepError(format!("stream {stream_id} kept changing")))
+        Err(StepError::Transient(format!("stream {stream_id} kept changing")))
     }
 
     fn timer_ref(&self, tenant: &str, correlation: &str, timer: &Timer) -> TimerRef {
@@ -235,9 +252,12 @@ pub struct RunSettings {
     pub timer_lease: Duration,
     /// Name of this instance in timer claims.
     pub instance: String,
+    /// Events held at most while instances wait for retries.
+    pub lanes: LaneConfig,
 }
 
-/// Consumes events and fires timers until `shutdown`.
+/// Consumes events and fires timers until `shutdown`, each in a loop of its
+/// own.
 pub async fn run<M, S, T, C>(
     runtime: Arc<ProcessRuntime<M, S, T, C>>,
     settings: RunSettings,
@@ -258,80 +278,86 @@ where
         .set("auto.commit.interval.ms", "500")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
         .create()
         .map_err(step_err)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(step_err)?;
     info!(process = M::NAME, group = %settings.group, "process manager running");
-    let mut poll = tokio::time::interval(settings.timer_poll);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = poll.tick() => fire_due_timers(&runtime, &settings).await,
-            message = consumer.recv() => {
-                let message = match message {
-                    Ok(m) => m,
-                    Err(e) => { warn!(error = %e, "kafka consumer error"); continue; }
-                };
-                if !handle_message(&runtime, &codec, &dead_letters, &message, &shutdown).await {
-                    break;
-                }
-                if let Err(e) = consumer.store_offset_from_message(&message) {
-                    warn!(error = %e, "could not store the offset");
-                }
-            }
-        }
-    }
+    let events = EventStep { runtime: &runtime, codec: &codec, dead_letters: &dead_letters, stop: &shutdown };
+    tokio::join!(
+        lanes::consume(&consumer, &settings.lanes, &shutdown, &events),
+        fire_timers_until(&runtime, &settings, &shutdown),
+    );
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
 }
 
-/// Handles one record, retrying transient failures; false when stopped first.
-async fn handle_message<M, S, T, C>(
-    runtime: &ProcessRuntime<M, S, T, C>,
-    codec: &EventCodec,
-    dead_letters: &DeadLetters,
-    message: &BorrowedMessage<'_>,
-    shutdown: &CancellationToken,
-) -> bool
+/// One event record of the followed context, handled for good: applied,
+/// ignored, or dead-lettered (undecodable, parked key, corrupt instance
+/// stream), transient failures retried until `stop`.
+struct EventStep<'r, M, S, T, C> {
+    runtime: &'r ProcessRuntime<M, S, T, C>,
+    codec: &'r EventCodec,
+    dead_letters: &'r DeadLetters,
+    stop: &'r CancellationToken,
+}
+
+impl<M, S, T, C> Settle for EventStep<'_, M, S, T, C>
 where
     M: ProcessManager,
     S: EventStore,
     T: TimerStore,
     C: CommandSender,
 {
-    let Some(tenant) = message.topic().split('.').next().map(str::to_owned) else { return true };
-    let mut delay = Duration::from_millis(100);
+    fn settle<'a>(&'a self, record: &'a OwnedMessage) -> BoxFuture<'a, bool> {
+        Box::pin(
+            async move { settle_record(self.dead_letters, record, self.stop, || self.step(record)).await.is_some() },
+        )
+    }
+}
+
+impl<M, S, T, C> EventStep<'_, M, S, T, C>
+where
+    M: ProcessManager,
+    S: EventStore,
+    T: TimerStore,
+    C: CommandSender,
+{
+    async fn step(&self, record: &OwnedMessage) -> Result<Handling, ApplyError> {
+        let Some(tenant) = record.topic().split('.').next() else { return Ok(Handling::Ignored) };
+        let (name, value) = decode_record(self.codec, self.dead_letters, record).await?;
+        // Events of the context that the process does not follow pass by.
+        let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
+        let correlation = M::correlation(&event).to_owned();
+        self.runtime.handle(tenant, &correlation, &Input::Event(event)).await.map_err(|e| match e {
+            StepError::Transient(reason) => ApplyError::Transient(reason),
+            StepError::Corrupt(e) => ApplyError::Poison { class: "corrupt_stream", reason: e.to_string() },
+        })
+    }
+}
+
+/// Timers fired at most at once: a slow step holds back no other timer.
+const TIMERS_IN_FLIGHT: usize = 16;
+
+async fn fire_timers_until<M, S, T, C>(
+    runtime: &ProcessRuntime<M, S, T, C>,
+    settings: &RunSettings,
+    stop: &CancellationToken,
+) where
+    M: ProcessManager,
+    S: EventStore,
+    T: TimerStore,
+    C: CommandSender,
+{
+    let mut poll = tokio::time::interval(settings.timer_poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let outcome = async {
-            // Parked key, no value or undecodable: dead-lettered, as the projections do.
-            let (name, value) = match decode_record(codec, dead_letters, message).await {
-                Ok(decoded) => decoded,
-                Err(ApplyError::Transient(e)) => return Err(StepError(e)),
-                Err(ApplyError::Poison { class, reason }) => {
-                    dead_letters.send(message, class, &reason).await.map_err(StepError)?;
-                    return Ok(Handling::Ignored);
-                }
-            };
-            // Events of the context that the process does not follow pass by.
-            let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
-            let correlation = M::correlation(&event).to_owned();
-            runtime.handle(&tenant, &correlation, &Input::Event(event)).await
-        }
-        .await;
-        match outcome {
-            Ok(_) => return true,
-            Err(e) => {
-                warn!(error = %e, topic = message.topic(), offset = message.offset(), "process step failed; retrying")
-            }
-        }
         tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+            _ = poll.tick() => fire_due_timers(runtime, settings).await,
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -353,29 +379,32 @@ where
                 continue;
             }
         };
-        for timer in due {
-            if timer.timer.process != M::NAME || timer.claimed_until_ms > now {
-                continue;
-            }
-            let lease_end = now + i64::try_from(settings.timer_lease.as_millis()).unwrap_or(i64::MAX / 2);
-            match runtime.timers.claim(&timer, &settings.instance, lease_end).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    warn!(error = %e, "could not claim a timer");
-                    continue;
+        let lease_end = now + i64::try_from(settings.timer_lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let ours = due.into_iter().filter(|t| t.timer.process == M::NAME && t.claimed_until_ms <= now);
+        futures::stream::iter(ours)
+            .for_each_concurrent(TIMERS_IN_FLIGHT, |timer| async move {
+                match runtime.timers.claim(&timer, &settings.instance, lease_end).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        warn!(error = %e, "could not claim a timer");
+                        return;
+                    }
                 }
-            }
-            let t = &timer.timer;
-            match runtime.handle(tenant, &t.correlation, &Input::Timer(t.timer.clone())).await {
-                Ok(handling) => {
-                    debug!(tenant, correlation = %t.correlation, timer = %t.timer.id, ?handling, "timer fired")
+                let t = &timer.timer;
+                match runtime.handle(tenant, &t.correlation, &Input::Timer(t.timer.clone())).await {
+                    Ok(handling) => {
+                        debug!(tenant, correlation = %t.correlation, timer = %t.timer.id, ?handling, "timer fired")
+                    }
+                    Err(StepError::Corrupt(e)) => {
+                        error!(error = %e, tenant, correlation = %t.correlation, timer = %t.timer.id, "timer of a corrupt process stream; tried again after its lease")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, tenant, correlation = %t.correlation, timer = %t.timer.id, "timer step failed; retried after its lease")
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, tenant, correlation = %t.correlation, timer = %t.timer.id, "timer step failed; retried after its lease")
-                }
-            }
-        }
+            })
+            .await;
     }
 }
 
