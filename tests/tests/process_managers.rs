@@ -99,16 +99,15 @@ fn decided_steps(records: &[sluice_processors::event_store::StoredEvent]) -> Vec
         .collect()
 }
 
-/// Timer rows left for a tenant.
-async fn timers_of(tenant: &str) -> usize {
-    let session = cql().await;
-    let rows = session
-        .query_unpaged("SELECT timer_id FROM sluice.process_timers WHERE tenant = ?", (tenant,))
+/// Timers left for a tenant's onboardings (due, or due within the hour), as
+/// `sluice status` counts them.
+async fn timers_of(tenant: &str) -> i64 {
+    let session = sluice_tests::cql_sluice().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let summary = sluice_processors::process::timers::summary(&session, tenant, Onboarding::NAME, now)
         .await
-        .expect("timers query")
-        .into_rows_result()
-        .expect("rows");
-    rows.rows::<(String,)>().expect("typed").count()
+        .expect("timer summary");
+    summary.timers_due + summary.timers_pending
 }
 
 #[tokio::test]
@@ -550,9 +549,9 @@ async fn a_due_timer_is_claimed_by_one_instance_and_a_cancelled_one_by_none() {
         correlation: "p1".into(),
         timer: Timer { id: id.into(), due_at_ms },
     };
-    timers.set(&timer("due", now - 1_000)).await.unwrap();
-    timers.set(&timer("later", now + 60_000)).await.unwrap();
-    timers.set(&timer("cancelled", now - 500)).await.unwrap();
+    timers.set(&timer("due", now - 1_000), now).await.unwrap();
+    timers.set(&timer("later", now + 60_000), now).await.unwrap();
+    timers.set(&timer("cancelled", now - 500), now).await.unwrap();
 
     let due = timers.due(&tenant, now, 100).await.unwrap();
     assert_eq!(
@@ -569,11 +568,70 @@ async fn a_due_timer_is_claimed_by_one_instance_and_a_cancelled_one_by_none() {
         !timers.claim(&due[1], "a", now + 30_000).await.unwrap(),
         "a cancelled timer cannot be claimed (nor resurrected)"
     );
-    assert_eq!(timers.due(&tenant, now, 100).await.unwrap().len(), 1, "the cancelled row stays gone");
+    assert!(timers.due(&tenant, now, 100).await.unwrap().is_empty(), "leased, and the cancelled row stays gone");
 
     // Once the lease has run out, another instance may take the timer over.
-    let leased = timers.due(&tenant, now, 100).await.unwrap().remove(0);
-    assert_eq!(leased.claimed_until_ms, now + 30_000);
-    assert!(timers.claim(&leased, "c", now + 60_000).await.unwrap());
-    assert!(!timers.claim(&leased, "d", now + 60_000).await.unwrap(), "a stale view of the lease loses");
+    let later = now + 30_001;
+    let leased = timers.due(&tenant, later, 100).await.unwrap().remove(0);
+    assert_eq!((leased.timer.timer.id.as_str(), leased.claimed_until_ms), ("due", now + 30_000));
+    assert!(timers.claim(&leased, "c", later + 30_000).await.unwrap());
+    assert!(!timers.claim(&leased, "d", later + 30_000).await.unwrap(), "a stale view of the lease loses");
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_fired_timers_leave_a_due_timer_firing_within_its_delay() {
+    use futures::StreamExt;
+    use sluice_processors::process::timers::{CqlTimers, TimerRef, TimerStore};
+    use sluice_processors::process::Timer;
+    const FIRED: i64 = 100_000;
+    let tenant = TestTenant::new();
+    let timeout = Duration::from_millis(1_500);
+    let settings = settings_with(&tenant, timeout.as_millis() as u64, 10);
+    let session = sluice_tests::cql_sluice().await;
+    for statement in sluice_schemas::cql::create_tables() {
+        session.query_unpaged(statement, ()).await.expect("create tables");
+    }
+    // Two hours of a busy tenant: 100,000 timers set at their time and
+    // fired (removed), as the runtime does, leaving their tombstones.
+    let timers = CqlTimers::new(session).await.expect("timer store");
+    let now = chrono::Utc::now().timestamp_millis();
+    let start = now - 2 * 3_600_000;
+    let started = Instant::now();
+    futures::stream::iter(0..FIRED)
+        .for_each_concurrent(256, |i| {
+            let timers = &timers;
+            let tenant = &tenant.name;
+            async move {
+                let due_at = start + i * (2 * 3_600_000 - 60_000) / FIRED;
+                let t = TimerRef {
+                    tenant: tenant.clone(),
+                    process: Onboarding::NAME.into(),
+                    correlation: format!("old-{}", i % 5_000),
+                    timer: Timer { id: format!("timeout-{i}"), due_at_ms: due_at },
+                };
+                timers.set(&t, due_at - 1_500).await.expect("set");
+                timers.cancel(&t).await.expect("fired");
+            }
+        })
+        .await;
+    eprintln!("{FIRED} timers set and fired in {:?}", started.elapsed());
+    assert_eq!(timers_of(&tenant.name).await, 0);
+
+    let platform = Platform::start(settings, Role::All).await;
+    enroll(&platform, &tenant, "p1").await;
+    let view = onboarding_when(&platform, &tenant, "p1", Duration::from_secs(60), "a first reminder", |v| {
+        v["reminders_sent"] == 1
+    })
+    .await;
+    let at = |step: &str| {
+        let s = view["steps"].as_array().unwrap().iter().find(|s| s["step"] == step).unwrap()["at"].as_str().unwrap();
+        chrono::DateTime::parse_from_rfc3339(s).unwrap()
+    };
+    let waited = (at("reminder_sent") - at("assessment_scheduled")).num_milliseconds();
+    eprintln!("the reminder came {waited} ms after the schedule (timeout {} ms)", timeout.as_millis());
+    // The timeout, a timer poll, and the reminder's way through the command
+    // side: seconds, not the minutes a scan of 100,000 tombstones costs (or
+    // its failure).
+    assert!(waited >= timeout.as_millis() as i64 && waited < 5_000 + timeout.as_millis() as i64, "{waited} ms");
+    platform.stop().await.unwrap();
 }

@@ -127,7 +127,7 @@ fn print_report(r: &StatusReport) {
                 p.timers_pending.to_string(),
                 oldest.unwrap_or_else(|| "-".into()),
             ]];
-            print_table(&["INSTANCES BY STAGE", "TIMERS DUE", "TIMERS PENDING", "OLDEST DUE"], &rows);
+            print_table(&["INSTANCES BY STAGE", "TIMERS DUE", "DUE WITHIN 1 H", "OLDEST DUE"], &rows);
         }
     }
     println!();

@@ -205,8 +205,9 @@ where
             let command = OutgoingCommand { tenant, process: M::NAME, correlation, intent };
             self.sender.send(command).await.map_err(step_err)?;
         }
+        let now = chrono::Utc::now().timestamp_millis();
         for timer in &handled.set_timers {
-            self.timers.set(&self.timer_ref(tenant, correlation, timer)).await.map_err(step_err)?;
+            self.timers.set(&self.timer_ref(tenant, correlation, timer), now).await.map_err(step_err)?;
         }
         for timer in &handled.cancel_timers {
             self.timers.cancel(&self.timer_ref(tenant, correlation, timer)).await.map_err(step_err)?;
@@ -380,7 +381,7 @@ where
             }
         };
         let lease_end = now + i64::try_from(settings.timer_lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let ours = due.into_iter().filter(|t| t.timer.process == M::NAME && t.claimed_until_ms <= now);
+        let ours = due.into_iter().filter(|t| t.timer.process == M::NAME);
         futures::stream::iter(ours)
             .for_each_concurrent(TIMERS_IN_FLIGHT, |timer| async move {
                 match runtime.timers.claim(&timer, &settings.instance, lease_end).await {
@@ -458,7 +459,7 @@ mod tests {
     }
 
     impl TimerStore for MemoryTimers {
-        async fn set(&self, t: &TimerRef) -> Result<(), TimerError> {
+        async fn set(&self, t: &TimerRef, _: i64) -> Result<(), TimerError> {
             let mut rows = self.rows.lock().unwrap();
             if !rows.contains(t) {
                 rows.push(t.clone());
@@ -469,12 +470,12 @@ mod tests {
             self.rows.lock().unwrap().retain(|r| r != t);
             Ok(())
         }
-        async fn due(&self, _: &str, now_ms: i64, _: i32) -> Result<Vec<DueTimer>, TimerError> {
+        async fn due(&self, _: &str, now_ms: i64, _: usize) -> Result<Vec<DueTimer>, TimerError> {
             let rows = self.rows.lock().unwrap();
             Ok(rows
                 .iter()
                 .filter(|r| r.timer.due_at_ms <= now_ms)
-                .map(|r| DueTimer { timer: r.clone(), claimed_until_ms: 0 })
+                .map(|r| DueTimer { timer: r.clone(), bucket: 0, claimed_until_ms: 0 })
                 .collect())
         }
         async fn claim(&self, _: &DueTimer, _: &str, _: i64) -> Result<bool, TimerError> {
