@@ -74,6 +74,10 @@ impl Applier {
         self.version
     }
 
+    pub fn dead_letters(&self) -> &DeadLetters {
+        &self.dead_letters
+    }
+
     /// Applies a record, retrying transient failures until `stop` says so.
     /// Returns `None` only when stopped before the record was settled. Its
     /// span continues the trace of the command that produced the event.

@@ -10,8 +10,7 @@
 
 use std::sync::Arc;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use scylla::client::session::Session;
@@ -21,6 +20,7 @@ use serde::Serialize;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::patients::PatientEvent;
 use sluice_streams::batch::{self, BatchConfig};
+use sluice_streams::consumer::subscribe;
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::settle::settle_record;
 use sluice_streams::{decode_record, ApplyError};
@@ -177,17 +177,7 @@ impl PatientsProjector {
             )
             .await
             .map_err(rm_err)?;
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", &self.group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "500")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .map_err(rm_err)?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(rm_err)?;
+        let consumer = subscribe(&self.brokers, &self.group, &self.topics, &dead_letters)?;
         info!(group = %self.group, "patients projection running");
         let settle = WriteStep {
             projector: self,

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use sluice_streams::batch;
+use sluice_streams::consumer::subscribe;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -58,16 +58,8 @@ impl Projector {
         let tables = self.store.tables(version).await?;
         let applier = Applier::new(&self.brokers, &self.registry_url, &self.config.name, tables).await?;
         let offsets = Arc::new(OffsetTracker::new(self.store.session().clone(), &self.config.name, version));
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", group_id(&self.config, version))
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "500")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        let consumer = subscribe(&self.brokers, &group_id(&self.config, version), &self.topics, applier.dead_letters())
+            .map_err(crate::store::ReadModelError::from)?;
 
         // Stops this version's loop: on shutdown, or when the active version
         // changes (watched on its own task, so even a record stuck retrying

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -55,8 +55,8 @@ pub trait Settle: Sync {
 /// mid-batch: that batch's offsets are not stored). Offsets that cannot be
 /// stored (a partition revoked meanwhile) are logged: the partition's next
 /// owner resumes from the last commit, and the writes are idempotent.
-pub async fn consume(
-    consumer: &StreamConsumer,
+pub async fn consume<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
     config: &BatchConfig,
     stop: &CancellationToken,
     settle_one: &impl Settle,
@@ -86,7 +86,11 @@ pub async fn consume(
 }
 
 /// `first` and whatever else the consumer has buffered, up to the limits.
-pub async fn fill(consumer: &StreamConsumer, first: OwnedMessage, config: &BatchConfig) -> Vec<OwnedMessage> {
+pub async fn fill<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    first: OwnedMessage,
+    config: &BatchConfig,
+) -> Vec<OwnedMessage> {
     let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + config.max_wait;
     while batch.len() < config.max_records {
@@ -157,7 +161,7 @@ pub fn next_offsets<M: Message>(batch: &[M]) -> Vec<(String, i32, i64)> {
 }
 
 /// Stores `next` for commit (the consumer commits stored offsets itself).
-pub fn store_offsets(consumer: &impl Consumer, next: &[(String, i32, i64)]) -> KafkaResult<()> {
+pub fn store_offsets<C: ConsumerContext>(consumer: &impl Consumer<C>, next: &[(String, i32, i64)]) -> KafkaResult<()> {
     let mut list = TopicPartitionList::new();
     for (topic, partition, offset) in next {
         list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;

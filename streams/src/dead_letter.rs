@@ -6,6 +6,7 @@
 //! never stalls on one record.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,32 +40,50 @@ pub struct DeadLetters {
     producer: FutureProducer,
     /// (topic, key) of poisoned keys.
     parked: Mutex<HashSet<(String, String)>>,
+    /// Set when partitions were assigned: read the parked keys again.
+    stale: Arc<AtomicBool>,
 }
 
 impl DeadLetters {
     /// Loads the consumer's parked keys.
     pub async fn new(brokers: &str, session: Arc<Session>, consumer: &str, version: i32) -> Result<Self, StreamsError> {
-        let rows = session
-            .query_unpaged(
-                "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
-                (consumer, version),
-            )
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?;
-        let parked = rows.rows::<(String, String)>().map_err(err)?.collect::<Result<HashSet<_>, _>>().map_err(err)?;
+        let parked = load_parked(&session, consumer, version).await?;
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .create()
             .map_err(err)?;
-        Ok(Self { consumer: consumer.to_owned(), version, session, producer, parked: Mutex::new(parked) })
+        Ok(Self {
+            consumer: consumer.to_owned(),
+            version,
+            session,
+            producer,
+            parked: Mutex::new(parked),
+            stale: Arc::new(AtomicBool::new(false)),
+        })
     }
 
-    /// Whether the record's key waits behind an earlier poison record.
-    pub async fn is_parked(&self, message: &impl Message) -> bool {
-        self.parked.lock().await.contains(&(message.topic().to_owned(), key_of(message)))
+    /// The flag a consumer's rebalance hook sets to have the parked keys read
+    /// again before the next record is checked.
+    pub fn stale_flag(&self) -> Arc<AtomicBool> {
+        self.stale.clone()
+    }
+
+    /// Whether the record's key waits behind an earlier poison record. After
+    /// an assignment the keys are read again first: the partitions' former
+    /// owner may have parked some.
+    pub async fn is_parked(&self, message: &impl Message) -> Result<bool, StreamsError> {
+        let mut parked = self.parked.lock().await;
+        if self.stale.swap(false, Ordering::SeqCst) {
+            match load_parked(&self.session, &self.consumer, self.version).await {
+                Ok(fresh) => *parked = fresh,
+                Err(e) => {
+                    self.stale.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(parked.contains(&(message.topic().to_owned(), key_of(message))))
     }
 
     /// Copies the record to the dead-letter topic with the reason and parks
@@ -107,6 +126,23 @@ impl DeadLetters {
         warn!(topic, offset = message.offset(), class, reason, dlt, "record dead-lettered");
         Ok(())
     }
+}
+
+async fn load_parked(
+    session: &Session,
+    consumer: &str,
+    version: i32,
+) -> Result<HashSet<(String, String)>, StreamsError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT topic, key FROM projection_parked_keys WHERE projection = ? AND version = ?",
+            (consumer, version),
+        )
+        .await
+        .map_err(err)?
+        .into_rows_result()
+        .map_err(err)?;
+    rows.rows::<(String, String)>().map_err(err)?.collect::<Result<HashSet<_>, _>>().map_err(err)
 }
 
 fn key_of(message: &impl Message) -> String {

@@ -27,7 +27,7 @@ pub async fn decode_record(
     message: &impl Message,
 ) -> Result<(String, apache_avro::types::Value), ApplyError> {
     let poison = |class, reason: String| ApplyError::Poison { class, reason };
-    if dead_letters.is_parked(message).await {
+    if dead_letters.is_parked(message).await.map_err(|e| ApplyError::Transient(e.0))? {
         let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
         return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
     }

@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -71,8 +71,8 @@ impl Unsettled {
 
 /// Consumes until `stop` (or until `settle_one` answers `false`, stopped),
 /// each key in its own lane; offsets are stored as the lanes settle records.
-pub async fn consume(
-    consumer: &StreamConsumer,
+pub async fn consume<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
     config: &LaneConfig,
     stop: &CancellationToken,
     settle_one: &impl Settle,

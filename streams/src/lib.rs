@@ -14,15 +14,17 @@
 //!   another).
 //! - [`settle`]: one record applied for good, or dead-lettered.
 //! - [`backoff`]: the one retry policy for transient failures.
+//! - [`consumer`]: the group consumer they all use, whose rebalance hook has
+//!   the parked keys read again when partitions are assigned.
 //!
 //! Still to come here (issue 13): the `Projection` trait with the runtime
-//! owning the CQL writes, and rebalance handling that loads parked keys for
-//! an assigned partition.
+//! owning the CQL writes.
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod batch;
+pub mod consumer;
 pub mod dead_letter;
 pub mod decode;
 pub mod lanes;

@@ -157,3 +157,83 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     assert_eq!(status, 404, "not applied out of order behind its poison");
     platform.stop().await.unwrap();
 }
+
+/// Members of consumer group `group`.
+async fn group_members(group: &str) -> usize {
+    let group = group.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().expect("kafka client");
+        let groups = rdkafka::consumer::Consumer::fetch_group_list(&consumer, Some(&group), Duration::from_secs(5));
+        groups.map(|list| list.groups().first().map_or(0, |g| g.members().len())).unwrap_or(0)
+    })
+    .await
+    .expect("group lookup")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_moved_to_another_projector_keeps_the_keys_its_former_owner_parked_parked() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let edge = Platform::start(settings.clone(), Role::Ingest).await;
+    let processor = Platform::start(settings.clone(), Role::Processor).await;
+    let group = sluice_projections::runner::group_id(&settings.projector, 1);
+    // Two projectors share the topic's partitions, each with the parked keys
+    // it read at its start (none).
+    let mut first = SluiceProcess::spawn(&settings, "projector");
+    let _second = SluiceProcess::spawn(&settings, "projector");
+    eventually(WAIT, "both projectors in the group", || async { (group_members(&group).await == 2).then_some(()) })
+        .await;
+
+    // Poison for keys on every partition: each projector parks the keys of
+    // its own partitions.
+    let topic = format!("{}.orders.events", tenant.name);
+    let keys: Vec<String> = (0..24).map(|i| format!("o-moved-{i}")).collect();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
+    for key in &keys {
+        producer
+            .send(FutureRecord::to(&topic).key(key).payload(&b"\x01not avro"[..]), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, &settings.projector.name);
+    eventually(WAIT, "every poison record dead-lettered", || async {
+        (read_topic(&dlt).await.len() >= keys.len()).then_some(())
+    })
+    .await;
+
+    // The first projector leaves: the second takes its partitions over, with
+    // the keys the first one parked.
+    first.terminate();
+    eventually(WAIT, "one projector left in the group", || async { (group_members(&group).await == 1).then_some(()) })
+        .await;
+    for (i, key) in keys.iter().enumerate() {
+        let response = edge.post_event(&tenant, &submit_order(&tenant, &format!("m{i}"), key, "c1")).await;
+        let op = edge.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+    }
+    let response = edge.post_event(&tenant, &submit_order(&tenant, "m-fine", "o-fine", "c1")).await;
+    assert_eq!(response.status(), 202);
+    eventually(WAIT, "a healthy order applied by the remaining projector", || async {
+        (edge.get_json(&tenant, "/orders/o-fine").await.0 == 200).then_some(())
+    })
+    .await;
+    let records = eventually(WAIT, "every later event dead-lettered behind its poison", || async {
+        let records = read_topic(&dlt).await;
+        (records.len() >= 2 * keys.len()).then_some(records)
+    })
+    .await;
+    let parked = records
+        .iter()
+        .filter(|m| {
+            m.headers()
+                .is_some_and(|h| h.iter().any(|x| x.key == "sluice_error_class" && x.value == Some(&b"parked"[..])))
+        })
+        .count();
+    assert_eq!(parked, keys.len(), "each key's submit followed its poison");
+    for key in &keys {
+        assert_eq!(edge.get_json(&tenant, &format!("/orders/{key}")).await.0, 404, "{key} not applied out of order");
+    }
+    processor.stop().await.unwrap();
+    edge.stop().await.unwrap();
+}

@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use sluice_schemas::codec::EventCodec;
 use sluice_streams::batch::Settle;
+use sluice_streams::consumer::subscribe;
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::lanes::{self, LaneConfig};
 use sluice_streams::settle::settle_record;
@@ -272,18 +272,7 @@ where
     C: CommandSender,
 {
     let codec = EventCodec::new(&settings.registry_url).map_err(step_err)?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &settings.group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(step_err)?;
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(step_err)?;
+    let consumer = subscribe(&settings.brokers, &settings.group, &settings.topics, &dead_letters).map_err(step_err)?;
     info!(process = M::NAME, group = %settings.group, "process manager running");
     let events = EventStep { runtime: &runtime, codec: &codec, dead_letters: &dead_letters, stop: &shutdown };
     tokio::join!(

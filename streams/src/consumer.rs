@@ -1,0 +1,63 @@
+//! The Kafka consumer every group member of the runtime uses: offsets
+//! stored by the runtime once records are settled and committed in the
+//! background, reading from the start of a topic it never read,
+//! `read_committed`, and a rebalance hook that makes the consumer's parked
+//! keys be read again when partitions are assigned (another instance may
+//! have parked keys of them meanwhile).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use tracing::info;
+
+use crate::dead_letter::DeadLetters;
+use crate::StreamsError;
+
+/// The rebalance hook: marks the parked keys stale on an assignment.
+pub struct Rebalances {
+    parked_stale: Arc<AtomicBool>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    // Runs inside the consumer's poll, before any record of the new
+    // assignment is handed out: the next parked-key check reloads first.
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                info!(partitions = partitions.count(), "partitions assigned");
+                self.parked_stale.store(true, Ordering::SeqCst);
+            }
+            Rebalance::Revoke(partitions) => info!(partitions = partitions.count(), "partitions revoked"),
+            Rebalance::Error(e) => info!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+/// A consumer of `topics` in `group`, for a consumer whose poison records
+/// go to `dead_letters`.
+pub fn subscribe(
+    brokers: &str,
+    group: &str,
+    topics: &[String],
+    dead_letters: &DeadLetters,
+) -> Result<StreamConsumer<Rebalances>, StreamsError> {
+    let context = Rebalances { parked_stale: dead_letters.stale_flag() };
+    let consumer: StreamConsumer<Rebalances> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create_with_context(context)
+        .map_err(|e| StreamsError(e.to_string()))?;
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| StreamsError(e.to_string()))?;
+    Ok(consumer)
+}
