@@ -37,6 +37,9 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Dead letters: list, show, shovel back, purge or delete (audited).
     Dlq(cmd::dlq::Args),
+    /// Kafka dead-letter topics and parked keys: list, show, replay after a
+    /// fix, unpark (audited).
+    Dlt(cmd::dlt::Args),
     /// Health of every tenant's queues, topics, projection and schemas;
     /// exits 1 when unhealthy.
     Status(cmd::status::Args),
@@ -64,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => cmd::replay::run(settings, args).await,
         Command::Bench(args) => cmd::bench::run(settings, args).await,
         Command::Dlq(args) => cmd::dlq::run(settings, args).await,
+        Command::Dlt(args) => cmd::dlt::run(settings, args).await,
         Command::Status(args) => cmd::status::run(settings, args).await,
     };
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

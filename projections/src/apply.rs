@@ -61,6 +61,27 @@ impl Applier {
         tables: Arc<Tables>,
     ) -> Result<Self, ReadModelError> {
         let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
+        Self::with_dead_letters(registry_url, projection, tables, dead_letters)
+    }
+
+    /// An applier for `sluice dlt replay`: it applies the records of parked
+    /// keys (it parks nothing itself).
+    pub async fn replaying(
+        brokers: &str,
+        registry_url: &str,
+        projection: &str,
+        tables: Arc<Tables>,
+    ) -> Result<Self, ReadModelError> {
+        let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
+        Self::with_dead_letters(registry_url, projection, tables, dead_letters.replaying())
+    }
+
+    fn with_dead_letters(
+        registry_url: &str,
+        projection: &str,
+        tables: Arc<Tables>,
+        dead_letters: DeadLetters,
+    ) -> Result<Self, ReadModelError> {
         Ok(Self {
             projection: projection.to_owned(),
             version: tables.version,
@@ -114,7 +135,8 @@ impl Applier {
         Some(applied)
     }
 
-    async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
+    /// Applies a record once: written, skipped, or why not.
+    pub async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let topic = message.topic();
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {

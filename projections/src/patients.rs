@@ -169,14 +169,7 @@ impl PatientsProjector {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ReadModelError> {
         let codec = EventCodec::new(&self.registry_url).map_err(rm_err)?;
         let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?;
-        let insert = self
-            .session
-            .prepare(
-                "INSERT INTO patient_onboarding_steps (tenant, patient_id, version, event_id, step, detail, occurred_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .await
-            .map_err(rm_err)?;
+        let insert = self.prepare_insert().await?;
         let consumer = subscribe(&self.brokers, &self.group, &self.topics, &dead_letters)?;
         info!(group = %self.group, "patients projection running");
         let settle = WriteStep {
@@ -190,6 +183,28 @@ impl PatientsProjector {
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())
+    }
+
+    async fn prepare_insert(&self) -> Result<PreparedStatement, ReadModelError> {
+        self.session
+            .prepare(
+                "INSERT INTO patient_onboarding_steps (tenant, patient_id, version, event_id, step, detail, occurred_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .await
+            .map_err(rm_err)
+    }
+
+    /// Applies one record of a parked key for `sluice dlt replay` (parking
+    /// nothing itself).
+    pub async fn replaying(&self) -> Result<PatientsReplay<'_>, ReadModelError> {
+        let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?.replaying();
+        Ok(PatientsReplay {
+            projector: self,
+            codec: EventCodec::new(&self.registry_url).map_err(rm_err)?,
+            dead_letters,
+            insert: self.prepare_insert().await?,
+        })
     }
 
     /// Writes the step of one record; poison (undecodable, not a patient
@@ -216,6 +231,21 @@ impl PatientsProjector {
             CqlTimestamp(step.occurred_at_ms),
         );
         self.session.execute_unpaged(insert, values).await.map(drop).map_err(|e| ApplyError::Transient(e.to_string()))
+    }
+}
+
+/// The patients projection as `sluice dlt replay` applies records with it.
+pub struct PatientsReplay<'p> {
+    projector: &'p PatientsProjector,
+    codec: EventCodec,
+    dead_letters: DeadLetters,
+    insert: PreparedStatement,
+}
+
+impl PatientsReplay<'_> {
+    pub async fn apply(&self, message: &OwnedMessage) -> Result<(), ApplyError> {
+        let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
+        self.projector.write(&self.codec, &self.dead_letters, &self.insert, tenant, message).await
     }
 }
 

@@ -31,6 +31,18 @@ pub fn dead_letter_topic(topic: &str, consumer: &str) -> String {
 /// The error class of a record parked behind an earlier poison record.
 pub const PARKED: &str = "parked";
 
+/// What a consumer does with a record of a key, as far as parking goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    /// Apply it.
+    Free,
+    /// Dead-letter it behind the key's poison record.
+    Parked,
+    /// Hold it (retry): `sluice dlt replay` is applying the key's
+    /// dead-lettered records, after which this one applies.
+    Releasing,
+}
+
 /// One consumer's dead-letter topics and parked keys.
 pub struct DeadLetters {
     consumer: String,
@@ -42,6 +54,8 @@ pub struct DeadLetters {
     parked: Mutex<HashSet<(String, String)>>,
     /// Set when partitions were assigned: read the parked keys again.
     stale: Arc<AtomicBool>,
+    /// `sluice dlt replay` applying a parked key's records: none is parked.
+    replaying: bool,
 }
 
 impl DeadLetters {
@@ -60,7 +74,15 @@ impl DeadLetters {
             producer,
             parked: Mutex::new(parked),
             stale: Arc::new(AtomicBool::new(false)),
+            replaying: false,
         })
+    }
+
+    /// The dead letters of `sluice dlt replay`, which applies a parked key's
+    /// dead-lettered records itself: to it no key is parked.
+    pub fn replaying(mut self) -> Self {
+        self.replaying = true;
+        self
     }
 
     /// The flag a consumer's rebalance hook sets to have the parked keys read
@@ -71,8 +93,13 @@ impl DeadLetters {
 
     /// Whether the record's key waits behind an earlier poison record. After
     /// an assignment the keys are read again first: the partitions' former
-    /// owner may have parked some.
-    pub async fn is_parked(&self, message: &impl Message) -> Result<bool, StreamsError> {
+    /// owner may have parked some. A key this consumer knows as parked is
+    /// looked up in the store (records of parked keys are few): `sluice dlt`
+    /// may have released it, or be replaying it.
+    pub async fn parking(&self, message: &impl Message) -> Result<Parking, StreamsError> {
+        if self.replaying {
+            return Ok(Parking::Free);
+        }
         let mut parked = self.parked.lock().await;
         if self.stale.swap(false, Ordering::SeqCst) {
             match load_parked(&self.session, &self.consumer, self.version).await {
@@ -83,7 +110,15 @@ impl DeadLetters {
                 }
             }
         }
-        Ok(parked.contains(&(message.topic().to_owned(), key_of(message))))
+        let key = (message.topic().to_owned(), key_of(message));
+        if !parked.contains(&key) {
+            return Ok(Parking::Free);
+        }
+        let state = key_state(&self.session, &self.consumer, self.version, &key.0, &key.1).await?;
+        if state == Parking::Free {
+            parked.remove(&key);
+        }
+        Ok(state)
     }
 
     /// Copies the record to the dead-letter topic with the reason and parks
@@ -143,6 +178,38 @@ async fn load_parked(
         .into_rows_result()
         .map_err(err)?;
     rows.rows::<(String, String)>().map_err(err)?.collect::<Result<HashSet<_>, _>>().map_err(err)
+}
+
+/// Where one key of a consumer stands in the store.
+pub async fn key_state(
+    session: &Session,
+    consumer: &str,
+    version: i32,
+    topic: &str,
+    key: &str,
+) -> Result<Parking, StreamsError> {
+    let values = (consumer, version, topic, key);
+    let where_key = "WHERE projection = ? AND version = ? AND topic = ? AND key = ?";
+    let releasing = session
+        .query_unpaged(format!("SELECT key FROM projection_key_releases {where_key}"), values)
+        .await
+        .map_err(err)?
+        .into_rows_result()
+        .map_err(err)?
+        .rows_num()
+        > 0;
+    if releasing {
+        return Ok(Parking::Releasing);
+    }
+    let parked = session
+        .query_unpaged(format!("SELECT key FROM projection_parked_keys {where_key}"), values)
+        .await
+        .map_err(err)?
+        .into_rows_result()
+        .map_err(err)?
+        .rows_num()
+        > 0;
+    Ok(if parked { Parking::Parked } else { Parking::Free })
 }
 
 fn key_of(message: &impl Message) -> String {

@@ -6,7 +6,7 @@
 use rdkafka::message::Message;
 use sluice_schemas::codec::EventCodec;
 
-use crate::dead_letter::{DeadLetters, PARKED};
+use crate::dead_letter::{DeadLetters, Parking, PARKED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -27,9 +27,13 @@ pub async fn decode_record(
     message: &impl Message,
 ) -> Result<(String, apache_avro::types::Value), ApplyError> {
     let poison = |class, reason: String| ApplyError::Poison { class, reason };
-    if dead_letters.is_parked(message).await.map_err(|e| ApplyError::Transient(e.0))? {
-        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
-        return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
+    match dead_letters.parking(message).await.map_err(|e| ApplyError::Transient(e.0))? {
+        Parking::Free => {}
+        Parking::Parked => {
+            let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+            return Err(poison(PARKED, format!("key {key} waits behind an earlier poison event")));
+        }
+        Parking::Releasing => return Err(ApplyError::Transient("the key's dead letters are being replayed".into())),
     }
     let payload = message.payload().ok_or_else(|| poison("no_value", "record has no value".into()))?;
     codec.decode(payload).await.map_err(|e| {

@@ -1,7 +1,9 @@
 //! The registry refusing for a while is not poison: a projector whose
 //! schema registry answers 429 and 503 (a stand-in in front of the real
 //! Apicurio) waits and retries, parks no key and dead-letters nothing, and
-//! applies every event once the registry answers again.
+//! applies every event once the registry answers again. A registry that
+//! lost a schema (404 for its id) is: the key is parked, and once the
+//! schema is back `sluice dlt replay` applies its records in order.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,16 +21,44 @@ use sluice_tests::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A registry that refuses (alternately 429 and 503) while `failing`, and
-/// otherwise passes every request through to the real one.
+/// A registry that refuses (alternately 429 and 503) while `failing`,
+/// answers 404 for schemas by id while `lost`, and otherwise passes every
+/// request through to the real one.
 struct StandIn {
     upstream: String,
     failing: AtomicBool,
+    lost: AtomicBool,
     refused: AtomicU64,
     http: reqwest::Client,
 }
 
+impl StandIn {
+    /// Serves on a port of its own; the registry URL that reaches it.
+    async fn start(real: &str, failing: bool, lost: bool) -> (Arc<Self>, String, tokio::task::JoinHandle<()>) {
+        let upstream = real.find("/apis/").map_or(real.to_owned(), |i| real[..i].to_owned());
+        let stand_in = Arc::new(StandIn {
+            upstream,
+            failing: AtomicBool::new(failing),
+            lost: AtomicBool::new(lost),
+            refused: AtomicU64::new(0),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().fallback(registry).with_state(stand_in.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let url = real.replacen(&stand_in.upstream, &format!("http://127.0.0.1:{port}"), 1);
+        (stand_in, url, server)
+    }
+}
+
 async fn registry(State(s): State<Arc<StandIn>>, request: Request) -> Response {
+    if s.lost.load(Ordering::SeqCst) && request.uri().path().contains("/schemas/ids/") {
+        let body = json!({"error_code": 40403, "message": "Schema not found"});
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+    }
     if s.failing.load(Ordering::SeqCst) {
         let n = s.refused.fetch_add(1, Ordering::SeqCst);
         let status = if n % 2 == 0 { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -99,20 +129,9 @@ async fn a_registry_refusing_for_a_while_parks_no_key_and_loses_nothing() {
 
     // The projector alone sees the registry through the stand-in, refusing
     // from its first request on (its schema cache starts empty).
-    let real = settings.registry.url.clone();
-    let upstream = real.find("/apis/").map_or(real.clone(), |i| real[..i].to_owned());
-    let stand_in = Arc::new(StandIn {
-        upstream,
-        failing: AtomicBool::new(true),
-        refused: AtomicU64::new(0),
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().fallback(registry).with_state(stand_in.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (stand_in, url, server) = StandIn::start(&settings.registry.url, true, false).await;
     let mut projector_settings = settings.clone();
-    projector_settings.registry.url = real.replacen(&stand_in.upstream, &format!("http://127.0.0.1:{port}"), 1);
+    projector_settings.registry.url = url;
     let _projector = SluiceProcess::spawn(&projector_settings, "projector");
 
     // Orders go through the edge and the processors (the real registry);
@@ -166,6 +185,101 @@ async fn a_registry_refusing_for_a_while_parks_no_key_and_loses_nothing() {
     }
     assert_eq!(records_in(&dead_letters).await, 0, "still nothing dead-lettered");
     assert!(parked_keys(&settings.projector.name).await.is_empty(), "still no parked key");
+
+    server.abort();
+    processor.stop().await.unwrap();
+    edge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_whose_schema_the_registry_lost_parks_its_key_until_sluice_dlt_replay_applies_it_in_order() {
+    use sluice_cli::ops::dlt::{Dlt, DltFilter};
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let edge = Platform::start(settings.clone(), Role::Ingest).await;
+    let processor = Platform::start(settings.clone(), Role::Processor).await;
+    let (stand_in, url, server) = StandIn::start(&settings.registry.url, false, true).await;
+    let mut projector_settings = settings.clone();
+    projector_settings.registry.url = url;
+    let _projector = SluiceProcess::spawn(&projector_settings, "projector");
+
+    // While the registry has lost the schemas, o1 is submitted and shipped:
+    // undecodable, then parked behind it.
+    let submit = edge.post_event(&tenant, &submit_order(&tenant, "s1", "o1", "c1")).await;
+    assert_eq!(
+        edge.await_operation(&tenant, submit.headers()["location"].to_str().unwrap(), WAIT).await["status"],
+        "succeeded"
+    );
+    let ship = command(
+        &tenant,
+        "ship1",
+        "com.example.orders.ShipOrder",
+        json!({"order_id": "o1", "carrier": "ups", "tracking_number": "1Z1"}),
+    );
+    let ship = edge.post_event(&tenant, &ship).await;
+    assert_eq!(
+        edge.await_operation(&tenant, ship.headers()["location"].to_str().unwrap(), WAIT).await["status"],
+        "succeeded"
+    );
+    let dlt = Dlt::new(settings.clone(), cql_sluice().await);
+    let only_o1 = DltFilter { tenant: Some(tenant.name.clone()), key: Some("o1".into()), ..Default::default() };
+    let listing = eventually(WAIT, "o1's two events dead-lettered", || async {
+        let listing = dlt.list(&only_o1, |_| {}).await.expect("dlt list");
+        (listing.records.len() >= 2).then_some(listing)
+    })
+    .await;
+    let classes: Vec<&str> = listing.records.iter().map(|r| r.class.as_str()).collect();
+    assert_eq!(classes, ["undecodable", "parked"], "{listing:?}");
+    assert_eq!(listing.parked.len(), 1, "o1 parked: {listing:?}");
+    assert_eq!(listing.parked[0].consumer, settings.projector.name);
+
+    let report = sluice_cli::ops::status::status(&settings, &Default::default()).await.expect("status");
+    let parked = report.tenants[0].parked_keys.clone().expect("parked keys known");
+    assert_eq!(
+        parked.iter().map(|p| (p.consumer.as_str(), p.keys)).collect::<Vec<_>>(),
+        [(settings.projector.name.as_str(), 1)]
+    );
+    assert!(report.problems.iter().any(|p| p.kind == "keys_parked"), "{:?}", report.problems);
+
+    // The schema is back: new keys apply, o1 stays parked until replayed.
+    stand_in.lost.store(false, Ordering::SeqCst);
+    let other = edge.post_event(&tenant, &submit_order(&tenant, "s2", "o2", "c1")).await;
+    assert_eq!(other.status(), 202);
+    eventually(WAIT, "o2 applied", || async { (edge.get_json(&tenant, "/orders/o2").await.0 == 200).then_some(()) })
+        .await;
+    assert_eq!(edge.get_json(&tenant, "/orders/o1").await.0, 404, "o1 waits behind its dead letters");
+
+    let mut seen = Vec::new();
+    let outcome = dlt
+        .replay(
+            &settings.projector.name,
+            &tenant.name,
+            "o1",
+            ("test", "schemas restored"),
+            Duration::from_secs(1),
+            |done, total| seen.push((done, total)),
+        )
+        .await
+        .expect("replay");
+    assert_eq!((outcome.applied, outcome.failed.clone(), outcome.unparked), (2, None, true), "{outcome:?}");
+    assert_eq!(seen, [(1, 2), (2, 2)], "progress per record");
+    let (status, order) = edge.get_json(&tenant, "/orders/o1").await;
+    assert_eq!(
+        (status, order["status"].as_str(), order["version"].as_i64()),
+        (200, Some("shipped"), Some(2)),
+        "{order}"
+    );
+    assert!(parked_keys(&settings.projector.name).await.is_empty(), "unparked");
+    let audit = sluice_cli::ops::audit::AuditLog::new(cql_sluice().await).list(Some(&tenant.name), 10).await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].action.as_deref(), audit[0].status.as_deref(), audit[0].reason.as_deref()),
+        (Some("dlt-replay"), Some("done"), Some("schemas restored"))
+    );
+
+    let replayed_again =
+        dlt.replay(&settings.projector.name, &tenant.name, "o1", ("test", "again"), Duration::ZERO, |_, _| {}).await;
+    assert!(replayed_again.is_err(), "a key that is not parked is not replayed");
 
     server.abort();
     processor.stop().await.unwrap();

@@ -41,6 +41,7 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     })
     .await;
     let onboarding = &report.tenants[0].processes.as_ref().unwrap()[0];
+    assert_eq!(report.tenants[0].parked_keys, Some(vec![]), "no key parked");
     assert_eq!(
         (onboarding.timers_pending, onboarding.timers_due),
         (1, 0),

@@ -14,7 +14,7 @@ use sluice_cli::ops::parse_duration;
 use sluice_cli::serve::connect_cql;
 use sluice_cli::settings::Settings;
 
-use super::{print_json, print_table};
+use super::{output, print_json, print_table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -250,15 +250,6 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
         }
         Verb::Audit { .. } => unreachable!("handled before connecting to RabbitMQ"),
     }
-}
-
-/// `--json`: the report as one JSON document; else `table` prints it for people.
-fn output<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
-    if json {
-        return print_json(report);
-    }
-    table(report);
-    Ok(())
 }
 
 fn print_listing(listing: &Listing, show: usize) {

@@ -3,12 +3,22 @@
 
 pub mod bench;
 pub mod dlq;
+pub mod dlt;
 pub mod replay;
 pub mod status;
 
 /// Prints a value as one line of JSON (for `--json`).
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// `--json`: the report as one JSON document; else `table` prints it for people.
+fn output<T: serde::Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    table(report);
     Ok(())
 }
 

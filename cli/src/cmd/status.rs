@@ -129,6 +129,12 @@ fn print_report(r: &StatusReport) {
             ]];
             print_table(&["INSTANCES BY STAGE", "TIMERS DUE", "DUE WITHIN 1 H", "OLDEST DUE"], &rows);
         }
+        for p in t.parked_keys.iter().flatten() {
+            println!(
+                "\n{} / consumer {}: {} parked key(s), {} being replayed (`sluice dlt list`)",
+                t.tenant, p.consumer, p.keys, p.replaying
+            );
+        }
     }
     println!();
     for p in &r.problems {

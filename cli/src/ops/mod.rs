@@ -8,6 +8,8 @@
 //! - [`dead_letter`]: one dead letter as people and scripts see it: its
 //!   `x-sluice-*` headers, death history and payload; filters and groups.
 //! - [`dlq`]: list, show, shovel, purge and delete.
+//! - [`dlt`]: the Kafka consumers' dead-letter topics and parked keys: list,
+//!   show, replay after a fix, unpark.
 //! - [`audit`]: the `dlq_audit` table: who removed which dead letters, and why.
 //! - [`management`]: the RabbitMQ management API (queue arguments and
 //!   policies, dynamic shovels, queue counters).
@@ -17,6 +19,7 @@
 pub mod audit;
 pub mod dead_letter;
 pub mod dlq;
+pub mod dlt;
 pub mod management;
 pub mod status;
 pub mod walk;
@@ -44,6 +47,9 @@ pub enum OpsError {
     /// No dead letter has this message id (in the queues looked at).
     #[error("no dead letter with message id {0:?} in {1}")]
     NotFound(String, String),
+    /// The consumer has not parked this key (for this tenant).
+    #[error("{consumer} has no parked key {key:?} for tenant {tenant} (`sluice dlt list` shows the parked keys)")]
+    NotParked { consumer: String, tenant: String, key: String },
     /// Arguments that cannot work together or name nothing.
     #[error("{0}")]
     Usage(String),

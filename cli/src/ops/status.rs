@@ -23,6 +23,7 @@
 //! hides the messages from other consumers for the moment it takes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
@@ -126,6 +127,18 @@ pub struct TenantStatus {
     /// Process managers: instances by stage, timers due (`None` while the
     /// CQL store is unreachable).
     pub processes: Option<Vec<ProcessSummary>>,
+    /// Keys parked by each Kafka consumer (`sluice dlt`; `None` while the
+    /// CQL store is unreachable).
+    pub parked_keys: Option<Vec<ParkedCount>>,
+}
+
+/// How many keys one consumer has parked for one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParkedCount {
+    pub consumer: String,
+    pub keys: usize,
+    /// Of them, being replayed right now.
+    pub replaying: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -344,6 +357,10 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
         }
     }
 
+    let parked = match &session {
+        Ok(session) => parked_keys(settings, session, &mut problems).await,
+        Err(_) => None,
+    };
     let mut report_tenants = Vec::new();
     for tenant in &tenants {
         let mut contexts = Vec::new();
@@ -368,7 +385,28 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
             Ok(session) => Some(process_status(session, tenant, options, &mut problems).await),
             Err(_) => None,
         };
-        report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts, processes });
+        let parked_keys = parked.as_ref().map(|all| {
+            let mut counts: Vec<ParkedCount> = Vec::new();
+            for p in all.iter().filter(|p| sluice_projections::apply::tenant_of(&p.topic) == Some(tenant.as_str())) {
+                match counts.iter_mut().find(|c| c.consumer == p.consumer) {
+                    Some(c) => {
+                        c.keys += 1;
+                        c.replaying += usize::from(p.releasing);
+                    }
+                    None => counts.push(ParkedCount {
+                        consumer: p.consumer.clone(),
+                        keys: 1,
+                        replaying: usize::from(p.releasing),
+                    }),
+                }
+            }
+            for c in &counts {
+                let detail = format!("{} key(s) parked behind poison records (`sluice dlt list`)", c.keys);
+                problem(&mut problems, Severity::Warning, "keys_parked", &format!("{tenant}/{}", c.consumer), detail);
+            }
+            counts
+        });
+        report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts, processes, parked_keys });
     }
     if let Some(c) = amqp {
         let _ = c.close(200, "status done".into()).await;
@@ -533,6 +571,33 @@ async fn context_status(
         status.subjects = Some(mine);
     }
     Ok(status)
+}
+
+/// Every parked key of every consumer with dead-letter topics.
+async fn parked_keys(
+    settings: &Settings,
+    session: &Arc<Session>,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<super::dlt::ParkedKey>> {
+    let dlt = super::dlt::Dlt::new(settings.clone(), session.clone());
+    let mut all = Vec::new();
+    let consumers = match dlt.consumers().await {
+        Ok(consumers) => consumers,
+        Err(e) => {
+            problem(problems, Severity::Warning, "parked_keys", "cql", e.to_string());
+            return None;
+        }
+    };
+    for consumer in &consumers {
+        match dlt.parked(consumer).await {
+            Ok(parked) => all.extend(parked),
+            Err(e) => {
+                problem(problems, Severity::Warning, "parked_keys", &consumer.name, e.to_string());
+                return None;
+            }
+        }
+    }
+    Some(all)
 }
 
 /// The tenant's process managers by stage, and their timers; timers due for
