@@ -434,16 +434,21 @@ async fn operation(
             }
             // Read-your-writes: has the read model applied this operation's
             // events? Absent while nothing was produced.
+            // Each read model the events feed (the one of their topic's
+            // context) says whether it applied them all.
             if let Some(events) = body["events"].as_array().filter(|e| !e.is_empty()) {
                 let applied = state.reads.applied_offsets().await.unwrap_or_default();
-                let caught_up = events.iter().all(|e| {
-                    let key = (
-                        e["topic"].as_str().unwrap_or_default().to_owned(),
-                        e["partition"].as_i64().unwrap_or(-1) as i32,
-                    );
-                    applied.get(&key).is_some_and(|next| *next > e["offset"].as_i64().unwrap_or(i64::MAX))
-                });
-                body["read_models"] = json!({"orders": {"caught_up": caught_up}});
+                let mut read_models = serde_json::Map::new();
+                for e in events {
+                    let topic = e["topic"].as_str().unwrap_or_default();
+                    let Some(context) = sluice_projections::apply::context_of(topic) else { continue };
+                    let key = (topic.to_owned(), e["partition"].as_i64().unwrap_or(-1) as i32);
+                    let applied =
+                        applied.get(&key).is_some_and(|next| *next > e["offset"].as_i64().unwrap_or(i64::MAX));
+                    let entry = read_models.entry(context.to_owned()).or_insert_with(|| json!({"caught_up": true}));
+                    entry["caught_up"] = json!(entry["caught_up"].as_bool().unwrap_or(false) && applied);
+                }
+                body["read_models"] = Value::Object(read_models);
             }
             body
         }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use crate::apply::OffsetTracker;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
@@ -146,8 +147,12 @@ pub async fn read_onboarding(
     Ok(view_of(patient_id, steps))
 }
 
-/// The projection's name: its dead-letter topics and parked keys.
+/// The projection's name: its dead-letter topics, parked keys and applied
+/// offsets.
 pub const PROJECTION: &str = "patients";
+
+/// How often applied offsets are written beside the rows.
+const OFFSET_FLUSH_MS: u64 = 200;
 
 /// The patients projection's consumer group, beside the orders projection's.
 pub fn group_id(config: &crate::ProjectorConfig) -> String {
@@ -179,7 +184,20 @@ impl PatientsProjector {
             insert: &insert,
             shutdown: &shutdown,
         };
-        batch::consume(&consumer, &BatchConfig::default(), &shutdown, &settle, |_| {}).await;
+        // Applied offsets beside the rows, for read-your-writes
+        // (`GET /operations/{id}` says when the patients read model caught up).
+        let offsets = Arc::new(OffsetTracker::new(self.session.clone(), PROJECTION, 1));
+        let stop = shutdown.child_token();
+        let flusher = tokio::spawn(crate::runner::flush_offsets(offsets.clone(), OFFSET_FLUSH_MS, stop.clone()));
+        let note = |next: &[(String, i32, i64)]| {
+            for (topic, partition, offset) in next {
+                offsets.applied(topic, *partition, offset - 1);
+            }
+        };
+        batch::consume(&consumer, &BatchConfig::default(), &shutdown, &settle, note).await;
+        stop.cancel();
+        let _ = flusher.await;
+        let _ = offsets.flush().await;
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())

@@ -103,7 +103,7 @@ impl Projector {
 }
 
 /// Writes the applied offsets every `every_ms` until `stop`.
-async fn flush_offsets(offsets: Arc<OffsetTracker>, every_ms: u64, stop: CancellationToken) {
+pub(crate) async fn flush_offsets(offsets: Arc<OffsetTracker>, every_ms: u64, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
     loop {
         tokio::select! {

@@ -88,3 +88,33 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     assert_eq!(edge.get_json(&tenant, &last).await.1["status"], "succeeded");
     edge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_patients_operation_says_when_the_patients_read_model_has_its_events() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let edge = Platform::start(settings.clone(), Role::Ingest).await;
+    let processor = Platform::start(settings.clone(), Role::Processor).await;
+    let enrol =
+        command(&tenant, "e1", "com.example.patients.EnrollPatient", json!({"patient_id": "p1", "name": "Ada"}));
+    let location = edge.post_event(&tenant, &enrol).await.headers()["location"].to_str().unwrap().to_owned();
+    let op = edge.await_operation(&tenant, &location, WAIT).await;
+    assert_eq!(op["status"], "succeeded");
+    // No projector runs yet: decided and produced, not readable.
+    assert_eq!(op["read_models"]["patients"]["caught_up"], false, "{op}");
+    assert!(op["read_models"].get("orders").is_none(), "only the read model its events feed: {op}");
+    assert_eq!(edge.get_json(&tenant, "/patients/p1/onboarding").await.0, 404);
+
+    let projector = Platform::start(settings.clone(), Role::Projector).await;
+    eventually(WAIT, "the patients read model to catch up", || async {
+        let (_, op) = edge.get_json(&tenant, &location).await;
+        (op["read_models"]["patients"]["caught_up"] == true).then_some(())
+    })
+    .await;
+    let (status, view) = edge.get_json(&tenant, "/patients/p1/onboarding").await;
+    assert_eq!(status, 200, "caught_up means the read shows it");
+    assert_eq!(view["steps"][0]["step"], "enrolled", "{view}");
+    projector.stop().await.unwrap();
+    processor.stop().await.unwrap();
+    edge.stop().await.unwrap();
+}

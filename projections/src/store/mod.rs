@@ -382,16 +382,24 @@ impl ReadModels {
         }))
     }
 
-    /// Next offset to apply per (topic, partition) of the active version.
+    /// Next offset to apply per (topic, partition) of the serving read
+    /// models: the orders projection's active version and the patients
+    /// projection (their topics are apart).
     pub async fn applied_offsets(&self) -> Result<Offsets, ReadModelError> {
         let version = self.active_version().await?;
-        self.offsets_of(version).await
+        let mut offsets = self.offsets_of(version).await?;
+        offsets.extend(self.offsets_of_projection(crate::patients::PROJECTION, 1).await?);
+        Ok(offsets)
     }
 
     pub async fn offsets_of(&self, version: i32) -> Result<Offsets, ReadModelError> {
+        self.offsets_of_projection(&self.projection, version).await
+    }
+
+    async fn offsets_of_projection(&self, projection: &str, version: i32) -> Result<Offsets, ReadModelError> {
         let rows = self
             .session
-            .execute_unpaged(&self.select_offsets, (self.projection.as_str(), version))
+            .execute_unpaged(&self.select_offsets, (projection, version))
             .await
             .map_err(rm_err)?
             .into_rows_result()
