@@ -8,6 +8,7 @@
 //!   the row is written).
 //! - [`read_onboarding`]: the query the edge serves.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::apply::OffsetTracker;
@@ -23,7 +24,7 @@ use sluice_schemas::patients::PatientEvent;
 use sluice_streams::batch::{self, BatchConfig};
 use sluice_streams::consumer::subscribe;
 use sluice_streams::dead_letter::DeadLetters;
-use sluice_streams::settle::settle_record;
+use sluice_streams::settle::{settle_record, Settled};
 use sluice_streams::{decode_record, ApplyError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -172,18 +173,10 @@ pub struct PatientsProjector {
 
 impl PatientsProjector {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ReadModelError> {
-        let codec = EventCodec::new(&self.registry_url).map_err(rm_err)?;
-        let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?;
-        let insert = self.prepare_insert().await?;
-        let consumer = subscribe(&self.brokers, &self.group, &self.topics, &dead_letters)?;
+        let writer = self.writer(false).await?;
+        let consumer = subscribe(&self.brokers, &self.group, &self.topics, &writer.dead_letters)?;
         info!(group = %self.group, "patients projection running");
-        let settle = WriteStep {
-            projector: self,
-            codec: &codec,
-            dead_letters: &dead_letters,
-            insert: &insert,
-            shutdown: &shutdown,
-        };
+        let settle = StepSettling::new(&writer, &shutdown);
         // Applied offsets beside the rows, for read-your-writes
         // (`GET /operations/{id}` says when the patients read model caught up).
         let offsets = Arc::new(OffsetTracker::new(self.session.clone(), PROJECTION, 1));
@@ -213,14 +206,14 @@ impl PatientsProjector {
             .map_err(rm_err)
     }
 
-    /// Applies one record of a parked key for `sluice dlt replay` (parking
-    /// nothing itself).
-    pub async fn replaying(&self) -> Result<PatientsReplay<'_>, ReadModelError> {
-        let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?.replaying();
-        Ok(PatientsReplay {
+    /// The projection's writes: live and replays with parking, `sluice dlt
+    /// replay` (`replaying`) without (it applies the parked keys' records).
+    pub async fn writer(&self, replaying: bool) -> Result<StepWriter<'_>, ReadModelError> {
+        let dead_letters = DeadLetters::new(&self.brokers, self.session.clone(), PROJECTION, 1).await?;
+        Ok(StepWriter {
             projector: self,
             codec: EventCodec::new(&self.registry_url).map_err(rm_err)?,
-            dead_letters,
+            dead_letters: if replaying { dead_letters.replaying() } else { dead_letters },
             insert: self.prepare_insert().await?,
         })
     }
@@ -252,38 +245,52 @@ impl PatientsProjector {
     }
 }
 
-/// The patients projection as `sluice dlt replay` applies records with it.
-pub struct PatientsReplay<'p> {
+/// One record's step written to the patients read model.
+pub struct StepWriter<'p> {
     projector: &'p PatientsProjector,
     codec: EventCodec,
     dead_letters: DeadLetters,
     insert: PreparedStatement,
 }
 
-impl PatientsReplay<'_> {
+impl StepWriter<'_> {
     pub async fn apply(&self, message: &OwnedMessage) -> Result<(), ApplyError> {
         let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
         self.projector.write(&self.codec, &self.dead_letters, &self.insert, tenant, message).await
     }
 }
 
-/// One record written as a step (retried while transient, dead-lettered
-/// when poison) until `shutdown`.
-struct WriteStep<'x> {
-    projector: &'x PatientsProjector,
-    codec: &'x EventCodec,
-    dead_letters: &'x DeadLetters,
-    insert: &'x PreparedStatement,
-    shutdown: &'x CancellationToken,
+/// Records written as steps (retried while transient, dead-lettered when
+/// poison) until `stop`, counted.
+pub struct StepSettling<'w> {
+    writer: &'w StepWriter<'w>,
+    stop: &'w CancellationToken,
+    pub applied: AtomicU64,
+    pub dead_lettered: AtomicU64,
 }
 
-impl batch::Settle for WriteStep<'_> {
+impl<'w> StepSettling<'w> {
+    pub fn new(writer: &'w StepWriter<'w>, stop: &'w CancellationToken) -> Self {
+        Self { writer, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0) }
+    }
+}
+
+impl batch::Settle for StepSettling<'_> {
     fn settle<'a>(&'a self, message: &'a OwnedMessage) -> futures::future::BoxFuture<'a, bool> {
         Box::pin(async move {
-            let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
-            let write = || self.projector.write(self.codec, self.dead_letters, self.insert, tenant, message);
-            settle_record(self.dead_letters, message, self.shutdown, write).await.is_some()
+            match settle_record(&self.writer.dead_letters, message, self.stop, || self.writer.apply(message)).await {
+                Some(Settled::Applied(())) => self.applied.fetch_add(1, Ordering::Relaxed),
+                Some(Settled::DeadLettered { .. }) => self.dead_lettered.fetch_add(1, Ordering::Relaxed),
+                None => return false,
+            };
+            true
         })
+    }
+}
+
+impl crate::replay::Counted for StepSettling<'_> {
+    fn counts(&self) -> (u64, u64) {
+        (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
     }
 }
 

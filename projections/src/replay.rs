@@ -114,7 +114,48 @@ pub async fn replay(
     progress: impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
     let version = ctx.store.versions().get(&ctx.config.name).await?.active;
-    run(ctx, version, start, None, false, stop, &progress).await
+    run_orders(ctx, version, start, None, false, stop, &progress).await
+}
+
+/// Re-applies the patients topics from `start` to the ends seen now, into
+/// the patients read model (one version: no rebuild), through the same loop
+/// as the orders projection's replays.
+pub async fn replay_patients(
+    ctx: &ReplayCtx,
+    start: StartAt,
+    stop: &CancellationToken,
+    progress: impl Fn(&Progress),
+) -> Result<ReplayReport, ReplayError> {
+    let projector = crate::patients::PatientsProjector {
+        brokers: ctx.brokers.clone(),
+        registry_url: ctx.registry_url.clone(),
+        group: String::new(),
+        topics: ctx.topics.clone(),
+        session: ctx.store.session().clone(),
+    };
+    let writer = projector.writer(false).await?;
+    let settling = crate::patients::StepSettling::new(&writer, stop);
+    let target = Target { name: crate::patients::PROJECTION, version: 1, settling: &settling };
+    run(ctx, &target, start, None, false, stop, &progress).await
+}
+
+/// A settle step that counts what it applied and dead-lettered.
+pub trait Counted: batch::Settle {
+    /// (applied, dead-lettered) so far.
+    fn counts(&self) -> (u64, u64);
+}
+
+impl Counted for Settling<'_> {
+    fn counts(&self) -> (u64, u64) {
+        (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
+    }
+}
+
+/// What a replay writes into: a projection's version, with its settle step.
+struct Target<'t, S> {
+    name: &'t str,
+    version: i32,
+    settling: &'t S,
 }
 
 /// Builds the next version from `start`, switches reads to it once caught up,
@@ -132,7 +173,7 @@ pub async fn rebuild(
     let target = state.building.filter(|b| *b > state.active).unwrap_or(state.active + 1);
     ctx.store.versions().start_building(name, target).await?;
     let group = group_id(&ctx.config, target);
-    let mut report = run(ctx, target, start, Some(group), true, stop, &progress).await?;
+    let mut report = run_orders(ctx, target, start, Some(group), true, stop, &progress).await?;
     if stop.is_cancelled() {
         return Ok(report);
     }
@@ -168,8 +209,9 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
     Ok(())
 }
 
+/// A replay or rebuild of the orders projection's `version`.
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn run_orders(
     ctx: &ReplayCtx,
     version: i32,
     start: StartAt,
@@ -180,7 +222,23 @@ async fn run(
 ) -> Result<ReplayReport, ReplayError> {
     let tables = ctx.store.tables(version).await?;
     let applier = Applier::new(&ctx.brokers, &ctx.registry_url, &ctx.config.name, tables).await?;
-    let offsets = OffsetTracker::new(ctx.store.session().clone(), &ctx.config.name, version);
+    let settling = Settling::new(&applier, stop);
+    let target = Target { name: &ctx.config.name, version, settling: &settling };
+    run(ctx, &target, start, commit_group, tail_until_caught_up, stop, progress).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    ctx: &ReplayCtx,
+    target: &Target<'_, impl Counted>,
+    start: StartAt,
+    commit_group: Option<String>,
+    tail_until_caught_up: bool,
+    stop: &CancellationToken,
+    progress: &impl Fn(&Progress),
+) -> Result<ReplayReport, ReplayError> {
+    let version = target.version;
+    let offsets = OffsetTracker::new(ctx.store.session().clone(), target.name, version);
     let group = commit_group.clone().unwrap_or_else(|| format!("{}.replay.{}", ctx.config.group_prefix, uuid_like()));
     let consumer: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
@@ -201,7 +259,7 @@ async fn run(
     consumer.assign(&assignment)?;
 
     let batching = ctx.config.batching();
-    let settling = Settling::new(&applier, stop);
+    let settling = target.settling;
     let began = Instant::now();
     let mut p = Progress::default();
     let remaining = |positions: &Offsets, ends: &Offsets| -> i64 {
@@ -230,7 +288,7 @@ async fn run(
         // In batches, like the live projector: different orders at once,
         // each order's events in order, positions moved after the batch.
         let records = batch::fill(&consumer, first, &batching).await;
-        if !batch::settle(&records, batching.max_keys_in_flight, &settling).await {
+        if !batch::settle(&records, batching.max_keys_in_flight, settling).await {
             break;
         }
         let next = batch::next_offsets(&records);
@@ -241,8 +299,7 @@ async fn run(
         if commit_group.is_some() {
             batch::store_offsets(&*consumer, &next)?;
         }
-        p.applied = settling.applied.load(Ordering::Relaxed);
-        p.dead_lettered = settling.dead_lettered.load(Ordering::Relaxed);
+        (p.applied, p.dead_lettered) = settling.counts();
         p.remaining = remaining(&positions, &ends);
         if last_commit.elapsed() > Duration::from_millis(500) {
             p.events_per_second = (p.applied + p.dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6);
@@ -271,7 +328,7 @@ async fn run(
     p.events_per_second = (p.applied + p.dead_lettered) as f64 / seconds.max(1e-6);
     progress(&p);
     let report = ReplayReport {
-        projection: ctx.config.name.clone(),
+        projection: target.name.to_owned(),
         version,
         applied: p.applied,
         dead_lettered: p.dead_lettered,

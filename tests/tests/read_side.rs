@@ -183,3 +183,77 @@ async fn a_replay_can_start_at_a_time() {
     assert!(store.order(&tenant.name, "early-2").await.unwrap().is_none(), "before the cut: not in the new version");
     platform.stop().await.unwrap();
 }
+
+/// The patients read model's rows of some patients, as the store keeps them.
+async fn patient_rows(tenant: &str, patients: &[String]) -> Vec<(String, i64, String, String, String)> {
+    let session = cql_sluice().await;
+    let mut out = Vec::new();
+    for patient in patients {
+        let rows = session
+            .query_unpaged(
+                "SELECT patient_id, version, event_id, step, detail FROM patient_onboarding_steps WHERE tenant = ? AND patient_id = ?",
+                (tenant, patient),
+            )
+            .await
+            .expect("steps query")
+            .into_rows_result()
+            .expect("rows");
+        out.extend(rows.rows::<(String, i64, String, String, String)>().expect("typed").map(|r| r.expect("row")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_of_the_patients_topics_writes_back_the_patients_read_model_it_lost() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    let patients: Vec<String> = (0..4).map(|i| format!("p{i}")).collect();
+    for p in &patients {
+        let enrol = command(
+            &tenant,
+            &format!("e-{p}"),
+            "com.example.patients.EnrollPatient",
+            json!({"patient_id": p, "name": "Ada"}),
+        );
+        assert_eq!(platform.post_event(&tenant, &enrol).await.status(), 202);
+    }
+    for p in &patients {
+        eventually(WAIT, &format!("{p}'s assessment scheduled"), || async {
+            let (status, view) = platform.get_json(&tenant, &format!("/patients/{p}/onboarding")).await;
+            (status == 200 && view["status"] == "awaiting_assessment").then_some(())
+        })
+        .await;
+    }
+    platform.stop().await.unwrap();
+    let before = patient_rows(&tenant.name, &patients).await;
+    assert_eq!(before.len(), 2 * patients.len(), "enrolled and scheduled: {before:?}");
+
+    // The rows are lost (a truncate, a bad migration): the topic has them all.
+    let session = cql_sluice().await;
+    for p in &patients {
+        session
+            .query_unpaged(
+                "DELETE FROM patient_onboarding_steps WHERE tenant = ? AND patient_id = ?",
+                (&tenant.name, p),
+            )
+            .await
+            .expect("delete");
+    }
+    assert!(patient_rows(&tenant.name, &patients).await.is_empty());
+    let store = Arc::new(ReadModels::new(session, &settings.projector.name).await.unwrap());
+    let topics = vec![format!("{}.patients.events", tenant.name)];
+    let report = replay::replay_patients(
+        &replay_ctx(&settings, topics, store),
+        StartAt::Earliest,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .expect("patients replay");
+    assert_eq!(
+        (report.projection.as_str(), report.applied, report.dead_lettered),
+        ("patients", before.len() as u64, 0)
+    );
+    assert_eq!(patient_rows(&tenant.name, &patients).await, before, "the same rows again");
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_cli::serve::{connect_cql, ensure_projection_topics, events_topics};
+use sluice_cli::serve::{connect_cql, context_topics, ensure_projection_topics, events_topics};
 use sluice_cli::settings::Settings;
 use sluice_projections::replay::{self, ReplayCtx, StartAt};
 use sluice_projections::store::ReadModels;
@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The projection (its configured name; the demo's is `orders`).
+    /// The projection: the orders projection's configured name (the demo's
+    /// is `orders`) or `patients`.
     projection: String,
     /// Where to start: `earliest`, an RFC 3339 time, or `partition:offset[,partition:offset…]`.
     #[arg(long, default_value = "earliest")]
@@ -34,8 +35,17 @@ pub struct Args {
 }
 
 pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
-    if args.projection != settings.projector.name {
-        bail!("unknown projection {:?}: this configuration has {:?}", args.projection, settings.projector.name);
+    let patients = args.projection == sluice_projections::patients::PROJECTION;
+    if args.projection != settings.projector.name && !patients {
+        bail!(
+            "unknown projection {:?}: this configuration has {:?} and {:?}",
+            args.projection,
+            settings.projector.name,
+            sluice_projections::patients::PROJECTION
+        );
+    }
+    if patients && (args.rebuild || args.drop_version.is_some()) {
+        bail!("the patients projection has one version of its table: it replays (idempotent) but has no blue/green rebuild");
     }
     let session = connect_cql(&settings).await?;
     let store = Arc::new(ReadModels::new(session, &settings.projector.name).await?);
@@ -44,8 +54,12 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         return super::print_json(&serde_json::json!({"projection": args.projection, "dropped_version": version}));
     }
     let start: StartAt = args.from.parse().map_err(anyhow::Error::msg)?;
-    let topics = events_topics(&settings.tenant_names());
-    ensure_projection_topics(&settings, &topics, &settings.projector.name).await?;
+    let topics = if patients {
+        context_topics(&settings.tenant_names(), sluice_schemas::patients::CONTEXT)
+    } else {
+        events_topics(&settings.tenant_names())
+    };
+    ensure_projection_topics(&settings, &topics, &args.projection).await?;
     let ctx = ReplayCtx {
         config: settings.projector.clone(),
         brokers: settings.kafka.brokers.clone(),
@@ -91,6 +105,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     };
     let report = if args.rebuild {
         replay::rebuild(&ctx, start, args.drop_old, &stop, progress).await
+    } else if patients {
+        replay::replay_patients(&ctx, start, &stop, progress).await
     } else {
         replay::replay(&ctx, start, &stop, progress).await
     }

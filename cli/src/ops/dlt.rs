@@ -437,8 +437,8 @@ impl Dlt {
                     topics: Vec::new(),
                     session: self.session.clone(),
                 };
-                let replay = projector.replaying().await.map_err(cql_err)?;
-                apply_in_order(&records, &mut outcome, progress, async |r| replay.apply(r).await).await;
+                let writer = projector.writer(true).await.map_err(cql_err)?;
+                apply_in_order(&records, &mut outcome, progress, async |r| writer.apply(r).await).await;
             }
             _ => {
                 return Err(OpsError::Refused(format!(
