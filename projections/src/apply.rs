@@ -1,24 +1,28 @@
-//! Applying one Kafka record to one version of the read models: decode via
-//! the registry, read the order's snapshot if needed, write, and on poison
-//! (cannot be decoded or does not fit) hand it to [`DeadLetters`].
+//! Applying Kafka records to one version of the orders read models: decode
+//! via the registry, take the order's snapshot from an earlier event of the
+//! batch or read it, turn the event into rows, and on poison (cannot be
+//! decoded or does not fit) hand it to [`DeadLetters`]. A batch's rows are
+//! written together, grouped by partition ([`Tables::write_rows`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::OrderEvent;
-use sluice_streams::batch::Settle;
+use sluice_streams::backoff::Backoff;
+use sluice_streams::batch::{self, SettleBatch};
 use sluice_streams::dead_letter::DeadLetters;
 use sluice_streams::settle::{settle_record, Settled};
 use sluice_streams::{decode_record, ApplyError};
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::orders;
-use crate::store::tables::Tables;
+use crate::store::tables::{Row, Tables};
 use crate::store::{rm_err, ReadModelError};
 
 /// The tenant a topic belongs to (`<tenant>.<context>.events`).
@@ -99,14 +103,9 @@ impl Applier {
         &self.dead_letters
     }
 
-    /// Applies a record, retrying transient failures until `stop` says so.
-    /// Returns `None` only when stopped before the record was settled. Its
-    /// span continues the trace of the command that produced the event.
-    pub async fn apply_settled(
-        &self,
-        message: &impl Message,
-        stop: &tokio_util::sync::CancellationToken,
-    ) -> Option<Applied> {
+    /// The span of one record's apply: it continues the trace of the
+    /// command that produced the event.
+    fn span(&self, message: &impl Message) -> tracing::Span {
         let span = info_span!("sluice.project", projection = %self.projection, topic = message.topic(), offset = message.offset());
         let traceparent = message
             .headers()
@@ -114,58 +113,65 @@ impl Applier {
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok());
         sluice_telemetry::set_parent(&span, traceparent);
-        self.apply_with_retries(message, stop).instrument(span).await
-    }
-
-    async fn apply_with_retries(
-        &self,
-        message: &impl Message,
-        stop: &tokio_util::sync::CancellationToken,
-    ) -> Option<Applied> {
-        let started = std::time::Instant::now();
-        let settled = settle_record(&self.dead_letters, message, stop, || self.apply(message)).await?;
-        let (applied, outcome) = match settled {
-            Settled::Applied(applied) => (applied, "applied"),
-            Settled::DeadLettered { reason, .. } => (Applied::DeadLettered { reason }, "dead_lettered"),
-        };
-        metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.projection.clone())
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("sluice_projection_events_total", "projection" => self.projection.clone(), "outcome" => outcome)
-            .increment(1);
-        Some(applied)
+        span
     }
 
     /// Applies a record once: written, skipped, or why not.
     pub async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
+        let (applied, rows) = self.rows(message, &Mutex::new(Known::Ask)).await?;
+        self.tables.write_rows(&rows).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
+        Ok(applied)
+    }
+
+    /// The rows a record makes, not written yet: decoded, with the order's
+    /// snapshot from `known` (an earlier event of the order in this batch)
+    /// or else read from the store; `known` then holds what a later event of
+    /// the order needs.
+    async fn rows<'t>(
+        &'t self,
+        message: &impl Message,
+        known: &Mutex<Known>,
+    ) -> Result<(Applied, Vec<Row<'t>>), ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
+        let transient = |e: ReadModelError| ApplyError::Transient(e.to_string());
         let topic = message.topic();
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
-            return Ok(Applied::Skipped);
+            return Ok((Applied::Skipped, Vec::new()));
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
         let (name, value) = decode_record(&self.codec, &self.dead_letters, message).await?;
         let event = OrderEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
         let snapshot = if orders::needs_snapshot(&event) {
-            self.tables
-                .snapshot(tenant, event.meta().order_id)
-                .await
-                .map_err(|e| ApplyError::Transient(e.to_string()))?
+            let cached = known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match cached {
+                Known::Have(snapshot) => snapshot,
+                Known::Ask => self.tables.snapshot(tenant, event.meta().order_id).await.map_err(transient)?,
+            }
         } else {
             None
         };
-        // An event's rows are in different tables and all carry the event's
-        // version as their write timestamp: written at once, order does not matter.
         let writes = orders::apply(&event, snapshot.as_ref());
-        futures::future::try_join_all(writes.iter().map(|write| self.tables.write(tenant, write)))
-            .await
-            .map_err(|e| ApplyError::Transient(e.to_string()))?;
-        debug!(tenant, event_type = name, offset = message.offset(), "applied");
-        Ok(Applied::Written { event_type: name })
+        let rows =
+            writes.iter().map(|w| self.tables.row(tenant, w)).collect::<Result<Vec<_>, _>>().map_err(transient)?;
+        *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(orders::snapshot_after(&event, snapshot));
+        debug!(tenant, event_type = name, offset = message.offset(), "rows made");
+        Ok((Applied::Written { event_type: name }, rows))
     }
 }
 
-/// Records of a batch applied to one version (each retried while
-/// transient, dead-lettered when poison) until `stop`, counted.
+/// What a batch knows of an order's snapshot.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Nothing yet: read it from the store.
+    Ask,
+    /// As an earlier event of the order in this batch left it.
+    Have(Option<orders::OrderSnapshot>),
+}
+
+/// Batches applied to one version until `stop`, counted: each order's
+/// records in order (orders concurrently) turned into rows (retried while
+/// transient, dead-lettered when poison), then the batch's rows written
+/// together, grouped by partition (retried until the store takes them).
 pub struct Settling<'x> {
     applier: &'x Applier,
     stop: &'x tokio_util::sync::CancellationToken,
@@ -177,17 +183,66 @@ impl<'x> Settling<'x> {
     pub fn new(applier: &'x Applier, stop: &'x tokio_util::sync::CancellationToken) -> Self {
         Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0) }
     }
+
+    /// The rows of one order's records in this batch; `None` when stopped.
+    async fn key_rows<'a>(&'a self, records: Vec<&'a OwnedMessage>) -> Option<Vec<Row<'a>>> {
+        let known = Mutex::new(Known::Ask);
+        let mut rows = Vec::new();
+        for record in records {
+            let make = || self.applier.rows(record, &known);
+            let settled = settle_record(&self.applier.dead_letters, record, self.stop, make)
+                .instrument(self.applier.span(record))
+                .await?;
+            let outcome = match settled {
+                Settled::Applied((Applied::Written { .. }, made)) => {
+                    rows.extend(made);
+                    self.applied.fetch_add(1, Ordering::Relaxed);
+                    "applied"
+                }
+                Settled::Applied(_) => continue,
+                Settled::DeadLettered { .. } => {
+                    self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    "dead_lettered"
+                }
+            };
+            metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        Some(rows)
+    }
 }
 
-impl Settle for Settling<'_> {
-    fn settle<'a>(&'a self, record: &'a OwnedMessage) -> BoxFuture<'a, bool> {
+impl SettleBatch for Settling<'_> {
+    fn settle_batch<'a>(&'a self, records: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            match self.applier.apply_settled(record, self.stop).await {
-                Some(Applied::Written { .. }) => self.applied.fetch_add(1, Ordering::Relaxed),
-                Some(Applied::DeadLettered { .. }) => self.dead_lettered.fetch_add(1, Ordering::Relaxed),
-                Some(Applied::Skipped) => 0,
-                None => return false,
-            };
+            let started = std::time::Instant::now();
+            let keys: Vec<BoxFuture<'a, Option<Vec<Row<'a>>>>> = batch::by_key(records)
+                .into_iter()
+                .map(|records| -> BoxFuture<'a, Option<Vec<Row<'a>>>> { Box::pin(self.key_rows(records)) })
+                .collect();
+            let mut rows = Vec::new();
+            let mut made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
+            while let Some(key_rows) = made.next().await {
+                match key_rows {
+                    Some(key_rows) => rows.extend(key_rows),
+                    None => return false,
+                }
+            }
+            drop(made);
+            let mut backoff = Backoff::default();
+            while let Err(e) = self.applier.tables.write_rows(&rows).await {
+                warn!(error = %e, rows = rows.len(), "the batch's rows were not written; retrying");
+                if !backoff.wait(self.stop).await {
+                    return false;
+                }
+            }
+            // Each record waited for the whole batch: that is its apply latency.
+            let histogram =
+                metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.clone());
+            let seconds = started.elapsed().as_secs_f64();
+            for _ in records {
+                histogram.record(seconds);
+            }
             true
         })
     }

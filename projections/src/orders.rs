@@ -134,6 +134,19 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
 }
 
 /// Whether applying `event` needs the order's snapshot.
+/// The snapshot a later event of the order needs, after `event` (whose
+/// own snapshot was `before`).
+pub fn snapshot_after(event: &OrderEvent, before: Option<OrderSnapshot>) -> Option<OrderSnapshot> {
+    match event {
+        OrderEvent::Submitted(e) => Some(OrderSnapshot {
+            customer_id: e.customer_id.clone(),
+            submitted_at_ms: e.occurred_at,
+            total_cents: e.total_cents,
+        }),
+        _ => before,
+    }
+}
+
 pub fn needs_snapshot(event: &OrderEvent) -> bool {
     !matches!(event, OrderEvent::Submitted(_))
 }
@@ -203,5 +216,131 @@ mod tests {
     fn without_its_submission_only_the_status_is_written() {
         assert!(needs_snapshot(&cancelled()));
         assert_eq!(apply(&cancelled(), None).len(), 1);
+    }
+
+    mod batches {
+        //! Batches write what one-by-one application writes: an event whose
+        //! order's submission is earlier in the same batch takes the snapshot
+        //! from it ([`snapshot_after`]); otherwise from the store as the
+        //! batch found it. The store is modelled by what the submissions
+        //! wrote to the order's row.
+
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+        use sluice_schemas::orders::{OrderCancelled, OrderShipped, OrderSubmitted};
+
+        use super::super::*;
+
+        /// The order row as a submission's write left it: the snapshot a
+        /// later event reads back.
+        fn read_back(store: &HashMap<String, OrderSnapshot>, order: &str) -> Option<OrderSnapshot> {
+            store.get(order).cloned()
+        }
+
+        fn write_back(store: &mut HashMap<String, OrderSnapshot>, writes: &[Write]) {
+            for w in writes {
+                if let Write::OrderSubmitted { order_id, customer_id, total_cents, at_ms, .. } = w {
+                    let row = OrderSnapshot {
+                        customer_id: customer_id.clone(),
+                        submitted_at_ms: *at_ms,
+                        total_cents: *total_cents,
+                    };
+                    store.insert(order_id.clone(), row);
+                }
+            }
+        }
+
+        /// One partition's log: orders submitted, then some shipped or
+        /// cancelled, interleaved.
+        fn log() -> impl Strategy<Value = Vec<OrderEvent>> {
+            prop::collection::vec((0..5usize, 0..3u8, 1..50i64), 1..40).prop_map(|picks| {
+                let mut versions = [0i64; 5];
+                let mut out = Vec::new();
+                for (order, kind, cents) in picks {
+                    let (order_id, v) = (format!("o{order}"), versions[order] + 1);
+                    let event_id = format!("{order_id}-{v}");
+                    let at = v * 3_600_000 * 7;
+                    let event = match (versions[order], kind) {
+                        (0, _) => OrderEvent::Submitted(OrderSubmitted {
+                            event_id,
+                            order_id,
+                            version: v,
+                            occurred_at: at,
+                            customer_id: format!("c{}", order % 2),
+                            currency: "EUR".into(),
+                            lines: vec![],
+                            total_cents: cents,
+                        }),
+                        (1, 0) => continue,
+                        (1, 1) => OrderEvent::Shipped(OrderShipped {
+                            event_id,
+                            order_id,
+                            version: v,
+                            occurred_at: at,
+                            carrier: "ups".into(),
+                            tracking_number: "1Z".into(),
+                        }),
+                        (1, _) => OrderEvent::Cancelled(OrderCancelled {
+                            event_id,
+                            order_id,
+                            version: v,
+                            occurred_at: at,
+                            reason: "r".into(),
+                        }),
+                        _ => continue,
+                    };
+                    versions[order] = v;
+                    out.push(event);
+                }
+                out
+            })
+        }
+
+        fn sorted(mut writes: Vec<Write>) -> Vec<String> {
+            let mut out: Vec<String> = writes.drain(..).map(|w| format!("{w:?}")).collect();
+            out.sort();
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn any_batching_writes_what_one_by_one_writes(events in log(), cuts in prop::collection::vec(1..12usize, 1..8)) {
+                let mut store = HashMap::new();
+                let mut one_by_one = Vec::new();
+                for e in &events {
+                    let snapshot = if needs_snapshot(e) { read_back(&store, e.meta().order_id) } else { None };
+                    let writes = apply(e, snapshot.as_ref());
+                    write_back(&mut store, &writes);
+                    one_by_one.extend(writes);
+                }
+
+                let mut store = HashMap::new();
+                let mut batched = Vec::new();
+                let (mut rest, mut cut) = (&events[..], cuts.iter().cycle());
+                while !rest.is_empty() {
+                    let (batch, later) = rest.split_at((*cut.next().unwrap()).min(rest.len()));
+                    // Within a batch each order keeps what its earlier events left.
+                    let mut known: HashMap<&str, Option<OrderSnapshot>> = HashMap::new();
+                    let mut writes = Vec::new();
+                    for e in batch {
+                        let order = e.meta().order_id;
+                        let snapshot = if needs_snapshot(e) {
+                            known.get(order).cloned().unwrap_or_else(|| read_back(&store, order))
+                        } else {
+                            None
+                        };
+                        writes.extend(apply(e, snapshot.as_ref()));
+                        let before = known.get(order).cloned().unwrap_or_else(|| read_back(&store, order));
+                        known.insert(order, snapshot_after(e, before));
+                    }
+                    // The batch's rows land together, after it.
+                    write_back(&mut store, &writes);
+                    batched.extend(writes);
+                    rest = later;
+                }
+                prop_assert_eq!(sorted(batched), sorted(one_by_one));
+            }
+        }
     }
 }

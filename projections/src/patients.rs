@@ -288,6 +288,16 @@ impl batch::Settle for StepSettling<'_> {
     }
 }
 
+impl batch::SettleBatch for StepSettling<'_> {
+    fn settle_batch<'a>(
+        &'a self,
+        records: &'a [OwnedMessage],
+        max_keys_in_flight: usize,
+    ) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(batch::settle(records, max_keys_in_flight, self))
+    }
+}
+
 impl crate::replay::Counted for StepSettling<'_> {
     fn counts(&self) -> (u64, u64) {
         (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))

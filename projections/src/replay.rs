@@ -140,7 +140,7 @@ pub async fn replay_patients(
 }
 
 /// A settle step that counts what it applied and dead-lettered.
-pub trait Counted: batch::Settle {
+pub trait Counted: batch::SettleBatch {
     /// (applied, dead-lettered) so far.
     fn counts(&self) -> (u64, u64);
 }
@@ -288,7 +288,7 @@ async fn run(
         // In batches, like the live projector: different orders at once,
         // each order's events in order, positions moved after the batch.
         let records = batch::fill(&consumer, first, &batching).await;
-        if !batch::settle(&records, batching.max_keys_in_flight, settling).await {
+        if !settling.settle_batch(&records, batching.max_keys_in_flight).await {
             break;
         }
         let next = batch::next_offsets(&records);

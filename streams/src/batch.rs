@@ -49,9 +49,18 @@ pub trait Settle: Sync {
     fn settle<'a>(&'a self, record: &'a OwnedMessage) -> BoxFuture<'a, bool>;
 }
 
-/// Consumes in batches until `stop`: each batch settled with `settle_one`
-/// (see [`settle`]), then `on_batch` hears the next offsets of its
-/// partitions, then they are stored for commit. Returns when stopped (also
+/// What a consumer does with a whole batch: settle every record (each key's
+/// in order) and answer `true`, or `false` when stopped before the batch
+/// was settled. A consumer that settles record by record implements
+/// [`Settle`] and answers with [`settle`]; one that writes a batch's effects
+/// together (a projection grouping rows by partition) implements this.
+pub trait SettleBatch: Sync {
+    fn settle_batch<'a>(&'a self, batch: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool>;
+}
+
+/// Consumes in batches until `stop`: each batch settled with `settle_all`,
+/// then `on_batch` hears the next offsets of its partitions, then they are
+/// stored for commit. Returns when stopped (also
 /// mid-batch: that batch's offsets are not stored). Offsets that cannot be
 /// stored (a partition revoked meanwhile) are logged: the partition's next
 /// owner resumes from the last commit, and the writes are idempotent.
@@ -59,7 +68,7 @@ pub async fn consume<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     config: &BatchConfig,
     stop: &CancellationToken,
-    settle_one: &impl Settle,
+    settle_all: &impl SettleBatch,
     mut on_batch: impl FnMut(&[(String, i32, i64)]),
 ) {
     loop {
@@ -74,7 +83,7 @@ pub async fn consume<C: ConsumerContext + 'static>(
             },
         };
         let records = fill(consumer, first, config).await;
-        if !settle(&records, config.max_keys_in_flight, settle_one).await {
+        if !settle_all.settle_batch(&records, config.max_keys_in_flight).await {
             return;
         }
         let next = next_offsets(&records);

@@ -1,11 +1,15 @@
 //! The read-model tables of one projection version: created on first use,
 //! statements prepared once, writes with the stream version as timestamp.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::{CqlDate, CqlTimestamp};
+use scylla::value::{CqlDate, CqlTimestamp, CqlValue};
 use sluice_schemas::cql;
 
 use super::{rm_err, ReadModelError};
@@ -109,73 +113,150 @@ impl Tables {
         })
     }
 
-    /// Applies writes of one event. Each uses the event's stream version as
-    /// its write timestamp, so repeating it changes nothing.
+    /// Applies one write. It uses the event's stream version as its write
+    /// timestamp, so repeating it changes nothing.
     pub async fn write(&self, tenant: &str, write: &Write) -> Result<(), ReadModelError> {
-        let ts = write.version();
-        let result = match write {
+        self.write_rows(&[self.row(tenant, write)?]).await
+    }
+
+    /// The statement and values of one write.
+    pub fn row<'t>(&'t self, tenant: &str, write: &Write) -> Result<Row<'t>, ReadModelError> {
+        let text = |s: &str| Some(CqlValue::Text(s.to_owned()));
+        let big = |n: i64| Some(CqlValue::BigInt(n));
+        let time = |ms: i64| Some(CqlValue::Timestamp(CqlTimestamp(ms)));
+        let ts = big(write.version());
+        let (statement, table, partition, values) = match write {
             Write::OrderSubmitted { order_id, customer_id, currency, lines, total_cents, at_ms, version } => {
                 let lines = serde_json::to_string(lines).map_err(rm_err)?;
-                let at = CqlTimestamp(*at_ms);
-                self.session
-                    .execute_unpaged(
-                        &self.insert_order,
-                        (tenant, order_id, customer_id, currency, lines, total_cents, version, at, at, ts),
-                    )
-                    .await
+                let values = vec![
+                    text(tenant),
+                    text(order_id),
+                    text(customer_id),
+                    text(currency),
+                    Some(CqlValue::Text(lines)),
+                    big(*total_cents),
+                    big(*version),
+                    time(*at_ms),
+                    time(*at_ms),
+                    ts,
+                ];
+                (&self.insert_order, Table::ById, order_id.clone(), values)
             }
             Write::OrderStatus { order_id, status, at_ms, version, cancel_reason, shipment } => {
                 let (carrier, tracking) = match shipment {
-                    Some((c, t)) => (Some(c.as_str()), Some(t.as_str())),
+                    Some((c, t)) => (text(c), text(t)),
                     None => (None, None),
                 };
-                self.session
-                    .execute_unpaged(
-                        &self.update_order,
-                        (
-                            ts,
-                            *status,
-                            version,
-                            CqlTimestamp(*at_ms),
-                            cancel_reason,
-                            carrier,
-                            tracking,
-                            tenant,
-                            order_id,
-                        ),
-                    )
-                    .await
+                let values = vec![
+                    ts,
+                    text(status),
+                    big(*version),
+                    time(*at_ms),
+                    cancel_reason.as_deref().and_then(text),
+                    carrier,
+                    tracking,
+                    text(tenant),
+                    text(order_id),
+                ];
+                (&self.update_order, Table::ById, order_id.clone(), values)
             }
             Write::CustomerOrder { customer_id, submitted_at_ms, order_id, status, currency_and_total, version } => {
-                let submitted_at = CqlTimestamp(*submitted_at_ms);
                 match currency_and_total {
                     Some((currency, total)) => {
-                        self.session
-                            .execute_unpaged(
-                                &self.insert_customer_order,
-                                (tenant, customer_id, submitted_at, order_id, *status, currency, total, version, ts),
-                            )
-                            .await
+                        let values = vec![
+                            text(tenant),
+                            text(customer_id),
+                            time(*submitted_at_ms),
+                            text(order_id),
+                            text(status),
+                            text(currency),
+                            big(*total),
+                            big(*version),
+                            ts,
+                        ];
+                        (&self.insert_customer_order, Table::ByCustomer, customer_id.clone(), values)
                     }
                     None => {
-                        self.session
-                            .execute_unpaged(
-                                &self.update_customer_order,
-                                (ts, *status, version, tenant, customer_id, submitted_at, order_id),
-                            )
-                            .await
+                        let values = vec![
+                            ts,
+                            text(status),
+                            big(*version),
+                            text(tenant),
+                            text(customer_id),
+                            time(*submitted_at_ms),
+                            text(order_id),
+                        ];
+                        (&self.update_customer_order, Table::ByCustomer, customer_id.clone(), values)
                     }
                 }
             }
             Write::Sale { day_ms, order_id, movement, orders, total_cents, .. } => {
-                self.session
-                    .execute_unpaged(
-                        &self.insert_sale,
-                        (tenant, cql_date(*day_ms), order_id, *movement, orders, total_cents, ts),
-                    )
-                    .await
+                let day = cql_date(*day_ms);
+                let values = vec![
+                    text(tenant),
+                    Some(CqlValue::Date(day)),
+                    text(order_id),
+                    text(movement),
+                    Some(CqlValue::Int(*orders)),
+                    big(*total_cents),
+                    ts,
+                ];
+                (&self.insert_sale, Table::DailySales, day.0.to_string(), values)
             }
         };
-        result.map(drop).map_err(rm_err)
+        Ok(Row { statement, partition: (table, tenant.to_owned(), partition), values })
     }
+
+    /// Writes rows: those of one partition together, in unlogged batches of
+    /// at most [`ROWS_PER_BATCH`] (one round trip, one mutation of the
+    /// partition), partitions concurrently. Each row keeps its own write
+    /// timestamp, so a batch applied twice changes nothing.
+    pub async fn write_rows(&self, rows: &[Row<'_>]) -> Result<(), ReadModelError> {
+        let mut by_partition: HashMap<&(Table, String, String), Vec<&Row<'_>>> = HashMap::new();
+        for row in rows {
+            by_partition.entry(&row.partition).or_default().push(row);
+        }
+        let chunks: Vec<&[&Row<'_>]> = by_partition.values().flat_map(|rows| rows.chunks(ROWS_PER_BATCH)).collect();
+        // Boxed with their lifetime named: a caller's Send future cannot
+        // state it for closure futures in stream combinators.
+        let writes: Vec<BoxFuture<'_, Result<(), ReadModelError>>> =
+            chunks.into_iter().map(|chunk| -> BoxFuture<'_, _> { Box::pin(self.write_chunk(chunk)) }).collect();
+        futures::stream::iter(writes).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect::<Vec<()>>().await.map(drop)
+    }
+
+    async fn write_chunk(&self, chunk: &[&Row<'_>]) -> Result<(), ReadModelError> {
+        if let [row] = chunk {
+            return self.session.execute_unpaged(row.statement, &row.values).await.map(drop).map_err(rm_err);
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for row in chunk {
+            batch.append_statement(row.statement.clone());
+        }
+        let values: Vec<&Vec<Option<CqlValue>>> = chunk.iter().map(|r| &r.values).collect();
+        self.session.batch(&batch, values).await.map(drop).map_err(rm_err)
+    }
+}
+
+/// Rows of one partition sent in one batch at most.
+pub const ROWS_PER_BATCH: usize = 32;
+
+/// Partitions written at once.
+const PARTITIONS_IN_FLIGHT: usize = 32;
+
+/// The tables of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    ById,
+    ByCustomer,
+    DailySales,
+}
+
+/// One write ready to send: its statement, the partition it lands in
+/// (table, tenant, key), and its values (the write timestamp last or first,
+/// as the statement has it).
+#[derive(Debug)]
+pub struct Row<'t> {
+    statement: &'t PreparedStatement,
+    partition: (Table, String, String),
+    values: Vec<Option<CqlValue>>,
 }
