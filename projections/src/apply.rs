@@ -65,27 +65,6 @@ impl Applier {
         tables: Arc<Tables>,
     ) -> Result<Self, ReadModelError> {
         let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
-        Self::with_dead_letters(registry_url, projection, tables, dead_letters)
-    }
-
-    /// An applier for `sluice dlt replay`: it applies the records of parked
-    /// keys (it parks nothing itself).
-    pub async fn replaying(
-        brokers: &str,
-        registry_url: &str,
-        projection: &str,
-        tables: Arc<Tables>,
-    ) -> Result<Self, ReadModelError> {
-        let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
-        Self::with_dead_letters(registry_url, projection, tables, dead_letters.replaying())
-    }
-
-    fn with_dead_letters(
-        registry_url: &str,
-        projection: &str,
-        tables: Arc<Tables>,
-        dead_letters: DeadLetters,
-    ) -> Result<Self, ReadModelError> {
         Ok(Self {
             projection: projection.to_owned(),
             version: tables.version,
@@ -93,6 +72,12 @@ impl Applier {
             codec: EventCodec::new(registry_url).map_err(rm_err)?,
             dead_letters,
         })
+    }
+
+    /// The applier of `sluice dlt replay`: it applies the records of parked
+    /// keys (it parks nothing itself).
+    pub fn replaying(self) -> Self {
+        Self { dead_letters: self.dead_letters.replaying(), ..self }
     }
 
     pub fn version(&self) -> i32 {

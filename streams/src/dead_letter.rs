@@ -188,28 +188,18 @@ pub async fn key_state(
     topic: &str,
     key: &str,
 ) -> Result<Parking, StreamsError> {
-    let values = (consumer, version, topic, key);
-    let where_key = "WHERE projection = ? AND version = ? AND topic = ? AND key = ?";
-    let releasing = session
-        .query_unpaged(format!("SELECT key FROM projection_key_releases {where_key}"), values)
-        .await
-        .map_err(err)?
-        .into_rows_result()
-        .map_err(err)?
-        .rows_num()
-        > 0;
-    if releasing {
-        return Ok(Parking::Releasing);
-    }
-    let parked = session
-        .query_unpaged(format!("SELECT key FROM projection_parked_keys {where_key}"), values)
-        .await
-        .map_err(err)?
-        .into_rows_result()
-        .map_err(err)?
-        .rows_num()
-        > 0;
-    Ok(if parked { Parking::Parked } else { Parking::Free })
+    let has = |table: &'static str| async move {
+        let cql = format!("SELECT key FROM {table} WHERE projection = ? AND version = ? AND topic = ? AND key = ?");
+        let rows = session.query_unpaged(cql, (consumer, version, topic, key)).await.map_err(err)?;
+        Ok::<_, StreamsError>(rows.into_rows_result().map_err(err)?.rows_num() > 0)
+    };
+    Ok(if has("projection_key_releases").await? {
+        Parking::Releasing
+    } else if has("projection_parked_keys").await? {
+        Parking::Parked
+    } else {
+        Parking::Free
+    })
 }
 
 fn key_of(message: &impl Message) -> String {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_cli::ops::audit::{default_actor, AuditEntry, AuditLog};
+use sluice_cli::ops::audit::{AuditEntry, AuditLog};
 use sluice_cli::ops::dead_letter::{DeadLetter, DeadLetterDetail, Filter};
 use sluice_cli::ops::dlq::{Dlq, Listing, RemovalReport, Scope, ShovelOptions, ShovelProgress, ShovelReport, Who};
 use sluice_cli::ops::management::Management;
@@ -14,7 +14,7 @@ use sluice_cli::ops::parse_duration;
 use sluice_cli::serve::connect_cql;
 use sluice_cli::settings::Settings;
 
-use super::{output, print_json, print_table};
+use super::{output, print_json, print_table, WhoArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -92,12 +92,8 @@ enum Verb {
         /// Only those whose failure reason contains this (case-insensitive).
         #[arg(long)]
         reason_contains: Option<String>,
-        /// Why: required, kept in the audit log.
-        #[arg(long)]
-        reason: String,
-        /// Who acts (default: the OS user).
-        #[arg(long)]
-        actor: Option<String>,
+        #[command(flatten)]
+        who: WhoArgs,
         #[arg(long)]
         json: bool,
     },
@@ -107,12 +103,8 @@ enum Verb {
         message_id: String,
         #[command(flatten)]
         scope: ScopeArgs,
-        /// Why: required, kept in the audit log.
-        #[arg(long)]
-        reason: String,
-        /// Who acts (default: the OS user).
-        #[arg(long)]
-        actor: Option<String>,
+        #[command(flatten)]
+        who: WhoArgs,
         #[arg(long)]
         json: bool,
     },
@@ -232,19 +224,19 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             }
             output(json, &report, print_shovel)
         }
-        Verb::Purge { filter, reason_contains, reason, actor, json } => {
+        Verb::Purge { filter, reason_contains, who, json } => {
             if filter.scope.tenant.is_none() {
                 bail!("purge needs --tenant: a purge of every tenant's dead letters at once is not offered");
             }
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
-            let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
+            let who = Who { actor: who.actor(), reason: who.reason };
             let report =
                 dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
             output(json, &report, print_removal)
         }
-        Verb::Delete { message_id, scope, reason, actor, json } => {
+        Verb::Delete { message_id, scope, who, json } => {
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
-            let who = Who { actor: actor.unwrap_or_else(default_actor), reason };
+            let who = Who { actor: who.actor(), reason: who.reason };
             let report = dlq.delete(&audit, &scope.scope(settings)?, &message_id, &who).await?;
             output(json, &report, print_removal)
         }

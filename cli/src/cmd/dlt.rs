@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_cli::ops::audit::default_actor;
 use sluice_cli::ops::dlt::{DeadRecord, Dlt, DltFilter, DltListing, ParkedKey, ReplayOutcome};
 use sluice_cli::ops::parse_duration;
 use sluice_cli::serve::connect_cql;
 use sluice_cli::settings::Settings;
 
-use super::{output, print_table};
+use super::{output, print_table, WhoArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +24,7 @@ struct KeyArgs {
     /// `onboarding` (`sluice dlt list` shows them).
     #[arg(long)]
     consumer: String,
+    /// The tenant whose topic the key is in.
     #[arg(long)]
     tenant: String,
     /// The parked key (an order id, a patient id).
@@ -36,10 +36,13 @@ enum Verb {
     /// Parked keys and dead-lettered records, by consumer. Reads the
     /// dead-letter topics from their start; changes nothing.
     List {
+        /// Only this consumer's (see KeyArgs for the names).
         #[arg(long)]
         consumer: Option<String>,
+        /// Only this tenant's topics.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only this key.
         #[arg(long)]
         key: Option<String>,
         /// One JSON document instead of tables.
@@ -50,6 +53,7 @@ enum Verb {
     Show {
         #[command(flatten)]
         key: KeyArgs,
+        /// One JSON document instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -59,16 +63,13 @@ enum Verb {
     Replay {
         #[command(flatten)]
         key: KeyArgs,
-        /// Why (kept in the audit log).
-        #[arg(long)]
-        reason: String,
-        /// Who (default: the OS user).
-        #[arg(long)]
-        actor: Option<String>,
+        #[command(flatten)]
+        who: WhoArgs,
         /// How long to let dead-letter writes in flight land before reading
         /// the topic (longer than a dead-letter send can take).
         #[arg(long, default_value = "12s", value_parser = parse_duration)]
         grace: Duration,
+        /// One JSON document instead of a sentence.
         #[arg(long)]
         json: bool,
     },
@@ -77,10 +78,9 @@ enum Verb {
     Unpark {
         #[command(flatten)]
         key: KeyArgs,
-        #[arg(long)]
-        reason: String,
-        #[arg(long)]
-        actor: Option<String>,
+        #[command(flatten)]
+        who: WhoArgs,
+        /// One JSON document instead of a sentence.
         #[arg(long)]
         json: bool,
     },
@@ -107,8 +107,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             let records = dlt.show(&key.consumer, &key.tenant, &key.key).await?;
             output(json, &records, |records| print_records(records))
         }
-        Verb::Replay { key, reason, actor, grace, json } => {
-            let actor = actor.unwrap_or_else(default_actor);
+        Verb::Replay { key, who, grace, json } => {
+            let (actor, reason) = (who.actor(), who.reason);
             let bar = spinner(json);
             let outcome = dlt
                 .replay(&key.consumer, &key.tenant, &key.key, (&actor, &reason), grace, |done, total| {
@@ -126,8 +126,8 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Verb::Unpark { key, reason, actor, json } => {
-            let actor = actor.unwrap_or_else(default_actor);
+        Verb::Unpark { key, who, json } => {
+            let (actor, reason) = (who.actor(), who.reason);
             let parked = dlt.unpark(&key.consumer, &key.tenant, &key.key, (&actor, &reason)).await?;
             output(json, &parked, |p| {
                 println!("unparked {} in {} for {} (its dead letters were not applied)", p.key, p.topic, p.consumer)

@@ -7,6 +7,24 @@ pub mod dlt;
 pub mod replay;
 pub mod status;
 
+/// Who acts and why, for the verbs the audit log records.
+#[derive(clap::Args)]
+pub struct WhoArgs {
+    /// Why: required, kept in the audit log.
+    #[arg(long)]
+    pub reason: String,
+    /// Who acts (default: the OS user).
+    #[arg(long)]
+    pub actor: Option<String>,
+}
+
+impl WhoArgs {
+    /// The actor (the OS user when not given).
+    pub fn actor(&self) -> String {
+        self.actor.clone().unwrap_or_else(sluice_cli::ops::audit::default_actor)
+    }
+}
+
 /// Prints a value as one line of JSON (for `--json`).
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);

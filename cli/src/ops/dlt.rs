@@ -426,7 +426,8 @@ impl Dlt {
             ORDERS => {
                 let store = ReadModels::new(self.session.clone(), &consumer.name).await.map_err(cql_err)?;
                 let tables = store.tables(consumer.version).await.map_err(cql_err)?;
-                let applier = Applier::replaying(brokers, registry, &consumer.name, tables).await.map_err(cql_err)?;
+                let applier =
+                    Applier::new(brokers, registry, &consumer.name, tables).await.map_err(cql_err)?.replaying();
                 apply_in_order(&records, &mut outcome, progress, async |r| applier.apply(r).await.map(drop)).await;
             }
             PATIENTS => {
