@@ -211,6 +211,30 @@ struct Pipelines {
     patients: Arc<CqlPipeline<patients::Patients>>,
 }
 
+/// The onboarding process manager on the CQL store and RabbitMQ.
+pub type OnboardingRuntime = process::runtime::ProcessRuntime<
+    Onboarding,
+    CqlEventStore,
+    process::timers::CqlTimers,
+    process::commands::AmqpCommandSender,
+>;
+
+/// The onboarding process manager's runtime (also what `sluice dlt replay`
+/// applies its dead letters with).
+pub async fn onboarding_runtime(config: &ProcessConfig, infra: &Infra) -> Result<OnboardingRuntime, ProcessorError> {
+    let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
+    let pm = Onboarding {
+        timeout_ms: i64::try_from(config.assessment_timeout_ms).unwrap_or(i64::MAX / 4),
+        max_reminders: config.max_reminders,
+    };
+    Ok(process::runtime::ProcessRuntime {
+        pm,
+        store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone()),
+    })
+}
+
 /// The onboarding process manager's runtime, ready to run until `shutdown`.
 async fn run_onboarding(
     config: ProcessConfig,
@@ -220,16 +244,7 @@ async fn run_onboarding(
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = Result<(), process::runtime::StepError>>, ProcessorError> {
     let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
-    let pm = Onboarding {
-        timeout_ms: i64::try_from(config.assessment_timeout_ms).unwrap_or(i64::MAX / 4),
-        max_reminders: config.max_reminders,
-    };
-    let runtime = Arc::new(process::runtime::ProcessRuntime {
-        pm,
-        store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
-        timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
-        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone()),
-    });
+    let runtime = Arc::new(onboarding_runtime(&config, infra).await?);
     let settings = process::runtime::RunSettings {
         brokers: infra.kafka_brokers.clone(),
         registry_url: infra.registry_url.clone(),

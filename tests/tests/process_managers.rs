@@ -261,6 +261,41 @@ async fn an_instance_whose_stream_is_corrupt_is_dead_lettered_once_and_holds_bac
         records.iter().map(|m| m.offset()).collect::<Vec<_>>()
     );
     assert_eq!(decided_steps(&process_records(&tenant.name, "p-corrupt").await), Vec::<String>::new());
+
+    // The foreign write is removed; `sluice dlt replay` hands the enrolment
+    // to the process again, and p-corrupt's onboarding goes on.
+    sluice_tests::cql_sluice()
+        .await
+        .query_unpaged(
+            "DELETE FROM events WHERE tenant = ? AND context = ? AND stream_id = ? AND version = 1",
+            (&tenant.name, PROCESS_CONTEXT, &stream_id),
+        )
+        .await
+        .expect("garbage removed");
+    let settings = settings_with(&tenant, timeout.as_millis() as u64, 10);
+    let dlt = sluice_cli::ops::dlt::Dlt::new(settings, sluice_tests::cql_sluice().await);
+    let outcome = dlt
+        .replay(
+            Onboarding::NAME,
+            &tenant.name,
+            "p-corrupt",
+            ("test", "stream repaired"),
+            Duration::from_secs(1),
+            |_, _| {},
+        )
+        .await
+        .expect("replay");
+    assert_eq!((outcome.applied, outcome.unparked), (1, true), "{outcome:?}");
+    assert_eq!(decided_steps(&process_records(&tenant.name, "p-corrupt").await), ["schedule-assessment"]);
+    onboarding_when(
+        &platform,
+        &tenant,
+        "p-corrupt",
+        Duration::from_secs(60),
+        "p-corrupt's assessment scheduled",
+        |v| v["status"] == "awaiting_assessment",
+    )
+    .await;
     platform.stop().await.unwrap();
 }
 

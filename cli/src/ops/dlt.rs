@@ -18,7 +18,9 @@
 //! A record that still cannot be applied stops the replay: the key stays
 //! parked, nothing after that record is applied. [`Dlt::unpark`] frees a key
 //! without applying its dead letters (they stay in the topic). Both are
-//! audited in `dlq_audit` like the DLQ verbs.
+//! audited in `dlq_audit` like the DLQ verbs. A process manager's dead
+//! letters are applied by its own runtime: each step is recorded in the
+//! instance's stream before it is carried out, so nothing is sent twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,12 +33,15 @@ use scylla::client::session::Session;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use sluice_processors::process::onboarding::Onboarding;
+use sluice_processors::process::runtime::handle_record;
 use sluice_processors::process::ProcessManager;
 use sluice_projections::apply::{tenant_of, Applier};
 use sluice_projections::patients::PatientsProjector;
 use sluice_projections::store::ReadModels;
+use sluice_schemas::codec::EventCodec;
 use sluice_schemas::names;
-use sluice_streams::dead_letter::{dead_letter_topic, key_state, Parking};
+use sluice_schemas::operation_id::OperationIds;
+use sluice_streams::dead_letter::{dead_letter_topic, key_state, DeadLetters, Parking};
 use sluice_streams::ApplyError;
 
 use super::audit::{AuditAction, AuditLog};
@@ -442,11 +447,25 @@ impl Dlt {
                 apply_in_order(&records, &mut outcome, progress, async |r| writer.apply(r).await).await;
             }
             _ => {
-                return Err(OpsError::Refused(format!(
-                    "{} is a process manager: replaying its dead letters is not supported yet; fix the cause, then \
-                     `sluice dlt unpark` lets its later events apply",
-                    consumer.name
-                )))
+                let infra = sluice_processors::Infra {
+                    amqp_url: self.settings.amqp.url.clone(),
+                    operation_ids: OperationIds::new(&self.settings.ingest.operation_secret),
+                    kafka_brokers: brokers.clone(),
+                    registry_url: registry.clone(),
+                    session: self.session.clone(),
+                };
+                let runtime = sluice_processors::onboarding_runtime(&self.settings.processor.processes, &infra)
+                    .await
+                    .map_err(|e| OpsError::Usage(e.to_string()))?;
+                let codec = EventCodec::new(registry).map_err(cql_err)?;
+                let dead_letters = DeadLetters::new(brokers, self.session.clone(), &consumer.name, consumer.version)
+                    .await
+                    .map_err(cql_err)?
+                    .replaying();
+                // Each step is recorded in the instance's stream before it is
+                // carried out, so applying a record twice sends nothing twice.
+                let apply = async |r: &OwnedMessage| handle_record(&runtime, &codec, &dead_letters, r).await.map(drop);
+                apply_in_order(&records, &mut outcome, progress, apply).await;
             }
         }
         outcome.unparked = outcome.failed.is_none();

@@ -316,16 +316,35 @@ where
     C: CommandSender,
 {
     async fn step(&self, record: &OwnedMessage) -> Result<Handling, ApplyError> {
-        let Some(tenant) = record.topic().split('.').next() else { return Ok(Handling::Ignored) };
-        let (name, value) = decode_record(self.codec, self.dead_letters, record).await?;
-        // Events of the context that the process does not follow pass by.
-        let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
-        let correlation = M::correlation(&event).to_owned();
-        self.runtime.handle(tenant, &correlation, &Input::Event(event)).await.map_err(|e| match e {
-            StepError::Transient(reason) => ApplyError::Transient(reason),
-            StepError::Corrupt(e) => ApplyError::Poison { class: "corrupt_stream", reason: e.to_string() },
-        })
+        handle_record(self.runtime, self.codec, self.dead_letters, record).await
     }
+}
+
+/// Handles one event record once: decoded (a parked key or an undecodable
+/// record is poison), the process's event found in it (others are
+/// ignored), and handed to its instance; a corrupt instance stream is
+/// poison too. Also what `sluice dlt replay` applies dead letters with.
+pub async fn handle_record<M, S, T, C>(
+    runtime: &ProcessRuntime<M, S, T, C>,
+    codec: &EventCodec,
+    dead_letters: &DeadLetters,
+    record: &impl Message,
+) -> Result<Handling, ApplyError>
+where
+    M: ProcessManager,
+    S: EventStore,
+    T: TimerStore,
+    C: CommandSender,
+{
+    let Some(tenant) = record.topic().split('.').next() else { return Ok(Handling::Ignored) };
+    let (name, value) = decode_record(codec, dead_letters, record).await?;
+    // Events of the context that the process does not follow pass by.
+    let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
+    let correlation = M::correlation(&event).to_owned();
+    runtime.handle(tenant, &correlation, &Input::Event(event)).await.map_err(|e| match e {
+        StepError::Transient(reason) => ApplyError::Transient(reason),
+        StepError::Corrupt(e) => ApplyError::Poison { class: "corrupt_stream", reason: e.to_string() },
+    })
 }
 
 /// Timers fired at most at once: a slow step holds back no other timer.
