@@ -44,6 +44,10 @@ pub enum Outcome {
     DeadLetter { class: &'static str, reason: String },
     /// A dependency failed: try again later with backoff.
     Retry(String),
+    /// The command's events are stored but not all in Kafka yet (or its
+    /// operation is not recorded): try again later, for as long as it takes,
+    /// never dead-lettered, so a stored event is never stranded.
+    RetryAppended(String),
 }
 
 /// How many times a conflicting append reloads and decides again.
@@ -188,15 +192,24 @@ where
         // This processing's span when traces are exported, else the received one.
         let traceparent = sluice_telemetry::onward(&tracing::Span::current(), cmd.traceparent.as_deref());
         let traceparent = traceparent.as_deref();
-        for stored in &earlier_unproduced {
-            self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?;
+        let published = async {
+            for stored in &earlier_unproduced {
+                self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?;
+            }
+            let mut positions = Vec::with_capacity(mine.len());
+            for stored in &mine {
+                positions.push(self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?);
+            }
+            self.operations.record(op, &Status::Succeeded(positions)).await?;
+            Ok::<_, Failure>(())
+        };
+        // Once stored, the events go to Kafka whatever it takes: a failure
+        // from here on (Kafka or the registry down, even refusing) is retried,
+        // never dead-lettered.
+        match published.await {
+            Ok(()) => Ok(Outcome::Succeeded),
+            Err(Failure::Transient(reason) | Failure::Permanent { reason, .. }) => Ok(Outcome::RetryAppended(reason)),
         }
-        let mut positions = Vec::with_capacity(mine.len());
-        for stored in &mine {
-            positions.push(self.produce(cmd, &topic, &source, &stream_id, stored, traceparent).await?);
-        }
-        self.operations.record(op, &Status::Succeeded(positions)).await?;
-        Ok(Outcome::Succeeded)
     }
 }
 
@@ -417,7 +430,7 @@ mod tests {
     async fn a_kafka_failure_after_the_append_retries_and_republishes_the_stored_events() {
         let p = pipeline();
         *p.publisher.fail.lock().unwrap() = true;
-        assert!(matches!(p.handle(&submit("1")).await, Outcome::Retry(_)));
+        assert!(matches!(p.handle(&submit("1")).await, Outcome::RetryAppended(_)));
         assert_eq!(p.store.events.lock().unwrap().len(), 1, "appended before the publish failed");
         *p.publisher.fail.lock().unwrap() = false;
         assert_eq!(p.handle(&submit("1")).await, Outcome::Succeeded);
@@ -443,7 +456,7 @@ mod tests {
     async fn an_earlier_event_still_waiting_for_kafka_is_produced_before_a_later_one() {
         let p = pipeline();
         *p.publisher.fail.lock().unwrap() = true;
-        assert!(matches!(p.handle(&submit("1")).await, Outcome::Retry(_)), "v1 stored, not produced");
+        assert!(matches!(p.handle(&submit("1")).await, Outcome::RetryAppended(_)), "v1 stored, not produced");
         *p.publisher.fail.lock().unwrap() = false;
         let ship = CloudEvent::from_json(json!({
             "specversion": "1.0", "id": "ship", "source": "/acme/shop", "type": "com.example.orders.ShipOrder",

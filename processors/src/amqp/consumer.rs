@@ -152,6 +152,15 @@ where
         attempt: u32,
     ) -> Result<(), String> {
         let outcome = match outcome {
+            Outcome::RetryAppended(reason) => {
+                // Its events are stored: retried past `max_attempts` (at the
+                // last tier's delay), never dead-lettered.
+                headers::push_history(
+                    &mut headers,
+                    format!("{} attempt {attempt} (events stored): {reason}", chrono::Utc::now().to_rfc3339()),
+                );
+                Outcome::Retry(reason)
+            }
             Outcome::Retry(reason) => {
                 headers::push_history(
                     &mut headers,
@@ -172,7 +181,7 @@ where
             Outcome::Succeeded => "succeeded",
             Outcome::AlreadyDone => "duplicate",
             Outcome::Rejected(_) => "rejected",
-            Outcome::Retry(_) => "retried",
+            Outcome::Retry(_) | Outcome::RetryAppended(_) => "retried",
             Outcome::DeadLetter { .. } => "dead_lettered",
         };
         metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label)
@@ -180,7 +189,7 @@ where
         match outcome {
             Outcome::Succeeded | Outcome::AlreadyDone => {}
             Outcome::Rejected(reason) => info!(%reason, "rejected"),
-            Outcome::Retry(reason) => {
+            Outcome::Retry(reason) | Outcome::RetryAppended(reason) => {
                 let tiers = &self.settings.retry_delays_ms;
                 let delay = tiers[(attempt as usize - 1).min(tiers.len() - 1)];
                 warn!(%reason, delay_ms = delay, "transient failure, retrying after a delay");
