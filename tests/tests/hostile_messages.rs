@@ -220,3 +220,63 @@ async fn malformed_records_in_the_events_topic_go_to_the_projection_dead_letter_
     assert_eq!(platform.get_json(&tenant, "/orders/o-real").await.0, 200, "earlier rows untouched");
     platform.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_copy_that_cannot_be_published_hands_the_delivery_back_instead_of_holding_it() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let platform = Platform::start(settings.clone(), Role::Processor).await;
+    let queue = format!("{}.orders.commands", tenant.name);
+    let dlq = format!("{queue}.dlq");
+    eventually(WAIT, "the processor consuming", || async { (queue_consumers(&queue).await >= 1).then_some(()) }).await;
+
+    // The DLQ is gone (deleted by mistake): the copy of a malformed message
+    // cannot be published.
+    delete_queue(&dlq).await;
+    publish_raw(&queue, b"\xff not json", Some("m-held"), FieldTable::default()).await;
+    // The delivery goes back to the queue again and again, never held: the
+    // broker counts its deliveries.
+    let delivered = eventually(WAIT, "the delivery handed back and delivered again", || async {
+        let response = rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await;
+        let info: serde_json::Value = response.json().await.ok()?;
+        let redelivered = info["message_stats"]["redeliver"].as_i64().unwrap_or(0);
+        (redelivered >= 2).then_some(redelivered)
+    })
+    .await;
+    assert!(delivered >= 2);
+
+    // The DLQ is back: the next try lands the message there, with its reason.
+    declare_tenant_queues(&settings, &tenant).await;
+    eventually(WAIT, "the message in the DLQ", || async { (queue_depth(&dlq).await == 1).then_some(()) }).await;
+    eventually(WAIT, "the work queue empty, nothing unacked", || async {
+        let response = rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await;
+        let info: serde_json::Value = response.json().await.ok()?;
+        (info["messages"] == 0).then_some(())
+    })
+    .await;
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_the_broker_dead_lettered_at_its_delivery_limit_is_re_driven_like_exhausted_retries() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let platform = Platform::start(settings, Role::Processor).await;
+    // RabbitMQ moved it after its delivery limit (a settle that kept
+    // failing): no sluice verdict on it.
+    seed_dead_letters(
+        &tenant,
+        &[SeedLetter::new("dl-1", Some("com.example.orders.ShipOrder"), None, "delivery_limit")],
+    )
+    .await;
+    // Annotated, re-driven, tried again: now it meets its real verdict (this
+    // ShipOrder lacks its carrier).
+    let letter = eventually(WAIT, "the letter re-driven and tried again", || async {
+        let listing = dlq_ops().await.list(&tenant_scope(&tenant), &Default::default()).await.ok()?;
+        listing.messages.into_iter().find(|m| m.error_class == "malformed_command")
+    })
+    .await;
+    assert_eq!(letter.message_id.as_deref(), Some("dl-1"));
+    platform.stop().await.unwrap();
+}

@@ -90,6 +90,10 @@ struct ConsumerCtx<A, S, P, O> {
     publisher: Channel,
 }
 
+/// How long a delivery that could not be settled waits before it is handed
+/// back to its queue.
+const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 impl<A, S, P, O> ConsumerCtx<A, S, P, O>
 where
     A: Aggregate,
@@ -116,8 +120,18 @@ where
                 }
             };
             if let Err(e) = settled {
-                // Unacked, the delivery returns after a reconnect.
-                warn!(error = %e, "could not settle delivery");
+                // Never held: after a pause (no hammering of a failing
+                // store or queue) the delivery goes back to the queue and is
+                // tried again; RabbitMQ's delivery limit bounds the loop. A
+                // copy published before the failure is found settled by its
+                // operation record.
+                warn!(error = %e, "could not settle the delivery; handing it back after a pause");
+                tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
+                if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                    // The channel is gone: its unacked deliveries go back
+                    // by themselves, and the consumer reconnects.
+                    warn!(error = %e, "could not hand the delivery back");
+                }
             }
         }
         .instrument(span)
@@ -202,16 +216,12 @@ where
                 metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class)
                     .increment(1);
                 if let Some(cmd) = cmd {
-                    if let Err(e) = self.pipeline.record_dead_letter(cmd, &reason).await {
-                        // Without the record the operation would say
-                        // `processing` forever: leave the message for later.
-                        warn!(error = %e, "cannot record the dead letter yet; requeueing");
-                        return delivery
-                            .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string());
-                    }
+                    // Without the record the operation would say `processing`
+                    // forever: the delivery is handed back and tried again.
+                    self.pipeline
+                        .record_dead_letter(cmd, &reason)
+                        .await
+                        .map_err(|e| format!("cannot record the dead letter yet: {e}"))?;
                 }
                 headers.insert(headers::REASON.into(), string(&reason));
                 headers.insert(headers::ERROR_CLASS.into(), string(class));

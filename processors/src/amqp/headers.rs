@@ -19,7 +19,10 @@ pub const DEAD_LETTERED_AT: &str = "x-sluice-dead-lettered-at";
 pub const REDRIVES: &str = "x-sluice-redrives";
 
 /// Error classes whose cause may have gone away: eligible for re-drive.
-pub const TRANSIENT_CLASSES: &[&str] = &["retries_exhausted"];
+/// `broker_delivery_limit`: RabbitMQ moved it after its delivery limit (a
+/// settle that kept failing, consumers that kept crashing); bounded like the
+/// others by `max_redrives`.
+pub const TRANSIENT_CLASSES: &[&str] = &["retries_exhausted", "broker_delivery_limit"];
 
 /// RabbitMQ's count of earlier deliveries of a message from a quorum queue
 /// (set by the broker, per queue).
