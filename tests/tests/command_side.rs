@@ -71,12 +71,17 @@ async fn a_command_delivered_twice_produces_its_events_once() {
     let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
     let op = platform.await_operation(&tenant, &location, WAIT).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    eventually(WAIT, "both deliveries consumed", || async { (queue_depth(&queue).await == 0).then_some(()) }).await;
+    eventually(WAIT, "both deliveries taken", || async { (queue_depth(&queue).await == 0).then_some(()) }).await;
+    // Stopped (in-flight work drained): a delivery still unacked would be
+    // back in the queue now.
+    platform.stop().await.unwrap();
+    assert_eq!(queue_depth(&queue).await, 0, "both deliveries consumed and acked");
     let events = stored_events(&tenant.name, "o-dup").await;
     assert_eq!(events.len(), 1, "one event for one command: {events:?}");
-    let (_, op) = platform.get_json(&tenant, &location).await;
+    let edge = Platform::start(test_settings(&[&tenant]), Role::Ingest).await;
+    let (_, op) = edge.get_json(&tenant, &location).await;
     assert_eq!(op["status"], "succeeded", "the duplicate did not change the outcome");
-    platform.stop().await.unwrap();
+    edge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -61,7 +61,7 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
     let queue = format!("{}.orders.commands", tenant.name);
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let mut victim = SluiceProcess::spawn(&settings, "processor");
-    let _survivor = SluiceProcess::spawn(&settings, "processor");
+    let mut survivor = SluiceProcess::spawn(&settings, "processor");
     eventually(WAIT, "two consumers on the queue", || async { (queue_consumers(&queue).await == 2).then_some(()) })
         .await;
 
@@ -74,7 +74,7 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
     })
     .await;
     victim.kill();
-    let _replacement = SluiceProcess::spawn(&settings, "processor");
+    let mut replacement = SluiceProcess::spawn(&settings, "processor");
 
     for (i, location) in locations.iter().enumerate() {
         let op = edge.await_operation(&tenant, location, WAIT).await;
@@ -84,7 +84,18 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
         let events = stored_events(&tenant.name, &format!("k-o{i}")).await;
         assert_eq!(events.len(), 1, "order k-o{i} has exactly one event: {events:?}");
     }
-    eventually(WAIT, "the work queue drained", || async { (queue_depth(&queue).await == 0).then_some(()) }).await;
+    // The kill landed mid-work: deliveries it held came back to the queue.
+    eventually(WAIT, "deliveries of the killed processor redelivered", || async {
+        let response = rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await;
+        let info: serde_json::Value = response.json().await.ok()?;
+        (info["message_stats"]["redeliver"].as_i64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    // With every consumer gone, nothing left unacked can hide: an empty
+    // queue now means every delivery was acked.
+    survivor.terminate();
+    replacement.terminate();
+    assert_eq!(queue_depth(&queue).await, 0, "every delivery acked");
     assert_eq!(queue_depth(&format!("{queue}.dlq")).await, 0, "nothing dead-lettered");
     edge.stop().await.unwrap();
 }
