@@ -521,6 +521,17 @@ pub async fn rabbitmq_management(method: reqwest::Method, path: &str, body: Opti
     request.send().await.expect("RabbitMQ management API at 127.0.0.1:15672 (make up)")
 }
 
+/// A queue as the management API shows it (its counters lag by a few
+/// seconds); `None` while the API does not answer with it.
+pub async fn queue_info(queue: &str) -> Option<Value> {
+    rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await.json().await.ok()
+}
+
+/// How many times the broker delivered messages of `queue` again.
+pub async fn redeliveries(queue: &str) -> i64 {
+    queue_info(queue).await.and_then(|info| info["message_stats"]["redeliver"].as_i64()).unwrap_or(0)
+}
+
 // ---------------------------------------------------------------------------
 // Read models, straight from the CQL store
 

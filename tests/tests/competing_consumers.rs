@@ -86,9 +86,7 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
     }
     // The kill landed mid-work: deliveries it held came back to the queue.
     eventually(WAIT, "deliveries of the killed processor redelivered", || async {
-        let response = rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await;
-        let info: serde_json::Value = response.json().await.ok()?;
-        (info["message_stats"]["redeliver"].as_i64().unwrap_or(0) > 0).then_some(())
+        (redeliveries(&queue).await > 0).then_some(())
     })
     .await;
     // With every consumer gone, nothing left unacked can hide: an empty
