@@ -162,11 +162,13 @@ pub struct Settling<'x> {
     stop: &'x tokio_util::sync::CancellationToken,
     pub applied: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Rows written (one write per row, whatever batch it went in).
+    pub rows: AtomicU64,
 }
 
 impl<'x> Settling<'x> {
     pub fn new(applier: &'x Applier, stop: &'x tokio_util::sync::CancellationToken) -> Self {
-        Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0) }
+        Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0), rows: AtomicU64::new(0) }
     }
 
     /// The rows of one order's records in this batch; `None` when stopped.
@@ -221,6 +223,7 @@ impl SettleBatch for Settling<'_> {
                     return false;
                 }
             }
+            self.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
             // Each record waited for the whole batch: that is its apply latency.
             let histogram =
                 metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.clone());

@@ -302,6 +302,11 @@ impl crate::replay::Counted for StepSettling<'_> {
     fn counts(&self) -> (u64, u64) {
         (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
     }
+
+    /// One step row per event applied.
+    fn rows(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]

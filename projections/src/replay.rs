@@ -78,6 +78,8 @@ pub struct ReplayReport {
     pub version: i32,
     pub applied: u64,
     pub dead_lettered: u64,
+    /// Read-model rows written.
+    pub rows: u64,
     pub seconds: f64,
     pub events_per_second: f64,
     /// Set by a rebuild: the version that served before the switch.
@@ -143,11 +145,17 @@ pub async fn replay_patients(
 pub trait Counted: batch::SettleBatch {
     /// (applied, dead-lettered) so far.
     fn counts(&self) -> (u64, u64);
+    /// Read-model rows written so far.
+    fn rows(&self) -> u64;
 }
 
 impl Counted for Settling<'_> {
     fn counts(&self) -> (u64, u64) {
         (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
+    }
+
+    fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
     }
 }
 
@@ -332,6 +340,7 @@ async fn run(
         version,
         applied: p.applied,
         dead_lettered: p.dead_lettered,
+        rows: settling.rows(),
         seconds,
         events_per_second: p.events_per_second,
         previous_version: None,

@@ -239,10 +239,11 @@ pub struct Scaling {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RebuildReport {
     pub events: u64,
-    /// Read-model rows written (from the store's write counters where it
-    /// has them, else events × rows of an OrderSubmitted).
+    /// Read-model rows written, as the projection counts them.
     pub rows: u64,
-    pub rows_counted_by_store: bool,
+    /// Mutations the store counted on the new version's tables (a batch of
+    /// rows of one partition is one), where it keeps such counts.
+    pub store_mutations: Option<u64>,
     pub seconds: f64,
     pub events_per_second: f64,
     pub rows_per_second: f64,
@@ -525,14 +526,14 @@ impl Report {
         let b = &self.rebuild;
         let _ = writeln!(
             t,
-            "\n## Rebuild (blue/green into version {})\n\n{:.0} events/s, {:.0} rows/s ({} events, {} rows{} in {:.1} s).",
+            "\n## Rebuild (blue/green into version {})\n\n{:.0} events/s, {:.0} rows/s ({} events, {} rows in {:.1} s{}).",
             b.version,
             b.events_per_second,
             b.rows_per_second,
             b.events,
             b.rows,
-            if b.rows_counted_by_store { " counted by the store" } else { " estimated" },
-            b.seconds
+            b.seconds,
+            b.store_mutations.map(|m| format!("; the store counted {m} mutations")).unwrap_or_default()
         );
 
         let mem = &self.memory;
