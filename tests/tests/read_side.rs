@@ -255,5 +255,6 @@ async fn a_replay_of_the_patients_topics_writes_back_the_patients_read_model_it_
         (report.projection.as_str(), report.applied, report.dead_lettered),
         ("patients", before.len() as u64, 0)
     );
+    assert_eq!(report.rows, before.len() as u64, "one step row per event");
     assert_eq!(patient_rows(&tenant.name, &patients).await, before, "the same rows again");
 }
