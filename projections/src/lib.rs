@@ -14,7 +14,6 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
-pub mod lag;
 pub mod orders;
 pub mod patients;
 pub mod replay;

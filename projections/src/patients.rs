@@ -182,6 +182,13 @@ impl PatientsProjector {
         let offsets = Arc::new(OffsetTracker::new(self.session.clone(), PROJECTION, 1));
         let stop = shutdown.child_token();
         let flusher = tokio::spawn(crate::runner::flush_offsets(offsets.clone(), OFFSET_FLUSH_MS, stop.clone()));
+        let lag = tokio::spawn(sluice_streams::lag::report_until(
+            self.brokers.clone(),
+            self.group.clone(),
+            self.topics.clone(),
+            PROJECTION.into(),
+            stop.clone(),
+        ));
         let note = |next: &[(String, i32, i64)]| {
             for (topic, partition, offset) in next {
                 offsets.applied(topic, *partition, offset - 1);
@@ -190,6 +197,7 @@ impl PatientsProjector {
         batch::consume(&consumer, &BatchConfig::default(), &shutdown, &settle, note).await;
         stop.cancel();
         let _ = flusher.await;
+        lag.abort();
         let _ = offsets.flush().await;
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;

@@ -72,7 +72,7 @@ impl Projector {
             self.config.version_poll_ms,
             stop.clone(),
         ));
-        let lag_gauge = tokio::spawn(report_lag(
+        let lag_gauge = tokio::spawn(sluice_streams::lag::report_until(
             self.brokers.clone(),
             group_id(&self.config, version),
             self.topics.clone(),
@@ -132,23 +132,6 @@ async fn watch_version(store: Arc<ReadModels>, name: String, version: i32, poll_
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not read the active version"),
-        }
-    }
-}
-
-/// Publishes the group's lag per partition as `sluice_projection_lag_records`.
-async fn report_lag(brokers: String, group: String, topics: Vec<String>, projection: String, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Ok(partitions) = crate::lag::group_lag(&brokers, &group, &topics).await {
-            for p in partitions {
-                metrics::gauge!("sluice_projection_lag_records", "projection" => projection.clone(), "topic" => p.topic, "partition" => p.partition.to_string())
-                    .set(p.lag as f64);
-            }
         }
     }
 }

@@ -16,6 +16,8 @@
 //! - [`backoff`]: the one retry policy for transient failures.
 //! - [`consumer`]: the group consumer they all use, whose rebalance hook has
 //!   the parked keys read again when partitions are assigned.
+//! - [`lag`]: a group's lag per partition, and the gauge every consumer
+//!   exports.
 //!
 //! Still to come here (issue 13): the `Projection` trait with the runtime
 //! owning the CQL writes.
@@ -27,6 +29,7 @@ pub mod batch;
 pub mod consumer;
 pub mod dead_letter;
 pub mod decode;
+pub mod lag;
 pub mod lanes;
 pub mod settle;
 

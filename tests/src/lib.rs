@@ -797,6 +797,6 @@ pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
 /// committed offset, and none lags (an empty answer or a partition never
 /// committed is not "caught up").
 pub async fn caught_up(brokers: &str, group: &str, topics: &[String]) -> bool {
-    let Ok(lag) = sluice_projections::lag::group_lag(brokers, group, topics).await else { return false };
+    let Ok(lag) = sluice_streams::lag::group_lag(brokers, group, topics).await else { return false };
     !lag.is_empty() && lag.iter().all(|p| p.lag == 0 && (p.end == 0 || p.committed.is_some()))
 }

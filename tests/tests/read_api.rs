@@ -79,6 +79,15 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     ] {
         assert!(metrics.contains(name), "{name} in /metrics");
     }
+    // Every Kafka consumer of the runtime exports its lag.
+    for consumer in [settings.projector.name.as_str(), "patients", "onboarding"] {
+        let label = format!("sluice_consumer_lag_records{{consumer=\"{consumer}\"");
+        eventually(WAIT, &format!("the lag of {consumer} in /metrics"), || async {
+            let metrics = platform.http.get(platform.url("/metrics")).send().await.ok()?.text().await.ok()?;
+            metrics.contains(&label).then_some(())
+        })
+        .await;
+    }
     platform.stop().await.unwrap();
 
     // The write side stopped: the edge alone still serves every read.

@@ -71,7 +71,7 @@ async fn submit_orders(
 async fn await_projection_idle(settings: &sluice_cli::settings::Settings, version: i32, topics: &[String]) {
     let group = sluice_projections::runner::group_id(&settings.projector, version);
     eventually(WAIT, "the projection to catch up", || async {
-        let lag = sluice_projections::lag::group_lag(&settings.kafka.brokers, &group, topics).await.ok()?;
+        let lag = sluice_streams::lag::group_lag(&settings.kafka.brokers, &group, topics).await.ok()?;
         (!lag.is_empty() && lag.iter().all(|p| p.lag == 0 && p.committed.is_some() || p.end == 0)).then_some(())
     })
     .await;

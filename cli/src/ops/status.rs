@@ -34,11 +34,11 @@ use sluice_processors::amqp::topology::retry_queue;
 use sluice_processors::process::onboarding::Onboarding;
 use sluice_processors::process::timers::{summary, ProcessSummary};
 use sluice_processors::process::ProcessManager;
-use sluice_projections::lag::{group_lag, PartitionLag};
 use sluice_projections::patients;
 use sluice_projections::runner::group_id;
 use sluice_projections::store::versions::Versions;
 use sluice_schemas::{catalog, names};
+use sluice_streams::lag::{group_lag, PartitionLag};
 
 use super::dead_letter;
 use super::management::{encode, Management};

@@ -275,9 +275,17 @@ where
     let consumer = subscribe(&settings.brokers, &settings.group, &settings.topics, &dead_letters).map_err(step_err)?;
     info!(process = M::NAME, group = %settings.group, "process manager running");
     let events = EventStep { runtime: &runtime, codec: &codec, dead_letters: &dead_letters, stop: &shutdown };
+    let lag = sluice_streams::lag::report_until(
+        settings.brokers.clone(),
+        settings.group.clone(),
+        settings.topics.clone(),
+        M::NAME.into(),
+        shutdown.clone(),
+    );
     tokio::join!(
         lanes::consume(&consumer, &settings.lanes, &shutdown, &events),
         fire_timers_until(&runtime, &settings, &shutdown),
+        lag,
     );
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;

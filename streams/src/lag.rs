@@ -1,5 +1,6 @@
-//! Lag: how far a projection version's consumer group is behind the end of
-//! each partition. Used by `sluice status`, metrics and replays.
+//! Lag: how far a consumer group (a projection version's, a process
+//! manager's) is behind the end of each partition. Used by `sluice status`,
+//! the consumers' metrics and replays.
 
 use std::time::Duration;
 
@@ -62,4 +63,28 @@ pub async fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Result<
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Publishes `group`'s lag on `topics` per partition every five seconds,
+/// as `sluice_consumer_lag_records{consumer, topic, partition}`, until `stop`.
+pub async fn report_until(
+    brokers: String,
+    group: String,
+    topics: Vec<String>,
+    consumer: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(partitions) = group_lag(&brokers, &group, &topics).await {
+            for p in partitions {
+                metrics::gauge!("sluice_consumer_lag_records", "consumer" => consumer.clone(), "topic" => p.topic, "partition" => p.partition.to_string())
+                    .set(p.lag as f64);
+            }
+        }
+    }
 }
