@@ -223,9 +223,10 @@ async fn a_record_whose_schema_the_registry_lost_parks_its_key_until_sluice_dlt_
     );
     let dlt = Dlt::new(settings.clone(), cql_sluice().await);
     let only_o1 = DltFilter { tenant: Some(tenant.name.clone()), key: Some("o1".into()), ..Default::default() };
-    let listing = eventually(WAIT, "o1's two events dead-lettered", || async {
+    // A listing reads the parked keys, then the topics: both are awaited.
+    let listing = eventually(WAIT, "o1's two events dead-lettered and o1 parked", || async {
         let listing = dlt.list(&only_o1, |_| {}).await.expect("dlt list");
-        (listing.records.len() >= 2).then_some(listing)
+        (listing.records.len() >= 2 && !listing.parked.is_empty()).then_some(listing)
     })
     .await;
     let classes: Vec<&str> = listing.records.iter().map(|r| r.class.as_str()).collect();
