@@ -70,13 +70,7 @@ pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {
-            sluice_processors::amqp::declare_topology(
-                &channel,
-                tenant,
-                context.name,
-                &settings.processor.retry_delays_ms,
-            )
-            .await?;
+            sluice_processors::amqp::declare_topology(&channel, tenant, context.name, settings.amqp.partitions).await?;
         }
     }
     connection.close(200, "declared".into()).await?;
@@ -151,6 +145,7 @@ pub async fn serve(
     if role.includes(Role::Processor) {
         let infra = sluice_processors::Infra {
             amqp_url: settings.amqp.url.clone(),
+            partitions: settings.amqp.partitions,
             operation_ids: OperationIds::new(&settings.ingest.operation_secret),
             kafka_brokers: settings.kafka.brokers.clone(),
             registry_url: settings.registry.url.clone(),
@@ -221,7 +216,7 @@ pub async fn serve(
             .context("connecting the edge to RabbitMQ")?;
         let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
         let state = Arc::new(
-            AppState::new(settings.ingest.clone(), &settings.tenants, Arc::new(queue), reads)
+            AppState::new(settings.ingest.clone(), &settings.tenants, settings.amqp.partitions, Arc::new(queue), reads)
                 .map_err(anyhow::Error::msg)?,
         );
         let listener = tokio::net::TcpListener::bind(&settings.ingest.http_addr)

@@ -56,11 +56,16 @@ pub struct MetricsSettings {
 pub struct AmqpSettings {
     /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,
+    /// Partitions of each tenant's context commands (default 6): work
+    /// queues `<tenant>.<context>.commands.<p>`, each with one owning
+    /// processor at a time. The edge and every processor must agree;
+    /// changing it re-routes streams, so drain the queues first.
+    pub partitions: u16,
 }
 
 impl Default for AmqpSettings {
     fn default() -> Self {
-        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into() }
+        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(), partitions: 6 }
     }
 }
 

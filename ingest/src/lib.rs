@@ -171,6 +171,9 @@ pub struct AppState {
     pub limiter: RateLimiter,
     pub queue: Arc<dyn CommandQueue>,
     pub reads: Arc<dyn Reads>,
+    /// Partitions of every context's commands (`amqp.partitions`): a
+    /// command goes to the one its stream key hashes to.
+    pub partitions: u16,
 }
 
 impl AppState {
@@ -179,6 +182,7 @@ impl AppState {
     pub fn new(
         config: IngestConfig,
         tenants: &[TenantConfig],
+        partitions: u16,
         queue: Arc<dyn CommandQueue>,
         reads: Arc<dyn Reads>,
     ) -> Result<Self, String> {
@@ -193,6 +197,9 @@ impl AppState {
         if config.max_in_flight == 0 {
             problems.push("ingest.max_in_flight must be at least 1".into());
         }
+        if partitions == 0 {
+            problems.push("amqp.partitions must be at least 1".into());
+        }
         let (Some(keys), Some(limit), true) = (keys, limit, problems.is_empty()) else {
             return Err(problems.join("; "));
         };
@@ -203,6 +210,7 @@ impl AppState {
             operation_ids: OperationIds::new(&config.operation_secret),
             queue,
             reads,
+            partitions,
             config,
         })
     }

@@ -106,7 +106,7 @@ fn tenant(name: &str) -> TenantConfig {
 }
 
 fn app_with(config: IngestConfig, queue: Arc<MemoryQueue>) -> Router {
-    let state = AppState::new(config, &[tenant("acme"), tenant("globex")], queue, Arc::new(NoReads)).unwrap();
+    let state = AppState::new(config, &[tenant("acme"), tenant("globex")], 4, queue, Arc::new(NoReads)).unwrap();
     crate::routes::router(Arc::new(state))
 }
 

@@ -374,6 +374,12 @@ fn admit(
             .with_errors(errors.iter().map(|e| json!({"pointer": e.pointer, "problem": e.problem})).collect())
     })?;
 
+    // The schema requires the stream key as a string; checked anyway, so a
+    // schema that forgot it cannot send every stream to one partition.
+    let stream_key = catalog::stream_key(&event.ty, data).ok_or_else(|| {
+        Problem::invalid_data(format!("{} needs its stream key as a string", event.ty))
+    })?;
+    let partition = names::command_partition(&caller.tenant, stream_key, state.partitions);
     let operation_id = state.operation_ids.issue(&caller.tenant, &event.source, &event.id);
     let mut headers = vec![
         ("cloudEvents:specversion".to_owned(), event.specversion.clone()),
@@ -385,7 +391,7 @@ fn admit(
         headers.push(("traceparent".to_owned(), traceparent));
     }
     Ok(QueuedCommand {
-        routing_key: names::routing_key(&caller.tenant, context.name),
+        routing_key: names::routing_key(&caller.tenant, context.name, partition),
         operation_id,
         tenant: caller.tenant.clone(),
         body: serde_json::to_vec(event).expect("a CloudEvent always serializes"),

@@ -1,4 +1,4 @@
-//! The command side: competing consumers of the work queues.
+//! The command side: processors sharing the partitions of the work queues.
 //!
 //! - [`domain`]: the handler API (pure `decide` / `evolve`).
 //! - [`orders`]: the demo context's rules.
@@ -9,7 +9,8 @@
 //! - [`event_store`]: streams in the CQL store, LWT appends.
 //! - [`operations`]: operation records the edge serves.
 //! - [`kafka`]: idempotent producer, Avro via the registry, topics.
-//! - [`amqp`]: topology, consumer loop, retries and dead letters.
+//! - [`amqp`]: topology, the partition consumer, retries and dead letters.
+//! - [`ownership`]: which processor consumes which partition.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
@@ -18,14 +19,16 @@ pub mod event_store;
 pub mod kafka;
 pub mod operations;
 pub mod orders;
+pub mod ownership;
 pub mod patients;
 pub mod pipeline;
 pub mod process;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use scylla::client::session::Session;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::operation_id::OperationIds;
@@ -33,13 +36,15 @@ use sluice_schemas::{catalog, names};
 use sluice_streams::dead_letter::{dead_letter_topic, DeadLetters};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::amqp::consumer::PartitionRef;
 use crate::amqp::ConsumerSettings;
 use crate::domain::Aggregate;
 use crate::event_store::CqlEventStore;
 use crate::kafka::KafkaPublisher;
 use crate::operations::CqlOperationStore;
+use crate::ownership::{CqlMembership, Membership};
 use crate::pipeline::Pipeline;
 use crate::process::onboarding::Onboarding;
 use crate::process::ProcessManager;
@@ -48,14 +53,25 @@ use crate::process::ProcessManager;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorConfig {
-    /// Unacked deliveries per queue, processed concurrently (default 32).
+    /// Unacked deliveries per partition queue, processed concurrently
+    /// when they belong to different streams (default 32).
     pub prefetch: u16,
     /// Processing attempts before a transiently failing command is
     /// dead-lettered as `retries_exhausted` (default 6).
     pub max_attempts: u32,
-    /// Delay tiers of the retry queues, in ms: attempt n waits tier n (the
-    /// last repeats). Default 1 s, 5 s, 15 s, 30 s.
+    /// Backoff before each in-place retry, in ms: attempt n waits tier n
+    /// (the last repeats). Default 1 s, 5 s, 15 s, 30 s.
     pub retry_delays_ms: Vec<u64>,
+    /// How long a processor that stopped renewing its membership keeps its
+    /// partitions, in ms (default 5000; whole seconds).
+    pub membership_ttl_ms: u64,
+    /// How often membership is renewed and the partitions re-shared, in ms
+    /// (default 1000).
+    pub rebalance_interval_ms: u64,
+    /// AMQP heartbeat in seconds when the URL names none (default 5): a
+    /// frozen processor's connection, and with it its partitions, is given
+    /// up by the broker after about two missed heartbeats.
+    pub amqp_heartbeat_s: u16,
     /// How often dead letters are looked at for re-drive (default 60 s).
     pub redrive_interval_ms: u64,
     /// Re-drives of one dead letter at most (default 3; 0 turns it off).
@@ -109,6 +125,9 @@ impl Default for ProcessorConfig {
             prefetch: 32,
             max_attempts: 6,
             retry_delays_ms: vec![1_000, 5_000, 15_000, 30_000],
+            membership_ttl_ms: 5_000,
+            rebalance_interval_ms: 1_000,
+            amqp_heartbeat_s: 5,
             redrive_interval_ms: 60_000,
             max_redrives: 3,
             topic_partitions: 3,
@@ -122,6 +141,8 @@ impl Default for ProcessorConfig {
 /// What the role needs: server addresses and the shared CQL session.
 pub struct Infra {
     pub amqp_url: String,
+    /// Partitions of every context's commands (`amqp.partitions`).
+    pub partitions: u16,
     /// Signs the operation ids of the commands process managers send, as
     /// the edge signs clients' (so `GET /operations/{id}` serves both).
     pub operation_ids: OperationIds,
@@ -138,9 +159,10 @@ pub enum ProcessorError {
     Setup(String),
 }
 
-/// Consumes every tenant's context queues until `shutdown`; reconnects to
-/// RabbitMQ when the connection drops (unacked deliveries come back to some
-/// consumer, which finds their effects in the event store).
+/// Consumes its share of every tenant's context partitions until
+/// `shutdown`; reconnects to RabbitMQ when the connection drops (unacked
+/// deliveries come back to the partition's next owner, which finds their
+/// effects in the event store).
 pub async fn run(
     config: &ProcessorConfig,
     infra: &Infra,
@@ -149,6 +171,9 @@ pub async fn run(
 ) -> Result<(), ProcessorError> {
     if config.retry_delays_ms.is_empty() {
         return Err(ProcessorError::Setup("processor.retry_delays_ms needs at least one tier".into()));
+    }
+    if infra.partitions == 0 {
+        return Err(ProcessorError::Setup("amqp.partitions must be at least 1".into()));
     }
     let mut topics: Vec<String> =
         tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
@@ -177,6 +202,9 @@ pub async fn run(
             .await
             .map_err(|e| ProcessorError::Setup(e.to_string()))?,
     );
+    let membership = CqlMembership::new(infra.session.clone(), &ownership::group_for(tenants))
+        .await
+        .map_err(ProcessorError::Setup)?;
     let process_managers = if config.processes.enabled {
         Some(tokio::spawn(
             run_onboarding(config.processes.clone(), infra, tenants, instance.clone(), shutdown.clone()).await?,
@@ -186,7 +214,8 @@ pub async fn run(
     };
 
     while !shutdown.is_cancelled() {
-        match run_connected(config, infra, tenants, &pipelines, &operations, &shutdown).await {
+        let share = Share { membership: &membership, instance: &instance };
+        match run_connected(config, infra, tenants, &pipelines, &operations, &share, &shutdown).await {
             Ok(()) if shutdown.is_cancelled() => break,
             Ok(()) => warn!("RabbitMQ connection ended; reconnecting"),
             Err(e) => warn!(error = %e, "RabbitMQ unavailable; reconnecting"),
@@ -195,6 +224,9 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)) => {}
         }
+    }
+    if let Err(e) = membership.leave(&instance).await {
+        warn!(error = %e, "could not leave the membership; the partitions move when its row expires");
     }
     if let Some(task) = process_managers {
         match task.await {
@@ -231,7 +263,7 @@ pub async fn onboarding_runtime(config: &ProcessConfig, infra: &Infra) -> Result
         pm,
         store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
-        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone()),
+        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone(), infra.partitions),
     })
 }
 
@@ -262,20 +294,29 @@ async fn run_onboarding(
     Ok(process::runtime::run(runtime, settings, dead_letters, shutdown))
 }
 
-/// One connection's life: declare, consume, re-drive, until it ends.
+/// How this processor takes its share of the partitions.
+struct Share<'a> {
+    membership: &'a CqlMembership,
+    instance: &'a str,
+}
+
+/// One connection's life: declare, consume the partitions this processor
+/// owns (following the membership), re-drive, until it ends.
 async fn run_connected(
     config: &ProcessorConfig,
     infra: &Infra,
     tenants: &[String],
     pipelines: &Pipelines,
     operations: &Arc<CqlOperationStore>,
+    share: &Share<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let connection = Arc::new(Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await?);
+    let connection =
+        Arc::new(amqp::connect(&infra.amqp_url, share.instance, config.amqp_heartbeat_s).await?);
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {
-            amqp::declare_topology(&channel, tenant, context.name, &config.retry_delays_ms).await?;
+            amqp::declare_topology(&channel, tenant, context.name, infra.partitions).await?;
         }
     }
     amqp::close_quietly(channel.close(200, "declared".into())).await;
@@ -284,64 +325,119 @@ async fn run_connected(
         prefetch: config.prefetch,
         max_attempts: config.max_attempts,
         retry_delays_ms: config.retry_delays_ms.clone(),
+        instance: share.instance.to_owned(),
     };
     // Stops this connection's tasks when the role stops or one task ends.
     let local = shutdown.child_token();
-    let mut tasks = JoinSet::new();
-    for tenant in tenants {
-        for context in catalog::CONTEXTS {
-            match context.name {
-                orders::Orders::CONTEXT => {
-                    let (connection, tenant, settings, stop, pipeline) =
-                        (connection.clone(), tenant.clone(), settings.clone(), local.clone(), pipelines.orders.clone());
-                    tasks.spawn(async move {
-                        amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from)
-                    });
-                }
-                patients::Patients::CONTEXT => {
-                    let (connection, tenant, settings, stop, pipeline) = (
-                        connection.clone(),
-                        tenant.clone(),
-                        settings.clone(),
-                        local.clone(),
-                        pipelines.patients.clone(),
-                    );
-                    tasks.spawn(async move {
-                        amqp::consume(&connection, tenant, pipeline, settings, stop).await.map_err(ProcessorError::from)
-                    });
-                }
-                other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
-            }
-            if config.max_redrives > 0 {
+    let mut upkeep = JoinSet::new();
+    if config.max_redrives > 0 {
+        for tenant in tenants {
+            for context in catalog::CONTEXTS {
                 let (connection, tenant, context, stop, operations) =
                     (connection.clone(), tenant.clone(), context.name, local.clone(), operations.clone());
-                let (interval, max) = (Duration::from_millis(config.redrive_interval_ms), config.max_redrives);
-                tasks.spawn(async move {
-                    amqp::redrive::redrive_loop(
-                        &connection,
-                        &tenant,
-                        context,
-                        interval,
-                        max,
-                        operations.as_ref(),
-                        &stop,
-                    )
-                    .await;
-                    Ok(())
+                let (interval, max, partitions) =
+                    (Duration::from_millis(config.redrive_interval_ms), config.max_redrives, infra.partitions);
+                upkeep.spawn(async move {
+                    let target = amqp::redrive::Target { tenant: &tenant, context, partitions };
+                    amqp::redrive::redrive_loop(&connection, target, interval, max, operations.as_ref(), &stop).await;
                 });
             }
         }
     }
-    // The first task to end (connection lost) ends them all; in-flight
-    // deliveries finish first.
-    let mut result = Ok(());
-    if let Some(joined) = tasks.join_next().await {
-        result = joined.map_err(|e| ProcessorError::Setup(e.to_string())).and_then(|r| r);
-    }
+
+    // The partitions consumed now, each with the token that releases it and
+    // a generation (a released partition can be taken again before its
+    // previous consumer has finished stopping).
+    let mut owned: HashMap<PartitionRef, (CancellationToken, u64)> = HashMap::new();
+    let mut consumers: JoinSet<(PartitionRef, u64, lapin::Result<()>)> = JoinSet::new();
+    let mut generation = 0u64;
+    let ttl = Duration::from_millis(config.membership_ttl_ms.max(1_000));
+    let mut tick = tokio::time::interval(Duration::from_millis(config.rebalance_interval_ms.max(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            _ = local.cancelled() => break Ok(()),
+            _ = tick.tick() => {
+                // Without a fresh view of the members, keep what is owned:
+                // the broker keeps each partition exclusive anyway.
+                if let Err(e) = share.membership.renew(share.instance, ttl).await {
+                    warn!(error = %e, "could not renew the membership");
+                    continue;
+                }
+                let members = match share.membership.members().await {
+                    Ok(members) => members,
+                    Err(e) => {
+                        warn!(error = %e, "could not read the membership");
+                        continue;
+                    }
+                };
+                let wanted = ownership::assign(&members, share.instance, tenants, infra.partitions);
+                owned.retain(|partition, (token, _)| {
+                    let keep = wanted.contains(partition);
+                    if !keep {
+                        info!(queue = %partition.queue(), "releasing partition");
+                        token.cancel();
+                    }
+                    keep
+                });
+                for partition in wanted {
+                    if owned.contains_key(&partition) {
+                        continue;
+                    }
+                    generation += 1;
+                    let token = local.child_token();
+                    owned.insert(partition.clone(), (token.clone(), generation));
+                    let connection = connection.clone();
+                    let consume = consume_partition(pipelines, &connection, partition.clone(), settings.clone(), token)?;
+                    let this = generation;
+                    consumers.spawn(async move { (partition, this, consume.await) });
+                }
+                metrics::gauge!("sluice_partitions_owned").set(owned.len() as f64);
+            }
+            Some(ended) = consumers.join_next() => match ended {
+                Ok((partition, this, result)) => {
+                    if owned.get(&partition).is_some_and(|(_, g)| *g == this) {
+                        // Ended without being released: taken again at the
+                        // next tick, unless the connection is gone.
+                        owned.remove(&partition);
+                    }
+                    if let Err(e) = result {
+                        break Err(ProcessorError::from(e));
+                    }
+                }
+                Err(e) => break Err(ProcessorError::Setup(e.to_string())),
+            },
+            Some(_) = upkeep.join_next() => break Ok(()),
+        }
+    };
+    // In-flight commands finish first; unstarted ones go back to their queues.
     local.cancel();
-    while tasks.join_next().await.is_some() {}
+    while consumers.join_next().await.is_some() {}
+    while upkeep.join_next().await.is_some() {}
     amqp::close_quietly(connection.close(200, "bye".into())).await;
     result
+}
+
+/// The consumer of one partition, on its context's pipeline.
+fn consume_partition<'a>(
+    pipelines: &Pipelines,
+    connection: &Arc<Connection>,
+    partition: PartitionRef,
+    settings: ConsumerSettings,
+    stop: CancellationToken,
+) -> Result<futures::future::BoxFuture<'a, lapin::Result<()>>, ProcessorError> {
+    let connection = connection.clone();
+    Ok(match partition.context {
+        orders::Orders::CONTEXT => {
+            let pipeline = pipelines.orders.clone();
+            Box::pin(async move { amqp::consume_partition(&connection, partition, pipeline, settings, stop).await })
+        }
+        patients::Patients::CONTEXT => {
+            let pipeline = pipelines.patients.clone();
+            Box::pin(async move { amqp::consume_partition(&connection, partition, pipeline, settings, stop).await })
+        }
+        other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
+    })
 }
 
 type CqlPipeline<A> = Pipeline<A, CqlEventStore, KafkaPublisher, CqlOperationStore>;

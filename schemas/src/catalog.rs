@@ -7,11 +7,14 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-/// A command type and the JSON Schema its `data` must satisfy.
+/// A command type, the JSON Schema its `data` must satisfy, and where in
+/// `data` its stream key is: commands of one stream go to one partition.
 #[derive(Debug, Clone, Copy)]
 pub struct CommandSpec {
     pub ty: &'static str,
     pub schema: &'static str,
+    /// JSON pointer of the stream (aggregate) id in `data`, e.g. `/order_id`.
+    pub stream_key: &'static str,
 }
 
 /// An event type and its Avro schema (full name = `ty`).
@@ -38,6 +41,13 @@ pub fn context(name: &str) -> Option<&'static ContextSpec> {
 /// The context that handles a command type.
 pub fn context_of_command(ty: &str) -> Option<&'static ContextSpec> {
     CONTEXTS.iter().find(|c| c.commands.iter().any(|cmd| cmd.ty == ty))
+}
+
+/// The stream key of a command's `data` (a string at the type's pointer),
+/// or `None` when the type is unknown or the key missing or not a string.
+pub fn stream_key<'a>(ty: &str, data: &'a Value) -> Option<&'a str> {
+    let spec = CONTEXTS.iter().flat_map(|c| c.commands).find(|cmd| cmd.ty == ty)?;
+    data.pointer(spec.stream_key)?.as_str()
 }
 
 pub fn event_spec(ty: &str) -> Option<&'static EventSpec> {
@@ -118,6 +128,22 @@ mod tests {
             let avro = apache_avro::Schema::parse_str(spec.avro).unwrap();
             assert_eq!(avro.name().unwrap().fullname(None), spec.ty);
         }
+    }
+
+    #[test]
+    fn every_command_schema_requires_its_stream_key() {
+        for spec in CONTEXTS.iter().flat_map(|c| c.commands) {
+            let schema: Value = serde_json::from_str(spec.schema).unwrap();
+            let key = spec.stream_key.trim_start_matches('/');
+            assert!(
+                schema["required"].as_array().unwrap().iter().any(|r| r == key),
+                "{} must require {key}",
+                spec.ty
+            );
+            assert_eq!(schema["properties"][key]["type"], "string", "{}: the stream key is a string", spec.ty);
+        }
+        assert_eq!(stream_key(crate::orders::SHIP_ORDER, &json!({"order_id": "o1"})), Some("o1"));
+        assert_eq!(stream_key(crate::orders::SHIP_ORDER, &json!({"order_id": 5})), None);
     }
 
     #[test]

@@ -4,19 +4,37 @@
 /// The one exchange every command is published to (direct).
 pub const COMMAND_EXCHANGE: &str = "sluice.commands";
 
-/// Routing key of a tenant's commands for one bounded context.
-pub fn routing_key(tenant: &str, context: &str) -> String {
-    format!("{tenant}.{context}")
+/// Routing key of one partition of a tenant's commands for a bounded context.
+pub fn routing_key(tenant: &str, context: &str, partition: u16) -> String {
+    format!("{tenant}.{context}.{partition}")
 }
 
-/// The quorum work queue of a tenant's context.
-pub fn command_queue(tenant: &str, context: &str) -> String {
-    format!("{tenant}.{context}.commands")
+/// The quorum work queue of one partition of a tenant's context.
+pub fn command_queue(tenant: &str, context: &str, partition: u16) -> String {
+    format!("{tenant}.{context}.commands.{partition}")
 }
 
-/// Where commands go when they cannot be processed, with the reason in headers.
+/// Where commands go when they cannot be processed, with the reason in
+/// headers: one per context, whatever the partition.
 pub fn dead_letter_queue(tenant: &str, context: &str) -> String {
-    format!("{}.dlq", command_queue(tenant, context))
+    format!("{tenant}.{context}.commands.dlq")
+}
+
+/// The partition (0…`partitions`-1) of a stream's commands: FNV-1a (64 bit)
+/// of tenant and stream key, modulo the partition count. Stable across
+/// processes, versions and machines: the edge, the processors, the process
+/// managers and the ops tools must all agree.
+pub fn command_partition(tenant: &str, stream_key: &str, partitions: u16) -> u16 {
+    let hash = stable_hash(tenant.bytes().chain(std::iter::once(0x1f)).chain(stream_key.bytes()));
+    // u16 partitions: the remainder always fits.
+    (hash % u64::from(partitions.max(1))) as u16
+}
+
+/// FNV-1a, 64 bit: the same value in every process, version and machine.
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.into_iter().fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// The Kafka topic holding a tenant's domain events of one context.
@@ -36,7 +54,8 @@ mod tests {
 
     #[test]
     fn names_follow_the_contract() {
-        assert_eq!(command_queue("acme", "orders"), "acme.orders.commands");
+        assert_eq!(command_queue("acme", "orders", 3), "acme.orders.commands.3");
+        assert_eq!(routing_key("acme", "orders", 3), "acme.orders.3");
         assert_eq!(dead_letter_queue("acme", "orders"), "acme.orders.commands.dlq");
         assert_eq!(events_topic("acme", "orders"), "acme.orders.events");
         assert_eq!(
@@ -44,4 +63,20 @@ mod tests {
             "acme.orders.events-com.example.orders.OrderSubmitted"
         );
     }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        // Fixed values: a change here re-routes every stream in flight.
+        assert_eq!(command_partition("acme", "o1", 6), command_partition("acme", "o1", 6));
+        assert_eq!(command_partition("acme", "o1", 1), 0);
+        let pinned: Vec<u16> = ["o1", "o2", "o3", "o4"].iter().map(|k| command_partition("acme", k, 6)).collect();
+        assert_eq!(pinned, PINNED);
+        let mut counts = [0u32; 6];
+        for i in 0..6_000 {
+            counts[usize::from(command_partition("acme", &format!("order-{i}"), 6))] += 1;
+        }
+        assert!(counts.iter().all(|&c| (800..1_200).contains(&c)), "{counts:?}");
+        assert_ne!(command_partition("acme", "o1", 1 << 15), command_partition("globex", "o1", 1 << 15));
+    }
+    const PINNED: [u16; 4] = [2, 5, 4, 5];
 }

@@ -134,6 +134,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     settings.processor.max_attempts = 12;
     settings.processor.redrive_interval_ms = 5_000;
     settings.processor.prefetch = 16;
+    settings.amqp.partitions = 4;
     settings.ingest.rate_limit_per_second = 100_000.0;
     settings.ingest.rate_limit_burst = 100_000;
     let base = format!("http://127.0.0.1:{port}");
@@ -149,9 +150,10 @@ pub async fn run(config: ChaosConfig) -> Summary {
         http.get(format!("{base}/healthz")).send().await.ok().filter(|r| r.status() == 200).map(drop)
     })
     .await;
-    let queue = format!("{}.orders.commands", tenant.name);
-    eventually(Duration::from_secs(60), "two processors consuming", || async {
-        (queue_consumers(&queue).await >= 2).then_some(())
+    let queues = crate::partition_queues(&settings, &tenant, "orders");
+    eventually(Duration::from_secs(60), "two processors sharing the partitions", || async {
+        let owners = crate::settled_owners(&queues).await?;
+        (owners.iter().collect::<std::collections::HashSet<_>>().len() == 2).then_some(())
     })
     .await;
 

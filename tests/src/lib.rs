@@ -82,6 +82,11 @@ pub fn test_settings(tenants: &[&TestTenant]) -> Settings {
     // Short delay tiers and a quick re-drive, so failure tests finish fast.
     settings.processor.retry_delays_ms = vec![200, 500, 1_000];
     settings.processor.redrive_interval_ms = 2_000;
+    // One partition per context unless a test is about partitioning: every
+    // command of the test tenant's context is then in `<t>.<c>.commands.0`
+    // ([`orders_queue`]); the partition consumer's logic is the same for
+    // any count, and the tests that share partitions set their own count.
+    settings.amqp.partitions = 1;
     // A process-manager consumer group of its own, like the projection's.
     settings.processor.processes.consumer_group = format!("sluice.process.test.{}", uuid::Uuid::new_v4().simple());
     settings
@@ -319,6 +324,18 @@ impl SluiceProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process freezes mid-work; its sockets stay open.
+    pub fn freeze(&self) {
+        let status = std::process::Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "SIGSTOP");
+    }
+
+    /// SIGCONT: a frozen process goes on where it stopped.
+    pub fn thaw(&self) {
+        let status = std::process::Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "SIGCONT");
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
@@ -443,9 +460,15 @@ pub fn amqp_header(properties: &lapin::BasicProperties, name: &str) -> Option<St
 // The edge from outside (tests/tests/edge_*.rs): answers read whole, problem
 // documents, the tenant's command queue.
 
-/// The work queue a tenant's orders commands land in.
+/// The work queue a tenant's orders commands land in (one partition, as
+/// [`test_settings`] sets).
 pub fn orders_queue(tenant: &TestTenant) -> String {
-    sluice_schemas::names::command_queue(&tenant.name, "orders")
+    sluice_schemas::names::command_queue(&tenant.name, "orders", 0)
+}
+
+/// The DLQ of a tenant's orders commands.
+pub fn orders_dlq(tenant: &TestTenant) -> String {
+    sluice_schemas::names::dead_letter_queue(&tenant.name, "orders")
 }
 
 /// An HTTP answer read whole: status, headers, and the body as JSON
@@ -525,6 +548,32 @@ pub async fn rabbitmq_management(method: reqwest::Method, path: &str, body: Opti
 /// seconds); `None` while the API does not answer with it.
 pub async fn queue_info(queue: &str) -> Option<Value> {
     rabbitmq_management(reqwest::Method::GET, &format!("/queues/%2F/{queue}"), None).await.json().await.ok()
+}
+
+/// The partition queues of a tenant's context under `settings`.
+pub fn partition_queues(settings: &Settings, tenant: &TestTenant, context: &str) -> Vec<String> {
+    (0..settings.amqp.partitions).map(|p| sluice_schemas::names::command_queue(&tenant.name, context, p)).collect()
+}
+
+/// The processor holding a partition queue: the instance in the tag of the
+/// queue's single active consumer (`<instance>/<queue>`).
+pub async fn partition_owner(queue: &str) -> Option<String> {
+    let info = queue_info(queue).await?;
+    let tag = info["single_active_consumer_ctag"].as_str()?;
+    Some(tag.strip_suffix(&format!("/{queue}")).unwrap_or(tag).to_owned())
+}
+
+/// Each partition queue's owner, once every one of them has exactly one
+/// consumer (none waiting in a handover); `None` before.
+pub async fn settled_owners(queues: &[String]) -> Option<Vec<String>> {
+    let mut owners = Vec::with_capacity(queues.len());
+    for queue in queues {
+        if queue_consumers(queue).await != 1 {
+            return None;
+        }
+        owners.push(partition_owner(queue).await?);
+    }
+    Some(owners)
 }
 
 /// How many times the broker delivered messages of `queue` again.
@@ -711,7 +760,7 @@ pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
     let _ = connection.close(200, "seeded".into()).await;
 }
 
-/// Declares `tenant`'s queues (work queue, retry queues, DLQ) as the edge does.
+/// Declares `tenant`'s queues (partition queues, DLQ) as the edge does.
 pub async fn declare_tenant_queues(settings: &Settings, tenant: &TestTenant) {
     sluice_cli::serve::declare_topology(settings, std::slice::from_ref(&tenant.name))
         .await
@@ -721,12 +770,10 @@ pub async fn declare_tenant_queues(settings: &Settings, tenant: &TestTenant) {
 /// Deletes `tenant`'s queues (every context's) once a test is done with them.
 pub async fn delete_tenant_queues(settings: &Settings, tenant: &TestTenant) {
     for context in sluice_schemas::catalog::CONTEXTS {
-        let queue = sluice_schemas::names::command_queue(&tenant.name, context.name);
-        delete_queue(&format!("{queue}.dlq")).await;
-        for delay in &settings.processor.retry_delays_ms {
-            delete_queue(&format!("{queue}.retry.{delay}")).await;
+        delete_queue(&sluice_schemas::names::dead_letter_queue(&tenant.name, context.name)).await;
+        for partition in 0..settings.amqp.partitions {
+            delete_queue(&sluice_schemas::names::command_queue(&tenant.name, context.name, partition)).await;
         }
-        delete_queue(&queue).await;
     }
 }
 

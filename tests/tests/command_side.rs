@@ -61,7 +61,7 @@ async fn a_command_delivered_twice_produces_its_events_once() {
     let second = edge.post_event(&tenant, &event).await;
     assert_eq!(second.status(), 202);
     assert_eq!(first.headers()["location"], second.headers()["location"]);
-    let queue = format!("{}.orders.commands", tenant.name);
+    let queue = sluice_tests::orders_queue(&tenant);
     assert_eq!(queue_depth(&queue).await, 2, "both deliveries are queued");
     let location = first.headers()["location"].to_str().unwrap().to_owned();
     let (_, op) = edge.get_json(&tenant, &location).await;
@@ -137,8 +137,8 @@ async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
 async fn undecodable_and_malformed_commands_land_in_the_dlq_with_their_reason() {
     let tenant = TestTenant::new();
     let platform = Platform::start(test_settings(&[&tenant]), Role::Processor).await;
-    let queue = format!("{}.orders.commands", tenant.name);
-    let dlq = format!("{queue}.dlq");
+    let queue = sluice_tests::orders_queue(&tenant);
+    let dlq = orders_dlq(&tenant);
     eventually(WAIT, "the processor consuming", || async { (queue_consumers(&queue).await >= 1).then_some(()) }).await;
 
     // Not JSON at all.

@@ -1,9 +1,14 @@
-//! Processor processes competing on one queue: all of them get work, and one
-//! killed with SIGKILL mid-stream loses nothing and appends nothing twice.
+//! Processor processes sharing the partitions of a context: every partition
+//! has one owner at a time, the partitions spread evenly, a killed or frozen
+//! processor's partitions move to the others within seconds, and the
+//! commands of one stream are decided in the order the edge accepted them,
+//! whatever happens to the processors meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use sluice_cli::serve::Role;
 use sluice_tests::*;
 
@@ -22,17 +27,27 @@ async fn post_orders(edge: &Platform, tenant: &TestTenant, prefix: &str, count: 
     locations
 }
 
+/// How many partitions each owner holds.
+fn shares(owners: &[String]) -> BTreeMap<String, usize> {
+    let mut shares = BTreeMap::new();
+    for owner in owners {
+        *shares.entry(owner.clone()).or_default() += 1;
+    }
+    shares
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_processor_processes_all_receive_work_from_one_queue() {
+async fn three_processor_processes_share_the_partitions_evenly_and_all_get_work() {
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
-    // Small prefetch, so no process grabs the whole backlog.
-    settings.processor.prefetch = 2;
-    let queue = format!("{}.orders.commands", tenant.name);
+    settings.amqp.partitions = 6;
+    let queues = partition_queues(&settings, &tenant, "orders");
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let processes: Vec<SluiceProcess> = (0..3).map(|_| SluiceProcess::spawn(&settings, "processor")).collect();
-    eventually(WAIT, "three consumers on the queue", || async { (queue_consumers(&queue).await == 3).then_some(()) })
-        .await;
+    let owners = eventually(WAIT, "six partitions held two by two by three processors", || async {
+        settled_owners(&queues).await.filter(|owners| shares(owners).values().all(|&n| n == 2) && shares(owners).len() == 3)
+    })
+    .await;
 
     let count = 60;
     let started = Instant::now();
@@ -48,33 +63,45 @@ async fn three_processor_processes_all_receive_work_from_one_queue() {
         "{count} commands through 3 processor processes (debug build) in {seconds:.2}s: {:.0}/s",
         count as f64 / seconds
     );
-    assert_eq!(handlers.len(), 3, "every process handled some commands: {handlers:?}");
+    let owners: HashSet<String> = owners.into_iter().collect();
+    assert_eq!(handlers, owners, "each command handled by its partition's owner, and every owner had some");
     drop(processes);
     edge.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
+async fn a_processor_killed_mid_stream_hands_its_partitions_over_and_every_command_is_settled_once() {
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
+    settings.amqp.partitions = 4;
     settings.processor.prefetch = 8;
-    let queue = format!("{}.orders.commands", tenant.name);
+    let queues = partition_queues(&settings, &tenant, "orders");
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let mut victim = SluiceProcess::spawn(&settings, "processor");
     let mut survivor = SluiceProcess::spawn(&settings, "processor");
-    eventually(WAIT, "two consumers on the queue", || async { (queue_consumers(&queue).await == 2).then_some(()) })
-        .await;
+    eventually(WAIT, "the partitions shared by the two processors", || async {
+        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 2)
+    })
+    .await;
 
-    let count = 150;
+    // Enough that the victim still holds deliveries when it dies.
+    let count = 400;
     let locations = post_orders(&edge, &tenant, "k", count).await;
-    // Kill one while it holds unacked deliveries.
     eventually(WAIT, "some commands processed", || async {
         let (_, op) = edge.get_json(&tenant, &locations[20]).await;
         (op["status"] == "succeeded").then_some(())
     })
     .await;
     victim.kill();
-    let mut replacement = SluiceProcess::spawn(&settings, "processor");
+    let killed_at = Instant::now();
+    // The survivor takes every partition over.
+    eventually(WAIT, "every partition held by the survivor", || async {
+        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 1)
+    })
+    .await;
+    let moved_in = killed_at.elapsed();
+    println!("partitions of a killed processor moved in {moved_in:?}");
+    assert!(moved_in < Duration::from_secs(30), "moved within seconds, took {moved_in:?}");
 
     for (i, location) in locations.iter().enumerate() {
         let op = edge.await_operation(&tenant, location, WAIT).await;
@@ -84,16 +111,140 @@ async fn a_processor_killed_mid_stream_leaves_every_command_settled_once() {
         let events = stored_events(&tenant.name, &format!("k-o{i}")).await;
         assert_eq!(events.len(), 1, "order k-o{i} has exactly one event: {events:?}");
     }
-    // The kill landed mid-work: deliveries it held came back to the queue.
+    // The kill landed mid-work: deliveries it held came back to the queues.
     eventually(WAIT, "deliveries of the killed processor redelivered", || async {
-        (redeliveries(&queue).await > 0).then_some(())
+        let mut total = 0;
+        for queue in &queues {
+            total += redeliveries(queue).await;
+        }
+        (total > 0).then_some(())
     })
     .await;
-    // With every consumer gone, nothing left unacked can hide: an empty
-    // queue now means every delivery was acked.
+    // With every consumer gone, nothing left unacked can hide: empty queues
+    // now mean every delivery was acked.
     survivor.terminate();
-    replacement.terminate();
-    assert_eq!(queue_depth(&queue).await, 0, "every delivery acked");
-    assert_eq!(queue_depth(&format!("{queue}.dlq")).await, 0, "nothing dead-lettered");
+    for queue in &queues {
+        assert_eq!(queue_depth(queue).await, 0, "every delivery of {queue} acked");
+    }
+    let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
+    assert_eq!(queue_depth(&dlq).await, 0, "nothing dead-lettered");
     edge.stop().await.unwrap();
+}
+
+/// One client's order: Submit, then Ship, then Cancel, each sent after the
+/// previous one's 202. Returns the three operation URLs.
+async fn submit_ship_cancel(edge: &Platform, tenant: &TestTenant, order: &str) -> [String; 3] {
+    let commands = [
+        submit_order(tenant, &format!("{order}-submit"), order, "c1"),
+        command(
+            tenant,
+            &format!("{order}-ship"),
+            "com.example.orders.ShipOrder",
+            json!({"order_id": order, "carrier": "ups", "tracking_number": "1Z"}),
+        ),
+        command(
+            tenant,
+            &format!("{order}-cancel"),
+            "com.example.orders.CancelOrder",
+            json!({"order_id": order, "reason": "changed my mind"}),
+        ),
+    ];
+    let mut locations = Vec::new();
+    for event in &commands {
+        let response = edge.post_event(tenant, event).await;
+        assert_eq!(response.status(), 202, "{event}");
+        locations.push(response.headers()["location"].to_str().unwrap().to_owned());
+    }
+    locations.try_into().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
+    let tenant = TestTenant::new();
+    let mut settings = test_settings(&[&tenant]);
+    settings.amqp.partitions = 6;
+    let queues = partition_queues(&settings, &tenant, "orders");
+    let edge = Arc::new(Platform::start(settings.clone(), Role::Ingest).await);
+    let _projector = SluiceProcess::spawn(&settings, "projector");
+    let processes: Vec<SluiceProcess> = (0..3).map(|_| SluiceProcess::spawn(&settings, "processor")).collect();
+    eventually(WAIT, "the partitions shared by three processors", || async {
+        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 3)
+    })
+    .await;
+
+    // Clients, each running Submit → Ship → Cancel for its orders; one
+    // processor is frozen while they run.
+    let orders_per_client = 12;
+    let clients = 12;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (edge, tenant) = (edge.clone(), tenant.clone());
+        tasks.spawn(async move {
+            let mut all = Vec::new();
+            for i in 0..orders_per_client {
+                let order = format!("f{c}-{i}");
+                let ops = submit_ship_cancel(&edge, &tenant, &order).await;
+                all.push((order, ops));
+            }
+            all
+        });
+    }
+    let frozen = &processes[0];
+    eventually(WAIT, "the load under way", || async {
+        let (_, page) = edge.get_json(&tenant, "/orders/f0-1").await;
+        (page["order_id"] == "f0-1").then_some(())
+    })
+    .await;
+    frozen.freeze();
+    let frozen_at = Instant::now();
+    let mut orders = Vec::new();
+    while let Some(client) = tasks.join_next().await {
+        orders.extend(client.unwrap());
+    }
+    // Every command ends while the processor is still frozen: its
+    // partitions moved.
+    for (order, ops) in &orders {
+        for location in ops {
+            let op = edge.await_operation(&tenant, location, WAIT).await;
+            assert!(["succeeded", "rejected"].contains(&op["status"].as_str().unwrap()), "{order}: {op}");
+        }
+    }
+    println!("{} orders settled {:?} after the freeze", orders.len(), frozen_at.elapsed());
+    let mut redelivered = 0;
+    for queue in &queues {
+        redelivered += redeliveries(queue).await;
+    }
+    assert!(redelivered > 0, "the frozen processor held deliveries when it froze");
+    // Back to life: whatever it was doing when frozen, it finds done.
+    frozen.thaw();
+    eventually(WAIT, "the thawed processor back among the owners", || async {
+        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 3)
+    })
+    .await;
+
+    for (order, [submit, ship, cancel]) in &orders {
+        let submit = edge.await_operation(&tenant, submit, WAIT).await;
+        assert_eq!(submit["status"], "succeeded", "{order}: {submit}");
+        let ship = edge.await_operation(&tenant, ship, WAIT).await;
+        let cancel = edge.await_operation(&tenant, cancel, WAIT).await;
+        let statuses = (ship["status"].as_str().unwrap(), cancel["status"].as_str().unwrap());
+        let (expected, refused) = match statuses {
+            ("succeeded", "rejected") => ("shipped", &cancel),
+            ("rejected", "succeeded") => ("cancelled", &ship),
+            other => panic!("{order}: exactly one of Ship and Cancel succeeds, got {other:?}: {ship} {cancel}"),
+        };
+        let reason = refused["error"].as_str().unwrap_or_default();
+        assert!(!reason.contains("does not exist"), "{order}: decided before its Submit: {reason}");
+        let events = stored_events(&tenant.name, order).await;
+        let types: Vec<&str> = events.iter().map(|(_, ty, _)| ty.as_str()).collect();
+        let last = if expected == "shipped" { "com.example.orders.OrderShipped" } else { "com.example.orders.OrderCancelled" };
+        assert_eq!(types, ["com.example.orders.OrderSubmitted", last], "{order}: the event store agrees");
+        let path = format!("/orders/{order}");
+        eventually(WAIT, "the read model to agree", || async {
+            let (_, page) = edge.get_json(&tenant, &path).await;
+            (page["status"] == expected).then_some(())
+        })
+        .await;
+    }
+    drop(processes);
 }

@@ -16,7 +16,7 @@ async fn listing_consumes_nothing_and_keeps_the_order() {
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
-    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let dlq_name = orders_dlq(&tenant);
     let letters: Vec<SeedLetter> = (0..300)
         .map(|i| {
             let class = if i % 3 == 0 { "retries_exhausted" } else { "malformed_command" };
@@ -152,7 +152,7 @@ async fn show_tells_the_whole_story_of_one_dead_letter() {
     assert_eq!(d.summary.original_queue.as_deref(), Some(orders_queue(&tenant).as_str()), "from x-death");
 
     assert!(matches!(dlq.show(&scope, "nope").await, Err(OpsError::NotFound(..))));
-    assert_eq!(queue_depth(&format!("{}.dlq", orders_queue(&tenant))).await, 2, "show consumed nothing");
+    assert_eq!(queue_depth(&orders_dlq(&tenant)).await, 2, "show consumed nothing");
     delete_tenant_queues(&settings, &tenant).await;
     dlq.close().await;
 }
@@ -163,7 +163,7 @@ async fn a_dlq_with_a_delivery_limit_is_not_read() {
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
-    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let dlq_name = orders_dlq(&tenant);
     seed_dead_letters(
         &tenant,
         &[SeedLetter::new("l-1", Some("com.example.orders.SubmitOrder"), Some("malformed_command"), "bad")],

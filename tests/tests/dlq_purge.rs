@@ -30,7 +30,7 @@ async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
-    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let dlq_name = orders_dlq(&tenant);
     let seeded = letters("p", 30);
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
@@ -92,7 +92,7 @@ async fn delete_removes_one_message_and_says_so_in_the_audit_log() {
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
-    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let dlq_name = orders_dlq(&tenant);
     let seeded = letters("d", 5);
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
@@ -137,7 +137,7 @@ async fn nothing_is_removed_without_a_reason() {
         Err(OpsError::Usage(_))
     ));
     assert!(matches!(dlq.delete(&audit, &tenant_scope(&tenant), "r-001", &who).await, Err(OpsError::Usage(_))));
-    assert_eq!(queue_depth(&format!("{}.dlq", orders_queue(&tenant))).await, 3);
+    assert_eq!(queue_depth(&orders_dlq(&tenant)).await, 3);
     assert!(audit.list(Some(&tenant.name), 10).await.unwrap().is_empty());
     delete_tenant_queues(&settings, &tenant).await;
     dlq.close().await;

@@ -54,7 +54,7 @@ async fn a_filtered_shovel_under_load_moves_one_group_and_loses_or_duplicates_no
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let work = orders_queue(&tenant);
-    let dlq_name = format!("{work}.dlq");
+    let dlq_name = orders_dlq(&tenant);
     let seeded = seed("dl", 0..1_000);
     seed_dead_letters(&tenant, &seeded).await;
 
@@ -162,7 +162,7 @@ async fn shovelled_messages_go_home_for_a_fresh_try_and_a_dry_run_moves_nothing(
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let work = orders_queue(&tenant);
-    let dlq_name = format!("{work}.dlq");
+    let dlq_name = orders_dlq(&tenant);
     let seeded = seed("dr", 0..40);
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
@@ -219,7 +219,7 @@ async fn a_whole_queue_move_to_another_queue_uses_the_broker_shovel_and_keeps_th
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
-    let dlq_name = format!("{}.dlq", orders_queue(&tenant));
+    let dlq_name = orders_dlq(&tenant);
     let parking = format!("{}.parking", orders_queue(&tenant));
     {
         let connection =

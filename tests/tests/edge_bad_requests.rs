@@ -676,7 +676,7 @@ async fn a_broker_that_refuses_gets_503_and_nothing_is_queued() {
         .queue_unbind(
             queue.as_str().into(),
             sluice_schemas::names::COMMAND_EXCHANGE.into(),
-            sluice_schemas::names::routing_key(&ctx.tenant.name, "orders").into(),
+            sluice_schemas::names::routing_key(&ctx.tenant.name, "orders", 0).into(),
             FieldTable::default(),
         )
         .await

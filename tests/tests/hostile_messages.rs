@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn malformed_commands_in_the_work_queue_are_dead_lettered_with_their_reason() {
     let tenant = TestTenant::new();
     let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
-    let queue = format!("{}.orders.commands", tenant.name);
+    let queue = sluice_tests::orders_queue(&tenant);
     eventually(WAIT, "the processor consuming", || async { (queue_consumers(&queue).await >= 1).then_some(()) }).await;
 
     let event = |v: serde_json::Value| v.to_string().into_bytes();
@@ -105,7 +105,7 @@ async fn malformed_commands_in_the_work_queue_are_dead_lettered_with_their_reaso
     // And one without an operation id.
     publish_raw(&queue, &event(submit_order(&tenant, "noid", "o-noid", "c")), None, FieldTable::default()).await;
 
-    let dlq = format!("{queue}.dlq");
+    let dlq = orders_dlq(&tenant);
     eventually(WAIT, "every malformed message in the DLQ", || async {
         (queue_depth(&dlq).await as usize == cases.len() + 1).then_some(())
     })
@@ -226,8 +226,8 @@ async fn a_dead_letter_copy_that_cannot_be_published_hands_the_delivery_back_ins
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     let platform = Platform::start(settings.clone(), Role::Processor).await;
-    let queue = format!("{}.orders.commands", tenant.name);
-    let dlq = format!("{queue}.dlq");
+    let queue = sluice_tests::orders_queue(&tenant);
+    let dlq = orders_dlq(&tenant);
     eventually(WAIT, "the processor consuming", || async { (queue_consumers(&queue).await >= 1).then_some(()) }).await;
 
     // The DLQ is gone (deleted by mistake): the copy of a malformed message

@@ -1,5 +1,5 @@
 //! With Kafka stopped for 30 seconds, longer than all of a command's retries,
-//! commands whose events are stored keep retrying through the delay queues
+//! commands whose events are stored keep retrying in place and through their partition queue
 //! (never dead-lettered: a stored event is never stranded) and then succeed;
 //! none is lost. This test stops the shared broker, so it is the only test in
 //! its file (test files run one after another).

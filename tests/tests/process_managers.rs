@@ -307,7 +307,7 @@ async fn a_dead_lettered_process_step_is_listed_by_sluice_dlq_like_any_other() {
     // A step whose command cannot pass its schema (a process with a bug),
     // sent the way the process runtime sends its commands.
     let ids = OperationIds::new(&settings.ingest.operation_secret);
-    let sender = AmqpCommandSender::new(&settings.amqp.url, ids.clone());
+    let sender = AmqpCommandSender::new(&settings.amqp.url, ids.clone(), settings.amqp.partitions);
     let intent = CommandIntent {
         step: "schedule-assessment".into(),
         context: "patients".into(),
@@ -527,7 +527,7 @@ async fn a_replay_of_the_topics_rebuilds_the_same_process_states_without_sending
         )
         .await
         .unwrap();
-    let routing_key = sluice_schemas::names::routing_key(&tenant.name, "patients");
+    let routing_key = sluice_schemas::names::routing_key(&tenant.name, "patients", 0);
     channel
         .queue_bind(
             spy.as_str().into(),

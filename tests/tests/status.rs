@@ -22,6 +22,7 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     // The reminder due in ten minutes: within the hour `sluice status` looks
     // ahead for pending timers.
     settings.processor.processes.assessment_timeout_ms = 600_000;
+    settings.amqp.partitions = 2;
     let platform = Platform::start(settings.clone(), Role::All).await;
     let response = platform.post_event(&tenant, &submit_order(&tenant, "st-1", "o-st", "c-st")).await;
     let op = platform.await_operation(&tenant, response.headers()["location"].to_str().unwrap(), WAIT).await;
@@ -62,9 +63,13 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     );
     let ctx = report.tenants[0].contexts.iter().find(|c| c.context == "orders").expect("orders context");
     assert_eq!(report.tenants[0].tenant, tenant.name);
-    assert!(ctx.work_queue.exists && ctx.work_queue.consumers >= 1, "{:?}", ctx.work_queue);
-    assert_eq!(ctx.retry_queues.len(), settings.processor.retry_delays_ms.len());
-    assert!(ctx.retry_queues.iter().all(|q| q.exists));
+    assert_eq!(ctx.partitions.len(), 2, "{:?}", ctx.partitions);
+    for p in &ctx.partitions {
+        assert!(p.queue.exists && p.queue.consumers == 1, "{p:?}");
+        // The processor role runs in this test process: `<host>-<pid>`.
+        let mine = format!("-{}", std::process::id());
+        assert!(p.owner.as_deref().is_some_and(|o| o.ends_with(&mine)), "held by this process: {p:?}");
+    }
     assert_eq!((ctx.dlq.queue.exists, ctx.dlq.queue.ready), (true, 0));
     let events = ctx.events.as_ref().expect("events topic");
     assert_eq!(events.topic, format!("{}.orders.events", tenant.name));
@@ -149,7 +154,7 @@ async fn the_binary_reports_json_and_exits_non_zero_when_unhealthy() {
         .map(|p| (p["kind"].as_str().unwrap(), p["subject"].as_str().unwrap()))
         .collect();
     let work = orders_queue(&tenant);
-    let dlq = format!("{work}.dlq");
+    let dlq = orders_dlq(&tenant);
     let topic = format!("{}.orders.events", tenant.name);
     for expected in
         [("no_consumers", work.as_str()), ("dead_letters", dlq.as_str()), ("events_topic_missing", topic.as_str())]

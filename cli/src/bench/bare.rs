@@ -107,10 +107,10 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
 
 async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
     let tenant = bench.workload.tenant().to_owned();
-    let queue = names::command_queue(&tenant, BARE_CONTEXT);
+    let queue = names::command_queue(&tenant, BARE_CONTEXT, 0);
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
-    sluice_processors::amqp::declare_topology(&channel, &tenant, BARE_CONTEXT, &[])
+    sluice_processors::amqp::declare_topology(&channel, &tenant, BARE_CONTEXT, 1)
         .await
         .context("declaring the bare queue")?;
     let _ = connection.close(200, "bare topology declared".into()).await;
@@ -275,7 +275,7 @@ impl Run {
         {
             let (hops, permits, stop) = (hops.clone(), permits.clone(), stop_publishing.clone());
             tasks.spawn(async move {
-                let routing_key = names::routing_key(&hops.tenant, BARE_CONTEXT);
+                let routing_key = names::routing_key(&hops.tenant, BARE_CONTEXT, 0);
                 let mut confirms = futures::stream::FuturesUnordered::new();
                 let mut n = 0u64;
                 loop {

@@ -39,7 +39,9 @@ use lapin::options::QueuePurgeOptions;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use super::probe::{self, queue_state, CqlTableCounts};
+use sluice_processors::ownership::Membership;
+
+use super::probe::{self, queues_state, CqlTableCounts};
 use super::report::{E2eReport, Percentiles, Scaling, Step, TableOps};
 use super::roles::RoleProcess;
 use super::workload::{Command, Kind};
@@ -145,7 +147,7 @@ impl Sample {
 }
 
 async fn sample(bench: &Bench) -> anyhow::Result<Sample> {
-    let (depth, _) = queue_state(&bench.channel, &bench.work_queue()).await?;
+    let (depth, _) = queues_state(&bench.channel, &bench.work_queues()).await?;
     let produced = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let applied = probe::applied(&bench.store, 1, &bench.events_topic()).await?;
     Ok(Sample { at: Instant::now(), depth, produced, applied })
@@ -157,7 +159,7 @@ fn check_alive(roles: &mut [&mut RoleProcess]) -> anyhow::Result<()> {
 
 /// Measures how fast the pipeline drains the backlog the edge phase left.
 async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<E2eReport> {
-    let backlog = queue_state(&bench.channel, &bench.work_queue()).await?.0;
+    let backlog = queues_state(&bench.channel, &bench.work_queues()).await?.0;
     if backlog == 0 {
         bail!("the edge phase left no backlog to drain");
     }
@@ -233,8 +235,11 @@ async fn scaled_drain(
         for role in roles.iter_mut().map(|r| &mut **r).chain(extra.iter_mut()) {
             role.check_alive()?;
         }
-        let (_, consumers) = queue_state(&bench.channel, &bench.work_queue()).await?;
-        if consumers as usize >= processes {
+        // Every process a member, and every partition held by exactly one
+        // consumer (none in the middle of a handover).
+        let (_, consumers) = queues_state(&bench.channel, &bench.work_queues()).await?;
+        let members = bench.membership.members().await.map_err(anyhow::Error::msg)?;
+        if members.len() >= processes && consumers == u32::from(bench.settings.amqp.partitions) {
             break;
         }
         if began.elapsed() > bench.plan.start_timeout {
@@ -248,11 +253,13 @@ async fn scaled_drain(
 }
 
 async fn purge(bench: &Bench) -> anyhow::Result<()> {
-    bench
-        .channel
-        .queue_purge(bench.work_queue().as_str().into(), QueuePurgeOptions::default())
-        .await
-        .context("purging the work queue")?;
+    for queue in bench.work_queues() {
+        bench
+            .channel
+            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .context("purging the work queues")?;
+    }
     Ok(())
 }
 
@@ -524,13 +531,13 @@ impl BacklogWatch {
         let stop = tokio_util::sync::CancellationToken::new();
         // The probes are cheap to clone: a channel, a Kafka client, a store.
         let (channel, kafka, store) = (bench.channel.clone(), bench.kafka.clone(), bench.store.clone());
-        let (queue, topic) = (bench.work_queue(), bench.events_topic());
+        let (queues, topic) = (bench.work_queues(), bench.events_topic());
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let began = Instant::now();
             let mut seen = Vec::new();
             loop {
-                let (depth, _) = queue_state(&channel, &queue).await?;
+                let (depth, _) = queues_state(&channel, &queues).await?;
                 let produced = kafka.end_offsets(&topic).await?;
                 let applied = probe::applied(&store, 1, &topic).await?;
                 let s = Sample { at: Instant::now(), depth, produced, applied };

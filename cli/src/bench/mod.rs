@@ -174,6 +174,8 @@ pub struct Bench {
     pub store: Arc<ReadModels>,
     /// For the probes (queue depths, purges, cleanup).
     pub channel: Channel,
+    /// The bench processors' membership (who shares the partitions).
+    pub membership: sluice_processors::ownership::CqlMembership,
     amqp: Connection,
     pub kafka: KafkaProbe,
     cpu: std::sync::Mutex<CpuLog>,
@@ -193,8 +195,9 @@ impl Bench {
         format!("http://{}{path}", self.settings.ingest.http_addr)
     }
 
-    pub fn work_queue(&self) -> String {
-        names::command_queue(self.workload.tenant(), CONTEXT)
+    /// The partition queues of the driven context.
+    pub fn work_queues(&self) -> Vec<String> {
+        (0..self.settings.amqp.partitions).map(|p| names::command_queue(self.workload.tenant(), CONTEXT, p)).collect()
     }
 
     pub fn events_topic(&self) -> String {
@@ -288,6 +291,9 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         .build()
         .context("building the HTTP client")?;
     let workload = Workload::new(&tenant, plan.mix, plan.seed);
+    let group = sluice_processors::ownership::group_for(std::slice::from_ref(&tenant));
+    let membership =
+        sluice_processors::ownership::CqlMembership::new(session.clone(), &group).await.map_err(anyhow::Error::msg)?;
     let bench = Bench {
         plan,
         settings,
@@ -297,6 +303,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         session,
         store,
         channel,
+        membership,
         amqp,
         kafka,
         cpu: Default::default(),
@@ -466,14 +473,12 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     let contexts: Vec<&str> = catalog::CONTEXTS.iter().map(|c| c.name).collect();
     let mut queues = Vec::new();
     for context in &contexts {
-        queues.push(names::command_queue(tenant, context));
+        queues.extend((0..bench.settings.amqp.partitions).map(|p| names::command_queue(tenant, context, p)));
         queues.push(names::dead_letter_queue(tenant, context));
-        let retries = &bench.settings.processor.retry_delays_ms;
-        queues.extend(retries.iter().map(|d| sluice_processors::amqp::topology::retry_queue(tenant, context, *d)));
     }
-    // The raw and bare phases' scratch contexts.
+    // The raw and bare phases' scratch contexts (one partition each).
     let scratch = [raw::RAW_CONTEXT, bare::BARE_CONTEXT];
-    queues.extend(scratch.iter().flat_map(|c| [names::command_queue(tenant, c), names::dead_letter_queue(tenant, c)]));
+    queues.extend(scratch.iter().flat_map(|c| [names::command_queue(tenant, c, 0), names::dead_letter_queue(tenant, c)]));
     for queue in &queues {
         if let Err(e) = bench.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
             problems.push(format!("deleting queue {queue}: {e}"));

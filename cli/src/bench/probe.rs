@@ -29,6 +29,16 @@ pub async fn queue_state(channel: &Channel, queue: &str) -> anyhow::Result<(u32,
     Ok((q.message_count(), q.consumer_count()))
 }
 
+/// Ready messages and consumers summed over `queues` (a context's partitions).
+pub async fn queues_state(channel: &Channel, queues: &[String]) -> anyhow::Result<(u32, u32)> {
+    let mut total = (0, 0);
+    for queue in queues {
+        let (ready, consumers) = queue_state(channel, queue).await?;
+        total = (total.0 + ready, total.1 + consumers);
+    }
+    Ok(total)
+}
+
 /// A Kafka client for metadata, end offsets and group states (clones share it).
 #[derive(Clone)]
 pub struct KafkaProbe {

@@ -179,12 +179,12 @@ async fn amqp_publish_at(bench: &Bench, window: usize, duration: Duration) -> an
     let tenant = bench.workload.tenant();
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
-    sluice_processors::amqp::declare_topology(&channel, tenant, RAW_CONTEXT, &[])
+    sluice_processors::amqp::declare_topology(&channel, tenant, RAW_CONTEXT, 1)
         .await
         .context("declaring the raw queue")?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let body = Arc::new(bench.workload.command_bytes());
-    let routing_key = names::routing_key(tenant, RAW_CONTEXT);
+    let routing_key = names::routing_key(tenant, RAW_CONTEXT, 0);
     let (source, tenant) = (bench.workload.source().to_owned(), tenant.to_owned());
     let rate = closed_loop(window, duration, |deadline| {
         let (channel, body, routing_key, source, tenant) =
@@ -247,7 +247,7 @@ async fn amqp_consume_at(
     duration: Duration,
     available: u64,
 ) -> anyhow::Result<Throughput> {
-    let queue = names::command_queue(bench.workload.tenant(), RAW_CONTEXT);
+    let queue = names::command_queue(bench.workload.tenant(), RAW_CONTEXT, 0);
     let connection = amqp_connect(&bench.settings.amqp.url).await?;
     let channel = connection.create_channel().await?;
     let prefetch = u16::try_from(window).unwrap_or(u16::MAX);

@@ -200,7 +200,7 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
         }
         Verb::Shovel { filter, reason, to, limit, rate, dry_run, json } => {
             let scope = filter.scope.scope(settings)?;
-            let options = ShovelOptions { to, limit, rate, dry_run };
+            let options = ShovelOptions { to, limit, rate, dry_run, partitions: Some(settings.amqp.partitions) };
             let bar = (!json).then(|| {
                 let bar = ProgressBar::new(0);
                 bar.set_style(

@@ -87,13 +87,13 @@ fn print_report(r: &StatusReport) {
                     extra,
                 ]);
             };
-            queue_row("work", &c.work_queue, String::new());
-            for retry in &c.retry_queues {
-                queue_row("retry", retry, String::new());
+            for p in &c.partitions {
+                let owner = format!("owned by {}", p.owner.as_deref().unwrap_or("nobody"));
+                queue_row(&format!("partition {}", p.partition), &p.queue, owner);
             }
             let classes: Vec<String> = c.dlq.by_class.iter().map(|(class, n)| format!("{class} {n}")).collect();
             queue_row("dead letters", &c.dlq.queue, classes.join(", "));
-            print_table(&["QUEUE", "NAME", "READY", "UNACKED", "CONSUMERS", "BY ERROR CLASS"], &rows);
+            print_table(&["QUEUE", "NAME", "READY", "UNACKED", "CONSUMERS", "OWNER / ERROR CLASSES"], &rows);
             if let Some(events) = &c.events {
                 let rows: Vec<Vec<String>> = events
                     .partitions

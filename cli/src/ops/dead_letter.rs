@@ -301,10 +301,15 @@ pub fn group(letters: &[DeadLetter]) -> Vec<Group> {
     out
 }
 
-/// Where a shovel sends a dead letter back to when no `--to` is given: the
-/// queue it came from, else the work queue of its DLQ's tenant and context.
-pub fn return_queue(dl: &DeadLetter) -> String {
-    dl.original_queue.clone().unwrap_or_else(|| names::command_queue(&dl.tenant, &dl.context))
+/// Where a shovel sends a dead letter back to when no `--to` is given: its
+/// stream's partition queue among `partitions` (`body`: the message), else
+/// the queue it came from, else partition 0 of its DLQ's tenant and context.
+pub fn return_queue(dl: &DeadLetter, body: &[u8], partitions: Option<u16>) -> String {
+    let home = partitions.and_then(|n| sluice_processors::amqp::topology::home_partition(&dl.tenant, body, n));
+    match home {
+        Some(partition) => names::command_queue(&dl.tenant, &dl.context, partition),
+        None => dl.original_queue.clone().unwrap_or_else(|| names::command_queue(&dl.tenant, &dl.context, 0)),
+    }
 }
 
 #[cfg(test)]

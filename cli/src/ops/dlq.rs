@@ -151,6 +151,9 @@ pub struct ShovelOptions {
     pub rate: Option<f64>,
     /// Select and report, move nothing.
     pub dry_run: bool,
+    /// The partition count (`amqp.partitions`): a message goes back to its
+    /// stream's partition. `None`: to the queue it came from.
+    pub partitions: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -341,7 +344,7 @@ impl Dlq {
                 if !filter.matches(&dl) {
                     continue; // stays where it is: given back when the walk ends
                 }
-                let home = dead_letter::return_queue(&dl);
+                let home = dead_letter::return_queue(&dl, &delivery.data, options.partitions);
                 let destination = options.to.clone().unwrap_or_else(|| home.clone());
                 if !destination_exists.contains_key(&destination) {
                     let exists = walk::queue_counts(&self.connection, &destination).await?.is_some();

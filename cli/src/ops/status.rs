@@ -30,7 +30,6 @@ use lapin::{Connection, ConnectionProperties};
 use scylla::client::session::Session;
 use serde::Serialize;
 use serde_json::Value;
-use sluice_processors::amqp::topology::retry_queue;
 use sluice_processors::process::onboarding::Onboarding;
 use sluice_processors::process::timers::{summary, ProcessSummary};
 use sluice_processors::process::ProcessManager;
@@ -144,8 +143,8 @@ pub struct ParkedCount {
 #[derive(Debug, Clone, Serialize)]
 pub struct ContextStatus {
     pub context: String,
-    pub work_queue: QueueStatus,
-    pub retry_queues: Vec<QueueStatus>,
+    /// The partition queues, in partition order.
+    pub partitions: Vec<CommandPartitionStatus>,
     pub dlq: DlqStatus,
     pub events: Option<TopicStatus>,
     pub subjects: Option<Vec<SubjectStatus>>,
@@ -160,6 +159,18 @@ pub struct QueueStatus {
     /// Delivered, not yet acked (management API statistics, a few seconds old).
     pub unacked: Option<u64>,
     pub consumers: u32,
+}
+
+/// One partition queue of a context's commands and the processor that holds it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CommandPartitionStatus {
+    pub partition: u16,
+    #[serde(flatten)]
+    pub queue: QueueStatus,
+    /// The processor whose consumer is the queue's single active one
+    /// (management API; `None` when nobody holds it or the API is not
+    /// reachable).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -436,42 +447,35 @@ async fn context_status(
     subjects: Option<&[String]>,
     problems: &mut Vec<Problem>,
 ) -> Result<ContextStatus, OpsError> {
-    let work = names::command_queue(tenant, context);
     let dlq_name = names::dead_letter_queue(tenant, context);
     let mut status = ContextStatus {
         context: context.to_owned(),
-        work_queue: QueueStatus { name: work.clone(), ..Default::default() },
-        retry_queues: Vec::new(),
+        partitions: Vec::new(),
         dlq: DlqStatus { queue: QueueStatus { name: dlq_name.clone(), ..Default::default() }, ..Default::default() },
         events: None,
         subjects: None,
     };
 
     if let Some(amqp) = amqp {
-        status.work_queue = queue_status(amqp, management, &work).await?;
-        if !status.work_queue.exists {
-            problem(
-                problems,
-                Severity::Critical,
-                "work_queue_missing",
-                &work,
-                "the queue does not exist: no edge or processor has started for this tenant".into(),
-            );
-        } else if status.work_queue.consumers == 0 {
-            problem(problems, Severity::Critical, "no_consumers", &work, "no processor consumes this queue".into());
-        }
-        for delay in &settings.processor.retry_delays_ms {
-            let retry = queue_status(amqp, management, &retry_queue(tenant, context, *delay)).await?;
-            if !retry.exists {
+        for partition in 0..settings.amqp.partitions {
+            let name = names::command_queue(tenant, context, partition);
+            let queue = queue_status(amqp, management, &name).await?;
+            if !queue.exists {
                 problem(
                     problems,
-                    Severity::Warning,
-                    "retry_queue_missing",
-                    &retry.name,
-                    "the retry queue does not exist".into(),
+                    Severity::Critical,
+                    "work_queue_missing",
+                    &name,
+                    "the queue does not exist: no edge or processor has started for this tenant".into(),
                 );
+            } else if queue.consumers == 0 {
+                problem(problems, Severity::Critical, "no_consumers", &name, "no processor consumes this partition".into());
             }
-            status.retry_queues.push(retry);
+            let owner = match (management, queue.exists) {
+                (Some(m), true) => m.queue(&name).await.ok().flatten().and_then(|q| owner_of(&q, &name)),
+                _ => None,
+            };
+            status.partitions.push(CommandPartitionStatus { partition, queue, owner });
         }
         status.dlq.queue = queue_status(amqp, management, &dlq_name).await?;
         let depth = u64::from(status.dlq.queue.ready);
@@ -682,6 +686,13 @@ async fn queue_status(amqp: &Connection, management: Option<&Management>, name: 
         None => None,
     };
     Ok(QueueStatus { name: name.to_owned(), exists: true, ready, unacked, consumers })
+}
+
+/// The processor holding a partition queue: its consumer tag is
+/// `<instance>/<queue>` (see `sluice_processors::amqp::consumer`).
+fn owner_of(queue_info: &serde_json::Value, queue: &str) -> Option<String> {
+    let tag = queue_info["single_active_consumer_ctag"].as_str()?;
+    Some(tag.strip_suffix(&format!("/{queue}")).unwrap_or(tag).to_owned())
 }
 
 fn problem(problems: &mut Vec<Problem>, severity: Severity, kind: &'static str, subject: &str, detail: String) {

@@ -1,9 +1,22 @@
-//! The consumer loop: one delivery → pipeline → ack, delayed retry, or dead
-//! letter. Whatever the outcome, the message is first published where it must
-//! go next (delay queue or DLQ) and confirmed by the broker, and only then is
-//! the original acked: a crash in between duplicates, never loses.
+//! The consumer of one partition queue: deliveries → one lane per stream →
+//! pipeline → ack, or dead letter.
+//!
+//! The queue has a single active consumer, so while this processor holds the
+//! partition no other takes its commands. Within it, commands of different
+//! streams run concurrently (up to the prefetch), and each stream's commands
+//! run one after another in the order the queue handed them out: the order
+//! the edge accepted them. A transient failure is retried in place, after a
+//! backoff: only the failing command's stream waits, and nothing overtakes it.
+//!
+//! Whatever the outcome, a dead letter is first published to the DLQ and
+//! confirmed by the broker, and only then is the original acked: a crash in
+//! between duplicates, never loses. On stop (shutdown, or the partition moves
+//! to another processor) each stream finishes the command it is on and starts
+//! no other; closing the channel hands every unstarted delivery back to the
+//! queue, in order, for the next owner.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,15 +24,16 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection};
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::headers::{self, string};
-use super::topology::retry_queue;
+use super::topology::stream_key_of;
 use crate::domain::Aggregate;
 use crate::event_store::EventStore;
 use crate::kafka::EventPublisher;
@@ -29,21 +43,41 @@ use crate::pipeline::{IncomingCommand, Outcome, Pipeline};
 /// Consumer settings (see `ProcessorConfig`).
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
+    /// Unacked deliveries of one partition at once.
     pub prefetch: u16,
     pub max_attempts: u32,
-    /// Delay of each retry tier; attempt n waits `retry_delays[n-1]` (the
-    /// last tier repeats).
+    /// Backoff before each in-place retry; attempt n waits
+    /// `retry_delays[n-1]` (the last tier repeats).
     pub retry_delays_ms: Vec<u64>,
+    /// This processor's name: the consumer tag, so the broker (and
+    /// `sluice status`) says who holds each partition.
+    pub instance: String,
 }
 
-/// Consumes one tenant's context queue until `shutdown` or until the
-/// connection fails, finishing the messages in flight before returning.
-pub async fn consume<A, S, P, O>(
+/// One partition of one tenant's context.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionRef {
+    pub tenant: String,
+    pub context: &'static str,
+    pub partition: u16,
+}
+
+impl PartitionRef {
+    pub fn queue(&self) -> String {
+        names::command_queue(&self.tenant, self.context, self.partition)
+    }
+}
+
+/// Consumes one partition queue until `stop` or until the channel fails.
+/// The consumer registers at once; while another processor's consumer is
+/// active on the queue, it waits (single active consumer) and takes over
+/// when that one goes.
+pub async fn consume_partition<A, S, P, O>(
     connection: &Connection,
-    tenant: String,
+    partition: PartitionRef,
     pipeline: Arc<Pipeline<A, S, P, O>>,
     settings: ConsumerSettings,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> lapin::Result<()>
 where
     A: Aggregate,
@@ -51,34 +85,100 @@ where
     P: EventPublisher + 'static,
     O: OperationStore + 'static,
 {
-    let queue = names::command_queue(&tenant, A::CONTEXT);
+    let queue = partition.queue();
     let channel = connection.create_channel().await?;
     channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    let tag = format!("{}/{}", settings.instance, queue);
     let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            ShortString::from(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+        .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    info!(%queue, "consuming");
-    let ctx = Arc::new(ConsumerCtx { tenant, queue, pipeline, settings, publisher });
-    consumer
-        .take_until(shutdown.cancelled_owned())
-        .for_each_concurrent(usize::from(ctx.settings.prefetch), |delivery| {
-            let ctx = ctx.clone();
-            async move {
-                match delivery {
-                    Ok(delivery) => ctx.process(delivery).await,
-                    Err(e) => warn!(error = %e, "consumer error"),
+    info!(%queue, "consuming partition");
+    let ctx = Arc::new(ConsumerCtx { tenant: partition.tenant.clone(), queue, pipeline, settings, publisher, stop });
+    let lanes = Arc::new(Lanes::default());
+    let tracker = TaskTracker::new();
+    let mut deliveries = std::pin::pin!(consumer.take_until(ctx.stop.clone().cancelled_owned()));
+    let mut failure = None;
+    while let Some(delivery) = deliveries.next().await {
+        match delivery {
+            Ok(delivery) => {
+                // A message whose stream cannot be read fails on its own.
+                let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
+                if let Some(first) = lanes.enqueue(&key, delivery) {
+                    tracker.spawn(run_lane(ctx.clone(), lanes.clone(), key, first));
                 }
             }
-        })
-        .await;
-    Ok(())
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    // Each stream finishes the command it is on; what was not started goes
+    // back to the queue with the channel.
+    ctx.stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    super::close_quietly(channel.close(200, "partition released".into())).await;
+    super::close_quietly(ctx.publisher.close(200, "partition released".into())).await;
+    info!(queue = %ctx.queue, "released partition");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Deliveries waiting behind the one each stream is on.
+#[derive(Default)]
+struct Lanes {
+    waiting: Mutex<HashMap<String, VecDeque<Delivery>>>,
+}
+
+impl Lanes {
+    /// Queues `delivery` behind its stream's; returns it when its stream
+    /// had none running (the caller starts the lane).
+    fn enqueue(&self, key: &str, delivery: Delivery) -> Option<Delivery> {
+        let mut waiting = self.waiting.lock().expect("lanes lock");
+        match waiting.get_mut(key) {
+            Some(queue) => {
+                queue.push_back(delivery);
+                None
+            }
+            None => {
+                waiting.insert(key.to_owned(), VecDeque::new());
+                Some(delivery)
+            }
+        }
+    }
+
+    /// The stream's next delivery, or `None` (and the lane ends).
+    fn next(&self, key: &str) -> Option<Delivery> {
+        let mut waiting = self.waiting.lock().expect("lanes lock");
+        let next = waiting.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            waiting.remove(key);
+        }
+        next
+    }
+}
+
+async fn run_lane<A, S, P, O>(ctx: Arc<ConsumerCtx<A, S, P, O>>, lanes: Arc<Lanes>, key: String, first: Delivery)
+where
+    A: Aggregate,
+    S: EventStore,
+    P: EventPublisher,
+    O: OperationStore,
+{
+    let mut next = Some(first);
+    while let Some(delivery) = next {
+        if ctx.stop.is_cancelled() {
+            // Unacked: it returns to the queue when the channel closes.
+            return;
+        }
+        ctx.process(delivery).await;
+        next = lanes.next(&key);
+    }
 }
 
 struct ConsumerCtx<A, S, P, O> {
@@ -86,13 +186,17 @@ struct ConsumerCtx<A, S, P, O> {
     queue: String,
     pipeline: Arc<Pipeline<A, S, P, O>>,
     settings: ConsumerSettings,
-    /// A confirm channel for delay-queue and DLQ copies.
+    /// A confirm channel for DLQ copies and requeued copies.
     publisher: Channel,
+    /// The partition is being released: finish the command, start no other.
+    stop: CancellationToken,
 }
 
-/// How long a delivery that could not be settled waits before it is handed
-/// back to its queue.
+/// How long a delivery that could not be settled waits before the settle is
+/// tried again, and how many times it is tried in place before the delivery
+/// is handed back to its queue.
 const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+const SETTLE_TRIES: u32 = 3;
 
 impl<A, S, P, O> ConsumerCtx<A, S, P, O>
 where
@@ -102,35 +206,76 @@ where
     O: OperationStore,
 {
     async fn process(&self, delivery: Delivery) {
-        let headers = headers::headers_of(&delivery);
-        let attempt = headers::attempt(&headers);
+        let mut headers = headers::headers_of(&delivery);
+        let mut attempt = headers::attempt(&headers);
         let operation_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
-        let span =
-            info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"), attempt);
+        let span = info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"));
         sluice_telemetry::set_parent(&span, headers::get_str(&headers, "traceparent").as_deref());
         async {
-            let settled = match self.decode(&delivery, &headers, operation_id, attempt) {
-                Ok(cmd) => {
-                    let outcome = self.pipeline.handle(&cmd).await;
-                    self.settle(&delivery, headers, Some(&cmd), outcome, attempt).await
+            let decoded = self.decode(&delivery, &headers, operation_id);
+            let outcome = loop {
+                let outcome = match &decoded {
+                    Ok(cmd) => self.pipeline.handle(&IncomingCommand { attempt, ..cmd.clone() }).await,
+                    Err(reason) => Outcome::DeadLetter { class: "malformed_message", reason: reason.clone() },
+                };
+                let (reason, appended) = match outcome {
+                    Outcome::Retry(reason) => (reason, false),
+                    Outcome::RetryAppended(reason) => (reason, true),
+                    settled => break settled,
+                };
+                let note = if appended { " (events stored)" } else { "" };
+                headers::push_history(
+                    &mut headers,
+                    format!("{} attempt {attempt}{note}: {reason}", chrono::Utc::now().to_rfc3339()),
+                );
+                metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => "retried")
+                    .increment(1);
+                if attempt >= self.settings.max_attempts && !appended {
+                    break Outcome::DeadLetter {
+                        class: "retries_exhausted",
+                        reason: format!("gave up after {attempt} attempts: {reason}"),
+                    };
                 }
-                Err(reason) => {
-                    let outcome = Outcome::DeadLetter { class: "malformed_message", reason };
-                    self.settle(&delivery, headers, None, outcome, attempt).await
+                let tiers = &self.settings.retry_delays_ms;
+                let delay = tiers[(attempt as usize - 1).min(tiers.len() - 1)];
+                warn!(%reason, delay_ms = delay, attempt, "transient failure, retrying after a delay");
+                tokio::select! {
+                    // Released meanwhile: the next owner retries it.
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                 }
+                if attempt >= self.settings.max_attempts {
+                    // Its events are stored: never dead-lettered, retried for
+                    // as long as it takes. It goes to the back of its
+                    // partition rather than holding its delivery for hours
+                    // (later commands of its stream see its events, so none
+                    // is decided as if it had not happened).
+                    break Outcome::RetryAppended(reason);
+                }
+                attempt += 1;
             };
-            if let Err(e) = settled {
-                // Never held: after a pause (no hammering of a failing
-                // store or queue) the delivery goes back to the queue and is
-                // tried again; RabbitMQ's delivery limit bounds the loop. A
-                // copy published before the failure is found settled by its
-                // operation record.
-                warn!(error = %e, "could not settle the delivery; handing it back after a pause");
-                tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
-                if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
-                    // The channel is gone: its unacked deliveries go back
-                    // by themselves, and the consumer reconnects.
-                    warn!(error = %e, "could not hand the delivery back");
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.settle(&delivery, headers.clone(), decoded.as_ref().ok(), outcome.clone(), attempt).await {
+                    Ok(()) => return,
+                    Err(e) if tries < SETTLE_TRIES && !self.stop.is_cancelled() => {
+                        warn!(error = %e, "could not settle the delivery; trying again after a pause");
+                        tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
+                    }
+                    Err(e) => {
+                        // Never held: the delivery goes back to the queue and
+                        // is tried again; RabbitMQ's delivery limit bounds
+                        // the loop. A copy published before the failure is
+                        // found settled by its operation record.
+                        warn!(error = %e, "could not settle the delivery; handing it back");
+                        if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                            // The channel is gone: its unacked deliveries go
+                            // back by themselves, and the consumer reconnects.
+                            warn!(error = %e, "could not hand the delivery back");
+                        }
+                        return;
+                    }
                 }
             }
         }
@@ -143,7 +288,6 @@ where
         delivery: &Delivery,
         headers: &FieldTable,
         operation_id: Option<String>,
-        attempt: u32,
     ) -> Result<IncomingCommand, String> {
         let operation_id = operation_id.ok_or("message has no message_id (operation id)")?;
         let json: serde_json::Value =
@@ -154,7 +298,7 @@ where
         })?;
         let traceparent = headers::get_str(headers, "traceparent")
             .or_else(|| event.extensions.get("traceparent").and_then(|v| v.as_str()).map(str::to_owned));
-        Ok(IncomingCommand { tenant: self.tenant.clone(), operation_id, event, attempt, traceparent })
+        Ok(IncomingCommand { tenant: self.tenant.clone(), operation_id, event, attempt: 1, traceparent })
     }
 
     async fn settle(
@@ -165,37 +309,11 @@ where
         outcome: Outcome,
         attempt: u32,
     ) -> Result<(), String> {
-        let outcome = match outcome {
-            Outcome::RetryAppended(reason) => {
-                // Its events are stored: retried past `max_attempts` (at the
-                // last tier's delay), never dead-lettered.
-                headers::push_history(
-                    &mut headers,
-                    format!("{} attempt {attempt} (events stored): {reason}", chrono::Utc::now().to_rfc3339()),
-                );
-                Outcome::Retry(reason)
-            }
-            Outcome::Retry(reason) => {
-                headers::push_history(
-                    &mut headers,
-                    format!("{} attempt {attempt}: {reason}", chrono::Utc::now().to_rfc3339()),
-                );
-                if attempt >= self.settings.max_attempts {
-                    Outcome::DeadLetter {
-                        class: "retries_exhausted",
-                        reason: format!("gave up after {attempt} attempts: {reason}"),
-                    }
-                } else {
-                    Outcome::Retry(reason)
-                }
-            }
-            other => other,
-        };
         let label = match &outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::AlreadyDone => "duplicate",
             Outcome::Rejected(_) => "rejected",
-            Outcome::Retry(_) | Outcome::RetryAppended(_) => "retried",
+            Outcome::Retry(_) | Outcome::RetryAppended(_) => "requeued",
             Outcome::DeadLetter { .. } => "dead_lettered",
         };
         metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label)
@@ -204,12 +322,9 @@ where
             Outcome::Succeeded | Outcome::AlreadyDone => {}
             Outcome::Rejected(reason) => info!(%reason, "rejected"),
             Outcome::Retry(reason) | Outcome::RetryAppended(reason) => {
-                let tiers = &self.settings.retry_delays_ms;
-                let delay = tiers[(attempt as usize - 1).min(tiers.len() - 1)];
-                warn!(%reason, delay_ms = delay, "transient failure, retrying after a delay");
+                warn!(%reason, "events stored but not yet in Kafka; back to the end of the partition");
                 headers.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt) + 1));
-                let (tenant, context) = (&self.tenant, A::CONTEXT);
-                self.publish_copy(delivery, headers, &retry_queue(tenant, context, delay)).await?;
+                self.publish_copy(delivery, headers, &self.queue).await?;
             }
             Outcome::DeadLetter { class, reason } => {
                 warn!(class, %reason, "dead-lettering");
@@ -217,7 +332,7 @@ where
                     .increment(1);
                 if let Some(cmd) = cmd {
                     // Without the record the operation would say `processing`
-                    // forever: the delivery is handed back and tried again.
+                    // forever: the settle is tried again.
                     self.pipeline
                         .record_dead_letter(cmd, &reason)
                         .await

@@ -1,5 +1,5 @@
 //! The `x-sluice-*` message headers: how a command's history travels with it
-//! through delay queues and the DLQ, readable by ops tools.
+//! through in-place retries, requeues and the DLQ, readable by ops tools.
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
@@ -61,7 +61,8 @@ pub fn headers_of(delivery: &Delivery) -> FieldTable {
     delivery.properties.headers().clone().unwrap_or_default()
 }
 
-/// The attempt this delivery is: our own counter (delay-queue retries).
+/// The attempt this delivery starts at: our own counter (1, or more for a
+/// command requeued after its in-place attempts).
 pub fn attempt(headers: &FieldTable) -> u32 {
     get_int(headers, ATTEMPT).and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1)
 }

@@ -1,10 +1,10 @@
 //! RabbitMQ side of the processors, split by role:
 //!
-//! - [`topology`]: work queue, delay (retry) queues and dead-letter queue of
-//!   each tenant's context, declared idempotently.
-//! - [`consumer`]: the consumer loop that turns a pipeline outcome into ack,
-//!   delayed retry or dead letter — always publishing (with confirm) before
-//!   acking, so no step can lose the message.
+//! - [`topology`]: partition queues and dead-letter queue of each tenant's
+//!   context, declared idempotently.
+//! - [`consumer`]: the consumer of one partition: one lane per stream, in
+//!   place retries, and ack or dead letter — always publishing (with
+//!   confirm) before acking, so no step can lose the message.
 //! - [`redrive`]: periodic re-drive of dead letters whose cause was
 //!   transient, and bookkeeping of broker-side (delivery limit) dead letters.
 //! - [`headers`]: the `x-sluice-*` headers those steps read and write.
@@ -14,8 +14,20 @@ pub mod headers;
 pub mod redrive;
 pub mod topology;
 
-pub use consumer::{consume, ConsumerSettings};
+pub use consumer::{consume_partition, ConsumerSettings};
 pub use topology::declare_topology;
+
+/// Connects to RabbitMQ as `name` (the connection name the management UI
+/// shows), with `heartbeat_s` when the URL sets no heartbeat of its own.
+pub async fn connect(url: &str, name: &str, heartbeat_s: u16) -> lapin::Result<lapin::Connection> {
+    let mut uri: lapin::uri::AMQPUri =
+        url.parse().map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(heartbeat_s);
+    }
+    let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
+    lapin::Connection::connect_uri(uri, properties).await
+}
 
 /// Closes a channel or connection without waiting long: a close on a
 /// connection the broker already dropped can wait forever in lapin, and a

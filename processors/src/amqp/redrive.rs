@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::consumer::publish_confirmed;
 use super::headers::{self, string};
+use super::topology::home_queue;
 use crate::operations::{OperationRef, OperationStore, Status};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,16 +34,24 @@ pub struct RedriveReport {
     pub annotated: u32,
 }
 
+/// The context whose DLQ is looked after, and its partition count (a
+/// re-driven command goes back to its stream's partition).
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub tenant: &'a str,
+    pub context: &'a str,
+    pub partitions: u16,
+}
+
 /// One pass over the DLQ of a tenant's context.
 pub async fn redrive_once<O: OperationStore>(
     connection: &Connection,
-    tenant: &str,
-    context: &str,
+    target: Target<'_>,
     max_redrives: u32,
     operations: &O,
 ) -> Result<RedriveReport, String> {
+    let Target { tenant, context, partitions } = target;
     let dlq = names::dead_letter_queue(tenant, context);
-    let queue = names::command_queue(tenant, context);
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
     let depth = channel
@@ -98,7 +107,9 @@ pub async fn redrive_once<O: OperationStore>(
                 }
                 h.insert(headers::REASON.into(), string(&reason));
                 h.insert(headers::ERROR_CLASS.into(), string(&format!("broker_{why}")));
-                h.insert(headers::ORIGINAL_QUEUE.into(), string(&queue));
+                let from = headers::get_str(&h, "x-first-death-queue")
+                    .unwrap_or_else(|| home_queue(tenant, context, &delivery.data, partitions));
+                h.insert(headers::ORIGINAL_QUEUE.into(), string(&from));
                 h.insert(headers::DEAD_LETTERED_AT.into(), string(&chrono::Utc::now().to_rfc3339()));
                 let properties = delivery.properties.clone().with_headers(h);
                 publish_confirmed(&publisher, &dlq, &delivery.data, properties).await?;
@@ -113,6 +124,8 @@ pub async fn redrive_once<O: OperationStore>(
                 let mut fresh = headers::for_fresh_attempt(&h);
                 fresh.insert(headers::REDRIVES.into(), AMQPValue::LongLongInt(redrives + 1));
                 let properties = delivery.properties.clone().with_headers(fresh);
+                // Its stream's partition (as of now, should the count have changed).
+                let queue = home_queue(tenant, context, &delivery.data, partitions);
                 publish_confirmed(&publisher, &queue, &delivery.data, properties).await?;
                 delivery.ack(BasicAckOptions::default()).await.map_err(|e| e.to_string())?;
                 report.redriven += 1;
@@ -131,8 +144,7 @@ pub async fn redrive_once<O: OperationStore>(
 /// Runs [`redrive_once`] every `interval` until `shutdown`.
 pub async fn redrive_loop<O: OperationStore>(
     connection: &Connection,
-    tenant: &str,
-    context: &str,
+    target: Target<'_>,
     interval: Duration,
     max_redrives: u32,
     operations: &O,
@@ -146,8 +158,8 @@ pub async fn redrive_loop<O: OperationStore>(
         if !connection.status().connected() {
             return;
         }
-        if let Err(e) = redrive_once(connection, tenant, context, max_redrives, operations).await {
-            warn!(error = %e, tenant, context, "dead-letter upkeep failed");
+        if let Err(e) = redrive_once(connection, target, max_redrives, operations).await {
+            warn!(error = %e, tenant = target.tenant, context = target.context, "dead-letter upkeep failed");
         }
     }
 }

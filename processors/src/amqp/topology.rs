@@ -1,11 +1,19 @@
 //! The queues of one tenant's context:
 //!
 //! ```text
-//! sluice.commands ──<tenant>.<context>──▶ <tenant>.<context>.commands ──(delivery limit)──▶ ….commands.dlq
-//!                                              ▲          │ transient failure
-//!                                              │          ▼
-//!                                   TTL expiry └── ….commands.retry.<ms>  (one queue per delay tier)
+//!                  <tenant>.<context>.<p>
+//! sluice.commands ───────────────────────▶ <tenant>.<context>.commands.<p>   (p = 0…P-1, single active consumer)
+//!                                                  │ delivery limit, or dead-lettered by a processor
+//!                                                  ▼
+//!                                          <tenant>.<context>.commands.dlq
 //! ```
+//!
+//! A command's partition is its stream key's ([`names::command_partition`]):
+//! every command of one stream waits in one queue, in the order the edge
+//! accepted them. Each partition queue has a single active consumer, so one
+//! processor at a time takes its commands; transient failures are retried by
+//! that processor in place (the command never leaves its partition, so later
+//! commands of its stream cannot overtake it).
 //!
 //! Every queue is a quorum queue; every broker-side dead-lettering is
 //! at-least-once, which needs `x-overflow: reject-publish` and an explicit
@@ -15,20 +23,16 @@
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
-use sluice_schemas::names;
+use sluice_schemas::cloudevent::CloudEvent;
+use sluice_schemas::{catalog, names};
 
 /// Broker-side backstop: after this many deliveries RabbitMQ itself moves a
 /// message to the DLQ (`x-first-death-reason: delivery_limit`), even if every
-/// consumer crashes on it. Our own retry limit counts separately (headers).
+/// consumer crashes on it. Our own retry limit counts separately.
 pub const BROKER_DELIVERY_LIMIT: i64 = 20;
 
 fn string_arg(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
-}
-
-/// The delay queue of one retry tier.
-pub fn retry_queue(tenant: &str, context: &str, delay_ms: u64) -> String {
-    format!("{}.retry.{delay_ms}", names::command_queue(tenant, context))
 }
 
 /// Arguments that make broker-side dead-lettering into `target` at-least-once.
@@ -45,14 +49,9 @@ fn quorum() -> FieldTable {
     args
 }
 
-/// Declares exchange, work queue, delay queues and DLQ of one tenant's
+/// Declares the exchange, the partition queues and the DLQ of one tenant's
 /// context. Idempotent: the same arguments every time.
-pub async fn declare_topology(
-    channel: &Channel,
-    tenant: &str,
-    context: &str,
-    retry_delays_ms: &[u64],
-) -> lapin::Result<()> {
+pub async fn declare_topology(channel: &Channel, tenant: &str, context: &str, partitions: u16) -> lapin::Result<()> {
     channel
         .exchange_declare(
             names::COMMAND_EXCHANGE.into(),
@@ -61,32 +60,64 @@ pub async fn declare_topology(
             FieldTable::default(),
         )
         .await?;
-    let queue = names::command_queue(tenant, context);
     let dlq = names::dead_letter_queue(tenant, context);
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-
     channel.queue_declare(dlq.as_str().into(), durable, quorum()).await?;
 
-    let mut args = quorum();
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(BROKER_DELIVERY_LIMIT));
-    dead_letter_into(&mut args, &dlq);
-    channel.queue_declare(queue.as_str().into(), durable, args).await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            names::COMMAND_EXCHANGE.into(),
-            names::routing_key(tenant, context).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    for &delay in retry_delays_ms {
-        // Messages wait out the tier's TTL, then expire back into the work queue.
+    for partition in 0..partitions {
+        let queue = names::command_queue(tenant, context, partition);
         let mut args = quorum();
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(delay).unwrap_or(i64::MAX)));
-        dead_letter_into(&mut args, &queue);
-        channel.queue_declare(retry_queue(tenant, context, delay).as_str().into(), durable, args).await?;
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(BROKER_DELIVERY_LIMIT));
+        dead_letter_into(&mut args, &dlq);
+        channel.queue_declare(queue.as_str().into(), durable, args).await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                names::COMMAND_EXCHANGE.into(),
+                names::routing_key(tenant, context, partition).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
     }
     Ok(())
+}
+
+/// The partition queue a command message belongs in: its stream key's. A
+/// message whose key cannot be read (not a CloudEvent, unknown type, no key)
+/// fails the same way in any partition: it goes to partition 0.
+pub fn home_queue(tenant: &str, context: &str, body: &[u8], partitions: u16) -> String {
+    names::command_queue(tenant, context, home_partition(tenant, body, partitions).unwrap_or(0))
+}
+
+/// The partition of a command message's stream, when its key can be read.
+pub fn home_partition(tenant: &str, body: &[u8], partitions: u16) -> Option<u16> {
+    let event = CloudEvent::from_json(serde_json::from_slice(body).ok()?).ok()?;
+    let key = catalog::stream_key(&event.ty, event.data.as_ref()?)?;
+    Some(names::command_partition(tenant, key, partitions))
+}
+
+/// The stream key of a command message, when it can be read.
+pub fn stream_key_of(body: &[u8]) -> Option<String> {
+    let event = CloudEvent::from_json(serde_json::from_slice(body).ok()?).ok()?;
+    catalog::stream_key(&event.ty, event.data.as_ref()?).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_belongs_in_its_stream_keys_partition() {
+        let body = serde_json::json!({
+            "specversion": "1.0", "id": "1", "source": "/acme/shop", "type": "com.example.orders.ShipOrder",
+            "data": {"order_id": "o1", "carrier": "ups", "tracking_number": "1Z"}
+        })
+        .to_string();
+        let p = names::command_partition("acme", "o1", 6);
+        assert_eq!(home_queue("acme", "orders", body.as_bytes(), 6), names::command_queue("acme", "orders", p));
+        assert_eq!(stream_key_of(body.as_bytes()).as_deref(), Some("o1"));
+        assert_eq!(home_queue("acme", "orders", b"not json", 6), "acme.orders.commands.0");
+    }
 }

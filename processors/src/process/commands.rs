@@ -73,11 +73,19 @@ pub struct AmqpCommandSender {
     /// The connection and its confirm channel, opened on first use.
     channel: Mutex<Option<(Connection, Channel)>>,
     confirm_timeout: Duration,
+    /// Partitions of every context's commands (`amqp.partitions`).
+    partitions: u16,
 }
 
 impl AmqpCommandSender {
-    pub fn new(url: &str, operation_ids: OperationIds) -> Self {
-        Self { url: url.to_owned(), operation_ids, channel: Mutex::new(None), confirm_timeout: Duration::from_secs(10) }
+    pub fn new(url: &str, operation_ids: OperationIds, partitions: u16) -> Self {
+        Self {
+            url: url.to_owned(),
+            operation_ids,
+            channel: Mutex::new(None),
+            confirm_timeout: Duration::from_secs(10),
+            partitions,
+        }
     }
 
     /// Connects and opens a confirm channel, within the confirm timeout (a
@@ -108,7 +116,10 @@ impl CommandSender for AmqpCommandSender {
             .with_delivery_mode(2)
             .with_message_id(command.operation_id(&self.operation_ids).into())
             .with_content_type("application/cloudevents+json".into());
-        let routing_key = names::routing_key(command.tenant, &command.intent.context);
+        // Its stream's partition, as the edge routes a client's command.
+        let partition = sluice_schemas::catalog::stream_key(&command.intent.ty, &command.intent.data)
+            .map_or(0, |key| names::command_partition(command.tenant, key, self.partitions));
+        let routing_key = names::routing_key(command.tenant, &command.intent.context, partition);
         let result = async {
             let confirm = channel
                 .basic_publish(
