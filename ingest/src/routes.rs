@@ -376,9 +376,8 @@ fn admit(
 
     // The schema requires the stream key as a string; checked anyway, so a
     // schema that forgot it cannot send every stream to one partition.
-    let stream_key = catalog::stream_key(&event.ty, data).ok_or_else(|| {
-        Problem::invalid_data(format!("{} needs its stream key as a string", event.ty))
-    })?;
+    let stream_key = catalog::stream_key(&event.ty, data)
+        .ok_or_else(|| Problem::invalid_data(format!("{} needs its stream key as a string", event.ty)))?;
     let partition = names::command_partition(&caller.tenant, stream_key, state.partitions);
     let operation_id = state.operation_ids.issue(&caller.tenant, &event.source, &event.id);
     let mut headers = vec![

@@ -263,7 +263,11 @@ pub async fn onboarding_runtime(config: &ProcessConfig, infra: &Infra) -> Result
         pm,
         store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
-        sender: process::commands::AmqpCommandSender::new(&infra.amqp_url, infra.operation_ids.clone(), infra.partitions),
+        sender: process::commands::AmqpCommandSender::new(
+            &infra.amqp_url,
+            infra.operation_ids.clone(),
+            infra.partitions,
+        ),
     })
 }
 
@@ -311,8 +315,7 @@ async fn run_connected(
     share: &Share<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let connection =
-        Arc::new(amqp::connect(&infra.amqp_url, share.instance, config.amqp_heartbeat_s).await?);
+    let connection = Arc::new(amqp::connect(&infra.amqp_url, share.instance, config.amqp_heartbeat_s).await?);
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {

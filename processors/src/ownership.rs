@@ -92,7 +92,11 @@ impl Membership for CqlMembership {
     }
 
     async fn leave(&self, instance: &str) -> Result<(), String> {
-        self.session.execute_unpaged(&self.leave, (self.group.as_str(), instance)).await.map(drop).map_err(|e| e.to_string())
+        self.session
+            .execute_unpaged(&self.leave, (self.group.as_str(), instance))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -135,11 +135,7 @@ mod tests {
         for spec in CONTEXTS.iter().flat_map(|c| c.commands) {
             let schema: Value = serde_json::from_str(spec.schema).unwrap();
             let key = spec.stream_key.trim_start_matches('/');
-            assert!(
-                schema["required"].as_array().unwrap().iter().any(|r| r == key),
-                "{} must require {key}",
-                spec.ty
-            );
+            assert!(schema["required"].as_array().unwrap().iter().any(|r| r == key), "{} must require {key}", spec.ty);
             assert_eq!(schema["properties"][key]["type"], "string", "{}: the stream key is a string", spec.ty);
         }
         assert_eq!(stream_key(crate::orders::SHIP_ORDER, &json!({"order_id": "o1"})), Some("o1"));

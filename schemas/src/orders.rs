@@ -19,9 +19,21 @@ pub const ORDER_SHIPPED: &str = "com.example.orders.OrderShipped";
 pub const SPEC: ContextSpec = ContextSpec {
     name: CONTEXT,
     commands: &[
-        CommandSpec { ty: SUBMIT_ORDER, schema: include_str!("../commands/orders/SubmitOrder.json"), stream_key: "/order_id" },
-        CommandSpec { ty: CANCEL_ORDER, schema: include_str!("../commands/orders/CancelOrder.json"), stream_key: "/order_id" },
-        CommandSpec { ty: SHIP_ORDER, schema: include_str!("../commands/orders/ShipOrder.json"), stream_key: "/order_id" },
+        CommandSpec {
+            ty: SUBMIT_ORDER,
+            schema: include_str!("../commands/orders/SubmitOrder.json"),
+            stream_key: "/order_id",
+        },
+        CommandSpec {
+            ty: CANCEL_ORDER,
+            schema: include_str!("../commands/orders/CancelOrder.json"),
+            stream_key: "/order_id",
+        },
+        CommandSpec {
+            ty: SHIP_ORDER,
+            schema: include_str!("../commands/orders/ShipOrder.json"),
+            stream_key: "/order_id",
+        },
     ],
     events: &[
         EventSpec { ty: ORDER_SUBMITTED, avro: include_str!("../avro/orders/OrderSubmitted.avsc") },

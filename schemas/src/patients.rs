@@ -26,11 +26,31 @@ pub const ESCALATED_TO_CARE_TEAM: &str = "com.example.patients.EscalatedToCareTe
 pub const SPEC: ContextSpec = ContextSpec {
     name: CONTEXT,
     commands: &[
-        CommandSpec { ty: ENROLL_PATIENT, schema: include_str!("../commands/patients/EnrollPatient.json"), stream_key: "/patient_id" },
-        CommandSpec { ty: SCHEDULE_ASSESSMENT, schema: include_str!("../commands/patients/ScheduleAssessment.json"), stream_key: "/patient_id" },
-        CommandSpec { ty: COMPLETE_ASSESSMENT, schema: include_str!("../commands/patients/CompleteAssessment.json"), stream_key: "/patient_id" },
-        CommandSpec { ty: SEND_REMINDER, schema: include_str!("../commands/patients/SendReminder.json"), stream_key: "/patient_id" },
-        CommandSpec { ty: ESCALATE_TO_CARE_TEAM, schema: include_str!("../commands/patients/EscalateToCareTeam.json"), stream_key: "/patient_id" },
+        CommandSpec {
+            ty: ENROLL_PATIENT,
+            schema: include_str!("../commands/patients/EnrollPatient.json"),
+            stream_key: "/patient_id",
+        },
+        CommandSpec {
+            ty: SCHEDULE_ASSESSMENT,
+            schema: include_str!("../commands/patients/ScheduleAssessment.json"),
+            stream_key: "/patient_id",
+        },
+        CommandSpec {
+            ty: COMPLETE_ASSESSMENT,
+            schema: include_str!("../commands/patients/CompleteAssessment.json"),
+            stream_key: "/patient_id",
+        },
+        CommandSpec {
+            ty: SEND_REMINDER,
+            schema: include_str!("../commands/patients/SendReminder.json"),
+            stream_key: "/patient_id",
+        },
+        CommandSpec {
+            ty: ESCALATE_TO_CARE_TEAM,
+            schema: include_str!("../commands/patients/EscalateToCareTeam.json"),
+            stream_key: "/patient_id",
+        },
     ],
     events: &[
         EventSpec { ty: PATIENT_ENROLLED, avro: include_str!("../avro/patients/PatientEnrolled.avsc") },

@@ -212,6 +212,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     for client in 0..config.clients {
         let (http, base, tenant, summary, accepted, sent, ids) =
             (http.clone(), base.clone(), tenant.clone(), summary.clone(), accepted.clone(), sent.clone(), ids.clone());
+        let partitions = settings.amqp.partitions;
         let share = (client..config.commands).step_by(config.clients).collect::<Vec<_>>();
         clients.push(tokio::spawn(async move {
             for n in share {
@@ -221,18 +222,21 @@ pub async fn run(config: ChaosConfig) -> Summary {
                     // Past the edge, as a misbehaving producer would: data
                     // that fails its schema, with a real operation id.
                     let op = ids.issue(&tenant.name, event["source"].as_str().unwrap(), event["id"].as_str().unwrap());
-                    let mut delivered = false;
-                    for _ in 0..60 {
-                        if publish_to_exchange(&tenant, &event, &op).await {
-                            delivered = true;
+                    // Its stream's partition, as the edge would route it.
+                    let partition = sluice_schemas::names::command_partition(&tenant.name, &order_id, partitions);
+                    let mut last = Err(String::new());
+                    for _ in 0..120 {
+                        last = publish_to_exchange(&tenant, partition, &event, &op).await;
+                        if last.is_ok() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
-                    if delivered {
-                        summary.lock().await.accepted += 1;
-                        accepted.lock().await.push(Accepted { location: format!("/operations/{op}"), order_id });
+                    if let Err(e) = last {
+                        panic!("poison command {n} could not be queued within a minute: {e}");
                     }
+                    summary.lock().await.accepted += 1;
+                    accepted.lock().await.push(Accepted { location: format!("/operations/{op}"), order_id });
                     continue;
                 }
                 for _ in 0..120 {
@@ -486,44 +490,53 @@ fn order_total(order: &str) -> i64 {
     ((k % 7) + 1) as i64 * 100
 }
 
-/// Publishes a command to the exchange the way the edge does; false when the
-/// broker is unavailable or did not confirm.
-/// Publishes `event` with a confirm; false when not confirmed within 10 s
+/// Publishes `event` to the exchange the way the edge does, with a confirm; false when not confirmed within 10 s
 /// (a broker restarting can leave a connect, a confirm or a close waiting
 /// forever: lapin has no timeouts of its own).
-async fn publish_to_exchange(tenant: &TestTenant, event: &Value, operation_id: &str) -> bool {
-    let publish = publish_confirmed(tenant, event, operation_id);
-    tokio::time::timeout(Duration::from_secs(10), publish).await.unwrap_or(false)
+async fn publish_to_exchange(
+    tenant: &TestTenant,
+    partition: u16,
+    event: &Value,
+    operation_id: &str,
+) -> Result<(), String> {
+    let publish = publish_confirmed(tenant, partition, event, operation_id);
+    tokio::time::timeout(Duration::from_secs(10), publish).await.unwrap_or_else(|_| Err("no confirm in 10 s".into()))
 }
 
-async fn publish_confirmed(tenant: &TestTenant, event: &Value, operation_id: &str) -> bool {
-    let Ok(connection) =
+async fn publish_confirmed(
+    tenant: &TestTenant,
+    partition: u16,
+    event: &Value,
+    operation_id: &str,
+) -> Result<(), String> {
+    let connection =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
             .await
-    else {
-        return false;
-    };
+            .map_err(|e| e.to_string())?;
     let result = async {
-        let channel = connection.create_channel().await.ok()?;
-        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.ok()?;
+        let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
         let properties = lapin::BasicProperties::default().with_delivery_mode(2).with_message_id(operation_id.into());
         let confirm = channel
             .basic_publish(
                 "sluice.commands".into(),
-                format!("{}.orders", tenant.name).as_str().into(),
+                sluice_schemas::names::routing_key(&tenant.name, "orders", partition).as_str().into(),
                 lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
                 event.to_string().as_bytes(),
                 properties,
             )
             .await
-            .ok()?
+            .map_err(|e| e.to_string())?
             .await
-            .ok()?;
-        matches!(confirm, lapin::Confirmation::Ack(None)).then_some(())
+            .map_err(|e| e.to_string())?;
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            other => Err(format!("not confirmed: {other:?}")),
+        }
     }
     .await;
     let _ = connection.close(200, "bye".into()).await;
-    result.is_some()
+    result
 }
 
 /// A little randomness without a dependency: the clock's nanoseconds, mixed.

@@ -407,18 +407,37 @@ pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, hea
     let _ = connection.close(200, "bye".into()).await;
 }
 
-/// Takes every message of a queue (acking them): for tests that inspect a DLQ.
+/// Takes every message of a queue (acking them): for tests that inspect a
+/// queue nobody else consumes. Consumes rather than `basic.get`, which
+/// quorum queues with a single active consumer refuse.
 pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+    use futures::StreamExt;
     let connection =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
             .await
             .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
     let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let depth = channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .expect("queue exists")
+        .message_count();
     let mut out = Vec::new();
-    while let Some(message) =
-        channel.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("basic.get")
-    {
-        out.push((message.delivery.properties.clone(), message.delivery.data.clone()));
+    if depth > 0 {
+        let options = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut consumer = channel
+            .basic_consume(queue.into(), "drain".into(), options, lapin::types::FieldTable::default())
+            .await
+            .expect("basic.consume");
+        while out.len() < depth as usize {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("{queue}: {} of {depth} messages came within 10 s", out.len()))
+                .expect("consumer open")
+                .expect("delivery");
+            out.push((delivery.properties.clone(), delivery.data.clone()));
+        }
     }
     let _ = connection.close(200, "bye".into()).await;
     out

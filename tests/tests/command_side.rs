@@ -170,3 +170,61 @@ async fn undecodable_and_malformed_commands_land_in_the_dlq_with_their_reason() 
     assert_eq!(queue_depth(&queue).await, 0);
     platform.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ship_delivered_twice_beside_its_submit_ends_one_way_everywhere() {
+    let tenant = TestTenant::new();
+    let mut settings = test_settings(&[&tenant]);
+    settings.amqp.partitions = 4;
+    // Queued first, so the processors find all three at once: the Submit,
+    // the Ship, and the client's retry of the same Ship.
+    let edge = Platform::start(settings.clone(), Role::Ingest).await;
+    let submit = edge.post_event(&tenant, &submit_order(&tenant, "race-submit", "o-race", "c1")).await;
+    assert_eq!(submit.status(), 202);
+    let ship = command(
+        &tenant,
+        "race-ship",
+        "com.example.orders.ShipOrder",
+        json!({"order_id": "o-race", "carrier": "ups", "tracking_number": "1Z"}),
+    );
+    let first = edge.post_event(&tenant, &ship).await;
+    let again = edge.post_event(&tenant, &ship).await;
+    assert_eq!((first.status().as_u16(), again.status().as_u16()), (202, 202));
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    let partition = sluice_schemas::names::command_partition(&tenant.name, "o-race", 4);
+    let queue = sluice_schemas::names::command_queue(&tenant.name, "orders", partition);
+    assert_eq!(queue_depth(&queue).await, 3, "one stream, one partition");
+
+    // Two processors start together: both take every partition at first,
+    // then share them (the partition moves while its commands are in flight).
+    let processors = [SluiceProcess::spawn(&settings, "processor"), SluiceProcess::spawn(&settings, "processor")];
+    let op = edge.await_operation(&tenant, &location, WAIT).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let queues = partition_queues(&settings, &tenant, "orders");
+    eventually(WAIT, "the partitions shared", || async {
+        let owners = settled_owners(&queues).await?;
+        (owners.iter().collect::<std::collections::HashSet<_>>().len() == 2).then_some(())
+    })
+    .await;
+    drop(processors);
+    assert_eq!(queue_depth(&queue).await, 0, "all three deliveries settled");
+
+    let events = stored_events(&tenant.name, "o-race").await;
+    let types: Vec<&str> = events.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(types, ["com.example.orders.OrderSubmitted", "com.example.orders.OrderShipped"]);
+    let topic = format!("{}.orders.events", tenant.name);
+    let records: Vec<_> =
+        read_topic(&topic).await.into_iter().filter(|m| m.key() == Some(b"o-race".as_slice())).collect();
+    use rdkafka::message::Message;
+    assert_eq!(records.len(), 2, "each event in Kafka once");
+    let shipped = &op["events"][0];
+    assert_eq!(shipped["type"], "com.example.orders.OrderShipped");
+    assert_eq!(
+        (shipped["partition"].as_i64().unwrap() as i32, shipped["offset"].as_i64().unwrap()),
+        (records[1].partition(), records[1].offset()),
+        "the operation points at the one record"
+    );
+    let (_, op_after) = edge.get_json(&tenant, &location).await;
+    assert_eq!(op_after["status"], "succeeded", "the duplicate did not change the answer");
+    edge.stop().await.unwrap();
+}

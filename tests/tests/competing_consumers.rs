@@ -45,7 +45,9 @@ async fn three_processor_processes_share_the_partitions_evenly_and_all_get_work(
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
     let processes: Vec<SluiceProcess> = (0..3).map(|_| SluiceProcess::spawn(&settings, "processor")).collect();
     let owners = eventually(WAIT, "six partitions held two by two by three processors", || async {
-        settled_owners(&queues).await.filter(|owners| shares(owners).values().all(|&n| n == 2) && shares(owners).len() == 3)
+        settled_owners(&queues)
+            .await
+            .filter(|owners| shares(owners).values().all(|&n| n == 2) && shares(owners).len() == 3)
     })
     .await;
 
@@ -237,7 +239,8 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
         assert!(!reason.contains("does not exist"), "{order}: decided before its Submit: {reason}");
         let events = stored_events(&tenant.name, order).await;
         let types: Vec<&str> = events.iter().map(|(_, ty, _)| ty.as_str()).collect();
-        let last = if expected == "shipped" { "com.example.orders.OrderShipped" } else { "com.example.orders.OrderCancelled" };
+        let last =
+            if expected == "shipped" { "com.example.orders.OrderShipped" } else { "com.example.orders.OrderCancelled" };
         assert_eq!(types, ["com.example.orders.OrderSubmitted", last], "{order}: the event store agrees");
         let path = format!("/orders/{order}");
         eventually(WAIT, "the read model to agree", || async {

@@ -33,12 +33,14 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     let options = StatusOptions::default();
 
     // Healthy once the projections have applied the events (no lag at all
-    // allowed) and the onboarding process waits for the assessment.
+    // allowed) and the onboarding process waits for the assessment; the
+    // partition owners once the management API's statistics have them.
     let strict = StatusOptions { max_lag: 0, ..Default::default() };
     let report = eventually(WAIT, "a healthy status", || async {
         let report = status(&settings, &strict).await.expect("status");
         let onboarding = report.tenants[0].processes.as_ref()?.iter().find(|p| p.process == "onboarding")?.clone();
-        (report.healthy && onboarding.by_stage.get("awaiting_assessment") == Some(&1)).then_some(report)
+        let owned = report.tenants[0].contexts.iter().all(|c| c.partitions.iter().all(|p| p.owner.is_some()));
+        (report.healthy && owned && onboarding.by_stage.get("awaiting_assessment") == Some(&1)).then_some(report)
     })
     .await;
     let onboarding = &report.tenants[0].processes.as_ref().unwrap()[0];

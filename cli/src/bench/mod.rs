@@ -478,7 +478,8 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     }
     // The raw and bare phases' scratch contexts (one partition each).
     let scratch = [raw::RAW_CONTEXT, bare::BARE_CONTEXT];
-    queues.extend(scratch.iter().flat_map(|c| [names::command_queue(tenant, c, 0), names::dead_letter_queue(tenant, c)]));
+    queues
+        .extend(scratch.iter().flat_map(|c| [names::command_queue(tenant, c, 0), names::dead_letter_queue(tenant, c)]));
     for queue in &queues {
         if let Err(e) = bench.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
             problems.push(format!("deleting queue {queue}: {e}"));

@@ -469,7 +469,13 @@ async fn context_status(
                     "the queue does not exist: no edge or processor has started for this tenant".into(),
                 );
             } else if queue.consumers == 0 {
-                problem(problems, Severity::Critical, "no_consumers", &name, "no processor consumes this partition".into());
+                problem(
+                    problems,
+                    Severity::Critical,
+                    "no_consumers",
+                    &name,
+                    "no processor consumes this partition".into(),
+                );
             }
             let owner = match (management, queue.exists) {
                 (Some(m), true) => m.queue(&name).await.ok().flatten().and_then(|q| owner_of(&q, &name)),

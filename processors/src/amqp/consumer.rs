@@ -92,7 +92,12 @@ where
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     let tag = format!("{}/{}", settings.instance, queue);
     let consumer = channel
-        .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     info!(%queue, "consuming partition");
     let ctx = Arc::new(ConsumerCtx { tenant: partition.tenant.clone(), queue, pipeline, settings, publisher, stop });

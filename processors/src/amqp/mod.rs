@@ -20,8 +20,9 @@ pub use topology::declare_topology;
 /// Connects to RabbitMQ as `name` (the connection name the management UI
 /// shows), with `heartbeat_s` when the URL sets no heartbeat of its own.
 pub async fn connect(url: &str, name: &str, heartbeat_s: u16) -> lapin::Result<lapin::Connection> {
-    let mut uri: lapin::uri::AMQPUri =
-        url.parse().map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(heartbeat_s);
     }
