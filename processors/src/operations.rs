@@ -1,5 +1,11 @@
 //! Operation records: what became of each command the edge accepted. The edge
 //! reads them (`GET /operations/{id}`); only processors write them.
+//!
+//! A record is settled for good: every write carries a CQL write timestamp
+//! ranked by its status ([`write_timestamp`]), so whatever order writes
+//! arrive in (a late `processing` of a slow delivery, dead-letter
+//! bookkeeping of a copy that did succeed), `succeeded` and `rejected`
+//! outrank everything and the first of them stays.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -67,6 +73,25 @@ pub trait OperationStore: Send + Sync {
     fn record(&self, op: OperationRef<'_>, status: &Status) -> impl Future<Output = Result<(), OperationError>> + Send;
 }
 
+/// Microseconds in one rank of [`write_timestamp`] (2^52 µs ≈ 142 years:
+/// wall-clock microseconds stay below it until 2112).
+const RANK: i64 = 1 << 52;
+
+/// The CQL write timestamp of a record written at `now_micros`: a status of
+/// a higher rank always wins over a lower one, whatever the clocks say.
+/// `processing` (rank 0) and `dead_lettered` (rank 1, a re-driven command
+/// can be dead-lettered again) take the latest write; `succeeded` and
+/// `rejected` (rank 2) the first one, counting down within the rank, so a
+/// command's first terminal answer is its answer forever.
+pub fn write_timestamp(status: &Status, now_micros: i64) -> i64 {
+    let now = now_micros.clamp(0, RANK - 1);
+    match status {
+        Status::Processing { .. } => now,
+        Status::DeadLettered(_) => RANK + now,
+        Status::Succeeded(_) | Status::Rejected(_) => 2 * RANK + (RANK - 1 - now),
+    }
+}
+
 pub struct CqlOperationStore {
     session: Arc<Session>,
     /// Which processor instance wrote a record (`handled_by`), for ops.
@@ -88,7 +113,8 @@ impl CqlOperationStore {
         let upsert = session
             .prepare(
                 "INSERT INTO operations (tenant, operation_id, status, command_type, source, command_id, \
-                 events, error, updated_at, attempts, handled_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 events, error, updated_at, attempts, handled_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ?",
             )
             .await
             .map_err(op_err)?;
@@ -114,7 +140,8 @@ impl OperationStore for CqlOperationStore {
             Status::Succeeded(positions) => (Some(serde_json::to_string(positions).map_err(op_err)?), None),
             Status::Rejected(reason) | Status::DeadLettered(reason) => (None, Some(reason.clone())),
         };
-        let now = CqlTimestamp(chrono::Utc::now().timestamp_millis());
+        let now_micros = chrono::Utc::now().timestamp_micros();
+        let now = CqlTimestamp(now_micros / 1_000);
         self.session
             .execute_unpaged(
                 &self.upsert,
@@ -130,10 +157,32 @@ impl OperationStore for CqlOperationStore {
                     now,
                     attempts,
                     self.instance.as_str(),
+                    write_timestamp(status, now_micros),
                 ),
             )
             .await
             .map_err(op_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_answers_outrank_everything_and_the_first_one_stays() {
+        let (early, late) = (1_764_000_000_000_000, 1_764_000_000_500_000);
+        let ok = Status::Succeeded(vec![]);
+        let no = Status::Rejected("no".into());
+        let dead = Status::DeadLettered("gave up".into());
+        let busy = Status::Processing { attempt: 2 };
+        assert!(write_timestamp(&ok, early) > write_timestamp(&busy, late), "a late processing loses");
+        assert!(write_timestamp(&ok, early) > write_timestamp(&dead, late), "late bookkeeping loses");
+        assert!(write_timestamp(&dead, early) > write_timestamp(&busy, late));
+        assert!(write_timestamp(&ok, late) > write_timestamp(&dead, early), "a re-driven command may succeed");
+        assert!(write_timestamp(&no, early) > write_timestamp(&ok, late), "the first terminal answer stays");
+        assert!(write_timestamp(&busy, late) > write_timestamp(&busy, early));
+        assert!(write_timestamp(&dead, late) > write_timestamp(&dead, early));
     }
 }

@@ -228,3 +228,45 @@ async fn a_ship_delivered_twice_beside_its_submit_ends_one_way_everywhere() {
     assert_eq!(op_after["status"], "succeeded", "the duplicate did not change the answer");
     edge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operation_settled_once_stays_settled_whatever_writes_arrive_late() {
+    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Status};
+    let session = cql_sluice().await;
+    let store = CqlOperationStore::new(session.clone(), "late-writer").await.unwrap();
+    let tenant = TestTenant::new();
+    let op = OperationRef {
+        tenant: &tenant.name,
+        operation_id: "op-late",
+        command_type: "com.example.orders.ShipOrder",
+        source: &tenant.source,
+        command_id: "late-1",
+    };
+    store.record(op, &Status::Processing { attempt: 1 }).await.unwrap();
+    store.record(op, &Status::Succeeded(vec![])).await.unwrap();
+    // What a slow delivery, dead-letter bookkeeping and a stale decision
+    // would write afterwards.
+    store.record(op, &Status::Processing { attempt: 2 }).await.unwrap();
+    store.record(op, &Status::DeadLettered("late bookkeeping".into())).await.unwrap();
+    store.record(op, &Status::Rejected("a stale decision".into())).await.unwrap();
+    let row = session
+        .query_unpaged(
+            "SELECT status, error, attempts FROM operations WHERE tenant = ? AND operation_id = ?",
+            (&tenant.name, "op-late"),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(String, Option<String>, Option<i32>)>()
+        .unwrap();
+    assert_eq!(row, ("succeeded".to_owned(), None, None), "the whole record is the succeeded one");
+
+    // A dead-lettered command re-driven later may still succeed.
+    let redriven = OperationRef { operation_id: "op-redriven", command_id: "late-2", ..op };
+    store.record(redriven, &Status::DeadLettered("retries exhausted".into())).await.unwrap();
+    store.record(redriven, &Status::Processing { attempt: 1 }).await.unwrap();
+    assert_eq!(store.status(&tenant.name, "op-redriven").await.unwrap().as_deref(), Some("dead_lettered"));
+    store.record(redriven, &Status::Succeeded(vec![])).await.unwrap();
+    assert_eq!(store.status(&tenant.name, "op-redriven").await.unwrap().as_deref(), Some("succeeded"));
+}

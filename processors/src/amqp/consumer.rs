@@ -135,15 +135,20 @@ where
 }
 
 /// Deliveries waiting behind the one each stream is on.
-#[derive(Default)]
-struct Lanes {
-    waiting: Mutex<HashMap<String, VecDeque<Delivery>>>,
+struct Lanes<T = Delivery> {
+    waiting: Mutex<HashMap<String, VecDeque<T>>>,
 }
 
-impl Lanes {
+impl<T> Default for Lanes<T> {
+    fn default() -> Self {
+        Self { waiting: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<T> Lanes<T> {
     /// Queues `delivery` behind its stream's; returns it when its stream
     /// had none running (the caller starts the lane).
-    fn enqueue(&self, key: &str, delivery: Delivery) -> Option<Delivery> {
+    fn enqueue(&self, key: &str, delivery: T) -> Option<T> {
         let mut waiting = self.waiting.lock().expect("lanes lock");
         match waiting.get_mut(key) {
             Some(queue) => {
@@ -158,7 +163,7 @@ impl Lanes {
     }
 
     /// The stream's next delivery, or `None` (and the lane ends).
-    fn next(&self, key: &str) -> Option<Delivery> {
+    fn next(&self, key: &str) -> Option<T> {
         let mut waiting = self.waiting.lock().expect("lanes lock");
         let next = waiting.get_mut(key).and_then(VecDeque::pop_front);
         if next.is_none() {
@@ -385,5 +390,24 @@ pub async fn publish_confirmed(
         Ok(Ok(other)) => Err(format!("publish to {queue} not confirmed: {other:?}")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no confirm from {queue} within 30s")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lanes;
+
+    #[test]
+    fn a_stream_runs_one_delivery_at_a_time_in_arrival_order_and_others_are_not_held() {
+        let lanes = Lanes::default();
+        assert_eq!(lanes.enqueue("o1", 1), Some(1), "o1 idle: its lane starts with it");
+        assert_eq!(lanes.enqueue("o1", 2), None, "behind 1");
+        assert_eq!(lanes.enqueue("o2", 3), Some(3), "another stream is not held by o1");
+        assert_eq!(lanes.enqueue("o1", 4), None);
+        assert_eq!(lanes.next("o1"), Some(2));
+        assert_eq!(lanes.next("o1"), Some(4));
+        assert_eq!(lanes.next("o1"), None, "the lane ends");
+        assert_eq!(lanes.enqueue("o1", 5), Some(5), "and the next delivery starts a new one");
+        assert_eq!(lanes.next("o2"), None);
     }
 }
