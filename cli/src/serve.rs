@@ -20,7 +20,7 @@ use sluice_schemas::{cql, names};
 use sluice_streams::dead_letter::dead_letter_topic;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::settings::Settings;
 
@@ -77,6 +77,42 @@ pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow
     Ok(())
 }
 
+/// Moves commands left in the queues of the topology before partitions (an
+/// upgrade) to their partition queues, and deletes those queues. Found
+/// through the management API, so an up-to-date broker sees no probe.
+async fn move_unpartitioned(settings: &Settings, tenants: &[String]) -> anyhow::Result<()> {
+    let management = crate::ops::management::Management::new(&settings.amqp.url, None)?;
+    let existing = management.queue_names().await?;
+    let mut connection = None;
+    for tenant in tenants {
+        for context in catalog::CONTEXTS {
+            let queues = sluice_processors::amqp::topology::unpartitioned_queues(&existing, tenant, context.name);
+            if queues.is_empty() {
+                continue;
+            }
+            if connection.is_none() {
+                connection = Some(connect_amqp(settings).await?);
+            }
+            let connection = connection.as_ref().expect("connected above");
+            let partitions = settings.amqp.partitions;
+            let moved = sluice_processors::amqp::topology::migrate_unpartitioned(
+                connection,
+                tenant,
+                context.name,
+                partitions,
+                &queues,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            info!(tenant, context = context.name, moved, "commands moved from the unpartitioned queues");
+        }
+    }
+    if let Some(connection) = connection {
+        let _ = connection.close(200, "moved".into()).await;
+    }
+    Ok(())
+}
+
 /// The events topics the orders projection reads (its live group, replays
 /// and rebuilds, lag): the `orders` topic of every tenant. Other contexts'
 /// topics have projections of their own ([`context_topics`]).
@@ -112,7 +148,7 @@ where
         match step().await {
             Ok(value) => return Ok(value),
             Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %e, "{what} unavailable at startup; retrying");
+                warn!(error = %e, "{what} unavailable at startup; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -143,6 +179,9 @@ pub async fn serve(
     }
 
     if role.includes(Role::Processor) {
+        if let Err(e) = move_unpartitioned(&settings, &tenants).await {
+            warn!(error = %e, "could not look for commands left in queues of the unpartitioned topology");
+        }
         let infra = sluice_processors::Infra {
             amqp_url: settings.amqp.url.clone(),
             partitions: settings.amqp.partitions,

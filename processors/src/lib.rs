@@ -323,7 +323,6 @@ async fn run_connected(
         }
     }
     amqp::close_quietly(channel.close(200, "declared".into())).await;
-
     let settings = ConsumerSettings {
         prefetch: config.prefetch,
         max_attempts: config.max_attempts,

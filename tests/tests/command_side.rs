@@ -270,3 +270,44 @@ async fn an_operation_settled_once_stays_settled_whatever_writes_arrive_late() {
     store.record(redriven, &Status::Succeeded(vec![])).await.unwrap();
     assert_eq!(store.status(&tenant.name, "op-redriven").await.unwrap().as_deref(), Some("succeeded"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_left_in_the_unpartitioned_queues_reach_their_partitions_after_an_upgrade() {
+    let tenant = TestTenant::new();
+    let mut settings = test_settings(&[&tenant]);
+    settings.amqp.partitions = 4;
+    // The queues of the version before partitions, each holding a command
+    // it had accepted: one waiting in the work queue, one in a delay queue.
+    let legacy = format!("{}.orders.commands", tenant.name);
+    let delayed = format!("{legacy}.retry.{}", settings.processor.retry_delays_ms[0]);
+    let connection =
+        lapin::Connection::connect(&settings.amqp.url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    for queue in [&legacy, &delayed] {
+        let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.as_str().into(), durable, quorum.clone()).await.unwrap();
+    }
+    let _ = connection.close(200, "declared".into()).await;
+    let ids = sluice_schemas::operation_id::OperationIds::new(&settings.ingest.operation_secret);
+    let mut locations = Vec::new();
+    for (queue, id, order) in [(&legacy, "up-1", "o-up-1"), (&delayed, "up-2", "o-up-2")] {
+        let event = submit_order(&tenant, id, order, "c1");
+        let op = ids.issue(&tenant.name, &tenant.source, id);
+        publish_raw(queue, event.to_string().as_bytes(), Some(&op), FieldTable::default()).await;
+        locations.push(format!("/operations/{op}"));
+    }
+
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    for location in &locations {
+        let op = platform.await_operation(&tenant, location, WAIT).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+    }
+    for order in ["o-up-1", "o-up-2"] {
+        assert_eq!(stored_events(&tenant.name, order).await.len(), 1, "{order} decided once");
+    }
+    assert!(queue_info(&legacy).await.and_then(|q| q["name"].as_str().map(str::to_owned)).is_none(), "deleted");
+    assert!(queue_info(&delayed).await.and_then(|q| q["name"].as_str().map(str::to_owned)).is_none(), "deleted");
+    platform.stop().await.unwrap();
+}

@@ -108,6 +108,17 @@ impl Management {
         }
     }
 
+    /// The names of every queue of the vhost.
+    pub async fn queue_names(&self) -> Result<Vec<String>, OpsError> {
+        let path = format!("/queues/{}?columns=name", encode(&self.vhost));
+        match self.request(Method::GET, &path, None).await? {
+            (s, Value::Array(queues)) if s.is_success() => {
+                Ok(queues.iter().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect())
+            }
+            (s, v) => Err(OpsError::Management(format!("GET {path}: {s} {v}"))),
+        }
+    }
+
     /// A queue's details, `None` if it does not exist.
     pub async fn queue(&self, name: &str) -> Result<Option<Value>, OpsError> {
         let path = format!("/queues/{}/{}", encode(&self.vhost), encode(name));
