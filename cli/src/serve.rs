@@ -168,6 +168,10 @@ pub async fn serve(
     if settings.tenants.is_empty() {
         bail!("no tenants configured: add [[tenants]] to the config file");
     }
+    let problems = sluice_ingest::auth::validate_tenants(&settings.tenants);
+    if !problems.is_empty() {
+        bail!("invalid tenants: {}", problems.join("; "));
+    }
     let session = until_available("the CQL store", &shutdown, || connect_cql(&settings)).await?;
     let tenants = settings.tenant_names();
     let mut roles = JoinSet::new();

@@ -144,10 +144,16 @@ impl Settings {
                     .unwrap_or_else(|| key.as_str().replace("__", ".").into())
             });
         figment = figment.merge(env);
-        figment.extract::<Settings>().map_err(|errors| {
+        let settings = figment.extract::<Settings>().map_err(|errors| {
             let lines: Vec<String> = errors.into_iter().map(|e| format!("  - {e}")).collect();
             format!("invalid configuration:\n{}", lines.join("\n"))
-        })
+        })?;
+        let problems = sluice_ingest::auth::validate_tenants(&settings.tenants);
+        if !problems.is_empty() {
+            let lines: Vec<String> = problems.into_iter().map(|p| format!("  - {p}")).collect();
+            return Err(format!("invalid configuration:\n{}", lines.join("\n")));
+        }
+        Ok(settings)
     }
 
     pub fn tenant_names(&self) -> Vec<String> {

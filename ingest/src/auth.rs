@@ -29,6 +29,59 @@ pub struct TenantConfig {
     pub keys: Vec<KeyConfig>,
 }
 
+/// What a configuration's tenants must satisfy, every problem named by its
+/// entry: names `[a-z][a-z0-9-]{0,39}` (they become parts of queue, topic and
+/// group names, which are read back by their structure: a dot would make
+/// `acme.eu` read as `acme`), unique names, source prefixes that start and
+/// end with `/` (so `/acme` cannot also cover `/acmecorp/…`) and that no two
+/// tenants share or nest, and key hashes unique across all tenants.
+pub fn validate_tenants(tenants: &[TenantConfig]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let valid_name = |n: &str| {
+        let mut bytes = n.bytes();
+        matches!(bytes.next(), Some(b'a'..=b'z'))
+            && n.len() <= 40
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let mut names = std::collections::HashSet::new();
+    let mut hashes: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (i, tenant) in tenants.iter().enumerate() {
+        let entry = format!("tenants[{i}] ({:?})", tenant.name);
+        if !valid_name(&tenant.name) {
+            problems.push(format!(
+                "{entry}: a tenant name is 1 to 40 of a-z, 0-9 and '-', starting with a letter (no dots)"
+            ));
+        }
+        if !names.insert(tenant.name.as_str()) {
+            problems.push(format!("{entry}: the name is used by an earlier tenant"));
+        }
+        for prefix in &tenant.sources {
+            if !(prefix.starts_with('/') && prefix.ends_with('/') && prefix.len() > 1) {
+                problems.push(format!("{entry}: source prefix {prefix:?} must start and end with '/'"));
+            }
+        }
+        for key in &tenant.keys {
+            let hash = key.sha256.to_ascii_lowercase();
+            if let Some(other) = hashes.insert(hash, tenant.name.clone()) {
+                problems.push(format!("{entry}: key {:?} has the same hash as a key of tenant {other:?}", key.name));
+            }
+        }
+    }
+    for (i, a) in tenants.iter().enumerate() {
+        for b in &tenants[i + 1..] {
+            for pa in &a.sources {
+                for pb in b.sources.iter().filter(|pb| pa.starts_with(pb.as_str()) || pb.starts_with(pa.as_str())) {
+                    problems.push(format!(
+                        "tenants {:?} and {:?}: source prefixes {pa:?} and {pb:?} overlap (a source must name one tenant)",
+                        a.name, b.name
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -145,5 +198,37 @@ mod tests {
         assert!(!caller.may_send_as("/globex/shop"));
         assert!(caller.may_send("a.B") && !caller.may_send("a.C"));
         assert!(keys.authenticate("wrong").is_none());
+    }
+
+    fn tenant_config(name: &str, prefix: &str, key: &str) -> TenantConfig {
+        TenantConfig {
+            name: name.into(),
+            sources: vec![prefix.into()],
+            keys: vec![KeyConfig { sha256: hex::encode(hash_key(key)), commands: vec![], name: format!("{name}-k") }],
+        }
+    }
+
+    #[test]
+    fn tenant_names_prefixes_and_keys_are_checked_and_each_problem_names_its_entry() {
+        let good = [tenant_config("acme", "/acme/", "a"), tenant_config("globex-2", "/globex/", "b")];
+        assert!(validate_tenants(&good).is_empty());
+        let cases: &[(&[TenantConfig], &str)] = &[
+            (&[tenant_config("acme.eu", "/acme-eu/", "a")], "tenants[0] (\"acme.eu\"): a tenant name"),
+            (&[tenant_config("Acme", "/acme/", "a")], "a tenant name is 1 to 40"),
+            (
+                &[tenant_config("acme", "/acme/", "a"), tenant_config("acme", "/other/", "b")],
+                "used by an earlier tenant",
+            ),
+            (&[tenant_config("acme", "/acme", "a")], "must start and end with '/'"),
+            (
+                &[tenant_config("acme", "/acme/", "a"), tenant_config("globex", "/globex/", "a")],
+                "same hash as a key of tenant \"acme\"",
+            ),
+            (&[tenant_config("acme", "/shop/", "a"), tenant_config("globex", "/shop/eu/", "b")], "overlap"),
+        ];
+        for (tenants, expected) in cases {
+            let problems = validate_tenants(tenants);
+            assert!(problems.iter().any(|p| p.contains(expected)), "{expected:?} in {problems:?}");
+        }
     }
 }

@@ -324,6 +324,13 @@ fn admit(
     event: &CloudEvent,
     traceparent: Option<String>,
 ) -> Result<QueuedCommand, Problem> {
+    if event.source.starts_with(&names::process_source_prefix(&caller.tenant)) {
+        return Err(Problem::forbidden(format!(
+            "source {} is reserved for the platform's process managers",
+            event.source
+        ))
+        .at_attribute("source"));
+    }
     if !caller.may_send_as(&event.source) {
         return Err(
             Problem::forbidden(format!("this key may not send as source {}", event.source)).at_attribute("source")

@@ -25,14 +25,14 @@ use crate::orders;
 use crate::store::tables::{Row, Tables};
 use crate::store::{rm_err, ReadModelError};
 
-/// The tenant a topic belongs to (`<tenant>.<context>.events`).
+/// The tenant an events topic belongs to (`<tenant>.<context>.events`).
 pub fn tenant_of(topic: &str) -> Option<&str> {
-    topic.split('.').next().filter(|t| !t.is_empty())
+    sluice_schemas::names::parse_events_topic(topic).map(|(tenant, _)| tenant)
 }
 
-/// The bounded context a topic belongs to (`<tenant>.<context>.events`).
+/// The bounded context an events topic belongs to.
 pub fn context_of(topic: &str) -> Option<&str> {
-    topic.split('.').nth(1)
+    sluice_schemas::names::parse_events_topic(topic).map(|(_, context)| context)
 }
 
 /// What became of a record.

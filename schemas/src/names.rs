@@ -37,9 +37,28 @@ pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
+/// The sources the platform's process managers send their commands as:
+/// reserved, so no client can send a (source, id) a process step will use.
+pub fn process_source_prefix(tenant: &str) -> String {
+    format!("/{tenant}/processes/")
+}
+
+/// The CloudEvent `source` of one process manager's commands.
+pub fn process_source(tenant: &str, process: &str) -> String {
+    format!("{}{process}", process_source_prefix(tenant))
+}
+
 /// The Kafka topic holding a tenant's domain events of one context.
 pub fn events_topic(tenant: &str, context: &str) -> String {
     format!("{tenant}.{context}.events")
+}
+
+/// Tenant and context of an events topic, read by its structure
+/// (`<tenant>.<context>.events`: the context is the segment before
+/// `.events`), never by splitting at the first dot.
+pub fn parse_events_topic(topic: &str) -> Option<(&str, &str)> {
+    let (tenant, context) = topic.strip_suffix(".events")?.rsplit_once('.')?;
+    (!tenant.is_empty() && !context.is_empty()).then_some((tenant, context))
 }
 
 /// Registry subject under TopicRecordNameStrategy: each event type of a topic
@@ -62,6 +81,14 @@ mod tests {
             event_subject("acme.orders.events", "com.example.orders.OrderSubmitted"),
             "acme.orders.events-com.example.orders.OrderSubmitted"
         );
+    }
+
+    #[test]
+    fn events_topics_are_read_by_their_structure() {
+        assert_eq!(parse_events_topic("acme.orders.events"), Some(("acme", "orders")));
+        assert_eq!(parse_events_topic("acme.eu.patients.events"), Some(("acme.eu", "patients")));
+        assert_eq!(parse_events_topic("acme.orders.events.onboarding.dlt"), None);
+        assert_eq!(parse_events_topic(".orders.events"), None);
     }
 
     #[test]

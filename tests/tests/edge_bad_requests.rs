@@ -457,6 +457,13 @@ async fn keys_sources_types_and_schemas_are_checked() {
         case("a source that only starts like the tenant's prefix", 403, "forbidden", vec![attribute("source")], |c| {
             c.structured_event(c.event_with("source", json!(format!("/{}-evil/shop", c.tenant.name))))
         }),
+        case(
+            "a source reserved for the process managers",
+            403,
+            "forbidden",
+            vec![attribute("source"), Names::Detail("reserved for the platform's process managers")],
+            |c| c.structured_event(c.event_with("source", json!(format!("/{}/processes/onboarding", c.tenant.name)))),
+        ),
         case("a type this key may not send", 403, "forbidden", vec![attribute("type")], |c| {
             c.platform
                 .http

@@ -325,7 +325,7 @@ impl Dlt {
         let (actor, reason) = who;
         let action = AuditAction {
             tenant,
-            context: topic.split('.').nth(1).unwrap_or_default(),
+            context: sluice_projections::apply::context_of(&topic).unwrap_or_default(),
             queue: &dlt,
             action: "dlt-replay",
             actor,
@@ -489,7 +489,7 @@ impl Dlt {
         let dlt = dead_letter_topic(&topic, &consumer.name);
         let action = AuditAction {
             tenant,
-            context: topic.split('.').nth(1).unwrap_or_default(),
+            context: sluice_projections::apply::context_of(&topic).unwrap_or_default(),
             queue: &dlt,
             action: "dlt-unpark",
             actor: who.0,

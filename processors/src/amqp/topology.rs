@@ -124,14 +124,9 @@ pub async fn migrate_unpartitioned(
     queues: &[String],
 ) -> Result<u64, String> {
     let mut moved = 0;
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     for queue in queues {
         let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-        let depth = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .message_count();
+        let depth = message_count(&channel, queue).await?;
         let publisher = connection.create_channel().await.map_err(|e| e.to_string())?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
         channel.basic_qos(256, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
@@ -153,11 +148,7 @@ pub async fn migrate_unpartitioned(
         // Only if empty (quorum queues refuse `if-empty`, so looked at
         // first): an edge of the old version may still publish to it.
         let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-        let left = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .message_count();
+        let left = message_count(&channel, queue).await?;
         if left == 0 {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -172,6 +163,13 @@ pub async fn migrate_unpartitioned(
     Ok(moved)
 }
 
+/// Messages ready in an existing queue.
+async fn message_count(channel: &Channel, queue: &str) -> Result<u32, String> {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await;
+    declared.map(|q| q.message_count()).map_err(|e| e.to_string())
+}
+
 /// The partition queue a command message belongs in: its stream key's. A
 /// message whose key cannot be read (not a CloudEvent, unknown type, no key)
 /// fails the same way in any partition: it goes to partition 0.
@@ -181,9 +179,7 @@ pub fn home_queue(tenant: &str, context: &str, body: &[u8], partitions: u16) -> 
 
 /// The partition of a command message's stream, when its key can be read.
 pub fn home_partition(tenant: &str, body: &[u8], partitions: u16) -> Option<u16> {
-    let event = CloudEvent::from_json(serde_json::from_slice(body).ok()?).ok()?;
-    let key = catalog::stream_key(&event.ty, event.data.as_ref()?)?;
-    Some(names::command_partition(tenant, key, partitions))
+    stream_key_of(body).map(|key| names::command_partition(tenant, &key, partitions))
 }
 
 /// The stream key of a command message, when it can be read.

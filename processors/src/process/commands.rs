@@ -30,7 +30,7 @@ pub struct OutgoingCommand<'a> {
 impl OutgoingCommand<'_> {
     /// The CloudEvent `source` of a process's commands.
     pub fn source(&self) -> String {
-        format!("/{}/processes/{}", self.tenant, self.process)
+        names::process_source(self.tenant, self.process)
     }
 
     /// The CloudEvent `id`: one per step of one process instance.

@@ -344,7 +344,9 @@ where
     T: TimerStore,
     C: CommandSender,
 {
-    let Some(tenant) = record.topic().split('.').next() else { return Ok(Handling::Ignored) };
+    let Some((tenant, _)) = sluice_schemas::names::parse_events_topic(record.topic()) else {
+        return Ok(Handling::Ignored);
+    };
     let (name, value) = decode_record(codec, dead_letters, record).await?;
     // Events of the context that the process does not follow pass by.
     let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };

@@ -1,0 +1,61 @@
+//! A configuration whose tenants would collide refuses to start, naming the
+//! entry: a tenant name with a dot (its topics and queues would read as
+//! another tenant's), two tenants sharing a key hash, overlapping source
+//! prefixes.
+
+use std::time::{Duration, Instant};
+
+use sluice_tests::*;
+
+/// Starts `sluice serve` with `settings` and returns its exit and stderr;
+/// fails if it is still running after 30 s (it started).
+fn refused_start(settings: &sluice_cli::settings::Settings) -> (std::process::ExitStatus, String) {
+    let config = std::env::temp_dir().join(format!("sluice-config-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
+    let mut child = std::process::Command::new(sluice_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--role", "all"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if began.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("sluice started with a configuration it must refuse");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_file(&config);
+    (status, stderr)
+}
+
+#[test]
+fn colliding_tenants_refuse_to_start_naming_the_entry() {
+    let (a, b) = (TestTenant::new(), TestTenant::new());
+
+    let mut dotted = test_settings(&[&a]);
+    dotted.tenants[0].name = format!("{}.eu", a.name);
+    let (status, stderr) = refused_start(&dotted);
+    assert!(!status.success());
+    assert!(stderr.contains(&format!("tenants[0] (\"{}.eu\")", a.name)) && stderr.contains("no dots"), "{stderr}");
+
+    let mut shared_key = test_settings(&[&a, &b]);
+    shared_key.tenants[1].keys = shared_key.tenants[0].keys.clone();
+    let (status, stderr) = refused_start(&shared_key);
+    assert!(!status.success());
+    assert!(stderr.contains(&format!("same hash as a key of tenant \"{}\"", a.name)), "{stderr}");
+
+    let mut nested = test_settings(&[&a, &b]);
+    nested.tenants[1].sources = vec![format!("/{}/eu/", a.name)];
+    let (status, stderr) = refused_start(&nested);
+    assert!(!status.success());
+    assert!(stderr.contains("overlap"), "{stderr}");
+}
