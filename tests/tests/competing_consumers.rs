@@ -176,8 +176,8 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
 
     // Clients, each running Submit → Ship → Cancel for its orders; one
     // processor is frozen while they run.
-    let orders_per_client = 12;
-    let clients = 12;
+    let orders_per_client = 6;
+    let clients = 24;
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
         let (edge, tenant) = (edge.clone(), tenant.clone());
@@ -212,11 +212,16 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
         }
     }
     println!("{} orders settled {:?} after the freeze", orders.len(), frozen_at.elapsed());
-    let mut redelivered = 0;
-    for queue in &queues {
-        redelivered += redeliveries(queue).await;
-    }
-    assert!(redelivered > 0, "the frozen processor held deliveries when it froze");
+    // The freeze landed mid-work: deliveries it held went to the next owner
+    // (the management API's counters lag a few seconds).
+    eventually(Duration::from_secs(30), "the frozen processor's deliveries redelivered", || async {
+        let mut redelivered = 0;
+        for queue in &queues {
+            redelivered += redeliveries(queue).await;
+        }
+        (redelivered > 0).then_some(())
+    })
+    .await;
     // Back to life: whatever it was doing when frozen, it finds done.
     frozen.thaw();
     eventually(WAIT, "the thawed processor back among the owners", || async {
