@@ -324,7 +324,7 @@ fn admit(
     event: &CloudEvent,
     traceparent: Option<String>,
 ) -> Result<QueuedCommand, Problem> {
-    if event.source.starts_with(&names::process_source_prefix(&caller.tenant)) {
+    if names::is_process_source(&caller.tenant, &event.source) {
         return Err(Problem::forbidden(format!(
             "source {} is reserved for the platform's process managers",
             event.source

@@ -43,6 +43,15 @@ pub fn process_source_prefix(tenant: &str) -> String {
     format!("/{tenant}/processes/")
 }
 
+/// Whether `source` lies in the tenant's reserved process namespace
+/// (without building the prefix: the edge asks for every command).
+pub fn is_process_source(tenant: &str, source: &str) -> bool {
+    source
+        .strip_prefix('/')
+        .and_then(|rest| rest.strip_prefix(tenant))
+        .is_some_and(|rest| rest.starts_with("/processes/"))
+}
+
 /// The CloudEvent `source` of one process manager's commands.
 pub fn process_source(tenant: &str, process: &str) -> String {
     format!("{}{process}", process_source_prefix(tenant))
@@ -81,6 +90,14 @@ mod tests {
             event_subject("acme.orders.events", "com.example.orders.OrderSubmitted"),
             "acme.orders.events-com.example.orders.OrderSubmitted"
         );
+    }
+
+    #[test]
+    fn process_sources_are_recognised_without_building_them() {
+        assert!(is_process_source("acme", &process_source("acme", "onboarding")));
+        assert!(!is_process_source("acme", "/acme/shop"));
+        assert!(!is_process_source("acme", "/acmeco/processes/x"));
+        assert!(!is_process_source("acme", "/globex/processes/onboarding"));
     }
 
     #[test]

@@ -595,6 +595,15 @@ pub async fn settled_owners(queues: &[String]) -> Option<Vec<String>> {
     Some(owners)
 }
 
+/// Redeliveries summed over `queues` (a context's partitions).
+pub async fn redeliveries_of(queues: &[String]) -> i64 {
+    let mut total = 0;
+    for queue in queues {
+        total += redeliveries(queue).await;
+    }
+    total
+}
+
 /// How many times the broker delivered messages of `queue` again.
 pub async fn redeliveries(queue: &str) -> i64 {
     queue_info(queue).await.and_then(|info| info["message_stats"]["redeliver"].as_i64()).unwrap_or(0)

@@ -115,11 +115,7 @@ async fn a_processor_killed_mid_stream_hands_its_partitions_over_and_every_comma
     }
     // The kill landed mid-work: deliveries it held came back to the queues.
     eventually(WAIT, "deliveries of the killed processor redelivered", || async {
-        let mut total = 0;
-        for queue in &queues {
-            total += redeliveries(queue).await;
-        }
-        (total > 0).then_some(())
+        (redeliveries_of(&queues).await > 0).then_some(())
     })
     .await;
     // With every consumer gone, nothing left unacked can hide: empty queues
@@ -215,11 +211,7 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
     // The freeze landed mid-work: deliveries it held went to the next owner
     // (the management API's counters lag a few seconds).
     eventually(Duration::from_secs(30), "the frozen processor's deliveries redelivered", || async {
-        let mut redelivered = 0;
-        for queue in &queues {
-            redelivered += redeliveries(queue).await;
-        }
-        (redelivered > 0).then_some(())
+        (redeliveries_of(&queues).await > 0).then_some(())
     })
     .await;
     // Back to life: whatever it was doing when frozen, it finds done.
