@@ -1,5 +1,9 @@
-//! The event store: one stream per aggregate in the CQL store, appended with a
-//! lightweight transaction on the next version (optimistic concurrency).
+//! The event store: one stream per aggregate in the CQL store. A command
+//! partition's owner writes its streams' events plainly ([`EventStore::write`]):
+//! the command journal already took the decision, fenced by ownership.
+//! Process-manager streams, written by whoever consumes the triggering
+//! record, are appended with a lightweight transaction on the next version
+//! (optimistic concurrency, [`EventStore::append`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,8 +25,6 @@ pub struct StoredEvent {
     pub command_key: String,
     pub operation_id: String,
     pub recorded_at_ms: i64,
-    /// Kafka confirmed it (false until then, and for events just decided).
-    pub produced: bool,
 }
 
 /// Identifies one stream.
@@ -53,16 +55,20 @@ pub trait EventStore: Send + Sync {
         stream: StreamRef<'_>,
         events: &[StoredEvent],
     ) -> impl Future<Output = Result<Append, StoreError>> + Send;
-    /// Marks an event as confirmed by Kafka.
-    fn mark_produced(&self, stream: StreamRef<'_>, version: i64)
-        -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Writes events a partition owner journaled (idempotent: the same
+    /// rows each time).
+    fn write(
+        &self,
+        stream: StreamRef<'_>,
+        events: &[StoredEvent],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 pub struct CqlEventStore {
     session: Arc<Session>,
     load: PreparedStatement,
     insert: PreparedStatement,
-    mark: PreparedStatement,
+    upsert: PreparedStatement,
 }
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
@@ -73,7 +79,7 @@ impl CqlEventStore {
     pub async fn new(session: Arc<Session>) -> Result<Self, StoreError> {
         let load = session
             .prepare(
-                "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at, produced \
+                "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at \
                  FROM events WHERE tenant = ? AND context = ? AND stream_id = ?",
             )
             .await
@@ -85,17 +91,18 @@ impl CqlEventStore {
             )
             .await
             .map_err(store_err)?;
-        let mark = session
+        let upsert = session
             .prepare(
-                "UPDATE events SET produced = true WHERE tenant = ? AND context = ? AND stream_id = ? AND version = ?",
+                "INSERT INTO events (tenant, context, stream_id, version, event_id, event_type, payload, \
+                 command_key, operation_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .await
             .map_err(store_err)?;
-        Ok(Self { session, load, insert, mark })
+        Ok(Self { session, load, insert, upsert })
     }
 }
 
-type EventRow = (i64, String, String, String, String, String, CqlTimestamp, Option<bool>);
+type EventRow = (i64, String, String, String, String, String, CqlTimestamp);
 
 impl EventStore for CqlEventStore {
     async fn load(&self, stream: StreamRef<'_>) -> Result<Vec<StoredEvent>, StoreError> {
@@ -108,7 +115,7 @@ impl EventStore for CqlEventStore {
         rows.rows::<EventRow>()
             .map_err(store_err)?
             .map(|row| {
-                let (version, event_id, event_type, payload, command_key, operation_id, recorded_at, produced) =
+                let (version, event_id, event_type, payload, command_key, operation_id, recorded_at) =
                     row.map_err(store_err)?;
                 Ok(StoredEvent {
                     version,
@@ -118,7 +125,6 @@ impl EventStore for CqlEventStore {
                     command_key,
                     operation_id,
                     recorded_at_ms: recorded_at.0,
-                    produced: produced.unwrap_or(false),
                 })
             })
             .collect()
@@ -127,24 +133,8 @@ impl EventStore for CqlEventStore {
     async fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<Append, StoreError> {
         // A conditional batch within one partition is applied atomically: all
         // versions are new, or nothing is written.
-        let mut batch = Batch::new(BatchType::Logged);
-        let mut values = Vec::with_capacity(events.len());
-        for event in events {
-            batch.append_statement(self.insert.clone());
-            values.push((
-                stream.tenant,
-                stream.context,
-                stream.stream_id,
-                event.version,
-                event.event_id.as_str(),
-                event.event_type.as_str(),
-                event.payload.to_string(),
-                event.command_key.as_str(),
-                event.operation_id.as_str(),
-                CqlTimestamp(event.recorded_at_ms),
-            ));
-        }
-        let result = self.session.batch(&batch, values).await.map_err(store_err)?;
+        let batch = batch_of(BatchType::Logged, &self.insert, events.len());
+        let result = self.session.batch(&batch, rows(stream, events)).await.map_err(store_err)?;
         let rows = result.into_rows_result().map_err(store_err)?;
         // The first column of an LWT result is `[applied]`.
         // On a conflict the row also carries the existing columns, so read it
@@ -155,11 +145,40 @@ impl EventStore for CqlEventStore {
         Ok(if applied { Append::Applied } else { Append::Conflict })
     }
 
-    async fn mark_produced(&self, stream: StreamRef<'_>, version: i64) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.mark, (stream.tenant, stream.context, stream.stream_id, version))
-            .await
-            .map_err(store_err)?;
+    async fn write(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<(), StoreError> {
+        // One partition: the batch costs one write.
+        let batch = batch_of(BatchType::Unlogged, &self.upsert, events.len());
+        self.session.batch(&batch, rows(stream, events)).await.map_err(store_err)?;
         Ok(())
     }
+}
+
+fn batch_of(kind: BatchType, statement: &PreparedStatement, n: usize) -> Batch {
+    let mut batch = Batch::new(kind);
+    for _ in 0..n {
+        batch.append_statement(statement.clone());
+    }
+    batch
+}
+
+type EventValues<'a> = (&'a str, &'a str, &'a str, i64, &'a str, &'a str, String, &'a str, &'a str, CqlTimestamp);
+
+fn rows<'a>(stream: StreamRef<'a>, events: &'a [StoredEvent]) -> Vec<EventValues<'a>> {
+    events
+        .iter()
+        .map(|event| {
+            (
+                stream.tenant,
+                stream.context,
+                stream.stream_id,
+                event.version,
+                event.event_id.as_str(),
+                event.event_type.as_str(),
+                event.payload.to_string(),
+                event.command_key.as_str(),
+                event.operation_id.as_str(),
+                CqlTimestamp(event.recorded_at_ms),
+            )
+        })
+        .collect()
 }

@@ -1,116 +1,289 @@
-//! Domain events to Kafka: idempotent producer (acks=all), key = aggregate id,
-//! value = Avro in Confluent wire format, CloudEvents Kafka-binding headers.
+//! Domain events to Kafka, exactly once: each command partition's owner
+//! produces through a transactional producer of its own
+//! (`transactional.id` = the partition), and commits with every transaction
+//! the journal position it relayed up to, as a consumer-group offset of the
+//! partition ([`RELAY_TOPIC`], group `sluice.relay.<tenant>.<context>.<p>`).
+//! A `read_committed` consumer sees a transaction's events together or not
+//! at all, and the next owner starts from the committed position: no event
+//! is produced twice, none is skipped. A new owner's producer fences the
+//! previous one's (its open transaction is aborted, its next call fails).
+//!
+//! Records: key = aggregate id, value = Avro in Confluent wire format,
+//! CloudEvents Kafka-binding headers.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 use sluice_schemas::catalog;
 use sluice_schemas::codec::EventCodec;
 
+use crate::amqp::consumer::PartitionRef;
 use crate::operations::EventPosition;
+
+/// The topic whose (group, partition 0) offsets hold each command
+/// partition's relay position; it holds no records.
+pub const RELAY_TOPIC: &str = "sluice.relay";
 
 /// One event ready to publish.
 #[derive(Debug, Clone)]
-pub struct OutgoingEvent<'a> {
-    pub topic: &'a str,
+pub struct OutgoingEvent {
+    pub topic: String,
     /// The aggregate id: all events of one aggregate land in one partition.
-    pub key: &'a str,
-    pub event_id: &'a str,
-    pub event_type: &'a str,
-    pub source: &'a str,
+    pub key: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub source: String,
     pub time_ms: i64,
     pub avro: apache_avro::types::Value,
-    pub traceparent: Option<&'a str>,
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// Kafka or the registry failed for now: retry with backoff.
+pub enum RelayError {
+    /// Kafka or the registry failed for now (or refused an event): the
+    /// transaction was aborted; try again with backoff.
     #[error("kafka: {0}")]
     Transient(String),
-    /// The event cannot be encoded (schema mismatch): dead-letter.
-    #[error("cannot encode event: {0}")]
-    Permanent(String),
+    /// A newer owner's producer took the partition: produce nothing more.
+    #[error("fenced by a newer owner: {0}")]
+    Fenced(String),
 }
 
-pub trait EventPublisher: Send + Sync {
-    /// Resolves once Kafka's delivery report says the event is stored.
-    fn publish(&self, event: OutgoingEvent<'_>) -> impl Future<Output = Result<EventPosition, PublishError>> + Send;
+/// The transactional side of one command partition: [`Relay::produce`]
+/// opens a transaction, then [`Relay::commit`] or [`Relay::abort`] ends it.
+pub trait Relay: Send + Sync {
+    /// Opens a transaction and produces `events` in it; resolves once every
+    /// event is acknowledged, with their positions. On an error the
+    /// transaction is aborted.
+    fn produce(
+        &self,
+        events: Vec<OutgoingEvent>,
+    ) -> impl Future<Output = Result<Vec<EventPosition>, RelayError>> + Send;
+    /// Commits the open transaction with `next` (the first journal seq it
+    /// does not cover) as the relay position.
+    fn commit(&self, next: i64) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// Aborts the open transaction: none of its events becomes visible.
+    fn abort(&self) -> impl Future<Output = Result<(), RelayError>> + Send;
 }
 
-pub struct KafkaPublisher {
-    producer: FutureProducer,
-    codec: EventCodec,
-    delivery_timeout: Duration,
+/// Opens relays: one transactional producer per owned partition.
+pub trait RelayFactory: Send + Sync {
+    type Relay: Relay + 'static;
+    /// Fences any earlier producer of the partition and returns the new one
+    /// with the committed relay position (`None`: never committed).
+    fn open(
+        &self,
+        partition: &PartitionRef,
+        owner: &str,
+    ) -> impl Future<Output = Result<(Self::Relay, Option<i64>), RelayError>> + Send;
 }
 
-impl KafkaPublisher {
-    pub fn new(brokers: &str, registry_url: &str) -> Result<Self, PublishError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "10000")
-            .create()
-            .map_err(|e| PublishError::Transient(e.to_string()))?;
-        let codec = EventCodec::new(registry_url).map_err(|e| PublishError::Transient(e.to_string()))?;
-        Ok(Self { producer, codec, delivery_timeout: Duration::from_secs(10) })
+/// Kafka and the registry.
+pub struct KafkaRelays {
+    brokers: String,
+    codec: Arc<EventCodec>,
+}
+
+impl KafkaRelays {
+    pub fn new(brokers: &str, registry_url: &str) -> Result<Self, RelayError> {
+        let codec = EventCodec::new(registry_url).map_err(|e| RelayError::Transient(e.to_string()))?;
+        Ok(Self { brokers: brokers.to_owned(), codec: Arc::new(codec) })
     }
 }
 
-impl EventPublisher for KafkaPublisher {
-    async fn publish(&self, event: OutgoingEvent<'_>) -> Result<EventPosition, PublishError> {
-        let spec = catalog::event_spec(event.event_type)
-            .ok_or_else(|| PublishError::Permanent(format!("no Avro schema for {}", event.event_type)))?;
-        let payload = self.codec.encode_value(event.topic, spec, event.avro).await.map_err(|e| {
-            if e.is_transient() {
-                PublishError::Transient(e.to_string())
-            } else {
-                PublishError::Permanent(e.to_string())
-            }
-        })?;
-        let time = chrono::DateTime::from_timestamp_millis(event.time_ms).unwrap_or_default().to_rfc3339();
-        let mut headers = OwnedHeaders::new_with_capacity(8)
-            .insert(Header { key: "ce_specversion", value: Some("1.0") })
-            .insert(Header { key: "ce_id", value: Some(event.event_id) })
-            .insert(Header { key: "ce_source", value: Some(event.source) })
-            .insert(Header { key: "ce_type", value: Some(event.event_type) })
-            .insert(Header { key: "ce_time", value: Some(time.as_str()) })
-            .insert(Header { key: "ce_subject", value: Some(event.key) })
-            .insert(Header { key: "content-type", value: Some("application/avro") });
-        if let Some(traceparent) = event.traceparent {
-            headers = headers.insert(Header { key: "traceparent", value: Some(traceparent) });
-        }
-        let record = FutureRecord::to(event.topic).key(event.key).payload(&payload).headers(headers);
-        let started = std::time::Instant::now();
-        let delivery = self
-            .producer
-            .send(record, self.delivery_timeout)
+/// The name of a partition's relay: its transactional id and its group.
+pub fn relay_name(partition: &PartitionRef) -> String {
+    format!("sluice.relay.{}.{}.{}", partition.tenant, partition.context, partition.partition)
+}
+
+/// How long a transaction call may take before it counts as failed.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn kafka_err(e: KafkaError) -> RelayError {
+    let fenced = match &e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        other => matches!(
+            other.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fatal)
+        ),
+    };
+    if fenced {
+        RelayError::Fenced(e.to_string())
+    } else {
+        RelayError::Transient(e.to_string())
+    }
+}
+
+/// Runs a blocking librdkafka call off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, RelayError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| RelayError::Transient(e.to_string()))?.map_err(kafka_err)
+}
+
+impl RelayFactory for KafkaRelays {
+    type Relay = KafkaRelay;
+
+    async fn open(&self, partition: &PartitionRef, owner: &str) -> Result<(KafkaRelay, Option<i64>), RelayError> {
+        let name = relay_name(partition);
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", format!("{owner}/{name}"))
+            .set("transactional.id", &name)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(kafka_err)?;
+        let init = producer.clone();
+        // Fences the previous owner's producer and settles its transaction.
+        blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
+        let positions: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &name)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(kafka_err)?;
+        let positions = Arc::new(positions);
+        let reader = positions.clone();
+        let committed = blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(RELAY_TOPIC, 0);
+            reader.committed_offsets(tpl, TXN_TIMEOUT)
+        })
+        .await?;
+        let position = committed.find_partition(RELAY_TOPIC, 0).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+        let group =
+            positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
+        let relay = KafkaRelay { producer, group: Arc::new(group), _positions: positions, codec: self.codec.clone() };
+        Ok((relay, position))
+    }
+}
+
+/// One partition's transactional producer.
+pub struct KafkaRelay {
+    producer: FutureProducer,
+    group: Arc<ConsumerGroupMetadata>,
+    /// Owns the group metadata's client.
+    _positions: Arc<BaseConsumer>,
+    codec: Arc<EventCodec>,
+}
+
+impl KafkaRelay {
+    async fn encode(&self, event: &OutgoingEvent) -> Result<Vec<u8>, RelayError> {
+        let spec = catalog::event_spec(&event.event_type)
+            .ok_or_else(|| RelayError::Transient(format!("no Avro schema for {}", event.event_type)))?;
+        self.codec
+            .encode_value(&event.topic, spec, event.avro.clone())
             .await
-            .map_err(|(e, _)| PublishError::Transient(e.to_string()))?;
+            .map_err(|e| RelayError::Transient(format!("registry: {e}")))
+    }
+
+    async fn produce_all(&self, events: &[OutgoingEvent]) -> Result<Vec<EventPosition>, RelayError> {
+        let mut payloads = Vec::with_capacity(events.len());
+        for event in events {
+            payloads.push(self.encode(event).await?);
+        }
+        let started = std::time::Instant::now();
+        let sends = events.iter().zip(&payloads).map(|(event, payload)| {
+            let time = chrono::DateTime::from_timestamp_millis(event.time_ms).unwrap_or_default().to_rfc3339();
+            let mut headers = OwnedHeaders::new_with_capacity(8)
+                .insert(Header { key: "ce_specversion", value: Some("1.0") })
+                .insert(Header { key: "ce_id", value: Some(event.event_id.as_str()) })
+                .insert(Header { key: "ce_source", value: Some(event.source.as_str()) })
+                .insert(Header { key: "ce_type", value: Some(event.event_type.as_str()) })
+                .insert(Header { key: "ce_time", value: Some(time.as_str()) })
+                .insert(Header { key: "ce_subject", value: Some(event.key.as_str()) })
+                .insert(Header { key: "content-type", value: Some("application/avro") });
+            if let Some(traceparent) = &event.traceparent {
+                headers = headers.insert(Header { key: "traceparent", value: Some(traceparent.as_str()) });
+            }
+            let record = FutureRecord::to(&event.topic).key(&event.key).payload(payload).headers(headers);
+            // Queued in call order: one key's events keep their order.
+            self.producer.send_result(record).map_err(|(e, _)| kafka_err(e))
+        });
+        let queued = sends.collect::<Result<Vec<_>, _>>()?;
+        let mut positions = Vec::with_capacity(events.len());
+        for (event, delivery) in events.iter().zip(queued) {
+            let delivery = delivery
+                .await
+                .map_err(|_| RelayError::Transient("producer dropped the delivery".into()))?
+                .map_err(|(e, _)| kafka_err(e))?;
+            positions.push(EventPosition {
+                event_type: event.event_type.clone(),
+                topic: event.topic.clone(),
+                partition: delivery.partition,
+                offset: delivery.offset,
+            });
+        }
         metrics::histogram!("sluice_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
-        Ok(EventPosition {
-            event_type: event.event_type.to_owned(),
-            topic: event.topic.to_owned(),
-            partition: delivery.partition,
-            offset: delivery.offset,
+        Ok(positions)
+    }
+}
+
+impl Relay for KafkaRelay {
+    async fn produce(&self, events: Vec<OutgoingEvent>) -> Result<Vec<EventPosition>, RelayError> {
+        self.producer.begin_transaction().map_err(kafka_err)?;
+        let produced = self.produce_all(&events).await;
+        self.or_abort(produced).await
+    }
+
+    async fn commit(&self, next: i64) -> Result<(), RelayError> {
+        let (producer, group) = (self.producer.clone(), self.group.clone());
+        let committed = blocking(move || {
+            let mut offsets = TopicPartitionList::new();
+            offsets.add_partition_offset(RELAY_TOPIC, 0, Offset::Offset(next))?;
+            producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
+            producer.commit_transaction(TXN_TIMEOUT)
+        })
+        .await;
+        self.or_abort(committed).await
+    }
+
+    async fn abort(&self) -> Result<(), RelayError> {
+        let producer = self.producer.clone();
+        blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await.map_err(|e| match e {
+            // A producer that cannot abort is unusable: the partition is let go.
+            RelayError::Transient(reason) => RelayError::Fenced(format!("abort failed: {reason}")),
+            fenced => fenced,
         })
     }
 }
 
+impl KafkaRelay {
+    /// Aborts the transaction when `result` is a transient error.
+    async fn or_abort<T>(&self, result: Result<T, RelayError>) -> Result<T, RelayError> {
+        match result {
+            Err(RelayError::Transient(reason)) => match self.abort().await {
+                Ok(()) => Err(RelayError::Transient(reason)),
+                Err(e) => Err(RelayError::Fenced(format!("{reason}; {e}"))),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Creates the events topics (unlimited retention) if they do not exist.
-pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), PublishError> {
+pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), RelayError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
-        .map_err(|e| PublishError::Transient(e.to_string()))?;
+        .map_err(|e| RelayError::Transient(e.to_string()))?;
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
@@ -120,12 +293,11 @@ pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) ->
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results =
-        admin.create_topics(&new_topics, &options).await.map_err(|e| PublishError::Transient(e.to_string()))?;
+    let results = admin.create_topics(&new_topics, &options).await.map_err(|e| RelayError::Transient(e.to_string()))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(PublishError::Transient(format!("creating topic {topic}: {code}"))),
+            Err((topic, code)) => return Err(RelayError::Transient(format!("creating topic {topic}: {code}"))),
         }
     }
     Ok(())

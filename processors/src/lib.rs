@@ -5,10 +5,12 @@
 //! - [`patients`]: the patient onboarding context's rules.
 //! - [`process`]: process managers (pure `react` / `on_timer`), their
 //!   durable timers and their runtime.
-//! - [`pipeline`]: one command from delivery to the decision to ack.
-//! - [`event_store`]: streams in the CQL store, LWT appends.
+//! - [`owner`]: a partition's owner, deciding its commands in rounds.
+//! - [`journal`]: the owners' decisions, fenced by ownership epochs.
+//! - [`event_store`]: streams in the CQL store.
 //! - [`operations`]: operation records the edge serves.
-//! - [`kafka`]: idempotent producer, Avro via the registry, topics.
+//! - [`kafka`]: transactional producers (exactly once), Avro via the
+//!   registry, topics.
 //! - [`amqp`]: topology, the partition consumer, retries and dead letters.
 //! - [`ownership`]: which processor consumes which partition.
 #![forbid(unsafe_code)]
@@ -16,12 +18,13 @@
 pub mod amqp;
 pub mod domain;
 pub mod event_store;
+pub mod journal;
 pub mod kafka;
 pub mod operations;
 pub mod orders;
+pub mod owner;
 pub mod ownership;
 pub mod patients;
-pub mod pipeline;
 pub mod process;
 
 use std::collections::HashMap;
@@ -42,10 +45,11 @@ use crate::amqp::consumer::PartitionRef;
 use crate::amqp::ConsumerSettings;
 use crate::domain::Aggregate;
 use crate::event_store::CqlEventStore;
-use crate::kafka::KafkaPublisher;
+use crate::journal::CqlJournal;
+use crate::kafka::KafkaRelays;
 use crate::operations::CqlOperationStore;
+use crate::owner::Backends;
 use crate::ownership::{CqlMembership, Membership};
-use crate::pipeline::Pipeline;
 use crate::process::onboarding::Onboarding;
 use crate::process::ProcessManager;
 
@@ -185,7 +189,12 @@ pub async fn run(
         );
     }
     // Kafka may be restarting while this processor starts: wait for it.
-    while let Err(e) = kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions).await {
+    let relay_topic = [kafka::RELAY_TOPIC.to_owned()];
+    let ensure = || async {
+        kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions).await?;
+        kafka::ensure_topics(&infra.kafka_brokers, &relay_topic, 1).await
+    };
+    while let Err(e) = ensure().await {
         if shutdown.is_cancelled() {
             return Ok(());
         }
@@ -194,8 +203,8 @@ pub async fn run(
     }
     let instance = if config.instance.is_empty() { default_instance() } else { config.instance.clone() };
     let pipelines = Pipelines {
-        orders: Arc::new(pipeline_for::<orders::Orders>(infra, &instance).await?),
-        patients: Arc::new(pipeline_for::<patients::Patients>(infra, &instance).await?),
+        orders: Arc::new(backends_for(infra, &instance, config).await?),
+        patients: Arc::new(backends_for(infra, &instance, config).await?),
     };
     let operations = Arc::new(
         CqlOperationStore::new(infra.session.clone(), &instance)
@@ -238,9 +247,10 @@ pub async fn run(
     Ok(())
 }
 
+/// What the owners of each context's partitions share.
 struct Pipelines {
-    orders: Arc<CqlPipeline<orders::Orders>>,
-    patients: Arc<CqlPipeline<patients::Patients>>,
+    orders: Arc<CqlBackends>,
+    patients: Arc<CqlBackends>,
 }
 
 /// The onboarding process manager on the CQL store and RabbitMQ.
@@ -431,18 +441,30 @@ fn consume_partition<'a>(
     let connection = connection.clone();
     Ok(match partition.context {
         orders::Orders::CONTEXT => {
-            let pipeline = pipelines.orders.clone();
-            Box::pin(async move { amqp::consume_partition(&connection, partition, pipeline, settings, stop).await })
+            let backends = pipelines.orders.clone();
+            Box::pin(async move {
+                amqp::consume_partition::<orders::Orders, _, _, _, _>(&connection, partition, backends, settings, stop)
+                    .await
+            })
         }
         patients::Patients::CONTEXT => {
-            let pipeline = pipelines.patients.clone();
-            Box::pin(async move { amqp::consume_partition(&connection, partition, pipeline, settings, stop).await })
+            let backends = pipelines.patients.clone();
+            Box::pin(async move {
+                amqp::consume_partition::<patients::Patients, _, _, _, _>(
+                    &connection,
+                    partition,
+                    backends,
+                    settings,
+                    stop,
+                )
+                .await
+            })
         }
         other => return Err(ProcessorError::Setup(format!("no aggregate registered for context {other}"))),
     })
 }
 
-type CqlPipeline<A> = Pipeline<A, CqlEventStore, KafkaPublisher, CqlOperationStore>;
+type CqlBackends = Backends<CqlEventStore, CqlJournal, CqlOperationStore, KafkaRelays>;
 
 /// `<hostname>-<pid>`: tells processes on one machine and across machines apart.
 fn default_instance() -> String {
@@ -452,10 +474,14 @@ fn default_instance() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn pipeline_for<A: Aggregate>(infra: &Infra, instance: &str) -> Result<CqlPipeline<A>, ProcessorError> {
+async fn backends_for(infra: &Infra, instance: &str, config: &ProcessorConfig) -> Result<CqlBackends, ProcessorError> {
     let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
-    let store = CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?;
-    let operations = CqlOperationStore::new(infra.session.clone(), instance).await.map_err(|e| setup(&e))?;
-    let publisher = KafkaPublisher::new(&infra.kafka_brokers, &infra.registry_url).map_err(|e| setup(&e))?;
-    Ok(Pipeline::new(store, publisher, operations))
+    Ok(Backends {
+        schemas: sluice_schemas::catalog::CommandSchemas::load(),
+        store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        journal: CqlJournal::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
+        operations: CqlOperationStore::new(infra.session.clone(), instance).await.map_err(|e| setup(&e))?,
+        relays: KafkaRelays::new(&infra.kafka_brokers, &infra.registry_url).map_err(|e| setup(&e))?,
+        retry_delays_ms: config.retry_delays_ms.clone(),
+    })
 }

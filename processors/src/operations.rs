@@ -5,7 +5,10 @@
 //! ranked by its status ([`write_timestamp`]), so whatever order writes
 //! arrive in (a late `processing` of a slow delivery, dead-letter
 //! bookkeeping of a copy that did succeed), `succeeded` and `rejected`
-//! outrank everything and the first of them stays.
+//! outrank everything. Terminal answers come from the command journal, so a
+//! command has one verdict; among its terminal writes the one of the newest
+//! partition owner wins (its [`Order`]), so a fenced owner's late write
+//! never shows.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,6 +66,21 @@ pub struct OperationRef<'a> {
 #[error("operation store: {0}")]
 pub struct OperationError(pub String);
 
+/// Ranks terminal writes of one operation: the partition's ownership epoch,
+/// then the owner's relay attempt (a retried transaction's positions win
+/// over an aborted one's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Order {
+    pub epoch: i64,
+    pub attempt: u32,
+}
+
+impl Order {
+    fn rank(self) -> i64 {
+        (self.epoch.clamp(0, (1 << 19) - 1) << 32) + i64::from(self.attempt)
+    }
+}
+
 pub trait OperationStore: Send + Sync {
     /// The recorded status name, if any.
     fn status(
@@ -70,7 +88,13 @@ pub trait OperationStore: Send + Sync {
         tenant: &str,
         operation_id: &str,
     ) -> impl Future<Output = Result<Option<String>, OperationError>> + Send;
-    fn record(&self, op: OperationRef<'_>, status: &Status) -> impl Future<Output = Result<(), OperationError>> + Send;
+    /// Writes the record; `order` ranks terminal statuses (ignored for others).
+    fn record(
+        &self,
+        op: OperationRef<'_>,
+        status: &Status,
+        order: Order,
+    ) -> impl Future<Output = Result<(), OperationError>> + Send;
 }
 
 /// Microseconds in one rank of [`write_timestamp`] (2^52 µs ≈ 142 years:
@@ -81,14 +105,13 @@ const RANK: i64 = 1 << 52;
 /// a higher rank always wins over a lower one, whatever the clocks say.
 /// `processing` (rank 0) and `dead_lettered` (rank 1, a re-driven command
 /// can be dead-lettered again) take the latest write; `succeeded` and
-/// `rejected` (rank 2) the first one, counting down within the rank, so a
-/// command's first terminal answer is its answer forever.
-pub fn write_timestamp(status: &Status, now_micros: i64) -> i64 {
+/// `rejected` (rank 2) the highest `order`: the newest owner's.
+pub fn write_timestamp(status: &Status, now_micros: i64, order: Order) -> i64 {
     let now = now_micros.clamp(0, RANK - 1);
     match status {
         Status::Processing { .. } => now,
         Status::DeadLettered(_) => RANK + now,
-        Status::Succeeded(_) | Status::Rejected(_) => 2 * RANK + (RANK - 1 - now),
+        Status::Succeeded(_) | Status::Rejected(_) => 2 * RANK + order.rank(),
     }
 }
 
@@ -130,7 +153,7 @@ impl OperationStore for CqlOperationStore {
         Ok(row.and_then(|(status,)| status))
     }
 
-    async fn record(&self, op: OperationRef<'_>, status: &Status) -> Result<(), OperationError> {
+    async fn record(&self, op: OperationRef<'_>, status: &Status, order: Order) -> Result<(), OperationError> {
         let attempts = match status {
             Status::Processing { attempt } => Some(i32::try_from(*attempt).unwrap_or(i32::MAX)),
             _ => None,
@@ -157,7 +180,7 @@ impl OperationStore for CqlOperationStore {
                     now,
                     attempts,
                     self.instance.as_str(),
-                    write_timestamp(status, now_micros),
+                    write_timestamp(status, now_micros, order),
                 ),
             )
             .await
@@ -171,18 +194,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn terminal_answers_outrank_everything_and_the_first_one_stays() {
+    fn terminal_answers_outrank_everything_and_the_newest_owner_wins() {
         let (early, late) = (1_764_000_000_000_000, 1_764_000_000_500_000);
         let ok = Status::Succeeded(vec![]);
-        let no = Status::Rejected("no".into());
         let dead = Status::DeadLettered("gave up".into());
         let busy = Status::Processing { attempt: 2 };
-        assert!(write_timestamp(&ok, early) > write_timestamp(&busy, late), "a late processing loses");
-        assert!(write_timestamp(&ok, early) > write_timestamp(&dead, late), "late bookkeeping loses");
-        assert!(write_timestamp(&dead, early) > write_timestamp(&busy, late));
-        assert!(write_timestamp(&ok, late) > write_timestamp(&dead, early), "a re-driven command may succeed");
-        assert!(write_timestamp(&no, early) > write_timestamp(&ok, late), "the first terminal answer stays");
-        assert!(write_timestamp(&busy, late) > write_timestamp(&busy, early));
-        assert!(write_timestamp(&dead, late) > write_timestamp(&dead, early));
+        let (first, retried, next_owner) =
+            (Order { epoch: 3, attempt: 0 }, Order { epoch: 3, attempt: 1 }, Order { epoch: 4, attempt: 0 });
+        let never = Order::default();
+        assert!(write_timestamp(&ok, early, first) > write_timestamp(&busy, late, never), "a late processing loses");
+        assert!(write_timestamp(&ok, early, first) > write_timestamp(&dead, late, never), "late bookkeeping loses");
+        assert!(write_timestamp(&dead, early, never) > write_timestamp(&busy, late, never));
+        assert!(
+            write_timestamp(&ok, early, Order::default()) > write_timestamp(&dead, late, never),
+            "a re-driven command may succeed"
+        );
+        assert!(
+            write_timestamp(&ok, early, retried) > write_timestamp(&ok, late, first),
+            "a retried relay's positions win"
+        );
+        assert!(
+            write_timestamp(&ok, early, next_owner) > write_timestamp(&ok, late, retried),
+            "a fenced owner's late write loses"
+        );
+        assert!(write_timestamp(&busy, late, never) > write_timestamp(&busy, early, never));
+        assert!(write_timestamp(&dead, late, never) > write_timestamp(&dead, early, never));
     }
 }

@@ -292,6 +292,20 @@ async fn run(
         let first = tokio::select! {
             _ = stop.cancelled() => break,
             m = consumer.recv() => m?.detach(),
+            // Everything received is applied: the positions move past the
+            // transaction markers that end the partitions.
+            _ = tokio::time::sleep(batch::IDLE) => {
+                if let Ok(now) = consumer.position() {
+                    for e in now.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            let at = positions.entry((e.topic().to_owned(), e.partition())).or_insert(o);
+                            *at = (*at).max(o);
+                        }
+                    }
+                }
+                p.remaining = remaining(&positions, &ends);
+                continue;
+            }
         };
         // In batches, like the live projector: different orders at once,
         // each order's events in order, positions moved after the batch.

@@ -81,6 +81,12 @@ pub async fn consume<C: ConsumerContext + 'static>(
                     continue;
                 }
             },
+            // Every record received is settled: move past what follows
+            // them that is no record (transaction markers).
+            _ = tokio::time::sleep(IDLE) => {
+                store_positions(consumer);
+                continue;
+            }
         };
         let records = fill(consumer, first, config).await;
         if !settle_all.settle_batch(&records, config.max_keys_in_flight).await {
@@ -167,6 +173,29 @@ pub fn next_offsets<M: Message>(batch: &[M]) -> Vec<(String, i32, i64)> {
         *entry = (*entry).max(record.offset() + 1);
     }
     next.into_iter().map(|((topic, partition), offset)| (topic.to_owned(), partition, offset)).collect()
+}
+
+/// How long a consumer waits for a record before it stores its positions.
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Stores the consumer's positions for commit. Call it only when every
+/// record received has been settled: the positions are then past them and
+/// past the transaction markers that follow them (a `read_committed`
+/// consumer never receives those, and a partition whose last record is
+/// followed by a commit marker would otherwise lag by one forever).
+pub fn store_positions<C: ConsumerContext>(consumer: &impl Consumer<C>) {
+    let Ok(positions) = consumer.position() else { return };
+    let mut list = TopicPartitionList::new();
+    for e in positions.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            let _ = list.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+        }
+    }
+    if list.count() > 0 {
+        if let Err(e) = consumer.store_offsets(&list) {
+            tracing::debug!(error = %e, "positions not stored");
+        }
+    }
 }
 
 /// Stores `next` for commit (the consumer commits stored offsets itself).

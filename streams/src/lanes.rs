@@ -22,7 +22,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::batch::{store_offsets, Settle};
+use crate::batch::{store_offsets, store_positions, Settle, IDLE};
 
 /// How many records lanes hold at most.
 #[derive(Debug, Clone)]
@@ -86,24 +86,27 @@ pub async fn consume<C: ConsumerContext + 'static>(
             }
         }
     });
-    run(records, config, stop, settle_one, |topic, partition, next| {
+    let commit = |topic: &str, partition, next| {
         if let Err(e) = store_offsets(consumer, &[(topic.to_owned(), partition, next)]) {
             // Revoked meanwhile: the partition's next owner resumes from the
             // last commit.
             debug!(error = %e, topic, partition, "offset not stored");
         }
-    })
-    .await;
+    };
+    run(records, config, stop, settle_one, commit, || store_positions(consumer)).await;
 }
 
 /// The lanes over any source of records: `commit(topic, partition, next)`
-/// hears each partition's next offset to commit as records settle.
+/// hears each partition's next offset to commit as records settle; `idle`
+/// is called when nothing arrived for a while and everything received is
+/// settled.
 pub async fn run(
     records: impl Stream<Item = OwnedMessage>,
     config: &LaneConfig,
     stop: &CancellationToken,
     settle_one: &impl Settle,
     mut commit: impl FnMut(&str, i32, i64),
+    mut idle: impl FnMut(),
 ) {
     let mut records = std::pin::pin!(records);
     // Records waiting behind the one their lane is settling; a lane is busy
@@ -140,6 +143,9 @@ pub async fn run(
                     return;
                 }
             }
+            // Nothing arrived for a while and nothing is held: move past
+            // what follows the last record that is no record (markers).
+            _ = tokio::time::sleep(IDLE), if held == 0 => idle(),
             record = records.next(), if !ended && held < config.max_in_flight.max(1) => {
                 let Some(record) = record else {
                     // The source ended: finish what is held.
@@ -201,9 +207,14 @@ mod tests {
         let stuck = Stuck { gate: Semaphore::new(0), settled: Mutex::new(Vec::new()) };
         let commits = Mutex::new(Vec::new());
         let (stop, config) = (CancellationToken::new(), LaneConfig::default());
-        let lanes = run(futures::stream::iter(records), &config, &stop, &stuck, |_, _, next| {
-            commits.lock().unwrap().push(next)
-        });
+        let lanes = run(
+            futures::stream::iter(records),
+            &config,
+            &stop,
+            &stuck,
+            |_, _, next| commits.lock().unwrap().push(next),
+            || {},
+        );
         let check = async {
             while stuck.settled.lock().unwrap().len() < 3 {
                 tokio::task::yield_now().await;

@@ -217,6 +217,7 @@ pub async fn read_record(topic: &str, partition: i32, offset: i64) -> OwnedMessa
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:9092")
             .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .create()
             .expect("kafka consumer");
@@ -849,6 +850,7 @@ pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:9092")
             .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()

@@ -85,7 +85,7 @@ async fn a_command_delivered_twice_produces_its_events_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
+async fn a_decision_journaled_but_not_yet_in_kafka_is_finished_by_the_next_owner() {
     let tenant = TestTenant::new();
     let edge = Platform::start(test_settings(&[&tenant]), Role::Ingest).await;
     let event = submit_order(&tenant, "crash-1", "o-crash", "c9");
@@ -94,25 +94,35 @@ async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
     let operation_id = location.trim_start_matches("/operations/").to_owned();
     edge.stop().await.unwrap();
 
-    // A processor appended the event and crashed before producing it: the
-    // store holds the event under this command's key, Kafka has nothing.
+    // The partition's owner journaled its decision (epoch 1) and crashed
+    // before writing the stream or producing: the journal holds the entry,
+    // the stream and Kafka have nothing, the command is still queued.
     let session = cql().await;
     let command_key = format!("{}\u{1f}{}", event["source"].as_str().unwrap(), "crash-1");
     let payload = json!({"event_id": "pre-0", "order_id": "o-crash", "version": 1, "occurred_at": 1_700_000_000_000_i64,
                          "customer_id": "c9", "currency": "EUR", "lines": [{"sku": "tea", "quantity": 1, "unit_price_cents": 5}], "total_cents": 5});
+    let journaled = json!([{"version": 1, "event_id": "pre-0", "event_type": "com.example.orders.OrderSubmitted",
+                            "payload": payload, "recorded_at_ms": 1_700_000_000_000_i64}]);
     session
         .query_unpaged(
-            "INSERT INTO sluice.events (tenant, context, stream_id, version, event_id, event_type, payload, command_key, operation_id, recorded_at) \
-             VALUES (?, 'orders', 'o-crash', 1, 'pre-0', 'com.example.orders.OrderSubmitted', ?, ?, ?, 1700000000000)",
-            (&tenant.name, payload.to_string(), &command_key, &operation_id),
+            "INSERT INTO sluice.command_journal (tenant, context, partition, seq, epoch, owner, stream_id, command_key, \
+             operation_id, command_type, source, command_id, events) \
+             VALUES (?, 'orders', 0, 0, 1, 'crashed', 'o-crash', ?, ?, 'com.example.orders.SubmitOrder', ?, 'crash-1', ?)",
+            (&tenant.name, &command_key, &operation_id, event["source"].as_str().unwrap(), journaled.to_string()),
         )
         .await
         .unwrap();
+    assert!(stored_events(&tenant.name, "o-crash").await.is_empty());
 
     let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
     let op = platform.await_operation(&tenant, &location, WAIT).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     assert_eq!(stored_events(&tenant.name, "o-crash").await.len(), 1, "decided once, not again");
+    let queue = sluice_tests::orders_queue(&tenant);
+    eventually(WAIT, "the queued command answered as already done", || async {
+        (queue_depth(&queue).await == 0).then_some(())
+    })
+    .await;
     let position = &op["events"][0];
     let record = read_record(
         position["topic"].as_str().unwrap(),
@@ -122,7 +132,7 @@ async fn events_stored_but_not_yet_in_kafka_are_produced_on_redelivery() {
     .await;
     use rdkafka::message::{Headers, Message};
     let ce_id = record.headers().unwrap().iter().find(|h| h.key == "ce_id").and_then(|h| h.value).unwrap().to_vec();
-    assert_eq!(ce_id, b"pre-0", "the stored event itself was produced");
+    assert_eq!(ce_id, b"pre-0", "the journaled event itself was produced");
     // And the read model shows it.
     let (status, order) = eventually(WAIT, "order read model", || async {
         let (s, b) = platform.get_json(&tenant, "/orders/o-crash").await;
@@ -231,7 +241,7 @@ async fn a_ship_delivered_twice_beside_its_submit_ends_one_way_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operation_settled_once_stays_settled_whatever_writes_arrive_late() {
-    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Status};
+    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Order, Status};
     let session = cql_sluice().await;
     let store = CqlOperationStore::new(session.clone(), "late-writer").await.unwrap();
     let tenant = TestTenant::new();
@@ -242,32 +252,43 @@ async fn an_operation_settled_once_stays_settled_whatever_writes_arrive_late() {
         source: &tenant.source,
         command_id: "late-1",
     };
-    store.record(op, &Status::Processing { attempt: 1 }).await.unwrap();
-    store.record(op, &Status::Succeeded(vec![])).await.unwrap();
-    // What a slow delivery, dead-letter bookkeeping and a stale decision
-    // would write afterwards.
-    store.record(op, &Status::Processing { attempt: 2 }).await.unwrap();
-    store.record(op, &Status::DeadLettered("late bookkeeping".into())).await.unwrap();
-    store.record(op, &Status::Rejected("a stale decision".into())).await.unwrap();
+    let none = Order::default();
+    let (fenced, owner) = (Order { epoch: 6, attempt: 9 }, Order { epoch: 7, attempt: 1 });
+    let position = |offset| sluice_processors::operations::EventPosition {
+        event_type: "com.example.orders.OrderShipped".into(),
+        topic: "t".into(),
+        partition: 0,
+        offset,
+    };
+    store.record(op, &Status::Processing { attempt: 1 }, none).await.unwrap();
+    store.record(op, &Status::Succeeded(vec![position(42)]), owner).await.unwrap();
+    // What a slow delivery, dead-letter bookkeeping and a fenced owner (an
+    // older epoch, with positions of a transaction that was aborted) would
+    // write afterwards.
+    store.record(op, &Status::Processing { attempt: 2 }, none).await.unwrap();
+    store.record(op, &Status::DeadLettered("late bookkeeping".into()), none).await.unwrap();
+    store.record(op, &Status::Succeeded(vec![position(7)]), fenced).await.unwrap();
     let row = session
         .query_unpaged(
-            "SELECT status, error, attempts FROM operations WHERE tenant = ? AND operation_id = ?",
+            "SELECT status, error, attempts, events FROM operations WHERE tenant = ? AND operation_id = ?",
             (&tenant.name, "op-late"),
         )
         .await
         .unwrap()
         .into_rows_result()
         .unwrap()
-        .single_row::<(String, Option<String>, Option<i32>)>()
+        .single_row::<(String, Option<String>, Option<i32>, Option<String>)>()
         .unwrap();
-    assert_eq!(row, ("succeeded".to_owned(), None, None), "the whole record is the succeeded one");
+    assert_eq!(row.0, "succeeded");
+    assert_eq!((row.1, row.2), (None, None), "the whole record is the succeeded one");
+    assert!(row.3.unwrap().contains("\"offset\":42"), "the newest owner's positions");
 
     // A dead-lettered command re-driven later may still succeed.
     let redriven = OperationRef { operation_id: "op-redriven", command_id: "late-2", ..op };
-    store.record(redriven, &Status::DeadLettered("retries exhausted".into())).await.unwrap();
-    store.record(redriven, &Status::Processing { attempt: 1 }).await.unwrap();
+    store.record(redriven, &Status::DeadLettered("retries exhausted".into()), none).await.unwrap();
+    store.record(redriven, &Status::Processing { attempt: 1 }, none).await.unwrap();
     assert_eq!(store.status(&tenant.name, "op-redriven").await.unwrap().as_deref(), Some("dead_lettered"));
-    store.record(redriven, &Status::Succeeded(vec![])).await.unwrap();
+    store.record(redriven, &Status::Succeeded(vec![]), owner).await.unwrap();
     assert_eq!(store.status(&tenant.name, "op-redriven").await.unwrap().as_deref(), Some("succeeded"));
 }
 

@@ -225,7 +225,6 @@ async fn an_instance_whose_stream_is_corrupt_is_dead_lettered_once_and_holds_bac
         command_key: String::new(),
         operation_id: String::new(),
         recorded_at_ms: 0,
-        produced: true,
     };
     let stream = StreamRef { tenant: &tenant.name, context: PROCESS_CONTEXT, stream_id: &stream_id };
     store.append(stream, &[garbage]).await.expect("garbage appended");

@@ -1,25 +1,27 @@
-//! The consumer of one partition queue: deliveries → one lane per stream →
-//! pipeline → ack, or dead letter.
+//! The consumer of one partition queue: deliveries → rounds of the
+//! partition's [`Owner`] → ack, dead letter, or retry after a backoff.
 //!
 //! The queue has a single active consumer, so while this processor holds the
-//! partition no other takes its commands. Within it, commands of different
-//! streams run concurrently (up to the prefetch), and each stream's commands
-//! run one after another in the order the queue handed them out: the order
-//! the edge accepted them. A transient failure is retried in place, after a
-//! backoff: only the failing command's stream waits, and nothing overtakes it.
+//! partition no other gets its commands; the first delivery makes it take
+//! the partition over (a new ownership epoch, which fences the previous
+//! owner). Deliveries at hand are decided together in one round, in the
+//! order the queue handed them out: the order the edge accepted them. A
+//! command sent back for a retry waits for its backoff in memory, still
+//! unacked; later commands of its stream wait behind it, other streams go on.
 //!
-//! Whatever the outcome, a dead letter is first published to the DLQ and
-//! confirmed by the broker, and only then is the original acked: a crash in
-//! between duplicates, never loses. On stop (shutdown, or the partition moves
-//! to another processor) each stream finishes the command it is on and starts
-//! no other; closing the channel hands every unstarted delivery back to the
-//! queue, in order, for the next owner.
+//! A dead letter is first published to the DLQ and confirmed by the broker,
+//! and only then is the original acked: a crash in between duplicates,
+//! never loses. Settled deliveries are acked together (`multiple`) up to the
+//! first one still waiting. On stop (shutdown, or the partition moves to
+//! another processor) the round in progress finishes and no other starts;
+//! closing the channel hands every unsettled delivery back to the queue, in
+//! order, for the next owner.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -28,26 +30,27 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection};
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::headers::{self, string};
 use super::topology::stream_key_of;
 use crate::domain::Aggregate;
 use crate::event_store::EventStore;
-use crate::kafka::EventPublisher;
+use crate::journal::Journal;
+use crate::kafka::RelayFactory;
 use crate::operations::OperationStore;
-use crate::pipeline::{IncomingCommand, Outcome, Pipeline};
+use crate::owner::{Backends, Halt, IncomingCommand, Outcome, Owner};
 
 /// Consumer settings (see `ProcessorConfig`).
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// Unacked deliveries of one partition at once.
+    /// Unacked deliveries of one partition at once (the largest round).
     pub prefetch: u16,
     pub max_attempts: u32,
-    /// Backoff before each in-place retry; attempt n waits
-    /// `retry_delays[n-1]` (the last tier repeats).
+    /// Backoff before each retry; attempt n waits `retry_delays[n-1]`
+    /// (the last tier repeats).
     pub retry_delays_ms: Vec<u64>,
     /// This processor's name: the consumer tag, so the broker (and
     /// `sluice status`) says who holds each partition.
@@ -68,22 +71,36 @@ impl PartitionRef {
     }
 }
 
-/// Consumes one partition queue until `stop` or until the channel fails.
-/// The consumer registers at once; while another processor's consumer is
-/// active on the queue, it waits (single active consumer) and takes over
-/// when that one goes.
-pub async fn consume_partition<A, S, P, O>(
+/// A delivery not settled yet.
+struct Pending {
+    delivery: Delivery,
+    headers: FieldTable,
+    /// The command, or why the message is not one.
+    command: Result<IncomingCommand, String>,
+    /// The stream it belongs to: later deliveries of it wait behind it.
+    key: String,
+    attempt: u32,
+    /// Waits for its backoff until then.
+    not_before: Instant,
+}
+
+/// Consumes one partition queue until `stop`, until the owner is fenced, or
+/// until the channel fails. The consumer registers at once; while another
+/// processor's consumer is active on the queue, it waits (single active
+/// consumer) and takes over when that one goes.
+pub async fn consume_partition<A, S, J, O, F>(
     connection: &Connection,
     partition: PartitionRef,
-    pipeline: Arc<Pipeline<A, S, P, O>>,
+    backends: Arc<Backends<S, J, O, F>>,
     settings: ConsumerSettings,
     stop: CancellationToken,
 ) -> lapin::Result<()>
 where
     A: Aggregate,
     S: EventStore + 'static,
-    P: EventPublisher + 'static,
+    J: Journal + 'static,
     O: OperationStore + 'static,
+    F: RelayFactory + 'static,
 {
     let queue = partition.queue();
     let channel = connection.create_channel().await?;
@@ -100,31 +117,145 @@ where
         )
         .await?;
     info!(%queue, "consuming partition");
-    let ctx = Arc::new(ConsumerCtx { tenant: partition.tenant.clone(), queue, pipeline, settings, publisher, stop });
-    let lanes = Arc::new(Lanes::default());
-    let tracker = TaskTracker::new();
-    let mut deliveries = std::pin::pin!(consumer.take_until(ctx.stop.clone().cancelled_owned()));
+    let ctx = Ctx { tenant: partition.tenant.clone(), queue, settings, publisher, stop: stop.clone() };
+    let mut owner: Option<Owner<A, S, J, O, F>> = None;
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut deliveries = std::pin::pin!(consumer.take_until(stop.clone().cancelled_owned()));
     let mut failure = None;
-    while let Some(delivery) = deliveries.next().await {
-        match delivery {
-            Ok(delivery) => {
-                // A message whose stream cannot be read fails on its own.
-                let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
-                if let Some(first) = lanes.enqueue(&key, delivery) {
-                    tracker.spawn(run_lane(ctx.clone(), lanes.clone(), key, first));
-                }
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
+    'rounds: loop {
+        // Wait for a delivery, or for a retry's backoff to end.
+        let now = Instant::now();
+        if !pending.iter().any(|p| p.not_before <= now) {
+            let due = pending.iter().map(|p| p.not_before).min();
+            tokio::select! {
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => pending.push_back(ctx.pending(delivery)),
+                    Some(Err(e)) => { failure = Some(e); break 'rounds; }
+                    None => break 'rounds,
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => {}
             }
         }
+        // Take whatever else has arrived.
+        while pending.len() < usize::from(ctx.settings.prefetch.max(1)) {
+            match deliveries.next().now_or_never() {
+                Some(Some(Ok(delivery))) => pending.push_back(ctx.pending(delivery)),
+                Some(Some(Err(e))) => {
+                    failure = Some(e);
+                    break 'rounds;
+                }
+                Some(None) => break 'rounds,
+                None => break,
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        let current = match &mut owner {
+            Some(owner) => owner,
+            None => match Owner::take_over(partition.clone(), &ctx.settings.instance, backends.clone(), stop.clone())
+                .await
+            {
+                Ok(taken) => owner.insert(taken),
+                Err(halt) => {
+                    log_halt(&ctx.queue, &halt);
+                    break;
+                }
+            },
+        };
+        // This round: every delivery whose stream has none waiting before it.
+        let now = Instant::now();
+        let mut held = HashSet::new();
+        let mut picked = Vec::new();
+        for (index, p) in pending.iter().enumerate() {
+            if held.contains(&p.key) {
+                continue;
+            }
+            if p.not_before > now {
+                held.insert(p.key.clone());
+                continue;
+            }
+            picked.push(index);
+        }
+        let commands: Vec<IncomingCommand> = picked
+            .iter()
+            .filter_map(|&i| {
+                let p = &pending[i];
+                p.command.as_ref().ok().map(|c| IncomingCommand { attempt: p.attempt, ..c.clone() })
+            })
+            .collect();
+        let span = info_span!("round", queue = %ctx.queue, commands = commands.len());
+        let mut outcomes = match current.round(&commands).instrument(span).await {
+            Ok(outcomes) => outcomes.into_iter(),
+            Err(halt) => {
+                log_halt(&ctx.queue, &halt);
+                break;
+            }
+        };
+        // Settle in order; what waits for a retry stays.
+        let mut settled = Vec::new();
+        for &index in &picked {
+            let p = &mut pending[index];
+            let outcome = match &p.command {
+                Ok(_) => outcomes.next().expect("one outcome per command"),
+                Err(reason) => Outcome::DeadLetter { class: "malformed_message", reason: reason.clone() },
+            };
+            let outcome = match outcome {
+                Outcome::Retry(reason) => {
+                    headers::push_history(
+                        &mut p.headers,
+                        format!("{} attempt {}: {reason}", chrono::Utc::now().to_rfc3339(), p.attempt),
+                    );
+                    metrics::counter!("sluice_commands_processed_total", "tenant" => ctx.tenant.clone(), "outcome" => "retried")
+                        .increment(1);
+                    if p.attempt >= ctx.settings.max_attempts {
+                        Outcome::DeadLetter {
+                            class: "retries_exhausted",
+                            reason: format!("gave up after {} attempts: {reason}", p.attempt),
+                        }
+                    } else {
+                        let tiers = &ctx.settings.retry_delays_ms;
+                        let delay = tiers[(p.attempt as usize - 1).min(tiers.len() - 1)];
+                        warn!(queue = %ctx.queue, %reason, delay_ms = delay, attempt = p.attempt, "transient failure, retrying after a delay");
+                        p.attempt += 1;
+                        p.not_before = Instant::now() + Duration::from_millis(delay);
+                        if let Ok(cmd) = &p.command {
+                            let cmd = IncomingCommand { attempt: p.attempt, ..cmd.clone() };
+                            if let Err(e) = current.record_retry(&cmd).await {
+                                warn!(error = %e, "could not record the retry");
+                            }
+                        }
+                        continue;
+                    }
+                }
+                other => other,
+            };
+            settled.push((index, outcome));
+        }
+        let mut done = vec![false; pending.len()];
+        let mut acks = Vec::new();
+        for (index, outcome) in settled {
+            let p = &pending[index];
+            let span = info_span!("settle", queue = %ctx.queue, operation = p.delivery.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or("-"));
+            if ctx.settle(current, p, outcome).instrument(span).await {
+                acks.push(p.delivery.delivery_tag);
+            }
+            done[index] = true;
+        }
+        let mut kept = VecDeque::with_capacity(pending.len());
+        let mut settled_deliveries = Vec::new();
+        for (index, p) in pending.drain(..).enumerate() {
+            if done[index] {
+                settled_deliveries.push(p.delivery);
+            } else {
+                kept.push_back(p);
+            }
+        }
+        pending = kept;
+        ctx.ack(settled_deliveries, &acks, pending.iter().map(|p| p.delivery.delivery_tag).min()).await;
     }
-    // Each stream finishes the command it is on; what was not started goes
-    // back to the queue with the channel.
-    ctx.stop.cancel();
-    tracker.close();
-    tracker.wait().await;
+    // What was not settled goes back to the queue with the channel.
+    stop.cancel();
     super::close_quietly(channel.close(200, "partition released".into())).await;
     super::close_quietly(ctx.publisher.close(200, "partition released".into())).await;
     info!(queue = %ctx.queue, "released partition");
@@ -134,71 +265,19 @@ where
     }
 }
 
-/// Deliveries waiting behind the one each stream is on.
-struct Lanes<T = Delivery> {
-    waiting: Mutex<HashMap<String, VecDeque<T>>>,
-}
-
-impl<T> Default for Lanes<T> {
-    fn default() -> Self {
-        Self { waiting: Mutex::new(HashMap::new()) }
+fn log_halt(queue: &str, halt: &Halt) {
+    match halt {
+        Halt::Fenced(reason) => warn!(%queue, %reason, "fenced: another processor owns the partition now"),
+        Halt::Stopped => {}
     }
 }
 
-impl<T> Lanes<T> {
-    /// Queues `delivery` behind its stream's; returns it when its stream
-    /// had none running (the caller starts the lane).
-    fn enqueue(&self, key: &str, delivery: T) -> Option<T> {
-        let mut waiting = self.waiting.lock().expect("lanes lock");
-        match waiting.get_mut(key) {
-            Some(queue) => {
-                queue.push_back(delivery);
-                None
-            }
-            None => {
-                waiting.insert(key.to_owned(), VecDeque::new());
-                Some(delivery)
-            }
-        }
-    }
-
-    /// The stream's next delivery, or `None` (and the lane ends).
-    fn next(&self, key: &str) -> Option<T> {
-        let mut waiting = self.waiting.lock().expect("lanes lock");
-        let next = waiting.get_mut(key).and_then(VecDeque::pop_front);
-        if next.is_none() {
-            waiting.remove(key);
-        }
-        next
-    }
-}
-
-async fn run_lane<A, S, P, O>(ctx: Arc<ConsumerCtx<A, S, P, O>>, lanes: Arc<Lanes>, key: String, first: Delivery)
-where
-    A: Aggregate,
-    S: EventStore,
-    P: EventPublisher,
-    O: OperationStore,
-{
-    let mut next = Some(first);
-    while let Some(delivery) = next {
-        if ctx.stop.is_cancelled() {
-            // Unacked: it returns to the queue when the channel closes.
-            return;
-        }
-        ctx.process(delivery).await;
-        next = lanes.next(&key);
-    }
-}
-
-struct ConsumerCtx<A, S, P, O> {
+struct Ctx {
     tenant: String,
     queue: String,
-    pipeline: Arc<Pipeline<A, S, P, O>>,
     settings: ConsumerSettings,
-    /// A confirm channel for DLQ copies and requeued copies.
+    /// A confirm channel for DLQ copies.
     publisher: Channel,
-    /// The partition is being released: finish the command, start no other.
     stop: CancellationToken,
 }
 
@@ -208,89 +287,15 @@ struct ConsumerCtx<A, S, P, O> {
 const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const SETTLE_TRIES: u32 = 3;
 
-impl<A, S, P, O> ConsumerCtx<A, S, P, O>
-where
-    A: Aggregate,
-    S: EventStore,
-    P: EventPublisher,
-    O: OperationStore,
-{
-    async fn process(&self, delivery: Delivery) {
-        let mut headers = headers::headers_of(&delivery);
-        let mut attempt = headers::attempt(&headers);
+impl Ctx {
+    fn pending(&self, delivery: Delivery) -> Pending {
+        let headers = headers::headers_of(&delivery);
+        let attempt = headers::attempt(&headers);
         let operation_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
-        let span = info_span!("command", tenant = %self.tenant, operation = operation_id.as_deref().unwrap_or("-"));
-        sluice_telemetry::set_parent(&span, headers::get_str(&headers, "traceparent").as_deref());
-        async {
-            let decoded = self.decode(&delivery, &headers, operation_id);
-            let outcome = loop {
-                let outcome = match &decoded {
-                    Ok(cmd) => self.pipeline.handle(&IncomingCommand { attempt, ..cmd.clone() }).await,
-                    Err(reason) => Outcome::DeadLetter { class: "malformed_message", reason: reason.clone() },
-                };
-                let (reason, appended) = match outcome {
-                    Outcome::Retry(reason) => (reason, false),
-                    Outcome::RetryAppended(reason) => (reason, true),
-                    settled => break settled,
-                };
-                let note = if appended { " (events stored)" } else { "" };
-                headers::push_history(
-                    &mut headers,
-                    format!("{} attempt {attempt}{note}: {reason}", chrono::Utc::now().to_rfc3339()),
-                );
-                metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => "retried")
-                    .increment(1);
-                if attempt >= self.settings.max_attempts && !appended {
-                    break Outcome::DeadLetter {
-                        class: "retries_exhausted",
-                        reason: format!("gave up after {attempt} attempts: {reason}"),
-                    };
-                }
-                let tiers = &self.settings.retry_delays_ms;
-                let delay = tiers[(attempt as usize - 1).min(tiers.len() - 1)];
-                warn!(%reason, delay_ms = delay, attempt, "transient failure, retrying after a delay");
-                tokio::select! {
-                    // Released meanwhile: the next owner retries it.
-                    _ = self.stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                }
-                if attempt >= self.settings.max_attempts {
-                    // Its events are stored: never dead-lettered, retried for
-                    // as long as it takes. It goes to the back of its
-                    // partition rather than holding its delivery for hours
-                    // (later commands of its stream see its events, so none
-                    // is decided as if it had not happened).
-                    break Outcome::RetryAppended(reason);
-                }
-                attempt += 1;
-            };
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match self.settle(&delivery, headers.clone(), decoded.as_ref().ok(), outcome.clone(), attempt).await {
-                    Ok(()) => return,
-                    Err(e) if tries < SETTLE_TRIES && !self.stop.is_cancelled() => {
-                        warn!(error = %e, "could not settle the delivery; trying again after a pause");
-                        tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
-                    }
-                    Err(e) => {
-                        // Never held: the delivery goes back to the queue and
-                        // is tried again; RabbitMQ's delivery limit bounds
-                        // the loop. A copy published before the failure is
-                        // found settled by its operation record.
-                        warn!(error = %e, "could not settle the delivery; handing it back");
-                        if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
-                            // The channel is gone: its unacked deliveries go
-                            // back by themselves, and the consumer reconnects.
-                            warn!(error = %e, "could not hand the delivery back");
-                        }
-                        return;
-                    }
-                }
-            }
-        }
-        .instrument(span)
-        .await
+        let command = self.decode(&delivery, &headers, operation_id);
+        // A message whose stream cannot be read is on its own.
+        let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
+        Pending { delivery, headers, command, key, attempt, not_before: Instant::now() }
     }
 
     fn decode(
@@ -311,59 +316,125 @@ where
         Ok(IncomingCommand { tenant: self.tenant.clone(), operation_id, event, attempt: 1, traceparent })
     }
 
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        mut headers: FieldTable,
-        cmd: Option<&IncomingCommand>,
-        outcome: Outcome,
-        attempt: u32,
-    ) -> Result<(), String> {
+    /// Does what the outcome asks before the ack; false when the delivery
+    /// was handed back to the queue instead (it must not be acked).
+    async fn settle<A, S, J, O, F>(&self, owner: &Owner<A, S, J, O, F>, p: &Pending, outcome: Outcome) -> bool
+    where
+        A: Aggregate,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
+    {
         let label = match &outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::AlreadyDone => "duplicate",
             Outcome::Rejected(_) => "rejected",
-            Outcome::Retry(_) | Outcome::RetryAppended(_) => "requeued",
+            Outcome::Retry(_) => "retried",
             Outcome::DeadLetter { .. } => "dead_lettered",
         };
         metrics::counter!("sluice_commands_processed_total", "tenant" => self.tenant.clone(), "outcome" => label)
             .increment(1);
-        match outcome {
-            Outcome::Succeeded | Outcome::AlreadyDone => {}
-            Outcome::Rejected(reason) => info!(%reason, "rejected"),
-            Outcome::Retry(reason) | Outcome::RetryAppended(reason) => {
-                warn!(%reason, "events stored but not yet in Kafka; back to the end of the partition");
-                headers.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt) + 1));
-                self.publish_copy(delivery, headers, &self.queue).await?;
+        let (class, reason) = match outcome {
+            Outcome::DeadLetter { class, reason } => (class, reason),
+            Outcome::Rejected(reason) => {
+                info!(%reason, "rejected");
+                return true;
             }
-            Outcome::DeadLetter { class, reason } => {
-                warn!(class, %reason, "dead-lettering");
-                metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class)
-                    .increment(1);
-                if let Some(cmd) = cmd {
-                    // Without the record the operation would say `processing`
-                    // forever: the settle is tried again.
-                    self.pipeline
-                        .record_dead_letter(cmd, &reason)
-                        .await
-                        .map_err(|e| format!("cannot record the dead letter yet: {e}"))?;
+            _ => return true,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.dead_letter(owner, p, class, &reason).await {
+                Ok(()) => return true,
+                Err(e) if tries < SETTLE_TRIES && !self.stop.is_cancelled() => {
+                    warn!(error = %e, "could not dead-letter the delivery; trying again after a pause");
+                    tokio::time::sleep(SETTLE_RETRY_PAUSE).await;
                 }
-                headers.insert(headers::REASON.into(), string(&reason));
-                headers.insert(headers::ERROR_CLASS.into(), string(class));
-                headers.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
-                headers.insert(headers::ORIGINAL_QUEUE.into(), string(&self.queue));
-                headers.insert(headers::DEAD_LETTERED_AT.into(), string(&chrono::Utc::now().to_rfc3339()));
-                self.publish_copy(delivery, headers, &names::dead_letter_queue(&self.tenant, A::CONTEXT)).await?;
+                Err(e) => {
+                    // Never held: the delivery goes back to the queue and
+                    // is tried again; RabbitMQ's delivery limit bounds the
+                    // loop (and its dead letters are re-driven).
+                    warn!(error = %e, "could not dead-letter the delivery; handing it back");
+                    let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                    if let Err(e) = p.delivery.nack(requeue).await {
+                        // The channel is gone: its unacked deliveries go
+                        // back by themselves, and the consumer reconnects.
+                        warn!(error = %e, "could not hand the delivery back");
+                    }
+                    return false;
+                }
             }
         }
-        delivery.ack(BasicAckOptions::default()).await.map(drop).map_err(|e| e.to_string())
     }
 
-    /// Publishes a copy of the delivery to `queue` with new headers and waits
-    /// for the broker's confirm.
-    async fn publish_copy(&self, delivery: &Delivery, headers: FieldTable, queue: &str) -> Result<(), String> {
-        let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
-        publish_confirmed(&self.publisher, queue, &delivery.data, properties).await
+    async fn dead_letter<A, S, J, O, F>(
+        &self,
+        owner: &Owner<A, S, J, O, F>,
+        p: &Pending,
+        class: &'static str,
+        reason: &str,
+    ) -> Result<(), String>
+    where
+        A: Aggregate,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
+    {
+        warn!(class, %reason, "dead-lettering");
+        metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class).increment(1);
+        if let Ok(cmd) = &p.command {
+            // Without the record the operation would say `processing`
+            // forever: the settle is tried again.
+            owner
+                .record_dead_letter(cmd, reason)
+                .await
+                .map_err(|e| format!("cannot record the dead letter yet: {e}"))?;
+        }
+        let mut headers = p.headers.clone();
+        headers.insert(headers::REASON.into(), string(reason));
+        headers.insert(headers::ERROR_CLASS.into(), string(class));
+        headers.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(p.attempt)));
+        headers.insert(headers::ORIGINAL_QUEUE.into(), string(&self.queue));
+        headers.insert(headers::DEAD_LETTERED_AT.into(), string(&chrono::Utc::now().to_rfc3339()));
+        let properties = p.delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let dlq = names::dead_letter_queue(&self.tenant, A::CONTEXT);
+        publish_confirmed(&self.publisher, &dlq, &p.delivery.data, properties).await
+    }
+
+    /// Acks the settled deliveries: one `multiple` ack for those below the
+    /// first delivery still waiting, one by one for the rest.
+    async fn ack(&self, settled: Vec<Delivery>, acked: &[u64], first_waiting: Option<u64>) {
+        let acked: HashSet<u64> = acked.iter().copied().collect();
+        let mut to_ack: Vec<Delivery> = settled.into_iter().filter(|d| acked.contains(&d.delivery_tag)).collect();
+        to_ack.sort_by_key(|d| d.delivery_tag);
+        let below = first_waiting.unwrap_or(u64::MAX);
+        // A nacked delivery below the prefix is no longer outstanding, so a
+        // multiple ack covers exactly the settled ones.
+        let prefix_end = to_ack.iter().rposition(|d| d.delivery_tag < below);
+        let mut result = Ok(());
+        if let Some(end) = prefix_end {
+            let multiple = BasicAckOptions { multiple: true };
+            result = to_ack[end].ack(multiple).await.map(drop);
+            for d in &to_ack[end + 1..] {
+                if result.is_ok() {
+                    result = d.ack(BasicAckOptions::default()).await.map(drop);
+                }
+            }
+        } else {
+            for d in &to_ack {
+                if result.is_ok() {
+                    result = d.ack(BasicAckOptions::default()).await.map(drop);
+                }
+            }
+        }
+        if let Err(e) = result {
+            // The channel is gone: the deliveries come back to the next
+            // owner, which finds them answered.
+            warn!(queue = %self.queue, error = %e, "could not ack");
+        }
     }
 }
 
@@ -390,24 +461,5 @@ pub async fn publish_confirmed(
         Ok(Ok(other)) => Err(format!("publish to {queue} not confirmed: {other:?}")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no confirm from {queue} within 30s")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Lanes;
-
-    #[test]
-    fn a_stream_runs_one_delivery_at_a_time_in_arrival_order_and_others_are_not_held() {
-        let lanes = Lanes::default();
-        assert_eq!(lanes.enqueue("o1", 1), Some(1), "o1 idle: its lane starts with it");
-        assert_eq!(lanes.enqueue("o1", 2), None, "behind 1");
-        assert_eq!(lanes.enqueue("o2", 3), Some(3), "another stream is not held by o1");
-        assert_eq!(lanes.enqueue("o1", 4), None);
-        assert_eq!(lanes.next("o1"), Some(2));
-        assert_eq!(lanes.next("o1"), Some(4));
-        assert_eq!(lanes.next("o1"), None, "the lane ends");
-        assert_eq!(lanes.enqueue("o1", 5), Some(5), "and the next delivery starts a new one");
-        assert_eq!(lanes.next("o2"), None);
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! - [`topology`]: partition queues and dead-letter queue of each tenant's
 //!   context, declared idempotently.
-//! - [`consumer`]: the consumer of one partition: one lane per stream, in
-//!   place retries, and ack or dead letter — always publishing (with
-//!   confirm) before acking, so no step can lose the message.
+//! - [`consumer`]: the consumer of one partition: rounds of its owner,
+//!   retries after a backoff, and ack or dead letter — always publishing
+//!   (with confirm) before acking, so no step can lose the message.
 //! - [`redrive`]: periodic re-drive of dead letters whose cause was
 //!   transient, and bookkeeping of broker-side (delivery limit) dead letters.
 //! - [`headers`]: the `x-sluice-*` headers those steps read and write.

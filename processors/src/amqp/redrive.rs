@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::consumer::publish_confirmed;
 use super::headers::{self, string};
 use super::topology::home_queue;
-use crate::operations::{OperationRef, OperationStore, Status};
+use crate::operations::{OperationRef, OperationStore, Order, Status};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RedriveReport {
@@ -100,7 +100,7 @@ pub async fn redrive_once<O: OperationStore>(
                             command_id: &event.id,
                         };
                         operations
-                            .record(op_ref, &Status::DeadLettered(reason.clone()))
+                            .record(op_ref, &Status::DeadLettered(reason.clone()), Order::default())
                             .await
                             .map_err(|e| e.to_string())?;
                     }

@@ -231,8 +231,6 @@ where
             command_key: String::new(),
             operation_id: String::new(),
             recorded_at_ms: now,
-            // A process's own stream never goes to Kafka.
-            produced: true,
         };
         self.store.append(stream, &[event]).await.map_err(step_err)
     }
@@ -466,8 +464,8 @@ mod tests {
             stream.extend_from_slice(events);
             Ok(Append::Applied)
         }
-        async fn mark_produced(&self, _: StreamRef<'_>, _: i64) -> Result<(), StoreError> {
-            Ok(())
+        async fn write(&self, _: StreamRef<'_>, _: &[StoredEvent]) -> Result<(), StoreError> {
+            unreachable!("process managers append")
         }
     }
 

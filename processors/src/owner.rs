@@ -1,0 +1,585 @@
+//! The owner of one command partition: decides its commands in rounds.
+//!
+//! While a processor owns a partition, nobody else decides its commands, so
+//! the owner keeps each stream's state in memory and decides without asking
+//! the store whether anything changed. A round takes the deliveries at hand
+//! (in the order the queue handed them out, which is the order the edge
+//! accepted them) and:
+//!
+//! 1. checks and parses each command (a malformed one is dead-lettered);
+//! 2. loads the streams it does not know yet, and reads each command's
+//!    operation record (a command already answered is answered again);
+//! 3. decides the commands in order, each on its stream's state so far;
+//! 4. journals the round's decisions in one write, conditional on the
+//!    owner's epoch ([`crate::journal`]): from here on the decisions stand;
+//! 5. writes each stream's new events in one write, records rejections,
+//!    produces the events in one Kafka transaction that also commits the
+//!    journal position, recording the successes before the commit.
+//!
+//! A failure before step 4 sends the round's commands back for a retry
+//! with backoff (the consumer holds back only their streams). After step 4
+//! the owner redoes step 5 until it succeeds (Kafka or the registry may be
+//! down for hours): a journaled decision is never dead-lettered. A new owner
+//! first redoes step 5 for every entry past the committed relay position.
+
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use sluice_schemas::catalog::CommandSchemas;
+use sluice_schemas::cloudevent::CloudEvent;
+use sluice_schemas::names;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::amqp::consumer::PartitionRef;
+use crate::domain::{Aggregate, DomainEvent, Stamp};
+use crate::event_store::{EventStore, StoredEvent, StreamRef};
+use crate::journal::{Appended, Entry, Journal, Verdict};
+use crate::kafka::{OutgoingEvent, Relay, RelayError, RelayFactory};
+use crate::operations::{EventPosition, OperationRef, OperationStore, Order, Status};
+
+/// A command as it arrives from the work queue.
+#[derive(Debug, Clone)]
+pub struct IncomingCommand {
+    pub tenant: String,
+    pub operation_id: String,
+    pub event: CloudEvent,
+    /// 1 on the first try; counts retries.
+    pub attempt: u32,
+    /// W3C trace context, carried on to the Kafka headers.
+    pub traceparent: Option<String>,
+}
+
+impl IncomingCommand {
+    fn op_ref(&self) -> OperationRef<'_> {
+        OperationRef {
+            tenant: &self.tenant,
+            operation_id: &self.operation_id,
+            command_type: &self.event.ty,
+            source: &self.event.source,
+            command_id: &self.event.id,
+        }
+    }
+}
+
+/// What the consumer does with one delivery of the round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Events stored and produced, operation recorded: ack.
+    Succeeded,
+    /// A business rule said no, operation recorded: ack.
+    Rejected(String),
+    /// Answered before (a redelivery, a resubmission): ack.
+    AlreadyDone,
+    /// Cannot ever succeed: dead-letter with the reason, then ack.
+    DeadLetter { class: &'static str, reason: String },
+    /// Not decided: a dependency failed; try again after a backoff.
+    Retry(String),
+}
+
+/// Why the owner stopped: the partition is released either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// A newer owner exists: nothing more may be written.
+    Fenced(String),
+    /// The partition is being released (stop).
+    Stopped,
+}
+
+/// What every owner of one context shares.
+pub struct Backends<S, J, O, F> {
+    /// Commands can reach the queue without the edge (ops tools, other
+    /// producers), so their data is checked against its schema here too.
+    pub schemas: CommandSchemas,
+    pub store: S,
+    pub journal: J,
+    pub operations: O,
+    pub relays: F,
+    /// Backoff between tries of what follows the journal.
+    pub retry_delays_ms: Vec<u64>,
+}
+
+/// A stream as the owner knows it.
+struct Stream<S> {
+    version: i64,
+    state: S,
+    /// Command keys decided on this stream (appended or rejected).
+    decided: HashSet<String>,
+}
+
+/// Streams held in memory per partition before the cache starts over.
+const MAX_CACHED_STREAMS: usize = 50_000;
+/// Journal entries per conditional batch (the batch also has a size limit).
+const MAX_ENTRIES_PER_WRITE: usize = 64;
+const MAX_BYTES_PER_WRITE: usize = 24 * 1024;
+/// Relayed journal entries are trimmed every this many seqs.
+const TRIM_EVERY: i64 = 1_000;
+
+pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
+    partition: PartitionRef,
+    backends: Arc<Backends<S, J, O, F>>,
+    relay: F::Relay,
+    epoch: i64,
+    /// Relay tries of this owner: ranks its operation writes.
+    relay_attempt: u32,
+    next_seq: i64,
+    /// First journal seq not yet relayed.
+    relayed: i64,
+    streams: HashMap<String, Stream<A::State>>,
+    /// A journal write failed with an unknown outcome: read it again first.
+    unsure: bool,
+    stop: CancellationToken,
+    _context: PhantomData<A>,
+}
+
+impl<A, S, J, O, F> Owner<A, S, J, O, F>
+where
+    A: Aggregate,
+    S: EventStore,
+    J: Journal,
+    O: OperationStore,
+    F: RelayFactory,
+{
+    /// Takes the partition over: a new epoch in the journal, a producer that
+    /// fences the previous owner's, then whatever the previous owner
+    /// journaled but did not finish. Tries until it succeeds, is fenced or
+    /// `stop`.
+    pub async fn take_over(
+        partition: PartitionRef,
+        owner: &str,
+        backends: Arc<Backends<S, J, O, F>>,
+        stop: CancellationToken,
+    ) -> Result<Self, Halt> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let attempt = async {
+                let epoch = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
+                let (relay, position) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
+                // A claim and an open of another processor may have come in
+                // between: only the latest claimant goes on.
+                let now = backends.journal.epoch(&partition).await.map_err(|e| e.to_string())?;
+                if now != epoch {
+                    return Ok(Err(Halt::Fenced(format!("epoch {epoch} superseded by {now} while taking over"))));
+                }
+                Ok::<_, String>(Ok((epoch, relay, position)))
+            };
+            match attempt.await {
+                Ok(Ok((epoch, relay, position))) => {
+                    let mut me = Owner {
+                        partition,
+                        backends,
+                        relay,
+                        epoch,
+                        relay_attempt: 0,
+                        next_seq: 0,
+                        relayed: position.unwrap_or(0),
+                        streams: HashMap::new(),
+                        unsure: true,
+                        stop,
+                        _context: PhantomData,
+                    };
+                    me.catch_up(position.is_some()).await?;
+                    info!(queue = %me.partition.queue(), epoch, next_seq = me.next_seq, "took the partition over");
+                    return Ok(me);
+                }
+                Ok(Err(halt)) => return Err(halt),
+                Err(reason) => {
+                    warn!(queue = %partition.queue(), %reason, "could not take the partition over yet");
+                    pause(&backends.retry_delays_ms, tries, &stop).await?;
+                }
+            }
+        }
+    }
+
+    /// Finishes every journaled entry past the relay position and learns
+    /// where the journal ends; forgets cached streams (another owner may
+    /// have changed them).
+    async fn catch_up(&mut self, position_known: bool) -> Result<(), Halt> {
+        let mut tries = 0;
+        let pending = loop {
+            tries += 1;
+            let read = async {
+                let ends = self.backends.journal.ends(&self.partition).await?;
+                if !position_known && tries == 1 {
+                    // No committed position in Kafka (never relayed, or the
+                    // group's offsets expired): the journal's note stands in.
+                    self.relayed = ends.relayed.unwrap_or(0);
+                }
+                let pending = self.backends.journal.entries_from(&self.partition, self.relayed).await?;
+                Ok::<_, crate::journal::JournalError>((ends, pending))
+            };
+            match read.await {
+                Ok((ends, pending)) => {
+                    let last = pending.last().map(|e| e.seq).into_iter().chain(ends.last_seq).max();
+                    self.next_seq = last.map_or(self.relayed, |l| (l + 1).max(self.relayed));
+                    break pending;
+                }
+                Err(e) => {
+                    warn!(queue = %self.partition.queue(), error = %e, "cannot read the journal yet");
+                    pause(&self.backends.retry_delays_ms, tries, &self.stop).await?;
+                }
+            }
+        };
+        self.streams.clear();
+        if !pending.is_empty() {
+            info!(queue = %self.partition.queue(), entries = pending.len(), "finishing what the journal holds past the relay position");
+            self.finish(&pending, &HashMap::new()).await?;
+        }
+        self.unsure = false;
+        Ok(())
+    }
+
+    /// Decides one round of commands; returns one outcome per command.
+    pub async fn round(&mut self, commands: &[IncomingCommand]) -> Result<Vec<Outcome>, Halt> {
+        if self.unsure {
+            self.catch_up(true).await?;
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; commands.len()];
+        // 1. Check and parse.
+        let mut parsed = Vec::with_capacity(commands.len());
+        for (i, cmd) in commands.iter().enumerate() {
+            match self.parse(cmd) {
+                Ok((stream_id, command)) => parsed.push((i, stream_id, Some(command))),
+                Err(outcome) => outcomes[i] = Some(outcome),
+            }
+        }
+        // 2. Load unknown streams, read operation records.
+        let unknown: Vec<String> = parsed
+            .iter()
+            .map(|(_, s, _)| s.clone())
+            .filter(|s| !self.streams.contains_key(s))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let loads = join_all(unknown.iter().map(|s| self.load(s)));
+        let statuses = join_all(
+            parsed
+                .iter()
+                .map(|(i, _, _)| self.backends.operations.status(&commands[*i].tenant, &commands[*i].operation_id)),
+        );
+        let (loads, statuses) = futures::join!(loads, statuses);
+        let mut failed: HashMap<String, String> = HashMap::new();
+        if self.streams.len() + unknown.len() > MAX_CACHED_STREAMS {
+            self.streams.clear();
+        }
+        for (stream_id, loaded) in unknown.into_iter().zip(loads) {
+            match loaded {
+                Ok(stream) => {
+                    self.streams.insert(stream_id, stream);
+                }
+                Err(e) => {
+                    failed.insert(stream_id, e);
+                }
+            }
+        }
+        // 3. Decide in order.
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut entries = Vec::new();
+        let mut entry_of = Vec::new();
+        for ((i, stream_id, command), status) in parsed.into_iter().zip(statuses) {
+            let cmd = &commands[i];
+            let settled = match status {
+                Ok(status) => status.is_some_and(|s| Status::is_settled(&s)),
+                Err(e) => {
+                    // Later commands of the stream must wait for this one.
+                    failed.entry(stream_id.clone()).or_insert_with(|| e.to_string());
+                    false
+                }
+            };
+            if let Some(reason) = failed.get(&stream_id) {
+                outcomes[i] = Some(Outcome::Retry(reason.clone()));
+                continue;
+            }
+            let key = cmd.event.command_key();
+            let stream = self.streams.get_mut(&stream_id).expect("loaded above");
+            if settled || stream.decided.contains(&key) {
+                outcomes[i] = Some(Outcome::AlreadyDone);
+                continue;
+            }
+            let stamp = Stamp { next_version: stream.version + 1, now_ms, id_seed: event_id_seed(&cmd.tenant, &key) };
+            let command = command.expect("parsed once");
+            let verdict = match A::decide(&stream.state, command, &stamp) {
+                Ok(events) => {
+                    let stored = events
+                        .iter()
+                        .map(|e| StoredEvent {
+                            version: e.version(),
+                            event_id: e.event_id().to_owned(),
+                            event_type: e.event_type().to_owned(),
+                            payload: e.to_json(),
+                            command_key: key.clone(),
+                            operation_id: cmd.operation_id.clone(),
+                            recorded_at_ms: now_ms,
+                        })
+                        .collect();
+                    let state = std::mem::take(&mut stream.state);
+                    stream.state = events.iter().fold(state, A::evolve);
+                    stream.version += events.len() as i64;
+                    Verdict::Appended(stored)
+                }
+                Err(rejection) => Verdict::Rejected(rejection.0),
+            };
+            stream.decided.insert(key.clone());
+            entries.push(Entry {
+                seq: self.next_seq,
+                stream_id,
+                command_key: key,
+                operation_id: cmd.operation_id.clone(),
+                command_type: cmd.event.ty.clone(),
+                source: cmd.event.source.clone(),
+                command_id: cmd.event.id.clone(),
+                verdict,
+            });
+            self.next_seq += 1;
+            entry_of.push(i);
+        }
+        // 4. Journal.
+        if let Err(reason) = self.journal(&entries).await? {
+            // Unknown outcome: the cached streams and seqs may be wrong.
+            for entry in &entries {
+                self.streams.remove(&entry.stream_id);
+            }
+            self.unsure = true;
+            for i in entry_of {
+                outcomes[i] = Some(Outcome::Retry(reason.clone()));
+            }
+            return Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect());
+        }
+        // 5. Stream rows, operation records, Kafka.
+        let traces: HashMap<String, String> =
+            commands.iter().filter_map(|c| Some((c.operation_id.clone(), c.traceparent.clone()?))).collect();
+        self.finish(&entries, &traces).await?;
+        for (entry, i) in entries.iter().zip(entry_of) {
+            outcomes[i] = Some(match &entry.verdict {
+                Verdict::Appended(_) => Outcome::Succeeded,
+                Verdict::Rejected(reason) => Outcome::Rejected(reason.clone()),
+            });
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect())
+    }
+
+    /// Records `processing` for commands that wait for a retry.
+    pub async fn record_retry(&self, cmd: &IncomingCommand) -> Result<(), String> {
+        let status = Status::Processing { attempt: cmd.attempt };
+        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    }
+
+    /// Records the terminal state of a command the consumer dead-lettered.
+    pub async fn record_dead_letter(&self, cmd: &IncomingCommand, reason: &str) -> Result<(), String> {
+        let status = Status::DeadLettered(reason.to_owned());
+        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    }
+
+    fn parse(&self, cmd: &IncomingCommand) -> Result<(String, A::Command), Outcome> {
+        let malformed = |reason: String| Outcome::DeadLetter { class: "malformed_command", reason };
+        let data = cmd.event.data.clone().unwrap_or_default();
+        if let Err(errors) = self.backends.schemas.validate(&cmd.event.ty, &data) {
+            let list: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.problem))
+                .collect();
+            return Err(malformed(format!("data fails its schema: {}", list.join("; "))));
+        }
+        let command = A::parse(&cmd.event.ty, data).map_err(|e| malformed(e.to_string()))?;
+        Ok((A::stream_id(&command).to_owned(), command))
+    }
+
+    async fn load(&self, stream_id: &str) -> Result<Stream<A::State>, String> {
+        let stream = StreamRef { tenant: &self.partition.tenant, context: A::CONTEXT, stream_id };
+        let history = self.backends.store.load(stream).await.map_err(|e| e.to_string())?;
+        let mut state = A::State::default();
+        let mut decided = HashSet::new();
+        for stored in &history {
+            let event = A::Event::from_json(&stored.event_type, stored.payload.clone())
+                .map_err(|e| format!("stream {stream_id} holds an unreadable event: {e}"))?;
+            state = A::evolve(state, &event);
+            decided.insert(stored.command_key.clone());
+        }
+        Ok(Stream { version: history.last().map_or(0, |e| e.version), state, decided })
+    }
+
+    /// Journals `entries` in conditional writes; `Ok(Err)` when the journal
+    /// failed (the outcome of the write is unknown).
+    async fn journal(&self, entries: &[Entry]) -> Result<Result<(), String>, Halt> {
+        let mut start = 0;
+        while start < entries.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < entries.len()
+                && end - start < MAX_ENTRIES_PER_WRITE
+                && (end == start || bytes < MAX_BYTES_PER_WRITE)
+            {
+                bytes += entry_size(&entries[end]);
+                end += 1;
+            }
+            match self.backends.journal.append(&self.partition, self.epoch, &entries[start..end]).await {
+                Ok(Appended::Applied) => {}
+                Ok(Appended::Fenced) => {
+                    return Err(Halt::Fenced(format!("epoch {} is no longer the partition's", self.epoch)))
+                }
+                Err(e) => return Ok(Err(e.to_string())),
+            }
+            start = end;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Everything that follows journaled entries, tried until it succeeds:
+    /// stream rows, rejections, then the events in one transaction with the
+    /// successes recorded before its commit.
+    async fn finish(&mut self, entries: &[Entry], traces: &HashMap<String, String>) -> Result<(), Halt> {
+        let Some(last) = entries.last() else { return Ok(()) };
+        let next = last.seq + 1;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.try_finish(entries, next, traces).await {
+                Ok(()) => break,
+                Err(RelayError::Fenced(reason)) => return Err(Halt::Fenced(reason)),
+                Err(RelayError::Transient(reason)) => {
+                    warn!(queue = %self.partition.queue(), %reason, tries, "decided commands not finished yet; trying again");
+                    metrics::counter!("sluice_relay_retries_total", "tenant" => self.partition.tenant.clone())
+                        .increment(1);
+                    // The operations say the command is being worked on.
+                    let busy = Status::Processing { attempt: tries + 1 };
+                    let (tenant, operations) = (&self.partition.tenant, &self.backends.operations);
+                    join_all(entries.iter().map(|e| operations.record(entry_op(tenant, e), &busy, Order::default())))
+                        .await;
+                    pause(&self.backends.retry_delays_ms, tries, &self.stop).await?;
+                }
+            }
+        }
+        let before = self.relayed;
+        self.relayed = self.relayed.max(next);
+        let trim = (self.relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| self.relayed - TRIM_EVERY);
+        if let Err(e) = self.backends.journal.relayed(&self.partition, self.relayed, trim).await {
+            // Only a fallback and housekeeping: the position is in Kafka.
+            warn!(error = %e, "could not note the relay position in the journal");
+        }
+        Ok(())
+    }
+
+    async fn try_finish(
+        &mut self,
+        entries: &[Entry],
+        next: i64,
+        traces: &HashMap<String, String>,
+    ) -> Result<(), RelayError> {
+        let tenant = self.partition.tenant.clone();
+        let transient = |e: String| RelayError::Transient(e);
+        // Stream rows: one write per stream, streams at once.
+        let mut by_stream: HashMap<&str, Vec<StoredEvent>> = HashMap::new();
+        for entry in entries {
+            if let Verdict::Appended(events) = &entry.verdict {
+                by_stream.entry(entry.stream_id.as_str()).or_default().extend(events.iter().cloned());
+            }
+        }
+        let writes = by_stream.iter().map(|(stream_id, events)| {
+            let stream = StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id };
+            self.backends.store.write(stream, events)
+        });
+        join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>().map_err(|e| transient(e.to_string()))?;
+        self.relay_attempt += 1;
+        let order = Order { epoch: self.epoch, attempt: self.relay_attempt };
+        let rejections: Vec<(&Entry, Status)> = entries
+            .iter()
+            .filter_map(|e| match &e.verdict {
+                Verdict::Rejected(reason) => Some((e, Status::Rejected(reason.clone()))),
+                Verdict::Appended(_) => None,
+            })
+            .collect();
+        join_all(
+            rejections.iter().map(|(e, status)| self.backends.operations.record(entry_op(&tenant, e), status, order)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
+        .map_err(|e| transient(e.to_string()))?;
+
+        let topic = names::events_topic(&tenant, A::CONTEXT);
+        let source = format!("/sluice/{tenant}/{}", A::CONTEXT);
+        let mut outgoing = Vec::new();
+        let mut owners = Vec::new();
+        for entry in entries {
+            let Verdict::Appended(events) = &entry.verdict else { continue };
+            for stored in events {
+                let event = A::Event::from_json(&stored.event_type, stored.payload.clone())
+                    .map_err(|e| transient(format!("journaled event unreadable: {e}")))?;
+                outgoing.push(OutgoingEvent {
+                    topic: topic.clone(),
+                    key: entry.stream_id.clone(),
+                    event_id: stored.event_id.clone(),
+                    event_type: stored.event_type.clone(),
+                    source: source.clone(),
+                    time_ms: stored.recorded_at_ms,
+                    avro: event.to_avro(),
+                    traceparent: sluice_telemetry::onward(
+                        &tracing::Span::current(),
+                        traces.get(&entry.operation_id).map(String::as_str),
+                    ),
+                });
+                owners.push(entry);
+            }
+        }
+        if outgoing.is_empty() {
+            return Ok(());
+        }
+        let positions = self.relay.produce(outgoing).await?;
+        // The successes are recorded before the commit: a commit that fails
+        // is redone, and the redone record (a later order) wins.
+        let mut per_entry: Vec<(&Entry, Vec<EventPosition>)> = Vec::new();
+        for (entry, position) in owners.iter().zip(positions) {
+            match per_entry.last_mut() {
+                Some((e, list)) if e.seq == entry.seq => list.push(position),
+                _ => per_entry.push((entry, vec![position])),
+            }
+        }
+        let statuses: Vec<(&Entry, Status)> =
+            per_entry.into_iter().map(|(entry, positions)| (entry, Status::Succeeded(positions))).collect();
+        let operations = &self.backends.operations;
+        let writes = statuses.iter().map(|(entry, status)| operations.record(entry_op(&tenant, entry), status, order));
+        if let Err(e) = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>() {
+            self.relay.abort().await?;
+            return Err(transient(e.to_string()));
+        }
+        self.relay.commit(next).await
+    }
+}
+
+fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
+    OperationRef {
+        tenant,
+        operation_id: &entry.operation_id,
+        command_type: &entry.command_type,
+        source: &entry.source,
+        command_id: &entry.command_id,
+    }
+}
+
+/// Rough size of an entry in a journal write.
+fn entry_size(entry: &Entry) -> usize {
+    let events = match &entry.verdict {
+        Verdict::Appended(events) => events.iter().map(|e| e.payload.to_string().len() + 128).sum(),
+        Verdict::Rejected(reason) => reason.len(),
+    };
+    256 + entry.command_key.len() + entry.stream_id.len() + events
+}
+
+/// Waits the backoff of try `tries` (1-based), or returns `Stopped`.
+async fn pause(delays_ms: &[u64], tries: u32, stop: &CancellationToken) -> Result<(), Halt> {
+    let delay = delays_ms.get((tries as usize).saturating_sub(1)).or(delays_ms.last()).copied().unwrap_or(1_000);
+    tokio::select! {
+        _ = stop.cancelled() => Err(Halt::Stopped),
+        _ = tokio::time::sleep(Duration::from_millis(delay)) => Ok(()),
+    }
+}
+
+/// Event ids are a UUID v5 of tenant and command key: the same command always
+/// yields the same ids, so consumers can dedupe across redeliveries.
+fn event_id_seed(tenant: &str, command_key: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{tenant}\u{1f}{command_key}").as_bytes()).to_string()
+}
