@@ -12,6 +12,7 @@
 //! CloudEvents Kafka-binding headers.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,7 +107,7 @@ pub fn relay_name(partition: &PartitionRef) -> String {
 }
 
 /// How long a transaction call may take before it counts as failed.
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+const TXN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn kafka_err(e: KafkaError) -> RelayError {
     let fenced = match &e {
@@ -143,7 +144,9 @@ impl RelayFactory for KafkaRelays {
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("transaction.timeout.ms", "60000")
-            .set("message.timeout.ms", "30000")
+            // A delivery Kafka does not confirm in time fails the
+            // transaction, which is aborted and tried again.
+            .set("message.timeout.ms", "10000")
             .create()
             .map_err(kafka_err)?;
         let init = producer.clone();
@@ -170,7 +173,13 @@ impl RelayFactory for KafkaRelays {
         });
         let group =
             positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
-        let relay = KafkaRelay { producer, group: Arc::new(group), _positions: positions, codec: self.codec.clone() };
+        let relay = KafkaRelay {
+            producer,
+            group: Arc::new(group),
+            _positions: positions,
+            codec: self.codec.clone(),
+            unaborted: AtomicBool::new(false),
+        };
         Ok((relay, position))
     }
 }
@@ -182,6 +191,9 @@ pub struct KafkaRelay {
     /// Owns the group metadata's client.
     _positions: Arc<BaseConsumer>,
     codec: Arc<EventCodec>,
+    /// A transaction failed and its abort did not go through (Kafka down):
+    /// the abort is tried again before the next transaction.
+    unaborted: AtomicBool,
 }
 
 impl KafkaRelay {
@@ -238,6 +250,9 @@ impl KafkaRelay {
 
 impl Relay for KafkaRelay {
     async fn produce(&self, events: Vec<OutgoingEvent>) -> Result<Vec<EventPosition>, RelayError> {
+        if self.unaborted.load(Ordering::SeqCst) {
+            self.abort().await?;
+        }
         self.producer.begin_transaction().map_err(kafka_err)?;
         let produced = self.produce_all(&events).await;
         self.or_abort(produced).await
@@ -257,11 +272,11 @@ impl Relay for KafkaRelay {
 
     async fn abort(&self) -> Result<(), RelayError> {
         let producer = self.producer.clone();
-        blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await.map_err(|e| match e {
-            // A producer that cannot abort is unusable: the partition is let go.
-            RelayError::Transient(reason) => RelayError::Fenced(format!("abort failed: {reason}")),
-            fenced => fenced,
-        })
+        let aborted = blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await;
+        // A fatal error leaves the producer unusable (fenced); any other is
+        // tried again before the next transaction.
+        self.unaborted.store(matches!(aborted, Err(RelayError::Transient(_))), Ordering::SeqCst);
+        aborted
     }
 }
 
@@ -271,7 +286,8 @@ impl KafkaRelay {
         match result {
             Err(RelayError::Transient(reason)) => match self.abort().await {
                 Ok(()) => Err(RelayError::Transient(reason)),
-                Err(e) => Err(RelayError::Fenced(format!("{reason}; {e}"))),
+                Err(RelayError::Transient(e)) => Err(RelayError::Transient(format!("{reason}; abort: {e}"))),
+                Err(fenced) => Err(fenced),
             },
             other => other,
         }

@@ -583,3 +583,334 @@ async fn pause(delays_ms: &[u64], tries: u32, stop: &CancellationToken) -> Resul
 fn event_id_seed(tenant: &str, command_key: &str) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{tenant}\u{1f}{command_key}").as_bytes()).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The owner's rules with in-memory doubles of its boundaries.
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::event_store::{Append, StoreError};
+    use crate::journal::{JournalEnds, JournalError};
+    use crate::operations::OperationError;
+    use crate::orders::Orders;
+
+    #[derive(Default)]
+    struct Store(Mutex<HashMap<String, BTreeMap<i64, StoredEvent>>>);
+
+    impl EventStore for Store {
+        async fn load(&self, s: StreamRef<'_>) -> Result<Vec<StoredEvent>, StoreError> {
+            Ok(self.0.lock().unwrap().get(s.stream_id).map(|m| m.values().cloned().collect()).unwrap_or_default())
+        }
+        async fn append(&self, _: StreamRef<'_>, _: &[StoredEvent]) -> Result<Append, StoreError> {
+            unreachable!("owners write, they do not append")
+        }
+        async fn write(&self, s: StreamRef<'_>, events: &[StoredEvent]) -> Result<(), StoreError> {
+            let mut streams = self.0.lock().unwrap();
+            let stream = streams.entry(s.stream_id.to_owned()).or_default();
+            events.iter().for_each(|e| {
+                stream.insert(e.version, e.clone());
+            });
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct JournalState {
+        epoch: i64,
+        entries: BTreeMap<i64, Entry>,
+        relayed: Option<i64>,
+        /// The next append is applied but answers an error (a timeout).
+        lose_answer: bool,
+    }
+
+    #[derive(Default)]
+    struct MemJournal(Mutex<JournalState>);
+
+    impl Journal for MemJournal {
+        async fn claim(&self, _: &PartitionRef, _: &str) -> Result<i64, JournalError> {
+            let mut j = self.0.lock().unwrap();
+            j.epoch += 1;
+            Ok(j.epoch)
+        }
+        async fn epoch(&self, _: &PartitionRef) -> Result<i64, JournalError> {
+            Ok(self.0.lock().unwrap().epoch)
+        }
+        async fn entries_from(&self, _: &PartitionRef, seq: i64) -> Result<Vec<Entry>, JournalError> {
+            Ok(self.0.lock().unwrap().entries.range(seq..).map(|(_, e)| e.clone()).collect())
+        }
+        async fn ends(&self, _: &PartitionRef) -> Result<JournalEnds, JournalError> {
+            let j = self.0.lock().unwrap();
+            Ok(JournalEnds { last_seq: j.entries.keys().last().copied(), relayed: j.relayed })
+        }
+        async fn append(&self, _: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
+            let mut j = self.0.lock().unwrap();
+            if j.epoch != epoch {
+                return Ok(Appended::Fenced);
+            }
+            entries.iter().for_each(|e| {
+                j.entries.insert(e.seq, e.clone());
+            });
+            if std::mem::take(&mut j.lose_answer) {
+                return Err(JournalError("timed out".into()));
+            }
+            Ok(Appended::Applied)
+        }
+        async fn relayed(&self, _: &PartitionRef, next: i64, _: Option<i64>) -> Result<(), JournalError> {
+            let mut j = self.0.lock().unwrap();
+            j.relayed = Some(j.relayed.unwrap_or(0).max(next));
+            Ok(())
+        }
+    }
+
+    /// Kafka: committed event ids and the committed position; `fail`
+    /// transactions fail before they commit.
+    #[derive(Default)]
+    struct Kafka {
+        committed: Vec<String>,
+        staged: Vec<String>,
+        position: Option<i64>,
+        fail: usize,
+        /// The producer epoch: an older relay is fenced.
+        producers: u32,
+    }
+
+    #[derive(Default, Clone)]
+    struct Relays(Arc<Mutex<Kafka>>);
+
+    struct MemRelay {
+        kafka: Arc<Mutex<Kafka>>,
+        producer: u32,
+    }
+
+    impl RelayFactory for Relays {
+        type Relay = MemRelay;
+        async fn open(&self, _: &PartitionRef, _: &str) -> Result<(MemRelay, Option<i64>), RelayError> {
+            let mut k = self.0.lock().unwrap();
+            k.producers += 1;
+            k.staged.clear();
+            Ok((MemRelay { kafka: self.0.clone(), producer: k.producers }, k.position))
+        }
+    }
+
+    impl MemRelay {
+        fn check(&self, k: &Kafka) -> Result<(), RelayError> {
+            if k.producers == self.producer {
+                Ok(())
+            } else {
+                Err(RelayError::Fenced("a newer producer".into()))
+            }
+        }
+    }
+
+    impl Relay for MemRelay {
+        async fn produce(&self, events: Vec<OutgoingEvent>) -> Result<Vec<EventPosition>, RelayError> {
+            let mut k = self.kafka.lock().unwrap();
+            self.check(&k)?;
+            if k.fail > 0 {
+                k.fail -= 1;
+                return Err(RelayError::Transient("kafka down".into()));
+            }
+            let base = k.committed.len() as i64;
+            k.staged = events.iter().map(|e| e.event_id.clone()).collect();
+            Ok(events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| EventPosition {
+                    event_type: e.event_type.clone(),
+                    topic: e.topic.clone(),
+                    partition: 0,
+                    offset: base + i as i64,
+                })
+                .collect())
+        }
+        async fn commit(&self, next: i64) -> Result<(), RelayError> {
+            let mut k = self.kafka.lock().unwrap();
+            self.check(&k)?;
+            let staged = std::mem::take(&mut k.staged);
+            k.committed.extend(staged);
+            k.position = Some(next);
+            Ok(())
+        }
+        async fn abort(&self) -> Result<(), RelayError> {
+            self.kafka.lock().unwrap().staged.clear();
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Ops(Mutex<HashMap<String, Status>>);
+
+    impl OperationStore for Ops {
+        async fn status(&self, _: &str, operation_id: &str) -> Result<Option<String>, OperationError> {
+            Ok(self.0.lock().unwrap().get(operation_id).map(|s| s.name().to_owned()))
+        }
+        async fn record(&self, op: OperationRef<'_>, status: &Status, _: Order) -> Result<(), OperationError> {
+            let mut ops = self.0.lock().unwrap();
+            let settled = ops.get(op.operation_id).is_some_and(|s| Status::is_settled(s.name()));
+            if !settled || Status::is_settled(status.name()) {
+                ops.insert(op.operation_id.to_owned(), status.clone());
+            }
+            Ok(())
+        }
+    }
+
+    type TestBackends = Backends<Store, MemJournal, Ops, Relays>;
+
+    fn backends() -> Arc<TestBackends> {
+        Arc::new(Backends {
+            schemas: CommandSchemas::load(),
+            store: Store::default(),
+            journal: MemJournal::default(),
+            operations: Ops::default(),
+            relays: Relays::default(),
+            retry_delays_ms: vec![1],
+        })
+    }
+
+    fn partition() -> PartitionRef {
+        PartitionRef { tenant: "acme".into(), context: "orders", partition: 0 }
+    }
+
+    async fn owner(b: &Arc<TestBackends>) -> Owner<Orders, Store, MemJournal, Ops, Relays> {
+        Owner::take_over(partition(), "p1", b.clone(), CancellationToken::new()).await.expect("taken over")
+    }
+
+    fn command(id: &str, ty: &str, data: serde_json::Value) -> IncomingCommand {
+        let event = CloudEvent::from_json(json!({
+            "specversion": "1.0", "id": id, "source": "/acme/shop", "type": format!("com.example.orders.{ty}"), "data": data
+        }))
+        .unwrap();
+        IncomingCommand {
+            tenant: "acme".into(),
+            operation_id: format!("op-{id}"),
+            event,
+            attempt: 1,
+            traceparent: None,
+        }
+    }
+
+    fn submit(id: &str, order: &str) -> IncomingCommand {
+        let lines = json!([{"sku": "a", "quantity": 1, "unit_price_cents": 10}]);
+        command(id, "SubmitOrder", json!({"order_id": order, "customer_id": "c1", "currency": "EUR", "lines": lines}))
+    }
+
+    fn cancel(id: &str, order: &str) -> IncomingCommand {
+        command(id, "CancelOrder", json!({"order_id": order, "reason": "changed my mind"}))
+    }
+
+    fn committed(b: &TestBackends) -> Vec<String> {
+        b.relays.0.lock().unwrap().committed.clone()
+    }
+
+    #[tokio::test]
+    async fn one_round_decides_a_streams_commands_in_the_order_they_came() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        let round = [submit("s1", "o1"), cancel("c1", "o1"), submit("s2", "o2"), submit("s3", "o1")];
+        let outcomes = owner.round(&round).await.unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Succeeded,
+                Outcome::Succeeded,
+                Outcome::Succeeded,
+                Outcome::Rejected("order was already submitted".into())
+            ],
+            "the cancel saw the submit of its own round"
+        );
+        assert_eq!(committed(&b).len(), 3, "three events in one transaction");
+        assert_eq!(b.relays.0.lock().unwrap().position, Some(4), "the position covers the rejection too");
+        assert_eq!(b.store.0.lock().unwrap()["o1"].len(), 2);
+        assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(ref p) if p.len() == 1));
+        assert!(matches!(b.operations.0.lock().unwrap()["op-s3"], Status::Rejected(_)));
+    }
+
+    #[tokio::test]
+    async fn a_command_answered_before_is_answered_again_without_a_second_decision() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        owner.round(&[submit("s1", "o1")]).await.unwrap();
+        // The same delivery in a later round (redelivered) and again with a
+        // copy of itself in one round (a client's retry).
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(
+            owner.round(&[submit("s2", "o2"), submit("s2", "o2")]).await.unwrap(),
+            [Outcome::Succeeded, Outcome::AlreadyDone]
+        );
+        // A new owner knows nothing in memory: the operation record answers.
+        let mut next = super::tests::owner(&b).await;
+        assert_eq!(next.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(committed(&b).len(), 2, "each event once");
+    }
+
+    #[tokio::test]
+    async fn an_owner_fenced_by_a_newer_one_journals_and_produces_nothing_more() {
+        let b = backends();
+        let mut old = owner(&b).await;
+        old.round(&[submit("s1", "o1")]).await.unwrap();
+        let mut new = owner(&b).await;
+        assert!(matches!(old.round(&[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
+        assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "the fenced round journaled nothing");
+        assert_eq!(new.round(&[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn kafka_failing_after_the_journal_is_retried_until_the_events_are_in_it_once() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        b.relays.0.lock().unwrap().fail = 3;
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 1);
+        assert_eq!(b.relays.0.lock().unwrap().fail, 0, "it took the retries");
+    }
+
+    #[tokio::test]
+    async fn a_new_owner_finishes_what_the_journal_holds_past_the_relay_position_first() {
+        let b = backends();
+        let mut old = owner(&b).await;
+        old.round(&[submit("s1", "o1")]).await.unwrap();
+        // The old owner journals a round and dies before anything else.
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        let stop = CancellationToken::new();
+        old.stop = stop.clone();
+        stop.cancel();
+        assert_eq!(old.round(&[cancel("c1", "o1"), submit("s2", "o2")]).await, Err(Halt::Stopped));
+        assert_eq!(committed(&b).len(), 1);
+        b.relays.0.lock().unwrap().fail = 0;
+        let mut new = owner(&b).await;
+        assert_eq!(committed(&b).len(), 3, "finished at takeover");
+        assert!(b.store.0.lock().unwrap().contains_key("o2"));
+        assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(_)));
+        assert_eq!(new.round(&[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(committed(&b).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_journal_write_with_no_answer_is_read_back_before_anything_is_decided_again() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        b.journal.0.lock().unwrap().lose_answer = true;
+        let outcomes = owner.round(&[submit("s1", "o1")]).await.unwrap();
+        assert!(matches!(&outcomes[..], [Outcome::Retry(_)]), "{outcomes:?}");
+        // The retry finds the decision the lost answer hid.
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(committed(&b).len(), 1);
+        assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "decided once");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_command_is_dead_lettered_and_holds_back_nothing() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        let bad = command("x", "SubmitOrder", json!({"order_id": 5}));
+        let outcomes = owner.round(&[bad, submit("s1", "o1")]).await.unwrap();
+        assert!(matches!(outcomes[0], Outcome::DeadLetter { class: "malformed_command", .. }));
+        assert_eq!(outcomes[1], Outcome::Succeeded);
+    }
+}

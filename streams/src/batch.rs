@@ -60,7 +60,8 @@ pub trait SettleBatch: Sync {
 
 /// Consumes in batches until `stop`: each batch settled with `settle_all`,
 /// then `on_batch` hears the next offsets of its partitions, then they are
-/// stored for commit. Returns when stopped (also
+/// stored for commit; when nothing arrives for [`IDLE`], the positions
+/// (past transaction markers) are stored and heard the same way. Returns when stopped (also
 /// mid-batch: that batch's offsets are not stored). Offsets that cannot be
 /// stored (a partition revoked meanwhile) are logged: the partition's next
 /// owner resumes from the last commit, and the writes are idempotent.
@@ -84,7 +85,10 @@ pub async fn consume<C: ConsumerContext + 'static>(
             // Every record received is settled: move past what follows
             // them that is no record (transaction markers).
             _ = tokio::time::sleep(IDLE) => {
-                store_positions(consumer);
+                let positions = store_positions(consumer);
+                if !positions.is_empty() {
+                    on_batch(&positions);
+                }
                 continue;
             }
         };
@@ -183,19 +187,22 @@ pub const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// past the transaction markers that follow them (a `read_committed`
 /// consumer never receives those, and a partition whose last record is
 /// followed by a commit marker would otherwise lag by one forever).
-pub fn store_positions<C: ConsumerContext>(consumer: &impl Consumer<C>) {
-    let Ok(positions) = consumer.position() else { return };
-    let mut list = TopicPartitionList::new();
-    for e in positions.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            let _ = list.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
-        }
+/// Answers the positions stored.
+pub fn store_positions<C: ConsumerContext>(consumer: &impl Consumer<C>) -> Vec<(String, i32, i64)> {
+    let Ok(positions) = consumer.position() else { return Vec::new() };
+    let next: Vec<(String, i32, i64)> = positions
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.topic().to_owned(), e.partition(), o)),
+            _ => None,
+        })
+        .collect();
+    if let Err(e) = store_offsets(consumer, &next) {
+        tracing::debug!(error = %e, "positions not stored");
+        return Vec::new();
     }
-    if list.count() > 0 {
-        if let Err(e) = consumer.store_offsets(&list) {
-            tracing::debug!(error = %e, "positions not stored");
-        }
-    }
+    next
 }
 
 /// Stores `next` for commit (the consumer commits stored offsets itself).

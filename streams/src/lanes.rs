@@ -93,7 +93,7 @@ pub async fn consume<C: ConsumerContext + 'static>(
             debug!(error = %e, topic, partition, "offset not stored");
         }
     };
-    run(records, config, stop, settle_one, commit, || store_positions(consumer)).await;
+    run(records, config, stop, settle_one, commit, || drop(store_positions(consumer))).await;
 }
 
 /// The lanes over any source of records: `commit(topic, partition, next)`

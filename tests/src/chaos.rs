@@ -59,6 +59,9 @@ pub struct Summary {
     pub refused_4xx: u64,
     /// Read-model rows that disagree with the event store.
     pub mismatches: u64,
+    /// Orders whose records in Kafka (read_committed) are not their stored
+    /// events once each in version order.
+    pub kafka_mismatches: u64,
     pub faults: Vec<String>,
 }
 
@@ -66,7 +69,7 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "chaos: accepted={} succeeded={} rejected={} dead_lettered={} lost={} duplicated={} 5xx={} (503s={} 4xx={} read_model_mismatches={} faults=[{}])",
+            "chaos: accepted={} succeeded={} rejected={} dead_lettered={} lost={} duplicated={} 5xx={} (503s={} 4xx={} read_model_mismatches={} kafka_mismatches={} faults=[{}])",
             self.accepted,
             self.succeeded,
             self.rejected,
@@ -77,6 +80,7 @@ impl std::fmt::Display for Summary {
             self.unavailable_503,
             self.refused_4xx,
             self.mismatches,
+            self.kafka_mismatches,
             self.faults.join(", ")
         )
     }
@@ -320,6 +324,14 @@ pub async fn run(config: ChaosConfig) -> Summary {
         keys.dedup();
         summary.duplicated += (before - keys.len()) as u64;
     }
+
+    // Kafka as a data team reads it: each stored event once, in version
+    // order per key, nothing else.
+    let off = crate::orders_off_in_kafka(&tenant, &orders).await;
+    for line in off.iter().take(10) {
+        eprintln!("{line}");
+    }
+    summary.kafka_mismatches = off.len() as u64;
 
     // The read models against the event store, once the projector is idle.
     let group = sluice_projections::runner::group_id(&settings.projector, 1);

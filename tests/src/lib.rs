@@ -869,6 +869,96 @@ pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
     .expect("reader thread")
 }
 
+/// Every record of a topic, read as a data team would: `read_committed`,
+/// from the beginning to the end the topic had when the read began.
+pub async fn read_committed_topic(topic: &str) -> Vec<OwnedMessage> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9092")
+            .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("kafka consumer");
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout).expect("metadata");
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) = consumer.fetch_watermarks(&topic, p.id(), timeout).expect("watermarks");
+            assignment.add_partition_offset(&topic, p.id(), Offset::Beginning).expect("assignment");
+            ends.push((p.id(), high));
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(result) = consumer.poll(Duration::from_millis(200)) {
+                out.push(result.expect("kafka record").detach());
+            }
+            // Read to the end: the position passes the last record and the
+            // transaction markers after it.
+            let positions = consumer.position().expect("positions");
+            let done = ends.iter().all(|(p, high)| {
+                *high == 0
+                    || matches!(positions.find_partition(&topic, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *high)
+            });
+            if done {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "{topic} not read to its end within 120 s");
+        }
+    })
+    .await
+    .expect("reader thread")
+}
+
+/// Checks the orders topic of `tenant` the way a data team's consumer sees
+/// it (`read_committed`, from the start): for each of `orders`, the records
+/// keyed by it must be its stored events, each exactly once, in version
+/// order. Answers what differs, one line per order.
+pub async fn orders_off_in_kafka(tenant: &TestTenant, orders: &[String]) -> Vec<String> {
+    let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
+    let records = read_committed_topic(&topic).await;
+    let mut by_key: std::collections::HashMap<Vec<u8>, Vec<String>> = std::collections::HashMap::new();
+    for record in &records {
+        use rdkafka::message::Headers;
+        let id = record
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "ce_id").and_then(|h| h.value))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .expect("every record has a ce_id");
+        by_key.entry(record.key().unwrap_or_default().to_vec()).or_default().push(id);
+    }
+    let session = cql().await;
+    let mut off = Vec::new();
+    for order in orders {
+        let rows = session
+            .query_unpaged(
+                "SELECT version, event_id FROM sluice.events WHERE tenant = ? AND context = 'orders' AND stream_id = ?",
+                (&tenant.name, order),
+            )
+            .await
+            .expect("events query")
+            .into_rows_result()
+            .expect("rows");
+        let stored: Vec<String> =
+            rows.rows::<(i64, String)>().expect("typed rows").map(|r| r.expect("row").1).collect();
+        let seen = by_key.get(order.as_bytes()).cloned().unwrap_or_default();
+        if seen != stored {
+            off.push(format!("{order}: Kafka has {seen:?}, the event store {stored:?}"));
+        }
+    }
+    off
+}
+
+/// [`orders_off_in_kafka`] finds nothing.
+pub async fn assert_orders_in_kafka_exactly_once(tenant: &TestTenant, orders: &[String]) {
+    let off = orders_off_in_kafka(tenant, orders).await;
+    assert!(off.is_empty(), "{} order(s) not in Kafka exactly once in order:\n{}", off.len(), off.join("\n"));
+}
+
 /// Whether consumer `group` has read `topics` to their ends: a lag is known
 /// for at least one partition, every partition holding records has a
 /// committed offset, and none lags (an empty answer or a partition never

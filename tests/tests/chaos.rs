@@ -13,6 +13,7 @@ async fn nothing_accepted_is_lost_or_applied_twice_under_chaos() {
     assert_eq!(summary.duplicated, 0, "{summary}");
     assert_eq!(summary.server_errors, 0, "{summary}");
     assert_eq!(summary.mismatches, 0, "{summary}");
+    assert_eq!(summary.kafka_mismatches, 0, "{summary}");
     assert_eq!(summary.faults.len(), 7, "every fault happened: {summary}");
     assert!(
         summary.accepted > 0 && summary.succeeded > 0 && summary.rejected > 0 && summary.dead_lettered > 0,

@@ -72,49 +72,55 @@ async fn three_processor_processes_share_the_partitions_evenly_and_all_get_work(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_processor_killed_mid_stream_hands_its_partitions_over_and_every_command_is_settled_once() {
+async fn processors_killed_mid_stream_hand_their_partitions_over_and_every_event_reaches_kafka_once() {
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
     settings.amqp.partitions = 4;
     settings.processor.prefetch = 8;
     let queues = partition_queues(&settings, &tenant, "orders");
     let edge = Platform::start(settings.clone(), Role::Ingest).await;
-    let mut victim = SluiceProcess::spawn(&settings, "processor");
     let mut survivor = SluiceProcess::spawn(&settings, "processor");
-    eventually(WAIT, "the partitions shared by the two processors", || async {
-        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 2)
-    })
-    .await;
-
-    // Enough that the victim still holds deliveries when it dies.
-    let count = 400;
-    let locations = post_orders(&edge, &tenant, "k", count).await;
-    eventually(WAIT, "some commands processed", || async {
-        let (_, op) = edge.get_json(&tenant, &locations[20]).await;
-        (op["status"] == "succeeded").then_some(())
-    })
-    .await;
-    victim.kill();
-    let killed_at = Instant::now();
-    // The survivor takes every partition over.
-    eventually(WAIT, "every partition held by the survivor", || async {
-        settled_owners(&queues).await.filter(|owners| shares(owners).len() == 1)
-    })
-    .await;
-    let moved_in = killed_at.elapsed();
-    println!("partitions of a killed processor moved in {moved_in:?}");
-    assert!(moved_in < Duration::from_secs(30), "moved within seconds, took {moved_in:?}");
+    let mut locations = Vec::new();
+    let per_kill = 300;
+    // Three times: a processor joins, takes its share, and is killed while
+    // it works through a load (between journal, produce, commit and ack).
+    for kill in 0..3 {
+        let mut victim = SluiceProcess::spawn(&settings, "processor");
+        eventually(WAIT, "the partitions shared by the two processors", || async {
+            settled_owners(&queues).await.filter(|owners| shares(owners).len() == 2)
+        })
+        .await;
+        let batch = post_orders(&edge, &tenant, &format!("k{kill}"), per_kill).await;
+        let probe = batch[per_kill / 10].clone();
+        locations.extend(batch);
+        eventually(WAIT, "some commands processed", || async {
+            let (_, op) = edge.get_json(&tenant, &probe).await;
+            (op["status"] == "succeeded").then_some(())
+        })
+        .await;
+        victim.kill();
+        let killed_at = Instant::now();
+        // The survivor takes every partition over.
+        eventually(WAIT, "every partition held by the survivor", || async {
+            settled_owners(&queues).await.filter(|owners| shares(owners).len() == 1)
+        })
+        .await;
+        let moved_in = killed_at.elapsed();
+        println!("partitions of a killed processor moved in {moved_in:?}");
+        assert!(moved_in < Duration::from_secs(30), "moved within seconds, took {moved_in:?}");
+    }
 
     for (i, location) in locations.iter().enumerate() {
         let op = edge.await_operation(&tenant, location, WAIT).await;
         assert_eq!(op["status"], "succeeded", "command {i}: {op}");
     }
-    for i in 0..count {
-        let events = stored_events(&tenant.name, &format!("k-o{i}")).await;
-        assert_eq!(events.len(), 1, "order k-o{i} has exactly one event: {events:?}");
+    let orders: Vec<String> = (0..3).flat_map(|kill| (0..per_kill).map(move |i| format!("k{kill}-o{i}"))).collect();
+    for order in &orders {
+        let events = stored_events(&tenant.name, order).await;
+        assert_eq!(events.len(), 1, "order {order} has exactly one event: {events:?}");
     }
-    // The kill landed mid-work: deliveries it held came back to the queues.
-    eventually(WAIT, "deliveries of the killed processor redelivered", || async {
+    // The kills landed mid-work: deliveries they held came back to the queues.
+    eventually(WAIT, "deliveries of the killed processors redelivered", || async {
         (redeliveries_of(&queues).await > 0).then_some(())
     })
     .await;
@@ -126,6 +132,8 @@ async fn a_processor_killed_mid_stream_hands_its_partitions_over_and_every_comma
     }
     let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
     assert_eq!(queue_depth(&dlq).await, 0, "nothing dead-lettered");
+    // What a data team reads: each event once, in order, none missing.
+    assert_orders_in_kafka_exactly_once(&tenant, &orders).await;
     edge.stop().await.unwrap();
 }
 
@@ -246,5 +254,9 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
         })
         .await;
     }
+    // The thawed processor's late work shows nowhere: Kafka holds each
+    // stored event once, in order.
+    let names: Vec<String> = orders.iter().map(|(order, _)| order.clone()).collect();
+    assert_orders_in_kafka_exactly_once(&tenant, &names).await;
     drop(processes);
 }

@@ -1,7 +1,7 @@
 //! With Kafka stopped for 30 seconds, longer than all of a command's retries,
-//! commands whose events are stored keep retrying in place and through their partition queue
-//! (never dead-lettered: a stored event is never stranded) and then succeed;
-//! none is lost. This test stops the shared broker, so it is the only test in
+//! commands whose decision is journaled keep being retried by their
+//! partition's owner (never dead-lettered: a stored event is never
+//! stranded) and then succeed, their events in Kafka once each; none is lost. This test stops the shared broker, so it is the only test in
 //! its file (test files run one after another).
 
 use std::time::Duration;
@@ -31,8 +31,8 @@ async fn commands_retry_through_a_kafka_outage_and_then_succeed() {
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
     // Two attempts (each waits up to the producer's 10 s delivery timeout)
-    // are over well before the outage is. A command whose events are stored
-    // must outlast it anyway.
+    // are over well before the outage is. A command whose decision is
+    // journaled must outlast it anyway.
     settings.processor.retry_delays_ms = vec![200, 500];
     settings.processor.max_attempts = 2;
     settings.processor.redrive_interval_ms = 500;
@@ -91,5 +91,8 @@ async fn commands_retry_through_a_kafka_outage_and_then_succeed() {
     for i in 0..20 {
         assert_eq!(stored_events(&tenant.name, &format!("o{i}")).await.len(), 1);
     }
+    // The aborted transactions left nothing a read_committed reader sees.
+    let orders: Vec<String> = (0..20).map(|i| format!("o{i}")).chain(["o-warm".to_owned()]).collect();
+    assert_orders_in_kafka_exactly_once(&tenant, &orders).await;
     platform.stop().await.unwrap();
 }

@@ -52,11 +52,9 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     );
     let patients = report.tenants[0].contexts.iter().find(|c| c.context == "patients").expect("patients context");
     let patient_events = patients.events.as_ref().expect("patients topic");
-    assert_eq!(
-        (patient_events.end_offsets_total, patient_events.lag_total),
-        (2, Some(0)),
-        "enrolled and scheduled, both projected"
-    );
+    // Offsets count the transactions' commit markers too.
+    assert!(patient_events.end_offsets_total >= 3, "enrolled and scheduled, and a commit marker: {patient_events:?}");
+    assert_eq!(patient_events.lag_total, Some(0), "both projected, the consumer past the markers");
     assert!(report.servers.iter().all(|s| s.reachable), "{:?}", report.servers);
     let projection = report.projection.as_ref().expect("projection");
     assert_eq!(
@@ -76,7 +74,8 @@ async fn status_is_healthy_while_the_roles_keep_up_and_says_what_is_wrong_when_n
     let events = ctx.events.as_ref().expect("events topic");
     assert_eq!(events.topic, format!("{}.orders.events", tenant.name));
     assert_eq!(events.partitions.len() as i32, settings.processor.topic_partitions);
-    assert_eq!((events.end_offsets_total, events.lag_total), (1, Some(0)));
+    assert!(events.end_offsets_total >= 2, "one event and its commit marker: {events:?}");
+    assert_eq!(events.lag_total, Some(0));
     let subjects = ctx.subjects.as_ref().expect("registry subjects");
     let submitted = format!("{}.orders.events-com.example.orders.OrderSubmitted", tenant.name);
     let subject =

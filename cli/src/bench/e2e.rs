@@ -180,14 +180,15 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
     let (start, end) = window(bench).await?;
     let seconds = end.at.duration_since(start.at).as_secs_f64();
     let taken = f64::from(start.depth.saturating_sub(end.depth));
-    let events_per_command = (end.produced - start.produced) as f64 / taken.max(1.0);
+    // Offsets, not events: transaction markers take offsets too.
+    let offsets_per_command = (end.produced - start.produced) as f64 / taken.max(1.0);
     let processor = taken / seconds;
-    let projector = (end.applied - start.applied) as f64 / seconds / events_per_command.max(1e-9);
+    let projector = (end.applied - start.applied) as f64 / seconds / offsets_per_command.max(1e-9);
     Ok(E2eReport {
         max_per_second: processor.min(projector),
         processor_per_second: processor,
         projector_per_second: projector,
-        events_per_command,
+        offsets_per_command,
         bottleneck: if processor <= projector { "processor" } else { "projector" }.into(),
         window_seconds: seconds,
         backlog_at_start: backlog,

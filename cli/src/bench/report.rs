@@ -208,9 +208,11 @@ pub struct E2eReport {
     pub max_per_second: f64,
     /// Commands taken off the work queue per second while draining.
     pub processor_per_second: f64,
-    /// Events applied per second while draining, in commands (÷ events per command).
+    /// Events applied per second while draining, in commands (÷ offsets per command).
     pub projector_per_second: f64,
-    pub events_per_command: f64,
+    /// Kafka offsets per command: its events, and its share of the
+    /// transaction markers (one per processor round).
+    pub offsets_per_command: f64,
     pub bottleneck: String,
     pub window_seconds: f64,
     pub backlog_at_start: u32,
@@ -450,12 +452,13 @@ impl Report {
         let _ = writeln!(t, "\n## End to end (POST → visible)\n");
         let _ = writeln!(
             t,
-            "Drain maximum {:.0} commands/s (processors {:.0}/s, projector {:.0}/s at {:.2} events per command; \
+            "Drain maximum {:.0} commands/s (processors {:.0}/s, projector {:.0}/s at {:.2} Kafka offsets per command, \
+             events and transaction markers; \
              bottleneck: {}). {}",
             x.max_per_second,
             x.processor_per_second,
             x.projector_per_second,
-            x.events_per_command,
+            x.offsets_per_command,
             x.bottleneck,
             x.method
         );
