@@ -349,10 +349,28 @@ where
             }
             return Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect());
         }
-        // 5. Stream rows, operation records, Kafka.
-        let traces: HashMap<String, String> =
-            commands.iter().filter_map(|c| Some((c.operation_id.clone(), c.traceparent.clone()?))).collect();
+        // 5. Stream rows, operation records, Kafka. Each command's span
+        // continues the trace it came with, and its events carry the span's
+        // context on to their consumers.
+        let spans: Vec<tracing::Span> = entry_of
+            .iter()
+            .map(|&i| {
+                let cmd = &commands[i];
+                let span = tracing::info_span!("command", tenant = %cmd.tenant, operation = %cmd.operation_id);
+                sluice_telemetry::set_parent(&span, cmd.traceparent.as_deref());
+                span
+            })
+            .collect();
+        let traces: HashMap<String, String> = entry_of
+            .iter()
+            .zip(&spans)
+            .filter_map(|(&i, span)| {
+                let cmd = &commands[i];
+                Some((cmd.operation_id.clone(), sluice_telemetry::onward(span, cmd.traceparent.as_deref())?))
+            })
+            .collect();
         self.finish(&entries, &traces).await?;
+        drop(spans);
         for (entry, i) in entries.iter().zip(entry_of) {
             outcomes[i] = Some(match &entry.verdict {
                 Verdict::Appended(_) => Outcome::Succeeded,
@@ -517,10 +535,7 @@ where
                     source: source.clone(),
                     time_ms: stored.recorded_at_ms,
                     avro: event.to_avro(),
-                    traceparent: sluice_telemetry::onward(
-                        &tracing::Span::current(),
-                        traces.get(&entry.operation_id).map(String::as_str),
-                    ),
+                    traceparent: traces.get(&entry.operation_id).cloned(),
                 });
                 owners.push(entry);
             }

@@ -26,6 +26,9 @@ pub struct ChaosConfig {
     pub faults: bool,
     /// How long the system may take to become quiet afterwards.
     pub settle_timeout: Duration,
+    /// Seeds the fault positions and victims: a failing run is repeated
+    /// with `SLUICE_CHAOS_SEED` set to the seed it printed.
+    pub seed: u64,
 }
 
 impl ChaosConfig {
@@ -38,6 +41,10 @@ impl ChaosConfig {
             clients: read("SLUICE_CHAOS_CLIENTS", clients),
             faults: true,
             settle_timeout: Duration::from_secs(read("SLUICE_CHAOS_SETTLE_SECONDS", 300) as u64),
+            seed: std::env::var("SLUICE_CHAOS_SEED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64),
         }
     }
 }
@@ -128,6 +135,10 @@ impl Drop for StackBack {
 
 pub async fn run(config: ChaosConfig) -> Summary {
     require_stack().await;
+    eprintln!(
+        "chaos: seed {} (SLUICE_CHAOS_SEED={} repeats the fault positions and victims)",
+        config.seed, config.seed
+    );
     let _guard = StackBack;
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
@@ -171,6 +182,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
             (settings.clone(), processors.clone(), projector.clone(), summary.clone(), sent.clone());
         let total = config.commands as u64;
         let enabled = config.faults;
+        let mut random = Random(config.seed | 1);
         tokio::spawn(async move {
             if !enabled {
                 return;
@@ -186,14 +198,14 @@ pub async fn run(config: ChaosConfig) -> Summary {
             ];
             for (i, fault) in plan.iter().enumerate() {
                 // Spread the faults over the sending phase, at jittered points.
-                let target = total * (i as u64 + 1) / (plan.len() as u64 + 1) + (rand_u64() % (total / 20 + 1));
+                let target = total * (i as u64 + 1) / (plan.len() as u64 + 1) + (random.next() % (total / 20 + 1));
                 while sent.load(Ordering::Relaxed) < target.min(total) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 match *fault {
                     "kill processor" => {
                         let mut procs = processors.lock().await;
-                        let victim = (rand_u64() % procs.len() as u64) as usize;
+                        let victim = (random.next() % procs.len() as u64) as usize;
                         procs[victim].kill();
                         procs[victim] = SluiceProcess::spawn(&settings, "processor");
                     }
@@ -204,7 +216,8 @@ pub async fn run(config: ChaosConfig) -> Summary {
                     }
                     restart => restart_server(restart.trim_start_matches("restart ")).await,
                 }
-                summary.lock().await.faults.push((*fault).to_owned());
+                eprintln!("chaos: {fault} after command {}", target.min(total));
+                summary.lock().await.faults.push(format!("{fault} @{}", target.min(total)));
             }
         })
     };
@@ -551,12 +564,14 @@ async fn publish_confirmed(
     result
 }
 
-/// A little randomness without a dependency: the clock's nanoseconds, mixed.
-fn rand_u64() -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let seed =
-        chrono::Utc::now().timestamp_subsec_nanos() as u64 ^ STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-    let mut x = seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
-    x ^= x >> 33;
-    x
+/// A little seeded randomness without a dependency (xorshift64*).
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
 }

@@ -76,7 +76,7 @@ async fn quick_bench_writes_a_complete_report() {
     }
     positive(&report, "/edge/single/commands_per_second");
     positive(&report, "/edge/batch/commands_per_second");
-    for figure in ["max_per_second", "processor_per_second", "projector_per_second", "events_per_command"] {
+    for figure in ["max_per_second", "processor_per_second", "projector_per_second", "offsets_per_command"] {
         positive(&report, &format!("/e2e/{figure}"));
     }
     let scaling = report["e2e"]["scaling"].as_array().expect("e2e scaling");

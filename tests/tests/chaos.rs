@@ -1,7 +1,8 @@
 //! A short chaos run in every `make test`: a few hundred commands, every
 //! fault once (processors and projector killed with SIGKILL, RabbitMQ, Kafka
 //! and Cassandra restarted). Restarts the shared servers, so it is alone in
-//! its file. Bigger runs: `SLUICE_CHAOS_COMMANDS=10000 cargo test -p sluice-tests --test chaos -- --nocapture`.
+//! its file. Bigger runs: `SLUICE_CHAOS_COMMANDS=10000 cargo test -p sluice-tests --test chaos -- --nocapture`;
+//! the run prints its seed, and `SLUICE_CHAOS_SEED=<seed>` repeats its fault positions and victims.
 
 use sluice_tests::chaos::{run, ChaosConfig};
 

@@ -3,7 +3,9 @@
 //! Apicurio) waits and retries, parks no key and dead-letters nothing, and
 //! applies every event once the registry answers again. A registry that
 //! lost a schema (404 for its id) is: the key is parked, and once the
-//! schema is back `sluice dlt replay` applies its records in order.
+//! schema is back `sluice dlt replay` applies its records in order. On the
+//! command side, a registry refusing the processors past all their retries
+//! dead-letters no decided command: its events reach Kafka once it answers.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -282,6 +284,55 @@ async fn a_record_whose_schema_the_registry_lost_parks_its_key_until_sluice_dlt_
         dlt.replay(&settings.projector.name, &tenant.name, "o1", ("test", "again"), Duration::ZERO, |_, _| {}).await;
     assert!(replayed_again.is_err(), "a key that is not parked is not replayed");
 
+    server.abort();
+    processor.stop().await.unwrap();
+    edge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_refusing_the_processors_past_all_retries_dead_letters_no_decided_command() {
+    let tenant = TestTenant::new();
+    let mut settings = test_settings(&[&tenant]);
+    // Two attempts are over long before the registry answers again; a
+    // decided (journaled) command must outlast the refusal anyway.
+    settings.processor.retry_delays_ms = vec![200, 500];
+    settings.processor.max_attempts = 2;
+    let edge = Platform::start(settings.clone(), Role::Ingest).await;
+    // The processors alone see the registry through the stand-in, refusing
+    // from their first request on (their schema cache starts empty).
+    let (stand_in, url, server) = StandIn::start(&settings.registry.url, true, false).await;
+    let mut processor_settings = settings.clone();
+    processor_settings.registry.url = url;
+    let processor = Platform::start(processor_settings, Role::Processor).await;
+
+    let mut locations = Vec::new();
+    for i in 0..10 {
+        let response = edge.post_event(&tenant, &submit_order(&tenant, &format!("r{i}"), &format!("o{i}"), "c1")).await;
+        assert_eq!(response.status(), 202);
+        locations.push(response.headers()["location"].to_str().unwrap().to_owned());
+    }
+    // Decided and stored, but not in Kafka: tried again and again, past
+    // `max_attempts`, never dead-lettered.
+    eventually(WAIT, "the commands retried past max_attempts while the registry refuses", || async {
+        let mut least = i64::MAX;
+        for location in &locations {
+            let (_, op) = edge.get_json(&tenant, location).await;
+            assert_ne!(op["status"], "dead_lettered", "a decided command was dead-lettered: {op}");
+            least = least.min(op["attempts"].as_i64().unwrap_or(0));
+        }
+        (least > 2 && stand_in.refused.load(Ordering::SeqCst) >= 6).then_some(())
+    })
+    .await;
+    let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
+    assert_eq!(queue_depth(&dlq).await, 0, "nothing in the DLQ");
+    assert_eq!(stored_events(&tenant.name, "o0").await.len(), 1, "decided and stored while the registry refused");
+
+    stand_in.failing.store(false, Ordering::SeqCst);
+    for location in &locations {
+        assert_eq!(edge.await_operation(&tenant, location, WAIT).await["status"], "succeeded");
+    }
+    let orders: Vec<String> = (0..10).map(|i| format!("o{i}")).collect();
+    assert_orders_in_kafka_exactly_once(&tenant, &orders).await;
     server.abort();
     processor.stop().await.unwrap();
     edge.stop().await.unwrap();
