@@ -200,23 +200,24 @@ pub async fn serve(
         });
     }
 
-    // Every role records metrics; the edge serves them, other processes on
-    // `metrics.addr` when set.
+    // Every role records metrics, served on the admin address
+    // (`metrics.addr`) when set, never on the public edge.
     let _ = sluice_ingest::metrics::handle();
+    if let Some(addr) = &settings.metrics.addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async {
+                ([("content-type", "text/plain; version=0.0.4")], sluice_ingest::metrics::render())
+            }),
+        );
+        let shutdown = shutdown.clone();
+        roles.spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("metrics listener")
+        });
+    }
     if !role.includes(Role::Ingest) {
-        if let Some(addr) = &settings.metrics.addr {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
-            let app = axum::Router::new()
-                .route("/metrics", axum::routing::get(|| async { sluice_ingest::metrics::render() }));
-            let shutdown = shutdown.clone();
-            roles.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .context("metrics listener")
-            });
-        }
         // Nothing else listens: tell the caller the roles are started.
         drop(ready.take());
     }

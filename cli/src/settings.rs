@@ -46,8 +46,10 @@ pub struct TracesSettings {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
-    /// Where processes without the edge serve `GET /metrics` (the edge
-    /// serves it on its own address). Unset: not served.
+    /// The admin address: where every role of this process serves
+    /// `GET /metrics` (Prometheus), apart from the public edge, whose
+    /// metrics carry tenant labels. Keep it on loopback or an internal
+    /// network. Unset: not served.
     pub addr: Option<String>,
 }
 

@@ -18,7 +18,7 @@ use crate::routes::{Accepted, AcceptedBatch, AcceptedOperation};
     info(
         title = "sluice",
         license(name = "Apache-2.0"),
-        description = "Asynchronous command API: send every change as a CloudEvent, get 202 and an operation to poll; read models are served synchronously. Every request but health, metrics, schemas and this document carries `Authorization: Bearer <key>`; the key decides the tenant.",
+        description = "Asynchronous command API: send every change as a CloudEvent, get 202 and an operation to poll; read models are served synchronously. Every request but health, schemas and this document carries `Authorization: Bearer <key>`; the key decides the tenant.",
     ),
     paths(
         crate::routes::accept,
@@ -27,7 +27,6 @@ use crate::routes::{Accepted, AcceptedBatch, AcceptedOperation};
         crate::reads::customer_orders,
         crate::reads::daily_sales,
         crate::routes::patient_onboarding,
-        crate::routes::metrics,
         crate::routes::list_command_schemas,
         crate::routes::command_schema,
         crate::routes::healthz,

@@ -40,7 +40,6 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/customers/{customer_id}/orders", get(crate::reads::customer_orders)),
         ("/sales/daily", get(crate::reads::daily_sales)),
         ("/patients/{patient_id}/onboarding", get(patient_onboarding)),
-        ("/metrics", get(metrics)),
         ("/schemas/commands", get(list_command_schemas)),
         ("/schemas/commands/{type}", get(command_schema)),
         ("/healthz", get(healthz)),
@@ -573,12 +572,6 @@ async fn openapi_json() -> Response {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     let document = DOCUMENT.get_or_init(crate::openapi::document_json);
     ([(header::CONTENT_TYPE, "application/json")], document.as_str()).into_response()
-}
-
-/// Prometheus metrics of this process
-#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text exposition format.", body = String, content_type = "text/plain")))]
-async fn metrics() -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
 }
 
 /// A patient's onboarding: its status and history of steps

@@ -142,7 +142,9 @@ impl RelayFactory for KafkaRelays {
             .set("transactional.id", &name)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            // A round's events are queued together before any is awaited:
+            // they batch without waiting for more.
+            .set("linger.ms", "0")
             .set("transaction.timeout.ms", "60000")
             // A delivery Kafka does not confirm in time fails the
             // transaction, which is aborted and tried again.

@@ -255,6 +255,7 @@ where
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        let started = std::time::Instant::now();
         let loads = join_all(unknown.iter().map(|s| self.load(s)));
         let statuses = join_all(
             parsed
@@ -337,8 +338,12 @@ where
             self.next_seq += 1;
             entry_of.push(i);
         }
+        stage("read_and_decide", started);
         // 4. Journal.
-        if let Err(reason) = self.journal(&entries).await? {
+        let journaling = std::time::Instant::now();
+        let journaled = self.journal(&entries).await?;
+        stage("journal", journaling);
+        if let Err(reason) = journaled {
             // Unknown outcome: the cached streams and seqs may be wrong.
             for entry in &entries {
                 self.streams.remove(&entry.stream_id);
@@ -370,6 +375,8 @@ where
             })
             .collect();
         self.finish(&entries, &traces).await?;
+        metrics::histogram!("sluice_round_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_round_commands").record(commands.len() as f64);
         drop(spans);
         for (entry, i) in entries.iter().zip(entry_of) {
             outcomes[i] = Some(match &entry.verdict {
@@ -500,7 +507,9 @@ where
             let stream = StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id };
             self.backends.store.write(stream, events)
         });
+        let writing = std::time::Instant::now();
         join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>().map_err(|e| transient(e.to_string()))?;
+        stage("stream_rows", writing);
         self.relay_attempt += 1;
         let order = Order { epoch: self.epoch, attempt: self.relay_attempt };
         let rejections: Vec<(&Entry, Status)> = entries
@@ -543,7 +552,9 @@ where
         if outgoing.is_empty() {
             return Ok(());
         }
+        let producing = std::time::Instant::now();
         let positions = self.relay.produce(outgoing).await?;
+        stage("produce", producing);
         // The successes are recorded before the commit: a commit that fails
         // is redone, and the redone record (a later order) wins.
         let mut per_entry: Vec<(&Entry, Vec<EventPosition>)> = Vec::new();
@@ -557,11 +568,17 @@ where
             per_entry.into_iter().map(|(entry, positions)| (entry, Status::Succeeded(positions))).collect();
         let operations = &self.backends.operations;
         let writes = statuses.iter().map(|(entry, status)| operations.record(entry_op(&tenant, entry), status, order));
-        if let Err(e) = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>() {
+        let recording = std::time::Instant::now();
+        let recorded = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>();
+        stage("record", recording);
+        if let Err(e) = recorded {
             self.relay.abort().await?;
             return Err(transient(e.to_string()));
         }
-        self.relay.commit(next).await
+        let committing = std::time::Instant::now();
+        let committed = self.relay.commit(next).await;
+        stage("commit", committing);
+        committed
     }
 }
 
@@ -573,6 +590,11 @@ fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
         source: &entry.source,
         command_id: &entry.command_id,
     }
+}
+
+/// How long a stage of a round took (`sluice_round_stage_seconds`).
+fn stage(name: &'static str, started: std::time::Instant) {
+    metrics::histogram!("sluice_round_stage_seconds", "stage" => name).record(started.elapsed().as_secs_f64());
 }
 
 /// Rough size of an entry in a journal write.

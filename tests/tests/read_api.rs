@@ -13,7 +13,10 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn customer_lists_daily_sales_and_read_your_writes() {
     let tenant = TestTenant::new();
-    let settings = test_settings(&[&tenant]);
+    let mut settings = test_settings(&[&tenant]);
+    // The admin address, apart from the public edge.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    settings.metrics.addr = Some(admin.to_string());
     let platform = Platform::start(settings.clone(), Role::All).await;
     let mut last = String::new();
     for i in 0..5 {
@@ -68,8 +71,12 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     assert_eq!(platform.get_json(&tenant, "/sales/daily?from=2026-13-01&to=2026-12-01").await.0, 400);
     assert_eq!(platform.get_json(&tenant, "/sales/daily?from=2020-01-01&to=2026-01-01").await.0, 400);
 
-    // Metrics name what happened.
-    let metrics = platform.http.get(platform.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    // Metrics name what happened, on the admin address only: they carry
+    // tenant labels.
+    let public = platform.http.get(platform.url("/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), 404, "no metrics on the public edge");
+    let metrics_url = format!("http://{admin}/metrics");
+    let metrics = platform.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
     for name in [
         "sluice_http_event_requests_total",
         "sluice_publish_confirm_seconds",
@@ -83,7 +90,7 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     for consumer in [settings.projector.name.as_str(), "patients", "onboarding"] {
         let label = format!("sluice_consumer_lag_records{{consumer=\"{consumer}\"");
         eventually(WAIT, &format!("the lag of {consumer} in /metrics"), || async {
-            let metrics = platform.http.get(platform.url("/metrics")).send().await.ok()?.text().await.ok()?;
+            let metrics = platform.http.get(&metrics_url).send().await.ok()?.text().await.ok()?;
             metrics.contains(&label).then_some(())
         })
         .await;
