@@ -214,7 +214,10 @@ pub async fn serve(
         );
         let shutdown = shutdown.clone();
         roles.spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("metrics listener")
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+                .context("metrics listener")
         });
     }
     if !role.includes(Role::Ingest) {

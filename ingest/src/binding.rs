@@ -61,22 +61,24 @@ pub fn read_events(headers: &HeaderMap, body: &[u8]) -> Result<Vec<CloudEvent>, 
             }
             let mut events = Vec::with_capacity(items.len());
             let mut errors = Vec::new();
+            let mut invalid = 0;
             for (i, item) in items.into_iter().enumerate() {
                 match CloudEvent::from_json(item) {
                     Ok(event) => events.push(event),
-                    Err(errs) => errors.extend(
-                        errs.into_iter().map(|e| json!({"index": i, "attribute": e.attribute, "problem": e.problem})),
-                    ),
+                    Err(errs) => {
+                        invalid += 1;
+                        errors.extend(
+                            errs.into_iter()
+                                .map(|e| json!({"index": i, "attribute": e.attribute, "problem": e.problem})),
+                        )
+                    }
                 }
             }
             if errors.is_empty() {
                 Ok(events)
             } else {
-                Err(Problem::malformed(format!(
-                    "{} event(s) of the batch are invalid; none was accepted",
-                    errors.len()
-                ))
-                .with_errors(errors))
+                Err(Problem::malformed(format!("{invalid} event(s) of the batch are invalid; none was accepted"))
+                    .with_errors(errors))
             }
         }
         _ if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") => binary(headers, body, media),
@@ -134,7 +136,17 @@ fn binary(headers: &HeaderMap, body: &[u8], media: Option<String>) -> Result<Vec
                 })?;
                 attributes.insert("data".into(), data);
             }
-            _ => {
+            // No Content-Type (the CloudEvents Python SDK's `to_binary` of an
+            // event without datacontenttype): JSON data is taken as JSON, as
+            // the JSON event format implies for an event without a type.
+            None => {
+                let data = match serde_json::from_slice::<Value>(body) {
+                    Ok(json) => ("data", json),
+                    Err(_) => ("data_base64", Value::String(base64::engine::general_purpose::STANDARD.encode(body))),
+                };
+                attributes.insert(data.0.into(), data.1);
+            }
+            Some(_) => {
                 attributes.insert(
                     "data_base64".into(),
                     Value::String(base64::engine::general_purpose::STANDARD.encode(body)),

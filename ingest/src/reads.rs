@@ -37,7 +37,7 @@ pub struct PageParams {
     params(("customer_id" = String, Path), PageParams),
     responses(
         (status = 200, description = "One page: `items` and `next_cursor` (null on the last page).", body = crate::openapi::CustomerOrdersDoc),
-        (status = 400, description = "A cursor this API did not hand out.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A limit out of range or not a number, or a cursor this API did not hand out.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or unknown API key.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The read store is unavailable.", body = Problem, content_type = "application/problem+json",
             headers(("retry-after" = u64))),
@@ -47,9 +47,16 @@ pub async fn customer_orders(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(customer_id): Path<String>,
-    Query(page): Query<PageParams>,
+    page: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let caller = authenticate(&state, &headers)?;
+    // A problem document like every other refusal, not axum's plain text.
+    let Query(page) = page.map_err(|e| {
+        Problem::malformed(format!(
+            "the query string does not fit: limit is a whole number from 1 to 500, cursor a string ({})",
+            e.body_text()
+        ))
+    })?;
     let limit = page.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(Problem::malformed("limit must be between 1 and 500"));

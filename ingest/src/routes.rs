@@ -358,16 +358,17 @@ fn admit(
         }
         None => {}
     }
-    if event.data_base64.is_some() {
-        return Err(Problem::unsupported_media_type(format!("{} takes JSON data, not binary data", event.ty))
-            .at_attribute("datacontenttype"));
-    }
+    // The declared type first: XML sent in binary mode is told it is XML.
     if let Some(media) = &event.datacontenttype {
         let media = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if media != "application/json" && !media.ends_with("+json") {
             return Err(Problem::unsupported_media_type(format!("{} takes JSON data, not {media}", event.ty))
                 .at_attribute("datacontenttype"));
         }
+    }
+    if event.data_base64.is_some() {
+        return Err(Problem::unsupported_media_type(format!("{} takes JSON data, not binary data", event.ty))
+            .at_attribute("datacontenttype"));
     }
     let data = event.data.as_ref().ok_or_else(|| {
         Problem::invalid_data(format!("{} needs data", event.ty))

@@ -102,7 +102,22 @@ impl CommandSchemas {
         };
         let errors: Vec<DataError> = validator
             .iter_errors(data)
-            .map(|e| DataError { pointer: e.instance_path().to_string(), problem: e.to_string() })
+            .map(|e| {
+                // A missing member is named by where it belongs, not by the
+                // object that lacks it (`/lines/0/sku`, not `/lines/0`).
+                let mut pointer = e.instance_path().to_string();
+                let member = match e.kind() {
+                    jsonschema::error::ValidationErrorKind::Required { property } => property.as_str(),
+                    jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                        unexpected.first().map(String::as_str)
+                    }
+                    _ => None,
+                };
+                if let Some(name) = member {
+                    pointer = format!("{pointer}/{}", name.replace('~', "~0").replace('/', "~1"));
+                }
+                DataError { pointer, problem: e.to_string() }
+            })
             .collect();
         if errors.is_empty() {
             Ok(())
@@ -149,5 +164,11 @@ mod tests {
                           "lines": [{"sku": "x", "quantity": 0, "unit_price_cents": 5}]});
         let errors = schemas.validate(crate::orders::SUBMIT_ORDER, &data).unwrap_err();
         assert_eq!(errors[0].pointer, "/lines/0/quantity");
+        // Missing and unknown members are named where they (would) belong.
+        let data = json!({"order_id": "o1", "lines": [{"quantity": 1, "unit_price_cents": 5}], "discount": 1});
+        let mut pointers: Vec<String> =
+            schemas.validate(crate::orders::SUBMIT_ORDER, &data).unwrap_err().into_iter().map(|e| e.pointer).collect();
+        pointers.sort();
+        assert_eq!(pointers, ["/currency", "/customer_id", "/discount", "/lines/0/sku"]);
     }
 }

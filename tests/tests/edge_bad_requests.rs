@@ -394,9 +394,20 @@ async fn binary_mode_refuses_broken_headers_and_bodies() {
         case("octet-stream data", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
             c.binary(&[], &[], Some("application/octet-stream"), vec![0u8, 1, 2, 255])
         }),
-        case("data without a Content-Type", 415, "unsupported-media-type", vec![attribute("datacontenttype")], |c| {
-            c.binary(&[], &[], None, "{}")
-        }),
+        case(
+            "non-JSON data without a Content-Type",
+            415,
+            "unsupported-media-type",
+            vec![attribute("datacontenttype")],
+            |c| c.binary(&[], &[], None, "two cups of tea"),
+        ),
+        case(
+            "JSON data without a Content-Type, failing the schema",
+            422,
+            "invalid-data",
+            vec![pointer("/order_id")],
+            |c| c.binary(&[], &[], None, r#"{"order_id": 5}"#),
+        ),
         case("data failing the schema", 422, "invalid-data", vec![pointer("/currency")], |c| {
             c.binary(&[], &[], Some("application/json"), r#"{"order_id": "o1", "customer_id": "c1", "currency": "euro", "lines": [{"sku": "x", "quantity": 1, "unit_price_cents": 1}]}"#)
         }),
@@ -503,17 +514,23 @@ async fn keys_sources_types_and_schemas_are_checked() {
                 c.structured_event(c.event_with_data(data))
             },
         ),
-        case("a missing required field", 422, "invalid-data", vec![pointer(""), Names::Detail("at /")], |c| {
-            let mut data = Ctx::good_data();
-            data.as_object_mut().unwrap().remove("currency");
-            c.structured_event(c.event_with_data(data))
-        }),
+        case(
+            "a missing required field",
+            422,
+            "invalid-data",
+            vec![pointer("/currency"), Names::Detail("at /currency")],
+            |c| {
+                let mut data = Ctx::good_data();
+                data.as_object_mut().unwrap().remove("currency");
+                c.structured_event(c.event_with_data(data))
+            },
+        ),
         case("lines that are not a list", 422, "invalid-data", vec![pointer("/lines")], |c| {
             let mut data = Ctx::good_data();
             data["lines"] = json!("tea");
             c.structured_event(c.event_with_data(data))
         }),
-        case("a field the schema does not know", 422, "invalid-data", vec![pointer("")], |c| {
+        case("a field the schema does not know", 422, "invalid-data", vec![pointer("/discount")], |c| {
             let mut data = Ctx::good_data();
             data["discount"] = json!(10);
             c.structured_event(c.event_with_data(data))
@@ -522,9 +539,13 @@ async fn keys_sources_types_and_schemas_are_checked() {
             c.structured_event(c.event_with_data(json!("an order")))
         }),
         case("no data", 422, "invalid-data", vec![attribute("data")], |c| c.structured_event(c.event_without("data"))),
-        case("CancelOrder data for SubmitOrder", 422, "invalid-data", vec![pointer("")], |c| {
-            c.structured_event(c.event_with_data(json!({"order_id": "o1", "reason": "no"})))
-        }),
+        case(
+            "CancelOrder data for SubmitOrder",
+            422,
+            "invalid-data",
+            vec![pointer("/customer_id"), pointer("/reason")],
+            |c| c.structured_event(c.event_with_data(json!({"order_id": "o1", "reason": "no"}))),
+        ),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -542,6 +563,9 @@ async fn a_batch_is_refused_whole() {
         }),
         case("not an array", 400, "malformed", vec![Names::Detail("JSON array")], |c| c.batch(c.event().to_string())),
         case("an empty array", 400, "malformed", vec![Names::Detail("at least one")], |c| c.batch("[]")),
+        case("three empty events", 400, "malformed", vec![Names::Detail("3 event(s) of the batch are invalid")], |c| {
+            c.batch("[{}, {}, {}]")
+        }),
         case("malformed JSON", 400, "malformed", vec![Names::Field("line", json!(1))], |c| {
             c.batch(format!("[{},", c.event()))
         }),

@@ -58,6 +58,16 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     }
     assert_eq!(seen, ["o4", "o3", "o2", "o1", "o0"]);
     assert_eq!(platform.get_json(&tenant, "/customers/alice/orders?cursor=not-a-cursor!").await.0, 400);
+    // A limit that is not a number is a problem document too.
+    let answer = platform
+        .http
+        .get(platform.url("/customers/alice/orders?limit=abc"))
+        .bearer_auth(&tenant.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
 
     // Daily sales: five orders of 2100 cents, one cancelled.
     let today = chrono::Utc::now().date_naive();
