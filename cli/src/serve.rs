@@ -274,6 +274,8 @@ pub async fn serve(
         if let Some(ready) = ready {
             let _ = ready.send(addr);
         }
+        let idle = std::time::Duration::from_millis(settings.ingest.request_timeout_ms.max(1)) * 2;
+        let listener = sluice_ingest::limits::CappedListener::new(listener, settings.ingest.max_connections, idle);
         let app = sluice_ingest::routes::router(state);
         let shutdown = shutdown.clone();
         roles.spawn(async move {

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod binding;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
@@ -61,6 +62,12 @@ pub struct IngestConfig {
     pub rate_limit_per_second: f64,
     /// Requests a key may make at once after being idle (default 2000).
     pub rate_limit_burst: u32,
+    /// A request not received and handled within this is answered `408`
+    /// (default 30 000).
+    pub request_timeout_ms: u64,
+    /// Connections held open at once; more wait until one closes
+    /// (default 1024).
+    pub max_connections: usize,
 }
 
 impl Default for IngestConfig {
@@ -75,6 +82,8 @@ impl Default for IngestConfig {
             operation_secret: "sluice-dev-operation-secret".into(),
             rate_limit_per_second: 1_000.0,
             rate_limit_burst: 2_000,
+            request_timeout_ms: 30_000,
+            max_connections: 1_024,
         }
     }
 }

@@ -54,6 +54,7 @@ pub fn served_paths() -> Vec<&'static str> {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let timeout = std::time::Duration::from_millis(state.config.request_timeout_ms.max(1));
     routes()
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| router.route(path, methods))
@@ -62,6 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(timeout, crate::limits::request_timeout))
 }
 
 async fn no_such_route(method: Method, uri: Uri) -> Problem {
