@@ -129,7 +129,8 @@ pub fn context_topics(tenants: &[String], context: &str) -> Vec<String> {
 pub async fn ensure_projection_topics(settings: &Settings, topics: &[String], projection: &str) -> anyhow::Result<()> {
     let mut all = topics.to_vec();
     all.extend(topics.iter().map(|t| dead_letter_topic(t, projection)));
-    sluice_processors::kafka::ensure_topics(&settings.kafka.brokers, &all, settings.processor.topic_partitions)
+    let (brokers, partitions) = (&settings.kafka.brokers, settings.processor.topic_partitions);
+    sluice_processors::kafka::ensure_topics(brokers, &all, partitions, settings.kafka.replication())
         .await
         .context("creating topics")
 }
@@ -191,6 +192,7 @@ pub async fn serve(
             partitions: settings.amqp.partitions,
             operation_ids: OperationIds::new(&settings.ingest.operation_secret),
             kafka_brokers: settings.kafka.brokers.clone(),
+            replication: settings.kafka.replication(),
             registry_url: settings.registry.url.clone(),
             session: session.clone(),
         };

@@ -76,11 +76,23 @@ impl Default for AmqpSettings {
 pub struct KafkaSettings {
     /// Default `127.0.0.1:9092`.
     pub brokers: String,
+    /// Replicas of each topic sluice creates (events, dead letters, relay
+    /// positions). Default 1 (one dev broker); 3 in production.
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of those topics. Default 1; 2 in production
+    /// (with `acks=all`, a write survives one lost broker).
+    pub min_insync_replicas: i32,
 }
 
 impl Default for KafkaSettings {
     fn default() -> Self {
-        Self { brokers: "127.0.0.1:9092".into() }
+        Self { brokers: "127.0.0.1:9092".into(), replication_factor: 1, min_insync_replicas: 1 }
+    }
+}
+
+impl KafkaSettings {
+    pub fn replication(&self) -> sluice_processors::kafka::Replication {
+        sluice_processors::kafka::Replication { factor: self.replication_factor, min_insync: self.min_insync_replicas }
     }
 }
 

@@ -296,18 +296,42 @@ impl KafkaRelay {
     }
 }
 
-/// Creates the events topics (unlimited retention) if they do not exist.
-pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), RelayError> {
+/// How topics sluice creates are replicated (`kafka.replication_factor`,
+/// `kafka.min_insync_replicas`): 1 and 1 on a single dev broker; 3 and 2 in
+/// production, so one lost broker loses no event and stops no producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    pub factor: i32,
+    pub min_insync: i32,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self { factor: 1, min_insync: 1 }
+    }
+}
+
+/// Creates topics (unlimited retention) if they do not exist: events
+/// topics, dead-letter topics, the relay topic.
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+    replication: Replication,
+) -> Result<(), RelayError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .map_err(|e| RelayError::Transient(e.to_string()))?;
+    let min_insync = replication.min_insync.to_string();
+    let min_insync = min_insync.as_str();
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(t, partitions, TopicReplication::Fixed(1))
+            NewTopic::new(t, partitions, TopicReplication::Fixed(replication.factor))
                 .set("retention.ms", "-1")
                 .set("retention.bytes", "-1")
+                .set("min.insync.replicas", min_insync)
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -151,6 +151,8 @@ pub struct Infra {
     /// the edge signs clients' (so `GET /operations/{id}` serves both).
     pub operation_ids: OperationIds,
     pub kafka_brokers: String,
+    /// Replication of the topics the role creates.
+    pub replication: kafka::Replication,
     pub registry_url: String,
     pub session: Arc<Session>,
 }
@@ -191,8 +193,8 @@ pub async fn run(
     // Kafka may be restarting while this processor starts: wait for it.
     let relay_topic = [kafka::RELAY_TOPIC.to_owned()];
     let ensure = || async {
-        kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions).await?;
-        kafka::ensure_topics(&infra.kafka_brokers, &relay_topic, 1).await
+        kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions, infra.replication).await?;
+        kafka::ensure_topics(&infra.kafka_brokers, &relay_topic, 1, infra.replication).await
     };
     while let Err(e) = ensure().await {
         if shutdown.is_cancelled() {

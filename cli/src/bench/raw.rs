@@ -298,6 +298,7 @@ pub async fn scratch_topic(bench: &Bench, context: &str) -> anyhow::Result<(Stri
         &bench.settings.kafka.brokers,
         std::slice::from_ref(&topic),
         bench.settings.processor.topic_partitions,
+        bench.settings.kafka.replication(),
     )
     .await
     .with_context(|| format!("creating {topic}"))?;

@@ -452,6 +452,7 @@ impl Dlt {
                     partitions: self.settings.amqp.partitions,
                     operation_ids: OperationIds::new(&self.settings.ingest.operation_secret),
                     kafka_brokers: brokers.clone(),
+                    replication: self.settings.kafka.replication(),
                     registry_url: registry.clone(),
                     session: self.session.clone(),
                 };
