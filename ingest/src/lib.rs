@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod binding;
+pub mod cursor;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
@@ -176,6 +177,8 @@ pub struct AppState {
     pub keys: Keys,
     pub schemas: CommandSchemas,
     pub operation_ids: OperationIds,
+    /// Signs the listing cursors handed out.
+    pub cursors: cursor::Cursors,
     /// One token bucket per key in `keys`, so one key's flood spends only its own tokens.
     pub limiter: RateLimiter,
     pub queue: Arc<dyn CommandQueue>,
@@ -217,6 +220,7 @@ impl AppState {
             keys,
             schemas: CommandSchemas::load(),
             operation_ids: OperationIds::new(&config.operation_secret),
+            cursors: cursor::Cursors::new(&config.operation_secret),
             queue,
             reads,
             partitions,

@@ -61,15 +61,20 @@ pub async fn customer_orders(
     if !(1..=500).contains(&limit) {
         return Err(Problem::malformed("limit must be between 1 and 500"));
     }
-    let page = state.reads.customer_orders(&caller.tenant, &customer_id, limit, page.cursor.as_deref()).await.map_err(
-        |e| match e {
-            QueryError::BadCursor => Problem::malformed("cursor is not one this API handed out"),
+    let bad_cursor = || Problem::malformed("cursor is not one this API handed out for this listing");
+    let inner = match page.cursor.as_deref() {
+        Some(cursor) => Some(state.cursors.open(&caller.tenant, &customer_id, cursor).ok_or_else(bad_cursor)?),
+        None => None,
+    };
+    let mut page =
+        state.reads.customer_orders(&caller.tenant, &customer_id, limit, inner).await.map_err(|e| match e {
+            QueryError::BadCursor => bad_cursor(),
             QueryError::Store(e) => {
                 warn!(error = %e, "customer orders read failed");
                 Problem::unavailable("the read store is unavailable")
             }
-        },
-    )?;
+        })?;
+    page.next_cursor = page.next_cursor.map(|inner| state.cursors.sign(&caller.tenant, &customer_id, &inner));
     Ok(Json(page).into_response())
 }
 

@@ -58,6 +58,21 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     }
     assert_eq!(seen, ["o4", "o3", "o2", "o1", "o0"]);
     assert_eq!(platform.get_json(&tenant, "/customers/alice/orders?cursor=not-a-cursor!").await.0, 400);
+    // A full last page has no cursor to an empty one.
+    let (_, all) = platform.get_json(&tenant, "/customers/alice/orders?limit=5").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 5);
+    assert!(all["next_cursor"].is_null(), "{all}");
+    // Cursors are bound to their listing: tampered, or used for another
+    // customer, they are refused.
+    let (_, first) = platform.get_json(&tenant, "/customers/alice/orders?limit=2").await;
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_owned();
+    let (status, refused) = platform.get_json(&tenant, &format!("/customers/bob/orders?limit=2&cursor={cursor}")).await;
+    assert_eq!((status, refused["type"].as_str()), (400, Some("https://sluice.dev/problems/malformed")), "{refused}");
+    let (inner, tag) = cursor.rsplit_once('.').unwrap();
+    let flipped = if tag.starts_with('0') { format!("1{}", &tag[1..]) } else { format!("0{}", &tag[1..]) };
+    let tampered = format!("{inner}.{flipped}");
+    assert_eq!(platform.get_json(&tenant, &format!("/customers/alice/orders?limit=2&cursor={tampered}")).await.0, 400);
+    assert_eq!(platform.get_json(&tenant, &format!("/customers/alice/orders?limit=2&cursor={inner}")).await.0, 400);
     // A limit that is not a number is a problem document too.
     let answer = platform
         .http

@@ -315,7 +315,20 @@ impl ReadModels {
             .map_err(rm_err)?;
         let next_cursor = match next {
             PagingStateResponse::HasMorePages { state } => {
-                state.as_bytes_slice().map(|b| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b.as_ref()))
+                // A full page says "more" even when it was the last: look
+                // one row ahead, so the last page carries no cursor.
+                let mut probe = t.select_customer_orders.clone();
+                probe.set_page_size(1);
+                let (ahead, _) = self
+                    .session
+                    .execute_single_page(&probe, (tenant, customer_id), state.clone())
+                    .await
+                    .map_err(rm_err)?;
+                let more = ahead.into_rows_result().map_err(rm_err)?.rows_num() > 0;
+                more.then(|| {
+                    state.as_bytes_slice().map(|b| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b.as_ref()))
+                })
+                .flatten()
             }
             PagingStateResponse::NoMorePages => None,
         };
