@@ -24,7 +24,8 @@ const MAX_DAYS: i64 = 366;
 pub struct PageParams {
     /// Orders per page (1 to 500, default 50).
     pub limit: Option<i32>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page: opaque, and good only for this
+    /// tenant's listing of this customer.
     pub cursor: Option<String>,
 }
 

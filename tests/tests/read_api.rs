@@ -69,7 +69,10 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     let (status, refused) = platform.get_json(&tenant, &format!("/customers/bob/orders?limit=2&cursor={cursor}")).await;
     assert_eq!((status, refused["type"].as_str()), (400, Some("https://sluice.dev/problems/malformed")), "{refused}");
     let (inner, tag) = cursor.rsplit_once('.').unwrap();
-    let flipped = if tag.starts_with('0') { format!("1{}", &tag[1..]) } else { format!("0{}", &tag[1..]) };
+    let flipped = match tag.strip_prefix('0') {
+        Some(rest) => format!("1{rest}"),
+        None => format!("0{}", &tag[1..]),
+    };
     let tampered = format!("{inner}.{flipped}");
     assert_eq!(platform.get_json(&tenant, &format!("/customers/alice/orders?limit=2&cursor={tampered}")).await.0, 400);
     assert_eq!(platform.get_json(&tenant, &format!("/customers/alice/orders?limit=2&cursor={inner}")).await.0, 400);
