@@ -4,6 +4,7 @@
 mod cmd;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_cli::serve::{serve, Role};
@@ -13,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "sluice",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SLUICE_COMMIT"), ")"),
     about = "An asynchronous command API platform: CloudEvents in, Avro events out, read models served"
 )]
 struct Cli {
-    /// Configuration file (TOML); `SLUICE_*` environment variables override it.
+    /// Configuration file (TOML); `SLUICE_*` environment variables override
+    /// it. Without one: `./sluice.toml`, else `config/dev.toml` (a checkout).
     #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -46,9 +48,30 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line (the causes joined), no backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration file: the one given, else the first of
+/// `./sluice.toml` and `config/dev.toml` that exists.
+fn config_file(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| ["sluice.toml", "config/dev.toml"].into_iter().map(PathBuf::from).find(|p| p.is_file()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let file = config_file(cli.config);
+    match &file {
+        Some(file) => eprintln!("sluice: config {}", file.display()),
+        None => eprintln!("sluice: no config file (defaults and SLUICE_* variables); give --config"),
+    }
+    let settings = Settings::load(file.as_deref()).map_err(anyhow::Error::msg)?;
     // Spans are exported by the serving roles, one service name per role.
     let (service, otlp) = match &cli.command {
         Command::Serve { role } => {

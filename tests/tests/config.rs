@@ -59,3 +59,43 @@ fn colliding_tenants_refuse_to_start_naming_the_entry() {
     assert!(!status.success());
     assert!(stderr.contains("overlap"), "{stderr}");
 }
+
+/// Runs the binary in `dir` with `args`; its exit, stdout and stderr.
+fn sluice_in(dir: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = std::process::Command::new(sluice_bin())
+        .current_dir(dir)
+        .args(args)
+        .env_remove("SLUICE_CONFIG")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_cli_finds_its_config_says_which_and_fails_in_one_line() {
+    let tenant = TestTenant::new();
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let (status, stdout, _) = sluice_in(&dir, &["--version"]);
+    assert!(status.success());
+    assert!(stdout.starts_with("sluice ") && stdout.contains("(commit "), "{stdout}");
+
+    // No config anywhere: said so, and the verb explains what it lacks.
+    let (status, _, stderr) = sluice_in(&dir, &["dlq", "list"]);
+    assert!(!status.success());
+    assert!(stderr.contains("no config file"), "{stderr}");
+    assert!(!stderr.contains("backtrace") && !stderr.contains(" at "), "one clear line, no backtrace: {stderr}");
+
+    // `./sluice.toml` is found without --config; an unknown tenant is
+    // refused like an unknown context, naming the configured ones.
+    std::fs::write(dir.join("sluice.toml"), toml::to_string(&test_settings(&[&tenant])).unwrap()).unwrap();
+    let (status, _, stderr) = sluice_in(&dir, &["dlq", "list", "--tenant", "nobody-here"]);
+    assert!(!status.success());
+    assert!(stderr.contains("sluice: config sluice.toml"), "{stderr}");
+    let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+    assert!(error[0].contains("unknown tenant \"nobody-here\"") && error[0].contains(&tenant.name), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,6 +90,10 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     let dlt = Dlt::new(settings.clone(), connect_cql(&settings).await?);
     match args.verb {
         Verb::List { consumer, tenant, key, json } => {
+            let known = settings.tenant_names();
+            if let Some(t) = tenant.as_deref().filter(|t| !known.is_empty() && !known.iter().any(|k| k == t)) {
+                anyhow::bail!("unknown tenant {t:?} (configured: {})", known.join(", "));
+            }
             let bar = spinner(json);
             let listing = dlt
                 .list(&DltFilter { consumer, tenant, key }, |topic| {

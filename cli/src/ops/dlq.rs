@@ -56,6 +56,12 @@ pub struct Scope {
 impl Scope {
     pub fn new(configured_tenants: &[String], tenant: Option<&str>, context: Option<&str>) -> Result<Self, OpsError> {
         let tenants: Vec<String> = match tenant {
+            Some(t) if !configured_tenants.is_empty() && !configured_tenants.iter().any(|c| c == t) => {
+                return Err(OpsError::Usage(format!(
+                    "unknown tenant {t:?} (configured: {})",
+                    configured_tenants.join(", ")
+                )))
+            }
             Some(t) => vec![t.to_owned()],
             None if configured_tenants.is_empty() => {
                 return Err(OpsError::Usage(
@@ -673,8 +679,14 @@ mod tests {
         assert_eq!(queues.len(), 2 * catalog::CONTEXTS.len(), "every context of every tenant");
         assert_eq!(queues[0], "acme.orders.commands.dlq");
         assert!(queues.contains(&"globex.orders.commands.dlq"));
-        let one = Scope::new(&configured, Some("t123"), Some("orders")).unwrap();
-        assert_eq!(one.dlqs[0].queue, "t123.orders.commands.dlq");
+        let one = Scope::new(&configured, Some("globex"), Some("orders")).unwrap();
+        assert_eq!(one.dlqs[0].queue, "globex.orders.commands.dlq");
+        assert!(
+            matches!(Scope::new(&configured, Some("t123"), None), Err(OpsError::Usage(m)) if m.contains("unknown tenant")),
+            "a tenant the config does not know is refused, like an unknown context"
+        );
+        let unchecked = Scope::new(&[], Some("t123"), None).unwrap();
+        assert_eq!(unchecked.dlqs[0].tenant, "t123", "without tenants in the config there is nothing to check against");
         assert!(matches!(Scope::new(&configured, None, Some("billing")), Err(OpsError::Usage(_))));
         assert!(matches!(Scope::new(&[], None, None), Err(OpsError::Usage(_))));
     }
