@@ -63,6 +63,12 @@ pub struct IngestConfig {
     pub rate_limit_per_second: f64,
     /// Requests a key may make at once after being idle (default 2000).
     pub rate_limit_burst: u32,
+    /// Read requests per second each API key may make (operations, read
+    /// models), in buckets of their own so reads never spend the writes'
+    /// tokens (default 1000; 0 = no limit).
+    pub read_rate_limit_per_second: f64,
+    /// Read requests a key may make at once after being idle (default 2000).
+    pub read_rate_limit_burst: u32,
     /// A request not received and handled within this is answered `408`
     /// (default 30 000).
     pub request_timeout_ms: u64,
@@ -83,6 +89,8 @@ impl Default for IngestConfig {
             operation_secret: "sluice-dev-operation-secret".into(),
             rate_limit_per_second: 1_000.0,
             rate_limit_burst: 2_000,
+            read_rate_limit_per_second: 1_000.0,
+            read_rate_limit_burst: 2_000,
             request_timeout_ms: 30_000,
             max_connections: 1_024,
         }
@@ -181,6 +189,8 @@ pub struct AppState {
     pub cursors: cursor::Cursors,
     /// One token bucket per key in `keys`, so one key's flood spends only its own tokens.
     pub limiter: RateLimiter,
+    /// The same per key for the read routes.
+    pub read_limiter: RateLimiter,
     pub queue: Arc<dyn CommandQueue>,
     pub reads: Arc<dyn Reads>,
     /// Partitions of every context's commands (`amqp.partitions`): a
@@ -203,6 +213,9 @@ impl AppState {
         let limit = RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst)
             .map_err(|e| problems.push(format!("ingest.{e}")))
             .ok();
+        let read_limit = RateLimit::new(config.read_rate_limit_per_second, config.read_rate_limit_burst)
+            .map_err(|e| problems.push(format!("ingest.read_{e}")))
+            .ok();
         if config.max_batch == 0 {
             problems.push("ingest.max_batch must be at least 1".into());
         }
@@ -212,11 +225,12 @@ impl AppState {
         if partitions == 0 {
             problems.push("amqp.partitions must be at least 1".into());
         }
-        let (Some(keys), Some(limit), true) = (keys, limit, problems.is_empty()) else {
+        let (Some(keys), Some(limit), Some(read_limit), true) = (keys, limit, read_limit, problems.is_empty()) else {
             return Err(problems.join("; "));
         };
         Ok(Self {
             limiter: RateLimiter::new(limit, keys.len()),
+            read_limiter: RateLimiter::new(read_limit, keys.len()),
             keys,
             schemas: CommandSchemas::load(),
             operation_ids: OperationIds::new(&config.operation_secret),

@@ -238,6 +238,30 @@ async fn one_keys_flood_does_not_stop_another_key() {
 }
 
 #[tokio::test]
+async fn reads_have_a_rate_limit_per_key_of_their_own() {
+    let config = IngestConfig { read_rate_limit_per_second: 1.0, read_rate_limit_burst: 2, ..IngestConfig::default() };
+    let queue = MemoryQueue::accepting();
+    let app = app_with(config, queue.clone());
+    let read = |tenant: &str| {
+        Request::get("/orders/o1").header("authorization", format!("Bearer {tenant}-key")).body(Body::empty()).unwrap()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(call(&app, read("acme")).await.status.as_u16());
+    }
+    assert_eq!(statuses, [404, 404, 429, 429], "two reads of the burst, then limited");
+    let limited = call(&app, read("acme")).await;
+    assert_eq!(limited.body["type"], "https://sluice.dev/problems/rate-limited");
+    assert!(limited.body["detail"].as_str().unwrap().contains("read rate limit"));
+    assert_eq!(call(&app, read("globex")).await.status, StatusCode::NOT_FOUND, "another key's bucket is full");
+    assert_eq!(
+        send(&app, "acme", &order_event("acme", "w1")).await.status,
+        StatusCode::ACCEPTED,
+        "reads spend no write tokens"
+    );
+}
+
+#[tokio::test]
 async fn the_http_traceparent_travels_unless_the_event_has_its_own() {
     const HTTP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     const OWN: &str = "00-11111111111111111111111111111111-2222222222222222-01";

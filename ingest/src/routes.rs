@@ -99,6 +99,18 @@ pub(crate) fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Resu
     state.keys.authenticate(key).ok_or_else(|| Problem::unauthorized("unknown API key").at_header("authorization"))
 }
 
+/// [`authenticate`] for a read route, then the key's read rate limit.
+pub(crate) fn authenticate_read<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Caller, Problem> {
+    let caller = authenticate(state, headers)?;
+    state.read_limiter.check(caller.key_index()).map_err(|wait| {
+        Problem::rate_limited(
+            format!("key {} is over its read rate limit ({})", caller.key_name, state.read_limiter.limit()),
+            retry_after_seconds(wait),
+        )
+    })?;
+    Ok(caller)
+}
+
 /// What a 202 for one event says.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AcceptedOperation {
@@ -431,7 +443,7 @@ async fn operation(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let caller = authenticate(&state, &headers)?;
+    let caller = authenticate_read(&state, &headers)?;
     if !state.operation_ids.verify(&caller.tenant, &id) {
         return Err(Problem::not_found("no such operation"));
     }
@@ -492,7 +504,7 @@ async fn order(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<Response, Problem> {
-    let caller = authenticate(&state, &headers)?;
+    let caller = authenticate_read(&state, &headers)?;
     let view = state.reads.order(&caller.tenant, &order_id).await.map_err(|e| {
         warn!(error = %e, "order read failed");
         Problem::unavailable("the read store is unavailable")
@@ -600,7 +612,7 @@ pub(crate) async fn patient_onboarding(
     headers: HeaderMap,
     Path(patient_id): Path<String>,
 ) -> Result<Response, Problem> {
-    let caller = authenticate(&state, &headers)?;
+    let caller = authenticate_read(&state, &headers)?;
     let view = state.reads.patient_onboarding(&caller.tenant, &patient_id).await.map_err(|e| {
         warn!(error = %e, "onboarding read failed");
         Problem::unavailable("the read store is unavailable")

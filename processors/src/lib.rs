@@ -310,6 +310,9 @@ async fn run_onboarding(
     Ok(process::runtime::run(runtime, settings, dead_letters, shutdown))
 }
 
+/// How long a connection's tasks get to stop before they are abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// How this processor takes its share of the partitions.
 struct Share<'a> {
     membership: &'a CqlMembership,
@@ -425,9 +428,19 @@ async fn run_connected(
         }
     };
     // In-flight commands finish first; unstarted ones go back to their queues.
+    // A task stuck on a connection the broker dropped (lapin has no timeouts)
+    // is given up after a while: like a crash, which loses nothing (the
+    // journal and the next owner finish its work).
     local.cancel();
-    while consumers.join_next().await.is_some() {}
-    while upkeep.join_next().await.is_some() {}
+    let drained = async {
+        while consumers.join_next().await.is_some() {}
+        while upkeep.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(STOP_GRACE, drained).await.is_err() {
+        warn!("partition consumers did not stop in time; abandoning them");
+        consumers.abort_all();
+        upkeep.abort_all();
+    }
     amqp::close_quietly(connection.close(200, "bye".into())).await;
     result
 }

@@ -152,6 +152,8 @@ pub async fn run(config: ChaosConfig) -> Summary {
     settings.amqp.partitions = 4;
     settings.ingest.rate_limit_per_second = 100_000.0;
     settings.ingest.rate_limit_burst = 100_000;
+    settings.ingest.read_rate_limit_per_second = 100_000.0;
+    settings.ingest.read_rate_limit_burst = 100_000;
     let base = format!("http://127.0.0.1:{port}");
 
     let _edge = SluiceProcess::spawn(&settings, "ingest");

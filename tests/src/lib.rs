@@ -444,6 +444,42 @@ pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> 
     out
 }
 
+/// Every message of `queue` as it stands, left in the queue: consumed
+/// without acks, then handed back when the channel closes.
+pub async fn peek_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+    use futures::StreamExt;
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let depth = channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .expect("queue exists")
+        .message_count();
+    let mut out = Vec::new();
+    if depth > 0 {
+        let options = lapin::options::BasicConsumeOptions::default();
+        let mut consumer = channel
+            .basic_consume(queue.into(), "peek".into(), options, lapin::types::FieldTable::default())
+            .await
+            .expect("basic.consume");
+        while out.len() < depth as usize {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("{queue}: {} of {depth} messages came within 10 s", out.len()))
+                .expect("consumer open")
+                .expect("delivery");
+            out.push((delivery.properties.clone(), delivery.data.clone()));
+        }
+    }
+    let _ = channel.close(200, "peeked".into()).await;
+    let _ = connection.close(200, "bye".into()).await;
+    out
+}
+
 /// Events stored for one order stream: (version, event_type, command_key).
 pub async fn stored_events(tenant: &str, order_id: &str) -> Vec<(i64, String, String)> {
     stored_events_in(&*cql().await, tenant, order_id).await

@@ -10,8 +10,8 @@ use sluice_tests::{cql, read_record, submit_order, test_settings, Platform, Test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
-    let tenant = TestTenant::new();
-    let settings = test_settings(&[&tenant]);
+    let (tenant, other) = (TestTenant::new(), TestTenant::new());
+    let settings = test_settings(&[&tenant, &other]);
     let projection = settings.projector.name.clone();
     let platform = Platform::start(settings, Role::All).await;
 
@@ -93,10 +93,12 @@ async fn a_submitted_order_reaches_kafka_the_registry_and_the_read_model() {
     let (row_status, total): (String, i64) = rows.single_row().unwrap();
     assert_eq!((row_status.as_str(), total), ("submitted", 2100));
 
-    // 5. Another tenant's key sees neither the operation nor the order.
-    let other = TestTenant::new();
-    let (status, _) = platform.get_json(&other, &location).await;
-    assert_eq!(status, 401, "unknown key");
+    // 5. Another configured tenant's key sees neither the operation nor the
+    //    order: both are 404 for it, as if they did not exist.
+    let (status, body) = platform.get_json(&other, &location).await;
+    assert_eq!(status, 404, "another tenant's operation: {body}");
+    let (status, body) = platform.get_json(&other, "/orders/order-1").await;
+    assert_eq!(status, 404, "another tenant's order: {body}");
 
     platform.stop().await.unwrap();
 }

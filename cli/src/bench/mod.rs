@@ -262,6 +262,7 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
     settings.projector.name = projection.to_owned();
     settings.ingest.http_addr = format!("127.0.0.1:{port}");
     settings.ingest.rate_limit_per_second = 0.0;
+    settings.ingest.read_rate_limit_per_second = 0.0;
     settings
 }
 

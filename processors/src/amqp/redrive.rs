@@ -158,7 +158,14 @@ pub async fn redrive_loop<O: OperationStore>(
         if !connection.status().connected() {
             return;
         }
-        if let Err(e) = redrive_once(connection, target, max_redrives, operations).await {
+        // lapin has no timeouts: a call on a connection the broker dropped
+        // (this process was frozen) may never return, so stopping must not
+        // wait for it.
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = redrive_once(connection, target, max_redrives, operations) => result,
+        };
+        if let Err(e) = result {
             warn!(error = %e, tenant = target.tenant, context = target.context, "dead-letter upkeep failed");
         }
     }
