@@ -102,13 +102,18 @@ pub(crate) fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Resu
 /// [`authenticate`] for a read route, then the key's read rate limit.
 pub(crate) fn authenticate_read<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Caller, Problem> {
     let caller = authenticate(state, headers)?;
-    state.read_limiter.check(caller.key_index()).map_err(|wait| {
+    spend(&state.read_limiter, caller, "read rate limit")?;
+    Ok(caller)
+}
+
+/// Takes a token from `caller`'s bucket in `limiter`, or says when to retry.
+fn spend(limiter: &crate::rate_limit::RateLimiter, caller: &Caller, what: &str) -> Result<(), Problem> {
+    limiter.check(caller.key_index()).map_err(|wait| {
         Problem::rate_limited(
-            format!("key {} is over its read rate limit ({})", caller.key_name, state.read_limiter.limit()),
+            format!("key {} is over its {what} ({})", caller.key_name, limiter.limit()),
             retry_after_seconds(wait),
         )
-    })?;
-    Ok(caller)
+    })
 }
 
 /// What a 202 for one event says.
@@ -197,12 +202,7 @@ async fn accept(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 async fn accept_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
     let caller = authenticate(state, headers)?;
     // Before the body is read: a flooding key costs the edge as little as possible.
-    state.limiter.check(caller.key_index()).map_err(|wait| {
-        Problem::rate_limited(
-            format!("key {} is over its rate limit ({})", caller.key_name, state.limiter.limit()),
-            retry_after_seconds(wait),
-        )
-    })?;
+    spend(&state.limiter, caller, "rate limit")?;
     let limit = state.config.max_body_bytes;
     let body =
         to_bytes(body, limit).await.map_err(|_| Problem::too_large(format!("the body exceeds {limit} bytes")))?;

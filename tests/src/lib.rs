@@ -412,41 +412,18 @@ pub async fn publish_raw(queue: &str, body: &[u8], message_id: Option<&str>, hea
 /// queue nobody else consumes. Consumes rather than `basic.get`, which
 /// quorum queues with a single active consumer refuse.
 pub async fn drain_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-    use futures::StreamExt;
-    let connection =
-        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ at 127.0.0.1:5672 (make up)");
-    let channel = connection.create_channel().await.expect("channel");
-    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    let depth = channel
-        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
-        .await
-        .expect("queue exists")
-        .message_count();
-    let mut out = Vec::new();
-    if depth > 0 {
-        let options = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let mut consumer = channel
-            .basic_consume(queue.into(), "drain".into(), options, lapin::types::FieldTable::default())
-            .await
-            .expect("basic.consume");
-        while out.len() < depth as usize {
-            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-                .await
-                .unwrap_or_else(|_| panic!("{queue}: {} of {depth} messages came within 10 s", out.len()))
-                .expect("consumer open")
-                .expect("delivery");
-            out.push((delivery.properties.clone(), delivery.data.clone()));
-        }
-    }
-    let _ = connection.close(200, "bye".into()).await;
-    out
+    read_queue(queue, true).await
 }
 
 /// Every message of `queue` as it stands, left in the queue: consumed
 /// without acks, then handed back when the channel closes.
 pub async fn peek_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+    read_queue(queue, false).await
+}
+
+/// Consumes as many messages as `queue` holds now; `take` acks them (they
+/// are gone), otherwise they go back to the queue with the channel.
+async fn read_queue(queue: &str, take: bool) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
     use futures::StreamExt;
     let connection =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
@@ -461,9 +438,9 @@ pub async fn peek_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
         .message_count();
     let mut out = Vec::new();
     if depth > 0 {
-        let options = lapin::options::BasicConsumeOptions::default();
+        let options = lapin::options::BasicConsumeOptions { no_ack: take, ..Default::default() };
         let mut consumer = channel
-            .basic_consume(queue.into(), "peek".into(), options, lapin::types::FieldTable::default())
+            .basic_consume(queue.into(), "read".into(), options, lapin::types::FieldTable::default())
             .await
             .expect("basic.consume");
         while out.len() < depth as usize {
@@ -475,7 +452,7 @@ pub async fn peek_queue(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
             out.push((delivery.properties.clone(), delivery.data.clone()));
         }
     }
-    let _ = channel.close(200, "peeked".into()).await;
+    let _ = channel.close(200, "read".into()).await;
     let _ = connection.close(200, "bye".into()).await;
     out
 }
