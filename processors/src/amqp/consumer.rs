@@ -123,10 +123,11 @@ where
     let mut deliveries = std::pin::pin!(consumer.take_until(stop.clone().cancelled_owned()));
     let mut failure = None;
     'rounds: loop {
-        // Wait for a delivery, or for a retry's backoff to end.
+        // Wait for a delivery, or for a retry's backoff to end, unless a
+        // delivery can go now (a later one of a waiting stream cannot).
         let now = Instant::now();
-        if !pending.iter().any(|p| p.not_before <= now) {
-            let due = pending.iter().map(|p| p.not_before).min();
+        if pickable(&pending, now).is_empty() {
+            let due = pending.iter().map(|p| p.not_before).filter(|&at| at > now).min();
             tokio::select! {
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => pending.push_back(ctx.pending(delivery)),
@@ -163,19 +164,9 @@ where
                 }
             },
         };
-        // This round: every delivery whose stream has none waiting before it.
-        let now = Instant::now();
-        let mut held = HashSet::new();
-        let mut picked = Vec::new();
-        for (index, p) in pending.iter().enumerate() {
-            if held.contains(&p.key) {
-                continue;
-            }
-            if p.not_before > now {
-                held.insert(p.key.clone());
-                continue;
-            }
-            picked.push(index);
+        let picked = pickable(&pending, Instant::now());
+        if picked.is_empty() {
+            continue;
         }
         let commands: Vec<IncomingCommand> = picked
             .iter()
@@ -263,6 +254,29 @@ where
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// This round: every delivery whose stream has none waiting before it.
+fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
+    ready_in_order(pending.iter().map(|p| (p.key.as_str(), p.not_before)), now)
+}
+
+/// The indices of the (stream, not before) items that may go at `now`: an
+/// item waiting for its backoff holds back the later items of its stream.
+fn ready_in_order<'a>(items: impl Iterator<Item = (&'a str, Instant)>, now: Instant) -> Vec<usize> {
+    let mut held = HashSet::new();
+    let mut picked = Vec::new();
+    for (index, (key, not_before)) in items.enumerate() {
+        if held.contains(key) {
+            continue;
+        }
+        if not_before > now {
+            held.insert(key);
+            continue;
+        }
+        picked.push(index);
+    }
+    picked
 }
 
 fn log_halt(queue: &str, halt: &Halt) {
@@ -461,5 +475,20 @@ pub async fn publish_confirmed(
         Ok(Ok(other)) => Err(format!("publish to {queue} not confirmed: {other:?}")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no confirm from {queue} within 30s")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_command_holds_back_only_its_own_streams_later_ones() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let items = [("o1", later), ("o2", now), ("o1", now), ("o3", now), ("o2", now)];
+        assert_eq!(ready_in_order(items.into_iter(), now), [1, 3, 4], "o1 waits, and its second command behind it");
+        assert_eq!(ready_in_order(items.into_iter(), later), [0, 1, 2, 3, 4], "its backoff over, all go in order");
+        assert!(ready_in_order([("o1", later), ("o1", now)].into_iter(), now).is_empty(), "nothing to do: wait");
     }
 }
