@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use lapin::{Connection, ConnectionProperties};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use sluice_ingest::queue::{AmqpCommandQueue, AmqpQueueSettings};
+use sluice_ingest::queue::{AmqpCommandQueue, AmqpQueueSettings, TenantConnection, TenantQueues};
 use sluice_ingest::AppState;
 use sluice_projections::patients;
 use sluice_projections::runner::Projector;
@@ -57,58 +57,71 @@ pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
     Ok(Arc::new(session))
 }
 
-pub async fn connect_amqp(settings: &Settings) -> anyhow::Result<Arc<Connection>> {
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+/// Connects to the RabbitMQ at `url` (a tenant's, or `amqp.url`).
+pub async fn connect_amqp(url: &str) -> anyhow::Result<Arc<Connection>> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
         .await
-        .context("connecting to RabbitMQ")?;
+        .with_context(|| format!("connecting to RabbitMQ at {}", sluice_telemetry::url_without_credentials(url)))?;
     Ok(Arc::new(connection))
 }
 
-/// Declares the queues of every tenant's contexts (idempotent).
+/// Declares the queues of every tenant's contexts (idempotent), each on its
+/// tenant's connection.
 pub async fn declare_topology(settings: &Settings, tenants: &[String]) -> anyhow::Result<()> {
-    let connection = connect_amqp(settings).await?;
-    let channel = connection.create_channel().await?;
-    for tenant in tenants {
-        for context in catalog::CONTEXTS {
-            sluice_processors::amqp::declare_topology(&channel, tenant, context.name, settings.amqp.partitions).await?;
+    for connection in settings.amqp_connections() {
+        let on_this: Vec<&String> = connection.tenants.iter().filter(|t| tenants.contains(t)).collect();
+        if on_this.is_empty() {
+            continue;
         }
+        let names = connection.tenants.join(", ");
+        let amqp = connect_amqp(&connection.url).await.with_context(|| format!("the connection of tenants {names}"))?;
+        let channel = amqp.create_channel().await?;
+        for tenant in on_this {
+            for context in catalog::CONTEXTS {
+                sluice_processors::amqp::declare_topology(&channel, tenant, context.name, settings.amqp.partitions)
+                    .await?;
+            }
+        }
+        amqp.close(200, "declared".into()).await?;
     }
-    connection.close(200, "declared".into()).await?;
     Ok(())
 }
 
 /// Moves commands left in the queues of the topology before partitions (an
 /// upgrade) to their partition queues, and deletes those queues. Found
-/// through the management API, so an up-to-date broker sees no probe.
+/// through the management API of each tenant's connection, so an
+/// up-to-date broker sees no probe.
 async fn move_unpartitioned(settings: &Settings, tenants: &[String]) -> anyhow::Result<()> {
-    let management = crate::ops::management::Management::new(&settings.amqp.url, None)?;
-    let existing = management.queue_names().await?;
-    let mut connection = None;
-    for tenant in tenants {
-        for context in catalog::CONTEXTS {
-            let queues = sluice_processors::amqp::topology::unpartitioned_queues(&existing, tenant, context.name);
-            if queues.is_empty() {
-                continue;
+    for broker in settings.amqp_connections() {
+        let management = crate::ops::management::Management::new(&broker.url, None)?;
+        let existing = management.queue_names().await?;
+        let mut connection = None;
+        for tenant in broker.tenants.iter().filter(|t| tenants.contains(t)) {
+            for context in catalog::CONTEXTS {
+                let queues = sluice_processors::amqp::topology::unpartitioned_queues(&existing, tenant, context.name);
+                if queues.is_empty() {
+                    continue;
+                }
+                if connection.is_none() {
+                    connection = Some(connect_amqp(&broker.url).await?);
+                }
+                let connection = connection.as_ref().expect("connected above");
+                let partitions = settings.amqp.partitions;
+                let moved = sluice_processors::amqp::topology::migrate_unpartitioned(
+                    connection,
+                    tenant,
+                    context.name,
+                    partitions,
+                    &queues,
+                )
+                .await
+                .map_err(anyhow::Error::msg)?;
+                info!(tenant, context = context.name, moved, "commands moved from the unpartitioned queues");
             }
-            if connection.is_none() {
-                connection = Some(connect_amqp(settings).await?);
-            }
-            let connection = connection.as_ref().expect("connected above");
-            let partitions = settings.amqp.partitions;
-            let moved = sluice_processors::amqp::topology::migrate_unpartitioned(
-                connection,
-                tenant,
-                context.name,
-                partitions,
-                &queues,
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            info!(tenant, context = context.name, moved, "commands moved from the unpartitioned queues");
         }
-    }
-    if let Some(connection) = connection {
-        let _ = connection.close(200, "moved".into()).await;
+        if let Some(connection) = connection {
+            let _ = connection.close(200, "moved".into()).await;
+        }
     }
     Ok(())
 }
@@ -188,7 +201,7 @@ pub async fn serve(
             warn!(error = %e, "could not look for commands left in queues of the unpartitioned topology");
         }
         let infra = sluice_processors::Infra {
-            amqp_url: settings.amqp.url.clone(),
+            amqp: settings.brokers(),
             partitions: settings.amqp.partitions,
             operation_ids: OperationIds::new(&settings.ingest.operation_secret),
             kafka_brokers: settings.kafka.brokers.clone(),
@@ -258,11 +271,20 @@ pub async fn serve(
     }
 
     if role.includes(Role::Ingest) {
-        // The queue holds the URL and reconnects by itself; a broker missing
-        // at startup still fails startup.
-        let queue = AmqpCommandQueue::connect(AmqpQueueSettings::for_edge(&settings.amqp.url, &settings.ingest))
-            .await
-            .context("connecting the edge to RabbitMQ")?;
+        // One queue per connection; each holds its URL and reconnects by
+        // itself. A connection missing at startup still fails startup,
+        // naming its tenants.
+        let mut connections = Vec::new();
+        for connection in settings.amqp_connections() {
+            let label = sluice_telemetry::url_without_credentials(&connection.url);
+            let queue = AmqpCommandQueue::connect(AmqpQueueSettings::for_edge(&connection.url, &settings.ingest))
+                .await
+                .with_context(|| {
+                    format!("connecting the edge to RabbitMQ at {label} (tenants {})", connection.tenants.join(", "))
+                })?;
+            connections.push(TenantConnection { label, tenants: connection.tenants, queue: Arc::new(queue) });
+        }
+        let queue = TenantQueues::new(connections);
         let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
         let state = Arc::new(
             AppState::new(settings.ingest.clone(), &settings.tenants, settings.amqp.partitions, Arc::new(queue), reads)

@@ -162,7 +162,9 @@ impl Settings {
             let lines: Vec<String> = errors.into_iter().map(|e| format!("  - {e}")).collect();
             format!("invalid configuration:\n{}", lines.join("\n"))
         })?;
-        let problems = sluice_ingest::auth::validate_tenants(&settings.tenants);
+        let mut settings = settings;
+        let mut problems = sluice_ingest::auth::validate_tenants(&settings.tenants);
+        problems.extend(settings.resolve_amqp_urls(&|name| std::env::var(name).ok()));
         if !problems.is_empty() {
             let lines: Vec<String> = problems.into_iter().map(|p| format!("  - {p}")).collect();
             return Err(format!("invalid configuration:\n{}", lines.join("\n")));
@@ -172,5 +174,195 @@ impl Settings {
 
     pub fn tenant_names(&self) -> Vec<String> {
         self.tenants.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The AMQP URL of `tenant`: its own, else `amqp.url`.
+    pub fn amqp_url_for(&self, tenant: &str) -> &str {
+        self.tenants.iter().find(|t| t.name == tenant).and_then(|t| t.amqp_url.as_deref()).unwrap_or(&self.amqp.url)
+    }
+
+    /// The distinct AMQP connections and the tenants on each, the default
+    /// connection first (with every tenant that names no URL of its own, or
+    /// the same one). A connection no tenant uses is not listed.
+    pub fn amqp_connections(&self) -> Vec<AmqpConnection> {
+        let mut connections: Vec<AmqpConnection> = vec![AmqpConnection { url: self.amqp.url.clone(), tenants: vec![] }];
+        for tenant in &self.tenants {
+            let url = self.amqp_url_for(&tenant.name);
+            match connections.iter_mut().find(|c| c.url == url) {
+                Some(connection) => connection.tenants.push(tenant.name.clone()),
+                None => connections.push(AmqpConnection { url: url.to_owned(), tenants: vec![tenant.name.clone()] }),
+            }
+        }
+        connections.retain(|c| !c.tenants.is_empty());
+        connections
+    }
+
+    /// [`Settings::amqp_connections`] as the processors take them.
+    pub fn brokers(&self) -> sluice_processors::amqp::Brokers {
+        sluice_processors::amqp::Brokers::new(
+            self.amqp_connections()
+                .into_iter()
+                .map(|c| sluice_processors::amqp::Broker { url: c.url, tenants: c.tenants })
+                .collect(),
+        )
+    }
+
+    /// Expands `${NAME}` in every AMQP URL from `env`, then checks the URLs:
+    /// each parses as `amqp://` or `amqps://`, and two URLs that reach the
+    /// same broker and vhost use the same user (one vhost, one set of
+    /// credentials: a second user there is a copy-paste mistake, or a
+    /// tenant given another's vhost). Returns the problems, each naming
+    /// its tenant.
+    fn resolve_amqp_urls(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut problems = Vec::new();
+        match expand(&self.amqp.url, env) {
+            Ok(url) => self.amqp.url = url,
+            Err(name) => problems.push(format!("amqp.url: ${{{name}}} is not set in the environment")),
+        }
+        for tenant in &mut self.tenants {
+            let Some(url) = tenant.amqp_url.as_mut() else { continue };
+            match expand(url, env) {
+                Ok(expanded) => *url = expanded,
+                Err(name) => problems.push(format!(
+                    "tenants ({:?}): amqp_url names ${{{name}}}, which is not set in the environment",
+                    tenant.name
+                )),
+            }
+        }
+        // (broker and vhost) → (user, who uses it first)
+        let mut users: std::collections::HashMap<String, (String, String)> = std::collections::HashMap::new();
+        let named = std::iter::once(("amqp.url".to_owned(), self.amqp.url.clone())).chain(
+            self.tenants
+                .iter()
+                .filter_map(|t| t.amqp_url.clone().map(|url| (format!("tenants ({:?}): amqp_url", t.name), url))),
+        );
+        for (who, url) in named.filter(|(_, url)| !url.contains("${")) {
+            let parsed = match reqwest::Url::parse(&url) {
+                Ok(parsed) if matches!(parsed.scheme(), "amqp" | "amqps") => parsed,
+                Ok(parsed) => {
+                    problems.push(format!("{who}: an AMQP URL starts amqp:// or amqps://, not {}://", parsed.scheme()));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(format!("{who}: not a URL ({e})"));
+                    continue;
+                }
+            };
+            let vhost = match parsed.path().trim_start_matches('/') {
+                "" => "/".to_owned(),
+                v => v.to_owned(),
+            };
+            let place = format!(
+                "{}:{}/{vhost}",
+                parsed.host_str().unwrap_or_default(),
+                parsed.port().unwrap_or(if parsed.scheme() == "amqps" { 5671 } else { 5672 })
+            );
+            let user = parsed.username().to_owned();
+            match users.get(&place) {
+                Some((first_user, first)) if *first_user != user => problems.push(format!(
+                    "{who}: reaches {place} as user {user:?}, but {first} reaches it as {first_user:?}: \
+                     tenants that share a vhost share its URL; give a tenant of its own a vhost of its own"
+                )),
+                Some(_) => {}
+                None => {
+                    users.insert(place, (user, who));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// One AMQP connection and the tenants whose commands live behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConnection {
+    pub url: String,
+    pub tenants: Vec<String>,
+}
+
+/// `text` with every `${NAME}` replaced by `env(NAME)`, and every
+/// `${NAME:-default}` by `env(NAME)` or else `default` (as in a shell);
+/// the first name that is not set and has no default is the error.
+pub fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(end) = rest[start..].find('}') else { break };
+        let inner = &rest[start + 2..start + end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        let value = env(name).filter(|v| !v.is_empty()).or(default.map(str::to_owned));
+        out.push_str(&rest[..start]);
+        out.push_str(&value.ok_or_else(|| name.to_owned())?);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_tenants(urls: &[(&str, Option<&str>)]) -> Settings {
+        let mut settings = Settings::load(None).expect("defaults load");
+        settings.tenants = urls
+            .iter()
+            .map(|(name, url)| TenantConfig {
+                name: (*name).into(),
+                sources: vec![format!("/{name}/")],
+                keys: vec![],
+                amqp_url: url.map(str::to_owned),
+            })
+            .collect();
+        settings
+    }
+
+    #[test]
+    fn tenants_are_grouped_by_connection_default_first() {
+        let own = "amqp://globex:pw@127.0.0.1:5672/globex";
+        let settings = with_tenants(&[
+            ("acme", None),
+            ("globex", Some(own)),
+            ("initech", Some("amqp://guest:guest@127.0.0.1:5672/%2f")),
+        ]);
+        assert_eq!(settings.amqp_url_for("globex"), own);
+        assert_eq!(settings.amqp_url_for("acme"), settings.amqp.url);
+        assert_eq!(
+            settings.amqp_connections(),
+            [
+                AmqpConnection { url: settings.amqp.url.clone(), tenants: vec!["acme".into(), "initech".into()] },
+                AmqpConnection { url: own.into(), tenants: vec!["globex".into()] },
+            ]
+        );
+        // No tenant on the default connection: it is not listed.
+        let settings = with_tenants(&[("globex", Some(own))]);
+        assert_eq!(settings.amqp_connections(), [AmqpConnection { url: own.into(), tenants: vec!["globex".into()] }]);
+    }
+
+    #[test]
+    fn urls_take_secrets_from_the_environment_and_one_vhost_has_one_user() {
+        let env = |name: &str| (name == "GLOBEX_PW").then(|| "s3cret".to_owned());
+        let mut settings = with_tenants(&[("globex", Some("amqp://globex:${GLOBEX_PW}@mq:5672/globex"))]);
+        assert!(settings.resolve_amqp_urls(&env).is_empty());
+        assert_eq!(settings.amqp_url_for("globex"), "amqp://globex:s3cret@mq:5672/globex");
+        assert_eq!(expand("amqp://${HOST:-127.0.0.1:5672}/v", &env).unwrap(), "amqp://127.0.0.1:5672/v");
+        assert_eq!(expand("${GLOBEX_PW:-x}", &env).unwrap(), "s3cret");
+
+        let mut settings = with_tenants(&[
+            ("globex", Some("amqp://globex:${MISSING}@mq/globex")),
+            ("initech", Some("http://mq/initech")),
+            ("hooli", Some("amqp://hooli:pw@127.0.0.1:5672/%2f")),
+            ("umbrella", Some("amqp://a:pw@mq:5672/shared")),
+            ("soylent", Some("amqp://a:pw@mq:5672/shared")),
+        ]);
+        let problems = settings.resolve_amqp_urls(&env);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("\"globex\"") && problems[0].contains("${MISSING}"), "{}", problems[0]);
+        assert!(problems[1].contains("\"initech\"") && problems[1].contains("not http://"), "{}", problems[1]);
+        // hooli reaches the default vhost as another user than amqp.url.
+        assert!(problems[2].contains("\"hooli\"") && problems[2].contains("\"guest\""), "{}", problems[2]);
     }
 }

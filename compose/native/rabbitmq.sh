@@ -102,7 +102,20 @@ wait_ready() {
   fi
   ctl await_startup >/dev/null
   wait_until 60 "RabbitMQ AMQP listener" amqp_answers || die "RabbitMQ's AMQP port does not answer (see $RABBITMQ_LOG_BASE)"
+  demo_vhost
   log "ready (amqp://127.0.0.1:$SLUICE_RABBITMQ_PORT, management :$SLUICE_RABBITMQ_MGMT_PORT)"
+}
+
+# The demo tenant globex lives on a vhost of its own with a user of its own
+# (config/dev.toml: amqp://globex:globex-dev@127.0.0.1:5672/globex). The
+# user may manage its vhost (policymaker: the CLI's dlq shovels) and nothing
+# else. Idempotent: PUTs of what already exists change nothing.
+demo_vhost() {
+  local api=(curl -sf -u guest:guest -H 'content-type: application/json' -X PUT)
+  "${api[@]}" "$MGMT/vhosts/globex" -d '{"description":"sluice demo tenant globex"}' >/dev/null &&
+    "${api[@]}" "$MGMT/users/globex" -d '{"password":"globex-dev","tags":"policymaker"}' >/dev/null &&
+    "${api[@]}" "$MGMT/permissions/globex/globex" -d '{"configure":".*","write":".*","read":".*"}' >/dev/null ||
+    die "could not create the demo vhost globex"
 }
 
 stop() {

@@ -19,7 +19,7 @@ pub struct KeyConfig {
     pub name: String,
 }
 
-/// A tenant: its sources and keys.
+/// A tenant: its sources, keys and, if it has one, its own broker.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -27,6 +27,12 @@ pub struct TenantConfig {
     /// Source prefixes the tenant may send as (`/acme/`).
     pub sources: Vec<String>,
     pub keys: Vec<KeyConfig>,
+    /// The tenant's own RabbitMQ: a broker, or a vhost with its own user
+    /// (`amqp://globex:${GLOBEX_AMQP_PASSWORD}@mq:5672/globex`; `${NAME}` is
+    /// read from the environment when the configuration loads). Its
+    /// commands, retries and dead letters live there. Unset: `amqp.url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
 }
 
 /// What a configuration's tenants must satisfy, every problem named by its
@@ -186,6 +192,7 @@ mod tests {
                 commands: vec!["a.B".into()],
                 name: "k".into(),
             }],
+            amqp_url: None,
         }]
     }
 
@@ -205,6 +212,7 @@ mod tests {
             name: name.into(),
             sources: vec![prefix.into()],
             keys: vec![KeyConfig { sha256: hex::encode(hash_key(key)), commands: vec![], name: format!("{name}-k") }],
+            amqp_url: None,
         }
     }
 

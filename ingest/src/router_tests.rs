@@ -102,6 +102,7 @@ fn tenant(name: &str) -> TenantConfig {
             commands: vec![],
             name: String::new(),
         }],
+        amqp_url: None,
     }
 }
 

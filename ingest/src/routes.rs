@@ -558,22 +558,32 @@ async fn healthz() -> Json<Value> {
 }
 
 /// Readiness: connected to RabbitMQ, so a command can be accepted
+///
+/// Each tenant's commands go to its own connection (a broker or a vhost,
+/// see the configuration). `connections` lists them, without credentials,
+/// with their tenants and whether each is up. While some but not all are
+/// down the edge stays ready (`status: degraded`): it still accepts the
+/// other tenants' commands, and another edge instance would not reach the
+/// missing broker either.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
     responses(
-        (status = 200, description = "Ready.", body = HealthDoc),
-        (status = 503, description = "Not connected to RabbitMQ (reconnecting).", body = Problem, content_type = "application/problem+json",
+        (status = 200, description = "Ready (`status: ready`), or some connections down (`status: degraded`; their tenants get 503).", body = HealthDoc),
+        (status = 503, description = "No connection to RabbitMQ is up (reconnecting).", body = Problem, content_type = "application/problem+json",
             headers(("retry-after" = u64))),
     )
 )]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.queue.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        Problem::unavailable("not connected to RabbitMQ (reconnecting)").into_response()
+    let connections = state.queue.connections();
+    let down: Vec<&str> = connections.iter().filter(|c| !c.ready).map(|c| c.connection.as_str()).collect();
+    if down.len() == connections.len() {
+        return Problem::unavailable(format!("not connected to RabbitMQ (reconnecting): {}", down.join(", ")))
+            .into_response();
     }
+    let status = if down.is_empty() { "ready" } else { "degraded" };
+    Json(json!({"status": status, "connections": connections})).into_response()
 }
 
 /// This document

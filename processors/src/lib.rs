@@ -144,7 +144,8 @@ impl Default for ProcessorConfig {
 
 /// What the role needs: server addresses and the shared CQL session.
 pub struct Infra {
-    pub amqp_url: String,
+    /// Each tenant's RabbitMQ connection.
+    pub amqp: amqp::Brokers,
     /// Partitions of every context's commands (`amqp.partitions`).
     pub partitions: u16,
     /// Signs the operation ids of the commands process managers send, as
@@ -224,18 +225,17 @@ pub async fn run(
         None
     };
 
-    while !shutdown.is_cancelled() {
-        let share = Share { membership: &membership, instance: &instance };
-        match run_connected(config, infra, tenants, &pipelines, &operations, &share, &shutdown).await {
-            Ok(()) if shutdown.is_cancelled() => break,
-            Ok(()) => warn!("RabbitMQ connection ended; reconnecting"),
-            Err(e) => warn!(error = %e, "RabbitMQ unavailable; reconnecting"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)) => {}
-        }
-    }
+    // Each tenant's partitions are consumed on its own connection; a
+    // connection that is down holds back only its own tenants.
+    let share = Share { membership: &membership, instance: &instance };
+    let connections =
+        infra.amqp.connections().iter().filter(|broker| broker.tenants.iter().any(|t| tenants.contains(t)));
+    futures::future::join_all(connections.map(|broker| {
+        let tenants: Vec<String> = broker.tenants.iter().filter(|t| tenants.contains(t)).cloned().collect();
+        let on = Connected { config, infra, broker, tenants, pipelines: &pipelines, operations: &operations };
+        keep_connected(on, &share, &shutdown)
+    }))
+    .await;
     if let Err(e) = membership.leave(&instance).await {
         warn!(error = %e, "could not leave the membership; the partitions move when its row expires");
     }
@@ -276,7 +276,7 @@ pub async fn onboarding_runtime(config: &ProcessConfig, infra: &Infra) -> Result
         store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         timers: process::timers::CqlTimers::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         sender: process::commands::AmqpCommandSender::new(
-            &infra.amqp_url,
+            infra.amqp.clone(),
             infra.operation_ids.clone(),
             infra.partitions,
         ),
@@ -319,18 +319,44 @@ struct Share<'a> {
     instance: &'a str,
 }
 
+/// What one connection's consumers work with: the broker and the tenants
+/// on it, and what every connection shares.
+struct Connected<'a> {
+    config: &'a ProcessorConfig,
+    infra: &'a Infra,
+    broker: &'a amqp::Broker,
+    /// The tenants of this processor on `broker`.
+    tenants: Vec<String>,
+    pipelines: &'a Pipelines,
+    operations: &'a Arc<CqlOperationStore>,
+}
+
+/// Runs one connection's consumers until `shutdown`, connecting again after
+/// the connection ends or cannot be made.
+async fn keep_connected(on: Connected<'_>, share: &Share<'_>, shutdown: &CancellationToken) {
+    let label = on.broker.label();
+    while !shutdown.is_cancelled() {
+        match run_connected(&on, share, shutdown).await {
+            Ok(()) if shutdown.is_cancelled() => break,
+            Ok(()) => warn!(connection = %label, "RabbitMQ connection ended; reconnecting"),
+            Err(e) => warn!(connection = %label, error = %e, "RabbitMQ unavailable; reconnecting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(on.config.reconnect_delay_ms)) => {}
+        }
+    }
+}
+
 /// One connection's life: declare, consume the partitions this processor
 /// owns (following the membership), re-drive, until it ends.
 async fn run_connected(
-    config: &ProcessorConfig,
-    infra: &Infra,
-    tenants: &[String],
-    pipelines: &Pipelines,
-    operations: &Arc<CqlOperationStore>,
+    on: &Connected<'_>,
     share: &Share<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
-    let connection = Arc::new(amqp::connect(&infra.amqp_url, share.instance, config.amqp_heartbeat_s).await?);
+    let Connected { config, infra, broker, tenants, pipelines, operations } = on;
+    let connection = Arc::new(amqp::connect(&broker.url, share.instance, config.amqp_heartbeat_s).await?);
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {
@@ -351,7 +377,7 @@ async fn run_connected(
         for tenant in tenants {
             for context in catalog::CONTEXTS {
                 let (connection, tenant, context, stop, operations) =
-                    (connection.clone(), tenant.clone(), context.name, local.clone(), operations.clone());
+                    (connection.clone(), tenant.clone(), context.name, local.clone(), Arc::clone(operations));
                 let (interval, max, partitions) =
                     (Duration::from_millis(config.redrive_interval_ms), config.max_redrives, infra.partitions);
                 upkeep.spawn(async move {

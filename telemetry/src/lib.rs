@@ -132,3 +132,27 @@ mod tests {
         assert_eq!(onward(&span, None), None);
     }
 }
+
+/// `url` without its user and password (`amqp://host:5672/vhost`): what
+/// logs, errors and health documents may say about a server.
+pub fn url_without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{rest}")
+        }
+        None => "(invalid URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_without_credentials;
+
+    #[test]
+    fn a_url_loses_its_credentials() {
+        assert_eq!(url_without_credentials("amqp://globex:p@ss@127.0.0.1:5672/globex"), "amqp://127.0.0.1:5672/globex");
+        assert_eq!(url_without_credentials("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(url_without_credentials("nonsense"), "(invalid URL)");
+    }
+}

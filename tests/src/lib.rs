@@ -61,6 +61,7 @@ impl TestTenant {
                 commands: vec![],
                 name: format!("{}-test", self.name),
             }],
+            amqp_url: None,
         }
     }
 }

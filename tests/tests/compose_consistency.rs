@@ -495,8 +495,13 @@ fn sluice_environment_names_are_ones_the_code_reads() {
     let mut checked = 0;
     for (name, service) in services(&doc).into_iter().filter(|(_, s)| is_sluice(s)) {
         let env = environment(&service);
+        // Variables the config file names in `${NAME}` (tenant URLs) are read too.
+        let config = read(&config_file(&name, &service));
+        let named: Vec<String> = variables(&config).into_iter().map(|(v, _)| v).collect();
         for key in env.keys() {
-            if let Some(why) = unknown_variable(key, &sections) {
+            if named.contains(key) {
+                assert!(config.contains(&format!("${{{key}")), "{key} is named in the config file");
+            } else if let Some(why) = unknown_variable(key, &sections) {
                 panic!("{name} sets {key}, which sluice does not read: {why}");
             }
             checked += 1;
@@ -531,8 +536,11 @@ fn sluice_roles_reach_each_server_by_service_name_and_container_port() {
     for (name, service) in services(&doc).into_iter().filter(|(_, s)| is_sluice(s)) {
         let settings = service_settings(&name, &service);
 
-        let (host, port, _) = split_url(&settings.amqp.url);
-        assert_eq!((host.as_str(), port), (rabbitmq.as_str(), amqp_port), "{name}: AMQP URL {}", settings.amqp.url);
+        for connection in settings.amqp_connections() {
+            let (host, port, _) = split_url(&connection.url);
+            let tenants = connection.tenants.join(", ");
+            assert_eq!((host.as_str(), port), (rabbitmq.as_str(), amqp_port), "{name}: AMQP URL of {tenants}");
+        }
 
         for broker in settings.kafka.brokers.split(',') {
             let (host, port) = split_host_port(broker.trim());
@@ -622,7 +630,11 @@ fn servers_are_the_native_versions_and_settings() {
 fn every_server_has_a_healthcheck_the_roles_wait_for() {
     let doc = compose();
     let all = services(&doc);
-    let servers: Vec<&String> = all.iter().filter(|(_, s)| !is_sluice(s)).map(|(n, _)| n).collect();
+    // `<server>-setup` services are one-shot tasks (the demo vhost): the
+    // roles wait for them to have completed, not to be healthy.
+    let is_task = |name: &str| name.ends_with("-setup");
+    let servers: Vec<&String> = all.iter().filter(|(n, s)| !is_sluice(s) && !is_task(n)).map(|(n, _)| n).collect();
+    let tasks: Vec<&String> = all.iter().filter(|(n, s)| !is_sluice(s) && is_task(n)).map(|(n, _)| n).collect();
     for name in &servers {
         let check = all[*name].get("healthcheck").unwrap_or_else(|| panic!("{name} has no healthcheck"));
         assert_ne!(check.get("disable").and_then(Value::as_bool), Some(true), "{name}'s healthcheck is disabled");
@@ -638,6 +650,10 @@ fn every_server_has_a_healthcheck_the_roles_wait_for() {
         for server in &servers {
             let condition = depends.get(server.as_str()).and_then(|d| d.get("condition")).and_then(Value::as_str);
             assert_eq!(condition, Some("service_healthy"), "{name} must wait for {server} to be healthy");
+        }
+        for task in &tasks {
+            let condition = depends.get(task.as_str()).and_then(|d| d.get("condition")).and_then(Value::as_str);
+            assert_eq!(condition, Some("service_completed_successfully"), "{name} must wait for {task} to complete");
         }
     }
 }

@@ -26,7 +26,7 @@ pub struct Args {
     verb: Verb,
 }
 
-#[derive(clap::Subcommand)]
+#[derive(Clone, clap::Subcommand)]
 enum Verb {
     /// List dead letters grouped by failure (command type + error class).
     /// Consumes nothing: the messages stay, in their order.
@@ -119,7 +119,7 @@ enum Verb {
     },
 }
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 struct ScopeArgs {
     /// Only this tenant's DLQs (default: every configured tenant).
     #[arg(long)]
@@ -129,7 +129,7 @@ struct ScopeArgs {
     context: Option<String>,
 }
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 struct FilterArgs {
     #[command(flatten)]
     scope: ScopeArgs,
@@ -159,6 +159,17 @@ impl FilterArgs {
     }
 }
 
+impl Verb {
+    /// The tenants and context the verb is limited to.
+    fn scope_args(&self) -> Option<&ScopeArgs> {
+        match self {
+            Verb::List { filter, .. } | Verb::Shovel { filter, .. } | Verb::Purge { filter, .. } => Some(&filter.scope),
+            Verb::Show { scope, .. } | Verb::Delete { scope, .. } => Some(scope),
+            Verb::Audit { .. } => None,
+        }
+    }
+}
+
 impl ScopeArgs {
     fn scope(&self, settings: &Settings) -> anyhow::Result<Scope> {
         Ok(Scope::new(&settings.tenant_names(), self.tenant.as_deref(), self.context.as_deref())?)
@@ -171,11 +182,36 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         let entries = log.list(tenant.as_deref(), *limit).await?;
         return if *json { print_json(&entries) } else { print_audit(&entries) };
     }
-    let management = Management::new(&settings.amqp.url, args.management_url.as_deref())?;
-    let dlq = Dlq::connect(&settings.amqp.url, management).await?;
-    let result = run_verb(&settings, &dlq, args.verb).await;
-    dlq.close().await;
-    result
+    // Each tenant's dead letters are on its own connection: the verb runs on
+    // every connection its scope reaches, over that connection's tenants.
+    let scope = args.verb.scope_args();
+    if let Some(scope) = scope {
+        scope.scope(&settings)?; // an unknown tenant or context is refused here
+    }
+    let scoped = scope.and_then(|s| s.tenant.clone());
+    let connections: Vec<_> = settings
+        .amqp_connections()
+        .into_iter()
+        .filter(|c| scoped.as_ref().is_none_or(|t| c.tenants.contains(t)))
+        .collect();
+    let many = connections.len() > 1;
+    for connection in connections {
+        if many {
+            eprintln!(
+                "RabbitMQ at {} (tenants {}):",
+                sluice_telemetry::url_without_credentials(&connection.url),
+                connection.tenants.join(", ")
+            );
+        }
+        let mut on_this = settings.clone();
+        on_this.tenants.retain(|t| connection.tenants.contains(&t.name));
+        let management = Management::new(&connection.url, args.management_url.as_deref())?;
+        let dlq = Dlq::connect(&connection.url, management).await?;
+        let result = run_verb(&on_this, &dlq, args.verb.clone()).await;
+        dlq.close().await;
+        result?;
+    }
+    Ok(())
 }
 
 async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<()> {

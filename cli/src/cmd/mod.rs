@@ -8,7 +8,7 @@ pub mod replay;
 pub mod status;
 
 /// Who acts and why, for the verbs the audit log records.
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct WhoArgs {
     /// Why: required, kept in the audit log.
     #[arg(long)]

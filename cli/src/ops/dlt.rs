@@ -448,7 +448,7 @@ impl Dlt {
             }
             _ => {
                 let infra = sluice_processors::Infra {
-                    amqp_url: self.settings.amqp.url.clone(),
+                    amqp: self.settings.brokers(),
                     partitions: self.settings.amqp.partitions,
                     operation_ids: OperationIds::new(&self.settings.ingest.operation_secret),
                     kafka_brokers: brokers.clone(),

@@ -221,39 +221,47 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     let mut problems = Vec::new();
     let mut servers = Vec::new();
 
-    // RabbitMQ, over AMQP and the management API.
-    let amqp = match Connection::connect(&settings.amqp.url, ConnectionProperties::default()).await {
-        Ok(c) => {
-            servers.push(ServerStatus {
-                name: "rabbitmq",
-                address: redact(&settings.amqp.url),
-                reachable: true,
-                detail: "amqp ok".into(),
-            });
-            Some(c)
-        }
-        Err(e) => {
-            servers.push(down("rabbitmq", redact(&settings.amqp.url), &e, &mut problems));
-            None
-        }
-    };
-    let management = Management::new(&settings.amqp.url, options.management_url.as_deref())?;
-    let management_up = match management.overview().await {
-        Ok(overview) => {
-            let version = format!("RabbitMQ {}", overview["rabbitmq_version"].as_str().unwrap_or("?"));
-            servers.push(ServerStatus {
-                name: "rabbitmq_management",
-                address: management.base_url().into(),
-                reachable: true,
-                detail: version,
-            });
-            true
-        }
-        Err(e) => {
-            servers.push(down("rabbitmq_management", management.base_url().into(), &e, &mut problems));
-            false
-        }
-    };
+    // RabbitMQ, over AMQP and the management API: each connection tenants
+    // use (their own broker or vhost, or the shared one).
+    let mut brokers = Vec::new();
+    for connection in settings.amqp_connections() {
+        let tenants_here = connection.tenants.join(", ");
+        let amqp = match Connection::connect(&connection.url, ConnectionProperties::default()).await {
+            Ok(c) => {
+                servers.push(ServerStatus {
+                    name: "rabbitmq",
+                    address: redact(&connection.url),
+                    reachable: true,
+                    detail: format!("amqp ok; tenants {tenants_here}"),
+                });
+                Some(c)
+            }
+            Err(e) => {
+                let error = format!("{e} (tenants {tenants_here})");
+                servers.push(down("rabbitmq", redact(&connection.url), &error, &mut problems));
+                None
+            }
+        };
+        let management = Management::new(&connection.url, options.management_url.as_deref())?;
+        let management_up = match management.overview().await {
+            Ok(overview) => {
+                let version = format!("RabbitMQ {}", overview["rabbitmq_version"].as_str().unwrap_or("?"));
+                servers.push(ServerStatus {
+                    name: "rabbitmq_management",
+                    address: format!("{} (vhost {})", management.base_url(), management.vhost()),
+                    reachable: true,
+                    detail: version,
+                });
+                true
+            }
+            Err(e) => {
+                servers.push(down("rabbitmq_management", management.base_url().into(), &e, &mut problems));
+                false
+            }
+        };
+        brokers.push((connection.tenants, amqp, management_up.then_some(management)));
+    }
+    let broker_of = |tenant: &str| brokers.iter().find(|(tenants, _, _)| tenants.iter().any(|t| t == tenant));
 
     // Kafka: a plain TCP check first, so a dead broker costs seconds, not
     // librdkafka's metadata timeouts.
@@ -381,8 +389,8 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
                 options,
                 tenant,
                 context.name,
-                amqp.as_ref(),
-                management_up.then_some(&management),
+                broker_of(tenant).and_then(|(_, amqp, _)| amqp.as_ref()),
+                broker_of(tenant).and_then(|(_, _, management)| management.as_ref()),
                 (active_lag.as_deref(), building_lag.as_deref()),
                 // The orders projection's group depends on its active version.
                 projection.is_some() || context.name != sluice_schemas::orders::CONTEXT,
@@ -419,8 +427,10 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
         });
         report_tenants.push(TenantStatus { tenant: tenant.clone(), contexts, processes, parked_keys });
     }
-    if let Some(c) = amqp {
-        let _ = c.close(200, "status done".into()).await;
+    for (_, amqp, _) in brokers {
+        if let Some(c) = amqp {
+            let _ = c.close(200, "status done".into()).await;
+        }
     }
     problems.sort_by_key(|p| std::cmp::Reverse(p.severity));
     Ok(StatusReport {

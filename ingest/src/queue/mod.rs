@@ -10,11 +10,13 @@
 
 mod link;
 mod publish;
+mod tenants;
 
 use futures::future::BoxFuture;
 
 pub use link::Backoff;
 pub use publish::{AmqpCommandQueue, AmqpQueueSettings};
+pub use tenants::{TenantConnection, TenantQueues};
 
 /// One command, ready for the wire.
 #[derive(Debug, Clone)]
@@ -59,6 +61,19 @@ impl QueueError {
 pub trait CommandQueue: Send + Sync {
     /// Publishes one command; `Ok` only after the broker's confirm.
     fn publish<'a>(&'a self, command: &'a QueuedCommand) -> BoxFuture<'a, Result<(), QueueError>>;
-    /// Whether publishes can succeed right now (`/readyz`).
+    /// Whether publishes can succeed right now, for every tenant.
     fn is_ready(&self) -> bool;
+    /// Each connection behind this queue and whether it is up (`/readyz`).
+    fn connections(&self) -> Vec<ConnectionState> {
+        vec![ConnectionState { connection: "rabbitmq".into(), tenants: vec![], ready: self.is_ready() }]
+    }
+}
+
+/// One connection of the edge, as `/readyz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionState {
+    /// The URL without credentials.
+    pub connection: String,
+    pub tenants: Vec<String>,
+    pub ready: bool,
 }

@@ -17,6 +17,49 @@ pub mod topology;
 pub use consumer::{consume_partition, ConsumerSettings};
 pub use topology::declare_topology;
 
+/// Where each tenant's commands live: the AMQP URL of every connection (a
+/// broker, or a vhost with its own user) and the tenants on it. Each tenant
+/// is on exactly one.
+#[derive(Clone)]
+pub struct Brokers {
+    connections: Vec<Broker>,
+}
+
+/// One connection and its tenants.
+#[derive(Clone)]
+pub struct Broker {
+    /// Holds credentials: never logged (see [`Broker::label`]).
+    pub url: String,
+    pub tenants: Vec<String>,
+}
+
+impl Broker {
+    /// The URL without credentials, for logs.
+    pub fn label(&self) -> String {
+        sluice_telemetry::url_without_credentials(&self.url)
+    }
+}
+
+impl Brokers {
+    pub fn new(connections: Vec<Broker>) -> Self {
+        Self { connections }
+    }
+
+    /// Every tenant on one broker.
+    pub fn single(url: &str, tenants: &[String]) -> Self {
+        Self::new(vec![Broker { url: url.to_owned(), tenants: tenants.to_vec() }])
+    }
+
+    pub fn connections(&self) -> &[Broker] {
+        &self.connections
+    }
+
+    /// The URL of `tenant`'s connection.
+    pub fn url_for(&self, tenant: &str) -> Option<&str> {
+        self.connections.iter().find(|c| c.tenants.iter().any(|t| t == tenant)).map(|c| c.url.as_str())
+    }
+}
+
 /// Connects to RabbitMQ as `name` (the connection name the management UI
 /// shows), with `heartbeat_s` when the URL sets no heartbeat of its own.
 pub async fn connect(url: &str, name: &str, heartbeat_s: u16) -> lapin::Result<lapin::Connection> {

@@ -17,6 +17,7 @@ use sluice_schemas::operation_id::OperationIds;
 use tokio::sync::Mutex;
 
 use super::CommandIntent;
+use crate::amqp::Brokers;
 
 /// A command as the process sends it.
 #[derive(Debug, Clone)]
@@ -66,23 +67,25 @@ pub trait CommandSender: Send + Sync {
     fn send(&self, command: OutgoingCommand<'_>) -> impl Future<Output = Result<(), SendError>> + Send;
 }
 
-/// Publishes over one confirm channel, reconnecting after a failure.
+/// Publishes over one confirm channel per connection (each tenant's
+/// commands on its tenant's), reconnecting after a failure.
 pub struct AmqpCommandSender {
-    url: String,
+    brokers: Brokers,
     operation_ids: OperationIds,
-    /// The connection and its confirm channel, opened on first use.
-    channel: Mutex<Option<(Connection, Channel)>>,
+    /// Each connection of `brokers` and its confirm channel, opened on
+    /// first use.
+    channels: Vec<Mutex<Option<(Connection, Channel)>>>,
     confirm_timeout: Duration,
     /// Partitions of every context's commands (`amqp.partitions`).
     partitions: u16,
 }
 
 impl AmqpCommandSender {
-    pub fn new(url: &str, operation_ids: OperationIds, partitions: u16) -> Self {
+    pub fn new(brokers: Brokers, operation_ids: OperationIds, partitions: u16) -> Self {
         Self {
-            url: url.to_owned(),
+            channels: brokers.connections().iter().map(|_| Mutex::new(None)).collect(),
+            brokers,
             operation_ids,
-            channel: Mutex::new(None),
             confirm_timeout: Duration::from_secs(10),
             partitions,
         }
@@ -90,10 +93,10 @@ impl AmqpCommandSender {
 
     /// Connects and opens a confirm channel, within the confirm timeout (a
     /// broker that is starting can accept the socket and never answer).
-    async fn open(&self) -> Result<(Connection, Channel), SendError> {
+    async fn open(&self, url: &str) -> Result<(Connection, Channel), SendError> {
         let err = |e: lapin::Error| SendError(e.to_string());
         let open = async {
-            let connection = Connection::connect(&self.url, ConnectionProperties::default()).await.map_err(err)?;
+            let connection = Connection::connect(url, ConnectionProperties::default()).await.map_err(err)?;
             let channel = connection.create_channel().await.map_err(err)?;
             channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
             Ok((connection, channel))
@@ -106,9 +109,13 @@ impl AmqpCommandSender {
 
 impl CommandSender for AmqpCommandSender {
     async fn send(&self, command: OutgoingCommand<'_>) -> Result<(), SendError> {
-        let mut guard = self.channel.lock().await;
+        let tenant = command.tenant;
+        let Some(i) = self.brokers.connections().iter().position(|c| c.tenants.iter().any(|t| t == tenant)) else {
+            return Err(SendError(format!("no RabbitMQ connection for tenant {tenant}")));
+        };
+        let mut guard = self.channels[i].lock().await;
         if guard.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
-            *guard = Some(self.open().await?);
+            *guard = Some(self.open(&self.brokers.connections()[i].url).await?);
         }
         let (_, channel) = guard.as_ref().expect("opened above");
         let body = command.cloud_event().to_string();
