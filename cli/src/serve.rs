@@ -138,14 +138,28 @@ pub fn context_topics(tenants: &[String], context: &str) -> Vec<String> {
     tenants.iter().map(|t| names::events_topic(t, context)).collect()
 }
 
-/// Creates the events topics a projection reads and its dead-letter topics.
+/// Creates the events topics a projection reads and its dead-letter topics,
+/// each on its tenant's Kafka cluster.
 pub async fn ensure_projection_topics(settings: &Settings, topics: &[String], projection: &str) -> anyhow::Result<()> {
-    let mut all = topics.to_vec();
-    all.extend(topics.iter().map(|t| dead_letter_topic(t, projection)));
-    let (brokers, partitions) = (&settings.kafka.brokers, settings.processor.topic_partitions);
-    sluice_processors::kafka::ensure_topics(brokers, &all, partitions, settings.kafka.replication())
-        .await
-        .context("creating topics")
+    for cluster in settings.kafka_clusters().iter() {
+        let on_cluster: Vec<&String> = topics
+            .iter()
+            .filter(|t| {
+                sluice_projections::apply::tenant_of(t)
+                    .is_some_and(|tenant| cluster.tenants.iter().any(|c| c == tenant))
+            })
+            .collect();
+        if on_cluster.is_empty() {
+            continue;
+        }
+        let mut all: Vec<String> = on_cluster.iter().map(|t| t.to_string()).collect();
+        all.extend(on_cluster.iter().map(|t| dead_letter_topic(t, projection)));
+        let partitions = settings.processor.topic_partitions;
+        sluice_processors::kafka::ensure_topics(&cluster.brokers, &all, partitions, settings.kafka.replication())
+            .await
+            .with_context(|| format!("creating topics at {}", cluster.brokers))?;
+    }
+    Ok(())
 }
 
 /// Retries a startup step while a server is briefly unavailable (a role
@@ -204,7 +218,7 @@ pub async fn serve(
             amqp: settings.brokers(),
             partitions: settings.amqp.partitions,
             operation_ids: OperationIds::new(&settings.ingest.operation_secret),
-            kafka_brokers: settings.kafka.brokers.clone(),
+            kafka: settings.kafka_clusters(),
             replication: settings.kafka.replication(),
             registry_url: settings.registry.url.clone(),
             session: session.clone(),
@@ -241,33 +255,37 @@ pub async fn serve(
     }
 
     if role.includes(Role::Projector) {
-        let topics = events_topics(&tenants);
         let name = &settings.projector.name;
+        let topics = events_topics(&tenants);
         until_available("Kafka", &shutdown, || ensure_projection_topics(&settings, &topics, name)).await?;
-        let projector = Projector {
-            config: settings.projector.clone(),
-            brokers: settings.kafka.brokers.clone(),
-            registry_url: settings.registry.url.clone(),
-            topics,
-            store: Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?),
-        };
-        let stop = shutdown.clone();
-        roles.spawn(async move { projector.run(stop).await.context("projector role") });
-
         let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
         until_available("Kafka", &shutdown, || {
             ensure_projection_topics(&settings, &patient_topics, patients::PROJECTION)
         })
         .await?;
-        let patients_projection = patients::PatientsProjector {
-            brokers: settings.kafka.brokers.clone(),
-            registry_url: settings.registry.url.clone(),
-            group: patients::group_id(&settings.projector),
-            topics: patient_topics,
-            session: session.clone(),
-        };
-        let stop = shutdown.clone();
-        roles.spawn(async move { patients_projection.run(stop).await.context("patients projection") });
+        let store = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
+        // Each projection runs once per Kafka cluster, over its tenants' topics.
+        for cluster in settings.kafka_clusters().of(&tenants) {
+            let projector = Projector {
+                config: settings.projector.clone(),
+                brokers: cluster.brokers.clone(),
+                registry_url: settings.registry.url.clone(),
+                topics: events_topics(&cluster.tenants),
+                store: store.clone(),
+            };
+            let stop = shutdown.clone();
+            roles.spawn(async move { projector.run(stop).await.context("projector role") });
+
+            let patients_projection = patients::PatientsProjector {
+                brokers: cluster.brokers.clone(),
+                registry_url: settings.registry.url.clone(),
+                group: patients::group_id(&settings.projector),
+                topics: context_topics(&cluster.tenants, sluice_schemas::patients::CONTEXT),
+                session: session.clone(),
+            };
+            let stop = shutdown.clone();
+            roles.spawn(async move { patients_projection.run(stop).await.context("patients projection") });
+        }
     }
 
     if role.includes(Role::Ingest) {

@@ -9,6 +9,7 @@ use sluice_ingest::auth::TenantConfig;
 use sluice_ingest::IngestConfig;
 use sluice_processors::ProcessorConfig;
 use sluice_projections::ProjectorConfig;
+use sluice_streams::clusters::{Cluster, Clusters};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -185,16 +186,45 @@ impl Settings {
     /// connection first (with every tenant that names no URL of its own, or
     /// the same one). A connection no tenant uses is not listed.
     pub fn amqp_connections(&self) -> Vec<AmqpConnection> {
-        let mut connections: Vec<AmqpConnection> = vec![AmqpConnection { url: self.amqp.url.clone(), tenants: vec![] }];
+        self.group_tenants(&self.amqp.url, |t| t.amqp_url.as_deref())
+            .into_iter()
+            .map(|(url, tenants)| AmqpConnection { url, tenants })
+            .collect()
+    }
+
+    /// The brokers of `tenant`'s Kafka cluster: its own, else `kafka.brokers`.
+    pub fn kafka_brokers_for(&self, tenant: &str) -> &str {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.kafka_brokers.as_deref())
+            .unwrap_or(&self.kafka.brokers)
+    }
+
+    /// The distinct Kafka clusters and the tenants on each, the default
+    /// cluster first (as [`Settings::amqp_connections`]).
+    pub fn kafka_clusters(&self) -> Clusters {
+        Clusters::new(
+            self.group_tenants(&self.kafka.brokers, |t| t.kafka_brokers.as_deref())
+                .into_iter()
+                .map(|(brokers, tenants)| Cluster { brokers, tenants })
+                .collect(),
+        )
+    }
+
+    /// Tenants grouped by the address `own` names (else `default`), the
+    /// default's group first; groups without tenants left out.
+    fn group_tenants(&self, default: &str, own: impl Fn(&TenantConfig) -> Option<&str>) -> Vec<(String, Vec<String>)> {
+        let mut groups: Vec<(String, Vec<String>)> = vec![(default.to_owned(), vec![])];
         for tenant in &self.tenants {
-            let url = self.amqp_url_for(&tenant.name);
-            match connections.iter_mut().find(|c| c.url == url) {
-                Some(connection) => connection.tenants.push(tenant.name.clone()),
-                None => connections.push(AmqpConnection { url: url.to_owned(), tenants: vec![tenant.name.clone()] }),
+            let address = own(tenant).unwrap_or(default);
+            match groups.iter_mut().find(|(a, _)| a == address) {
+                Some((_, tenants)) => tenants.push(tenant.name.clone()),
+                None => groups.push((address.to_owned(), vec![tenant.name.clone()])),
             }
         }
-        connections.retain(|c| !c.tenants.is_empty());
-        connections
+        groups.retain(|(_, tenants)| !tenants.is_empty());
+        groups
     }
 
     /// [`Settings::amqp_connections`] as the processors take them.
@@ -220,13 +250,15 @@ impl Settings {
             Err(name) => problems.push(format!("amqp.url: ${{{name}}} is not set in the environment")),
         }
         for tenant in &mut self.tenants {
-            let Some(url) = tenant.amqp_url.as_mut() else { continue };
-            match expand(url, env) {
-                Ok(expanded) => *url = expanded,
-                Err(name) => problems.push(format!(
-                    "tenants ({:?}): amqp_url names ${{{name}}}, which is not set in the environment",
-                    tenant.name
-                )),
+            let name = tenant.name.clone();
+            for (field, value) in [("amqp_url", &mut tenant.amqp_url), ("kafka_brokers", &mut tenant.kafka_brokers)] {
+                let Some(value) = value.as_mut() else { continue };
+                match expand(value, env) {
+                    Ok(expanded) => *value = expanded,
+                    Err(var) => problems.push(format!(
+                        "tenants ({name:?}): {field} names ${{{var}}}, which is not set in the environment"
+                    )),
+                }
             }
         }
         // (broker and vhost) → (user, who uses it first)
@@ -315,6 +347,7 @@ mod tests {
                 sources: vec![format!("/{name}/")],
                 keys: vec![],
                 amqp_url: url.map(str::to_owned),
+                kafka_brokers: None,
             })
             .collect();
         settings
@@ -336,6 +369,14 @@ mod tests {
                 AmqpConnection { url: settings.amqp.url.clone(), tenants: vec!["acme".into(), "initech".into()] },
                 AmqpConnection { url: own.into(), tenants: vec!["globex".into()] },
             ]
+        );
+        let mut settings = with_tenants(&[("acme", None), ("globex", None)]);
+        settings.tenants[1].kafka_brokers = Some("kafka-globex:9092".into());
+        assert_eq!(settings.kafka_brokers_for("globex"), "kafka-globex:9092");
+        assert_eq!(settings.kafka_brokers_for("acme"), settings.kafka.brokers);
+        assert_eq!(
+            settings.kafka_clusters().iter().map(|c| c.tenants.clone()).collect::<Vec<_>>(),
+            [["acme"], ["globex"]]
         );
         // No tenant on the default connection: it is not listed.
         let settings = with_tenants(&[("globex", Some(own))]);

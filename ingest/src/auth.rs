@@ -33,6 +33,11 @@ pub struct TenantConfig {
     /// commands, retries and dead letters live there. Unset: `amqp.url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amqp_url: Option<String>,
+    /// The tenant's own Kafka cluster (`host:port,...`): its events topics,
+    /// their dead-letter topics and its relay positions live there, and
+    /// every consumer of events reads them there. Unset: `kafka.brokers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_brokers: Option<String>,
 }
 
 /// What a configuration's tenants must satisfy, every problem named by its
@@ -193,6 +198,7 @@ mod tests {
                 name: "k".into(),
             }],
             amqp_url: None,
+            kafka_brokers: None,
         }]
     }
 
@@ -213,6 +219,7 @@ mod tests {
             sources: vec![prefix.into()],
             keys: vec![KeyConfig { sha256: hex::encode(hash_key(key)), commands: vec![], name: format!("{name}-k") }],
             amqp_url: None,
+            kafka_brokers: None,
         }
     }
 

@@ -103,6 +103,7 @@ fn tenant(name: &str) -> TenantConfig {
             name: String::new(),
         }],
         amqp_url: None,
+        kafka_brokers: None,
     }
 }
 

@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_schemas::catalog;
 use sluice_schemas::codec::EventCodec;
+use sluice_streams::clusters::Clusters;
 
 use crate::amqp::consumer::PartitionRef;
 use crate::operations::EventPosition;
@@ -90,14 +91,15 @@ pub trait RelayFactory: Send + Sync {
 
 /// Kafka and the registry.
 pub struct KafkaRelays {
-    brokers: String,
+    /// Each tenant's cluster: a partition's relay writes there.
+    clusters: Clusters,
     codec: Arc<EventCodec>,
 }
 
 impl KafkaRelays {
-    pub fn new(brokers: &str, registry_url: &str) -> Result<Self, RelayError> {
+    pub fn new(clusters: Clusters, registry_url: &str) -> Result<Self, RelayError> {
         let codec = EventCodec::new(registry_url).map_err(|e| RelayError::Transient(e.to_string()))?;
-        Ok(Self { brokers: brokers.to_owned(), codec: Arc::new(codec) })
+        Ok(Self { clusters, codec: Arc::new(codec) })
     }
 }
 
@@ -136,8 +138,11 @@ impl RelayFactory for KafkaRelays {
 
     async fn open(&self, partition: &PartitionRef, owner: &str) -> Result<(KafkaRelay, Option<i64>), RelayError> {
         let name = relay_name(partition);
+        let brokers = self.clusters.brokers_for(&partition.tenant).ok_or_else(|| {
+            RelayError::Transient(format!("no Kafka cluster is configured for tenant {}", partition.tenant))
+        })?;
         let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+            .set("bootstrap.servers", brokers)
             .set("client.id", format!("{owner}/{name}"))
             .set("transactional.id", &name)
             .set("enable.idempotence", "true")
@@ -155,7 +160,7 @@ impl RelayFactory for KafkaRelays {
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
         let positions: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+            .set("bootstrap.servers", brokers)
             .set("group.id", &name)
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")

@@ -36,6 +36,7 @@ use scylla::client::session::Session;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::operation_id::OperationIds;
 use sluice_schemas::{catalog, names};
+use sluice_streams::clusters::{Cluster, Clusters};
 use sluice_streams::dead_letter::{dead_letter_topic, DeadLetters};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -151,7 +152,8 @@ pub struct Infra {
     /// Signs the operation ids of the commands process managers send, as
     /// the edge signs clients' (so `GET /operations/{id}` serves both).
     pub operation_ids: OperationIds,
-    pub kafka_brokers: String,
+    /// Each tenant's Kafka cluster.
+    pub kafka: Clusters,
     /// Replication of the topics the role creates.
     pub replication: kafka::Replication,
     pub registry_url: String,
@@ -182,20 +184,25 @@ pub async fn run(
     if infra.partitions == 0 {
         return Err(ProcessorError::Setup("amqp.partitions must be at least 1".into()));
     }
-    let mut topics: Vec<String> =
-        tenants.iter().flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name))).collect();
-    if config.processes.enabled {
-        topics.extend(
-            tenants.iter().map(|t| {
-                dead_letter_topic(&names::events_topic(t, sluice_schemas::patients::CONTEXT), Onboarding::NAME)
-            }),
-        );
-    }
+    // Each cluster gets its tenants' topics and a relay topic of its own.
     // Kafka may be restarting while this processor starts: wait for it.
     let relay_topic = [kafka::RELAY_TOPIC.to_owned()];
     let ensure = || async {
-        kafka::ensure_topics(&infra.kafka_brokers, &topics, config.topic_partitions, infra.replication).await?;
-        kafka::ensure_topics(&infra.kafka_brokers, &relay_topic, 1, infra.replication).await
+        for cluster in infra.kafka.of(tenants) {
+            let mut topics: Vec<String> = cluster
+                .tenants
+                .iter()
+                .flat_map(|t| catalog::CONTEXTS.iter().map(move |c| names::events_topic(t, c.name)))
+                .collect();
+            if config.processes.enabled {
+                topics.extend(cluster.tenants.iter().map(|t| {
+                    dead_letter_topic(&names::events_topic(t, sluice_schemas::patients::CONTEXT), Onboarding::NAME)
+                }));
+            }
+            kafka::ensure_topics(&cluster.brokers, &topics, config.topic_partitions, infra.replication).await?;
+            kafka::ensure_topics(&cluster.brokers, &relay_topic, 1, infra.replication).await?;
+        }
+        Ok::<_, kafka::RelayError>(())
     };
     while let Err(e) = ensure().await {
         if shutdown.is_cancelled() {
@@ -217,13 +224,14 @@ pub async fn run(
     let membership = CqlMembership::new(infra.session.clone(), &ownership::group_for(tenants))
         .await
         .map_err(ProcessorError::Setup)?;
-    let process_managers = if config.processes.enabled {
-        Some(tokio::spawn(
-            run_onboarding(config.processes.clone(), infra, tenants, instance.clone(), shutdown.clone()).await?,
-        ))
-    } else {
-        None
-    };
+    // One process manager per Kafka cluster, over that cluster's tenants.
+    let mut process_managers = Vec::new();
+    if config.processes.enabled {
+        for cluster in infra.kafka.of(tenants) {
+            let run = run_onboarding(config.processes.clone(), infra, &cluster, instance.clone(), shutdown.clone());
+            process_managers.push(tokio::spawn(run.await?));
+        }
+    }
 
     // Each tenant's partitions are consumed on its own connection; a
     // connection that is down holds back only its own tenants.
@@ -239,7 +247,7 @@ pub async fn run(
     if let Err(e) = membership.leave(&instance).await {
         warn!(error = %e, "could not leave the membership; the partitions move when its row expires");
     }
-    if let Some(task) = process_managers {
+    for task in process_managers {
         match task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "process manager ended with an error"),
@@ -283,30 +291,30 @@ pub async fn onboarding_runtime(config: &ProcessConfig, infra: &Infra) -> Result
     })
 }
 
-/// The onboarding process manager's runtime, ready to run until `shutdown`.
+/// The onboarding process manager of one Kafka cluster's tenants, ready to
+/// run until `shutdown`.
 async fn run_onboarding(
     config: ProcessConfig,
     infra: &Infra,
-    tenants: &[String],
+    cluster: &Cluster,
     instance: String,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = Result<(), process::runtime::StepError>>, ProcessorError> {
     let setup = |e: &dyn std::fmt::Display| ProcessorError::Setup(e.to_string());
     let runtime = Arc::new(onboarding_runtime(&config, infra).await?);
     let settings = process::runtime::RunSettings {
-        brokers: infra.kafka_brokers.clone(),
+        brokers: cluster.brokers.clone(),
         registry_url: infra.registry_url.clone(),
         group: config.consumer_group.clone(),
-        topics: tenants.iter().map(|t| names::events_topic(t, sluice_schemas::patients::CONTEXT)).collect(),
-        tenants: tenants.to_vec(),
+        topics: cluster.tenants.iter().map(|t| names::events_topic(t, sluice_schemas::patients::CONTEXT)).collect(),
+        tenants: cluster.tenants.clone(),
         timer_poll: Duration::from_millis(config.timer_poll_ms.max(10)),
         timer_lease: Duration::from_millis(config.timer_lease_ms),
         instance,
         lanes: sluice_streams::lanes::LaneConfig::default(),
     };
-    let dead_letters = DeadLetters::new(&infra.kafka_brokers, infra.session.clone(), Onboarding::NAME, 1)
-        .await
-        .map_err(|e| setup(&e))?;
+    let dead_letters =
+        DeadLetters::new(&cluster.brokers, infra.session.clone(), Onboarding::NAME, 1).await.map_err(|e| setup(&e))?;
     Ok(process::runtime::run(runtime, settings, dead_letters, shutdown))
 }
 
@@ -334,12 +342,12 @@ struct Connected<'a> {
 /// Runs one connection's consumers until `shutdown`, connecting again after
 /// the connection ends or cannot be made.
 async fn keep_connected(on: Connected<'_>, share: &Share<'_>, shutdown: &CancellationToken) {
-    let label = on.broker.label();
+    let (label, tenants) = (on.broker.label(), on.tenants.join(","));
     while !shutdown.is_cancelled() {
         match run_connected(&on, share, shutdown).await {
             Ok(()) if shutdown.is_cancelled() => break,
-            Ok(()) => warn!(connection = %label, "RabbitMQ connection ended; reconnecting"),
-            Err(e) => warn!(connection = %label, error = %e, "RabbitMQ unavailable; reconnecting"),
+            Ok(()) => warn!(connection = %label, %tenants, "RabbitMQ connection ended; reconnecting"),
+            Err(e) => warn!(connection = %label, %tenants, error = %e, "RabbitMQ unavailable; reconnecting"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -522,7 +530,7 @@ async fn backends_for(infra: &Infra, instance: &str, config: &ProcessorConfig) -
         store: CqlEventStore::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         journal: CqlJournal::new(infra.session.clone()).await.map_err(|e| setup(&e))?,
         operations: CqlOperationStore::new(infra.session.clone(), instance).await.map_err(|e| setup(&e))?,
-        relays: KafkaRelays::new(&infra.kafka_brokers, &infra.registry_url).map_err(|e| setup(&e))?,
+        relays: KafkaRelays::new(infra.kafka.clone(), &infra.registry_url).map_err(|e| setup(&e))?,
         retry_delays_ms: config.retry_delays_ms.clone(),
     })
 }

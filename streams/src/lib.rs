@@ -18,6 +18,7 @@
 //!   the parked keys read again when partitions are assigned.
 //! - [`lag`]: a group's lag per partition, and the gauge every consumer
 //!   exports.
+//! - [`clusters`]: which Kafka cluster holds each tenant's topics.
 //!
 //! Still to come here (issue 13): the `Projection` trait with the runtime
 //! owning the CQL writes.
@@ -26,6 +27,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod clusters;
 pub mod consumer;
 pub mod dead_letter;
 pub mod decode;

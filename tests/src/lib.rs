@@ -62,6 +62,7 @@ impl TestTenant {
                 name: format!("{}-test", self.name),
             }],
             amqp_url: None,
+            kafka_brokers: None,
         }
     }
 }
@@ -215,13 +216,7 @@ pub fn command(tenant: &TestTenant, id: &str, ty: &str, data: Value) -> Value {
 pub async fn read_record(topic: &str, partition: i32, offset: i64) -> OwnedMessage {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9092")
-            .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("kafka consumer");
+        let consumer = reader(KAFKA);
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&topic, partition, Offset::Offset(offset)).expect("assignment");
         consumer.assign(&assignment).expect("assign");
@@ -861,14 +856,7 @@ pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
 pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9092")
-            .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("kafka consumer");
+        let consumer = reader(KAFKA);
         consumer.subscribe(&[&topic]).expect("subscribe");
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(8);
@@ -883,18 +871,33 @@ pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
     .expect("reader thread")
 }
 
+/// The dev stack's Kafka.
+pub const KAFKA: &str = "127.0.0.1:9092";
+
+/// A consumer of its own group (never committing) that reads as a data
+/// team's would: `read_committed`, from the earliest record.
+fn reader(brokers: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer")
+}
+
 /// Every record of a topic, read as a data team would: `read_committed`,
 /// from the beginning to the end the topic had when the read began.
 pub async fn read_committed_topic(topic: &str) -> Vec<OwnedMessage> {
-    let topic = topic.to_owned();
+    read_committed_topic_at(KAFKA, topic).await
+}
+
+/// [`read_committed_topic`] on the Kafka cluster at `brokers`.
+pub async fn read_committed_topic_at(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9092")
-            .set("group.id", format!("sluice.test.reader.{}", uuid::Uuid::new_v4().simple()))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("kafka consumer");
+        let consumer = reader(&brokers);
         let timeout = Duration::from_secs(10);
         let metadata = consumer.fetch_metadata(Some(&topic), timeout).expect("metadata");
         let mut assignment = TopicPartitionList::new();
@@ -933,8 +936,13 @@ pub async fn read_committed_topic(topic: &str) -> Vec<OwnedMessage> {
 /// keyed by it must be its stored events, each exactly once, in version
 /// order. Answers what differs, one line per order.
 pub async fn orders_off_in_kafka(tenant: &TestTenant, orders: &[String]) -> Vec<String> {
+    orders_off_in_kafka_at(KAFKA, tenant, orders).await
+}
+
+/// [`orders_off_in_kafka`] with the tenant's topic on the cluster at `brokers`.
+pub async fn orders_off_in_kafka_at(brokers: &str, tenant: &TestTenant, orders: &[String]) -> Vec<String> {
     let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
-    let records = read_committed_topic(&topic).await;
+    let records = read_committed_topic_at(brokers, &topic).await;
     let mut by_key: std::collections::HashMap<Vec<u8>, Vec<String>> = std::collections::HashMap::new();
     for record in &records {
         use rdkafka::message::Headers;

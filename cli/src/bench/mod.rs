@@ -259,6 +259,7 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
         sources: vec![format!("/{tenant}/")],
         keys: vec![KeyConfig { sha256: hex::encode(hash_key(key)), commands: vec![], name: format!("{tenant}-bench") }],
         amqp_url: None,
+        kafka_brokers: None,
     }];
     settings.projector.name = projection.to_owned();
     settings.ingest.http_addr = format!("127.0.0.1:{port}");

@@ -54,19 +54,35 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         return super::print_json(&serde_json::json!({"projection": args.projection, "dropped_version": version}));
     }
     let start: StartAt = args.from.parse().map_err(anyhow::Error::msg)?;
-    let topics = if patients {
-        context_topics(&settings.tenant_names(), sluice_schemas::patients::CONTEXT)
-    } else {
-        events_topics(&settings.tenant_names())
+    let topics_of = |tenants: &[String]| {
+        if patients {
+            context_topics(tenants, sluice_schemas::patients::CONTEXT)
+        } else {
+            events_topics(tenants)
+        }
     };
-    ensure_projection_topics(&settings, &topics, &args.projection).await?;
-    let ctx = ReplayCtx {
-        config: settings.projector.clone(),
-        brokers: settings.kafka.brokers.clone(),
-        registry_url: settings.registry.url.clone(),
-        topics,
-        store,
-    };
+    ensure_projection_topics(&settings, &topics_of(&settings.tenant_names()), &args.projection).await?;
+    // Each Kafka cluster's topics are replayed in turn. A rebuild switches
+    // reads once for every tenant, so it reads all of them in one pass: one
+    // cluster only.
+    let clusters = settings.kafka_clusters().of(&settings.tenant_names());
+    if args.rebuild && clusters.len() > 1 {
+        bail!(
+            "a rebuild switches every tenant's reads at once and reads its topics in one pass, but the tenants are on \
+             {} Kafka clusters: replay without --rebuild instead (it rebuilds nothing blue/green)",
+            clusters.len()
+        );
+    }
+    let contexts: Vec<ReplayCtx> = clusters
+        .iter()
+        .map(|cluster| ReplayCtx {
+            config: settings.projector.clone(),
+            brokers: cluster.brokers.clone(),
+            registry_url: settings.registry.url.clone(),
+            topics: topics_of(&cluster.tenants),
+            store: store.clone(),
+        })
+        .collect();
     // Ctrl-C stops cleanly; a rebuild resumes where it stopped.
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
@@ -103,18 +119,29 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             None => {}
         }
     };
-    let report = if args.rebuild {
-        replay::rebuild(&ctx, start, args.drop_old, &stop, progress).await
-    } else if patients {
-        replay::replay_patients(&ctx, start, &stop, progress).await
-    } else {
-        replay::replay(&ctx, start, &stop, progress).await
+    let mut reports = Vec::new();
+    for ctx in &contexts {
+        let report = if args.rebuild {
+            replay::rebuild(ctx, start.clone(), args.drop_old, &stop, progress).await
+        } else if patients {
+            replay::replay_patients(ctx, start.clone(), &stop, progress).await
+        } else {
+            replay::replay(ctx, start.clone(), &stop, progress).await
+        }
+        .with_context(|| format!("replay failed (Kafka at {})", ctx.brokers))?;
+        reports.push(report);
     }
-    .context("replay failed")?;
     if let Some(bar) = bar {
         bar.finish();
     }
-    if args.json {
+    for report in reports {
+        print_report(&report, args.json, &stop)?;
+    }
+    Ok(())
+}
+
+fn print_report(report: &replay::ReplayReport, json: bool, stop: &CancellationToken) -> anyhow::Result<()> {
+    if json {
         super::print_json(&serde_json::json!({"report": report}))
     } else {
         println!(

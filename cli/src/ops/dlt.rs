@@ -271,6 +271,11 @@ impl Dlt {
         Ok(out)
     }
 
+    /// The brokers of the Kafka cluster holding `topic` (its tenant's).
+    fn brokers_of(&self, topic: &str) -> &str {
+        tenant_of(topic).map_or(&self.settings.kafka.brokers, |tenant| self.settings.kafka_brokers_for(tenant))
+    }
+
     /// Parked keys and dead-lettered records matching `filter`;
     /// `progress(topic)` hears each dead-letter topic as it is read.
     pub async fn list(&self, filter: &DltFilter, mut progress: impl FnMut(&str)) -> Result<DltListing, OpsError> {
@@ -282,7 +287,7 @@ impl Dlt {
             for topic in consumer.topics.iter().filter(|t| filter.topic(t)) {
                 let dlt = dead_letter_topic(topic, &consumer.name);
                 progress(&dlt);
-                let records = read_to_end(&self.settings.kafka.brokers, &dlt).await?;
+                let records = read_to_end(self.brokers_of(topic), &dlt).await?;
                 listing.records.extend(
                     records.iter().map(|m| DeadRecord::of(&consumer.name, m, false)).filter(|r| filter.key(&r.key)),
                 );
@@ -296,7 +301,7 @@ impl Dlt {
         let consumer = self.consumer(consumer).await?;
         let mut out = Vec::new();
         for topic in consumer.topics.iter().filter(|t| tenant_of(t) == Some(tenant)) {
-            let records = read_to_end(&self.settings.kafka.brokers, &dead_letter_topic(topic, &consumer.name)).await?;
+            let records = read_to_end(self.brokers_of(topic), &dead_letter_topic(topic, &consumer.name)).await?;
             out.extend(
                 records
                     .iter()
@@ -396,7 +401,7 @@ impl Dlt {
         // row landed is done within this grace (its send times out before).
         tokio::time::sleep(grace).await;
         let mut by_offset: BTreeMap<(i32, i64), OwnedMessage> = BTreeMap::new();
-        for m in read_to_end(&self.settings.kafka.brokers, dlt).await? {
+        for m in read_to_end(self.brokers_of(topic), dlt).await? {
             let r = DeadRecord::of(&consumer.name, &m, false);
             if r.key == key && r.topic == topic {
                 by_offset.entry((r.partition, r.offset)).or_insert(m);
@@ -426,7 +431,7 @@ impl Dlt {
             failed: None,
             unparked: false,
         };
-        let (brokers, registry) = (&self.settings.kafka.brokers, &self.settings.registry.url);
+        let (brokers, registry) = (&self.brokers_of(topic).to_owned(), &self.settings.registry.url);
         match consumer.kind {
             ORDERS => {
                 let store = ReadModels::new(self.session.clone(), &consumer.name).await.map_err(cql_err)?;
@@ -451,7 +456,7 @@ impl Dlt {
                     amqp: self.settings.brokers(),
                     partitions: self.settings.amqp.partitions,
                     operation_ids: OperationIds::new(&self.settings.ingest.operation_secret),
-                    kafka_brokers: brokers.clone(),
+                    kafka: self.settings.kafka_clusters(),
                     replication: self.settings.kafka.replication(),
                     registry_url: registry.clone(),
                     session: self.session.clone(),

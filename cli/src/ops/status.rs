@@ -263,23 +263,28 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     }
     let broker_of = |tenant: &str| brokers.iter().find(|(tenants, _, _)| tenants.iter().any(|t| t == tenant));
 
-    // Kafka: a plain TCP check first, so a dead broker costs seconds, not
-    // librdkafka's metadata timeouts.
-    let kafka_up = match reachable_any(&settings.kafka.brokers).await {
-        Ok(()) => {
-            servers.push(ServerStatus {
-                name: "kafka",
-                address: settings.kafka.brokers.clone(),
-                reachable: true,
-                detail: "tcp ok".into(),
-            });
-            true
+    // Kafka, each cluster tenants use: a plain TCP check first, so a dead
+    // broker costs seconds, not librdkafka's metadata timeouts.
+    let mut clusters_up = Vec::new();
+    for cluster in settings.kafka_clusters().iter() {
+        let tenants_here = cluster.tenants.join(", ");
+        match reachable_any(&cluster.brokers).await {
+            Ok(()) => {
+                servers.push(ServerStatus {
+                    name: "kafka",
+                    address: cluster.brokers.clone(),
+                    reachable: true,
+                    detail: format!("tcp ok; tenants {tenants_here}"),
+                });
+                clusters_up.push(cluster.clone());
+            }
+            Err(e) => {
+                let error = format!("{e} (tenants {tenants_here})");
+                servers.push(down("kafka", cluster.brokers.clone(), &error, &mut problems));
+            }
         }
-        Err(e) => {
-            servers.push(down("kafka", settings.kafka.brokers.clone(), &e, &mut problems));
-            false
-        }
-    };
+    }
+    let kafka_up = !clusters_up.is_empty();
 
     // The registry's subjects.
     let http = reqwest::Client::builder()
@@ -354,25 +359,35 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
     if kafka_up {
         let orders_group =
             projection.as_ref().map(|p| p.group.clone()).unwrap_or_else(|| group_id(&settings.projector, 1));
-        let groups = [
-            (orders_group, crate::serve::events_topics(&tenants)),
-            (
-                patients::group_id(&settings.projector),
-                crate::serve::context_topics(&tenants, sluice_schemas::patients::CONTEXT),
-            ),
-        ];
-        let mut lags = Vec::new();
-        for (group, topics) in &groups {
-            match group_lag(&settings.kafka.brokers, group, topics).await {
-                Ok(lag) => lags.extend(lag),
-                Err(e) => {
-                    problem(&mut problems, Severity::Critical, "server_unreachable", "kafka", format!("offsets: {e}"))
+        let (mut lags, mut building) = (Vec::new(), Vec::new());
+        for cluster in &clusters_up {
+            let on_cluster: Vec<String> = tenants.iter().filter(|t| cluster.tenants.contains(t)).cloned().collect();
+            let groups = [
+                (orders_group.clone(), crate::serve::events_topics(&on_cluster)),
+                (
+                    patients::group_id(&settings.projector),
+                    crate::serve::context_topics(&on_cluster, sluice_schemas::patients::CONTEXT),
+                ),
+            ];
+            for (group, topics) in &groups {
+                match group_lag(&cluster.brokers, group, topics).await {
+                    Ok(lag) => lags.extend(lag),
+                    Err(e) => problem(
+                        &mut problems,
+                        Severity::Critical,
+                        "server_unreachable",
+                        "kafka",
+                        format!("offsets at {}: {e}", cluster.brokers),
+                    ),
                 }
+            }
+            if let Some(group) = projection.as_ref().and_then(|p| p.building_group.clone()) {
+                building.extend(group_lag(&cluster.brokers, &group, &groups[0].1).await.unwrap_or_default());
             }
         }
         active_lag = Some(lags);
-        if let Some(group) = projection.as_ref().and_then(|p| p.building_group.clone()) {
-            building_lag = group_lag(&settings.kafka.brokers, &group, &groups[0].1).await.ok();
+        if projection.as_ref().is_some_and(|p| p.building_group.is_some()) {
+            building_lag = Some(building);
         }
     }
 
