@@ -22,7 +22,13 @@ fn positive(report: &Value, pointer: &str) {
 async fn quick_bench_writes_a_complete_report() {
     require_stack().await;
     let out = std::env::temp_dir().join(format!("sluice-bench-smoke-{}", uuid::Uuid::new_v4().simple()));
+    // A configuration with an admin address, as the demo's has: the bench's
+    // role processes must not each try to bind it.
+    let config = std::env::temp_dir().join(format!("sluice-bench-smoke-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&config, "[metrics]\naddr = \"127.0.0.1:9466\"\n").expect("write config");
     let mut child = Command::new(sluice_bin())
+        .arg("--config")
+        .arg(&config)
         .args(["bench", "--quick", "--json", "--out"])
         .arg(&out)
         .env("SLUICE_LOG", "warn")

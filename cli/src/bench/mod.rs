@@ -265,6 +265,9 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
     settings.ingest.http_addr = format!("127.0.0.1:{port}");
     settings.ingest.rate_limit_per_second = 0.0;
     settings.ingest.read_rate_limit_per_second = 0.0;
+    // The bench runs several role processes at once (and maybe `make run`
+    // beside them): none serves the admin address, which only one could bind.
+    settings.metrics.addr = None;
     settings
 }
 
