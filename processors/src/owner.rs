@@ -21,14 +21,6 @@
 //! the owner redoes step 5 until it succeeds (Kafka or the registry may be
 //! down for hours): a journaled decision is never dead-lettered. A new owner
 //! first redoes step 5 for every entry past the committed relay position.
-//!
-//! Step 5 runs in the partition's relay task, so the next round is decided
-//! and journaled while the last one is on its way to Kafka (a pipeline):
-//! [`Owner::round`] answers once the round is journaled, with a
-//! [`Finishing`] that resolves when its step 5 is done. The relay takes the
-//! rounds in journal order, each queued round together with those queued
-//! behind it (one Kafka transaction for several rounds when it is busy), so
-//! Kafka sees each stream's events in version order.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -39,9 +31,6 @@ use futures::future::join_all;
 use sluice_schemas::catalog::CommandSchemas;
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
-use std::sync::atomic::{AtomicI64, Ordering};
-
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -91,18 +80,6 @@ pub enum Outcome {
     Retry(String),
 }
 
-/// A round's decisions on their way to Kafka: resolves once they are
-/// there and recorded (then its `Succeeded` and `Rejected` outcomes hold),
-/// or with why the owner must stop.
-pub type Finishing = oneshot::Receiver<Result<(), Halt>>;
-
-/// What [`Owner::round`] answers: one outcome per command, and for the
-/// journaled ones (`Succeeded`, `Rejected`), the finishing they wait for.
-pub struct Decided {
-    pub outcomes: Vec<Outcome>,
-    pub finishing: Option<Finishing>,
-}
-
 /// Why the owner stopped: the partition is released either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Halt {
@@ -140,21 +117,17 @@ const MAX_ENTRIES_PER_WRITE: usize = 64;
 const MAX_BYTES_PER_WRITE: usize = 24 * 1024;
 /// Relayed journal entries are trimmed every this many seqs.
 const TRIM_EVERY: i64 = 1_000;
-/// Entries the relay takes into one Kafka transaction at most (whole
-/// rounds: a round larger than this goes alone).
-const MAX_RELAY_ENTRIES: usize = 512;
-/// Rounds queued for the relay before a new round waits for room.
-const RELAY_QUEUE: usize = 16;
 
 pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     partition: PartitionRef,
     backends: Arc<Backends<S, J, O, F>>,
+    relay: F::Relay,
     epoch: i64,
+    /// Relay tries of this owner: ranks its operation writes.
+    relay_attempt: u32,
     next_seq: i64,
-    /// First journal seq not yet relayed (the relay task moves it).
-    relayed: Arc<AtomicI64>,
-    /// The relay task's queue of journaled rounds.
-    relay: mpsc::Sender<RelayBatch>,
+    /// First journal seq not yet relayed.
+    relayed: i64,
     streams: HashMap<String, Stream<A::State>>,
     /// A journal write failed with an unknown outcome: read it again first.
     unsure: bool,
@@ -162,20 +135,13 @@ pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     _context: PhantomData<A>,
 }
 
-/// Journaled entries for the relay task, and who waits for them.
-struct RelayBatch {
-    entries: Vec<Entry>,
-    traces: HashMap<String, String>,
-    done: oneshot::Sender<Result<(), Halt>>,
-}
-
 impl<A, S, J, O, F> Owner<A, S, J, O, F>
 where
     A: Aggregate,
-    S: EventStore + 'static,
-    J: Journal + 'static,
-    O: OperationStore + 'static,
-    F: RelayFactory + 'static,
+    S: EventStore,
+    J: Journal,
+    O: OperationStore,
+    F: RelayFactory,
 {
     /// Takes the partition over: a new epoch in the journal, a producer that
     /// fences the previous owner's, then whatever the previous owner
@@ -203,26 +169,14 @@ where
             };
             match attempt.await {
                 Ok(Ok((epoch, relay, position))) => {
-                    let relayed = Arc::new(AtomicI64::new(position.unwrap_or(0)));
-                    let (queue, batches) = mpsc::channel(RELAY_QUEUE);
-                    let worker = RelayWorker::<A, S, J, O, F> {
-                        partition: partition.clone(),
-                        backends: backends.clone(),
-                        relay,
-                        epoch,
-                        relay_attempt: 0,
-                        relayed: relayed.clone(),
-                        stop: stop.clone(),
-                        _context: PhantomData,
-                    };
-                    tokio::spawn(worker.run(batches));
                     let mut me = Owner {
                         partition,
                         backends,
+                        relay,
                         epoch,
+                        relay_attempt: 0,
                         next_seq: 0,
-                        relayed,
-                        relay: queue,
+                        relayed: position.unwrap_or(0),
                         streams: HashMap::new(),
                         unsure: true,
                         stop,
@@ -245,9 +199,6 @@ where
     /// where the journal ends; forgets cached streams (another owner may
     /// have changed them).
     async fn catch_up(&mut self, position_known: bool) -> Result<(), Halt> {
-        // Rounds still with the relay finish first: what it has relayed is
-        // then known, and nothing is relayed twice.
-        self.relay(Vec::new(), HashMap::new()).await?.await.map_err(|_| Halt::Stopped)??;
         let mut tries = 0;
         let pending = loop {
             tries += 1;
@@ -256,17 +207,15 @@ where
                 if !position_known && tries == 1 {
                     // No committed position in Kafka (never relayed, or the
                     // group's offsets expired): the journal's note stands in.
-                    self.relayed.store(ends.relayed.unwrap_or(0), Ordering::SeqCst);
+                    self.relayed = ends.relayed.unwrap_or(0);
                 }
-                let relayed = self.relayed.load(Ordering::SeqCst);
-                let pending = self.backends.journal.entries_from(&self.partition, relayed).await?;
+                let pending = self.backends.journal.entries_from(&self.partition, self.relayed).await?;
                 Ok::<_, crate::journal::JournalError>((ends, pending))
             };
             match read.await {
                 Ok((ends, pending)) => {
-                    let relayed = self.relayed.load(Ordering::SeqCst);
                     let last = pending.last().map(|e| e.seq).into_iter().chain(ends.last_seq).max();
-                    self.next_seq = last.map_or(relayed, |l| (l + 1).max(relayed));
+                    self.next_seq = last.map_or(self.relayed, |l| (l + 1).max(self.relayed));
                     break pending;
                 }
                 Err(e) => {
@@ -278,25 +227,14 @@ where
         self.streams.clear();
         if !pending.is_empty() {
             info!(queue = %self.partition.queue(), entries = pending.len(), "finishing what the journal holds past the relay position");
-            self.relay(pending, HashMap::new()).await?.await.map_err(|_| Halt::Stopped)??;
+            self.finish(&pending, &HashMap::new()).await?;
         }
         self.unsure = false;
         Ok(())
     }
 
-    /// Hands journaled entries to the relay task, in journal order (a full
-    /// queue makes the round wait for room); the receiver resolves once
-    /// they are finished. A relay task that has ended (fenced or stopped)
-    /// answers `Stopped`.
-    async fn relay(&self, entries: Vec<Entry>, traces: HashMap<String, String>) -> Result<Finishing, Halt> {
-        let (done, finishing) = oneshot::channel();
-        self.relay.send(RelayBatch { entries, traces, done }).await.map_err(|_| Halt::Stopped)?;
-        Ok(finishing)
-    }
-
-    /// Decides and journals one round of commands; answers one outcome per
-    /// command, the journaled ones holding once their finishing resolves.
-    pub async fn round(&mut self, commands: &[IncomingCommand]) -> Result<Decided, Halt> {
+    /// Decides one round of commands; returns one outcome per command.
+    pub async fn round(&mut self, commands: &[IncomingCommand]) -> Result<Vec<Outcome>, Halt> {
         if self.unsure {
             self.catch_up(true).await?;
         }
@@ -414,8 +352,7 @@ where
             for i in entry_of {
                 outcomes[i] = Some(Outcome::Retry(reason.clone()));
             }
-            let outcomes = outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect();
-            return Ok(Decided { outcomes, finishing: None });
+            return Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect());
         }
         // 5. Stream rows, operation records, Kafka. Each command's span
         // continues the trace it came with, and its events carry the span's
@@ -437,18 +374,17 @@ where
                 Some((cmd.operation_id.clone(), sluice_telemetry::onward(span, cmd.traceparent.as_deref())?))
             })
             .collect();
+        self.finish(&entries, &traces).await?;
+        metrics::histogram!("sluice_round_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_round_commands").record(commands.len() as f64);
         drop(spans);
-        for (entry, &i) in entries.iter().zip(&entry_of) {
+        for (entry, i) in entries.iter().zip(entry_of) {
             outcomes[i] = Some(match &entry.verdict {
                 Verdict::Appended(_) => Outcome::Succeeded,
                 Verdict::Rejected(reason) => Outcome::Rejected(reason.clone()),
             });
         }
-        let finishing = if entries.is_empty() { None } else { Some(self.relay(entries, traces).await?) };
-        metrics::histogram!("sluice_round_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("sluice_round_commands").record(commands.len() as f64);
-        let outcomes = outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect();
-        Ok(Decided { outcomes, finishing })
+        Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect())
     }
 
     /// Records `processing` for commands that wait for a retry.
@@ -516,74 +452,6 @@ where
         }
         Ok(Ok(()))
     }
-}
-
-/// The partition's relay: finishes journaled rounds in journal order, in
-/// one task, so the owner decides the next round meanwhile.
-struct RelayWorker<A, S, J, O, F: RelayFactory> {
-    partition: PartitionRef,
-    backends: Arc<Backends<S, J, O, F>>,
-    relay: F::Relay,
-    epoch: i64,
-    /// Relay tries of this owner: ranks its operation writes.
-    relay_attempt: u32,
-    /// First journal seq not yet relayed (shared with the owner).
-    relayed: Arc<AtomicI64>,
-    stop: CancellationToken,
-    _context: PhantomData<A>,
-}
-
-impl<A, S, J, O, F> RelayWorker<A, S, J, O, F>
-where
-    A: Aggregate,
-    S: EventStore,
-    J: Journal,
-    O: OperationStore,
-    F: RelayFactory,
-{
-    /// Takes the queued rounds in order, each with the rounds queued behind
-    /// it (up to [`MAX_RELAY_ENTRIES`]), until the owner goes or a halt.
-    async fn run(mut self, mut batches: mpsc::Receiver<RelayBatch>) {
-        while let Some(first) = batches.recv().await {
-            let mut entries = first.entries;
-            let mut traces = first.traces;
-            let mut waiting = vec![first.done];
-            while entries.len() < MAX_RELAY_ENTRIES {
-                match batches.try_recv() {
-                    Ok(next) if entries.len() + next.entries.len() <= MAX_RELAY_ENTRIES || entries.is_empty() => {
-                        entries.extend(next.entries);
-                        traces.extend(next.traces);
-                        waiting.push(next.done);
-                    }
-                    Ok(next) => {
-                        // Too big to join: it goes next, alone.
-                        let result = self.finish(&entries, &traces).await;
-                        Self::answer(waiting, &result);
-                        if result.is_err() {
-                            let _ = next.done.send(result);
-                            return;
-                        }
-                        entries = next.entries;
-                        traces = next.traces;
-                        waiting = vec![next.done];
-                    }
-                    Err(_) => break,
-                }
-            }
-            metrics::histogram!("sluice_relay_entries").record(entries.len() as f64);
-            let result = self.finish(&entries, &traces).await;
-            Self::answer(waiting, &result);
-            if result.is_err() {
-                return;
-            }
-        }
-    }
-
-    fn answer(waiting: Vec<oneshot::Sender<Result<(), Halt>>>, result: &Result<(), Halt>) {
-        for done in waiting {
-            let _ = done.send(result.clone());
-        }
-    }
 
     /// Everything that follows journaled entries, tried until it succeeds:
     /// stream rows, rejections, then the events in one transaction with the
@@ -610,10 +478,10 @@ where
                 }
             }
         }
-        let before = self.relayed.fetch_max(next, Ordering::SeqCst);
-        let relayed = before.max(next);
-        let trim = (relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| relayed - TRIM_EVERY);
-        if let Err(e) = self.backends.journal.relayed(&self.partition, relayed, trim).await {
+        let before = self.relayed;
+        self.relayed = self.relayed.max(next);
+        let trim = (self.relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| self.relayed - TRIM_EVERY);
+        if let Err(e) = self.backends.journal.relayed(&self.partition, self.relayed, trim).await {
             // Only a fallback and housekeeping: the position is in Kafka.
             warn!(error = %e, "could not note the relay position in the journal");
         }
@@ -846,24 +714,13 @@ mod tests {
         fail: usize,
         /// The producer epoch: an older relay is fenced.
         producers: u32,
-        /// Transactions committed.
-        commits: usize,
     }
 
-    /// Kafka, and a gate every produce passes (a test closes it to hold
-    /// the relay busy).
-    #[derive(Clone)]
-    struct Relays(Arc<Mutex<Kafka>>, Arc<tokio::sync::Semaphore>);
-
-    impl Default for Relays {
-        fn default() -> Self {
-            Self(Arc::default(), Arc::new(tokio::sync::Semaphore::new(1)))
-        }
-    }
+    #[derive(Default, Clone)]
+    struct Relays(Arc<Mutex<Kafka>>);
 
     struct MemRelay {
         kafka: Arc<Mutex<Kafka>>,
-        gate: Arc<tokio::sync::Semaphore>,
         producer: u32,
     }
 
@@ -873,7 +730,7 @@ mod tests {
             let mut k = self.0.lock().unwrap();
             k.producers += 1;
             k.staged.clear();
-            Ok((MemRelay { kafka: self.0.clone(), gate: self.1.clone(), producer: k.producers }, k.position))
+            Ok((MemRelay { kafka: self.0.clone(), producer: k.producers }, k.position))
         }
     }
 
@@ -889,7 +746,6 @@ mod tests {
 
     impl Relay for MemRelay {
         async fn produce(&self, events: Vec<OutgoingEvent>) -> Result<Vec<EventPosition>, RelayError> {
-            drop(self.gate.acquire().await.expect("gate open"));
             let mut k = self.kafka.lock().unwrap();
             self.check(&k)?;
             if k.fail > 0 {
@@ -915,7 +771,6 @@ mod tests {
             let staged = std::mem::take(&mut k.staged);
             k.committed.extend(staged);
             k.position = Some(next);
-            k.commits += 1;
             Ok(())
         }
         async fn abort(&self) -> Result<(), RelayError> {
@@ -959,26 +814,7 @@ mod tests {
     }
 
     async fn owner(b: &Arc<TestBackends>) -> Owner<Orders, Store, MemJournal, Ops, Relays> {
-        owner_stopped_by(b, CancellationToken::new()).await
-    }
-
-    async fn owner_stopped_by(
-        b: &Arc<TestBackends>,
-        stop: CancellationToken,
-    ) -> Owner<Orders, Store, MemJournal, Ops, Relays> {
-        Owner::take_over(partition(), "p1", b.clone(), stop).await.expect("taken over")
-    }
-
-    /// A round, decided and finished by the relay: its outcomes.
-    async fn decide(
-        owner: &mut Owner<Orders, Store, MemJournal, Ops, Relays>,
-        commands: &[IncomingCommand],
-    ) -> Result<Vec<Outcome>, Halt> {
-        let decided = owner.round(commands).await?;
-        if let Some(finishing) = decided.finishing {
-            finishing.await.unwrap_or(Err(Halt::Stopped))?;
-        }
-        Ok(decided.outcomes)
+        Owner::take_over(partition(), "p1", b.clone(), CancellationToken::new()).await.expect("taken over")
     }
 
     fn command(id: &str, ty: &str, data: serde_json::Value) -> IncomingCommand {
@@ -1013,7 +849,7 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         let round = [submit("s1", "o1"), cancel("c1", "o1"), submit("s2", "o2"), submit("s3", "o1")];
-        let outcomes = decide(&mut owner, &round).await.unwrap();
+        let outcomes = owner.round(&round).await.unwrap();
         assert_eq!(
             outcomes,
             [
@@ -1035,17 +871,17 @@ mod tests {
     async fn a_command_answered_before_is_answered_again_without_a_second_decision() {
         let b = backends();
         let mut owner = owner(&b).await;
-        decide(&mut owner, &[submit("s1", "o1")]).await.unwrap();
+        owner.round(&[submit("s1", "o1")]).await.unwrap();
         // The same delivery in a later round (redelivered) and again with a
         // copy of itself in one round (a client's retry).
-        assert_eq!(decide(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(
-            decide(&mut owner, &[submit("s2", "o2"), submit("s2", "o2")]).await.unwrap(),
+            owner.round(&[submit("s2", "o2"), submit("s2", "o2")]).await.unwrap(),
             [Outcome::Succeeded, Outcome::AlreadyDone]
         );
         // A new owner knows nothing in memory: the operation record answers.
         let mut next = super::tests::owner(&b).await;
-        assert_eq!(decide(&mut next, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(next.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 2, "each event once");
     }
 
@@ -1053,11 +889,11 @@ mod tests {
     async fn an_owner_fenced_by_a_newer_one_journals_and_produces_nothing_more() {
         let b = backends();
         let mut old = owner(&b).await;
-        decide(&mut old, &[submit("s1", "o1")]).await.unwrap();
+        old.round(&[submit("s1", "o1")]).await.unwrap();
         let mut new = owner(&b).await;
-        assert!(matches!(decide(&mut old, &[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
+        assert!(matches!(old.round(&[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
         assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "the fenced round journaled nothing");
-        assert_eq!(decide(&mut new, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(new.round(&[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 2);
     }
 
@@ -1066,56 +902,29 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         b.relays.0.lock().unwrap().fail = 3;
-        assert_eq!(decide(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 1);
         assert_eq!(b.relays.0.lock().unwrap().fail, 0, "it took the retries");
     }
 
     #[tokio::test]
-    async fn rounds_decided_while_the_relay_is_busy_reach_kafka_together_and_in_journal_order() {
-        let b = backends();
-        let mut owner = owner(&b).await;
-        // The relay holds round one at its produce while rounds two and
-        // three are decided and journaled.
-        let held = b.relays.1.clone().acquire_owned().await.unwrap();
-        let one = owner.round(&[submit("s1", "o1")]).await.unwrap();
-        // The relay task takes round one and waits at the gate.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        let two = owner.round(&[cancel("c1", "o1"), submit("s2", "o2")]).await.unwrap();
-        let three = owner.round(&[submit("s3", "o3")]).await.unwrap();
-        assert_eq!(two.outcomes, [Outcome::Succeeded, Outcome::Succeeded], "decided on round one's state");
-        assert_eq!(b.journal.0.lock().unwrap().entries.len(), 4, "all journaled");
-        assert!(committed(&b).is_empty(), "nothing in Kafka yet");
-        drop(held);
-        for decided in [one, two, three] {
-            decided.finishing.expect("journaled").await.unwrap().unwrap();
-        }
-        let events = committed(&b);
-        assert_eq!(events.len(), 4);
-        assert_eq!(b.relays.0.lock().unwrap().commits, 2, "rounds two and three in one transaction");
-        assert_eq!(b.relays.0.lock().unwrap().position, Some(4));
-        assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(_)));
-    }
-
-    #[tokio::test]
     async fn a_new_owner_finishes_what_the_journal_holds_past_the_relay_position_first() {
         let b = backends();
-        let stop = CancellationToken::new();
-        let mut old = owner_stopped_by(&b, stop.clone()).await;
-        decide(&mut old, &[submit("s1", "o1")]).await.unwrap();
+        let mut old = owner(&b).await;
+        old.round(&[submit("s1", "o1")]).await.unwrap();
         // The old owner journals a round and dies before anything else.
         b.relays.0.lock().unwrap().fail = usize::MAX;
+        let stop = CancellationToken::new();
+        old.stop = stop.clone();
         stop.cancel();
-        assert_eq!(decide(&mut old, &[cancel("c1", "o1"), submit("s2", "o2")]).await, Err(Halt::Stopped));
+        assert_eq!(old.round(&[cancel("c1", "o1"), submit("s2", "o2")]).await, Err(Halt::Stopped));
         assert_eq!(committed(&b).len(), 1);
         b.relays.0.lock().unwrap().fail = 0;
         let mut new = owner(&b).await;
         assert_eq!(committed(&b).len(), 3, "finished at takeover");
         assert!(b.store.0.lock().unwrap().contains_key("o2"));
         assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(_)));
-        assert_eq!(decide(&mut new, &[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(new.round(&[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 3);
     }
 
@@ -1124,10 +933,10 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         b.journal.0.lock().unwrap().lose_answer = true;
-        let outcomes = decide(&mut owner, &[submit("s1", "o1")]).await.unwrap();
+        let outcomes = owner.round(&[submit("s1", "o1")]).await.unwrap();
         assert!(matches!(&outcomes[..], [Outcome::Retry(_)]), "{outcomes:?}");
         // The retry finds the decision the lost answer hid.
-        assert_eq!(decide(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 1);
         assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "decided once");
     }
@@ -1137,7 +946,7 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         let bad = command("x", "SubmitOrder", json!({"order_id": 5}));
-        let outcomes = decide(&mut owner, &[bad, submit("s1", "o1")]).await.unwrap();
+        let outcomes = owner.round(&[bad, submit("s1", "o1")]).await.unwrap();
         assert!(matches!(outcomes[0], Outcome::DeadLetter { class: "malformed_command", .. }));
         assert_eq!(outcomes[1], Outcome::Succeeded);
     }

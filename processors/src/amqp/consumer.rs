@@ -9,15 +9,11 @@
 //! command sent back for a retry waits for its backoff in memory, still
 //! unacked; later commands of its stream wait behind it, other streams go on.
 //!
-//! A round's journaled commands are settled once the owner's relay has
-//! finished them ([`crate::owner::Finishing`]); meanwhile the next rounds
-//! are decided (at most [`MAX_IN_FLIGHT`] rounds wait for their relay).
-//!
 //! A dead letter is first published to the DLQ and confirmed by the broker,
 //! and only then is the original acked: a crash in between duplicates,
 //! never loses. Settled deliveries are acked together (`multiple`) up to the
 //! first one still waiting. On stop (shutdown, or the partition moves to
-//! another processor) the rounds in progress finish and no other starts;
+//! another processor) the round in progress finishes and no other starts;
 //! closing the channel hands every unsettled delivery back to the queue, in
 //! order, for the next owner.
 
@@ -45,12 +41,7 @@ use crate::event_store::EventStore;
 use crate::journal::Journal;
 use crate::kafka::RelayFactory;
 use crate::operations::OperationStore;
-use crate::owner::{Backends, Finishing, Halt, IncomingCommand, Outcome, Owner};
-
-/// Rounds journaled and waiting for the relay before no new round starts.
-const MAX_IN_FLIGHT: usize = 4;
-/// How long a stopping consumer waits for its rounds with the relay.
-const IN_FLIGHT_GRACE: Duration = Duration::from_secs(20);
+use crate::owner::{Backends, Halt, IncomingCommand, Outcome, Owner};
 
 /// Consumer settings (see `ProcessorConfig`).
 #[derive(Debug, Clone)]
@@ -91,15 +82,6 @@ struct Pending {
     attempt: u32,
     /// Waits for its backoff until then.
     not_before: Instant,
-    /// Decided and journaled: waits for its round's relay.
-    in_flight: bool,
-}
-
-/// A round whose journaled commands wait for the relay: their deliveries
-/// (by tag) and outcomes.
-struct InFlight {
-    outcomes: Vec<(u64, Outcome)>,
-    finishing: Finishing,
 }
 
 /// Consumes one partition queue until `stop`, until the owner is fenced, or
@@ -138,49 +120,21 @@ where
     let ctx = Ctx { tenant: partition.tenant.clone(), queue, settings, publisher, stop: stop.clone() };
     let mut owner: Option<Owner<A, S, J, O, F>> = None;
     let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut deliveries = std::pin::pin!(consumer.take_until(stop.clone().cancelled_owned()));
     let mut failure = None;
-    let mut halted = false;
     'rounds: loop {
-        // Rounds the relay has finished, oldest first.
-        while let Some(result) = in_flight.front_mut().and_then(|f| (&mut f.finishing).now_or_never()) {
-            let round = in_flight.pop_front().expect("front exists");
-            let current = owner.as_ref().expect("an in-flight round has an owner");
-            if !ctx.finished(current, &mut pending, round, result).await {
-                halted = true;
-                break 'rounds;
-            }
-        }
-        // Wait for a delivery, a retry's backoff to end, or a round's relay,
-        // unless a delivery can go now (a later one of a waiting stream
-        // cannot).
+        // Wait for a delivery, or for a retry's backoff to end, unless a
+        // delivery can go now (a later one of a waiting stream cannot).
         let now = Instant::now();
-        let full = in_flight.len() >= MAX_IN_FLIGHT;
-        if full || pickable(&pending, now).is_empty() {
-            let due = pending.iter().filter(|p| !p.in_flight).map(|p| p.not_before).filter(|&at| at > now).min();
-            let relayed = async {
-                match in_flight.front_mut() {
-                    Some(front) => (&mut front.finishing).await,
-                    None => std::future::pending().await,
-                }
-            };
+        if pickable(&pending, now).is_empty() {
+            let due = pending.iter().map(|p| p.not_before).filter(|&at| at > now).min();
             tokio::select! {
-                next = deliveries.next(), if !full => match next {
+                next = deliveries.next() => match next {
                     Some(Ok(delivery)) => pending.push_back(ctx.pending(delivery)),
                     Some(Err(e)) => { failure = Some(e); break 'rounds; }
                     None => break 'rounds,
                 },
-                _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() && !full => {}
-                result = relayed => {
-                    let round = in_flight.pop_front().expect("front exists");
-                    let current = owner.as_ref().expect("an in-flight round has an owner");
-                    if !ctx.finished(current, &mut pending, round, result).await {
-                        halted = true;
-                        break 'rounds;
-                    }
-                    continue 'rounds;
-                }
+                _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => {}
             }
         }
         // Take whatever else has arrived.
@@ -222,19 +176,15 @@ where
             })
             .collect();
         let span = info_span!("round", queue = %ctx.queue, commands = commands.len());
-        let decided = match current.round(&commands).instrument(span).await {
-            Ok(decided) => decided,
+        let mut outcomes = match current.round(&commands).instrument(span).await {
+            Ok(outcomes) => outcomes.into_iter(),
             Err(halt) => {
                 log_halt(&ctx.queue, &halt);
-                halted = true;
                 break;
             }
         };
-        let mut outcomes = decided.outcomes.into_iter();
-        // Settle in order; what waits for a retry stays, what waits for the
-        // relay is settled when its round is finished.
+        // Settle in order; what waits for a retry stays.
         let mut settled = Vec::new();
-        let mut relaying = Vec::new();
         for &index in &picked {
             let p = &mut pending[index];
             let outcome = match &p.command {
@@ -242,11 +192,6 @@ where
                 Err(reason) => Outcome::DeadLetter { class: "malformed_message", reason: reason.clone() },
             };
             let outcome = match outcome {
-                Outcome::Succeeded | Outcome::Rejected(_) if decided.finishing.is_some() => {
-                    p.in_flight = true;
-                    relaying.push((p.delivery.delivery_tag, outcome));
-                    continue;
-                }
                 Outcome::Retry(reason) => {
                     headers::push_history(
                         &mut p.headers,
@@ -276,24 +221,29 @@ where
                 }
                 other => other,
             };
-            settled.push((pending[index].delivery.delivery_tag, outcome));
+            settled.push((index, outcome));
         }
-        if let Some(finishing) = decided.finishing {
-            in_flight.push_back(InFlight { outcomes: relaying, finishing });
+        let mut done = vec![false; pending.len()];
+        let mut acks = Vec::new();
+        for (index, outcome) in settled {
+            let p = &pending[index];
+            let span = info_span!("settle", queue = %ctx.queue, operation = p.delivery.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or("-"));
+            if ctx.settle(current, p, outcome).instrument(span).await {
+                acks.push(p.delivery.delivery_tag);
+            }
+            done[index] = true;
         }
-        ctx.settle_all(current, &mut pending, settled).await;
-    }
-    // Rounds with the relay finish (unless the owner halted), so their
-    // deliveries are acked rather than decided again by the next owner.
-    if !halted {
-        let deadline = Instant::now() + IN_FLIGHT_GRACE;
-        while let Some(mut round) = in_flight.pop_front() {
-            let Ok(result) = tokio::time::timeout_at(deadline, &mut round.finishing).await else { break };
-            let current = owner.as_ref().expect("an in-flight round has an owner");
-            if !ctx.finished(current, &mut pending, round, result).await {
-                break;
+        let mut kept = VecDeque::with_capacity(pending.len());
+        let mut settled_deliveries = Vec::new();
+        for (index, p) in pending.drain(..).enumerate() {
+            if done[index] {
+                settled_deliveries.push(p.delivery);
+            } else {
+                kept.push_back(p);
             }
         }
+        pending = kept;
+        ctx.ack(settled_deliveries, &acks, pending.iter().map(|p| p.delivery.delivery_tag).min()).await;
     }
     // What was not settled goes back to the queue with the channel.
     stop.cancel();
@@ -306,23 +256,17 @@ where
     }
 }
 
-/// This round: every delivery not decided yet whose stream has none
-/// waiting before it.
+/// This round: every delivery whose stream has none waiting before it.
 fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
-    let items = pending.iter().map(|p| (p.key.as_str(), if p.in_flight { None } else { Some(p.not_before) }));
-    ready_in_order(items, now)
+    ready_in_order(pending.iter().map(|p| (p.key.as_str(), p.not_before)), now)
 }
 
 /// The indices of the (stream, not before) items that may go at `now`: an
-/// item waiting for its backoff holds back the later items of its stream;
-/// an item already decided (`None`: its round is with the relay) is not
-/// taken again and holds back nothing (the later ones are decided on the
-/// state it left).
-fn ready_in_order<'a>(items: impl Iterator<Item = (&'a str, Option<Instant>)>, now: Instant) -> Vec<usize> {
+/// item waiting for its backoff holds back the later items of its stream.
+fn ready_in_order<'a>(items: impl Iterator<Item = (&'a str, Instant)>, now: Instant) -> Vec<usize> {
     let mut held = HashSet::new();
     let mut picked = Vec::new();
     for (index, (key, not_before)) in items.enumerate() {
-        let Some(not_before) = not_before else { continue };
         if held.contains(key) {
             continue;
         }
@@ -365,7 +309,7 @@ impl Ctx {
         let command = self.decode(&delivery, &headers, operation_id);
         // A message whose stream cannot be read is on its own.
         let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
-        Pending { delivery, headers, command, key, attempt, not_before: Instant::now(), in_flight: false }
+        Pending { delivery, headers, command, key, attempt, not_before: Instant::now() }
     }
 
     fn decode(
@@ -386,83 +330,15 @@ impl Ctx {
         Ok(IncomingCommand { tenant: self.tenant.clone(), operation_id, event, attempt: 1, traceparent })
     }
 
-    /// Settles a round the relay has finished; false when the owner must
-    /// stop (fenced, or stopping): its deliveries then stay unacked.
-    async fn finished<A, S, J, O, F>(
-        &self,
-        owner: &Owner<A, S, J, O, F>,
-        pending: &mut VecDeque<Pending>,
-        round: InFlight,
-        result: Result<Result<(), Halt>, tokio::sync::oneshot::error::RecvError>,
-    ) -> bool
-    where
-        A: Aggregate,
-        S: EventStore + 'static,
-        J: Journal + 'static,
-        O: OperationStore + 'static,
-        F: RelayFactory + 'static,
-    {
-        match result.unwrap_or(Err(Halt::Stopped)) {
-            Ok(()) => {
-                self.settle_all(owner, pending, round.outcomes).await;
-                true
-            }
-            Err(halt) => {
-                log_halt(&self.queue, &halt);
-                false
-            }
-        }
-    }
-
-    /// Settles each (delivery tag, outcome), drops them from `pending` and
-    /// acks them.
-    async fn settle_all<A, S, J, O, F>(
-        &self,
-        owner: &Owner<A, S, J, O, F>,
-        pending: &mut VecDeque<Pending>,
-        outcomes: Vec<(u64, Outcome)>,
-    ) where
-        A: Aggregate,
-        S: EventStore + 'static,
-        J: Journal + 'static,
-        O: OperationStore + 'static,
-        F: RelayFactory + 'static,
-    {
-        if outcomes.is_empty() {
-            return;
-        }
-        let mut acks = Vec::new();
-        let mut done = HashSet::new();
-        for (tag, outcome) in outcomes {
-            let Some(p) = pending.iter().find(|p| p.delivery.delivery_tag == tag) else { continue };
-            let span = info_span!("settle", queue = %self.queue, operation = p.delivery.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or("-"));
-            if self.settle(owner, p, outcome).instrument(span).await {
-                acks.push(tag);
-            }
-            done.insert(tag);
-        }
-        let mut settled = Vec::new();
-        let mut kept = VecDeque::with_capacity(pending.len());
-        for p in pending.drain(..) {
-            if done.contains(&p.delivery.delivery_tag) {
-                settled.push(p.delivery);
-            } else {
-                kept.push_back(p);
-            }
-        }
-        *pending = kept;
-        self.ack(settled, &acks, pending.iter().map(|p| p.delivery.delivery_tag).min()).await;
-    }
-
     /// Does what the outcome asks before the ack; false when the delivery
     /// was handed back to the queue instead (it must not be acked).
     async fn settle<A, S, J, O, F>(&self, owner: &Owner<A, S, J, O, F>, p: &Pending, outcome: Outcome) -> bool
     where
         A: Aggregate,
-        S: EventStore + 'static,
-        J: Journal + 'static,
-        O: OperationStore + 'static,
-        F: RelayFactory + 'static,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
     {
         let label = match &outcome {
             Outcome::Succeeded => "succeeded",
@@ -516,10 +392,10 @@ impl Ctx {
     ) -> Result<(), String>
     where
         A: Aggregate,
-        S: EventStore + 'static,
-        J: Journal + 'static,
-        O: OperationStore + 'static,
-        F: RelayFactory + 'static,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
     {
         warn!(class, %reason, "dead-lettering");
         metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class).increment(1);
@@ -610,16 +486,9 @@ mod tests {
     fn a_waiting_command_holds_back_only_its_own_streams_later_ones() {
         let now = Instant::now();
         let later = now + Duration::from_secs(5);
-        let items = [("o1", Some(later)), ("o2", Some(now)), ("o1", Some(now)), ("o3", Some(now)), ("o2", Some(now))];
+        let items = [("o1", later), ("o2", now), ("o1", now), ("o3", now), ("o2", now)];
         assert_eq!(ready_in_order(items.into_iter(), now), [1, 3, 4], "o1 waits, and its second command behind it");
         assert_eq!(ready_in_order(items.into_iter(), later), [0, 1, 2, 3, 4], "its backoff over, all go in order");
-        let waiting = [("o1", Some(later)), ("o1", Some(now))];
-        assert!(ready_in_order(waiting.into_iter(), now).is_empty(), "nothing to do: wait");
-        let relaying = [("o1", None), ("o1", Some(now)), ("o2", None)];
-        assert_eq!(
-            ready_in_order(relaying.into_iter(), now),
-            [1],
-            "a decided command is not taken again, holds nothing"
-        );
+        assert!(ready_in_order([("o1", later), ("o1", now)].into_iter(), now).is_empty(), "nothing to do: wait");
     }
 }
