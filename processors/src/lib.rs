@@ -365,6 +365,10 @@ async fn run_connected(
 ) -> Result<(), ProcessorError> {
     let Connected { config, infra, broker, tenants, pipelines, operations } = on;
     let connection = Arc::new(amqp::connect(&broker.url, share.instance, config.amqp_heartbeat_s).await?);
+    // Whether this processor is connected, per connection (no credentials).
+    let up = metrics::gauge!("sluice_amqp_connected", "connection" => broker.label(), "role" => "processor");
+    up.set(1.0);
+    let _down = DownOnDrop(up);
     let channel = connection.create_channel().await?;
     for tenant in tenants {
         for context in catalog::CONTEXTS {
@@ -477,6 +481,15 @@ async fn run_connected(
     }
     amqp::close_quietly(connection.close(200, "bye".into())).await;
     result
+}
+
+/// Sets a gauge to 0 when dropped (the connection's life has ended).
+struct DownOnDrop(metrics::Gauge);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        self.0.set(0.0);
+    }
 }
 
 /// The consumer of one partition, on its context's pipeline.

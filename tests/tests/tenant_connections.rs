@@ -140,6 +140,20 @@ async fn rabbitmq_lines(settings: &Settings) -> Vec<(String, bool, String)> {
         .collect()
 }
 
+/// `sluice_amqp_connected` of `role` for the connection to `vhost`, as this
+/// process's metrics render it (the roles run in it).
+fn connected_gauge(vhost: &str, role: &str) -> Option<f64> {
+    let connection = format!("connection=\"amqp://127.0.0.1:5672/{vhost}\"");
+    sluice_ingest::metrics::render()
+        .lines()
+        .find(|l| {
+            l.starts_with("sluice_amqp_connected{")
+                && l.contains(&connection)
+                && l.contains(&format!("role=\"{role}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// `sluice dlq list` with `settings`: its stdout and stderr.
 fn dlq_list(settings: &Settings) -> (String, String) {
     let config = std::env::temp_dir().join(format!("sluice-config-{}.toml", uuid::Uuid::new_v4().simple()));
@@ -213,6 +227,13 @@ async fn a_tenant_whose_vhost_is_gone_gets_503s_while_the_other_keeps_going_and_
 
     let lines = rabbitmq_lines(&settings).await;
     assert_eq!(lines.iter().map(|(_, up, _)| *up).collect::<Vec<_>>(), [true, false], "{lines:?}");
+    // The metrics say which connection is down, for the edge and the processor.
+    eventually(Duration::from_secs(30), "the connection gauges to say down", || async {
+        let down =
+            connected_gauge(&own.name, "edge") == Some(0.0) && connected_gauge(&own.name, "processor") == Some(0.0);
+        (down && connected_gauge("%2f", "edge") == Some(1.0)).then_some(())
+    })
+    .await;
     assert!(lines[1].2.contains(&own.name), "the connection down names its tenant: {lines:?}");
 
     // Its commands get 503 `unavailable` (nothing queued), the other
@@ -246,6 +267,8 @@ async fn a_tenant_whose_vhost_is_gone_gets_503s_while_the_other_keeps_going_and_
         (vhost.consumers(&queue).await > 0).then_some(())
     })
     .await;
+    assert_eq!(connected_gauge(&own.name, "edge"), Some(1.0));
+    assert_eq!(connected_gauge(&own.name, "processor"), Some(1.0));
     // A command sent now is decided after anything queued before it in its
     // partition, so once it succeeded, a refused command that had been
     // queued anyway would have been decided too. None was: each operation

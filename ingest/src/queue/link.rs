@@ -100,6 +100,8 @@ pub(super) fn supervise(
 ) -> Arc<Link> {
     let link = Arc::new(Link { current: RwLock::new(None), suspect: Notify::new() });
     let shared = link.clone();
+    // Whether the edge is connected, per connection (no credentials).
+    let up = metrics::gauge!("sluice_amqp_connected", "connection" => sluice_telemetry::url_without_credentials(&url), "role" => "edge");
     tokio::spawn(async move {
         let mut next = Some(first);
         let mut generation = 0u64;
@@ -109,9 +111,11 @@ pub(super) fn supervise(
                 generation += 1;
                 let connection = Arc::new(connection);
                 shared.install(generation, connection.clone());
+                up.set(1.0);
                 delay = backoff.first;
                 watch(&connection, &shared, &stop).await;
                 shared.clear();
+                up.set(0.0);
                 if stop.is_cancelled() {
                     let _ = connection.close(200, "sluice edge stopping".into()).await;
                     return;
