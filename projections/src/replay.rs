@@ -35,14 +35,32 @@ pub enum StartAt {
     Earliest,
     /// Milliseconds since the epoch: the first record at or after it.
     Time(i64),
-    /// `partition:offset` pairs (every topic); unlisted partitions start earliest.
-    Offsets(Vec<(i32, i64)>),
+    /// Where to start in given partitions (`[topic:]partition:offset`); the
+    /// partitions not listed are not replayed. A position without a topic
+    /// applies to every topic replayed.
+    Offsets(Vec<StartOffset>),
+}
+
+/// One listed start position of [`StartAt::Offsets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartOffset {
+    pub topic: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl StartAt {
+    /// Whether a listed position names no topic (it then means that
+    /// partition of every topic, which is ambiguous with several).
+    pub fn has_positions_without_topic(&self) -> bool {
+        matches!(self, StartAt::Offsets(list) if list.iter().any(|o| o.topic.is_none()))
+    }
 }
 
 impl std::str::FromStr for StartAt {
     type Err = String;
 
-    /// `earliest`, an RFC 3339 time, or `partition:offset[,partition:offset…]`.
+    /// `earliest`, an RFC 3339 time, or `[topic:]partition:offset[,…]`.
     fn from_str(s: &str) -> Result<Self, String> {
         if s == "earliest" {
             return Ok(StartAt::Earliest);
@@ -50,15 +68,24 @@ impl std::str::FromStr for StartAt {
         if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
             return Ok(StartAt::Time(t.timestamp_millis()));
         }
-        let pairs = s
+        let positions = s
             .split(',')
-            .map(|pair| {
-                let (p, o) = pair.split_once(':').ok_or(())?;
-                Ok((p.trim().parse().map_err(drop)?, o.trim().parse().map_err(drop)?))
+            .map(|item| {
+                let parts: Vec<&str> = item.trim().split(':').collect();
+                let (topic, partition, offset) = match parts[..] {
+                    [p, o] => (None, p, o),
+                    [t, p, o] if !t.is_empty() => (Some(t.to_owned()), p, o),
+                    _ => return Err(()),
+                };
+                Ok(StartOffset {
+                    topic,
+                    partition: partition.parse().map_err(drop)?,
+                    offset: offset.parse().map_err(drop)?,
+                })
             })
-            .collect::<Result<Vec<(i32, i64)>, ()>>()
-            .map_err(|()| format!("{s:?} is not `earliest`, an RFC 3339 time, or partition:offset[,…]"))?;
-        Ok(StartAt::Offsets(pairs))
+            .collect::<Result<Vec<StartOffset>, ()>>()
+            .map_err(|()| format!("{s:?} is not `earliest`, an RFC 3339 time, or [topic:]partition:offset[,…]"))?;
+        Ok(StartAt::Offsets(positions))
     }
 }
 
@@ -207,7 +234,26 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
     if version >= active {
         return Err(ReplayError::Other(format!("version {version} is not older than the active version {active}")));
     }
-    for table in cql::read_model_tables(name, version) {
+    // A version never built, or dropped before, is an error, not a success.
+    let keyspace = store.session().get_keyspace().ok_or_else(|| ReplayError::Other("no keyspace in use".into()))?;
+    let existing: Vec<String> = store
+        .session()
+        .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (keyspace.as_str(),))
+        .await
+        .map_err(|e| ReplayError::Other(e.to_string()))?
+        .into_rows_result()
+        .map_err(|e| ReplayError::Other(e.to_string()))?
+        .rows::<(String,)>()
+        .map_err(|e| ReplayError::Other(e.to_string()))?
+        .filter_map(|row| row.ok().map(|(table,)| table))
+        .collect();
+    let tables = cql::read_model_tables(name, version);
+    if !tables.iter().any(|t| existing.iter().any(|e| e == t)) {
+        return Err(ReplayError::Other(format!(
+            "version {version} of projection {name} has no tables (never built, or dropped before): nothing dropped"
+        )));
+    }
+    for table in tables {
         store
             .session()
             .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())
@@ -389,11 +435,16 @@ async fn blocking_positions(
         }
         match &start {
             StartAt::Earliest => {}
-            StartAt::Offsets(pairs) => {
-                for ((_, partition), offset) in starts.iter_mut() {
-                    if let Some((_, o)) = pairs.iter().find(|(p, _)| p == partition) {
-                        *offset = (*o).max(0);
-                    }
+            StartAt::Offsets(listed) => {
+                for ((topic, partition), offset) in starts.iter_mut() {
+                    let position = listed
+                        .iter()
+                        .find(|o| o.partition == *partition && o.topic.as_ref().is_none_or(|t| t == topic));
+                    // A partition not listed is not replayed: it starts at its end.
+                    *offset = match position {
+                        Some(o) => o.offset.max(*offset),
+                        None => ends[&(topic.clone(), *partition)],
+                    };
                 }
             }
             StartAt::Time(ms) => {
@@ -456,13 +507,21 @@ fn uuid_like() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::StartAt;
+    use super::{StartAt, StartOffset};
 
     #[test]
     fn parses_start_points() {
         assert_eq!("earliest".parse::<StartAt>().unwrap(), StartAt::Earliest);
         assert_eq!("2026-01-01T00:00:00Z".parse::<StartAt>().unwrap(), StartAt::Time(1_767_225_600_000));
-        assert_eq!("0:15,2:7".parse::<StartAt>().unwrap(), StartAt::Offsets(vec![(0, 15), (2, 7)]));
+        let at =
+            |topic: Option<&str>, partition, offset| StartOffset { topic: topic.map(str::to_owned), partition, offset };
+        let bare = "0:15,2:7".parse::<StartAt>().unwrap();
+        assert_eq!(bare, StartAt::Offsets(vec![at(None, 0, 15), at(None, 2, 7)]));
+        assert!(bare.has_positions_without_topic());
+        let named = "acme.orders.events:1:4".parse::<StartAt>().unwrap();
+        assert_eq!(named, StartAt::Offsets(vec![at(Some("acme.orders.events"), 1, 4)]));
+        assert!(!named.has_positions_without_topic());
         assert!("yesterday".parse::<StartAt>().is_err());
+        assert!(":1:4".parse::<StartAt>().is_err());
     }
 }

@@ -128,6 +128,9 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     assert_eq!((report.version, report.previous_version), (2, Some(1)));
     assert_eq!(report.dropped_previous, Some(true));
     assert_eq!(store.versions().get(&projection).await.unwrap().active, 2);
+    // Version 1 is gone: dropping it again is an error, not a success.
+    let again = replay::drop_version(&store, &projection, 1).await.expect_err("nothing left to drop");
+    assert!(again.to_string().contains("has no tables"), "{again}");
     let rebuilt = read_model_rows(&projection, 2, &tenant.name, &orders, &customers).await;
     assert_eq!(rebuilt, live, "row by row");
 
@@ -158,6 +161,14 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     assert_eq!(again.applied, 12 + 8 + 1);
     let after_replay = read_model_rows(&projection, 2, &tenant.name, &all_orders, &all_customers).await;
     assert_eq!(after_replay, before_replay);
+
+    // From a listed position: that partition from there, no other partition.
+    let topic = &topics[0];
+    let in_partition_0 =
+        read_committed_topic(topic).await.iter().filter(|r| rdkafka::Message::partition(*r) == 0).count() as u64;
+    let from = format!("{topic}:0:0").parse::<StartAt>().unwrap();
+    let listed = replay::replay(&ctx, from, &CancellationToken::new(), |_| {}).await.unwrap();
+    assert_eq!(listed.applied, in_partition_0, "only partition 0 ({in_partition_0} of 21 records)");
     platform.stop().await.unwrap();
 }
 

@@ -16,7 +16,8 @@ pub struct Args {
     /// The projection: the orders projection's configured name (the demo's
     /// is `orders`) or `patients`.
     projection: String,
-    /// Where to start: `earliest`, an RFC 3339 time, or `partition:offset[,partition:offset…]`.
+    /// Where to start: `earliest`, an RFC 3339 time, or `[topic:]partition:offset[,…]` (the
+    /// partitions not listed are not replayed; with several tenants each position names its topic).
     #[arg(long, default_value = "earliest")]
     from: String,
     /// Build a new version of the tables while the current one keeps serving,
@@ -54,6 +55,13 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         return super::print_json(&serde_json::json!({"projection": args.projection, "dropped_version": version}));
     }
     let start: StartAt = args.from.parse().map_err(anyhow::Error::msg)?;
+    if start.has_positions_without_topic() && settings.tenants.len() > 1 {
+        bail!(
+            "--from {}: with several tenants a position names its topic, `<topic>:<partition>:<offset>` \
+             (a bare `<partition>:<offset>` would apply to that partition of every tenant's topic)",
+            args.from
+        );
+    }
     let topics_of = |tenants: &[String]| {
         if patients {
             context_topics(tenants, sluice_schemas::patients::CONTEXT)
