@@ -972,7 +972,40 @@ pub async fn orders_off_in_kafka_at(brokers: &str, tenant: &TestTenant, orders: 
             off.push(format!("{order}: Kafka has {seen:?}, the event store {stored:?}"));
         }
     }
+    if !off.is_empty() {
+        off.extend(partition_ends(brokers, &topic).await);
+    }
     off
+}
+
+/// Each partition of `topic` with its high watermark and its last stable
+/// offset (the end a `read_committed` reader stops at): a last stable
+/// offset below the high watermark for long is a transaction left open.
+async fn partition_ends(brokers: &str, topic: &str) -> Vec<String> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let committed = reader(&brokers);
+        let timeout = Duration::from_secs(10);
+        let metadata = committed.fetch_metadata(Some(&topic), timeout).expect("metadata");
+        let raw: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("sluice.test.ends.{}", uuid::Uuid::new_v4().simple()))
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .expect("kafka consumer");
+        metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| {
+                let stable = committed.fetch_watermarks(&topic, p.id(), timeout).map(|(_, end)| end);
+                let high = raw.fetch_watermarks(&topic, p.id(), timeout).map(|(_, end)| end);
+                format!("{topic}/{}: high watermark {high:?}, last stable offset {stable:?}", p.id())
+            })
+            .collect()
+    })
+    .await
+    .expect("watermarks thread")
 }
 
 /// [`orders_off_in_kafka`] finds nothing.
