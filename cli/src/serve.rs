@@ -215,7 +215,7 @@ pub async fn serve(
             warn!(error = %e, "could not look for commands left in queues of the unpartitioned topology");
         }
         let infra = sluice_processors::Infra {
-            amqp: settings.brokers(),
+            amqp: settings.amqp_connections(),
             partitions: settings.amqp.partitions,
             operation_ids: OperationIds::new(&settings.ingest.operation_secret),
             kafka: settings.kafka_clusters(),

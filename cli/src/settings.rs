@@ -7,6 +7,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use sluice_ingest::auth::TenantConfig;
 use sluice_ingest::IngestConfig;
+use sluice_processors::amqp::{Broker, Brokers};
 use sluice_processors::ProcessorConfig;
 use sluice_projections::ProjectorConfig;
 use sluice_streams::clusters::{Cluster, Clusters};
@@ -185,11 +186,13 @@ impl Settings {
     /// The distinct AMQP connections and the tenants on each, the default
     /// connection first (with every tenant that names no URL of its own, or
     /// the same one). A connection no tenant uses is not listed.
-    pub fn amqp_connections(&self) -> Vec<AmqpConnection> {
-        self.group_tenants(&self.amqp.url, |t| t.amqp_url.as_deref())
-            .into_iter()
-            .map(|(url, tenants)| AmqpConnection { url, tenants })
-            .collect()
+    pub fn amqp_connections(&self) -> Brokers {
+        Brokers::new(
+            self.group_tenants(&self.amqp.url, |t| t.amqp_url.as_deref())
+                .into_iter()
+                .map(|(url, tenants)| Broker { url, tenants })
+                .collect(),
+        )
     }
 
     /// The brokers of `tenant`'s Kafka cluster: its own, else `kafka.brokers`.
@@ -225,16 +228,6 @@ impl Settings {
         }
         groups.retain(|(_, tenants)| !tenants.is_empty());
         groups
-    }
-
-    /// [`Settings::amqp_connections`] as the processors take them.
-    pub fn brokers(&self) -> sluice_processors::amqp::Brokers {
-        sluice_processors::amqp::Brokers::new(
-            self.amqp_connections()
-                .into_iter()
-                .map(|c| sluice_processors::amqp::Broker { url: c.url, tenants: c.tenants })
-                .collect(),
-        )
     }
 
     /// Expands `${NAME}` in every AMQP URL from `env`, then checks the URLs:
@@ -305,13 +298,6 @@ impl Settings {
     }
 }
 
-/// One AMQP connection and the tenants whose commands live behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AmqpConnection {
-    pub url: String,
-    pub tenants: Vec<String>,
-}
-
 /// `text` with every `${NAME}` replaced by `env(NAME)`, and every
 /// `${NAME:-default}` by `env(NAME)` or else `default` (as in a shell);
 /// the first name that is not set and has no default is the error.
@@ -364,10 +350,10 @@ mod tests {
         assert_eq!(settings.amqp_url_for("globex"), own);
         assert_eq!(settings.amqp_url_for("acme"), settings.amqp.url);
         assert_eq!(
-            settings.amqp_connections(),
+            settings.amqp_connections().connections(),
             [
-                AmqpConnection { url: settings.amqp.url.clone(), tenants: vec!["acme".into(), "initech".into()] },
-                AmqpConnection { url: own.into(), tenants: vec!["globex".into()] },
+                Broker { url: settings.amqp.url.clone(), tenants: vec!["acme".into(), "initech".into()] },
+                Broker { url: own.into(), tenants: vec!["globex".into()] },
             ]
         );
         let mut settings = with_tenants(&[("acme", None), ("globex", None)]);
@@ -380,7 +366,7 @@ mod tests {
         );
         // No tenant on the default connection: it is not listed.
         let settings = with_tenants(&[("globex", Some(own))]);
-        assert_eq!(settings.amqp_connections(), [AmqpConnection { url: own.into(), tenants: vec!["globex".into()] }]);
+        assert_eq!(settings.amqp_connections().connections(), [Broker { url: own.into(), tenants: vec!["globex".into()] }]);
     }
 
     #[test]

@@ -20,11 +20,6 @@ impl Clusters {
         Self(clusters)
     }
 
-    /// Every tenant on one cluster.
-    pub fn single(brokers: &str, tenants: &[String]) -> Self {
-        Self(vec![Cluster { brokers: brokers.to_owned(), tenants: tenants.to_vec() }])
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Cluster> {
         self.0.iter()
     }

@@ -306,7 +306,7 @@ async fn a_dead_lettered_process_step_is_listed_by_sluice_dlq_like_any_other() {
     // A step whose command cannot pass its schema (a process with a bug),
     // sent the way the process runtime sends its commands.
     let ids = OperationIds::new(&settings.ingest.operation_secret);
-    let sender = AmqpCommandSender::new(settings.brokers(), ids.clone(), settings.amqp.partitions);
+    let sender = AmqpCommandSender::new(settings.amqp_connections(), ids.clone(), settings.amqp.partitions);
     let intent = CommandIntent {
         step: "schedule-assessment".into(),
         context: "patients".into(),

@@ -453,7 +453,7 @@ impl Dlt {
             }
             _ => {
                 let infra = sluice_processors::Infra {
-                    amqp: self.settings.brokers(),
+                    amqp: self.settings.amqp_connections(),
                     partitions: self.settings.amqp.partitions,
                     operation_ids: OperationIds::new(&self.settings.ingest.operation_secret),
                     kafka: self.settings.kafka_clusters(),

@@ -20,13 +20,13 @@ pub use topology::declare_topology;
 /// Where each tenant's commands live: the AMQP URL of every connection (a
 /// broker, or a vhost with its own user) and the tenants on it. Each tenant
 /// is on exactly one.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Brokers {
     connections: Vec<Broker>,
 }
 
 /// One connection and its tenants.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broker {
     /// Holds credentials: never logged (see [`Broker::label`]).
     pub url: String,
@@ -45,18 +45,17 @@ impl Brokers {
         Self { connections }
     }
 
-    /// Every tenant on one broker.
-    pub fn single(url: &str, tenants: &[String]) -> Self {
-        Self::new(vec![Broker { url: url.to_owned(), tenants: tenants.to_vec() }])
-    }
-
     pub fn connections(&self) -> &[Broker] {
         &self.connections
     }
+}
 
-    /// The URL of `tenant`'s connection.
-    pub fn url_for(&self, tenant: &str) -> Option<&str> {
-        self.connections.iter().find(|c| c.tenants.iter().any(|t| t == tenant)).map(|c| c.url.as_str())
+impl IntoIterator for Brokers {
+    type Item = Broker;
+    type IntoIter = std::vec::IntoIter<Broker>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.connections.into_iter()
     }
 }
 
