@@ -54,7 +54,37 @@ pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
     for statement in cql::create_tables() {
         session.query_unpaged(statement, ()).await.context("creating tables")?;
     }
+    add_missing_columns(&session, &settings.cql.keyspace).await?;
     Ok(Arc::new(session))
+}
+
+/// Adds the columns of [`cql::ADDED_COLUMNS`] a store created before them
+/// lacks. Two roles starting at once may both add one: the second is told
+/// it exists, which is what it wanted.
+async fn add_missing_columns(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    for (table, column, cql_type) in cql::ADDED_COLUMNS {
+        let existing = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                (keyspace, table, column),
+            )
+            .await
+            .context("reading the schema")?
+            .into_rows_result()
+            .context("reading the schema")?
+            .rows_num();
+        if existing > 0 {
+            continue;
+        }
+        if let Err(e) = session.query_unpaged(cql::add_column(table, column, cql_type), ()).await {
+            let added_meanwhile = e.to_string().contains("conflicts with an existing column");
+            if !added_meanwhile {
+                return Err(e).with_context(|| format!("adding column {column} to {table}"));
+            }
+        }
+        info!(table, column, "added a column the table lacked");
+    }
+    Ok(())
 }
 
 /// Connects to the RabbitMQ at `url` (a tenant's, or `amqp.url`).

@@ -2,15 +2,28 @@
 //! by the partition's ownership epoch.
 //!
 //! One CQL partition per command partition. A processor takes a partition
-//! over by raising its epoch ([`Journal::claim`], an LWT); it journals each
-//! round of decisions in one batch conditional on that epoch
-//! ([`Journal::append`]), so once a newer owner exists, the older one can
-//! journal nothing more: it learns it was fenced and stops. Everything else
-//! an owner writes (stream rows, operation records, Kafka) follows from
-//! journal entries, and the next owner redoes what is past the relay
-//! position before it decides anything, so a decision is never lost and
-//! never taken twice.
+//! over by raising its epoch ([`Journal::claim`], an LWT), reads what the
+//! journal holds, and records where its own entries begin
+//! ([`Journal::begin`], an LWT conditional on its epoch). From then on a
+//! round of decisions is a plain write ([`Journal::append`]): each entry
+//! carries its owner's epoch, also as its write timestamp, and the append
+//! reads the epoch back before anything else is written. So per takeover
+//! two conditional writes, per round none:
+//!
+//! - an entry of an older epoch at or past a newer epoch's first seq is a
+//!   fenced owner's and is discarded by every reader ([`valid`]); where the
+//!   newer owner writes the same seq, its entry outranks the old one;
+//! - an entry that the newer owner could not see when it began lies below
+//!   its first seq and stands: the fenced owner learns of the newer epoch
+//!   when it reads the epoch back, stops before writing anything else, and
+//!   the newer owner finishes the entry as one of its predecessor's.
+//!
+//! Everything else an owner writes (stream rows, operation records, Kafka)
+//! follows from standing entries, and the next owner redoes what is past the
+//! relay position before it decides anything, so a decision is never lost
+//! and never taken twice.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -62,17 +75,28 @@ pub enum Appended {
 pub trait Journal: Send + Sync {
     /// Makes `owner` the partition's owner with a new epoch, returned.
     fn claim(&self, partition: &PartitionRef, owner: &str) -> impl Future<Output = Result<i64, JournalError>> + Send;
-    /// The partition's current epoch.
-    fn epoch(&self, partition: &PartitionRef) -> impl Future<Output = Result<i64, JournalError>> + Send;
-    /// Entries from `seq` on, in order.
+    /// The standing entries from `seq` on, in order.
     fn entries_from(
         &self,
         partition: &PartitionRef,
         seq: i64,
     ) -> impl Future<Output = Result<Vec<Entry>, JournalError>> + Send;
-    /// The last entry's seq and the relay position noted in the journal.
-    fn ends(&self, partition: &PartitionRef) -> impl Future<Output = Result<JournalEnds, JournalError>> + Send;
-    /// Journals `entries` if `epoch` is still the partition's: all or none.
+    /// The next seq to relay, as last noted (the Kafka transaction's
+    /// committed position is the authority; this is its fallback).
+    fn relay_note(&self, partition: &PartitionRef) -> impl Future<Output = Result<Option<i64>, JournalError>> + Send;
+    /// Records that `epoch`'s entries begin at `first_seq`, if `epoch` is
+    /// still the partition's; forgets what readers from `read_from` on no
+    /// longer need.
+    fn begin(
+        &self,
+        partition: &PartitionRef,
+        epoch: i64,
+        first_seq: i64,
+        read_from: i64,
+    ) -> impl Future<Output = Result<Appended, JournalError>> + Send;
+    /// Journals `entries` (all or none) for `epoch`, then answers whether
+    /// `epoch` is still the partition's: when it is not, the entries may
+    /// stand or not, and the caller may write nothing more.
     fn append(
         &self,
         partition: &PartitionRef,
@@ -89,12 +113,31 @@ pub trait Journal: Send + Sync {
     ) -> impl Future<Output = Result<(), JournalError>> + Send;
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct JournalEnds {
-    pub last_seq: Option<i64>,
-    /// The next seq to relay, as last noted (the Kafka transaction's
-    /// committed position is the authority; this is its fallback).
-    pub relayed: Option<i64>,
+/// Whether an entry at `seq` written by `written_by` stands, given each
+/// epoch's first seq: it does unless a newer epoch began at or before it.
+/// Entries journaled before epochs were written into them stand.
+pub fn valid(seq: i64, written_by: Option<i64>, first_seqs: &BTreeMap<i64, i64>) -> bool {
+    let Some(epoch) = written_by else { return true };
+    !first_seqs.range(epoch + 1..).any(|(_, &first)| first <= seq)
+}
+
+/// The first seqs a reader from `read_from` on still needs, with `epoch`'s
+/// added: every epoch beginning past `read_from`, and of those beginning at
+/// or before it the newest (it alone decides about entries from there on).
+pub fn first_seqs_to_keep(
+    first_seqs: &BTreeMap<i64, i64>,
+    read_from: i64,
+    epoch: i64,
+    first_seq: i64,
+) -> BTreeMap<i64, i64> {
+    let newest_before = first_seqs.iter().filter(|(_, &first)| first <= read_from).map(|(&e, _)| e).max();
+    let mut kept: BTreeMap<i64, i64> = first_seqs
+        .iter()
+        .filter(|(&e, &first)| first > read_from || Some(e) == newest_before)
+        .map(|(&e, &first)| (e, first))
+        .collect();
+    kept.insert(epoch, first_seq);
+    kept
 }
 
 /// An event as the journal keeps it.
@@ -112,9 +155,11 @@ pub struct CqlJournal {
     session: Arc<Session>,
     read_epoch: PreparedStatement,
     raise_epoch: PreparedStatement,
+    read_first_seqs: PreparedStatement,
+    write_first_seqs: PreparedStatement,
     insert: PreparedStatement,
     select_from: PreparedStatement,
-    last: PreparedStatement,
+    read_relay_note: PreparedStatement,
     note_relayed: PreparedStatement,
     trim: PreparedStatement,
 }
@@ -142,20 +187,31 @@ impl CqlJournal {
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
+            read_first_seqs: prepare(
+                "SELECT first_seqs FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
+            )
+            .await?,
+            write_first_seqs: prepare(
+                "UPDATE command_journal SET first_seqs = ? \
+                 WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
+            )
+            .await?,
+            // The epoch is the write timestamp: where a newer owner journals
+            // a seq a fenced one wrote too, the newer entry wins.
             insert: prepare(
-                "INSERT INTO command_journal (tenant, context, partition, seq, stream_id, command_key, \
-                 operation_id, command_type, source, command_id, rejection, events) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+                "INSERT INTO command_journal (tenant, context, partition, seq, written_by, stream_id, \
+                 command_key, operation_id, command_type, source, command_id, rejection, events) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             )
             .await?,
             select_from: prepare(
-                "SELECT seq, stream_id, command_key, operation_id, command_type, source, command_id, rejection, \
-                 events FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? AND seq >= ?",
+                "SELECT seq, written_by, stream_id, command_key, operation_id, command_type, source, command_id, \
+                 rejection, events FROM command_journal \
+                 WHERE tenant = ? AND context = ? AND partition = ? AND seq >= ?",
             )
             .await?,
-            last: prepare(
-                "SELECT seq, relayed FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? \
-                 ORDER BY seq DESC LIMIT 1",
+            read_relay_note: prepare(
+                "SELECT relayed FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
             .await?,
             // The write timestamp is the position itself: a late note of an
@@ -176,6 +232,13 @@ impl CqlJournal {
         let rows = result.into_rows_result().map_err(journal_err)?;
         Ok(rows.maybe_first_row::<(Option<i64>,)>().map_err(journal_err)?.and_then(|(epoch,)| epoch))
     }
+
+    async fn first_seqs(&self, key: (&str, &str, i32)) -> Result<BTreeMap<i64, i64>, JournalError> {
+        let result = self.session.execute_unpaged(&self.read_first_seqs, key).await.map_err(journal_err)?;
+        let rows = result.into_rows_result().map_err(journal_err)?;
+        let row = rows.maybe_first_row::<(Option<BTreeMap<i64, i64>>,)>().map_err(journal_err)?;
+        Ok(row.and_then(|(map,)| map).unwrap_or_default())
+    }
 }
 
 fn key(partition: &PartitionRef) -> (&str, &str, i32) {
@@ -189,7 +252,7 @@ fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, 
     Ok(matches!(first.and_then(|row| row.columns.into_iter().next().flatten()), Some(CqlValue::Boolean(true))))
 }
 
-type EntryRow = (i64, String, String, String, String, String, String, Option<String>, Option<String>);
+type EntryRow = (i64, Option<i64>, String, String, String, String, String, String, Option<String>, Option<String>);
 
 impl Journal for CqlJournal {
     async fn claim(&self, partition: &PartitionRef, owner: &str) -> Result<i64, JournalError> {
@@ -209,12 +272,9 @@ impl Journal for CqlJournal {
         }
     }
 
-    async fn epoch(&self, partition: &PartitionRef) -> Result<i64, JournalError> {
-        Ok(self.current_epoch(key(partition)).await?.unwrap_or(0))
-    }
-
     async fn entries_from(&self, partition: &PartitionRef, seq: i64) -> Result<Vec<Entry>, JournalError> {
         let (tenant, context, p) = key(partition);
+        let first_seqs = self.first_seqs((tenant, context, p)).await?;
         let pager = self
             .session
             .execute_iter(self.select_from.clone(), (tenant, context, p, seq))
@@ -223,7 +283,8 @@ impl Journal for CqlJournal {
         let rows: Vec<EntryRow> =
             pager.rows_stream::<EntryRow>().map_err(journal_err)?.try_collect().await.map_err(journal_err)?;
         rows.into_iter()
-            .map(|(seq, stream_id, command_key, operation_id, command_type, source, command_id, rejection, events)| {
+            .filter(|(seq, written_by, ..)| valid(*seq, *written_by, &first_seqs))
+            .map(|(seq, _, stream_id, command_key, operation_id, command_type, source, command_id, rejection, events)| {
                 let verdict = match rejection {
                     Some(reason) => Verdict::Rejected(reason),
                     None => {
@@ -250,23 +311,36 @@ impl Journal for CqlJournal {
             .collect()
     }
 
-    async fn ends(&self, partition: &PartitionRef) -> Result<JournalEnds, JournalError> {
-        let result = self.session.execute_unpaged(&self.last, key(partition)).await.map_err(journal_err)?;
+    async fn relay_note(&self, partition: &PartitionRef) -> Result<Option<i64>, JournalError> {
+        let result = self.session.execute_unpaged(&self.read_relay_note, key(partition)).await.map_err(journal_err)?;
         let rows = result.into_rows_result().map_err(journal_err)?;
-        let row = rows.maybe_first_row::<(Option<i64>, Option<i64>)>().map_err(journal_err)?;
-        Ok(row.map(|(last_seq, relayed)| JournalEnds { last_seq, relayed }).unwrap_or_default())
+        Ok(rows.maybe_first_row::<(Option<i64>,)>().map_err(journal_err)?.and_then(|(relayed,)| relayed))
+    }
+
+    async fn begin(
+        &self,
+        partition: &PartitionRef,
+        epoch: i64,
+        first_seq: i64,
+        read_from: i64,
+    ) -> Result<Appended, JournalError> {
+        let (tenant, context, p) = key(partition);
+        // Only the epoch's holder writes the map, so reading it first and
+        // writing it whole under the condition loses nothing.
+        let kept = first_seqs_to_keep(&self.first_seqs((tenant, context, p)).await?, read_from, epoch, first_seq);
+        let result = self
+            .session
+            .execute_unpaged(&self.write_first_seqs, (kept, tenant, context, p, Some(epoch)))
+            .await
+            .map_err(journal_err)?;
+        Ok(if applied(result)? { Appended::Applied } else { Appended::Fenced })
     }
 
     async fn append(&self, partition: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
         let (tenant, context, p) = key(partition);
-        // One conditional batch within the partition: the epoch check and
-        // every entry are applied together, or nothing is.
-        let mut batch = Batch::new(BatchType::Logged);
-        batch.append_statement(self.raise_epoch.clone());
-        let owner: Option<&str> = None;
-        let mut values: Vec<Box<dyn scylla::serialize::row::SerializeRow + Send + Sync>> =
-            Vec::with_capacity(entries.len() + 1);
-        values.push(Box::new((epoch, owner, tenant.to_owned(), context.to_owned(), p, Some(epoch))));
+        // One partition: the batch is applied whole or not at all.
+        let mut batch = Batch::new(BatchType::Unlogged);
+        let mut values = Vec::with_capacity(entries.len());
         for entry in entries {
             batch.append_statement(self.insert.clone());
             let (rejection, events) = match &entry.verdict {
@@ -285,24 +359,29 @@ impl Journal for CqlJournal {
                     (None, Some(serde_json::to_string(&journaled).map_err(journal_err)?))
                 }
             };
-            values.push(Box::new((
-                tenant.to_owned(),
-                context.to_owned(),
+            values.push((
+                tenant,
+                context,
                 p,
                 entry.seq,
-                entry.stream_id.clone(),
-                entry.command_key.clone(),
-                entry.operation_id.clone(),
-                entry.command_type.clone(),
-                entry.source.clone(),
-                entry.command_id.clone(),
+                epoch,
+                entry.stream_id.as_str(),
+                entry.command_key.as_str(),
+                entry.operation_id.as_str(),
+                entry.command_type.as_str(),
+                entry.source.as_str(),
+                entry.command_id.as_str(),
                 rejection,
                 events,
                 ENTRY_TTL_S,
-            )));
+                epoch,
+            ));
         }
-        let result = self.session.batch(&batch, values).await.map_err(journal_err)?;
-        Ok(if applied(result)? { Appended::Applied } else { Appended::Fenced })
+        self.session.batch(&batch, values).await.map_err(journal_err)?;
+        // Read after the write: a newer owner that began after this read
+        // saw these entries, one that began before it is seen here.
+        let now = self.current_epoch((tenant, context, p)).await?;
+        Ok(if now == Some(epoch) { Appended::Applied } else { Appended::Fenced })
     }
 
     async fn relayed(&self, partition: &PartitionRef, next: i64, trim_below: Option<i64>) -> Result<(), JournalError> {

@@ -10,8 +10,8 @@
 //! 2. loads the streams it does not know yet, and reads each command's
 //!    operation record (a command already answered is answered again);
 //! 3. decides the commands in order, each on its stream's state so far;
-//! 4. journals the round's decisions in one write, conditional on the
-//!    owner's epoch ([`crate::journal`]): from here on the decisions stand;
+//! 4. journals the round's decisions in one write and reads the owner's
+//!    epoch back ([`crate::journal`]): from here on the decisions stand;
 //! 5. writes each stream's new events in one write, records rejections,
 //!    produces the events in one Kafka transaction that also commits the
 //!    journal position, recording the successes before the commit.
@@ -112,7 +112,7 @@ struct Stream<S> {
 
 /// Streams held in memory per partition before the cache starts over.
 const MAX_CACHED_STREAMS: usize = 50_000;
-/// Journal entries per conditional batch (the batch also has a size limit).
+/// Journal entries per write (the batch also has a size limit).
 const MAX_ENTRIES_PER_WRITE: usize = 64;
 const MAX_BYTES_PER_WRITE: usize = 24 * 1024;
 /// Relayed journal entries are trimmed every this many seqs.
@@ -129,8 +129,10 @@ pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     /// First journal seq not yet relayed.
     relayed: i64,
     streams: HashMap<String, Stream<A::State>>,
-    /// A journal write failed with an unknown outcome: read it again first.
+    /// A journal write failed with an unknown outcome: claim again first.
     unsure: bool,
+    /// The processor's name, as the journal records it.
+    name: String,
     stop: CancellationToken,
     _context: PhantomData<A>,
 }
@@ -159,16 +161,10 @@ where
             let attempt = async {
                 let epoch = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
                 let (relay, position) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
-                // A claim and an open of another processor may have come in
-                // between: only the latest claimant goes on.
-                let now = backends.journal.epoch(&partition).await.map_err(|e| e.to_string())?;
-                if now != epoch {
-                    return Ok(Err(Halt::Fenced(format!("epoch {epoch} superseded by {now} while taking over"))));
-                }
-                Ok::<_, String>(Ok((epoch, relay, position)))
+                Ok::<_, String>((epoch, relay, position))
             };
             match attempt.await {
-                Ok(Ok((epoch, relay, position))) => {
+                Ok((epoch, relay, position)) => {
                     let mut me = Owner {
                         partition,
                         backends,
@@ -179,14 +175,16 @@ where
                         relayed: position.unwrap_or(0),
                         streams: HashMap::new(),
                         unsure: true,
+                        name: owner.to_owned(),
                         stop,
                         _context: PhantomData,
                     };
+                    // A claim and an open of another processor may have
+                    // come in between: only the latest claimant begins.
                     me.catch_up(position.is_some()).await?;
                     info!(queue = %me.partition.queue(), epoch, next_seq = me.next_seq, "took the partition over");
                     return Ok(me);
                 }
-                Ok(Err(halt)) => return Err(halt),
                 Err(reason) => {
                     warn!(queue = %partition.queue(), %reason, "could not take the partition over yet");
                     pause(&backends.retry_delays_ms, tries, &stop).await?;
@@ -195,27 +193,34 @@ where
         }
     }
 
-    /// Finishes every journaled entry past the relay position and learns
-    /// where the journal ends; forgets cached streams (another owner may
-    /// have changed them).
+    /// Finishes every journaled entry past the relay position, learns where
+    /// the journal ends and records that this epoch's entries begin there;
+    /// forgets cached streams (another owner may have changed them).
     async fn catch_up(&mut self, position_known: bool) -> Result<(), Halt> {
         let mut tries = 0;
         let pending = loop {
             tries += 1;
             let read = async {
-                let ends = self.backends.journal.ends(&self.partition).await?;
+                let note = self.backends.journal.relay_note(&self.partition).await?;
                 if !position_known && tries == 1 {
                     // No committed position in Kafka (never relayed, or the
                     // group's offsets expired): the journal's note stands in.
-                    self.relayed = ends.relayed.unwrap_or(0);
+                    self.relayed = note.unwrap_or(0);
                 }
                 let pending = self.backends.journal.entries_from(&self.partition, self.relayed).await?;
-                Ok::<_, crate::journal::JournalError>((ends, pending))
+                let next_seq = pending.last().map_or(self.relayed, |last| (last.seq + 1).max(self.relayed));
+                // Readers from the note on must still judge rows the way
+                // this owner did.
+                let read_from = note.unwrap_or(0).min(self.relayed);
+                let begun = self.backends.journal.begin(&self.partition, self.epoch, next_seq, read_from).await?;
+                Ok::<_, crate::journal::JournalError>((pending, next_seq, begun))
             };
             match read.await {
-                Ok((ends, pending)) => {
-                    let last = pending.last().map(|e| e.seq).into_iter().chain(ends.last_seq).max();
-                    self.next_seq = last.map_or(self.relayed, |l| (l + 1).max(self.relayed));
+                Ok((_, _, Appended::Fenced)) => {
+                    return Err(Halt::Fenced(format!("epoch {} superseded while taking over", self.epoch)))
+                }
+                Ok((pending, next_seq, Appended::Applied)) => {
+                    self.next_seq = next_seq;
                     break pending;
                 }
                 Err(e) => {
@@ -233,10 +238,30 @@ where
         Ok(())
     }
 
+    /// After a journal write with no answer, the entries it sent may land
+    /// at any later time: a new epoch makes them stand only if they are
+    /// there when it begins, and this owner goes on from what it reads.
+    async fn claim_again(&mut self) -> Result<(), Halt> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.backends.journal.claim(&self.partition, &self.name).await {
+                Ok(epoch) => {
+                    self.epoch = epoch;
+                    return self.catch_up(true).await;
+                }
+                Err(e) => {
+                    warn!(queue = %self.partition.queue(), error = %e, "cannot claim the partition again yet");
+                    pause(&self.backends.retry_delays_ms, tries, &self.stop).await?;
+                }
+            }
+        }
+    }
+
     /// Decides one round of commands; returns one outcome per command.
     pub async fn round(&mut self, commands: &[IncomingCommand]) -> Result<Vec<Outcome>, Halt> {
         if self.unsure {
-            self.catch_up(true).await?;
+            self.claim_again().await?;
         }
         let mut outcomes: Vec<Option<Outcome>> = vec![None; commands.len()];
         // 1. Check and parse.
@@ -427,8 +452,8 @@ where
         Ok(Stream { version: history.last().map_or(0, |e| e.version), state, decided })
     }
 
-    /// Journals `entries` in conditional writes; `Ok(Err)` when the journal
-    /// failed (the outcome of the write is unknown).
+    /// Journals `entries` in writes of a bounded size; `Ok(Err)` when the
+    /// journal failed (the outcome of the write is unknown).
     async fn journal(&self, entries: &[Entry]) -> Result<Result<(), String>, Halt> {
         let mut start = 0;
         while start < entries.len() {
@@ -632,7 +657,7 @@ mod tests {
 
     use super::*;
     use crate::event_store::{Append, StoreError};
-    use crate::journal::{JournalEnds, JournalError};
+    use crate::journal::JournalError;
     use crate::operations::OperationError;
     use crate::orders::Orders;
 
@@ -659,10 +684,22 @@ mod tests {
     #[derive(Default)]
     struct JournalState {
         epoch: i64,
-        entries: BTreeMap<i64, Entry>,
+        /// Each seq's row: the epoch that wrote it, and the entry.
+        rows: BTreeMap<i64, (i64, Entry)>,
+        first_seqs: BTreeMap<i64, i64>,
         relayed: Option<i64>,
         /// The next append is applied but answers an error (a timeout).
         lose_answer: bool,
+    }
+
+    impl JournalState {
+        fn standing(&self) -> Vec<Entry> {
+            self.rows
+                .iter()
+                .filter(|(&seq, (epoch, _))| crate::journal::valid(seq, Some(*epoch), &self.first_seqs))
+                .map(|(_, (_, e))| e.clone())
+                .collect()
+        }
     }
 
     #[derive(Default)]
@@ -674,28 +711,32 @@ mod tests {
             j.epoch += 1;
             Ok(j.epoch)
         }
-        async fn epoch(&self, _: &PartitionRef) -> Result<i64, JournalError> {
-            Ok(self.0.lock().unwrap().epoch)
-        }
         async fn entries_from(&self, _: &PartitionRef, seq: i64) -> Result<Vec<Entry>, JournalError> {
-            Ok(self.0.lock().unwrap().entries.range(seq..).map(|(_, e)| e.clone()).collect())
+            Ok(self.0.lock().unwrap().standing().into_iter().filter(|e| e.seq >= seq).collect())
         }
-        async fn ends(&self, _: &PartitionRef) -> Result<JournalEnds, JournalError> {
-            let j = self.0.lock().unwrap();
-            Ok(JournalEnds { last_seq: j.entries.keys().last().copied(), relayed: j.relayed })
+        async fn relay_note(&self, _: &PartitionRef) -> Result<Option<i64>, JournalError> {
+            Ok(self.0.lock().unwrap().relayed)
         }
-        async fn append(&self, _: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
+        async fn begin(&self, _: &PartitionRef, epoch: i64, first: i64, from: i64) -> Result<Appended, JournalError> {
             let mut j = self.0.lock().unwrap();
             if j.epoch != epoch {
                 return Ok(Appended::Fenced);
             }
-            entries.iter().for_each(|e| {
-                j.entries.insert(e.seq, e.clone());
-            });
+            j.first_seqs = crate::journal::first_seqs_to_keep(&j.first_seqs, from, epoch, first);
+            Ok(Appended::Applied)
+        }
+        async fn append(&self, _: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
+            let mut j = self.0.lock().unwrap();
+            // The epoch is the write timestamp: an older one never wins.
+            for e in entries {
+                if j.rows.get(&e.seq).is_none_or(|(by, _)| *by <= epoch) {
+                    j.rows.insert(e.seq, (epoch, e.clone()));
+                }
+            }
             if std::mem::take(&mut j.lose_answer) {
                 return Err(JournalError("timed out".into()));
             }
-            Ok(Appended::Applied)
+            Ok(if j.epoch == epoch { Appended::Applied } else { Appended::Fenced })
         }
         async fn relayed(&self, _: &PartitionRef, next: i64, _: Option<i64>) -> Result<(), JournalError> {
             let mut j = self.0.lock().unwrap();
@@ -892,7 +933,7 @@ mod tests {
         old.round(&[submit("s1", "o1")]).await.unwrap();
         let mut new = owner(&b).await;
         assert!(matches!(old.round(&[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
-        assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "the fenced round journaled nothing");
+        assert_eq!(b.journal.0.lock().unwrap().standing().len(), 1, "the fenced round's entry does not stand");
         assert_eq!(new.round(&[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 2);
     }
@@ -938,7 +979,7 @@ mod tests {
         // The retry finds the decision the lost answer hid.
         assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 1);
-        assert_eq!(b.journal.0.lock().unwrap().entries.len(), 1, "decided once");
+        assert_eq!(b.journal.0.lock().unwrap().standing().len(), 1, "decided once");
     }
 
     #[tokio::test]

@@ -332,3 +332,67 @@ async fn commands_left_in_the_unpartitioned_queues_reach_their_partitions_after_
     assert!(queue_info(&delayed).await.and_then(|q| q["name"].as_str().map(str::to_owned)).is_none(), "deleted");
     platform.stop().await.unwrap();
 }
+
+/// The journal in the real store, raced the way a paused owner races its
+/// successor: what a fenced owner journals after its successor began never
+/// stands, even where it writes the same seq again later; what it journaled
+/// before the successor read the journal stands, and the successor finishes
+/// it. Either way the fenced owner is told, before it writes anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::journal::{Appended, CqlJournal, Entry, Journal, Verdict};
+
+    let tenant = TestTenant::new();
+    let session = sluice_cli::serve::connect_cql(&test_settings(&[&tenant])).await.expect("CQL store (make up)");
+    let journal = CqlJournal::new(session).await.expect("journal");
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 3 };
+    let entry = |seq: i64, key: &str| Entry {
+        seq,
+        stream_id: format!("o-{seq}"),
+        command_key: key.to_owned(),
+        operation_id: format!("op-{key}"),
+        command_type: "com.example.orders.CancelOrder".into(),
+        source: format!("/{}/shop", tenant.name),
+        command_id: key.to_owned(),
+        verdict: Verdict::Rejected("order does not exist".into()),
+    };
+    let standing = || async {
+        let entries = journal.entries_from(&partition, 0).await.expect("journal read");
+        entries.into_iter().map(|e| (e.seq, e.command_key)).collect::<Vec<_>>()
+    };
+    let pairs = |list: &[(i64, &str)]| list.iter().map(|(s, k)| (*s, (*k).to_owned())).collect::<Vec<_>>();
+
+    let old = journal.claim(&partition, "old").await.unwrap();
+    assert_eq!(journal.begin(&partition, old, 0, 0).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.append(&partition, old, &[entry(0, "a"), entry(1, "b")]).await.unwrap(), Appended::Applied);
+
+    // A successor claims; before it reads the journal, the old owner (not
+    // yet aware) journals seq 2 and is told it is fenced.
+    let new = journal.claim(&partition, "new").await.unwrap();
+    assert!(new > old);
+    assert_eq!(journal.append(&partition, old, &[entry(2, "c")]).await.unwrap(), Appended::Fenced);
+    // The successor reads seqs 0–2 (2 is its predecessor's to finish) and
+    // begins at 3.
+    assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c")]));
+    assert_eq!(journal.begin(&partition, new, 3, 0).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.begin(&partition, old, 3, 0).await.unwrap(), Appended::Fenced, "only the epoch's holder begins");
+
+    // After the successor began, the old owner's entries never stand.
+    assert_eq!(journal.append(&partition, old, &[entry(3, "x"), entry(4, "y")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c")]));
+    assert_eq!(journal.append(&partition, new, &[entry(3, "d")]).await.unwrap(), Appended::Applied);
+    // The old owner writes seq 3 again after the successor did: the
+    // successor's entry stays (its epoch is the newer write timestamp).
+    assert_eq!(journal.append(&partition, old, &[entry(3, "x2")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d")]));
+
+    // A third owner claims; the successor, not yet aware, journals seq 4
+    // over the first owner's discarded entry: the third owner reads it
+    // before it begins, so it stands (the third owner finishes it).
+    let third = journal.claim(&partition, "third").await.unwrap();
+    assert_eq!(journal.append(&partition, new, &[entry(4, "late")]).await.unwrap(), Appended::Fenced);
+    let seen = standing().await;
+    assert_eq!(journal.begin(&partition, third, 5, 0).await.unwrap(), Appended::Applied);
+    assert_eq!(seen, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "late")]));
+}
