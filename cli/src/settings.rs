@@ -366,7 +366,10 @@ mod tests {
         );
         // No tenant on the default connection: it is not listed.
         let settings = with_tenants(&[("globex", Some(own))]);
-        assert_eq!(settings.amqp_connections().connections(), [Broker { url: own.into(), tenants: vec!["globex".into()] }]);
+        assert_eq!(
+            settings.amqp_connections().connections(),
+            [Broker { url: own.into(), tenants: vec!["globex".into()] }]
+        );
     }
 
     #[test]

@@ -254,6 +254,32 @@ fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, 
 
 type EntryRow = (i64, Option<i64>, String, String, String, String, String, String, Option<String>, Option<String>);
 
+fn entry_of(row: EntryRow) -> Result<Entry, JournalError> {
+    let (seq, _, stream_id, command_key, operation_id, command_type, source, command_id, rejection, events) = row;
+    let verdict = match rejection {
+        Some(reason) => Verdict::Rejected(reason),
+        None => {
+            let events: Vec<JournaledEvent> =
+                serde_json::from_str(events.as_deref().unwrap_or("[]")).map_err(journal_err)?;
+            Verdict::Appended(
+                events
+                    .into_iter()
+                    .map(|e| StoredEvent {
+                        version: e.version,
+                        event_id: e.event_id,
+                        event_type: e.event_type,
+                        payload: e.payload,
+                        command_key: command_key.clone(),
+                        operation_id: operation_id.clone(),
+                        recorded_at_ms: e.recorded_at_ms,
+                    })
+                    .collect(),
+            )
+        }
+    };
+    Ok(Entry { seq, stream_id, command_key, operation_id, command_type, source, command_id, verdict })
+}
+
 impl Journal for CqlJournal {
     async fn claim(&self, partition: &PartitionRef, owner: &str) -> Result<i64, JournalError> {
         let (tenant, context, p) = key(partition);
@@ -282,33 +308,7 @@ impl Journal for CqlJournal {
             .map_err(journal_err)?;
         let rows: Vec<EntryRow> =
             pager.rows_stream::<EntryRow>().map_err(journal_err)?.try_collect().await.map_err(journal_err)?;
-        rows.into_iter()
-            .filter(|(seq, written_by, ..)| valid(*seq, *written_by, &first_seqs))
-            .map(|(seq, _, stream_id, command_key, operation_id, command_type, source, command_id, rejection, events)| {
-                let verdict = match rejection {
-                    Some(reason) => Verdict::Rejected(reason),
-                    None => {
-                        let events: Vec<JournaledEvent> =
-                            serde_json::from_str(events.as_deref().unwrap_or("[]")).map_err(journal_err)?;
-                        Verdict::Appended(
-                            events
-                                .into_iter()
-                                .map(|e| StoredEvent {
-                                    version: e.version,
-                                    event_id: e.event_id,
-                                    event_type: e.event_type,
-                                    payload: e.payload,
-                                    command_key: command_key.clone(),
-                                    operation_id: operation_id.clone(),
-                                    recorded_at_ms: e.recorded_at_ms,
-                                })
-                                .collect(),
-                        )
-                    }
-                };
-                Ok(Entry { seq, stream_id, command_key, operation_id, command_type, source, command_id, verdict })
-            })
-            .collect()
+        rows.into_iter().filter(|(seq, written_by, ..)| valid(*seq, *written_by, &first_seqs)).map(entry_of).collect()
     }
 
     async fn relay_note(&self, partition: &PartitionRef) -> Result<Option<i64>, JournalError> {
