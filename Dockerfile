@@ -29,6 +29,9 @@ WORKDIR /app
 COPY config/ /app/config/
 USER sluice
 # Inside a container the edge must listen on all interfaces, not loopback.
+# With the demo configuration it then refuses to start (its secret and keys
+# are published) unless SLUICE_INGEST__DEMO=true, as compose sets it: give
+# the image a configuration of your own.
 ENV SLUICE_HTTP_ADDR=0.0.0.0:8088
 EXPOSE 8088
 ENTRYPOINT ["sluice"]

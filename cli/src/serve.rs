@@ -215,6 +215,37 @@ where
     }
 }
 
+/// The dev operation secret and the demo keys are published with sluice: an
+/// edge other machines can reach must not take them (anyone could send as
+/// the tenant, or forge operation ids), unless `ingest.demo` says this is
+/// the demo stack.
+fn refuse_published_secrets_in_public(settings: &Settings) -> anyhow::Result<()> {
+    let Ok(addr) = settings.ingest.http_addr.parse::<std::net::SocketAddr>() else {
+        return Ok(()); // not an address: binding it fails with its own message
+    };
+    if addr.ip().is_loopback() || settings.ingest.demo {
+        return Ok(());
+    }
+    let mut published = Vec::new();
+    if settings.ingest.operation_secret == sluice_ingest::DEV_OPERATION_SECRET {
+        published.push("the dev operation secret (ingest.operation_secret)".to_owned());
+    }
+    for tenant in &settings.tenants {
+        for key in tenant.keys.iter().filter(|k| sluice_ingest::DEMO_KEY_SHA256.contains(&k.sha256.as_str())) {
+            published.push(format!("the demo key {:?} of tenant {}", key.name, tenant.name));
+        }
+    }
+    if !published.is_empty() {
+        bail!(
+            "refusing to serve on {addr}, which other machines can reach, with {}: they are published with sluice. \
+             Set SLUICE_INGEST__OPERATION_SECRET and keys of your own, or listen on 127.0.0.1; \
+             for the demo stack only, set SLUICE_INGEST__DEMO=true",
+            published.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 /// Runs `role` until `shutdown` is cancelled. `ready` receives the address
 /// the edge listens on (tests bind port 0).
 pub async fn serve(
@@ -229,6 +260,9 @@ pub async fn serve(
     let problems = sluice_ingest::auth::validate_tenants(&settings.tenants);
     if !problems.is_empty() {
         bail!("invalid tenants: {}", problems.join("; "));
+    }
+    if role.includes(Role::Ingest) {
+        refuse_published_secrets_in_public(&settings)?;
     }
     let session = until_available("the CQL store", &shutdown, || connect_cql(&settings)).await?;
     let tenants = settings.tenant_names();

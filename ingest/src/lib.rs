@@ -75,7 +75,20 @@ pub struct IngestConfig {
     /// Connections held open at once; more wait until one closes
     /// (default 1024).
     pub max_connections: usize,
+    /// The demo stack: serve with the published dev secret and demo keys on
+    /// an address other machines can reach (default false: refused).
+    pub demo: bool,
 }
+
+/// The operation secret of the demo configuration, published with sluice.
+pub const DEV_OPERATION_SECRET: &str = "sluice-dev-operation-secret";
+
+/// SHA-256 of the demo configuration's keys (`acme-dev-key`,
+/// `globex-dev-key`), published with sluice.
+pub const DEMO_KEY_SHA256: &[&str] = &[
+    "7f2e6802f17f6ba210bb387707340e4fa6d03de0347ddcc5dd4ece4439694fce",
+    "12cad79350669be6df490bdd33bd12237b1b5c2b917224bf9b70b380e35c3e95",
+];
 
 impl Default for IngestConfig {
     fn default() -> Self {
@@ -86,13 +99,14 @@ impl Default for IngestConfig {
             confirm_timeout_ms: 5_000,
             max_in_flight: 1024,
             require_dataschema: false,
-            operation_secret: "sluice-dev-operation-secret".into(),
+            operation_secret: DEV_OPERATION_SECRET.into(),
             rate_limit_per_second: 1_000.0,
             rate_limit_burst: 2_000,
             read_rate_limit_per_second: 1_000.0,
             read_rate_limit_burst: 2_000,
             request_timeout_ms: 30_000,
             max_connections: 1_024,
+            demo: false,
         }
     }
 }

@@ -60,6 +60,25 @@ fn colliding_tenants_refuse_to_start_naming_the_entry() {
     assert!(stderr.contains("overlap"), "{stderr}");
 }
 
+#[test]
+fn an_edge_others_can_reach_refuses_the_published_dev_secret_and_demo_keys() {
+    let tenant = TestTenant::new();
+    let mut public = test_settings(&[&tenant]);
+    public.ingest.http_addr = "0.0.0.0:0".into();
+    public.ingest.operation_secret = sluice_ingest::DEV_OPERATION_SECRET.into();
+    let (status, stderr) = refused_start(&public);
+    assert!(!status.success());
+    assert!(stderr.contains("refusing to serve on 0.0.0.0:0") && stderr.contains("dev operation secret"), "{stderr}");
+
+    // A secret of its own, but a demo key on one tenant.
+    public.ingest.operation_secret = "a secret of this deployment".into();
+    public.tenants[0].keys[0].sha256 = sluice_ingest::DEMO_KEY_SHA256[0].into();
+    public.tenants[0].keys[0].name = "acme-dev".into();
+    let (status, stderr) = refused_start(&public);
+    assert!(!status.success());
+    assert!(stderr.contains(&format!("the demo key \"acme-dev\" of tenant {}", tenant.name)), "{stderr}");
+}
+
 /// Runs the binary in `dir` with `args`; its exit, stdout and stderr.
 fn sluice_in(dir: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = std::process::Command::new(sluice_bin())
