@@ -838,7 +838,8 @@ pub async fn drain_ids(queue: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs the `sluice` binary with `settings` as its config file.
+/// Runs the `sluice` binary with `settings` as its config file, to its end;
+/// its standard input is not a terminal (as in a script).
 pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
     let config = tempfile_path::TempPath::new("toml");
     std::fs::write(&config.0, toml::to_string(settings).expect("settings serialize")).expect("write config");

@@ -2,19 +2,20 @@
 //! remove them with a reason. The work is in `sluice_cli::ops::dlq`; this
 //! module parses arguments and prints.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_cli::ops::audit::{AuditEntry, AuditLog};
-use sluice_cli::ops::dead_letter::{DeadLetter, DeadLetterDetail, Filter};
+use sluice_cli::ops::audit::{ArchivedLetter, AuditEntry, AuditLog};
+use sluice_cli::ops::dead_letter::{id_or_dash, DeadLetter, DeadLetterDetail, Filter};
 use sluice_cli::ops::dlq::{Dlq, Listing, RemovalReport, Scope, ShovelOptions, ShovelProgress, ShovelReport, Who};
 use sluice_cli::ops::management::Management;
 use sluice_cli::ops::parse_duration;
 use sluice_cli::serve::connect_cql;
 use sluice_cli::settings::Settings;
 
-use super::{output, print_json, print_table, WhoArgs};
+use super::{output, print_json, print_table, IntentArgs, WhoArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -84,20 +85,28 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
-    /// Remove dead letters for good (all of a tenant's, or those matching the
-    /// filters); recorded in the audit log.
+    /// Remove dead letters for good: those matching the filters, or all of a
+    /// tenant's with `--all`. Shows what matches and asks before anything
+    /// goes (`--yes` answers, `--dry-run` only shows); removes only what it
+    /// showed. Each removed message is archived with the audit row.
     Purge {
         #[command(flatten)]
         filter: FilterArgs,
-        /// Only those whose failure reason contains this (case-insensitive).
+        /// A substring of the failure reason (case-insensitive).
         #[arg(long)]
-        reason_contains: Option<String>,
+        reason: Option<String>,
+        /// Every dead letter of the tenant (a purge without filters needs it).
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         who: WhoArgs,
+        #[command(flatten)]
+        intent: IntentArgs,
         #[arg(long)]
         json: bool,
     },
-    /// Remove one dead letter for good; recorded in the audit log.
+    /// Remove one dead letter for good (every copy of its message id); shows
+    /// it and asks first, like purge. Archived with the audit row.
     Delete {
         /// Its message id (the operation id).
         message_id: String,
@@ -105,6 +114,8 @@ enum Verb {
         scope: ScopeArgs,
         #[command(flatten)]
         who: WhoArgs,
+        #[command(flatten)]
+        intent: IntentArgs,
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +125,15 @@ enum Verb {
         tenant: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The messages one purge or delete removed (its audit id), as they were.
+    Archive {
+        /// The audit id (`sluice dlq audit`).
+        audit_id: String,
+        #[arg(long)]
+        tenant: String,
         #[arg(long)]
         json: bool,
     },
@@ -155,6 +175,7 @@ impl FilterArgs {
             reason,
             class: self.class.clone(),
             older_than: self.older_than,
+            message_ids: None,
         }
     }
 }
@@ -165,7 +186,7 @@ impl Verb {
         match self {
             Verb::List { filter, .. } | Verb::Shovel { filter, .. } | Verb::Purge { filter, .. } => Some(&filter.scope),
             Verb::Show { scope, .. } | Verb::Delete { scope, .. } => Some(scope),
-            Verb::Audit { .. } => None,
+            Verb::Audit { .. } | Verb::Archive { .. } => None,
         }
     }
 }
@@ -181,6 +202,11 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         let log = AuditLog::new(connect_cql(&settings).await?);
         let entries = log.list(tenant.as_deref(), *limit).await?;
         return if *json { print_json(&entries) } else { print_audit(&entries) };
+    }
+    if let Verb::Archive { audit_id, tenant, json } = &args.verb {
+        let log = AuditLog::new(connect_cql(&settings).await?);
+        let letters = log.archived(tenant, audit_id).await?;
+        return output(*json, &letters, |letters| print_archive(letters));
     }
     // Each tenant's dead letters are on its own connection: the verb runs on
     // every connection its scope reaches, over that connection's tenants.
@@ -260,23 +286,105 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             }
             output(json, &report, print_shovel)
         }
-        Verb::Purge { filter, reason_contains, who, json } => {
+        Verb::Purge { filter, reason, all, who, intent, json } => {
             if filter.scope.tenant.is_none() {
                 bail!("purge needs --tenant: a purge of every tenant's dead letters at once is not offered");
             }
+            let mut selected = filter.filter(reason);
+            if selected.is_empty() && !all {
+                bail!(
+                    "a purge without a filter removes every dead letter of the tenant: pass --all to mean that, \
+                     or narrow it (--type, --source, --class, --reason, --older-than)"
+                );
+            }
+            let scope = filter.scope.scope(settings)?;
+            let confirmed = match shown_and_confirmed(dlq, &scope, &selected, &intent, json).await? {
+                Shown::Confirmed(ids) => ids,
+                // Reported the usual way: removed 0, no audit row.
+                Shown::Nothing => BTreeSet::new(),
+                Shown::DryRun => return Ok(()),
+            };
+            selected.message_ids = Some(confirmed);
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
-            let who = Who { actor: who.actor(), reason: who.reason };
-            let report =
-                dlq.purge(&audit, &filter.scope.scope(settings)?, &filter.filter(reason_contains), &who).await?;
+            let who = Who { actor: who.actor(), reason: who.why };
+            let report = dlq.purge(&audit, &scope, &selected, &who).await?;
             output(json, &report, print_removal)
         }
-        Verb::Delete { message_id, scope, who, json } => {
+        Verb::Delete { message_id, scope, who, intent, json } => {
+            let scope = scope.scope(settings)?;
+            let one = Filter { message_ids: Some([message_id.clone()].into()), ..Filter::default() };
+            match shown_and_confirmed(dlq, &scope, &one, &intent, json).await? {
+                Shown::Confirmed(_) => {}
+                Shown::DryRun => return Ok(()),
+                Shown::Nothing => bail!("no dead letter {message_id} in {}", scope_queues(&scope)),
+            }
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
-            let who = Who { actor: who.actor(), reason: who.reason };
-            let report = dlq.delete(&audit, &scope.scope(settings)?, &message_id, &who).await?;
+            let who = Who { actor: who.actor(), reason: who.why };
+            let report = dlq.delete(&audit, &scope, &message_id, &who).await?;
             output(json, &report, print_removal)
         }
-        Verb::Audit { .. } => unreachable!("handled before connecting to RabbitMQ"),
+        Verb::Audit { .. } | Verb::Archive { .. } => unreachable!("handled before connecting to RabbitMQ"),
+    }
+}
+
+/// What the operator was shown before a removal.
+enum Shown {
+    /// `--dry-run`: shown, nothing is to go.
+    DryRun,
+    /// Nothing matched.
+    Nothing,
+    /// Confirmed: the message ids that may go.
+    Confirmed(BTreeSet<String>),
+}
+
+/// Shows what `selected` matches (on stderr, or as the `--json` document of
+/// a dry run) and asks; a refusal is an error.
+async fn shown_and_confirmed(
+    dlq: &Dlq,
+    scope: &Scope,
+    selected: &Filter,
+    intent: &IntentArgs,
+    json: bool,
+) -> anyhow::Result<Shown> {
+    let listing = dlq.list(scope, selected).await?;
+    if intent.dry_run {
+        output(json, &listing, |l| {
+            println!("dry run: would remove {} dead letter(s); nothing removed", l.matching);
+            print_listing(l, 50);
+        })?;
+        return Ok(Shown::DryRun);
+    }
+    if listing.matching == 0 {
+        return Ok(Shown::Nothing);
+    }
+    for group in &listing.groups {
+        eprintln!("  {} × {} ({})", group.count, group.command_type, group.error_class);
+    }
+    let ids: BTreeSet<String> = listing.messages.iter().map(|dl| id_or_dash(dl).to_owned()).collect();
+    let shown: Vec<&str> = ids.iter().take(20).map(String::as_str).collect();
+    let more = if ids.len() > shown.len() { format!(" and {} more", ids.len() - shown.len()) } else { String::new() };
+    eprintln!("  message ids: {}{more}", shown.join(" "));
+    if !intent.confirm(&format!("remove these {} dead letter(s) for good", listing.matching))? {
+        bail!("not confirmed: nothing removed");
+    }
+    Ok(Shown::Confirmed(ids))
+}
+
+fn scope_queues(scope: &Scope) -> String {
+    scope.dlqs.iter().map(|d| d.queue.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn print_archive(letters: &[ArchivedLetter]) {
+    if letters.is_empty() {
+        println!("nothing archived under this audit id");
+    }
+    for letter in letters {
+        println!("{}", letter.message_id);
+        let payload = &letter.detail["payload"];
+        println!(
+            "  {}",
+            if payload.is_string() { payload.as_str().unwrap_or_default().to_owned() } else { payload.to_string() }
+        );
     }
 }
 

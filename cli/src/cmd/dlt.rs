@@ -112,7 +112,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             output(json, &records, |records| print_records(records))
         }
         Verb::Replay { key, who, grace, json } => {
-            let (actor, reason) = (who.actor(), who.reason);
+            let (actor, reason) = (who.actor(), who.why);
             let bar = spinner(json);
             let outcome = dlt
                 .replay(&key.consumer, &key.tenant, &key.key, (&actor, &reason), grace, |done, total| {
@@ -131,7 +131,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Unpark { key, who, json } => {
-            let (actor, reason) = (who.actor(), who.reason);
+            let (actor, reason) = (who.actor(), who.why);
             let parked = dlt.unpark(&key.consumer, &key.tenant, &key.key, (&actor, &reason)).await?;
             output(json, &parked, |p| {
                 println!("unparked {} in {} for {} (its dead letters were not applied)", p.key, p.topic, p.consumer)

@@ -7,15 +7,50 @@ pub mod dlt;
 pub mod replay;
 pub mod status;
 
-/// Who acts and why, for the verbs the audit log records.
+/// Who acts and why, for the verbs the audit log records. `--why` is the
+/// justification everywhere; `--reason` is always a filter on the failure
+/// reason (so `purge --reason timeout` cannot pass for a justification).
 #[derive(Clone, clap::Args)]
 pub struct WhoArgs {
     /// Why: required, kept in the audit log.
     #[arg(long)]
-    pub reason: String,
+    pub why: String,
     /// Who acts (default: the OS user).
     #[arg(long)]
     pub actor: Option<String>,
+}
+
+/// How a destructive verb gets its operator's intent: it shows what will go
+/// and asks, unless told `--yes`; `--dry-run` shows and stops.
+#[derive(Clone, clap::Args)]
+pub struct IntentArgs {
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (needed when not run at a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+impl IntentArgs {
+    /// Asks on the terminal whether to go on with `what`; `--yes` answers
+    /// for the operator, and without a terminal nothing goes without it.
+    pub fn confirm(&self, what: &str) -> anyhow::Result<bool> {
+        use std::io::{BufRead, IsTerminal, Write};
+        if self.yes {
+            return Ok(true);
+        }
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "{what}: not confirmed (not run at a terminal: pass --yes to go on, --dry-run to look first)"
+            );
+        }
+        eprint!("{what}. Type yes to go on: ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        Ok(answer.trim() == "yes")
+    }
 }
 
 impl WhoArgs {

@@ -1,10 +1,11 @@
 //! The `dlq_audit` table (`schemas/cql/tables.cql`): every dead letter that
 //! `sluice dlq purge` or `sluice dlq delete` removes is recorded — who, when,
-//! from which queue, which message ids, and the reason they had to give.
+//! from which queue, which message ids, and the reason they had to give —
+//! and archived whole in `dlq_archive` (`sluice dlq archive <audit id>`).
 //!
 //! The order of writes is what makes the log complete: the row exists before
-//! the first message is removed, and each batch of ids is written before
-//! those messages are acked. A crash can therefore leave a row that says
+//! the first message is removed, and each batch of messages is archived and
+//! its ids written before those messages are acked. A crash can therefore leave a row that says
 //! `started` and names a message that is still in the queue (it was about to
 //! go), never a removed message that the log does not name.
 
@@ -20,6 +21,20 @@ use super::{cql_err, OpsError};
 /// Ids kept per row; beyond it only the count grows (`ids_truncated`), so a
 /// purge of a huge queue cannot make one CQL cell unbounded.
 pub const MAX_IDS_PER_ROW: usize = 10_000;
+
+/// Archived messages per `dlq_archive` partition.
+const ARCHIVE_BUCKET: i64 = 1_000;
+
+/// A removed dead letter as the archive keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArchivedLetter {
+    pub message_id: String,
+    /// Headers, properties and payload, as `sluice dlq show --json` has them.
+    pub detail: serde_json::Value,
+    /// The body byte for byte (in `detail` as JSON or text).
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
 
 /// What an operator is about to do to one queue.
 #[derive(Debug, Clone)]
@@ -123,8 +138,29 @@ impl AuditLog {
         Ok(row)
     }
 
-    /// Records messages about to be removed (call before acking them).
-    pub async fn add(&self, row: &mut AuditRow, ids: &[String]) -> Result<(), OpsError> {
+    /// Archives messages about to be removed and records their ids (call
+    /// before acking them).
+    pub async fn add(&self, row: &mut AuditRow, letters: &[ArchivedLetter]) -> Result<(), OpsError> {
+        let insert = "INSERT INTO dlq_archive (tenant, audit_id, bucket, position, message_id, detail, body) \
+                      VALUES (?, ?, ?, ?, ?, ?, ?)";
+        for (i, letter) in letters.iter().enumerate() {
+            let position = row.count + i as i64;
+            let bucket = (position / ARCHIVE_BUCKET) as i32;
+            let detail = letter.detail.to_string();
+            self.session
+                .query_unpaged(
+                    insert,
+                    (&row.tenant, &row.id, bucket, position, &letter.message_id, detail, &letter.body),
+                )
+                .await
+                .map_err(cql_err)?;
+        }
+        let ids: Vec<String> = letters.iter().map(|l| l.message_id.clone()).collect();
+        self.add_ids(row, &ids).await
+    }
+
+    /// Records ids of what an action is about to touch (call before it does).
+    pub async fn add_ids(&self, row: &mut AuditRow, ids: &[String]) -> Result<(), OpsError> {
         let room = MAX_IDS_PER_ROW.saturating_sub(row.recorded_ids);
         let kept: Vec<&String> = ids.iter().take(room).collect();
         let count = row.count + ids.len() as i64;
@@ -139,6 +175,46 @@ impl AuditLog {
         row.count = count;
         row.recorded_ids += kept.len();
         Ok(())
+    }
+
+    /// Every message the action with audit id `id` removed, in the order it
+    /// removed them.
+    pub async fn archived(&self, tenant: &str, id: &str) -> Result<Vec<ArchivedLetter>, OpsError> {
+        // The tenant's log is small: its rows are read to find the count.
+        let rows = self
+            .session
+            .query_unpaged("SELECT id, count FROM dlq_audit WHERE tenant = ?", (tenant,))
+            .await
+            .map_err(cql_err)?
+            .into_rows_result()
+            .map_err(cql_err)?;
+        let mut count = None;
+        for row in rows.rows::<(String, Option<i64>)>().map_err(cql_err)? {
+            let (row_id, row_count) = row.map_err(cql_err)?;
+            if row_id == id {
+                count = Some(row_count.unwrap_or(0));
+            }
+        }
+        let count = count.ok_or_else(|| OpsError::NotFound(id.to_owned(), format!("the audit log of {tenant}")))?;
+        let mut out = Vec::new();
+        for bucket in 0..=((count - 1).max(0) / ARCHIVE_BUCKET) {
+            let rows = self
+                .session
+                .query_unpaged(
+                    "SELECT message_id, detail, body FROM dlq_archive WHERE tenant = ? AND audit_id = ? AND bucket = ?",
+                    (tenant, id, bucket as i32),
+                )
+                .await
+                .map_err(cql_err)?
+                .into_rows_result()
+                .map_err(cql_err)?;
+            for row in rows.rows::<(String, String, Vec<u8>)>().map_err(cql_err)? {
+                let (message_id, detail, body) = row.map_err(cql_err)?;
+                let detail = serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail));
+                out.push(ArchivedLetter { message_id, detail, body });
+            }
+        }
+        Ok(out)
     }
 
     /// Closes the row: `done`, or `failed` with what went wrong.

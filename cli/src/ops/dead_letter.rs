@@ -3,7 +3,7 @@
 //! `x-death` history and its CloudEvent body. Plus the filters of the DLQ
 //! verbs and the grouping by failure fingerprint (command type + error class).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -215,6 +215,10 @@ pub struct Filter {
     /// Dead-lettered at least this long ago (those of unknown age never match).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
     pub older_than: Option<Duration>,
+    /// Only these message ids (`-` for a message without one): what an
+    /// operator was shown and confirmed, so nothing that arrived since goes.
+    #[serde(skip)]
+    pub message_ids: Option<BTreeSet<String>>,
 }
 
 fn seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -243,16 +247,25 @@ impl Filter {
             .is_none_or(|want| dl.reason.as_deref().is_some_and(|r| r.to_lowercase().contains(&want.to_lowercase())));
         let class = self.class.as_deref().is_none_or(|want| dl.error_class.contains(want));
         let age = self.older_than.is_none_or(|min| dl.age_seconds.is_some_and(|age| age >= min.as_secs() as i64));
-        ty && source && reason && class && age
+        let confirmed = self.message_ids.as_ref().is_none_or(|ids| ids.contains(id_or_dash(dl)));
+        ty && source && reason && class && age && confirmed
     }
 
     /// The filter as one line for people (and the audit log).
     pub fn describe(&self) -> String {
-        if self.is_empty() {
-            return "all".into();
+        let criteria = Filter { message_ids: None, ..self.clone() };
+        let described =
+            if criteria.is_empty() { "all".into() } else { serde_json::to_string(&criteria).unwrap_or_default() };
+        match &self.message_ids {
+            Some(ids) => format!("{described}, the {} confirmed", ids.len()),
+            None => described,
         }
-        serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// A dead letter's message id, `-` when it has none.
+pub fn id_or_dash(dl: &DeadLetter) -> &str {
+    dl.message_id.as_deref().unwrap_or("-")
 }
 
 /// Dead letters with the same command type and error class: most likely one

@@ -26,7 +26,7 @@ use serde::Serialize;
 use sluice_processors::amqp::consumer::publish_confirmed;
 use sluice_schemas::{catalog, names};
 
-use super::audit::{AuditAction, AuditLog, AuditRow};
+use super::audit::{ArchivedLetter, AuditAction, AuditLog, AuditRow};
 use super::dead_letter::{self, DeadLetter, DeadLetterDetail, Filter, Group};
 use super::management::{encode, Management};
 use super::walk::{self, Walk, MAX_HELD};
@@ -549,7 +549,7 @@ impl Dlq {
         selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
     ) -> Result<RemovalReport, OpsError> {
         if who.reason.trim().is_empty() {
-            return Err(OpsError::Usage("a reason is required (--reason): it goes to the audit log".into()));
+            return Err(OpsError::Usage("a justification is required (--why): it goes to the audit log".into()));
         }
         let mut report = RemovalReport {
             action: action.to_owned(),
@@ -617,7 +617,7 @@ impl Dlq {
         selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
     ) -> Result<(), OpsError> {
         let now = Utc::now();
-        let mut batch: Vec<(Delivery, String)> = Vec::new();
+        let mut batch: Vec<(Delivery, ArchivedLetter)> = Vec::new();
         loop {
             let next = removal.walk.next().await?;
             // `None`: the walk is over, or its window is full until this
@@ -626,7 +626,13 @@ impl Dlq {
             if let Some(delivery) = next {
                 let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
                 if selects(&dl) {
-                    batch.push((delivery, dl.message_id.unwrap_or_else(|| "-".into())));
+                    let detail = dead_letter::detail(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
+                    let archived = ArchivedLetter {
+                        message_id: dead_letter::id_or_dash(&dl).to_owned(),
+                        detail: serde_json::to_value(&detail).unwrap_or_default(),
+                        body: delivery.data.clone(),
+                    };
+                    batch.push((delivery, archived));
                 }
                 if batch.len() < REMOVE_BATCH {
                     continue;
@@ -638,14 +644,14 @@ impl Dlq {
                 }
                 continue;
             }
-            let ids: Vec<String> = batch.iter().map(|(_, id)| id.clone()).collect();
+            let letters: Vec<ArchivedLetter> = batch.iter().map(|(_, letter)| letter.clone()).collect();
             if row.is_none() {
                 *row = Some(audit.begin(what).await?);
             }
-            audit.add(row.as_mut().expect("row just written"), &ids).await?;
-            for (delivery, id) in batch.drain(..) {
+            audit.add(row.as_mut().expect("row just written"), &letters).await?;
+            for (delivery, letter) in batch.drain(..) {
                 removal.walk.remove(&delivery).await?;
-                removal.ids.push(id);
+                removal.ids.push(letter.message_id);
             }
         }
     }

@@ -366,7 +366,7 @@ impl Dlt {
         }
         self.release_done(values).await?;
         let ids: Vec<String> = vec![format!("{topic}:{key}")];
-        self.audit.add(&mut row, &ids).await?;
+        self.audit.add_ids(&mut row, &ids).await?;
         let detail = match &outcome.failed {
             None => format!("{} record(s) applied; unparked", outcome.applied),
             Some((offset, why)) => {
@@ -510,7 +510,7 @@ impl Dlt {
             )
             .await
             .map_err(cql_err)?;
-        self.audit.add(&mut row, &[format!("{topic}:{key}")]).await?;
+        self.audit.add_ids(&mut row, &[format!("{topic}:{key}")]).await?;
         self.audit.finish(&row, "done", "unparked; its dead letters were not applied").await?;
         Ok(parked)
     }
