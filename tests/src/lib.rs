@@ -763,6 +763,12 @@ impl SeedLetter {
 /// Publishes dead letters into `tenant`'s orders DLQ, in order, each
 /// confirmed by the broker (publishes pipelined, confirms awaited per batch).
 pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
+    seed_dead_letters_claiming(tenant, tenant, letters).await;
+}
+
+/// [`seed_dead_letters`] into `tenant`'s DLQ of letters whose headers say
+/// they came from `claimed`'s work queue (a forged or misrouted message).
+pub async fn seed_dead_letters_claiming(tenant: &TestTenant, claimed: &TestTenant, letters: &[SeedLetter]) {
     let dlq = sluice_schemas::names::dead_letter_queue(&tenant.name, "orders");
     let connection =
         lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
@@ -773,7 +779,7 @@ pub async fn seed_dead_letters(tenant: &TestTenant, letters: &[SeedLetter]) {
     for chunk in letters.chunks(200) {
         let mut confirms = Vec::new();
         for letter in chunk {
-            let (body, headers) = letter.message(tenant);
+            let (body, headers) = letter.message(claimed);
             let properties = lapin::BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(letter.message_id.as_str().into())

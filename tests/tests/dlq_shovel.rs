@@ -1,15 +1,17 @@
 //! `sluice dlq shovel` against the real broker: a filtered shovel of one
 //! failure group out of 1,000 dead letters while producers keep
 //! dead-lettering, accounted message by message; dry runs, limits, rates, and
-//! whole-queue moves through RabbitMQ's own shovel.
+//! whole-queue moves through RabbitMQ's own shovel; every shovel audited, and
+//! none across tenants unless named as foreign.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_cli::ops::audit::AuditLog;
 use sluice_cli::ops::dead_letter::Filter;
-use sluice_cli::ops::dlq::{ShovelMethod, ShovelOptions};
+use sluice_cli::ops::dlq::{ShovelMethod, ShovelOptions, Who};
 use sluice_tests::*;
 
 const SUBMIT: &str = "com.example.orders.SubmitOrder";
@@ -41,6 +43,12 @@ fn key(ty: Option<&str>, class: Option<&str>) -> (String, String) {
         ty.unwrap_or(sluice_cli::ops::dead_letter::UNREADABLE).to_owned(),
         class.map(str::to_owned).unwrap_or_else(|| "broker_delivery_limit".into()),
     )
+}
+
+/// The audit log, and who shovels in these tests.
+async fn audit_for(settings: &sluice_cli::settings::Settings) -> (AuditLog, Who) {
+    let session = sluice_cli::serve::connect_cql(settings).await.expect("CQL store (make up)");
+    (AuditLog::new(session), Who { actor: "test-ops".into(), reason: "the outage is over".into() })
 }
 
 fn counts(listing: &sluice_cli::ops::dlq::Listing) -> BTreeMap<(String, String), u64> {
@@ -101,8 +109,11 @@ async fn a_filtered_shovel_under_load_moves_one_group_and_loses_or_duplicates_no
         ..Default::default()
     };
     let mut progress_calls = 0;
-    let report =
-        dlq.shovel(&scope, &group, &ShovelOptions::default(), &mut |_| progress_calls += 1).await.expect("shovel");
+    let (audit, who) = audit_for(&settings).await;
+    let report = dlq
+        .shovel(&audit, &who, &scope, &group, &ShovelOptions::default(), &mut |_| progress_calls += 1)
+        .await
+        .expect("shovel");
     stop.store(true, Ordering::SeqCst);
     let produced = producer.await.expect("producer");
     assert!(!produced.is_empty(), "producers published during the shovel");
@@ -169,8 +180,10 @@ async fn shovelled_messages_go_home_for_a_fresh_try_and_a_dry_run_moves_nothing(
     let scope = tenant_scope(&tenant);
     let retries = Filter { class: Some("retries_exhausted".into()), ..Default::default() };
 
+    let (audit, who) = audit_for(&settings).await;
     let dry = ShovelOptions { dry_run: true, ..Default::default() };
-    let report = dlq.shovel(&scope, &retries, &dry, &mut |_| {}).await.expect("dry run");
+    let report = dlq.shovel(&audit, &who, &scope, &retries, &dry, &mut |_| {}).await.expect("dry run");
+    assert!(audit.list(Some(&tenant.name), 10).await.unwrap().is_empty(), "a dry run moves nothing to audit");
     assert_eq!((report.dry_run, report.selected, report.moved), (true, 12, 0));
     assert_eq!(report.destinations.get(&work), Some(&12));
     eventually(Duration::from_secs(10), "the DLQ whole again", || async {
@@ -182,7 +195,7 @@ async fn shovelled_messages_go_home_for_a_fresh_try_and_a_dry_run_moves_nothing(
     // Limit and rate: 5 messages at 20/s take at least 4 intervals.
     let paced = ShovelOptions { limit: Some(5), rate: Some(20.0), ..Default::default() };
     let started = Instant::now();
-    let report = dlq.shovel(&scope, &retries, &paced, &mut |_| {}).await.expect("limited shovel");
+    let report = dlq.shovel(&audit, &who, &scope, &retries, &paced, &mut |_| {}).await.expect("limited shovel");
     assert_eq!(report.moved, 5);
     assert!(started.elapsed() >= Duration::from_millis(190), "--rate 20 paced 5 moves: {:?}", started.elapsed());
     let first_five: Vec<String> = seeded
@@ -192,6 +205,12 @@ async fn shovelled_messages_go_home_for_a_fresh_try_and_a_dry_run_moves_nothing(
         .map(|l| l.message_id.clone())
         .collect();
     assert_eq!(report.ids, first_five, "the oldest of the group go first");
+    let entries = audit.list(Some(&tenant.name), 10).await.unwrap();
+    assert_eq!(entries.len(), 1, "one row per DLQ moved from");
+    assert_eq!((entries[0].action.as_deref(), entries[0].count), (Some("shovel"), 5));
+    assert_eq!(entries[0].message_ids, first_five);
+    assert_eq!(entries[0].reason.as_deref(), Some("the outage is over"));
+    assert_eq!(Some(&entries[0].id), report.audit_ids.first());
 
     // Back home: attempt 1, no verdict, history and origin kept.
     let moved = drain_queue(&work).await;
@@ -237,10 +256,20 @@ async fn a_whole_queue_move_to_another_queue_uses_the_broker_shovel_and_keeps_th
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
     let options = ShovelOptions { to: Some(parking.clone()), ..Default::default() };
-    let report =
-        dlq.shovel(&tenant_scope(&tenant), &Filter::default(), &options, &mut |_| {}).await.expect("broker shovel");
+    let (audit, who) = audit_for(&settings).await;
+    let report = dlq
+        .shovel(&audit, &who, &tenant_scope(&tenant), &Filter::default(), &options, &mut |_| {})
+        .await
+        .expect("broker shovel");
     assert_eq!(report.method, ShovelMethod::BrokerShovel);
     assert_eq!(report.moved, 300);
+    let entries = audit.list(Some(&tenant.name), 10).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (entries[0].action.as_deref(), entries[0].count, entries[0].status.as_deref()),
+        (Some("shovel"), 300, Some("done"))
+    );
+    assert!(entries[0].filter.as_deref().unwrap().ends_with(&format!("to {parking}")), "{:?}", entries[0].filter);
     assert_eq!(queue_depth(&dlq_name).await, 0);
     let parked = drain_queue(&parking).await;
     let ids: Vec<String> = parked.iter().map(|(p, _)| p.message_id().as_ref().unwrap().to_string()).collect();
@@ -250,5 +279,70 @@ async fn a_whole_queue_move_to_another_queue_uses_the_broker_shovel_and_keeps_th
     assert_eq!(with_verdict, 270, "headers kept as they were (the 30 broker dead letters never had a class)");
     delete_queue(&parking).await;
     delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shovel_never_crosses_tenants_unless_named_foreign_and_then_says_so() {
+    let (ours, theirs) = (TestTenant::new(), TestTenant::new());
+    let settings = test_settings(&[&ours, &theirs]);
+    declare_tenant_queues(&settings, &ours).await;
+    declare_tenant_queues(&settings, &theirs).await;
+    let (our_dlq, their_work) = (orders_dlq(&ours), orders_queue(&theirs));
+    // First in the DLQ: a dead letter whose header says it came from the
+    // other tenant's queue (forged, or misrouted); then four of our own.
+    let forged = [SeedLetter::new("forged-0", Some(CANCEL), Some("retries_exhausted"), "timeout")];
+    seed_dead_letters_claiming(&ours, &theirs, &forged).await;
+    let letters: Vec<SeedLetter> = (0..4)
+        .map(|i| SeedLetter::new(&format!("x-{i}"), Some(CANCEL), Some("retries_exhausted"), "timeout"))
+        .collect();
+    seed_dead_letters(&ours, &letters).await;
+    let dlq = dlq_ops().await;
+    let (audit, who) = audit_for(&settings).await;
+    let scope = tenant_scope(&ours);
+    let everything = Filter::default();
+
+    // --to another tenant's queue: refused before anything moves, both ways
+    // (the broker's shovel and the client's).
+    for limit in [None, Some(2)] {
+        let to_theirs = ShovelOptions { to: Some(their_work.clone()), limit, ..Default::default() };
+        let refused = dlq.shovel(&audit, &who, &scope, &everything, &to_theirs, &mut |_| {}).await;
+        assert!(
+            matches!(&refused, Err(sluice_cli::ops::OpsError::Usage(m)) if m.contains("--to-foreign")),
+            "{refused:?}"
+        );
+    }
+    // The forged one is not sent "home" to the other tenant either.
+    let home = dlq.shovel(&audit, &who, &scope, &everything, &ShovelOptions::default(), &mut |_| {}).await;
+    assert!(matches!(&home, Err(sluice_cli::ops::OpsError::Usage(m)) if m.contains(&their_work)), "{home:?}");
+    eventually(Duration::from_secs(10), "the DLQ whole again", || async {
+        (queue_depth(&our_dlq).await == 5).then_some(())
+    })
+    .await;
+    assert_eq!(queue_depth(&their_work).await, 0, "nothing crossed");
+    let before = audit.list(Some(&ours.name), 10).await.unwrap();
+    assert!(before.iter().all(|e| e.count == 0), "nothing moved, nothing counted: {before:?}");
+
+    // Named on purpose: it moves, and the audit log says it was foreign.
+    let forged_only = Filter { message_ids: Some(["forged-0".to_owned()].into()), ..Default::default() };
+    let foreign = ShovelOptions { to: Some(their_work.clone()), foreign: true, limit: Some(1), ..Default::default() };
+    let report = dlq.shovel(&audit, &who, &scope, &forged_only, &foreign, &mut |_| {}).await.expect("foreign shovel");
+    assert_eq!(report.moved, 1);
+    assert_eq!(drain_ids(&their_work).await, ["forged-0"]);
+    let entries = audit.list(Some(&ours.name), 10).await.unwrap();
+    let row = entries.iter().find(|e| e.count == 1).expect("the foreign shovel's row");
+    assert_eq!(
+        (row.action.as_deref(), row.message_ids.as_slice()),
+        (Some("shovel-foreign"), ["forged-0".to_owned()].as_slice())
+    );
+    assert!(row.filter.as_deref().unwrap().contains(&their_work), "{:?}", row.filter);
+
+    // Without a justification nothing moves.
+    let nobody = Who { actor: "test-ops".into(), reason: " ".into() };
+    let unjustified = dlq.shovel(&audit, &nobody, &scope, &everything, &ShovelOptions::default(), &mut |_| {}).await;
+    assert!(matches!(unjustified, Err(sluice_cli::ops::OpsError::Usage(_))));
+    assert_eq!(queue_depth(&our_dlq).await, 4);
+    delete_tenant_queues(&settings, &ours).await;
+    delete_tenant_queues(&settings, &theirs).await;
     dlq.close().await;
 }

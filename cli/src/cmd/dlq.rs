@@ -62,17 +62,25 @@ enum Verb {
     },
     /// Move dead letters back to the work queue they came from (attempt count
     /// reset to 1, reason and class removed), or to `--to`. Each message is
-    /// removed from the DLQ only after the broker confirmed its copy.
+    /// removed from the DLQ only after the broker confirmed its copy. Only to
+    /// the tenant's own queues, unless `--to-foreign`; audited.
     Shovel {
         #[command(flatten)]
         filter: FilterArgs,
         /// A substring of the failure reason (case-insensitive).
         #[arg(long)]
         reason: Option<String>,
-        /// Destination queue for every message (headers kept as they are).
-        /// Without filters, --limit and --rate this uses RabbitMQ's shovel.
-        #[arg(long)]
+        /// Destination queue for every message (headers kept as they are):
+        /// one of the tenant's. Without filters, --limit and --rate this
+        /// uses RabbitMQ's shovel.
+        #[arg(long, conflicts_with = "to_foreign")]
         to: Option<String>,
+        /// Like --to, for a queue that is not the tenant's (another tenant's,
+        /// or no tenant's): audited as a foreign shovel.
+        #[arg(long)]
+        to_foreign: Option<String>,
+        #[command(flatten)]
+        who: WhoArgs,
         /// Move at most this many.
         #[arg(long)]
         limit: Option<u64>,
@@ -119,7 +127,7 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
-    /// The audit log of purges and deletes, newest first.
+    /// The audit log of purges, deletes and shovels, newest first.
     Audit {
         #[arg(long)]
         tenant: Option<String>,
@@ -260,9 +268,14 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
                 Ok(())
             }
         }
-        Verb::Shovel { filter, reason, to, limit, rate, dry_run, json } => {
+        Verb::Shovel { filter, reason, to, to_foreign, who, limit, rate, dry_run, json } => {
             let scope = filter.scope.scope(settings)?;
-            let options = ShovelOptions { to, limit, rate, dry_run, partitions: Some(settings.amqp.partitions) };
+            let foreign = to_foreign.is_some();
+            let to = to.or(to_foreign);
+            let options =
+                ShovelOptions { to, limit, rate, dry_run, partitions: Some(settings.amqp.partitions), foreign };
+            let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
+            let who = Who { actor: who.actor(), reason: who.why };
             let bar = (!json).then(|| {
                 let bar = ProgressBar::new(0);
                 bar.set_style(
@@ -280,7 +293,7 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
                     bar.set_message(format!("{}  moved {}", p.queue, p.moved));
                 }
             };
-            let report = dlq.shovel(&scope, &filter.filter(reason), &options, &mut progress).await?;
+            let report = dlq.shovel(&audit, &who, &scope, &filter.filter(reason), &options, &mut progress).await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -502,6 +515,9 @@ fn print_shovel(r: &ShovelReport) {
     }
     for q in r.queues.iter().filter(|q| q.exists && !q.complete) {
         println!("  {}: {} of {} examined; run again for the rest", q.queue, q.examined, q.depth);
+    }
+    for id in &r.audit_ids {
+        println!("  audit {id}");
     }
 }
 

@@ -217,6 +217,21 @@ impl AuditLog {
         Ok(out)
     }
 
+    /// Records that `n` more messages were handled by the broker (which
+    /// does not name them).
+    pub async fn add_count(&self, row: &mut AuditRow, n: i64) -> Result<(), OpsError> {
+        let count = row.count + n;
+        self.session
+            .query_unpaged(
+                "UPDATE dlq_audit SET count = ? WHERE tenant = ? AND at = ? AND id = ?",
+                (count, &row.tenant, row.at, &row.id),
+            )
+            .await
+            .map_err(cql_err)?;
+        row.count = count;
+        Ok(())
+    }
+
     /// Closes the row: `done`, or `failed` with what went wrong.
     pub async fn finish(&self, row: &AuditRow, status: &str, detail: &str) -> Result<(), OpsError> {
         self.session

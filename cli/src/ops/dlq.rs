@@ -160,6 +160,10 @@ pub struct ShovelOptions {
     /// The partition count (`amqp.partitions`): a message goes back to its
     /// stream's partition. `None`: to the queue it came from.
     pub partitions: Option<u16>,
+    /// `to` may be a queue of another tenant, or of no tenant (the operator
+    /// said so with `--to-foreign`; audited as `shovel-foreign`). Without it
+    /// every destination must be one of the dead letter's own tenant's.
+    pub foreign: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -197,6 +201,8 @@ pub struct ShovelReport {
     pub ids: Vec<String>,
     /// Moved (or would-be moved) per destination queue.
     pub destinations: BTreeMap<String, u64>,
+    /// The audit rows written, one per DLQ something moved from.
+    pub audit_ids: Vec<String>,
 }
 
 /// Who removes dead letters, and why (both go to the audit log).
@@ -300,15 +306,26 @@ impl Dlq {
     /// (headers kept as they are).
     pub async fn shovel(
         &self,
+        audit: &AuditLog,
+        who: &Who,
         scope: &Scope,
         filter: &Filter,
         options: &ShovelOptions,
         progress: &mut dyn FnMut(&ShovelProgress),
     ) -> Result<ShovelReport, OpsError> {
+        if who.reason.trim().is_empty() {
+            return Err(OpsError::Usage("a justification is required (--why): it goes to the audit log".into()));
+        }
+        if let Some(to) = &options.to {
+            for dlq in &scope.dlqs {
+                check_destination(&dlq.tenant, to, options.foreign)?;
+            }
+        }
+        let record = ShovelRecord { audit, who, filter, described: filter.describe(), options };
         if let (Some(to), true) =
             (&options.to, filter.is_empty() && options.limit.is_none() && options.rate.is_none() && !options.dry_run)
         {
-            return self.broker_shovel(scope, to, progress).await;
+            return self.broker_shovel(&record, scope, to, progress).await;
         }
         if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
             return Err(OpsError::Usage("--rate must be a positive number of messages per second".into()));
@@ -328,71 +345,126 @@ impl Dlq {
             moved: 0,
             ids: Vec::new(),
             destinations: BTreeMap::new(),
+            audit_ids: Vec::new(),
         };
         if options.limit == Some(0) {
             return Ok(report);
         }
         let mut destination_exists: HashMap<String, bool> = HashMap::new();
-        let now = Utc::now();
-        'queues: for dlq in &scope.dlqs {
+        for dlq in &scope.dlqs {
             let Some(mut walk) = self.walk(dlq).await? else {
                 report.queues.push(QueueSeen::missing(dlq));
                 continue;
             };
-            while let Some(delivery) = walk.next().await? {
-                progress(&ShovelProgress {
-                    queue: dlq.queue.clone(),
-                    examined: u64::from(walk.seen()),
-                    to_examine: u64::from(walk.depth_at_start()),
-                    moved: report.moved,
-                });
-                let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
-                if !filter.matches(&dl) {
-                    continue; // stays where it is: given back when the walk ends
-                }
-                let home = dead_letter::return_queue(&dl, &delivery.data, options.partitions);
-                let destination = options.to.clone().unwrap_or_else(|| home.clone());
-                if !destination_exists.contains_key(&destination) {
-                    let exists = walk::queue_counts(&self.connection, &destination).await?.is_some();
-                    destination_exists.insert(destination.clone(), exists);
-                }
-                if !destination_exists[&destination] {
-                    return Err(OpsError::Usage(format!(
-                        "destination queue {destination} (for {}) does not exist",
-                        dlq.queue
-                    )));
-                }
-                report.selected += 1;
-                let id = dl.message_id.clone().unwrap_or_else(|| "-".into());
-                if !options.dry_run {
-                    if let Some(pace) = pace.as_mut() {
-                        pace.tick().await;
-                    }
-                    let headers = headers::headers_of(&delivery);
-                    // Back home it is a fresh try; elsewhere (a parking queue)
-                    // it keeps its verdict.
-                    let headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
-                    let properties = delivery.properties.clone().with_headers(headers);
-                    publish_confirmed(&publisher, &destination, &delivery.data, properties)
-                        .await
-                        .map_err(OpsError::Amqp)?;
-                    // Only now, with the copy confirmed, may the original go.
-                    walk.remove(&delivery).await?;
-                    report.moved += 1;
-                }
-                report.ids.push(id);
-                *report.destinations.entry(destination).or_default() += 1;
-                if options.limit.is_some_and(|limit| report.selected >= limit) {
-                    report.queues.push(QueueSeen::of(dlq, &walk));
-                    walk.finish(&self.connection).await?;
-                    break 'queues;
-                }
+            // Written before the first move from this queue, finished after
+            // its last (a queue nothing moved from gets no row).
+            let mut row = None;
+            let moved = self
+                .shovel_queue(
+                    &record,
+                    dlq,
+                    &mut walk,
+                    &mut row,
+                    &mut pace,
+                    &publisher,
+                    &mut report,
+                    &mut destination_exists,
+                    progress,
+                )
+                .await;
+            if let Some(row) = &row {
+                let (status, detail) = match &moved {
+                    Ok(_) => ("done", format!("moved {}", row.count)),
+                    Err(e) => ("failed", format!("after moving {}: {e}", row.count)),
+                };
+                audit.finish(row, status, &detail).await?;
+                report.audit_ids.push(row.id.clone());
             }
+            let limit_reached = match moved {
+                Ok(limit_reached) => limit_reached,
+                Err(e) => {
+                    walk.finish(&self.connection).await?;
+                    return Err(e);
+                }
+            };
             report.queues.push(QueueSeen::of(dlq, &walk));
             walk.finish(&self.connection).await?;
+            if limit_reached {
+                break;
+            }
         }
         let _ = publisher.close(200, "done".into()).await;
         Ok(report)
+    }
+
+    /// Moves the selected messages of one DLQ; whether `--limit` was reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn shovel_queue(
+        &self,
+        record: &ShovelRecord<'_>,
+        dlq: &DlqRef,
+        walk: &mut Walk,
+        row: &mut Option<AuditRow>,
+        pace: &mut Option<tokio::time::Interval>,
+        publisher: &lapin::Channel,
+        report: &mut ShovelReport,
+        destination_exists: &mut HashMap<String, bool>,
+        progress: &mut dyn FnMut(&ShovelProgress),
+    ) -> Result<bool, OpsError> {
+        let options = record.options;
+        let now = Utc::now();
+        while let Some(delivery) = walk.next().await? {
+            progress(&ShovelProgress {
+                queue: dlq.queue.clone(),
+                examined: u64::from(walk.seen()),
+                to_examine: u64::from(walk.depth_at_start()),
+                moved: report.moved,
+            });
+            let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
+            if !record.filter.matches(&dl) {
+                continue; // stays where it is: given back when the walk ends
+            }
+            let home = dead_letter::return_queue(&dl, &delivery.data, options.partitions);
+            let destination = options.to.clone().unwrap_or_else(|| home.clone());
+            // Its own header names its way home: it is checked like --to.
+            check_destination(&dlq.tenant, &destination, options.foreign)?;
+            if !destination_exists.contains_key(&destination) {
+                let exists = walk::queue_counts(&self.connection, &destination).await?.is_some();
+                destination_exists.insert(destination.clone(), exists);
+            }
+            if !destination_exists[&destination] {
+                return Err(OpsError::Usage(format!(
+                    "destination queue {destination} (for {}) does not exist",
+                    dlq.queue
+                )));
+            }
+            report.selected += 1;
+            let id = dl.message_id.clone().unwrap_or_else(|| "-".into());
+            if !options.dry_run {
+                if let Some(pace) = pace.as_mut() {
+                    pace.tick().await;
+                }
+                if row.is_none() {
+                    *row = Some(record.begin(dlq, &destination).await?);
+                }
+                record.audit.add_ids(row.as_mut().expect("row just written"), std::slice::from_ref(&id)).await?;
+                let headers = headers::headers_of(&delivery);
+                // Back home it is a fresh try; elsewhere (a parking queue)
+                // it keeps its verdict.
+                let headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
+                let properties = delivery.properties.clone().with_headers(headers);
+                publish_confirmed(publisher, &destination, &delivery.data, properties).await.map_err(OpsError::Amqp)?;
+                // Only now, with the copy confirmed, may the original go.
+                walk.remove(&delivery).await?;
+                report.moved += 1;
+            }
+            report.ids.push(id);
+            *report.destinations.entry(destination).or_default() += 1;
+            if options.limit.is_some_and(|limit| report.selected >= limit) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whole-queue moves to `to` with RabbitMQ's dynamic shovel: it moves
@@ -402,6 +474,7 @@ impl Dlq {
     /// a work queue never take this path.
     async fn broker_shovel(
         &self,
+        record: &ShovelRecord<'_>,
         scope: &Scope,
         to: &str,
         progress: &mut dyn FnMut(&ShovelProgress),
@@ -421,6 +494,7 @@ impl Dlq {
             moved: 0,
             ids: Vec::new(),
             destinations: BTreeMap::new(),
+            audit_ids: Vec::new(),
         };
         for dlq in &scope.dlqs {
             let Some((depth, _)) = walk::queue_counts(&self.connection, &dlq.queue).await? else {
@@ -439,6 +513,8 @@ impl Dlq {
                     "dest-queue": to,
                     "ack-mode": "on-confirm",
                 });
+                let mut row = record.begin(dlq, to).await?;
+                report.audit_ids.push(row.id.clone());
                 self.management.put_shovel(&name, &definition).await?;
                 let moved_before = report.moved;
                 let mut report_progress = |moved| {
@@ -453,8 +529,11 @@ impl Dlq {
                     // Deleting a shovel midway is safe: with on-confirm, what it
                     // had not acked goes back to the DLQ.
                     let _ = self.management.delete_shovel(&name).await;
+                    record.audit.finish(&row, "failed", &e.to_string()).await?;
                     return Err(e);
                 }
+                record.audit.add_count(&mut row, i64::from(depth)).await?;
+                record.audit.finish(&row, "done", &format!("moved {depth} by RabbitMQ's shovel")).await?;
                 report.moved += u64::from(depth);
                 report.selected += u64::from(depth);
                 *report.destinations.entry(to.to_owned()).or_default() += u64::from(depth);
@@ -655,6 +734,48 @@ impl Dlq {
             }
         }
     }
+}
+
+/// What every audit row of one shovel says.
+struct ShovelRecord<'a> {
+    audit: &'a AuditLog,
+    who: &'a Who,
+    filter: &'a Filter,
+    described: String,
+    options: &'a ShovelOptions,
+}
+
+impl ShovelRecord<'_> {
+    /// Writes the row of a move out of `dlq` about to start.
+    async fn begin(&self, dlq: &DlqRef, destination: &str) -> Result<AuditRow, OpsError> {
+        let to = match &self.options.to {
+            Some(to) => to.clone(),
+            None => format!("their work queues ({destination}, …)"),
+        };
+        let selection = format!("{} to {to}", self.described);
+        let action = AuditAction {
+            tenant: &dlq.tenant,
+            context: &dlq.context,
+            queue: &dlq.queue,
+            action: if self.options.foreign { "shovel-foreign" } else { "shovel" },
+            actor: &self.who.actor,
+            reason: &self.who.reason,
+            filter: &selection,
+        };
+        self.audit.begin(&action).await
+    }
+}
+
+/// A shovel from `tenant`'s DLQ moves to `tenant`'s own queues only, unless
+/// the operator named a foreign destination on purpose.
+fn check_destination(tenant: &str, destination: &str, foreign: bool) -> Result<(), OpsError> {
+    if foreign || destination.starts_with(&format!("{tenant}.")) {
+        return Ok(());
+    }
+    Err(OpsError::Usage(format!(
+        "{destination} is not a queue of tenant {tenant}: a shovel moves a tenant's dead letters to its own \
+         queues (to name another on purpose, use --to-foreign; it is audited as such)"
+    )))
 }
 
 /// A walk and what it removed so far (kept together so a failure midway
