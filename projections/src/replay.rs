@@ -49,6 +49,29 @@ pub struct StartOffset {
     pub offset: i64,
 }
 
+impl std::fmt::Display for StartAt {
+    /// As `--from` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartAt::Earliest => write!(f, "earliest"),
+            StartAt::Time(ms) => match chrono::DateTime::from_timestamp_millis(*ms) {
+                Some(t) => write!(f, "{}", t.to_rfc3339()),
+                None => write!(f, "{ms} ms"),
+            },
+            StartAt::Offsets(list) => {
+                let items: Vec<String> = list
+                    .iter()
+                    .map(|o| match &o.topic {
+                        Some(t) => format!("{t}:{}:{}", o.partition, o.offset),
+                        None => format!("{}:{}", o.partition, o.offset),
+                    })
+                    .collect();
+                write!(f, "{}", items.join(","))
+            }
+        }
+    }
+}
+
 impl StartAt {
     /// Whether a listed position names no topic (it then means that
     /// partition of every topic, which is ambiguous with several).
@@ -203,6 +226,14 @@ pub async fn rebuild(
     progress: impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
     let name = &ctx.config.name;
+    // A version built from a later point lacks the events before it: the
+    // version it replaces is the only complete one, and stays.
+    let partial_from = (start != StartAt::Earliest).then(|| start.to_string());
+    if drop_previous && partial_from.is_some() {
+        return Err(ReplayError::Other(format!(
+            "a rebuild from {start} builds a partial version: it never drops the complete one it replaces"
+        )));
+    }
     let state = ctx.store.versions().get(name).await?;
     // A rebuild that crashed left `building` set: resume it.
     let target = state.building.filter(|b| *b > state.active).unwrap_or(state.active + 1);
@@ -212,7 +243,7 @@ pub async fn rebuild(
     if stop.is_cancelled() {
         return Ok(report);
     }
-    if !ctx.store.versions().switch(name, state.active, target).await? {
+    if !ctx.store.versions().switch(name, state.active, target, partial_from.as_deref()).await? {
         return Err(ReplayError::Other(format!(
             "version {} is no longer active: another rebuild switched first",
             state.active
@@ -230,9 +261,16 @@ pub async fn rebuild(
 
 /// Drops the tables of a version that no longer serves.
 pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Result<(), ReplayError> {
-    let active = store.versions().get(name).await?.active;
+    let state = store.versions().get(name).await?;
+    let active = state.active;
     if version >= active {
         return Err(ReplayError::Other(format!("version {version} is not older than the active version {active}")));
+    }
+    if let Some(from) = &state.active_partial_from {
+        return Err(ReplayError::Other(format!(
+            "the active version {active} was rebuilt from {from} only: the older versions hold what it lacks \
+             (rebuild from earliest before dropping them)"
+        )));
     }
     // A version never built, or dropped before, is an error, not a success.
     let keyspace = store.session().get_keyspace().ok_or_else(|| ReplayError::Other("no keyspace in use".into()))?;

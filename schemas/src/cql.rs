@@ -21,8 +21,11 @@ pub fn create_tables() -> Vec<String> {
 /// Columns added to a table after it was first released: a store created
 /// before has the table without them (`CREATE TABLE IF NOT EXISTS` leaves it
 /// as it is), so they are added where missing (table, column, CQL type).
-pub const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("command_journal", "first_seqs", "map<bigint, bigint> static"), ("command_journal", "written_by", "bigint")];
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("command_journal", "first_seqs", "map<bigint, bigint> static"),
+    ("command_journal", "written_by", "bigint"),
+    ("projection_versions", "active_from", "text"),
+];
 
 /// The `ALTER TABLE` adding one of [`ADDED_COLUMNS`].
 pub fn add_column(table: &str, column: &str, cql_type: &str) -> String {

@@ -124,10 +124,38 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
 
     let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
     let ctx = replay_ctx(&settings, topics.clone(), store.clone());
-    let report = replay::rebuild(&ctx, StartAt::Earliest, true, &CancellationToken::new(), |_| {}).await.unwrap();
+    let report = replay::rebuild(&ctx, StartAt::Earliest, false, &CancellationToken::new(), |_| {}).await.unwrap();
     assert_eq!((report.version, report.previous_version), (2, Some(1)));
-    assert_eq!(report.dropped_previous, Some(true));
     assert_eq!(store.versions().get(&projection).await.unwrap().active, 2);
+
+    // Dropping version 1 needs a justification, shows what goes, asks, and
+    // is in the audit log.
+    let drop_v1 = |extra: &[&str]| {
+        let mut args = vec!["replay", projection.as_str(), "--drop-version", "1"];
+        args.extend_from_slice(extra);
+        let out = run_sluice(&settings, &args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = drop_v1(&["--yes"]);
+    assert!(!ok && err.contains("--why"), "{err}");
+    let (ok, out, err) = drop_v1(&["--why", "version 2 serves", "--dry-run"]);
+    assert!(ok && out.contains("would drop version 1"), "{out}{err}");
+    let (ok, _, err) = drop_v1(&["--why", "version 2 serves"]);
+    assert!(!ok && err.contains("not confirmed"), "{err}");
+    assert_eq!(read_model_rows(&projection, 1, &tenant.name, &orders, &customers).await, live, "still there");
+    let (ok, _, err) = drop_v1(&["--why", "version 2 serves", "--yes"]);
+    assert!(ok, "{err}");
+    let audit = sluice_cli::ops::audit::AuditLog::new(cql_sluice().await);
+    let rows = audit.list(Some("*"), 1000).await.unwrap();
+    let row = rows.iter().find(|e| e.context.as_deref() == Some(projection.as_str())).expect("the drop's audit row");
+    assert_eq!(
+        (row.action.as_deref(), row.reason.as_deref(), row.status.as_deref()),
+        (Some("drop-version"), Some("version 2 serves"), Some("done"))
+    );
     // Version 1 is gone: dropping it again is an error, not a success.
     let again = replay::drop_version(&store, &projection, 1).await.expect_err("nothing left to drop");
     assert!(again.to_string().contains("has no tables"), "{again}");
@@ -192,6 +220,17 @@ async fn a_replay_can_start_at_a_time() {
     assert_eq!(report.applied, 5, "{report:?}");
     assert!(store.order(&tenant.name, &late[0]).await.unwrap().is_some());
     assert!(store.order(&tenant.name, "early-2").await.unwrap().is_none(), "before the cut: not in the new version");
+    // A partial version never lets the complete one go: not by a drop, not
+    // by a rebuild that would drop it after its switch.
+    let refused = replay::drop_version(&store, &projection, 1).await.expect_err("the active version is partial");
+    assert!(refused.to_string().contains("was rebuilt from"), "{refused}");
+    let cut_ms = StartAt::Time(cut.timestamp_millis());
+    let refused = replay::rebuild(&ctx, cut_ms, true, &CancellationToken::new(), |_| {}).await.expect_err("partial");
+    assert!(refused.to_string().contains("partial version"), "{refused}");
+    // The CLI has it asked for by name.
+    let out = run_sluice(&settings, &["replay", projection.as_str(), "--rebuild", "--from", &cut.to_rfc3339()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--partial"), "{err}");
     platform.stop().await.unwrap();
 }
 

@@ -553,7 +553,7 @@ fn print_audit(entries: &[AuditEntry]) -> anyhow::Result<()> {
         })
         .collect();
     if rows.is_empty() {
-        println!("no purges or deletes recorded");
+        println!("nothing recorded (purges, deletes, shovels, version drops)");
     } else {
         print_table(
             &["AT (UTC)", "ACTOR", "ACTION", "QUEUE", "COUNT", "MESSAGE IDS", "STATUS", "SELECTED BY", "REASON"],

@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use sluice_cli::ops::audit::{AuditAction, AuditLog};
 use sluice_cli::serve::{connect_cql, context_topics, ensure_projection_topics, events_topics};
 use sluice_cli::settings::Settings;
 use sluice_projections::replay::{self, ReplayCtx, StartAt};
 use sluice_projections::store::ReadModels;
+use sluice_schemas::cql;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
@@ -24,15 +26,43 @@ pub struct Args {
     /// then switch reads to it once caught up. Resumes a rebuild that crashed.
     #[arg(long)]
     rebuild: bool,
-    /// With --rebuild: drop the previous version's tables after the switch.
+    /// With --rebuild from a point other than `earliest`: yes, build a
+    /// version without the events before it (it never drops the complete one).
+    #[arg(long, requires = "rebuild", conflicts_with = "drop_old")]
+    partial: bool,
+    /// With --rebuild: drop the previous version's tables after the switch
+    /// (asks first; needs --why; audited).
     #[arg(long, requires = "rebuild")]
     drop_old: bool,
-    /// Drop the tables of this (inactive, older) version and exit.
+    /// Drop the tables of this (inactive, older) version and exit (asks
+    /// first; needs --why; audited).
     #[arg(long, conflicts_with_all = ["rebuild", "from"])]
     drop_version: Option<i32>,
+    /// Why tables are dropped: required with --drop-version and --drop-old,
+    /// kept in the audit log (`sluice dlq audit`).
+    #[arg(long)]
+    why: Option<String>,
+    /// Who drops them (default: the OS user).
+    #[arg(long)]
+    actor: Option<String>,
+    #[command(flatten)]
+    intent: super::IntentArgs,
     /// Print progress and the report as JSON lines instead of a progress bar.
     #[arg(long)]
     json: bool,
+}
+
+/// The audit row of a version drop: the tables are every tenant's (`*`).
+fn drop_action<'a>(projection: &'a str, tables: &'a str, actor: &'a str, why: &'a str) -> AuditAction<'a> {
+    AuditAction {
+        tenant: "*",
+        context: projection,
+        queue: tables,
+        action: "drop-version",
+        actor,
+        reason: why,
+        filter: tables,
+    }
 }
 
 pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
@@ -48,13 +78,47 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     if patients && (args.rebuild || args.drop_version.is_some()) {
         bail!("the patients projection has one version of its table: it replays (idempotent) but has no blue/green rebuild");
     }
+    if args.intent.dry_run && args.drop_version.is_none() {
+        bail!("--dry-run shows what --drop-version would drop; a replay or rebuild has no dry run");
+    }
+    let dropping = args.drop_version.is_some() || args.drop_old;
+    let why = match &args.why {
+        Some(why) if !why.trim().is_empty() => why.clone(),
+        _ if dropping => bail!("dropping a version's tables needs --why: it goes to the audit log"),
+        _ => String::new(),
+    };
+    let actor = args.actor.clone().unwrap_or_else(sluice_cli::ops::audit::default_actor);
     let session = connect_cql(&settings).await?;
+    let audit = AuditLog::new(session.clone());
     let store = Arc::new(ReadModels::new(session, &settings.projector.name).await?);
+    let name = &settings.projector.name;
     if let Some(version) = args.drop_version {
-        replay::drop_version(&store, &settings.projector.name, version).await?;
+        let tables = cql::read_model_tables(name, version).join(", ");
+        if args.intent.dry_run {
+            println!("dry run: would drop version {version} of {name} ({tables}); nothing dropped");
+            return Ok(());
+        }
+        if !args.intent.confirm(&format!("drop version {version} of {name} for good ({tables})"))? {
+            bail!("not confirmed: nothing dropped");
+        }
+        let row = audit.begin(&drop_action(name, &tables, &actor, &why)).await?;
+        let dropped = replay::drop_version(&store, name, version).await;
+        let (status, detail) = match &dropped {
+            Ok(()) => ("done", format!("dropped version {version}")),
+            Err(e) => ("failed", e.to_string()),
+        };
+        audit.finish(&row, status, &detail).await?;
+        dropped?;
         return super::print_json(&serde_json::json!({"projection": args.projection, "dropped_version": version}));
     }
     let start: StartAt = args.from.parse().map_err(anyhow::Error::msg)?;
+    if args.rebuild && start != StartAt::Earliest && !args.partial {
+        bail!(
+            "a rebuild from {} builds a version without the events before it: ask for that with --partial \
+             (a partial version never drops the complete one it replaces)",
+            args.from
+        );
+    }
     if start.has_positions_without_topic() && settings.tenants.len() > 1 {
         bail!(
             "--from {}: with several tenants a position names its topic, `<topic>:<partition>:<offset>` \
@@ -127,6 +191,16 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             None => {}
         }
     };
+    // The drop after the switch is asked and recorded before the rebuild.
+    let mut drop_row = None;
+    if args.drop_old {
+        let active = store.versions().get(name).await?.active;
+        let tables = cql::read_model_tables(name, active).join(", ");
+        if !args.intent.confirm(&format!("after the switch, drop version {active} of {name} for good ({tables})"))? {
+            bail!("not confirmed: nothing rebuilt, nothing dropped");
+        }
+        drop_row = Some(audit.begin(&drop_action(name, &tables, &actor, &why)).await?);
+    }
     let mut reports = Vec::new();
     for ctx in &contexts {
         let report = if args.rebuild {
@@ -136,8 +210,16 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         } else {
             replay::replay(ctx, start.clone(), &stop, progress).await
         }
-        .with_context(|| format!("replay failed (Kafka at {})", ctx.brokers))?;
-        reports.push(report);
+        .with_context(|| format!("replay failed (Kafka at {})", ctx.brokers));
+        if let Some(row) = &drop_row {
+            let (status, detail) = match &report {
+                Ok(r) if r.dropped_previous == Some(true) => ("done", "dropped after the switch".to_owned()),
+                Ok(_) => ("not_dropped", "stopped before switching: nothing dropped".to_owned()),
+                Err(e) => ("failed", format!("{e:#}")),
+            };
+            audit.finish(row, status, &detail).await?;
+        }
+        reports.push(report?);
     }
     if let Some(bar) = bar {
         bar.finish();
@@ -145,12 +227,16 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     for report in reports {
         print_report(&report, args.json, &stop)?;
     }
+    if stop.is_cancelled() {
+        // Interrupted (Ctrl-C): not a success, whatever was applied.
+        std::process::exit(130);
+    }
     Ok(())
 }
 
 fn print_report(report: &replay::ReplayReport, json: bool, stop: &CancellationToken) -> anyhow::Result<()> {
     if json {
-        super::print_json(&serde_json::json!({"report": report}))
+        super::print_json(&serde_json::json!({"report": report, "interrupted": stop.is_cancelled()}))
     } else {
         println!(
             "projection {} version {}: {} events applied, {} dead-lettered in {:.1}s ({:.0} events/s){}",

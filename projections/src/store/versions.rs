@@ -10,10 +10,13 @@ use scylla::value::CqlTimestamp;
 
 use super::{rm_err, ReadModelError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VersionState {
     pub active: i32,
     pub building: Option<i32>,
+    /// Where the active version's rebuild started, when not at the start
+    /// of the log: it lacks the events before it.
+    pub active_partial_from: Option<String>,
 }
 
 pub struct Versions {
@@ -36,13 +39,17 @@ impl Versions {
             .map_err(rm_err)?;
         let rows = self
             .session
-            .query_unpaged("SELECT active, building FROM projection_versions WHERE projection = ?", (projection,))
+            .query_unpaged(
+                "SELECT active, building, active_from FROM projection_versions WHERE projection = ?",
+                (projection,),
+            )
             .await
             .map_err(rm_err)?
             .into_rows_result()
             .map_err(rm_err)?;
-        let (active, building) = rows.single_row::<(Option<i32>, Option<i32>)>().map_err(rm_err)?;
-        Ok(VersionState { active: active.unwrap_or(1), building })
+        let (active, building, active_partial_from) =
+            rows.single_row::<(Option<i32>, Option<i32>, Option<String>)>().map_err(rm_err)?;
+        Ok(VersionState { active: active.unwrap_or(1), building, active_partial_from })
     }
 
     /// Marks `version` as being built (resumable: a crashed rebuild finds it).
@@ -54,14 +61,22 @@ impl Versions {
         Ok(())
     }
 
-    /// Makes `to` the active version if `from` still is; returns whether it did.
-    pub async fn switch(&self, projection: &str, from: i32, to: i32) -> Result<bool, ReadModelError> {
+    /// Makes `to` the active version if `from` still is; returns whether it
+    /// did. `partial_from`: where `to`'s rebuild started, if not at the start.
+    pub async fn switch(
+        &self,
+        projection: &str,
+        from: i32,
+        to: i32,
+        partial_from: Option<&str>,
+    ) -> Result<bool, ReadModelError> {
         let now = CqlTimestamp(chrono::Utc::now().timestamp_millis());
         let rows = self
             .session
             .query_unpaged(
-                "UPDATE projection_versions SET active = ?, building = null, switched_at = ? WHERE projection = ? IF active = ?",
-                (to, now, projection, from),
+                "UPDATE projection_versions SET active = ?, building = null, switched_at = ?, active_from = ? \
+                 WHERE projection = ? IF active = ?",
+                (to, now, partial_from, projection, from),
             )
             .await
             .map_err(rm_err)?
