@@ -302,14 +302,14 @@ cql_ready() {
 # From /proc rather than ps: procps is not on every minimal Debian.
 rss_mib() {
   local kb
-  kb="$(awk '/^VmRSS:/ {print $2}' "/proc/$(cat "$(pidfile cassandra)")/status" 2>/dev/null)" || true
+  kb="$(awk '/^VmRSS:/ {print $2}' "/proc/$(tracked_pid cassandra)/status" 2>/dev/null)" || true
   echo "$((${kb:-0} / 1024))"
 }
 
 start() {
   [[ -f $LIBS/.complete ]] || die "not installed: run '$0 install' first"
   if is_running cassandra; then
-    log "already running (pid $(cat "$(pidfile cassandra)"))"
+    log "already running (pid $(tracked_pid cassandra))"
     return 0
   fi
   if port_open "$SLUICE_CQL_PORT" || port_open "$SLUICE_CASSANDRA_STORAGE_PORT"; then
@@ -368,7 +368,7 @@ status() {
     echo "cassandra: down (not running)"
     return 1
   fi
-  local pid; pid="$(cat "$(pidfile cassandra)")"
+  local pid; pid="$(tracked_pid cassandra)"
   if cql_ready; then
     echo "cassandra: up (pid $pid, CQL 127.0.0.1:$SLUICE_CQL_PORT, RSS $(rss_mib) MiB)"
   else

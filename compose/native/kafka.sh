@@ -199,7 +199,7 @@ answers() {
 cmd_start() {
   [[ -f $STAMP ]] || die "Kafka is not installed; run: $0 install"
   if is_running kafka; then
-    log "already running (pid $(cat "$(pidfile kafka)"))"
+    log "already running (pid $(tracked_pid kafka))"
     return 0
   fi
   if port_open "$SLUICE_KAFKA_PORT" || port_open "$SLUICE_KAFKA_CONTROLLER_PORT"; then
@@ -254,7 +254,7 @@ cmd_status() {
     echo "kafka: down (not running)"
     return 1
   fi
-  local pid; pid="$(cat "$(pidfile kafka)")"
+  local pid; pid="$(tracked_pid kafka)"
   if answers; then
     echo "kafka: up (pid $pid, $BOOTSTRAP, Kafka $KAFKA_VERSION)"
   else

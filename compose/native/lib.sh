@@ -47,34 +47,70 @@ wait_until() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Background processes are tracked by pid files under $STATE_DIR/run.
+# Background processes are tracked by pid files under $STATE_DIR/run: the pid
+# and the process's start time, so a pid the kernel has since given to another
+# process (after a reboot, or a crash that left the file) is never taken for
+# ours, and never signalled.
 pidfile() { echo "$STATE_DIR/run/$1.pid"; }
 
-is_running() {
-  local f; f="$(pidfile "$1")"
-  [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+# start_time <pid>: when the process started (field 22 of /proc/<pid>/stat, in
+# clock ticks since boot); fails if there is no such process, or only its
+# zombie (exited, not yet reaped).
+start_time() {
+  local stat rest
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  rest="${stat##*) }" # the command name may hold spaces and parentheses
+  # shellcheck disable=SC2086
+  set -- $rest
+  [[ $1 != Z ]] || return 1
+  echo "${20}"
 }
 
+# track_pid <name> <pid>: records <pid> as our process <name>.
+track_pid() {
+  local started
+  started="$(start_time "$2")" || return 1
+  mkdir -p "$STATE_DIR/run"
+  echo "$2 $started" >"$(pidfile "$1")"
+}
+
+# tracked_pid <name>: the pid of our process <name>, if that very process is
+# still alive (same pid and start time as recorded).
+tracked_pid() {
+  local f pid started
+  f="$(pidfile "$1")"
+  [[ -f $f ]] || return 1
+  read -r pid started <"$f" || true
+  [[ -n ${pid:-} && -n ${started:-} && "$(start_time "$pid" 2>/dev/null)" == "$started" ]] || return 1
+  echo "$pid"
+}
+
+is_running() { tracked_pid "$1" >/dev/null; }
+
 # start_bg <name> <logfile> <command...>: starts a detached process (own
-# session, so `down` can stop its whole group) and records its pid.
+# session, so `down` can stop its whole group) and records it.
 start_bg() {
   local name=$1 logfile=$2; shift 2
   mkdir -p "$STATE_DIR/run" "$(dirname "$logfile")"
   setsid "$@" >>"$logfile" 2>&1 < /dev/null &
-  echo $! >"$(pidfile "$name")"
+  track_pid "$name" $!
 }
 
-# stop_bg <name> [seconds]: SIGTERM, wait, then SIGKILL.
+# stop_bg <name> [seconds]: SIGTERM, wait, then SIGKILL; only the process the
+# pid file recorded (a stale file is removed, its pid left alone).
 stop_bg() {
   local name=$1 grace=${2:-30} f pid
   f="$(pidfile "$name")"
   [[ -f $f ]] || return 0
-  pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid="$(tracked_pid "$name")"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + grace))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    while is_running "$name" && ((SECONDS < deadline)); do sleep 0.5; done
+    if is_running "$name"; then
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    fi
+  else
+    log "$f names no process of ours (stale): left alone"
   fi
   rm -f "$f"
 }

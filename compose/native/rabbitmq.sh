@@ -15,6 +15,10 @@ export RABBITMQ_LOG_BASE="$HOME_DIR/logs"
 export RABBITMQ_CONFIG_FILE="$HOME_DIR/rabbitmq.conf"
 export RABBITMQ_ENABLED_PLUGINS_FILE="$HOME_DIR/enabled_plugins"
 export RABBITMQ_PID_FILE="$HOME_DIR/rabbitmq.pid"
+# Erlang's port mapper (started by the first node) and the node's
+# distribution port listen on loopback too, like the AMQP and HTTP ports.
+export ERL_EPMD_ADDRESS=127.0.0.1
+export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 MGMT="http://127.0.0.1:$SLUICE_RABBITMQ_MGMT_PORT/api"
 
 ctl() { rabbitmqctl -q -n "$RABBITMQ_NODENAME" "$@"; }
@@ -62,11 +66,12 @@ amqp_answers() {
   [[ $first == 1 ]]
 }
 
-# The node's own pid (written by rabbitmq-server), if it is alive.
+# The node's own pid (written by rabbitmq-server), if it is alive: a pid the
+# kernel has given to another program since is not our node.
 node_pid() {
   local pid
   pid="$(cat "$RABBITMQ_PID_FILE" 2>/dev/null)" || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [[ -n $pid && "$(cat "/proc/$pid/comm" 2>/dev/null)" == beam.smp ]] && echo "$pid"
 }
 
 start() {
@@ -80,6 +85,12 @@ start() {
   # a twin: a second node with the same name never boots and wedges the first.
   if node_pid >/dev/null; then log "already running (pid $(node_pid))"; return 0; fi
   write_config
+  # An epmd left from before this script bound it to loopback listens on
+  # every interface: with no node registered, it goes (the node starts one).
+  if ss -ltnH 'sport = :4369' 2>/dev/null | awk '{print $4}' | grep -qv '^127\.0\.0\.1:' &&
+    ! epmd -names 2>/dev/null | grep -q '^name '; then
+    epmd -kill >/dev/null 2>&1 || true
+  fi
   log "starting node $RABBITMQ_NODENAME on 127.0.0.1:$SLUICE_RABBITMQ_PORT"
   # Every quorum queue keeps files open; with the default 1024 descriptors a
   # few hundred queues leave none for client sockets, and new AMQP

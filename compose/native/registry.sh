@@ -99,7 +99,7 @@ EOF
 
 start() {
   if is_running registry; then
-    log "already running (pid $(cat "$(pidfile registry)"))"
+    log "already running (pid $(tracked_pid registry))"
     return 0
   fi
   [[ -f $APP_DIR/quarkus-run.jar ]] || die "not installed; run: $0 install"
@@ -115,7 +115,7 @@ start() {
   # shellcheck disable=SC2086 # REGISTRY_JAVA_OPTS is a list of flags
   start_bg registry "$LOG_FILE" "$java" -Xms64m -Xmx512m -XX:+UseSerialGC \
     -Djava.io.tmpdir="$RUN_DIR/tmp" ${REGISTRY_JAVA_OPTS:-} -jar "$APP_DIR/quarkus-run.jar"
-  log "started (pid $(cat "$(pidfile registry)"), $java), log: $LOG_FILE"
+  log "started (pid $(tracked_pid registry), $java), log: $LOG_FILE"
 }
 
 # Succeeds when ready, and also when the process is gone, so wait fails fast.
@@ -154,7 +154,7 @@ status() {
     echo "registry: down (not running)"
     return 1
   fi
-  local pid; pid=$(cat "$(pidfile registry)")
+  local pid; pid=$(tracked_pid registry)
   if command -v curl >/dev/null && ready; then
     echo "registry: up (pid $pid, $HTTP/apis/ccompat/v7, health $MGMT/health/ready, h2 file $RUN_DIR/data)"
   else
