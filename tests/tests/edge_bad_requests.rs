@@ -88,6 +88,16 @@ impl Ctx {
         self.platform.http.post(self.platform.url("/events")).bearer_auth(&self.tenant.key)
     }
 
+    /// `request` sent with `key` instead of the tenant's (its one
+    /// Authorization header replaced, not added to).
+    fn as_key(request: RequestBuilder, key: &str) -> RequestBuilder {
+        let (client, request) = request.build_split();
+        let mut request = request.expect("a request");
+        let value = HeaderValue::from_str(&format!("Bearer {key}")).expect("a header value");
+        request.headers_mut().insert(reqwest::header::AUTHORIZATION, value);
+        RequestBuilder::from_parts(client, request)
+    }
+
     fn structured(&self, body: impl Into<reqwest::Body>) -> RequestBuilder {
         self.post().header("content-type", "application/cloudevents+json").body(body)
     }
@@ -316,6 +326,51 @@ async fn structured_mode_refuses_broken_cloudevents() {
         case("text/plain", 415, "unsupported-media-type", vec![header("content-type")], |c| {
             c.post().header("content-type", "text/plain").body(c.event().to_string())
         }),
+        case("a JSON string as the event", 400, "malformed", vec![attribute("")], |c| c.structured(r#""an order""#)),
+        case("a JSON number as the event", 400, "malformed", vec![attribute("")], |c| c.structured("42")),
+        case("numeric source", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(7)))
+        }),
+        case("numeric type", 400, "malformed", vec![attribute("type")], |c| {
+            c.structured_event(c.event_with("type", json!(7)))
+        }),
+        case("boolean id", 400, "malformed", vec![attribute("id")], |c| {
+            c.structured_event(c.event_with("id", json!(true)))
+        }),
+        case("numeric specversion", 400, "malformed", vec![attribute("specversion")], |c| {
+            c.structured_event(c.event_with("specversion", json!(1.0)))
+        }),
+        case("numeric time", 400, "malformed", vec![attribute("time")], |c| {
+            c.structured_event(c.event_with("time", json!(1_764_000_000)))
+        }),
+        case("numeric subject", 400, "malformed", vec![attribute("subject")], |c| {
+            c.structured_event(c.event_with("subject", json!(12)))
+        }),
+        case("numeric dataschema", 400, "malformed", vec![attribute("dataschema")], |c| {
+            c.structured_event(c.event_with("dataschema", json!(1)))
+        }),
+        case("extension name with a dot", 400, "malformed", vec![attribute("my.region")], |c| {
+            c.structured_event(c.event_with("my.region", json!("eu")))
+        }),
+        case("extension name with a hyphen", 400, "malformed", vec![attribute("my-region")], |c| {
+            c.structured_event(c.event_with("my-region", json!("eu")))
+        }),
+        case("array as extension value", 400, "malformed", vec![attribute("region")], |c| {
+            c.structured_event(c.event_with("region", json!(["eu", "us"])))
+        }),
+        case(
+            "XML datacontenttype with JSON data",
+            415,
+            "unsupported-media-type",
+            vec![attribute("datacontenttype")],
+            |c| c.structured_event(c.event_with("datacontenttype", json!("application/xml"))),
+        ),
+        case("a CloudEvents XML body", 415, "unsupported-media-type", vec![header("content-type")], |c| {
+            c.post().header("content-type", "application/cloudevents+xml").body("<event/>")
+        }),
+        case("a form post", 415, "unsupported-media-type", vec![header("content-type")], |c| {
+            c.post().header("content-type", "application/x-www-form-urlencoded").body("id=1&type=x")
+        }),
     ];
     ctx.run(cases).await;
     ctx.finish().await;
@@ -413,6 +468,72 @@ async fn binary_mode_refuses_broken_headers_and_bodies() {
         }),
         case("no body", 422, "invalid-data", vec![attribute("data")], |c| {
             c.binary(&[], &[], Some("application/json"), "")
+        }),
+        case("no ce-type", 400, "malformed", vec![attribute("type")], {
+            let data = data.clone();
+            move |c| c.binary(&["ce-type"], &[], Some("application/json"), data.clone())
+        }),
+        case("no ce-id", 400, "malformed", vec![attribute("id")], {
+            let data = data.clone();
+            move |c| c.binary(&["ce-id"], &[], Some("application/json"), data.clone())
+        }),
+        case("empty ce-id", 400, "malformed", vec![attribute("id")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-id", "")], Some("application/json"), data.clone())
+        }),
+        case("unknown ce-type", 400, "malformed", vec![attribute("type")], {
+            let data = data.clone();
+            move |c| {
+                c.binary(&[], &[("ce-type", "com.example.orders.RefundOrder")], Some("application/json"), data.clone())
+            }
+        }),
+        case("ce-time without an offset", 400, "malformed", vec![attribute("time")], {
+            let data = data.clone();
+            move |c| c.binary(&[], &[("ce-time", "2026-11-26T10:00:00")], Some("application/json"), data.clone())
+        }),
+        case("ce-source of another tenant", 403, "forbidden", vec![attribute("source")], {
+            let data = data.clone();
+            move |c| {
+                let source = c.other.source.clone();
+                c.binary(&[], &[("ce-source", source.as_str())], Some("application/json"), data.clone())
+            }
+        }),
+        case("ce-source reserved for the process managers", 403, "forbidden", vec![attribute("source")], {
+            let data = data.clone();
+            move |c| {
+                let source = format!("/{}/processes/onboarding", c.tenant.name);
+                c.binary(&[], &[("ce-source", source.as_str())], Some("application/json"), data.clone())
+            }
+        }),
+        case("ce-dataschema of an unknown version", 400, "malformed", vec![attribute("dataschema")], {
+            let data = data.clone();
+            move |c| {
+                let schema = "https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/99";
+                c.binary(&[], &[("ce-dataschema", schema)], Some("application/json"), data.clone())
+            }
+        }),
+        case("a type this key may not send, in binary mode", 403, "forbidden", vec![attribute("type")], {
+            let data = data.clone();
+            move |c| Ctx::as_key(c.binary(&[], &[], Some("application/json"), data.clone()), &c.cancel_only_key)
+        }),
+        case("another tenant's key in binary mode", 403, "forbidden", vec![attribute("source")], {
+            let data = data.clone();
+            move |c| Ctx::as_key(c.binary(&[], &[], Some("application/json"), data.clone()), &c.other.key)
+        }),
+        case("an unknown key in binary mode", 401, "unauthorized", vec![header("authorization")], {
+            let data = data.clone();
+            move |c| {
+                let key = format!("{}x", c.tenant.key);
+                Ctx::as_key(c.binary(&[], &[], Some("application/json"), data.clone()), &key)
+            }
+        }),
+        case("a JSON array as data", 422, "invalid-data", vec![pointer("")], |c| {
+            c.binary(&[], &[], Some("application/json"), "[1, 2]")
+        }),
+        case("a quantity of zero in binary mode", 422, "invalid-data", vec![pointer("/lines/0/quantity")], |c| {
+            let mut data = Ctx::good_data();
+            data["lines"][0]["quantity"] = json!(0);
+            c.binary(&[], &[], Some("application/json"), data.to_string())
         }),
     ];
     ctx.run(cases).await;
@@ -596,6 +717,53 @@ async fn a_batch_is_refused_whole() {
         ),
         case("more events than max_batch", 413, "too-large", vec![Names::Detail("at most 5")], |c| {
             c.batch(Value::Array((0..6).map(|_| c.event()).collect()).to_string())
+        }),
+        case("a null item", 400, "malformed", vec![Names::Field("index", json!(0))], |c| {
+            c.batch(json!([null, c.event()]).to_string())
+        }),
+        case("a nested array", 400, "malformed", vec![Names::Field("index", json!(0))], |c| {
+            c.batch(json!([[c.event()]]).to_string())
+        }),
+        case(
+            "one event without an id",
+            400,
+            "malformed",
+            vec![Names::Field("index", json!(1)), attribute("id")],
+            |c| c.batch(json!([c.event(), c.event_without("id")]).to_string()),
+        ),
+        case(
+            "one event with a reserved source",
+            403,
+            "batch-refused",
+            vec![Names::Field("index", json!(1)), attribute("source")],
+            |c| {
+                let reserved = json!(format!("/{}/processes/onboarding", c.tenant.name));
+                c.batch(json!([c.event(), c.event_with("source", reserved)]).to_string())
+            },
+        ),
+        case(
+            "one event of a type the key may not send",
+            403,
+            "batch-refused",
+            vec![Names::Field("index", json!(0)), attribute("type")],
+            |c| Ctx::as_key(c.batch(json!([c.event()]).to_string()), &c.cancel_only_key),
+        ),
+        case(
+            "one event with an unknown dataschema",
+            400,
+            "batch-refused",
+            vec![Names::Field("index", json!(1)), attribute("dataschema")],
+            |c| {
+                let schema = json!("https://sluice.dev/schemas/commands/com.example.orders.SubmitOrder/99");
+                c.batch(json!([c.event(), c.event_with("dataschema", schema)]).to_string())
+            },
+        ),
+        case("a batch without a key", 401, "unauthorized", vec![header("authorization")], |c| {
+            c.platform
+                .http
+                .post(c.platform.url("/events"))
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(json!([c.event()]).to_string())
         }),
     ];
     ctx.run(cases).await;
