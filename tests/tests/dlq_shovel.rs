@@ -346,3 +346,76 @@ async fn a_shovel_never_crosses_tenants_unless_named_foreign_and_then_says_so() 
     delete_tenant_queues(&settings, &theirs).await;
     dlq.close().await;
 }
+
+/// Ctrl-C during a whole-queue move: RabbitMQ's shovel is deleted (none is
+/// left to keep moving behind the operator's back), what it had not moved
+/// stays in the DLQ, nothing is lost, and the report and the audit row say
+/// how many moved and how many of those are back in the DLQ too (the shovel
+/// acks its source in batches after the copies were confirmed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_shovel_stopped_midway_is_deleted_and_reports_what_moved() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let dlq_name = orders_dlq(&tenant);
+    let parking = format!("{}.parking", orders_queue(&tenant));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    {
+        let connection =
+            lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut args = lapin::types::FieldTable::default();
+        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+        channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
+        let _ = connection.close(200, "declared".into()).await;
+    }
+    let seeded = seed("st", 0..3_000);
+    seed_dead_letters(&tenant, &seeded).await;
+    let dlq = dlq_ops().await;
+    let (audit, who) = audit_for(&settings).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = ShovelOptions { to: Some(parking.clone()), stop: stop.clone(), ..Default::default() };
+    // The operator presses Ctrl-C as soon as the shovel has started.
+    let report = dlq
+        .shovel(&audit, &who, &tenant_scope(&tenant), &Filter::default(), &options, &mut |_| stop.cancel())
+        .await
+        .expect("interrupted shovel");
+    assert_eq!(report.method, ShovelMethod::BrokerShovel);
+    assert!(report.interrupted);
+
+    let shovels = rabbitmq_management(reqwest::Method::GET, "/parameters/shovel/%2f", None).await;
+    let shovels: serde_json::Value = shovels.json().await.unwrap();
+    let ours: Vec<&serde_json::Value> = shovels
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.contains(&dlq_name)))
+        .collect();
+    assert!(ours.is_empty(), "no shovel left behind: {ours:?}");
+    // Nothing moves any more, and nothing was lost or copied twice.
+    let (in_dlq, parked) = (queue_depth(&dlq_name).await, queue_depth(&parking).await);
+    assert_eq!(report.moved, u64::from(parked), "the report says what moved");
+    assert_eq!(report.copied_twice, u64::from(in_dlq + parked - 3_000), "and what is in both queues");
+    let entries = audit.list(Some(&tenant.name), 10).await.unwrap();
+    assert_eq!(
+        (entries[0].status.as_deref(), entries[0].count),
+        (Some("interrupted"), i64::from(parked)),
+        "{:?}",
+        entries[0]
+    );
+    let parked_ids = drain_ids(&parking).await;
+    let left_ids = drain_ids(&dlq_name).await;
+    let unique: HashSet<&String> = parked_ids.iter().collect();
+    assert_eq!(unique.len(), parked_ids.len(), "copied once into the destination");
+    let mut all: Vec<String> = parked_ids.iter().chain(&left_ids).cloned().collect();
+    all.sort();
+    all.dedup();
+    let mut expected: Vec<String> = seeded.iter().map(|l| l.message_id.clone()).collect();
+    expected.sort();
+    assert_eq!(all, expected, "nothing lost: every dead letter in one queue or the other");
+    delete_queue(&parking).await;
+    delete_tenant_queues(&settings, &tenant).await;
+    dlq.close().await;
+}

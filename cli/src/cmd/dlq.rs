@@ -272,8 +272,16 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             let scope = filter.scope.scope(settings)?;
             let foreign = to_foreign.is_some();
             let to = to.or(to_foreign);
-            let options =
-                ShovelOptions { to, limit, rate, dry_run, partitions: Some(settings.amqp.partitions), foreign };
+            // Ctrl-C stops the shovel (a broker shovel is deleted) and the
+            // report says what had moved by then.
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            let partitions = Some(settings.amqp.partitions);
+            let options = ShovelOptions { to, limit, rate, dry_run, partitions, foreign, stop: stop.clone() };
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
             let who = Who { actor: who.actor(), reason: who.why };
             let bar = (!json).then(|| {
@@ -297,7 +305,11 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            output(json, &report, print_shovel)
+            output(json, &report, print_shovel)?;
+            if report.interrupted {
+                std::process::exit(130);
+            }
+            Ok(())
         }
         Verb::Purge { filter, reason, all, who, intent, json } => {
             if filter.scope.tenant.is_none() {
@@ -506,7 +518,14 @@ fn print_shovel(r: &ShovelReport) {
         sluice_cli::ops::dlq::ShovelMethod::Client => "",
         sluice_cli::ops::dlq::ShovelMethod::BrokerShovel => " (RabbitMQ shovel)",
     };
-    println!("{verb} {count} dead letter(s){how}");
+    let stopped = if r.interrupted { ", then stopped (interrupted): the rest stays in the DLQ" } else { "" };
+    println!("{verb} {count} dead letter(s){how}{stopped}");
+    if r.copied_twice > 0 {
+        println!(
+            "  {} of them are also back in the DLQ (RabbitMQ's shovel was stopped between copy and ack)",
+            r.copied_twice
+        );
+    }
     for (destination, n) in &r.destinations {
         println!("  {n} → {destination}");
     }

@@ -25,6 +25,7 @@ use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use sluice_processors::amqp::consumer::publish_confirmed;
 use sluice_schemas::{catalog, names};
+use tokio_util::sync::CancellationToken;
 
 use super::audit::{ArchivedLetter, AuditAction, AuditLog, AuditRow};
 use super::dead_letter::{self, DeadLetter, DeadLetterDetail, Filter, Group};
@@ -164,6 +165,9 @@ pub struct ShovelOptions {
     /// said so with `--to-foreign`; audited as `shovel-foreign`). Without it
     /// every destination must be one of the dead letter's own tenant's.
     pub foreign: bool,
+    /// Cancelled (Ctrl-C): stop after the message in hand; a broker shovel
+    /// is deleted, what it had not yet moved stays in the DLQ.
+    pub stop: CancellationToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -203,6 +207,12 @@ pub struct ShovelReport {
     pub destinations: BTreeMap<String, u64>,
     /// The audit rows written, one per DLQ something moved from.
     pub audit_ids: Vec<String>,
+    /// Stopped before the end (`stop`): `moved` is what had moved by then.
+    pub interrupted: bool,
+    /// A broker shovel stopped midway: copies in the destination whose
+    /// original is back in the DLQ too (shovelling them again is harmless:
+    /// the processors answer a command once).
+    pub copied_twice: u64,
 }
 
 /// Who removes dead letters, and why (both go to the audit log).
@@ -346,6 +356,8 @@ impl Dlq {
             ids: Vec::new(),
             destinations: BTreeMap::new(),
             audit_ids: Vec::new(),
+            interrupted: false,
+            copied_twice: 0,
         };
         if options.limit == Some(0) {
             return Ok(report);
@@ -389,7 +401,8 @@ impl Dlq {
             };
             report.queues.push(QueueSeen::of(dlq, &walk));
             walk.finish(&self.connection).await?;
-            if limit_reached {
+            if limit_reached || options.stop.is_cancelled() {
+                report.interrupted = options.stop.is_cancelled();
                 break;
             }
         }
@@ -414,6 +427,9 @@ impl Dlq {
         let options = record.options;
         let now = Utc::now();
         while let Some(delivery) = walk.next().await? {
+            if options.stop.is_cancelled() {
+                return Ok(false); // the rest is given back when the walk ends
+            }
             progress(&ShovelProgress {
                 queue: dlq.queue.clone(),
                 examined: u64::from(walk.seen()),
@@ -495,6 +511,8 @@ impl Dlq {
             ids: Vec::new(),
             destinations: BTreeMap::new(),
             audit_ids: Vec::new(),
+            interrupted: false,
+            copied_twice: 0,
         };
         for dlq in &scope.dlqs {
             let Some((depth, _)) = walk::queue_counts(&self.connection, &dlq.queue).await? else {
@@ -514,6 +532,7 @@ impl Dlq {
                     "ack-mode": "on-confirm",
                 });
                 let mut row = record.begin(dlq, to).await?;
+                let at_destination = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
                 report.audit_ids.push(row.id.clone());
                 self.management.put_shovel(&name, &definition).await?;
                 let moved_before = report.moved;
@@ -525,18 +544,36 @@ impl Dlq {
                         moved: moved_before + moved,
                     })
                 };
-                if let Err(e) = self.await_shovel(&name, dlq, depth, &mut report_progress).await {
-                    // Deleting a shovel midway is safe: with on-confirm, what it
-                    // had not acked goes back to the DLQ.
-                    let _ = self.management.delete_shovel(&name).await;
-                    record.audit.finish(&row, "failed", &e.to_string()).await?;
-                    return Err(e);
-                }
-                record.audit.add_count(&mut row, i64::from(depth)).await?;
-                record.audit.finish(&row, "done", &format!("moved {depth} by RabbitMQ's shovel")).await?;
-                report.moved += u64::from(depth);
-                report.selected += u64::from(depth);
-                *report.destinations.entry(to.to_owned()).or_default() += u64::from(depth);
+                let moved = match self.await_shovel(&name, dlq, depth, &record.options.stop, &mut report_progress).await
+                {
+                    Ok(Shovelled::All) => u64::from(depth),
+                    Ok(Shovelled::Stopped) => {
+                        report.interrupted = true;
+                        let stopped = self.stop_shovel(&name, dlq, depth, to, at_destination).await?;
+                        report.copied_twice += stopped.copied_twice;
+                        stopped.moved
+                    }
+                    Err(e) => {
+                        let moved = self
+                            .stop_shovel(&name, dlq, depth, to, at_destination)
+                            .await
+                            .map_or(0, |stopped| stopped.moved);
+                        record.audit.add_count(&mut row, moved as i64).await?;
+                        record.audit.finish(&row, "failed", &format!("after moving {moved}: {e}")).await?;
+                        return Err(e);
+                    }
+                };
+                record.audit.add_count(&mut row, moved as i64).await?;
+                let (status, detail) = if report.interrupted {
+                    let twice = report.copied_twice;
+                    ("interrupted", format!("moved {moved} of {depth} by RabbitMQ's shovel, then stopped; {twice} also still in the DLQ"))
+                } else {
+                    ("done", format!("moved {moved} by RabbitMQ's shovel"))
+                };
+                record.audit.finish(&row, status, &detail).await?;
+                report.moved += moved;
+                report.selected += moved;
+                *report.destinations.entry(to.to_owned()).or_default() += moved;
             }
             report.queues.push(QueueSeen {
                 queue: dlq.queue.clone(),
@@ -556,14 +593,18 @@ impl Dlq {
         name: &str,
         dlq: &DlqRef,
         depth: u32,
+        stop: &CancellationToken,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<(), OpsError> {
+    ) -> Result<Shovelled, OpsError> {
         let mut last_moved = 0;
         let mut last_change = std::time::Instant::now();
         loop {
             if !self.management.shovel_defined(name).await? {
                 progress(u64::from(depth));
-                return Ok(());
+                return Ok(Shovelled::All);
+            }
+            if stop.is_cancelled() {
+                return Ok(Shovelled::Stopped);
             }
             if let Some(status) = self.management.shovel_status(name).await? {
                 if status["state"] == "terminated" {
@@ -581,7 +622,39 @@ impl Dlq {
                     SHOVEL_STALL.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+
+    /// Deletes a broker shovel that has not finished. RabbitMQ's shovel acks
+    /// its source in batches after the destination confirmed: deleted
+    /// midway, the copies it made are in the destination and what it had
+    /// not acked yet is back in the DLQ, some of it twice. Counted from both
+    /// queues once its consumer is gone (dead letters arriving meanwhile
+    /// make `copied_twice` an overcount, never a loss).
+    async fn stop_shovel(
+        &self,
+        name: &str,
+        dlq: &DlqRef,
+        depth: u32,
+        to: &str,
+        at_destination: u32,
+    ) -> Result<Stopped, OpsError> {
+        self.management.delete_shovel(name).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // Its consumer gone, what it held unacked is ready again.
+            let (ready, consumers) = walk::queue_counts(&self.connection, &dlq.queue).await?.unwrap_or((0, 0));
+            if consumers == 0 || std::time::Instant::now() > deadline {
+                let copies = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
+                let moved = u64::from(copies.saturating_sub(at_destination));
+                let left = u64::from(ready);
+                return Ok(Stopped { moved, copied_twice: (moved + left).saturating_sub(u64::from(depth)) });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -734,6 +807,20 @@ impl Dlq {
             }
         }
     }
+}
+
+/// What a broker shovel stopped midway had done.
+struct Stopped {
+    /// Copies in the destination.
+    moved: u64,
+    /// Of those, the ones whose original is back in the DLQ.
+    copied_twice: u64,
+}
+
+/// How a broker shovel ended.
+enum Shovelled {
+    All,
+    Stopped,
 }
 
 /// What every audit row of one shovel says.
