@@ -330,7 +330,12 @@ async fn run(
     progress: &impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
     let version = target.version;
-    let offsets = OffsetTracker::new(ctx.store.session().clone(), target.name, version);
+    // A rebuild records how far its version has applied; a plain replay
+    // re-applies into the live version, whose applied offsets are the live
+    // projector's: writing its own positions there (behind the live ones, or
+    // ending where the log ended when it began) would make the edge say
+    // applied operations are not readable yet.
+    let offsets = commit_group.as_ref().map(|_| OffsetTracker::new(ctx.store.session().clone(), target.name, version));
     let group = commit_group.clone().unwrap_or_else(|| format!("{}.replay.{}", ctx.config.group_prefix, uuid_like()));
     let consumer: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
@@ -399,7 +404,9 @@ async fn run(
         }
         let next = batch::next_offsets(&records);
         for (topic, partition, offset) in &next {
-            offsets.applied(topic, *partition, offset - 1);
+            if let Some(offsets) = &offsets {
+                offsets.applied(topic, *partition, offset - 1);
+            }
             positions.insert((topic.clone(), *partition), *offset);
         }
         if commit_group.is_some() {
@@ -410,14 +417,18 @@ async fn run(
         if last_commit.elapsed() > Duration::from_millis(500) {
             p.events_per_second = (p.applied + p.dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6);
             progress(&p);
-            offsets.flush().await?;
+            if let Some(offsets) = &offsets {
+                offsets.flush().await?;
+            }
             if commit_group.is_some() {
                 consumer.commit_consumer_state(CommitMode::Async)?;
             }
             last_commit = Instant::now();
         }
     }
-    offsets.flush().await?;
+    if let Some(offsets) = &offsets {
+        offsets.flush().await?;
+    }
     if commit_group.is_some() {
         let c = consumer.clone();
         // Offsets of partitions that had nothing to read are committed too,
