@@ -370,11 +370,13 @@ async fn run(
             if !tail_until_caught_up {
                 break;
             }
-            // Caught up with the ends seen before: look again; stop when
-            // nothing new arrived meanwhile.
+            // Caught up with the ends seen before: look again. Under steady
+            // load something always arrived meanwhile: stop once that is at
+            // most one batch (the live projector goes on from the positions
+            // committed with the rebuild).
             ends = blocking_ends(consumer.clone(), ctx.topics.clone()).await?;
             p.remaining = remaining(&positions, &ends);
-            if p.remaining == 0 {
+            if p.remaining <= batching.max_records as i64 {
                 break;
             }
         }

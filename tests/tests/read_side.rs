@@ -336,3 +336,60 @@ async fn a_replay_of_the_patients_topics_writes_back_the_patients_read_model_it_
     assert_eq!(report.rows, before.len() as u64, "one step row per event");
     assert_eq!(patient_rows(&tenant.name, &patients).await, before, "the same rows again");
 }
+
+/// Under a steady load something always arrives while a rebuild looks at the
+/// ends again: it still switches (once what arrived is at most a batch), and
+/// the live projector carries the new version on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_under_steady_load_switches_and_the_live_projector_carries_on() {
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let projection = settings.projector.name.clone();
+    let platform = Arc::new(Platform::start(settings.clone(), Role::All).await);
+    submit_orders(&platform, &tenant, "before", 6).await;
+
+    // A client sends a new order every 20 ms until told to stop.
+    let sending = Arc::new(AtomicBool::new(true));
+    let load = {
+        let (platform, tenant, sending) = (platform.clone(), tenant.clone(), sending.clone());
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while sending.load(Ordering::Relaxed) {
+                let order = format!("steady-{}", sent.len());
+                let response = platform.post_event(&tenant, &submit_order(&tenant, &order, &order, "c1")).await;
+                assert_eq!(response.status(), 202);
+                sent.push(order);
+                tokio::time::sleep(Duration::from_millis(20)).await; // the load's pace
+            }
+            sent
+        })
+    };
+    eventually(WAIT, "the load under way", || async {
+        let (status, _) = platform.get_json(&tenant, "/orders/steady-20").await;
+        (status == 200).then_some(())
+    })
+    .await;
+
+    let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
+    let ctx = replay_ctx(&settings, events_topics(std::slice::from_ref(&tenant.name)), store.clone());
+    let never = CancellationToken::new();
+    let rebuild = replay::rebuild(&ctx, StartAt::Earliest, false, &never, |_| {});
+    let report = tokio::time::timeout(Duration::from_secs(90), rebuild)
+        .await
+        .expect("the rebuild switched while the load went on")
+        .unwrap();
+    assert!(sending.load(Ordering::Relaxed) && !load.is_finished(), "the load was still running");
+    assert_eq!((report.version, report.previous_version), (2, Some(1)));
+    sending.store(false, Ordering::Relaxed);
+    let sent = load.await.unwrap();
+
+    // The new version has every order, those sent after the switch included.
+    for order in &sent {
+        eventually(WAIT, "every order in the new version", || async {
+            store.order(&tenant.name, order).await.unwrap().is_some().then_some(())
+        })
+        .await;
+    }
+    assert_eq!(store.versions().get(&projection).await.unwrap().active, 2);
+    Arc::into_inner(platform).expect("the load task is done").stop().await.unwrap();
+}
