@@ -51,6 +51,22 @@ async fn audit_for(settings: &sluice_cli::settings::Settings) -> (AuditLog, Who)
     (AuditLog::new(session), Who { actor: "test-ops".into(), reason: "the outage is over".into() })
 }
 
+/// A parking queue of `tenant` (a quorum queue beside its work queues).
+async fn parking_queue(tenant: &TestTenant) -> String {
+    let parking = format!("{}.parking", orders_queue(tenant));
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    parking
+}
+
 fn counts(listing: &sluice_cli::ops::dlq::Listing) -> BTreeMap<(String, String), u64> {
     listing.groups.iter().map(|g| ((g.command_type.clone(), g.error_class.clone()), g.count)).collect()
 }
@@ -239,19 +255,7 @@ async fn a_whole_queue_move_to_another_queue_uses_the_broker_shovel_and_keeps_th
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let dlq_name = orders_dlq(&tenant);
-    let parking = format!("{}.parking", orders_queue(&tenant));
-    {
-        let connection =
-            lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut args = lapin::types::FieldTable::default();
-        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-        let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
-        let _ = connection.close(200, "declared".into()).await;
-    }
+    let parking = parking_queue(&tenant).await;
     let seeded = seed("bs", 0..300);
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
@@ -358,19 +362,7 @@ async fn a_broker_shovel_stopped_midway_is_deleted_and_reports_what_moved() {
     let settings = test_settings(&[&tenant]);
     declare_tenant_queues(&settings, &tenant).await;
     let dlq_name = orders_dlq(&tenant);
-    let parking = format!("{}.parking", orders_queue(&tenant));
-    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
-    {
-        let connection =
-            lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut args = lapin::types::FieldTable::default();
-        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-        channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
-        let _ = connection.close(200, "declared".into()).await;
-    }
+    let parking = parking_queue(&tenant).await;
     let seeded = seed("st", 0..3_000);
     seed_dead_letters(&tenant, &seeded).await;
     let dlq = dlq_ops().await;
