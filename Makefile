@@ -37,6 +37,7 @@ bench: up ## release build, then `sluice bench` (full mode, a few minutes) with 
 
 unit: ## the tests that need no server
 	$(CARGO) test --workspace --lib
+	$(CARGO) test -p sluice-schemas --test properties
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -163,6 +163,14 @@ pub fn is_uri_reference(s: &str) -> bool {
     if !s.bytes().all(|b| b.is_ascii_alphanumeric() || ALLOWED.contains(&b)) {
         return false;
     }
+    // `%` only as the start of a `%XX` escape.
+    let bytes = s.as_bytes();
+    let escapes_whole = bytes.iter().enumerate().filter(|(_, &b)| b == b'%').all(|(i, _)| {
+        bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit) && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+    });
+    if !escapes_whole {
+        return false;
+    }
     match s.find(':') {
         Some(colon) if !s[..colon].contains(['/', '?', '#']) => is_scheme(&s[..colon]),
         _ => true,

@@ -276,6 +276,9 @@ async fn structured_mode_refuses_broken_cloudevents() {
         case("source with a space", 400, "malformed", vec![attribute("source")], |c| {
             c.structured_event(c.event_with("source", json!(format!("/{}/my shop", c.tenant.name))))
         }),
+        case("source with a broken escape", 400, "malformed", vec![attribute("source")], |c| {
+            c.structured_event(c.event_with("source", json!(format!("/{}/shop%zz", c.tenant.name))))
+        }),
         case("source with non-ASCII", 400, "malformed", vec![attribute("source")], |c| {
             c.structured_event(c.event_with("source", json!(format!("/{}/café", c.tenant.name))))
         }),
