@@ -980,7 +980,9 @@ pub async fn orders_off_in_kafka_at(brokers: &str, tenant: &TestTenant, orders: 
         }
     }
     if !off.is_empty() {
-        off.extend(partition_ends(brokers, &topic).await);
+        for line in partition_ends(brokers, &topic).await {
+            eprintln!("{line}");
+        }
     }
     off
 }
