@@ -185,12 +185,17 @@ format_storage() {
 
 # The same admin-client call serves wait, status and topics: a Metadata
 # round trip to the broker, so "up" means it really serves clients.
-topic_command() {
+# kafka_tool <class> [args]: one of Kafka's command-line tools, against the
+# broker this stack runs.
+kafka_tool() {
+  local class=$1; shift
   timeout 40 "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
     -Dlog4j2.configurationFile="$CONF_DIR/tools-log4j2.xml" \
-    -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
+    -cp "$LIBS/*" "org.apache.kafka.tools.$class" \
     --bootstrap-server "$BOOTSTRAP" --command-config "$CONF_DIR/admin.properties" "$@"
 }
+
+topic_command() { kafka_tool TopicCommand "$@"; }
 
 answers() {
   port_open "$SLUICE_KAFKA_PORT" && topic_command --list >/dev/null 2>&1
@@ -202,9 +207,7 @@ cmd_start() {
     log "already running (pid $(tracked_pid kafka))"
     return 0
   fi
-  if port_open "$SLUICE_KAFKA_PORT" || port_open "$SLUICE_KAFKA_CONTROLLER_PORT"; then
-    die "port $SLUICE_KAFKA_PORT or $SLUICE_KAFKA_CONTROLLER_PORT is already taken by another process"
-  fi
+  refuse_taken "$SLUICE_KAFKA_PORT" "$SLUICE_KAFKA_CONTROLLER_PORT"
   write_config
   format_storage
   log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller 127.0.0.1:$SLUICE_KAFKA_CONTROLLER_PORT)"
@@ -272,6 +275,18 @@ cmd_topics() {
   topic_command "$@"
 }
 
+# transactions [TransactionsCommand args]: Kafka's transaction tool: `list`,
+# `find-hanging --broker-id 1` (a transaction whose coordinator has forgotten
+# it holds read_committed consumers of its partition back for good),
+# `describe-producers --topic T --partition P`, and `abort --topic T
+# --partition P --start-offset O` to end a hanging one.
+cmd_transactions() {
+  [[ -f $STAMP ]] || die "Kafka is not installed; run: $0 install"
+  [[ -f $CONF_DIR/admin.properties ]] || write_config
+  if (($# == 0)); then set -- list; fi
+  kafka_tool TransactionsCommand "$@"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
@@ -279,5 +294,6 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   topics) shift; cmd_topics "$@" ;;
-  *) echo "usage: $0 install|start|wait|stop|status|topics [TopicCommand args]" >&2; exit 2 ;;
+  transactions) shift; cmd_transactions "$@" ;;
+  *) echo "usage: $0 install|start|wait|stop|status|topics [TopicCommand args]|transactions [TransactionsCommand args]" >&2; exit 2 ;;
 esac

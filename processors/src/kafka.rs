@@ -159,25 +159,25 @@ impl RelayFactory for KafkaRelays {
         let init = producer.clone();
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
-        let positions: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", &name)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .map_err(kafka_err)?;
-        let positions = Arc::new(positions);
-        let reader = positions.clone();
-        let committed = blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(RELAY_TOPIC, 0);
-            reader.committed_offsets(tpl, TXN_TIMEOUT)
-        })
-        .await?;
-        let position = committed.find_partition(RELAY_TOPIC, 0).and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        });
+        let positions = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
+        let position = match committed_position(positions.clone()).await {
+            Ok(position) => position,
+            // A stable read waits while any transactional commit of the
+            // group is pending. Once `init_transactions` returned, no
+            // transaction of this id is open any more (it ended them all,
+            // markers written), and only this id commits to this group: a
+            // commit still pending is an orphan, one whose request reached
+            // the broker after its transaction had ended (seen after a
+            // broker restart). Its value never counts; the last committed
+            // one does, and this owner's first commit replaces the orphan.
+            Err(RelayError::Transient(stable)) => {
+                let plain = Arc::new(relay_group_client(brokers, &name, "read_uncommitted")?);
+                let position = committed_position(plain).await?;
+                tracing::warn!(relay = %name, ?position, %stable, "relay position read past a pending commit of an ended transaction");
+                position
+            }
+            Err(fenced) => return Err(fenced),
+        };
         let group =
             positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
         let relay = KafkaRelay {
@@ -189,6 +189,33 @@ impl RelayFactory for KafkaRelays {
         };
         Ok((relay, position))
     }
+}
+
+/// A client of a relay's consumer group (never joined: it reads the
+/// committed position and lends its group metadata to the transactions).
+fn relay_group_client(brokers: &str, name: &str, isolation: &str) -> Result<BaseConsumer, RelayError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", name)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .create()
+        .map_err(kafka_err)
+}
+
+/// The relay position committed for the group of `client` (`None`: never
+/// committed). A `read_committed` client asks for a stable one.
+async fn committed_position(client: Arc<BaseConsumer>) -> Result<Option<i64>, RelayError> {
+    let committed = blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(RELAY_TOPIC, 0);
+        client.committed_offsets(tpl, TXN_TIMEOUT)
+    })
+    .await?;
+    Ok(committed.find_partition(RELAY_TOPIC, 0).and_then(|e| match e.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }))
 }
 
 /// One partition's transactional producer.

@@ -121,6 +121,21 @@ async fn restart_server(name: &str) {
     .expect("restart thread");
 }
 
+/// Prints what Kafka's transaction tool finds hanging (a transaction its
+/// coordinator no longer knows, which holds every read_committed consumer
+/// of its partition back): the evidence a failed Kafka check needs.
+fn hanging_transactions() {
+    let out = std::process::Command::new(script("kafka"))
+        .args(["transactions", "find-hanging", "--broker-id", "1"])
+        .output()
+        .expect("kafka.sh transactions");
+    eprintln!(
+        "kafka.sh transactions find-hanging:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Makes sure every server is up again, whatever happened (drop guard).
 struct StackBack;
 
@@ -345,10 +360,14 @@ pub async fn run(config: ChaosConfig) -> Summary {
     // the last commands' events may become visible a moment after.
     let group = sluice_projections::runner::group_id(&settings.projector, 1);
     let topics = vec![format!("{}.orders.events", tenant.name)];
-    eventually(config.settle_timeout, "the projection to catch up", || async {
-        crate::caught_up(&settings.kafka.brokers, &group, &topics).await.then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + config.settle_timeout;
+    while !crate::caught_up(&settings.kafka.brokers, &group, &topics).await {
+        if Instant::now() > deadline {
+            hanging_transactions();
+            panic!("the projection did not catch up within {:?}", config.settle_timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // between two lag reads
+    }
 
     // Kafka as a data team reads it: each stored event once, in version
     // order per key, nothing else. Read again while something is off, for a
@@ -364,6 +383,9 @@ pub async fn run(config: ChaosConfig) -> Summary {
     };
     for line in off.iter().take(10) {
         eprintln!("{line}");
+    }
+    if !off.is_empty() {
+        hanging_transactions();
     }
     summary.kafka_mismatches = off.len() as u64;
 

@@ -396,3 +396,67 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     assert_eq!(journal.begin(&partition, third, 5, 0).await.unwrap(), Appended::Applied);
     assert_eq!(seen, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "late")]));
 }
+
+/// A new owner reads the relay position its predecessors committed even
+/// while a transactional commit to the relay's group is pending and never
+/// ends (after a broker restart, a commit request can reach the broker after
+/// its transaction ended: it stays pending for good, and a stable read of
+/// the group waits for it forever). Emulated here by another producer's
+/// transaction left open with a commit to the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, Producer};
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayFactory};
+    use sluice_streams::clusters::{Cluster, Clusters};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned()], 1, Default::default()).await.unwrap();
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
+
+    // An owner relays up to journal seq 7.
+    let (relay, position) = relays.open(&partition, "first").await.unwrap();
+    assert_eq!(position, None, "a new partition has no position");
+    relay.produce(vec![]).await.unwrap();
+    relay.commit(7).await.unwrap();
+
+    // A commit to the relay's group that stays pending.
+    let group = kafka::relay_name(&partition);
+    let pending = tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("transactional.id", format!("pending-{}", uuid::Uuid::new_v4()))
+            .set("transaction.timeout.ms", "600000")
+            .create()
+            .unwrap();
+        producer.init_transactions(WAIT).unwrap();
+        producer.begin_transaction().unwrap();
+        let client: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", KAFKA).set("group.id", &group).create().unwrap();
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets.add_partition_offset(kafka::RELAY_TOPIC, 0, rdkafka::Offset::Offset(99)).unwrap();
+        producer.send_offsets_to_transaction(&offsets, &client.group_metadata().unwrap(), WAIT).unwrap();
+        producer
+    })
+    .await
+    .unwrap();
+
+    // The next owner takes over meanwhile: it gets the committed position.
+    let (relay, position) =
+        tokio::time::timeout(WAIT, relays.open(&partition, "second")).await.expect("open returns").unwrap();
+    assert_eq!(position, Some(7), "the position the first owner committed");
+    relay.produce(vec![]).await.unwrap();
+    relay.commit(9).await.unwrap();
+    drop(relay);
+
+    // The pending commit ends (aborted); the second owner's position stands.
+    tokio::task::spawn_blocking(move || pending.abort_transaction(WAIT).unwrap()).await.unwrap();
+    let (_, position) = relays.open(&partition, "third").await.unwrap();
+    assert_eq!(position, Some(9));
+}
