@@ -1,8 +1,12 @@
 # syntax=docker/dockerfile:1
-# The `sluice` binary (every role and ops verb) with the demo config, for
-# compose/docker-compose.yml or on its own:
+# The `sluice` binary (every role and ops verb), for
+# compose/docker-compose.yml or on its own. It carries no configuration: the
+# demo's (config/dev.toml, whose secret and keys are published) must never be
+# what a container falls back to. Mount yours and name it:
 #   docker build -t sluice:local .
 #   docker run --rm sluice:local --help
+#   docker run -v /etc/sluice:/etc/sluice:ro sluice:local --config /etc/sluice/sluice.toml serve --role all
+# (or set SLUICE_CONFIG). Without one, `serve` stops at once: no tenants.
 
 FROM rust:1-bookworm AS build
 # A C toolchain and zlib headers: rdkafka builds librdkafka from source.
@@ -26,13 +30,11 @@ RUN apt-get update \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin sluice
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
 WORKDIR /app
-COPY config/ /app/config/
 USER sluice
 # Inside a container the edge must listen on all interfaces, not loopback.
-# With the demo configuration it then refuses to start (its secret and keys
-# are published) unless SLUICE_INGEST__DEMO=true, as compose sets it: give
-# the image a configuration of your own.
+# It then refuses to start with a published dev secret or demo key unless
+# SLUICE_INGEST__DEMO=true, as compose sets it for the demo.
 ENV SLUICE_HTTP_ADDR=0.0.0.0:8088
 EXPOSE 8088
 ENTRYPOINT ["sluice"]
-CMD ["--config", "/app/config/dev.toml", "serve", "--role", "all"]
+CMD ["serve", "--role", "all"]

@@ -320,18 +320,6 @@ fn dockerfile() -> String {
     read(&root().join("Dockerfile")).lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n")
 }
 
-/// Where the Dockerfile puts the repo's `config/` in the image.
-fn image_config_dir() -> String {
-    dockerfile()
-        .lines()
-        .find_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next()? == "COPY" && words.next()?.trim_end_matches('/') == "config").then(|| words.next())?
-        })
-        .map(|dest| dest.trim_end_matches('/').to_owned())
-        .expect("the Dockerfile copies config/ into the image")
-}
-
 fn command(service: &Value) -> Vec<String> {
     match service.get("command") {
         Some(Value::Sequence(words)) => words.iter().map(scalar).collect(),
@@ -340,7 +328,24 @@ fn command(service: &Value) -> Vec<String> {
     }
 }
 
-/// The repo file a sluice service's `--config` path names inside the image.
+/// A service's bind mounts: (host path under compose/, container path).
+fn bind_mounts(service: &Value) -> Vec<(PathBuf, String)> {
+    service
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .map(scalar)
+        .filter(|v| v.starts_with('.') || v.starts_with('/'))
+        .map(|v| {
+            let mut parts = v.split(':');
+            (compose_dir().join(parts.next().unwrap()), parts.next().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+/// The repo file a sluice service's `--config` path names inside its
+/// container: the image has none, so it must come through a bind mount.
 fn config_file(name: &str, service: &Value) -> PathBuf {
     let words = command(service);
     let path = words
@@ -348,12 +353,14 @@ fn config_file(name: &str, service: &Value) -> PathBuf {
         .position(|w| w == "--config" || w == "-c")
         .and_then(|i| words.get(i + 1))
         .unwrap_or_else(|| panic!("{name} runs without --config: {words:?}"));
-    let dir = image_config_dir();
-    let rest = path
-        .strip_prefix(&format!("{dir}/"))
-        .unwrap_or_else(|| panic!("{name}: --config {path} is not under {dir}, where the Dockerfile copies config/"));
-    let file = root().join("config").join(rest);
-    assert!(file.is_file(), "{name}: --config {path} is config/{rest} in the repo, which does not exist");
+    let file = bind_mounts(service)
+        .into_iter()
+        .find_map(|(host, inside)| {
+            let rest = path.strip_prefix(&format!("{}/", inside.trim_end_matches('/')))?;
+            Some(host.join(rest))
+        })
+        .unwrap_or_else(|| panic!("{name}: --config {path} is in no directory the service mounts"));
+    assert!(file.is_file(), "{name}: --config {path} is {} on the host, which does not exist", file.display());
     file
 }
 
@@ -707,6 +714,76 @@ fn plugin_list(text: &str) -> BTreeSet<String> {
     let start = text.find('[').expect("a plugin list");
     let end = start + text[start..].find(']').expect("a closed plugin list");
     text[start + 1..end].split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect()
+}
+
+/// The image must not fall back to the demo's published secret and keys:
+/// its final stage copies nothing from config/ (the build stage sees the
+/// whole repo, which does not reach the image), and its default command
+/// names no file.
+#[test]
+fn the_image_carries_no_configuration() {
+    let dockerfile = dockerfile();
+    let final_stage = dockerfile.rsplit_once("\nFROM ").map(|(_, stage)| stage).expect("a multi-stage Dockerfile");
+    for line in final_stage.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"COPY") {
+            let sources: Vec<&&str> =
+                words[1..words.len().saturating_sub(1)].iter().filter(|w| !w.starts_with("--")).collect();
+            assert!(
+                !sources.iter().any(|s| s.trim_end_matches('/') == "config" || s.starts_with("config/") || **s == "."),
+                "the image must not carry config/: {line}"
+            );
+        }
+        if words.first() == Some(&"CMD") || words.first() == Some(&"ENTRYPOINT") {
+            assert!(!line.contains(".toml") && !line.contains("--config"), "the image names a config file: {line}");
+        }
+    }
+    assert!(dockerfile.contains("CMD"), "the Dockerfile has a CMD");
+    assert!(!image_env().contains_key("SLUICE_CONFIG"), "the image names a config file in SLUICE_CONFIG");
+}
+
+/// Each server's data survives a new container: a named volume declared at
+/// the top level, mounted where the server writes.
+#[test]
+fn every_server_keeps_its_data_in_a_named_volume() {
+    let doc = compose();
+    let declared: BTreeSet<String> = doc
+        .get("volumes")
+        .and_then(Value::as_mapping)
+        .expect("a top-level `volumes` mapping")
+        .keys()
+        .map(scalar)
+        .collect();
+    let data_dir = |name: &str, service: &Value| -> String {
+        let env = environment(service);
+        match name {
+            "rabbitmq" => "/var/lib/rabbitmq".into(),
+            "kafka" => env.get("KAFKA_LOG_DIRS").expect("KAFKA_LOG_DIRS").clone(),
+            "registry" => {
+                let url = env.get("APICURIO_DATASOURCE_URL").expect("APICURIO_DATASOURCE_URL");
+                let file = url.strip_prefix("jdbc:h2:file:").expect("a file-backed H2").split(';').next().unwrap();
+                file.rsplit_once('/').map(|(dir, _)| dir).unwrap_or("/").to_owned()
+            }
+            "scylla" => "/var/lib/scylla".into(),
+            other => panic!("say where server {other} keeps its data"),
+        }
+    };
+    let mut checked = Vec::new();
+    for (name, service) in services(&doc).into_iter().filter(|(n, s)| !is_sluice(s) && !n.ends_with("-setup")) {
+        let dir = data_dir(&name, &service);
+        let named = service
+            .get("volumes")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .map(scalar)
+            .find(|v| v.split(':').nth(1).is_some_and(|inside| inside.trim_end_matches('/') == dir))
+            .unwrap_or_else(|| panic!("{name} mounts nothing at its data directory {dir}"));
+        let volume = named.split(':').next().unwrap();
+        assert!(declared.contains(volume), "{name}: {volume} is not a named volume declared under `volumes`");
+        checked.push(name);
+    }
+    assert_eq!(checked.len(), 4, "four servers checked: {checked:?}");
 }
 
 #[test]
