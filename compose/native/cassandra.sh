@@ -312,9 +312,7 @@ start() {
     log "already running (pid $(tracked_pid cassandra))"
     return 0
   fi
-  if port_open "$SLUICE_CQL_PORT" || port_open "$SLUICE_CASSANDRA_STORAGE_PORT"; then
-    die "port $SLUICE_CQL_PORT or $SLUICE_CASSANDRA_STORAGE_PORT is already taken by another process"
-  fi
+  refuse_taken "$SLUICE_CQL_PORT" "$SLUICE_CASSANDRA_STORAGE_PORT" "$SLUICE_CASSANDRA_JMX_PORT"
   write_config
   local opts=(
     -Xms"$CASSANDRA_HEAP" -Xmx"$CASSANDRA_HEAP" -Xss256k

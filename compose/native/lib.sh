@@ -47,6 +47,19 @@ wait_until() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# refuse_taken <port>...: before a server starts, each of its ports must be
+# free. A server this stack did not start (e.g. the RabbitMQ that Debian's
+# package runs on 5672) is reported with its pid, never adopted as ours.
+refuse_taken() {
+  local port who
+  for port in "$@"; do
+    port_open "$port" || continue
+    who="$(ss -ltnpH "sport = :$port" 2>/dev/null |
+      sed -n 's/.*users:(("\([^"]*\)",pid=\([0-9]*\).*/\1 (pid \2)/p' | head -n 1)"
+    die "port $port is taken by ${who:-a process this user cannot see}, which this stack did not start: stop it, or move this server with its SLUICE_*_PORT variable"
+  done
+}
+
 # Background processes are tracked by pid files under $STATE_DIR/run: the pid
 # and the process's start time, so a pid the kernel has since given to another
 # process (after a reboot, or a crash that left the file) is never taken for

@@ -55,7 +55,11 @@ CONF
   chown -R rabbitmq:rabbitmq "$HOME_DIR"
 }
 
-answering() { curl -sf -u guest:guest "$MGMT/overview" >/dev/null; }
+# Our node answers its management API (a broker this stack did not start
+# may answer on the same port: it is not taken for ours).
+answering() {
+  node_pid >/dev/null && curl -sf -u guest:guest "$MGMT/overview" | grep -qF "\"node\":\"$RABBITMQ_NODENAME\""
+}
 
 # The AMQP listener answers a protocol header with connection.start (a method
 # frame, first byte 1). The management API can answer while AMQP does not
@@ -84,6 +88,7 @@ start() {
   # A node that is alive but slow to answer (booting, or busy) must not get
   # a twin: a second node with the same name never boots and wedges the first.
   if node_pid >/dev/null; then log "already running (pid $(node_pid))"; return 0; fi
+  refuse_taken "$SLUICE_RABBITMQ_PORT" "$SLUICE_RABBITMQ_MGMT_PORT" "$RABBITMQ_DIST_PORT"
   write_config
   # An epmd left from before this script bound it to loopback listens on
   # every interface: with no node registered, it goes (the node starts one).

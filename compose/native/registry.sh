@@ -103,10 +103,7 @@ start() {
     return 0
   fi
   [[ -f $APP_DIR/quarkus-run.jar ]] || die "not installed; run: $0 install"
-  local p
-  for p in "$SLUICE_REGISTRY_PORT" "$SLUICE_REGISTRY_MGMT_PORT"; do
-    port_open "$p" && die "port $p is already in use by another process"
-  done
+  refuse_taken "$SLUICE_REGISTRY_PORT" "$SLUICE_REGISTRY_MGMT_PORT"
   local java; java=$(find_java) || die "no JDK 21+ found; set REGISTRY_JAVA"
   write_config
   [[ -f $LOG_FILE ]] && mv -f "$LOG_FILE" "$LOG_FILE.1"

@@ -89,3 +89,39 @@ fn a_stale_pid_file_never_gets_its_pid_signalled() {
     let _ = bystander.kill();
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// A server on a port the stack is about to take (e.g. the RabbitMQ that
+/// Debian's package starts on 5672) is reported with its pid and not taken
+/// for ours: each script's `start` refuses, before it starts anything.
+#[test]
+fn a_server_the_stack_did_not_start_is_reported_not_adopted() {
+    let script =
+        |name: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../compose/native/{name}.sh"));
+    for (name, port_variable) in [
+        ("rabbitmq", "SLUICE_RABBITMQ_PORT"),
+        ("kafka", "SLUICE_KAFKA_PORT"),
+        ("registry", "SLUICE_REGISTRY_PORT"),
+        ("cassandra", "SLUICE_CQL_PORT"),
+    ] {
+        // Someone else's server, on a port of its own.
+        let foreign = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = foreign.local_addr().unwrap().port();
+        let state = std::env::temp_dir().join(format!("sluice-stack-{}", uuid::Uuid::new_v4().simple()));
+        let out = Command::new(script(name))
+            .arg("start")
+            .env("SLUICE_STATE_DIR", &state)
+            .env(port_variable, port.to_string())
+            // Another node name: the stack's own node (running now) is not asked.
+            .env("SLUICE_RABBITMQ_NODENAME", format!("foreign-test-{port}@localhost"))
+            .output()
+            .expect("stack script");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{name}.sh start went ahead on a taken port {port}: {err}");
+        let me = format!("pid {}", std::process::id());
+        assert!(
+            err.contains(&format!("port {port} is taken")) && err.contains(&me) && err.contains("did not start"),
+            "{name}.sh must name the port and who holds it ({me}): {err}"
+        );
+        let _ = std::fs::remove_dir_all(&state);
+    }
+}
