@@ -59,11 +59,11 @@ pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
 }
 
 /// Adds the columns of [`cql::ADDED_COLUMNS`] a store created before them
-/// lacks. Two roles starting at once may both add one: the second is told
-/// it exists, which is what it wanted.
+/// lacks. Two roles starting at once may both add one: the second's ALTER
+/// fails, and the schema, read again, says whether the column is there.
 async fn add_missing_columns(session: &Session, keyspace: &str) -> anyhow::Result<()> {
-    for (table, column, cql_type) in cql::ADDED_COLUMNS {
-        let existing = session
+    let has_column = |table: &'static str, column: &'static str| async move {
+        let rows = session
             .query_unpaged(
                 "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
                 (keyspace, table, column),
@@ -73,12 +73,14 @@ async fn add_missing_columns(session: &Session, keyspace: &str) -> anyhow::Resul
             .into_rows_result()
             .context("reading the schema")?
             .rows_num();
-        if existing > 0 {
+        anyhow::Ok(rows > 0)
+    };
+    for (table, column, cql_type) in cql::ADDED_COLUMNS {
+        if has_column(table, column).await? {
             continue;
         }
         if let Err(e) = session.query_unpaged(cql::add_column(table, column, cql_type), ()).await {
-            let added_meanwhile = e.to_string().contains("conflicts with an existing column");
-            if !added_meanwhile {
+            if !has_column(table, column).await? {
                 return Err(e).with_context(|| format!("adding column {column} to {table}"));
             }
         }

@@ -858,6 +858,16 @@ pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
         .expect("run sluice")
 }
 
+/// [`run_sluice`], read as an operator reads it: (exit 0?, stdout, stderr).
+pub fn sluice_says(settings: &Settings, args: &[&str]) -> (bool, String, String) {
+    let out = run_sluice(settings, args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Every record of a topic from the beginning, read for a few seconds by a
 /// consumer group of its own.
 pub async fn read_topic(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {

@@ -166,15 +166,6 @@ async fn a_purge_limited_to_confirmed_ids_leaves_every_other_match() {
 }
 
 /// `sluice <args>`: whether it succeeded, its stdout and stderr.
-fn sluice(settings: &sluice_cli::settings::Settings, args: &[&str]) -> (bool, String, String) {
-    let out = run_sluice(settings, args);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The `sluice` binary as an operator (or a script) runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn destructive_verbs_need_a_justification_a_filter_or_all_and_a_confirmation_and_archive_what_they_remove() {
@@ -188,17 +179,17 @@ async fn destructive_verbs_need_a_justification_a_filter_or_all_and_a_confirmati
     let audit = AuditLog::new(sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)"));
 
     // The old spelling, where --reason was the justification: refused.
-    let (ok, _, err) = sluice(&settings, &["dlq", "purge", "--tenant", t, "--reason", "timeout", "--yes"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "purge", "--tenant", t, "--reason", "timeout", "--yes"]);
     assert!(!ok && err.contains("--why"), "{err}");
     // No filter and no --all: refused.
-    let (ok, _, err) = sluice(&settings, &["dlq", "purge", "--tenant", t, "--why", "cleanup", "--yes"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "purge", "--tenant", t, "--why", "cleanup", "--yes"]);
     assert!(!ok && err.contains("--all"), "{err}");
     // Not at a terminal and no --yes: shown, not confirmed.
     let (ok, _, err) =
-        sluice(&settings, &["dlq", "purge", "--tenant", t, "--class", "malformed", "--why", "broken client"]);
+        sluice_says(&settings, &["dlq", "purge", "--tenant", t, "--class", "malformed", "--why", "broken client"]);
     assert!(!ok && err.contains("not confirmed") && err.contains("i-001"), "{err}");
     // A dry run says what would go.
-    let (ok, out, err) = sluice(
+    let (ok, out, err) = sluice_says(
         &settings,
         &["dlq", "purge", "--tenant", t, "--class", "malformed", "--why", "broken client", "--dry-run", "--json"],
     );
@@ -209,7 +200,7 @@ async fn destructive_verbs_need_a_justification_a_filter_or_all_and_a_confirmati
     assert!(audit.list(Some(t), 10).await.unwrap().is_empty(), "nothing removed, nothing recorded");
 
     // Confirmed: the four go, archived with the audit row.
-    let (ok, out, err) = sluice(
+    let (ok, out, err) = sluice_says(
         &settings,
         &["dlq", "purge", "--tenant", t, "--class", "malformed", "--why", "broken client", "--yes", "--json"],
     );
@@ -218,7 +209,7 @@ async fn destructive_verbs_need_a_justification_a_filter_or_all_and_a_confirmati
     assert_eq!(report["removed"], 4, "{report}");
     assert_eq!(queue_depth(&dlq_name).await, 2);
     let audit_id = report["queues"][0]["audit_id"].as_str().expect("audit id").to_owned();
-    let (ok, out, err) = sluice(&settings, &["dlq", "archive", &audit_id, "--tenant", t, "--json"]);
+    let (ok, out, err) = sluice_says(&settings, &["dlq", "archive", &audit_id, "--tenant", t, "--json"]);
     assert!(ok, "{err}");
     let archived: Vec<serde_json::Value> = serde_json::from_str(&out).expect("archive JSON");
     let expected: Vec<&SeedLetter> =
@@ -235,18 +226,19 @@ async fn destructive_verbs_need_a_justification_a_filter_or_all_and_a_confirmati
     assert_eq!((entries.len(), entries[0].reason.as_deref()), (1, Some("broken client")));
 
     // delete: a dry run removes nothing, then it goes and is archived too.
-    let (ok, _, err) = sluice(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--dry-run"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--dry-run"]);
     assert!(ok, "{err}");
     assert_eq!(queue_depth(&dlq_name).await, 2);
-    let (ok, _, err) = sluice(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup"]);
     assert!(!ok && err.contains("not confirmed"), "{err}");
-    let (ok, _, err) = sluice(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--yes"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--yes"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = sluice(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--yes"]);
+    let (ok, _, err) = sluice_says(&settings, &["dlq", "delete", "i-000", "--tenant", t, "--why", "dup", "--yes"]);
     assert!(!ok && err.contains("no dead letter i-000"), "gone: {err}");
 
     // --all takes the rest.
-    let (ok, out, err) = sluice(&settings, &["dlq", "purge", "--tenant", t, "--all", "--why", "end of test", "--yes"]);
+    let (ok, out, err) =
+        sluice_says(&settings, &["dlq", "purge", "--tenant", t, "--all", "--why", "end of test", "--yes"]);
     assert!(ok, "{err}");
     assert!(out.contains("removed 1"), "{out}");
     assert_eq!(queue_depth(&dlq_name).await, 0);

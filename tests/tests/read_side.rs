@@ -133,12 +133,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     let drop_v1 = |extra: &[&str]| {
         let mut args = vec!["replay", projection.as_str(), "--drop-version", "1"];
         args.extend_from_slice(extra);
-        let out = run_sluice(&settings, &args);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        sluice_says(&settings, &args)
     };
     let (ok, _, err) = drop_v1(&["--yes"]);
     assert!(!ok && err.contains("--why"), "{err}");

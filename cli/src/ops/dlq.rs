@@ -532,7 +532,10 @@ impl Dlq {
                     "ack-mode": "on-confirm",
                 });
                 let mut row = record.begin(dlq, to).await?;
-                let at_destination = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
+                let before = ShovelStart {
+                    at_destination: walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready),
+                    dlq_consumers: walk::queue_counts(&self.connection, &dlq.queue).await?.map_or(0, |(_, c)| c),
+                };
                 report.audit_ids.push(row.id.clone());
                 self.management.put_shovel(&name, &definition).await?;
                 let moved_before = report.moved;
@@ -549,15 +552,13 @@ impl Dlq {
                     Ok(Shovelled::All) => u64::from(depth),
                     Ok(Shovelled::Stopped) => {
                         report.interrupted = true;
-                        let stopped = self.stop_shovel(&name, dlq, depth, to, at_destination).await?;
+                        let stopped = self.stop_shovel(&name, dlq, depth, to, &before).await?;
                         report.copied_twice += stopped.copied_twice;
                         stopped.moved
                     }
                     Err(e) => {
-                        let moved = self
-                            .stop_shovel(&name, dlq, depth, to, at_destination)
-                            .await
-                            .map_or(0, |stopped| stopped.moved);
+                        let moved =
+                            self.stop_shovel(&name, dlq, depth, to, &before).await.map_or(0, |stopped| stopped.moved);
                         record.audit.add_count(&mut row, moved as i64).await?;
                         record.audit.finish(&row, "failed", &format!("after moving {moved}: {e}")).await?;
                         return Err(e);
@@ -633,7 +634,7 @@ impl Dlq {
     /// its source in batches after the destination confirmed: deleted
     /// midway, the copies it made are in the destination and what it had
     /// not acked yet is back in the DLQ, some of it twice. Counted from both
-    /// queues once its consumer is gone (dead letters arriving meanwhile
+    /// queues once the shovel is gone (dead letters arriving meanwhile
     /// make `copied_twice` an overcount, never a loss).
     async fn stop_shovel(
         &self,
@@ -641,16 +642,20 @@ impl Dlq {
         dlq: &DlqRef,
         depth: u32,
         to: &str,
-        at_destination: u32,
+        before: &ShovelStart,
     ) -> Result<Stopped, OpsError> {
         self.management.delete_shovel(name).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            // Its consumer gone, what it held unacked is ready again.
+            // Once the shovel's own consumer is gone (its status first, then
+            // the DLQ's consumers back to those it had before the shovel: a
+            // processor's re-drive may be one), what it held unacked is
+            // ready again.
             let (ready, consumers) = walk::queue_counts(&self.connection, &dlq.queue).await?.unwrap_or((0, 0));
-            if consumers == 0 || std::time::Instant::now() > deadline {
+            let gone = consumers <= before.dlq_consumers && self.management.shovel_status(name).await?.is_none();
+            if gone || std::time::Instant::now() > deadline {
                 let copies = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
-                let moved = u64::from(copies.saturating_sub(at_destination));
+                let moved = u64::from(copies.saturating_sub(before.at_destination));
                 let left = u64::from(ready);
                 return Ok(Stopped { moved, copied_twice: (moved + left).saturating_sub(u64::from(depth)) });
             }
@@ -807,6 +812,14 @@ impl Dlq {
             }
         }
     }
+}
+
+/// What a broker shovel's stop compares with: the queues as it found them.
+struct ShovelStart {
+    /// Messages ready in the destination.
+    at_destination: u32,
+    /// Consumers of the DLQ other than the shovel.
+    dlq_consumers: u32,
 }
 
 /// What a broker shovel stopped midway had done.
