@@ -57,6 +57,7 @@ EOF
   maven_fetch "$LIBS" "$HOME_DIR/pom.xml"
   [[ -f $LIBS/cassandra-all-$CASSANDRA_VERSION.jar ]] || die "cassandra-all jar missing after fetch"
   ls "$LIBS"/logback-classic-*.jar >/dev/null 2>&1 || die "logback-classic missing after fetch"
+  verify_download "$LIBS" cassandra
   echo "$CASSANDRA_VERSION" >"$LIBS/.complete"
   log "installed $(ls "$LIBS"/*.jar | wc -l) jars into $LIBS"
 }
@@ -313,6 +314,7 @@ start() {
     return 0
   fi
   refuse_taken "$SLUICE_CQL_PORT" "$SLUICE_CASSANDRA_STORAGE_PORT" "$SLUICE_CASSANDRA_JMX_PORT"
+  verify_download "$LIBS" cassandra
   write_config
   local opts=(
     -Xms"$CASSANDRA_HEAP" -Xmx"$CASSANDRA_HEAP" -Xss256k

@@ -79,6 +79,7 @@ cmd_install() {
   # log4j-core without LOG4J_VERSION following it.
   [[ -f $LIBS.tmp/log4j-core-$LOG4J_VERSION.jar ]] \
     || die "Kafka $KAFKA_VERSION pulls in $(cd "$LIBS.tmp" && ls log4j-core-*.jar), not $LOG4J_VERSION: update LOG4J_VERSION (and SLF4J_VERSION) in $0"
+  verify_download "$LIBS.tmp" kafka
   touch "$LIBS.tmp/$(basename "$STAMP")"
   rm -rf "$LIBS"
   mv "$LIBS.tmp" "$LIBS"
@@ -208,6 +209,7 @@ cmd_start() {
     return 0
   fi
   refuse_taken "$SLUICE_KAFKA_PORT" "$SLUICE_KAFKA_CONTROLLER_PORT"
+  verify_download "$LIBS" kafka
   write_config
   format_storage
   log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller 127.0.0.1:$SLUICE_KAFKA_CONTROLLER_PORT)"

@@ -130,8 +130,27 @@ stop_bg() {
 
 # maven_fetch <dest-dir> <pom-file>: copies the runtime dependencies declared
 # by a throwaway pom into dest-dir (once; Maven's own cache makes reruns cheap).
+# --strict-checksums: a file that does not match the repository's checksum
+# fails the fetch (by default Maven only warns, and -q hides the warning).
 maven_fetch() {
   local dest=$1 pom=$2
-  mvn -q -B -f "$pom" dependency:copy-dependencies \
+  mvn -q -B -Dstyle.color=never --strict-checksums -f "$pom" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$dest" >&2
+}
+
+# verify_download <dir> <server>: every file that compose/native/checksums/
+# <server>.sha256 pins is in <dir> with that SHA-256, and <dir> holds no jar
+# or archive the list does not name (anything there would run as root). The
+# repository's own checksum only says the file arrived as the repository
+# has it; the pinned list says it is the file this stack was written for.
+# After a version bump, check the new files against Maven Central's published
+# checksums and pin them: (cd <dir> && sha256sum *.jar) > checksums/<server>.sha256
+verify_download() {
+  local dir=$1 list="$NATIVE_DIR/checksums/$2.sha256" unpinned
+  [[ -f $list ]] || die "no pinned checksums for $2 ($list)"
+  (cd "$dir" && sha256sum --quiet --strict -c "$list" >&2) ||
+    die "a file in $dir does not match the SHA-256 pinned in $list: not run"
+  unpinned="$(cd "$dir" && comm -13 <(awk '{print $2}' "$list" | sort) \
+    <(find . -maxdepth 1 -type f \( -name '*.jar' -o -name '*.tar.gz' \) -printf '%f\n' | sort))"
+  [[ -z $unpinned ]] || die "$dir holds files $list does not pin, which would run: $unpinned"
 }

@@ -39,7 +39,9 @@ need_curl() { command -v curl >/dev/null || die "curl is required (apt-get insta
 
 install() {
   find_java >/dev/null || die "Apicurio $VERSION needs a JDK 21 or newer (none under /usr/lib/jvm; set REGISTRY_JAVA)"
-  if [[ -f $APP_DIR/quarkus-run.jar ]]; then
+  # .verified: unpacked from an archive that matched its pinned SHA-256 (an
+  # install from before the pin is done again; Maven's cache makes it quick).
+  if [[ -f $APP_DIR/quarkus-run.jar && -f $APP_DIR/.verified ]]; then
     log "Apicurio Registry $VERSION already in $APP_DIR"
     return 0
   fi
@@ -48,11 +50,15 @@ install() {
   rm -rf "$dl" "$partial"
   mkdir -p "$dl" "$partial"
   log "fetching $ARTIFACT from Maven Central (~160 MB)"
-  mvn -q -B "$DEP_PLUGIN:copy" -Dartifact="$ARTIFACT" -DoutputDirectory="$dl" >&2 \
+  mvn -q -B -Dstyle.color=never --strict-checksums "$DEP_PLUGIN:copy" -Dartifact="$ARTIFACT" -DoutputDirectory="$dl" >&2 \
     || die "maven could not fetch $ARTIFACT"
+  # Checked before anything of it is unpacked, let alone run.
+  verify_download "$dl" registry
   tar -xzf "$dl/apicurio-registry-app-$VERSION-all.tar.gz" -C "$partial"
   [[ -f $partial/quarkus-run.jar ]] || die "archive has no quarkus-run.jar at its top"
+  touch "$partial/.verified"
   # Renamed only when complete, so an interrupted install is retried in full.
+  rm -rf "$APP_DIR"
   mv "$partial" "$APP_DIR"
   rm -rf "$dl"
   log "installed in $APP_DIR"
@@ -102,7 +108,7 @@ start() {
     log "already running (pid $(tracked_pid registry))"
     return 0
   fi
-  [[ -f $APP_DIR/quarkus-run.jar ]] || die "not installed; run: $0 install"
+  [[ -f $APP_DIR/quarkus-run.jar && -f $APP_DIR/.verified ]] || die "not installed (or not from a verified archive); run: $0 install"
   refuse_taken "$SLUICE_REGISTRY_PORT" "$SLUICE_REGISTRY_MGMT_PORT"
   local java; java=$(find_java) || die "no JDK 21+ found; set REGISTRY_JAVA"
   write_config

@@ -125,3 +125,44 @@ fn a_server_the_stack_did_not_start_is_reported_not_adopted() {
         let _ = std::fs::remove_dir_all(&state);
     }
 }
+
+/// What the stack downloads runs as root: a jar that is not the one pinned
+/// (changed by a byte) or not pinned at all is refused before it runs.
+#[test]
+fn downloads_run_only_if_they_match_their_pinned_checksums() {
+    let cache = std::env::var("SLUICE_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice"));
+    let libs = cache.join("kafka/libs");
+    let state = std::env::temp_dir().join(format!("sluice-stack-{}", uuid::Uuid::new_v4().simple()));
+    let copy = state.join("libs");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&libs).unwrap_or_else(|e| panic!("{} (make up installs Kafka): {e}", libs.display()))
+    {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let verify = || with_lib(&state, &format!("verify_download {} kafka", copy.display()));
+
+    let out = verify();
+    assert!(out.status.success(), "the installed jars are the pinned ones: {}", String::from_utf8_lossy(&out.stderr));
+
+    // One byte changed in one jar.
+    let victim = copy.join("kafka-clients-4.4.0.jar");
+    let mut bytes = std::fs::read(&victim).expect("kafka-clients is installed");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    let out = verify();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("kafka-clients-4.4.0.jar") && err.contains("not run"), "{err}");
+    bytes[last] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    // A jar nobody pinned, which the classpath would pick up.
+    std::fs::write(copy.join("extra.jar"), b"PK").unwrap();
+    let out = verify();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("extra.jar") && err.contains("does not pin"), "{err}");
+    let _ = std::fs::remove_dir_all(&state);
+}
