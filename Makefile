@@ -4,7 +4,7 @@ CONFIG ?= config/dev.toml
 CARGO ?= cargo
 SLUICE := target/debug/sluice
 
-.PHONY: help prereqs up down status build run test unit fmt lint bench
+.PHONY: help prereqs up down status schema build run test unit fmt lint bench
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -24,14 +24,17 @@ status: ## one line per server
 build: prereqs ## build every crate and the sluice binary
 	$(CARGO) build --workspace
 
-run: up build ## the stack plus every sluice role with the demo config, in the foreground
+schema: up ## create the CQL keyspace, tables and columns where missing (sluice schema apply)
+	$(CARGO) build -p sluice-cli
+	$(SLUICE) --config $(CONFIG) schema apply
+
+run: schema build ## the stack plus every sluice role with the demo config, in the foreground
 	$(SLUICE) --config $(CONFIG) serve --role all
 
-test: up ## start the stack if needed and run every test
-	$(CARGO) build -p sluice-cli  # tests that run the sluice binary need it built
+test: schema ## start the stack if needed and run every test (the schema applied, the binary built)
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: up ## release build, then `sluice bench` (full mode, a few minutes) with $(CONFIG)
+bench: schema ## release build, then `sluice bench` (full mode, a few minutes) with $(CONFIG)
 	$(CARGO) build --release -p sluice-cli
 	target/release/sluice --config $(CONFIG) bench $(BENCH_ARGS)
 

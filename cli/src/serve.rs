@@ -38,55 +38,108 @@ impl Role {
     }
 }
 
-/// Connects to the CQL store and creates the keyspace and tables if missing.
-pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
-    let session = SessionBuilder::new()
+/// The keyspace, a table or a column the code needs is not in the CQL store:
+/// `sluice schema apply` creates them. Nothing else does, so a mistyped
+/// keyspace name fails here rather than start an empty store of its own.
+#[derive(Debug, thiserror::Error)]
+#[error("the CQL store lacks {0}: create the schema with `sluice schema apply` (make schema)")]
+pub struct SchemaMissing(pub String);
+
+async fn session(settings: &Settings) -> anyhow::Result<Session> {
+    SessionBuilder::new()
         .known_nodes(&settings.cql.nodes)
         .connection_timeout(Duration::from_secs(5))
         .build()
         .await
-        .with_context(|| format!("connecting to the CQL store at {:?}", settings.cql.nodes))?;
-    session
-        .query_unpaged(cql::create_keyspace(&settings.cql.keyspace, settings.cql.replication_factor), ())
-        .await
-        .context("creating the keyspace")?;
-    session.use_keyspace(&settings.cql.keyspace, false).await.context("using the keyspace")?;
-    for statement in cql::create_tables() {
-        session.query_unpaged(statement, ()).await.context("creating tables")?;
+        .with_context(|| format!("connecting to the CQL store at {:?}", settings.cql.nodes))
+}
+
+/// Connects to the CQL store, on the configured keyspace, once it holds
+/// every table and column the code uses ([`SchemaMissing`] otherwise).
+pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
+    let session = session(settings).await?;
+    let keyspace = &settings.cql.keyspace;
+    let tables = table_names(&session, keyspace).await?;
+    if tables.is_empty() {
+        return Err(SchemaMissing(format!("keyspace {keyspace}")).into());
     }
-    add_missing_columns(&session, &settings.cql.keyspace).await?;
+    if let Some(table) = cql::table_names().into_iter().find(|t| !tables.contains(t)) {
+        return Err(SchemaMissing(format!("table {keyspace}.{table}")).into());
+    }
+    for (table, column, _) in cql::ADDED_COLUMNS {
+        if !has_column(&session, keyspace, table, column).await? {
+            return Err(SchemaMissing(format!("column {column} of {keyspace}.{table}")).into());
+        }
+    }
+    session.use_keyspace(keyspace, false).await.context("using the keyspace")?;
     Ok(Arc::new(session))
 }
 
-/// Adds the columns of [`cql::ADDED_COLUMNS`] a store created before them
-/// lacks. Two roles starting at once may both add one: the second's ALTER
-/// fails, and the schema, read again, says whether the column is there.
-async fn add_missing_columns(session: &Session, keyspace: &str) -> anyhow::Result<()> {
-    let has_column = |table: &'static str, column: &'static str| async move {
-        let rows = session
-            .query_unpaged(
-                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
-                (keyspace, table, column),
-            )
-            .await
-            .context("reading the schema")?
-            .into_rows_result()
-            .context("reading the schema")?
-            .rows_num();
-        anyhow::Ok(rows > 0)
-    };
+/// What `sluice schema apply` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SchemaReport {
+    pub keyspace: String,
+    pub tables_created: Vec<String>,
+    pub columns_added: Vec<String>,
+}
+
+/// Creates the keyspace, the tables and the columns the code needs where
+/// missing (idempotent; safe while roles run). Read-model tables of a
+/// projection version are the projector's, created with their version.
+pub async fn apply_schema(settings: &Settings) -> anyhow::Result<SchemaReport> {
+    let session = session(settings).await?;
+    let keyspace = &settings.cql.keyspace;
+    session
+        .query_unpaged(cql::create_keyspace(keyspace, settings.cql.replication_factor), ())
+        .await
+        .context("creating the keyspace")?;
+    let before = table_names(&session, keyspace).await?;
+    session.use_keyspace(keyspace, false).await.context("using the keyspace")?;
+    for statement in cql::create_tables() {
+        session.query_unpaged(statement, ()).await.context("creating tables")?;
+    }
+    let tables_created = cql::table_names().into_iter().filter(|t| !before.contains(t)).collect();
+    let mut columns_added = Vec::new();
     for (table, column, cql_type) in cql::ADDED_COLUMNS {
-        if has_column(table, column).await? {
+        if has_column(&session, keyspace, table, column).await? {
             continue;
         }
+        // Two applies at once may both add it: the second's ALTER fails,
+        // and the schema, read again, says whether the column is there.
         if let Err(e) = session.query_unpaged(cql::add_column(table, column, cql_type), ()).await {
-            if !has_column(table, column).await? {
+            if !has_column(&session, keyspace, table, column).await? {
                 return Err(e).with_context(|| format!("adding column {column} to {table}"));
             }
         }
         info!(table, column, "added a column the table lacked");
+        columns_added.push(format!("{table}.{column}"));
     }
-    Ok(())
+    Ok(SchemaReport { keyspace: keyspace.clone(), tables_created, columns_added })
+}
+
+async fn table_names(session: &Session, keyspace: &str) -> anyhow::Result<Vec<String>> {
+    let rows = session
+        .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
+        .await
+        .context("reading the schema")?
+        .into_rows_result()
+        .context("reading the schema")?;
+    let names = rows.rows::<(String,)>().context("reading the schema")?;
+    names.map(|r| r.map(|(name,)| name).context("reading the schema")).collect()
+}
+
+async fn has_column(session: &Session, keyspace: &str, table: &str, column: &str) -> anyhow::Result<bool> {
+    let rows = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .context("reading the schema")?
+        .into_rows_result()
+        .context("reading the schema")?
+        .rows_num();
+    Ok(rows > 0)
 }
 
 /// Connects to the RabbitMQ at `url` (a tenant's, or `amqp.url`).
@@ -207,6 +260,8 @@ where
     loop {
         match step().await {
             Ok(value) => return Ok(value),
+            // A missing schema is not a server starting up: say so now.
+            Err(e) if e.is::<SchemaMissing>() => return Err(e),
             Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() => {
                 warn!(error = %e, "{what} unavailable at startup; retrying");
                 tokio::time::sleep(delay).await;

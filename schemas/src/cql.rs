@@ -18,6 +18,14 @@ pub fn create_tables() -> Vec<String> {
     statements(TABLES)
 }
 
+/// The names of the tables [`create_tables`] creates.
+pub fn table_names() -> Vec<String> {
+    create_tables()
+        .iter()
+        .filter_map(|s| s.strip_prefix("CREATE TABLE IF NOT EXISTS ")?.split(['(', ' ']).next().map(str::to_owned))
+        .collect()
+}
+
 /// Columns added to a table after it was first released: a store created
 /// before has the table without them (`CREATE TABLE IF NOT EXISTS` leaves it
 /// as it is), so they are added where missing (table, column, CQL type).
@@ -56,6 +64,8 @@ mod tests {
         let statements = super::create_tables();
         assert!(statements.len() >= 3);
         assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+        assert_eq!(super::table_names().len(), statements.len());
+        assert!(super::table_names().contains(&"command_journal".to_owned()));
         let versioned = super::create_read_model_tables("orders", 7);
         assert_eq!(versioned.len(), 3);
         assert!(versioned[0].contains("orders_by_id_v7"));

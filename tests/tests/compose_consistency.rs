@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use serde_yaml::Value;
 use sluice_cli::settings::{Settings, ALIASES};
 
+/// The one-shot sluice service that creates the CQL schema.
+const SCHEMA_SERVICE: &str = "sluice-schema";
 const SLUICE_SERVICES: [(&str, &str); 3] =
     [("sluice-ingest", "ingest"), ("sluice-processor", "processor"), ("sluice-projector", "projector")];
 
@@ -425,8 +427,22 @@ fn the_compose_file_has_the_servers_and_the_sluice_roles() {
             "{name} must run `serve --role {role}`, runs {words:?}"
         );
     }
+    // And the one-shot task that creates the CQL schema (the roles create
+    // none), which every role waits for.
+    let schema = service(&doc, SCHEMA_SERVICE);
+    assert!(is_sluice(&schema), "{SCHEMA_SERVICE} must build the sluice image");
+    assert!(command(&schema).windows(2).any(|w| w == ["schema", "apply"]), "{SCHEMA_SERVICE} runs `schema apply`");
+    for (name, _) in SLUICE_SERVICES {
+        let condition = service(&doc, name)
+            .get("depends_on")
+            .and_then(|d| d.get(SCHEMA_SERVICE))
+            .and_then(|d| d.get("condition"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        assert_eq!(condition.as_deref(), Some("service_completed_successfully"), "{name} must wait for the schema");
+    }
     let sluice: Vec<String> = services(&doc).into_iter().filter(|(_, s)| is_sluice(s)).map(|(n, _)| n).collect();
-    assert_eq!(sluice.len(), SLUICE_SERVICES.len(), "unexpected sluice services: {sluice:?}");
+    assert_eq!(sluice.len(), SLUICE_SERVICES.len() + 1, "unexpected sluice services: {sluice:?}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod dlq;
 pub mod dlt;
 pub mod replay;
+pub mod schema;
 pub mod status;
 
 /// Who acts and why, for the verbs the audit log records. `--why` is the
