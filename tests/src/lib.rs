@@ -829,6 +829,22 @@ pub async fn dlq_ops() -> sluice_cli::ops::dlq::Dlq {
     sluice_cli::ops::dlq::Dlq::connect(url, management).await.expect("RabbitMQ at 127.0.0.1:5672 (make up)")
 }
 
+/// A parking queue of `tenant` (a quorum queue beside its work queues).
+pub async fn parking_queue(tenant: &TestTenant) -> String {
+    let parking = format!("{}.parking", orders_queue(tenant));
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    parking
+}
+
 /// The DLQs of one test tenant.
 pub fn tenant_scope(tenant: &TestTenant) -> sluice_cli::ops::dlq::Scope {
     sluice_cli::ops::dlq::Scope::new(&[], Some(&tenant.name), Some("orders")).expect("scope")

@@ -51,22 +51,6 @@ async fn audit_for(settings: &sluice_cli::settings::Settings) -> (AuditLog, Who)
     (AuditLog::new(session), Who { actor: "test-ops".into(), reason: "the outage is over".into() })
 }
 
-/// A parking queue of `tenant` (a quorum queue beside its work queues).
-async fn parking_queue(tenant: &TestTenant) -> String {
-    let parking = format!("{}.parking", orders_queue(tenant));
-    let connection =
-        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(parking.as_str().into(), durable, args).await.unwrap();
-    let _ = connection.close(200, "declared".into()).await;
-    parking
-}
-
 fn counts(listing: &sluice_cli::ops::dlq::Listing) -> BTreeMap<(String, String), u64> {
     listing.groups.iter().map(|g| ((g.command_type.clone(), g.error_class.clone()), g.count)).collect()
 }

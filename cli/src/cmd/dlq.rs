@@ -87,6 +87,11 @@ enum Verb {
         /// At most this many messages per second.
         #[arg(long)]
         rate: Option<f64>,
+        /// Hold messages unacked this long at most (default 60): then give
+        /// them back and walk on, so a slow shovel never outlasts the
+        /// broker's consumer timeout.
+        #[arg(long)]
+        window_seconds: Option<f64>,
         /// Show what would move; move nothing.
         #[arg(long)]
         dry_run: bool,
@@ -268,7 +273,7 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
                 Ok(())
             }
         }
-        Verb::Shovel { filter, reason, to, to_foreign, who, limit, rate, dry_run, json } => {
+        Verb::Shovel { filter, reason, to, to_foreign, who, limit, rate, window_seconds, dry_run, json } => {
             let scope = filter.scope.scope(settings)?;
             let foreign = to_foreign.is_some();
             let to = to.or(to_foreign);
@@ -281,7 +286,11 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
                 on_signal.cancel();
             });
             let partitions = Some(settings.amqp.partitions);
-            let options = ShovelOptions { to, limit, rate, dry_run, partitions, foreign, stop: stop.clone() };
+            if window_seconds.is_some_and(|w| !(w > 0.0 && w.is_finite())) {
+                anyhow::bail!("--window-seconds must be a positive number");
+            }
+            let window = window_seconds.map(Duration::from_secs_f64);
+            let options = ShovelOptions { to, limit, rate, dry_run, partitions, foreign, stop: stop.clone(), window };
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
             let who = Who { actor: who.actor(), reason: who.why };
             let bar = (!json).then(|| {

@@ -168,6 +168,38 @@ pub struct ShovelOptions {
     /// Cancelled (Ctrl-C): stop after the message in hand; a broker shovel
     /// is deleted, what it had not yet moved stays in the DLQ.
     pub stop: CancellationToken,
+    /// How long a client-side shovel holds messages unacked at most
+    /// (default [`SHOVEL_WINDOW`]): then it gives back what it holds and
+    /// walks on from the queue's head, so no message is held past the
+    /// broker's consumer timeout (30 min by default), however slow the
+    /// `--rate`.
+    pub window: Option<Duration>,
+}
+
+/// The default [`ShovelOptions::window`]: far below any consumer timeout a
+/// broker would be given, long enough that walking past the messages a
+/// filter leaves in place costs little.
+pub const SHOVEL_WINDOW: Duration = Duration::from_secs(60);
+
+/// What one pass of a client-side shovel over a DLQ is to do.
+struct PassPlan {
+    /// Messages at the queue's head that earlier passes looked at and left.
+    skip: u32,
+    /// Messages earlier passes looked at.
+    examined_before: u32,
+    /// When the pass gives back what it holds.
+    deadline: tokio::time::Instant,
+}
+
+/// How one pass of a client-side shovel over a DLQ ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Every message it was about was looked at (or someone took the rest).
+    Done,
+    /// `--limit` reached.
+    LimitReached,
+    /// Its window is over: what it holds goes back, and a new pass starts.
+    WindowOver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -363,45 +395,65 @@ impl Dlq {
             return Ok(report);
         }
         let mut destination_exists: HashMap<String, bool> = HashMap::new();
+        let window = options.window.unwrap_or(SHOVEL_WINDOW);
         for dlq in &scope.dlqs {
-            let Some(mut walk) = self.walk(dlq).await? else {
+            let Some(info) = self.management.queue(&dlq.queue).await? else {
                 report.queues.push(QueueSeen::missing(dlq));
                 continue;
             };
+            walk::ensure_walkable(&dlq.queue, &info)?;
             // Written before the first move from this queue, finished after
             // its last (a queue nothing moved from gets no row).
             let mut row = None;
-            let moved = self
-                .shovel_queue(
-                    &record,
-                    dlq,
-                    &mut walk,
-                    &mut row,
-                    &mut pace,
-                    &publisher,
-                    &mut report,
-                    &mut destination_exists,
-                    progress,
-                )
-                .await;
+            // Passes, each holding messages for one window at most. A pass
+            // after the first looks at what the earlier ones left of the
+            // messages the first found (they come back first, in order);
+            // dead letters that arrived since are not its business.
+            let (mut seen, mut left) = (None::<QueueSeen>, u32::MAX);
+            let mut plan = PassPlan { skip: 0, examined_before: 0, deadline: tokio::time::Instant::now() };
+            let ended = loop {
+                let mut walk = Walk::start_at_most(&self.connection, &dlq.queue, MAX_HELD, left).await?;
+                plan.deadline = tokio::time::Instant::now() + window;
+                let pass = self
+                    .shovel_queue(
+                        &record,
+                        dlq,
+                        &mut walk,
+                        &mut row,
+                        &mut pace,
+                        &publisher,
+                        &mut report,
+                        &mut destination_exists,
+                        &plan,
+                        progress,
+                    )
+                    .await;
+                // The message in hand when the window closed was not looked at.
+                let in_hand = u32::from(matches!(pass, Ok(Pass::WindowOver)));
+                let looked = walk.seen().saturating_sub(plan.skip).saturating_sub(in_hand);
+                plan.examined_before += looked;
+                // What the passes looked at and left stays at the head, in order.
+                plan.skip = (plan.skip + looked).saturating_sub(walk.removed());
+                left = walk.depth_at_start() - walk.removed();
+                let first = seen.get_or_insert_with(|| QueueSeen::of(dlq, &walk));
+                first.examined = plan.examined_before;
+                first.complete = walk.complete();
+                walk.finish(&self.connection).await?;
+                match pass {
+                    Ok(Pass::WindowOver) if !options.stop.is_cancelled() && left > 0 => continue,
+                    other => break other,
+                }
+            };
             if let Some(row) = &row {
-                let (status, detail) = match &moved {
+                let (status, detail) = match &ended {
                     Ok(_) => ("done", format!("moved {}", row.count)),
                     Err(e) => ("failed", format!("after moving {}: {e}", row.count)),
                 };
                 audit.finish(row, status, &detail).await?;
                 report.audit_ids.push(row.id.clone());
             }
-            let limit_reached = match moved {
-                Ok(limit_reached) => limit_reached,
-                Err(e) => {
-                    walk.finish(&self.connection).await?;
-                    return Err(e);
-                }
-            };
-            report.queues.push(QueueSeen::of(dlq, &walk));
-            walk.finish(&self.connection).await?;
-            if limit_reached || options.stop.is_cancelled() {
+            report.queues.extend(seen);
+            if ended? == Pass::LimitReached || options.stop.is_cancelled() {
                 report.interrupted = options.stop.is_cancelled();
                 break;
             }
@@ -410,7 +462,8 @@ impl Dlq {
         Ok(report)
     }
 
-    /// Moves the selected messages of one DLQ; whether `--limit` was reached.
+    /// Moves the selected messages of one pass over a DLQ, until its
+    /// `deadline`.
     #[allow(clippy::too_many_arguments)]
     async fn shovel_queue(
         &self,
@@ -422,18 +475,30 @@ impl Dlq {
         publisher: &lapin::Channel,
         report: &mut ShovelReport,
         destination_exists: &mut HashMap<String, bool>,
+        plan: &PassPlan,
         progress: &mut dyn FnMut(&ShovelProgress),
-    ) -> Result<bool, OpsError> {
+    ) -> Result<Pass, OpsError> {
         let options = record.options;
         let now = Utc::now();
+        let mut skipped = 0;
         while let Some(delivery) = walk.next().await? {
             if options.stop.is_cancelled() {
-                return Ok(false); // the rest is given back when the walk ends
+                return Ok(Pass::Done); // the rest is given back when the walk ends
+            }
+            // Once this pass looked at something new (so every pass makes
+            // progress), its window ends it: this one goes back too, and
+            // the next pass sees it first.
+            if walk.seen() > plan.skip + 1 && tokio::time::Instant::now() >= plan.deadline {
+                return Ok(Pass::WindowOver);
+            }
+            if skipped < plan.skip {
+                skipped += 1; // looked at by an earlier pass, and left in place
+                continue;
             }
             progress(&ShovelProgress {
                 queue: dlq.queue.clone(),
-                examined: u64::from(walk.seen()),
-                to_examine: u64::from(walk.depth_at_start()),
+                examined: u64::from(plan.examined_before + walk.seen() - plan.skip),
+                to_examine: u64::from(plan.examined_before + walk.depth_at_start() - plan.skip),
                 moved: report.moved,
             });
             let dl = dead_letter::summarize(&dlq.tenant, &dlq.context, &dlq.queue, &delivery, now);
@@ -477,10 +542,10 @@ impl Dlq {
             report.ids.push(id);
             *report.destinations.entry(destination).or_default() += 1;
             if options.limit.is_some_and(|limit| report.selected >= limit) {
-                return Ok(true);
+                return Ok(Pass::LimitReached);
             }
         }
-        Ok(false)
+        Ok(Pass::Done)
     }
 
     /// Whole-queue moves to `to` with RabbitMQ's dynamic shovel: it moves

@@ -109,7 +109,19 @@ impl Walk {
     /// Starts a walk over `queue`, holding at most `max_held` messages at
     /// once (capped at [`MAX_HELD`]).
     pub async fn start(connection: &Connection, queue: &str, max_held: u32) -> Result<Walk, OpsError> {
-        let depth_at_start = ready_messages(connection, queue).await?;
+        Self::start_at_most(connection, queue, max_held, u32::MAX).await
+    }
+
+    /// A walk over the first `at_most` messages of `queue` (what an earlier
+    /// pass left of the messages it was about, when nothing else consumes
+    /// the queue: they come back first, in their order).
+    pub async fn start_at_most(
+        connection: &Connection,
+        queue: &str,
+        max_held: u32,
+        at_most: u32,
+    ) -> Result<Walk, OpsError> {
+        let depth_at_start = ready_messages(connection, queue).await?.min(at_most);
         let channel = connection.create_channel().await.map_err(amqp_err)?;
         let prefetch = depth_at_start.min(max_held).min(MAX_HELD);
         let consumer = if prefetch == 0 {
@@ -163,6 +175,14 @@ impl Walk {
     /// Removes a message this walk holds from the queue (acks it). Call it
     /// only once the message is safe elsewhere, if it must be.
     pub async fn remove(&mut self, delivery: &Delivery) -> Result<(), OpsError> {
+        // An ack on a channel the broker closed (its consumer timeout, say)
+        // is lost without an error, and the message goes back to the queue.
+        if !self.channel.status().connected() {
+            return Err(OpsError::Amqp(format!(
+                "the broker closed the channel reading {} (consumer timeout?): the message in hand stays in it, beside any copy made of it",
+                self.queue
+            )));
+        }
         delivery.ack(BasicAckOptions::default()).await.map_err(amqp_err)?;
         self.removed += 1;
         Ok(())
@@ -184,6 +204,11 @@ impl Walk {
     /// Whether the walk has nothing more to look at.
     pub fn done(&self) -> bool {
         self.seen >= self.depth_at_start || self.ran_dry
+    }
+
+    /// Messages removed so far.
+    pub fn removed(&self) -> u32 {
+        self.removed
     }
 
     /// Whether every message present at the start was looked at.
