@@ -74,6 +74,13 @@ impl Applier {
         })
     }
 
+    /// The applier of a replay of `topics`: what the dead-letter topics
+    /// already hold is not copied there again.
+    pub async fn replaying_log(self, brokers: &str, topics: &[String]) -> Result<Self, ReadModelError> {
+        let dead_letters = self.dead_letters.replaying_log(brokers, topics).await?;
+        Ok(Self { dead_letters, ..self })
+    }
+
     /// The applier of `sluice dlt replay`: it applies the records of parked
     /// keys (it parks nothing itself).
     pub fn replaying(self) -> Self {

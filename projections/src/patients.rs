@@ -262,6 +262,13 @@ pub struct StepWriter<'p> {
 }
 
 impl StepWriter<'_> {
+    /// The writer of a replay of `topics`: what the dead-letter topics
+    /// already hold is not copied there again.
+    pub async fn replaying_log(self, brokers: &str, topics: &[String]) -> Result<Self, ReadModelError> {
+        let dead_letters = self.dead_letters.replaying_log(brokers, topics).await?;
+        Ok(Self { dead_letters, ..self })
+    }
+
     pub async fn apply(&self, message: &OwnedMessage) -> Result<(), ApplyError> {
         let tenant = crate::apply::tenant_of(message.topic()).unwrap_or_default();
         self.projector.write(&self.codec, &self.dead_letters, &self.insert, tenant, message).await

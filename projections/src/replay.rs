@@ -185,7 +185,7 @@ pub async fn replay_patients(
         topics: ctx.topics.clone(),
         session: ctx.store.session().clone(),
     };
-    let writer = projector.writer(false).await?;
+    let writer = projector.writer(false).await?.replaying_log(&ctx.brokers, &ctx.topics).await?;
     let settling = crate::patients::StepSettling::new(&writer, stop);
     let target = Target { name: crate::patients::PROJECTION, version: 1, settling: &settling };
     run(ctx, &target, start, None, false, stop, &progress).await
@@ -313,7 +313,10 @@ async fn run_orders(
     progress: &impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
     let tables = ctx.store.tables(version).await?;
-    let applier = Applier::new(&ctx.brokers, &ctx.registry_url, &ctx.config.name, tables).await?;
+    let applier = Applier::new(&ctx.brokers, &ctx.registry_url, &ctx.config.name, tables)
+        .await?
+        .replaying_log(&ctx.brokers, &ctx.topics)
+        .await?;
     let settling = Settling::new(&applier, stop);
     let target = Target { name: &ctx.config.name, version, settling: &settling };
     run(ctx, &target, start, commit_group, tail_until_caught_up, stop, progress).await

@@ -5,14 +5,15 @@
 //! are never applied out of order. Nothing is skipped silently, and a consumer
 //! never stalls on one record.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use scylla::client::session::Session;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -56,6 +57,10 @@ pub struct DeadLetters {
     stale: Arc<AtomicBool>,
     /// `sluice dlt replay` applying a parked key's records: none is parked.
     replaying: bool,
+    /// Original positions (topic, partition, offset) the dead-letter topics
+    /// already hold: a replay of the log parks their keys again but does not
+    /// copy them a second time.
+    already_sent: HashSet<(String, i32, i64)>,
 }
 
 impl DeadLetters {
@@ -75,7 +80,34 @@ impl DeadLetters {
             parked: Mutex::new(parked),
             stale: Arc::new(AtomicBool::new(false)),
             replaying: false,
+            already_sent: HashSet::new(),
         })
+    }
+
+    /// The dead letters of a replay of `topics`: records the consumer's
+    /// dead-letter topics already hold (from the live run, or an earlier
+    /// replay) are not copied there again.
+    pub async fn replaying_log(mut self, brokers: &str, topics: &[String]) -> Result<Self, StreamsError> {
+        for topic in topics {
+            for record in read_to_end(brokers, &dead_letter_topic(topic, &self.consumer)).await? {
+                let header = |name: &str| {
+                    record
+                        .headers()
+                        .and_then(|h| h.iter().find(|x| x.key == name))
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let number = |name: &str| header(name).and_then(|v| v.parse::<i64>().ok());
+                if let (Some(original), Some(partition), Some(offset)) = (
+                    header("sluice_original_topic"),
+                    number("sluice_original_partition"),
+                    number("sluice_original_offset"),
+                ) {
+                    self.already_sent.insert((original, partition as i32, offset));
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// The dead letters of `sluice dlt replay`, which applies a parked key's
@@ -143,11 +175,14 @@ impl DeadLetters {
             .insert(Header { key: "sluice_original_topic", value: Some(topic) })
             .insert(Header { key: "sluice_original_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "sluice_original_offset", value: Some(offset.as_str()) });
-        let mut record = FutureRecord::to(&dlt).key(key.as_bytes()).headers(headers);
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
+        let position = (topic.to_owned(), message.partition(), message.offset());
+        if !self.already_sent.contains(&position) {
+            let mut record = FutureRecord::to(&dlt).key(key.as_bytes()).headers(headers);
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e.to_string())?;
         }
-        self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e.to_string())?;
         if class != PARKED {
             self.session
                 .query_unpaged(
@@ -204,4 +239,55 @@ pub async fn key_state(
 
 fn key_of(message: &impl Message) -> String {
     message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+}
+
+/// Every record of `topic`, from its start to the end it had when asked.
+pub async fn read_to_end(brokers: &str, topic: &str) -> Result<Vec<OwnedMessage>, StreamsError> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    let kafka = err;
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "sluice.dlt.reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka)?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(kafka)?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for p in partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(kafka)?;
+            if high > low {
+                assignment.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(kafka)?;
+                ends.insert(p, high);
+            }
+        }
+        let mut out = Vec::new();
+        if ends.is_empty() {
+            return Ok(out);
+        }
+        consumer.assign(&assignment).map_err(kafka)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ends.is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(StreamsError(format!("{topic} not read to its end within a minute")));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let (p, o) = (m.partition(), m.offset());
+                    out.push(m.detach());
+                    if ends.get(&p).is_some_and(|end| o + 1 >= *end) {
+                        ends.remove(&p);
+                    }
+                }
+                Some(Err(e)) => return Err(kafka(e)),
+                None => {}
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(err)?
 }

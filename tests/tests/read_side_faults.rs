@@ -156,6 +156,32 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     let (status, _) = platform.get_json(&tenant, "/orders/o-poison").await;
     assert_eq!(status, 404, "not applied out of order behind its poison");
     platform.stop().await.unwrap();
+
+    // A replay and a rebuild of the log meet the same poison: it counts as
+    // dead-lettered, its key is parked (in the new version too), and the
+    // dead-letter topic does not get a second copy.
+    use sluice_projections::replay::{self, ReplayCtx, StartAt};
+    use sluice_streams::dead_letter::{key_state, read_to_end, Parking};
+    let in_dlt = read_to_end(&settings.kafka.brokers, &dlt).await.expect("the DLT").len();
+    let store = std::sync::Arc::new(ReadModels::new(cql_sluice().await, &settings.projector.name).await.unwrap());
+    let ctx = ReplayCtx {
+        config: settings.projector.clone(),
+        brokers: settings.kafka.brokers.clone(),
+        registry_url: settings.registry.url.clone(),
+        topics: vec![topic.clone()],
+        store: store.clone(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let replayed = replay::replay(&ctx, StartAt::Earliest, &stop, |_| {}).await.expect("replay");
+    assert_eq!(replayed.dead_lettered, 3, "{replayed:?}");
+    let rebuilt = replay::rebuild(&ctx, StartAt::Earliest, false, &stop, |_| {}).await.expect("rebuild");
+    assert_eq!((rebuilt.version, rebuilt.dead_lettered), (2, 3), "{rebuilt:?}");
+    let after = read_to_end(&settings.kafka.brokers, &dlt).await.expect("the DLT");
+    assert_eq!(after.len(), in_dlt, "no record dead-lettered twice");
+    let parked = key_state(store.session(), &settings.projector.name, 2, &topic, "o-poison").await.unwrap();
+    assert_eq!(parked, Parking::Parked, "the rebuilt version parks the key too");
+    let applied = store.order(&tenant.name, "o-poison").await.unwrap();
+    assert!(applied.is_none(), "not applied out of order in the rebuilt version either: {applied:?}");
 }
 
 /// Members of consumer group `group`.

@@ -26,9 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use scylla::client::session::Session;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
@@ -549,51 +547,5 @@ async fn apply_in_order(
 
 /// Every record of `topic`, from its start to the end it had when asked.
 pub async fn read_to_end(brokers: &str, topic: &str) -> Result<Vec<OwnedMessage>, OpsError> {
-    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
-    let kafka = |e: rdkafka::error::KafkaError| OpsError::Usage(format!("Kafka: {e}"));
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", "sluice.dlt.reader")
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka)?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(kafka)?;
-        let partitions: Vec<i32> =
-            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-        let mut assignment = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in partitions {
-            let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(kafka)?;
-            if high > low {
-                assignment.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(kafka)?;
-                ends.insert(p, high);
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return Ok(out);
-        }
-        consumer.assign(&assignment).map_err(kafka)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !ends.is_empty() {
-            if std::time::Instant::now() > deadline {
-                return Err(OpsError::Usage(format!("Kafka: {topic} not read to its end within a minute")));
-            }
-            match consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) => {
-                    let (p, o) = (m.partition(), m.offset());
-                    out.push(m.detach());
-                    if ends.get(&p).is_some_and(|end| o + 1 >= *end) {
-                        ends.remove(&p);
-                    }
-                }
-                Some(Err(e)) => return Err(kafka(e)),
-                None => {}
-            }
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| OpsError::Usage(e.to_string()))?
+    sluice_streams::dead_letter::read_to_end(brokers, topic).await.map_err(|e| OpsError::Usage(format!("Kafka: {e}")))
 }
