@@ -874,6 +874,27 @@ pub fn run_sluice(settings: &Settings, args: &[&str]) -> std::process::Output {
         .expect("run sluice")
 }
 
+/// The `sluice` binary started with `settings` as its config file and its
+/// standard output piped, for a test that talks to it while it runs.
+pub struct SluiceChild {
+    pub child: std::process::Child,
+    _config: tempfile_path::TempPath,
+}
+
+pub fn spawn_sluice(settings: &Settings, args: &[&str]) -> SluiceChild {
+    let config = tempfile_path::TempPath::new("toml");
+    std::fs::write(&config.0, toml::to_string(settings).expect("settings serialize")).expect("write config");
+    let child = std::process::Command::new(sluice_bin())
+        .arg("--config")
+        .arg(&config.0)
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sluice");
+    SluiceChild { child, _config: config }
+}
+
 /// [`run_sluice`], read as an operator reads it: (exit 0?, stdout, stderr).
 pub fn sluice_says(settings: &Settings, args: &[&str]) -> (bool, String, String) {
     let out = run_sluice(settings, args);

@@ -388,3 +388,57 @@ async fn a_rebuild_under_steady_load_switches_and_the_live_projector_carries_on(
     assert_eq!(store.versions().get(&projection).await.unwrap().active, 2);
     Arc::into_inner(platform).expect("the load task is done").stop().await.unwrap();
 }
+
+/// Ctrl-C stops a replay cleanly, and says so: exit status 130, and
+/// `"interrupted": true` in the `--json` report (a script must not take it
+/// for a complete replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_replay_exits_130_and_says_so() {
+    use std::io::BufRead;
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let topics = events_topics(std::slice::from_ref(&tenant.name));
+    sluice_cli::serve::ensure_projection_topics(&settings, &topics, &settings.projector.name).await.unwrap();
+    // Records enough for a replay of several seconds: one key's records
+    // that cannot be decoded are dead-lettered one after another.
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", KAFKA).create().unwrap();
+    let sends = (0..3_000).map(|_| {
+        let record = rdkafka::producer::FutureRecord::to(&topics[0]).key("o-slow").payload(&[1u8, 2, 3][..]);
+        producer.send(record, Duration::from_secs(30))
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.expect("produced");
+    }
+
+    let mut replay = spawn_sluice(&settings, &["replay", &settings.projector.name, "--json"]);
+    let stdout = replay.child.stdout.take().unwrap();
+    let pid = replay.child.id();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines().map(|l| l.expect("stdout"));
+        let mut seen = Vec::new();
+        // Running (a progress line out), the operator presses Ctrl-C.
+        for line in lines.by_ref() {
+            let progress = line.contains("\"progress\"");
+            seen.push(line);
+            if progress {
+                let kill = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+                assert!(kill.success());
+                break;
+            }
+        }
+        seen.extend(lines);
+        seen
+    })
+    .await
+    .unwrap();
+    let status = replay.child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}: {lines:?}");
+    let last: serde_json::Value = serde_json::from_str(lines.last().expect("a report")).expect("JSON");
+    assert_eq!(last["interrupted"], true, "{last}");
+    let report = &last["report"];
+    let done = report["applied"].as_u64().unwrap() + report["dead_lettered"].as_u64().unwrap();
+    assert!(done < 3_000, "stopped before the end: {report}");
+}
