@@ -24,9 +24,9 @@ status: ## one line per server
 build: prereqs ## build every crate and the sluice binary
 	$(CARGO) build --workspace
 
-schema: up ## create the CQL keyspace, tables and columns where missing (sluice schema apply)
+schema: up ## create the CQL keyspace, tables and columns where missing (sluice schemas apply)
 	$(CARGO) build -p sluice-cli
-	$(SLUICE) --config $(CONFIG) schema apply
+	$(SLUICE) --config $(CONFIG) schemas apply
 
 run: schema build ## the stack plus every sluice role with the demo config, in the foreground
 	$(SLUICE) --config $(CONFIG) serve --role all

@@ -42,9 +42,10 @@ enum Command {
     /// Kafka dead-letter topics and parked keys: list, show, replay after a
     /// fix, unpark (audited).
     Dlt(cmd::dlt::Args),
-    /// The CQL schema: `schema apply` creates the keyspace, tables and
+    /// The CQL schema: `schemas apply` creates the keyspace, tables and
     /// columns the code needs (nothing else creates them).
-    Schema(cmd::schema::Args),
+    #[command(alias = "schema")]
+    Schemas(cmd::schema::Args),
     /// Health of every tenant's queues, topics, projection and schemas;
     /// exits 1 when unhealthy.
     Status(cmd::status::Args),
@@ -95,7 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(args) => cmd::dlq::run(settings, args).await,
         Command::Dlt(args) => cmd::dlt::run(settings, args).await,
         Command::Status(args) => cmd::status::run(settings, args).await,
-        Command::Schema(args) => cmd::schema::run(settings, args).await,
+        Command::Schemas(args) => cmd::schema::run(settings, args).await,
     };
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result

@@ -39,10 +39,10 @@ impl Role {
 }
 
 /// The keyspace, a table or a column the code needs is not in the CQL store:
-/// `sluice schema apply` creates them. Nothing else does, so a mistyped
+/// `sluice schemas apply` creates them. Nothing else does, so a mistyped
 /// keyspace name fails here rather than start an empty store of its own.
 #[derive(Debug, thiserror::Error)]
-#[error("the CQL store lacks {0}: create the schema with `sluice schema apply` (make schema)")]
+#[error("the CQL store lacks {0}: create the schema with `sluice schemas apply` (make schema)")]
 pub struct SchemaMissing(pub String);
 
 async fn session(settings: &Settings) -> anyhow::Result<Session> {
@@ -75,7 +75,7 @@ pub async fn connect_cql(settings: &Settings) -> anyhow::Result<Arc<Session>> {
     Ok(Arc::new(session))
 }
 
-/// What `sluice schema apply` did.
+/// What `sluice schemas apply` did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SchemaReport {
     pub keyspace: String,

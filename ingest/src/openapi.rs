@@ -133,6 +133,9 @@ pub struct OperationDoc {
     pub source: Option<String>,
     pub command_id: Option<String>,
     pub updated_at: Option<String>,
+    /// Set on a `dead_lettered` operation whose command ops sent back: the
+    /// URL of the new attempt's operation (this answer does not change).
+    pub retried_as: Option<String>,
 }
 
 /// Where one domain event was written.

@@ -380,6 +380,7 @@ async fn run_connected(
         prefetch: config.prefetch,
         max_attempts: config.max_attempts,
         retry_delays_ms: config.retry_delays_ms.clone(),
+        max_redrives: config.max_redrives,
         instance: share.instance.to_owned(),
     };
     // Stops this connection's tasks when the role stops or one task ends.

@@ -46,9 +46,13 @@ impl Status {
         }
     }
 
-    /// States a redelivered command must not change: its effect happened.
+    /// Terminal answers, which a redelivered command must not change: its
+    /// effect happened, or it never will under this operation. A command
+    /// the processors will re-drive by themselves is not dead-lettered yet
+    /// (its operation says `processing` meanwhile); one that ops send back
+    /// is a new attempt with an operation of its own (`retried_as`).
     pub fn is_settled(name: &str) -> bool {
-        matches!(name, "succeeded" | "rejected")
+        matches!(name, "succeeded" | "rejected" | "dead_lettered")
     }
 }
 
@@ -103,9 +107,10 @@ const RANK: i64 = 1 << 52;
 
 /// The CQL write timestamp of a record written at `now_micros`: a status of
 /// a higher rank always wins over a lower one, whatever the clocks say.
-/// `processing` (rank 0) and `dead_lettered` (rank 1, a re-driven command
-/// can be dead-lettered again) take the latest write; `succeeded` and
-/// `rejected` (rank 2) the highest `order`: the newest owner's.
+/// `processing` (rank 0) and `dead_lettered` (rank 1) take the latest
+/// write; `succeeded` and `rejected` (rank 2) the highest `order`: the
+/// newest owner's. (Once `dead_lettered`, an operation gets no verdict: the
+/// owner answers its redeliveries as settled.)
 pub fn write_timestamp(status: &Status, now_micros: i64, order: Order) -> i64 {
     let now = now_micros.clamp(0, RANK - 1);
     match status {

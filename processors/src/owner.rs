@@ -927,6 +927,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dead_lettered_operation_keeps_its_answer_when_a_copy_of_its_command_comes_back() {
+        let b = backends();
+        b.operations.0.lock().unwrap().insert("op-d1".into(), Status::DeadLettered("gave up".into()));
+        let mut owner = owner(&b).await;
+        // A redelivered copy under the same operation: answered as settled.
+        assert_eq!(owner.round(&[submit("d1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert!(matches!(b.operations.0.lock().unwrap()["op-d1"], Status::DeadLettered(_)));
+        assert!(committed(&b).is_empty(), "nothing decided, nothing produced");
+        assert!(!b.store.0.lock().unwrap().contains_key("o1"));
+    }
+
+    #[tokio::test]
     async fn an_owner_fenced_by_a_newer_one_journals_and_produces_nothing_more() {
         let b = backends();
         let mut old = owner(&b).await;

@@ -33,6 +33,7 @@ pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("command_journal", "first_seqs", "map<bigint, bigint> static"),
     ("command_journal", "written_by", "bigint"),
     ("projection_versions", "active_from", "text"),
+    ("operations", "retried_as", "text"),
 ];
 
 /// The `ALTER TABLE` adding one of [`ADDED_COLUMNS`].

@@ -19,6 +19,13 @@ pub struct OperationIds {
     secret: Vec<u8>,
 }
 
+/// Never prints its secret.
+impl std::fmt::Debug for OperationIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OperationIds(..)")
+    }
+}
+
 impl OperationIds {
     pub fn new(secret: &str) -> Self {
         Self { secret: secret.as_bytes().to_vec() }

@@ -431,7 +431,7 @@ fn the_compose_file_has_the_servers_and_the_sluice_roles() {
     // none), which every role waits for.
     let schema = service(&doc, SCHEMA_SERVICE);
     assert!(is_sluice(&schema), "{SCHEMA_SERVICE} must build the sluice image");
-    assert!(command(&schema).windows(2).any(|w| w == ["schema", "apply"]), "{SCHEMA_SERVICE} runs `schema apply`");
+    assert!(command(&schema).windows(2).any(|w| w == ["schemas", "apply"]), "{SCHEMA_SERVICE} runs `schemas apply`");
     for (name, _) in SLUICE_SERVICES {
         let condition = service(&doc, name)
             .get("depends_on")

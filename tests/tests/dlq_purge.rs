@@ -64,9 +64,23 @@ async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
     assert_eq!(Some(&e.id), report.queues[0].audit_id.as_ref());
     assert!((chrono::Utc::now() - e.at).num_seconds() < 120);
 
-    // The whole rest.
+    // The whole rest. One of them waits for the processors' re-drive (its
+    // operation says `processing`): removed, it gets its final answer.
+    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Order, Status};
+    let operations = CqlOperationStore::new(audit.session().clone(), "test").await.unwrap();
+    let waiting = seeded.iter().find(|l| l.class.as_deref() == Some("retries_exhausted")).unwrap();
+    let (op, command_id) = (waiting.message_id.as_str(), format!("cmd-{}", waiting.message_id));
+    let op_ref = OperationRef {
+        tenant: &tenant.name,
+        operation_id: op,
+        command_type: "com.example.orders.CancelOrder",
+        source: &tenant.source,
+        command_id: &command_id,
+    };
+    operations.record(op_ref, &Status::Processing { attempt: 6 }, Order::default()).await.unwrap();
     let report = dlq.purge(&audit, &scope, &Filter::default(), &who).await.expect("purge");
     assert_eq!(report.removed, 10);
+    assert_eq!(operations.status(&tenant.name, op).await.unwrap().as_deref(), Some("dead_lettered"));
     assert_eq!(queue_depth(&dlq_name).await, 0);
     let entries = audit.list(Some(&tenant.name), 10).await.expect("audit");
     assert_eq!(entries.len(), 2, "one row per purge");

@@ -395,3 +395,88 @@ async fn a_broker_shovel_stopped_midway_is_deleted_and_reports_what_moved() {
     delete_tenant_queues(&settings, &tenant).await;
     dlq.close().await;
 }
+
+/// A dead-lettered command's operation has its final answer; sent back by
+/// ops, the command is a new attempt under an operation of its own, which
+/// the old one links to (`retried_as`), and which gets the new verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_lettered_command_sent_back_is_a_new_attempt_and_its_operation_keeps_its_answer() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Order, Status};
+    use sluice_schemas::operation_id::OperationIds;
+
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    declare_tenant_queues(&settings, &tenant).await;
+    let platform = Platform::start(settings.clone(), sluice_cli::serve::Role::All).await;
+    let ids = OperationIds::new(&settings.ingest.operation_secret);
+    let event = submit_order(&tenant, "rd-1", "o-rd", "c1");
+    let op = ids.issue(&tenant.name, &tenant.source, "rd-1");
+
+    // What a processor does when it gives up on a command for good (its
+    // re-drives used up): the operation's answer, then the DLQ copy.
+    let (audit, who) = audit_for(&settings).await;
+    let operations = CqlOperationStore::new(audit.session().clone(), "test").await.unwrap();
+    let op_ref = OperationRef {
+        tenant: &tenant.name,
+        operation_id: &op,
+        command_type: SUBMIT,
+        source: &tenant.source,
+        command_id: "rd-1",
+    };
+    operations
+        .record(op_ref, &Status::DeadLettered("gave up: event store: timeout".into()), Order::default())
+        .await
+        .unwrap();
+    let partition = sluice_schemas::names::command_partition(&tenant.name, "o-rd", settings.amqp.partitions);
+    let home = sluice_schemas::names::command_queue(&tenant.name, "orders", partition);
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    let mut headers = FieldTable::default();
+    headers.insert("x-sluice-error-class".into(), s("retries_exhausted"));
+    headers.insert("x-sluice-reason".into(), s("gave up: event store: timeout"));
+    headers.insert("x-sluice-original-queue".into(), s(&home));
+    headers.insert("x-sluice-redrives".into(), AMQPValue::LongLongInt(i64::from(settings.processor.max_redrives)));
+    let connection =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let properties = lapin::BasicProperties::default()
+        .with_message_id(op.as_str().into())
+        .with_content_type("application/cloudevents+json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let body = event.to_string().into_bytes();
+    channel
+        .basic_publish("".into(), orders_dlq(&tenant).as_str().into(), Default::default(), &body, properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    let (_, before) = platform.get_json(&tenant, &format!("/operations/{op}")).await;
+    assert_eq!(before["status"], "dead_lettered", "{before}");
+
+    // Sent back home.
+    let options = ShovelOptions { operation_ids: Some(ids.clone()), ..Default::default() };
+    let report = dlq_ops()
+        .await
+        .shovel(&audit, &who, &tenant_scope(&tenant), &Filter::default(), &options, &mut |_| {})
+        .await
+        .expect("shovel");
+    assert_eq!(report.moved, 1);
+    let retry = ids.issue(&tenant.name, &tenant.source, &format!("rd-1#retry-of-{op}"));
+    let done = platform.await_operation(&tenant, &format!("/operations/{retry}"), Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "succeeded", "the new attempt's answer: {done}");
+    let (_, original) = platform.get_json(&tenant, &format!("/operations/{op}")).await;
+    assert_eq!(original["status"], "dead_lettered", "the first answer stands: {original}");
+    assert_eq!(original["retried_as"], format!("/operations/{retry}"), "{original}");
+    let order = eventually(Duration::from_secs(60), "the order in the read model", || async {
+        let (status, order) = platform.get_json(&tenant, "/orders/o-rd").await;
+        (status == 200).then_some(order)
+    })
+    .await;
+    assert_eq!(order["status"], "submitted");
+    platform.stop().await.unwrap();
+}

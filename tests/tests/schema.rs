@@ -1,4 +1,4 @@
-//! The CQL schema is created by `sluice schema apply` and by nothing else: a
+//! The CQL schema is created by `sluice schemas apply` and by nothing else: a
 //! role or an ops verb that finds it missing (a fresh store, a mistyped
 //! keyspace) says what to run and creates nothing.
 
@@ -32,7 +32,7 @@ async fn only_schema_apply_creates_the_schema_and_everything_else_says_to_run_it
 
     // An ops verb: refused, pointing at the fix, and nothing created.
     let (ok, _, err) = sluice_says(&settings, &["dlt", "list"]);
-    assert!(!ok && err.contains(&format!("keyspace {keyspace}")) && err.contains("sluice schema apply"), "{err}");
+    assert!(!ok && err.contains(&format!("keyspace {keyspace}")) && err.contains("sluice schemas apply"), "{err}");
     assert!(!keyspace_exists(&keyspace).await, "an ops verb created the keyspace");
 
     // A role: stops at once with the same words, instead of waiting for a
@@ -45,18 +45,18 @@ async fn only_schema_apply_creates_the_schema_and_everything_else_says_to_run_it
     .await
     .expect("the role gave up at once");
     let err = format!("{:#}", served.expect_err("a role without its schema"));
-    assert!(err.contains("sluice schema apply"), "{err}");
+    assert!(err.contains("sluice schemas apply"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "it waited {:?}", started.elapsed());
     assert!(!keyspace_exists(&keyspace).await, "a role created the keyspace");
 
-    // schema apply creates it all, once.
-    let (ok, out, err) = sluice_says(&settings, &["schema", "apply", "--json"]);
+    // schemas apply creates it all, once.
+    let (ok, out, err) = sluice_says(&settings, &["schemas", "apply", "--json"]);
     assert!(ok, "{err}");
     let report: Value = serde_json::from_str(&out).expect("JSON report");
     let created: Vec<&str> = report["tables_created"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(created.len(), sluice_schemas::cql::table_names().len(), "{report}");
     assert!(created.contains(&"command_journal"), "{report}");
-    let (ok, out, _) = sluice_says(&settings, &["schema", "apply", "--json"]);
+    let (ok, out, _) = sluice_says(&settings, &["schemas", "apply", "--json"]);
     let again: Value = serde_json::from_str(&out).expect("JSON report");
     assert!(ok && again["tables_created"].as_array().unwrap().is_empty(), "{again}");
 
@@ -64,8 +64,8 @@ async fn only_schema_apply_creates_the_schema_and_everything_else_says_to_run_it
     let session = cql().await;
     session.query_unpaged(format!("ALTER TABLE {keyspace}.command_journal DROP written_by"), ()).await.unwrap();
     let (ok, _, err) = sluice_says(&settings, &["dlt", "list"]);
-    assert!(!ok && err.contains("column written_by") && err.contains("sluice schema apply"), "{err}");
-    let (ok, out, err) = sluice_says(&settings, &["schema", "apply", "--json"]);
+    assert!(!ok && err.contains("column written_by") && err.contains("sluice schemas apply"), "{err}");
+    let (ok, out, err) = sluice_says(&settings, &["schemas", "apply", "--json"]);
     assert!(ok, "{err}");
     let added: Value = serde_json::from_str(&out).expect("JSON report");
     assert_eq!(added["columns_added"], serde_json::json!(["command_journal.written_by"]));

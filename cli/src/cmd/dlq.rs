@@ -290,7 +290,19 @@ async fn run_verb(settings: &Settings, dlq: &Dlq, verb: Verb) -> anyhow::Result<
                 anyhow::bail!("--window-seconds must be a positive number");
             }
             let window = window_seconds.map(Duration::from_secs_f64);
-            let options = ShovelOptions { to, limit, rate, dry_run, partitions, foreign, stop: stop.clone(), window };
+            let operation_ids =
+                Some(sluice_schemas::operation_id::OperationIds::new(&settings.ingest.operation_secret));
+            let options = ShovelOptions {
+                to,
+                limit,
+                rate,
+                dry_run,
+                partitions,
+                foreign,
+                stop: stop.clone(),
+                window,
+                operation_ids,
+            };
             let audit = AuditLog::new(connect_cql(settings).await.context("the audit log needs the CQL store")?);
             let who = Who { actor: who.actor(), reason: who.why };
             let bar = (!json).then(|| {

@@ -1,4 +1,4 @@
-//! `sluice schema apply`: the keyspace, tables and columns the code needs,
+//! `sluice schemas apply`: the keyspace, tables and columns the code needs,
 //! created where missing. Nothing else creates them (a role or an ops verb
 //! that finds them missing says to run this), so a mistyped keyspace name
 //! fails instead of starting an empty store of its own.

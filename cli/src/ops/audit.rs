@@ -118,6 +118,11 @@ impl AuditLog {
         Self { session }
     }
 
+    /// Its CQL session (the sluice keyspace).
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
     /// Writes the row of an action about to start.
     pub async fn begin(&self, what: &AuditAction<'_>) -> Result<AuditRow, OpsError> {
         let row = AuditRow {

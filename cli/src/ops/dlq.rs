@@ -24,6 +24,8 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use sluice_processors::amqp::consumer::publish_confirmed;
+use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Order, Status};
+use sluice_schemas::operation_id::OperationIds;
 use sluice_schemas::{catalog, names};
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +33,7 @@ use super::audit::{ArchivedLetter, AuditAction, AuditLog, AuditRow};
 use super::dead_letter::{self, DeadLetter, DeadLetterDetail, Filter, Group};
 use super::management::{encode, Management};
 use super::walk::{self, Walk, MAX_HELD};
-use super::{amqp_err, headers, OpsError};
+use super::{amqp_err, cql_err, headers, OpsError};
 
 /// Messages removed per audit write (and per batch of acks).
 const REMOVE_BATCH: usize = 500;
@@ -168,6 +170,9 @@ pub struct ShovelOptions {
     /// Cancelled (Ctrl-C): stop after the message in hand; a broker shovel
     /// is deleted, what it had not yet moved stays in the DLQ.
     pub stop: CancellationToken,
+    /// Issues the operation of a dead-lettered command sent back home as a
+    /// new attempt (the edge's `ingest.operation_secret`).
+    pub operation_ids: Option<OperationIds>,
     /// How long a client-side shovel holds messages unacked at most
     /// (default [`SHOVEL_WINDOW`]): then it gives back what it holds and
     /// walks on from the queue's head, so no message is held past the
@@ -532,9 +537,23 @@ impl Dlq {
                 let headers = headers::headers_of(&delivery);
                 // Back home it is a fresh try; elsewhere (a parking queue)
                 // it keeps its verdict.
-                let headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
-                let properties = delivery.properties.clone().with_headers(headers);
+                let mut headers = if destination == home { headers::for_fresh_attempt(&headers) } else { headers };
+                let mut properties = delivery.properties.clone();
+                // A command whose operation has its final answer comes back
+                // as a new attempt, under an operation of its own.
+                let attempt = if destination == home { new_attempt(record, &dl).await? } else { None };
+                if let Some(new) = &attempt {
+                    // A new attempt: the processors' own re-drives start over.
+                    let mut inner = headers.inner().clone();
+                    inner.remove(headers::REDRIVES);
+                    headers = inner.into();
+                    properties = properties.with_message_id(new.id.as_str().into());
+                }
+                let properties = properties.with_headers(headers);
                 publish_confirmed(publisher, &destination, &delivery.data, properties).await.map_err(OpsError::Amqp)?;
+                if let Some(new) = &attempt {
+                    new.link(record.audit).await?;
+                }
                 // Only now, with the copy confirmed, may the original go.
                 walk.remove(&delivery).await?;
                 report.moved += 1;
@@ -839,7 +858,8 @@ impl Dlq {
         selects: &(dyn Fn(&DeadLetter) -> bool + Sync),
     ) -> Result<(), OpsError> {
         let now = Utc::now();
-        let mut batch: Vec<(Delivery, ArchivedLetter)> = Vec::new();
+        let operations = CqlOperationStore::new(audit.session().clone(), "sluice-cli").await.map_err(cql_err)?;
+        let mut batch: Vec<(Delivery, ArchivedLetter, DeadLetter)> = Vec::new();
         loop {
             let next = removal.walk.next().await?;
             // `None`: the walk is over, or its window is full until this
@@ -854,7 +874,7 @@ impl Dlq {
                         detail: serde_json::to_value(&detail).unwrap_or_default(),
                         body: delivery.data.clone(),
                     };
-                    batch.push((delivery, archived));
+                    batch.push((delivery, archived, dl));
                 }
                 if batch.len() < REMOVE_BATCH {
                     continue;
@@ -866,16 +886,93 @@ impl Dlq {
                 }
                 continue;
             }
-            let letters: Vec<ArchivedLetter> = batch.iter().map(|(_, letter)| letter.clone()).collect();
+            let letters: Vec<ArchivedLetter> = batch.iter().map(|(_, letter, _)| letter.clone()).collect();
             if row.is_none() {
                 *row = Some(audit.begin(what).await?);
             }
             audit.add(row.as_mut().expect("row just written"), &letters).await?;
-            for (delivery, letter) in batch.drain(..) {
+            for (delivery, letter, dl) in batch.drain(..) {
+                final_answer(&operations, &dl, what).await?;
                 removal.walk.remove(&delivery).await?;
                 removal.ids.push(letter.message_id);
             }
         }
+    }
+}
+
+/// A removed dead letter's operation gets its final answer, `dead_lettered`,
+/// if it had none yet (the processors would have re-driven it): every
+/// accepted command ends in exactly one terminal state.
+async fn final_answer(operations: &CqlOperationStore, dl: &DeadLetter, what: &AuditAction<'_>) -> Result<(), OpsError> {
+    let (Some(op), Some(source), Some(command_id)) = (&dl.message_id, &dl.source, &dl.command_id) else {
+        return Ok(());
+    };
+    let status = operations.status(&dl.tenant, op).await.map_err(cql_err)?;
+    if status.as_deref().is_some_and(Status::is_settled) {
+        return Ok(());
+    }
+    let reason = format!(
+        "{}; removed from the dead-letter queue ({} by {}: {})",
+        dl.reason.as_deref().unwrap_or(&dl.error_class),
+        what.action,
+        what.actor,
+        what.reason
+    );
+    let op_ref =
+        OperationRef { tenant: &dl.tenant, operation_id: op, command_type: &dl.command_type, source, command_id };
+    operations.record(op_ref, &Status::DeadLettered(reason), Order::default()).await.map_err(cql_err)
+}
+
+/// A dead letter sent home whose operation has its final answer
+/// (`dead_lettered`, which never changes) comes back as a new attempt, under
+/// an operation of its own that the old one links to (`retried_as`). Its id
+/// follows from the old one, so a shovel run again after a crash sends the
+/// same attempt, which the processors answer once.
+struct NewAttempt {
+    tenant: String,
+    old: String,
+    id: String,
+}
+
+async fn new_attempt(record: &ShovelRecord<'_>, dl: &DeadLetter) -> Result<Option<NewAttempt>, OpsError> {
+    let (Some(old), Some(source), Some(command_id)) = (&dl.message_id, &dl.source, &dl.command_id) else {
+        return Ok(None);
+    };
+    let status = record
+        .audit
+        .session()
+        .query_unpaged("SELECT status FROM operations WHERE tenant = ? AND operation_id = ?", (&dl.tenant, old))
+        .await
+        .map_err(cql_err)?
+        .into_rows_result()
+        .map_err(cql_err)?
+        .maybe_first_row::<(Option<String>,)>()
+        .map_err(cql_err)?
+        .and_then(|(status,)| status);
+    if status.as_deref() != Some("dead_lettered") {
+        return Ok(None); // not answered yet: it comes back under its own operation
+    }
+    let ids = record.options.operation_ids.as_ref().ok_or_else(|| {
+        OpsError::Usage(
+            "sending a dead-lettered command back needs the operation secret (ingest.operation_secret)".into(),
+        )
+    })?;
+    let id = ids.issue(&dl.tenant, source, &format!("{command_id}#retry-of-{old}"));
+    Ok(Some(NewAttempt { tenant: dl.tenant.clone(), old: old.clone(), id }))
+}
+
+impl NewAttempt {
+    /// Links the old operation to the new one (its answer stays as it is).
+    async fn link(&self, audit: &AuditLog) -> Result<(), OpsError> {
+        audit
+            .session()
+            .query_unpaged(
+                "UPDATE operations SET retried_as = ? WHERE tenant = ? AND operation_id = ?",
+                (&self.id, &self.tenant, &self.old),
+            )
+            .await
+            .map_err(cql_err)?;
+        Ok(())
     }
 }
 

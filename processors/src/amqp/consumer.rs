@@ -52,6 +52,9 @@ pub struct ConsumerSettings {
     /// Backoff before each retry; attempt n waits `retry_delays[n-1]`
     /// (the last tier repeats).
     pub retry_delays_ms: Vec<u64>,
+    /// How often a dead letter of a transient class is re-driven by the
+    /// processors (`redrive`); until then its operation is not terminal.
+    pub max_redrives: u32,
     /// This processor's name: the consumer tag, so the broker (and
     /// `sluice status`) says who holds each partition.
     pub instance: String,
@@ -400,12 +403,19 @@ impl Ctx {
         warn!(class, %reason, "dead-lettering");
         metrics::counter!("sluice_dead_letters_total", "tenant" => self.tenant.clone(), "class" => class).increment(1);
         if let Ok(cmd) = &p.command {
+            // A dead letter the processors will re-drive is not an answer
+            // yet: the operation says `processing` until its next try
+            // decides it. Otherwise `dead_lettered` is its final answer.
             // Without the record the operation would say `processing`
             // forever: the settle is tried again.
-            owner
-                .record_dead_letter(cmd, reason)
-                .await
-                .map_err(|e| format!("cannot record the dead letter yet: {e}"))?;
+            let redrives = headers::get_int(&p.headers, headers::REDRIVES).unwrap_or(0);
+            let recorded =
+                if headers::TRANSIENT_CLASSES.contains(&class) && redrives < i64::from(self.settings.max_redrives) {
+                    owner.record_retry(&IncomingCommand { attempt: p.attempt, ..cmd.clone() }).await
+                } else {
+                    owner.record_dead_letter(cmd, reason).await
+                };
+            recorded.map_err(|e| format!("cannot record the dead letter yet: {e}"))?;
         }
         let mut headers = p.headers.clone();
         headers.insert(headers::REASON.into(), string(reason));

@@ -99,10 +99,18 @@ pub async fn redrive_once<O: OperationStore>(
                             source: &event.source,
                             command_id: &event.id,
                         };
-                        operations
-                            .record(op_ref, &Status::DeadLettered(reason.clone()), Order::default())
-                            .await
-                            .map_err(|e| e.to_string())?;
+                        // Re-driven below on a later pass, unless it used up
+                        // its re-drives: only then is it the final answer.
+                        let class = format!("broker_{why}");
+                        let redrives = headers::get_int(&h, headers::REDRIVES).unwrap_or(0);
+                        let status = if headers::TRANSIENT_CLASSES.contains(&class.as_str())
+                            && redrives < i64::from(max_redrives)
+                        {
+                            Status::Processing { attempt: 1 }
+                        } else {
+                            Status::DeadLettered(reason.clone())
+                        };
+                        operations.record(op_ref, &status, Order::default()).await.map_err(|e| e.to_string())?;
                     }
                 }
                 h.insert(headers::REASON.into(), string(&reason));

@@ -105,6 +105,10 @@ pub struct OperationRow {
     pub attempts: Option<i32>,
     /// The processor instance that wrote the record.
     pub handled_by: Option<String>,
+    /// A dead-lettered command that ops sent back is a new attempt with an
+    /// operation of its own (this one keeps its answer): its URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried_as: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +148,7 @@ type OpRow = (
     Option<CqlTimestamp>,
     Option<i32>,
     Option<String>,
+    Option<String>,
 );
 
 pub struct ReadModels {
@@ -166,8 +171,8 @@ impl ReadModels {
         }
         let select_operation = session
             .prepare(
-                "SELECT status, command_type, source, command_id, events, error, updated_at, attempts, handled_by \
-                 FROM operations WHERE tenant = ? AND operation_id = ?",
+                "SELECT status, command_type, source, command_id, events, error, updated_at, attempts, handled_by, \
+                 retried_as FROM operations WHERE tenant = ? AND operation_id = ?",
             )
             .await
             .map_err(rm_err)?;
@@ -381,7 +386,8 @@ impl ReadModels {
         let Some(row) = rows.maybe_first_row::<OpRow>().map_err(rm_err)? else {
             return Ok(None);
         };
-        let (status, command_type, source, command_id, events, error, updated_at, attempts, handled_by) = row;
+        let (status, command_type, source, command_id, events, error, updated_at, attempts, handled_by, retried_as) =
+            row;
         Ok(Some(OperationRow {
             status: status.unwrap_or_else(|| "processing".into()),
             command_type,
@@ -392,6 +398,7 @@ impl ReadModels {
             updated_at: rfc3339(updated_at),
             attempts,
             handled_by,
+            retried_as: retried_as.map(|id| format!("/operations/{id}")),
         }))
     }
 
