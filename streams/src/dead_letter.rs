@@ -90,13 +90,7 @@ impl DeadLetters {
     pub async fn replaying_log(mut self, brokers: &str, topics: &[String]) -> Result<Self, StreamsError> {
         for topic in topics {
             for record in read_to_end(brokers, &dead_letter_topic(topic, &self.consumer)).await? {
-                let header = |name: &str| {
-                    record
-                        .headers()
-                        .and_then(|h| h.iter().find(|x| x.key == name))
-                        .and_then(|x| x.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                };
+                let header = |name: &str| header(&record, name);
                 let number = |name: &str| header(name).and_then(|v| v.parse::<i64>().ok());
                 if let (Some(original), Some(partition), Some(offset)) = (
                     header("sluice_original_topic"),
@@ -235,6 +229,15 @@ pub async fn key_state(
     } else {
         Parking::Free
     })
+}
+
+/// A header of a record, as text (`sluice_reason`, `sluice_original_offset`…).
+pub fn header(message: &impl Message, name: &str) -> Option<String> {
+    message
+        .headers()
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn key_of(message: &impl Message) -> String {

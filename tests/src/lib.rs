@@ -700,6 +700,21 @@ pub struct SeedLetter {
     pub dead_lettered_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// `n` dead letters named `<prefix>-000`…: one in three a CancelOrder whose
+/// retries ran out, the others malformed SubmitOrders.
+pub fn letters(prefix: &str, n: usize) -> Vec<SeedLetter> {
+    (0..n)
+        .map(|i| {
+            let (ty, class) = if i % 3 == 0 {
+                ("com.example.orders.CancelOrder", "retries_exhausted")
+            } else {
+                ("com.example.orders.SubmitOrder", "malformed_command")
+            };
+            SeedLetter::new(&format!("{prefix}-{i:03}"), Some(ty), Some(class), "seeded")
+        })
+        .collect()
+}
+
 impl SeedLetter {
     pub fn new(message_id: &str, command_type: Option<&str>, class: Option<&str>, reason: &str) -> Self {
         Self {

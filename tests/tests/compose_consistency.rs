@@ -330,6 +330,15 @@ fn command(service: &Value) -> Vec<String> {
     }
 }
 
+/// What a service mounts at `inside` (a named volume, or a host path).
+fn mounted_at(service: &Value, inside: &str) -> Option<String> {
+    service.get("volumes").and_then(Value::as_sequence).into_iter().flatten().map(scalar).find_map(|v| {
+        let mut parts = v.split(':');
+        let source = parts.next()?.to_owned();
+        (parts.next()?.trim_end_matches('/') == inside.trim_end_matches('/')).then_some(source)
+    })
+}
+
 /// A service's bind mounts: (host path under compose/, container path).
 fn bind_mounts(service: &Value) -> Vec<(PathBuf, String)> {
     service
@@ -703,15 +712,9 @@ fn every_server_has_a_healthcheck_the_roles_wait_for() {
 fn rabbitmq_enables_the_native_plugins() {
     let doc = compose();
     let (name, rabbitmq) = server(&doc, RABBITMQ_IMAGE);
-    let mount = rabbitmq
-        .get("volumes")
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-        .map(scalar)
-        .find(|v| v.split(':').nth(1) == Some("/etc/rabbitmq/enabled_plugins"))
+    let mount = mounted_at(&rabbitmq, "/etc/rabbitmq/enabled_plugins")
         .unwrap_or_else(|| panic!("{name} mounts no /etc/rabbitmq/enabled_plugins"));
-    let source = compose_dir().join(mount.split(':').next().unwrap());
+    let source = compose_dir().join(mount);
     let plugins = plugin_list(&read(&source));
 
     let native = read(&compose_dir().join("native/rabbitmq.sh"));
@@ -787,16 +790,9 @@ fn every_server_keeps_its_data_in_a_named_volume() {
     let mut checked = Vec::new();
     for (name, service) in services(&doc).into_iter().filter(|(n, s)| !is_sluice(s) && !n.ends_with("-setup")) {
         let dir = data_dir(&name, &service);
-        let named = service
-            .get("volumes")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-            .map(scalar)
-            .find(|v| v.split(':').nth(1).is_some_and(|inside| inside.trim_end_matches('/') == dir))
-            .unwrap_or_else(|| panic!("{name} mounts nothing at its data directory {dir}"));
-        let volume = named.split(':').next().unwrap();
-        assert!(declared.contains(volume), "{name}: {volume} is not a named volume declared under `volumes`");
+        let volume =
+            mounted_at(&service, &dir).unwrap_or_else(|| panic!("{name} mounts nothing at its data directory {dir}"));
+        assert!(declared.contains(&volume), "{name}: {volume} is not a named volume declared under `volumes`");
         checked.push(name);
     }
     assert_eq!(checked.len(), 4, "four servers checked: {checked:?}");

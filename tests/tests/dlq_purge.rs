@@ -11,19 +11,6 @@ use sluice_cli::ops::dlq::Who;
 use sluice_cli::ops::OpsError;
 use sluice_tests::*;
 
-fn letters(prefix: &str, n: usize) -> Vec<SeedLetter> {
-    (0..n)
-        .map(|i| {
-            let (ty, class) = if i % 3 == 0 {
-                ("com.example.orders.CancelOrder", "retries_exhausted")
-            } else {
-                ("com.example.orders.SubmitOrder", "malformed_command")
-            };
-            SeedLetter::new(&format!("{prefix}-{i:03}"), Some(ty), Some(class), "seeded")
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_removes_what_it_selects_and_writes_its_audit_record() {
     require_stack().await;

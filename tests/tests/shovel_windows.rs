@@ -55,16 +55,7 @@ async fn a_shovel_slower_than_the_consumer_timeout_moves_each_message_once() {
     declare_tenant_queues(&settings, &tenant).await;
     let dlq_name = orders_dlq(&tenant);
     let parking = parking_queue(&tenant).await;
-    let seeded: Vec<SeedLetter> = (0..60)
-        .map(|i| {
-            let (ty, class) = if i % 3 == 0 {
-                ("com.example.orders.CancelOrder", "retries_exhausted")
-            } else {
-                ("com.example.orders.SubmitOrder", "malformed_command")
-            };
-            SeedLetter::new(&format!("w-{i:03}"), Some(ty), Some(class), "seeded")
-        })
-        .collect();
+    let seeded = letters("w", 60);
     seed_dead_letters(&tenant, &seeded).await;
     let selected: BTreeSet<String> = seeded
         .iter()

@@ -101,12 +101,7 @@ pub struct DeadRecord {
 
 impl DeadRecord {
     fn of(consumer: &str, m: &OwnedMessage, detail: bool) -> Self {
-        let header = |name: &str| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == name))
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        };
+        let header = |name: &str| sluice_streams::dead_letter::header(m, name);
         let number = |name: &str| header(name).and_then(|v| v.parse().ok()).unwrap_or(-1);
         let headers = if detail {
             m.headers()
