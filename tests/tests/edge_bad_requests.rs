@@ -16,8 +16,8 @@ use sluice_cli::serve::Role;
 use sluice_cli::settings::Settings;
 use sluice_ingest::auth::{hash_key, KeyConfig};
 use sluice_tests::{
-    delete_queue, eventually, orders_queue, publish_raw, queue_depth, rabbitmq_management, submit_order, test_settings,
-    Answer, Platform, TestTenant,
+    delete_queue, eventually, orders_queue, partition_queues, publish_raw, queue_depth, rabbitmq_management,
+    submit_order, test_settings, Answer, Platform, TestTenant,
 };
 
 /// What a refused request's problem must name.
@@ -67,6 +67,9 @@ struct Ctx {
     other: TestTenant,
     /// A key of `tenant` that may only send CancelOrder.
     cancel_only_key: String,
+    /// What every queue of both tenants (each context's partition queues
+    /// and DLQ) must hold: nothing, but for what a test queued on purpose.
+    expected: std::sync::Mutex<std::collections::BTreeMap<String, u32>>,
 }
 
 impl Ctx {
@@ -80,8 +83,29 @@ impl Ctx {
             name: "cancel-only".into(),
         });
         adjust(&mut settings);
+        let mut queues = std::collections::BTreeMap::new();
+        for t in [&tenant, &other] {
+            for context in sluice_schemas::catalog::CONTEXTS {
+                for queue in partition_queues(&settings, t, context.name) {
+                    queues.insert(queue, 0);
+                }
+                queues.insert(sluice_schemas::names::dead_letter_queue(&t.name, context.name), 0);
+            }
+        }
         let platform = Platform::start(settings, Role::Ingest).await;
-        Self { platform, tenant, other, cancel_only_key }
+        Self { platform, tenant, other, cancel_only_key, expected: std::sync::Mutex::new(queues) }
+    }
+
+    /// `count` more messages in `queue`, queued on purpose.
+    fn queued(&self, queue: &str, count: u32) {
+        *self.expected.lock().unwrap().get_mut(queue).expect("a queue of the tenants") += count;
+    }
+
+    /// Every queue of both tenants holds what was queued on purpose, and
+    /// nothing else.
+    async fn assert_queues(&self, after: &str) {
+        let expected = self.expected.lock().unwrap().clone();
+        assert_depths(&expected, after).await;
     }
 
     fn post(&self) -> RequestBuilder {
@@ -168,14 +192,9 @@ impl Ctx {
     }
 
     /// Sends every case; checks each answer and that nothing was queued,
-    /// for the tenant and for the other tenant.
+    /// on any queue of the tenant or of the other tenant.
     async fn run(&self, cases: Vec<Case>) {
-        let queues = [orders_queue(&self.tenant), orders_queue(&self.other)];
         for case in cases {
-            let mut before = Vec::new();
-            for queue in &queues {
-                before.push(queue_depth(queue).await);
-            }
             let response = (case.build)(self).send().await.unwrap_or_else(|e| panic!("{}: {e}", case.name));
             let answer = Answer::read(response).await;
             answer.assert_problem(case.status, case.kind, case.name);
@@ -195,17 +214,26 @@ impl Ctx {
                     }
                 }
             }
-            for (queue, before) in queues.iter().zip(before) {
-                assert_eq!(queue_depth(queue).await, before, "{}: nothing queued in {queue}", case.name);
-            }
+            self.assert_queues(case.name).await;
         }
     }
 
+    /// Once more at the end, after the edge stopped (a publish it confirmed
+    /// late would show now), then the queues go.
     async fn finish(self) {
-        self.platform.stop().await.unwrap();
-        for tenant in [&self.tenant, &self.other] {
-            delete_queue(&orders_queue(tenant)).await;
+        let Ctx { platform, expected, .. } = self;
+        platform.stop().await.unwrap();
+        let expected = expected.into_inner().unwrap();
+        assert_depths(&expected, "the end").await;
+        for queue in expected.keys() {
+            delete_queue(queue).await;
         }
+    }
+}
+
+async fn assert_depths(expected: &std::collections::BTreeMap<String, u32>, after: &str) {
+    for (queue, count) in expected {
+        assert_eq!(queue_depth(queue).await, *count, "{after}: {queue} holds what was queued on purpose");
     }
 }
 
@@ -775,7 +803,8 @@ async fn a_batch_is_refused_whole() {
     let good: Vec<Value> = (0..5).map(|_| ctx.event()).collect();
     let answer = Answer::read(ctx.batch(Value::Array(good).to_string()).send().await.unwrap()).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
-    assert_eq!(queue_depth(&orders_queue(&ctx.tenant)).await, 5);
+    ctx.queued(&orders_queue(&ctx.tenant), 5);
+    ctx.assert_queues("the good batch").await;
     ctx.finish().await;
 }
 
@@ -821,7 +850,8 @@ async fn a_flooding_key_gets_429s_and_other_tenants_do_not_notice() {
         let seconds: u64 = answer.header("retry-after").unwrap().parse().unwrap();
         assert!((1..=4).contains(&seconds), "a token comes back every 4 s: Retry-After {seconds}");
     }
-    assert_eq!(queue_depth(&orders_queue(&ctx.tenant)).await, 3, "429s queue nothing");
+    ctx.queued(&orders_queue(&ctx.tenant), 3);
+    ctx.assert_queues("429s queue nothing").await;
 
     // The other tenant, meanwhile, has its whole burst.
     for i in 0..3 {
@@ -829,13 +859,15 @@ async fn a_flooding_key_gets_429s_and_other_tenants_do_not_notice() {
         let answer = Answer::read(ctx.platform.post_event(&ctx.other, &event).await).await;
         assert_eq!(answer.status, 202, "other tenant, request {i}: {}", answer.body);
     }
-    assert_eq!(queue_depth(&orders_queue(&ctx.other)).await, 3);
+    ctx.queued(&orders_queue(&ctx.other), 3);
+    ctx.assert_queues("the other tenant's burst").await;
 
     // Waiting as told is enough.
     let wait: u64 = floods.iter().find(|a| a.status == 429).unwrap().header("retry-after").unwrap().parse().unwrap();
     tokio::time::sleep(Duration::from_secs(wait)).await; // the test is about time passing
     let answer = Answer::read(ctx.structured_event(ctx.event()).send().await.unwrap()).await;
     assert_eq!(answer.status, 202, "after Retry-After: {}", answer.body);
+    ctx.queued(&orders_queue(&ctx.tenant), 1);
     ctx.finish().await;
 }
 
@@ -861,7 +893,8 @@ async fn a_broker_that_refuses_gets_503_and_nothing_is_queued() {
     // A quorum queue takes messages while it holds no more than max-length,
     // so one message (sent around the edge) makes it full.
     publish_raw(&queue, b"filler", None, FieldTable::default()).await;
-    assert_eq!(queue_depth(&queue).await, 1);
+    ctx.queued(&queue, 1);
+    ctx.assert_queues("the filler").await;
     ctx.run(vec![case("a queue that is full", 503, "unavailable", vec![Names::Detail("nothing was queued")], |c| {
         c.structured_event(c.event())
     })])

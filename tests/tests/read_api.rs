@@ -105,15 +105,28 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
     assert_eq!(public.status(), 404, "no metrics on the public edge");
     let metrics_url = format!("http://{admin}/metrics");
     let metrics = platform.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
-    for name in [
-        "sluice_http_event_requests_total",
-        "sluice_publish_confirm_seconds",
-        "sluice_commands_processed_total",
-        "sluice_kafka_produce_seconds",
-        "sluice_projection_apply_seconds",
-    ] {
-        assert!(metrics.contains(name), "{name} in /metrics");
+    // Their values moved with what this test did: six commands accepted,
+    // confirmed, decided, produced and applied (other tests of this binary
+    // share the process's metrics, so counts without a tenant label are at
+    // least this test's).
+    let tenant_label = format!("tenant=\"{}\"", tenant.name);
+    let projection_label = format!("projection=\"{}\"", settings.projector.name);
+    let moved = [
+        ("sluice_http_event_requests_total", vec!["status=\"202\""], 6.0),
+        ("sluice_publish_confirm_seconds_count", vec![], 6.0),
+        ("sluice_commands_processed_total", vec![tenant_label.as_str(), "outcome=\"succeeded\""], 6.0),
+        ("sluice_kafka_produce_seconds_count", vec![], 1.0),
+        ("sluice_projection_apply_seconds_count", vec![projection_label.as_str()], 6.0),
+    ];
+    for (name, labels, least) in moved {
+        let value = sample_sum(&metrics, name, &labels);
+        assert!(value >= least, "{name}{labels:?} is {value}, at least {least} expected:\n{metrics}");
     }
+    assert_eq!(
+        sample_sum(&metrics, "sluice_commands_processed_total", &[&tenant_label, "outcome=\"succeeded\""]),
+        6.0,
+        "exactly this tenant's commands"
+    );
     // Every Kafka consumer of the runtime exports its lag.
     for consumer in [settings.projector.name.as_str(), "patients", "onboarding"] {
         let label = format!("sluice_consumer_lag_records{{consumer=\"{consumer}\"");
@@ -161,4 +174,18 @@ async fn a_patients_operation_says_when_the_patients_read_model_has_its_events()
     projector.stop().await.unwrap();
     processor.stop().await.unwrap();
     edge.stop().await.unwrap();
+}
+
+/// The sum of a metric's samples (Prometheus text format) whose labels hold
+/// every one of `labels`.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name && labels.iter().all(|l| series_labels.contains(l));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
