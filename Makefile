@@ -4,7 +4,7 @@ CONFIG ?= config/dev.toml
 CARGO ?= cargo
 SLUICE := target/debug/sluice
 
-.PHONY: help prereqs up down status schema build run test unit fmt lint bench
+.PHONY: help prereqs up down status schema build run test unit fuzz fmt lint bench
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,6 +41,14 @@ bench: schema ## release build, then `sluice bench` (full mode, a few minutes) w
 unit: ## the tests that need no server
 	$(CARGO) test --workspace --lib
 	$(CARGO) test -p sluice-schemas --test properties
+
+FUZZ_SECONDS ?= 60
+fuzz: ## every fuzz target for FUZZ_SECONDS each (nightly and cargo-fuzz, installed if missing)
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && for target in $$($(CARGO) +nightly fuzz list); do \
+	  $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 fmt: ## format the code
 	$(CARGO) fmt --all
