@@ -60,7 +60,9 @@ async fn quick_bench_writes_a_complete_report() {
     assert_eq!(printed["tenant"], report["tenant"], "the printed report is the written one");
     assert_eq!(report["mode"], "quick");
 
-    for section in ["machine", "mix", "raw", "bare", "edge", "e2e", "rebuild", "memory", "ratios", "latency_target"] {
+    for section in
+        ["machine", "mix", "raw", "bare", "edge", "e2e", "reads", "rebuild", "memory", "ratios", "latency_target"]
+    {
         assert!(report[section].is_object(), "section {section} missing: {text}");
     }
     // Every ceiling swept over both quick windows, each with a rate and the
@@ -118,6 +120,13 @@ async fn quick_bench_writes_a_complete_report() {
     } else {
         assert!(report["e2e"]["half_sustained"].is_null());
     }
+    // The read routes were driven with the run's orders in the day.
+    for route in ["by_id", "daily_sales"] {
+        positive(&report, &format!("/reads/{route}/requests_per_second"));
+        positive(&report, &format!("/reads/{route}/latency_ms/p99"));
+        assert_eq!(report["reads"][route]["errors"], 0, "every {route} read answered 200: {}", report["reads"][route]);
+    }
+    positive(&report, "/reads/orders_in_day");
     positive(&report, "/rebuild/events_per_second");
     positive(&report, "/rebuild/rows_per_second");
     for role in ["ingest_mib", "processor_mib", "projector_mib", "bench_mib"] {

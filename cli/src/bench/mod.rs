@@ -30,6 +30,7 @@ pub mod e2e;
 pub mod edge;
 pub mod probe;
 pub mod raw;
+pub mod reads;
 pub mod rebuild;
 pub mod report;
 pub mod roles;
@@ -332,7 +333,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let Bench { plan, kafka, cpu, .. } = bench;
     kafka.close().await;
     let cpu = cpu.into_inner().unwrap_or_else(|e| e.into_inner()).phases;
-    let Phases { raw, bare, edge, e2e, rebuild, mut memory } = result?;
+    let Phases { raw, bare, edge, e2e, reads, rebuild, mut memory } = result?;
     memory.bench_mib = peak_over_run(&cpu, "bench");
     let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -355,6 +356,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         bare,
         edge,
         e2e,
+        reads,
         rebuild,
         memory,
         cpu,
@@ -368,6 +370,7 @@ struct Phases {
     bare: report::BareReport,
     edge: report::EdgeReport,
     e2e: report::E2eReport,
+    reads: report::ReadsReport,
     rebuild: report::RebuildReport,
     memory: MemoryReport,
 }
@@ -400,6 +403,8 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     bench.role_started(&processor);
     let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
+    bench.quiet(step, "the reads").await;
+    let reads = reads::run(bench, step).await?;
 
     // A new phase: the last e2e phase's peaks are recorded while the roles live.
     step("stopping the roles");
@@ -420,7 +425,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
 
     step("rebuild: replaying the topic into a new version");
     let rebuild = rebuild::run(bench).await?;
-    Ok(Phases { raw, bare, edge, e2e, rebuild, memory })
+    Ok(Phases { raw, bare, edge, e2e, reads, rebuild, memory })
 }
 
 /// Waits until the edge answers `/readyz` (connected to RabbitMQ).

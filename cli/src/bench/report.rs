@@ -119,6 +119,30 @@ pub struct EdgeReport {
     pub batch: EdgeMode,
 }
 
+/// Closed-loop clients reading one route.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReadMode {
+    pub requests: u64,
+    /// Answers other than 200 (none expected: the orders exist, the bench
+    /// key has no rate limit).
+    pub errors: u64,
+    /// The first of them: request, status and body.
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub latency_ms: Percentiles,
+}
+
+/// The read routes under load, after the end-to-end phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReadsReport {
+    pub clients: usize,
+    /// Orders the day's sales counted when the phase began.
+    pub orders_in_day: i64,
+    pub by_id: ReadMode,
+    pub daily_sales: ReadMode,
+}
+
 /// Milliseconds at the percentiles that matter, and the curve for charts.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
@@ -325,6 +349,7 @@ pub struct Report {
     pub bare: BareReport,
     pub edge: EdgeReport,
     pub e2e: E2eReport,
+    pub reads: ReadsReport,
     pub rebuild: RebuildReport,
     pub memory: MemoryReport,
     /// CPU seconds per process group, noise and peak RSS in each phase.
@@ -523,6 +548,23 @@ impl Report {
                 sum(|o| o.writes),
                 sum(|o| o.reads),
                 each.join(", ")
+            );
+        }
+
+        let r = &self.reads;
+        let _ = writeln!(
+            t,
+            "\n## Reads ({} keep-alive clients; the day's sales counted {} orders)\n",
+            r.clients, r.orders_in_day
+        );
+        let _ =
+            writeln!(t, "| route | requests/s | p50 ms | p99 ms | max ms | errors |\n|---|---:|---:|---:|---:|---:|");
+        for (name, mode) in [("GET /orders/{id}", &r.by_id), ("GET /sales/daily (one day)", &r.daily_sales)] {
+            let l = &mode.latency_ms;
+            let _ = writeln!(
+                t,
+                "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
+                mode.requests_per_second, l.p50, l.p99, l.max, mode.errors
             );
         }
 
