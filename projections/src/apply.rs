@@ -22,7 +22,7 @@ use sluice_streams::{decode_record, ApplyError};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::orders;
-use crate::store::tables::{Row, Tables};
+use crate::store::tables::{Row, Sale, Tables};
 use crate::store::{rm_err, ReadModelError};
 
 /// The tenant an events topic belongs to (`<tenant>.<context>.events`).
@@ -108,27 +108,31 @@ impl Applier {
         span
     }
 
-    /// Applies a record once: written, skipped, or why not.
+    /// Applies a record once, out of its partition's order (a parked key's
+    /// record): written, skipped, or why not. Its sale gets a slot of its own.
     pub async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
-        let (applied, rows) = self.rows(message, &Mutex::new(Known::Ask)).await?;
-        self.tables.write_rows(&rows).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
+        let (applied, made) = self.rows(message, &Mutex::new(Known::Ask), false).await?;
+        self.tables.write_rows(&made.rows).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
         Ok(applied)
     }
 
     /// The rows a record makes, not written yet: decoded, with the order's
     /// snapshot from `known` (an earlier event of the order in this batch)
     /// or else read from the store; `known` then holds what a later event of
-    /// the order needs.
+    /// the order needs. `in_order`: the record is applied in its partition's
+    /// order, so its sale is counted in the partition's running total
+    /// ([`Tables::tally`]) rather than written as a row.
     async fn rows<'t>(
         &'t self,
         message: &impl Message,
         known: &Mutex<Known>,
-    ) -> Result<(Applied, Vec<Row<'t>>), ApplyError> {
+        in_order: bool,
+    ) -> Result<(Applied, Made<'t>), ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let transient = |e: ReadModelError| ApplyError::Transient(e.to_string());
         let topic = message.topic();
         if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
-            return Ok((Applied::Skipped, Vec::new()));
+            return Ok((Applied::Skipped, Made::default()));
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
         let (name, value) = decode_record(&self.codec, &self.dead_letters, message).await?;
@@ -142,13 +146,24 @@ impl Applier {
         } else {
             None
         };
-        let writes = orders::apply(&event, snapshot.as_ref());
-        let rows =
-            writes.iter().map(|w| self.tables.row(tenant, w)).collect::<Result<Vec<_>, _>>().map_err(transient)?;
+        let mut made = Made::default();
+        for write in orders::apply(&event, snapshot.as_ref()) {
+            match Sale::of(tenant, message.partition(), message.offset(), &write) {
+                Some(sale) if in_order => made.sales.push(sale),
+                _ => made.rows.push(self.tables.row(tenant, &write).map_err(transient)?),
+            }
+        }
         *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(orders::snapshot_after(&event, snapshot));
         debug!(tenant, event_type = name, offset = message.offset(), "rows made");
-        Ok((Applied::Written { event_type: name }, rows))
+        Ok((Applied::Written { event_type: name }, made))
     }
+}
+
+/// What records make: rows to write, and sales to count.
+#[derive(Default)]
+struct Made<'t> {
+    rows: Vec<Row<'t>>,
+    sales: Vec<Sale>,
 }
 
 /// What a batch knows of an order's snapshot.
@@ -161,9 +176,10 @@ enum Known {
 }
 
 /// Batches applied to one version until `stop`, counted: each order's
-/// records in order (orders concurrently) turned into rows (retried while
-/// transient, dead-lettered when poison), then the batch's rows written
-/// together, grouped by partition (retried until the store takes them).
+/// records in order (orders concurrently) turned into rows and sales
+/// (retried while transient, dead-lettered when poison), then the batch's
+/// rows written together, grouped by partition, beside its sales counted
+/// into their running totals (retried until the store takes them).
 pub struct Settling<'x> {
     applier: &'x Applier,
     stop: &'x tokio_util::sync::CancellationToken,
@@ -178,18 +194,19 @@ impl<'x> Settling<'x> {
         Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0), rows: AtomicU64::new(0) }
     }
 
-    /// The rows of one order's records in this batch; `None` when stopped.
-    async fn key_rows<'a>(&'a self, records: Vec<&'a OwnedMessage>) -> Option<Vec<Row<'a>>> {
+    /// What one order's records in this batch make; `None` when stopped.
+    async fn key_rows<'a>(&'a self, records: Vec<&'a OwnedMessage>) -> Option<Made<'a>> {
         let known = Mutex::new(Known::Ask);
-        let mut rows = Vec::new();
+        let mut made = Made::default();
         for record in records {
-            let make = || self.applier.rows(record, &known);
+            let make = || self.applier.rows(record, &known, true);
             let settled = settle_record(&self.applier.dead_letters, record, self.stop, make)
                 .instrument(self.applier.span(record))
                 .await?;
             let outcome = match settled {
-                Settled::Applied((Applied::Written { .. }, made)) => {
-                    rows.extend(made);
+                Settled::Applied((Applied::Written { .. }, record_made)) => {
+                    made.rows.extend(record_made.rows);
+                    made.sales.extend(record_made.sales);
                     self.applied.fetch_add(1, Ordering::Relaxed);
                     "applied"
                 }
@@ -202,7 +219,19 @@ impl<'x> Settling<'x> {
             metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.clone(), "outcome" => outcome)
                 .increment(1);
         }
-        Some(rows)
+        Some(made)
+    }
+
+    /// Writes a batch's rows and counts its sales, concurrently; answers the
+    /// rows written.
+    async fn write(&self, made: &Made<'_>) -> Result<usize, ReadModelError> {
+        let tables = &self.applier.tables;
+        let counted = async {
+            let totals = tables.tally(&made.sales).await?;
+            tables.write_rows(&totals).await.map(|()| totals.len())
+        };
+        let (_, totals) = futures::try_join!(tables.write_rows(&made.rows), counted)?;
+        Ok(made.rows.len() + totals)
     }
 }
 
@@ -210,27 +239,35 @@ impl SettleBatch for Settling<'_> {
     fn settle_batch<'a>(&'a self, records: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let keys: Vec<BoxFuture<'a, Option<Vec<Row<'a>>>>> = batch::by_key(records)
+            let keys: Vec<BoxFuture<'a, Option<Made<'a>>>> = batch::by_key(records)
                 .into_iter()
-                .map(|records| -> BoxFuture<'a, Option<Vec<Row<'a>>>> { Box::pin(self.key_rows(records)) })
+                .map(|records| -> BoxFuture<'a, Option<Made<'a>>> { Box::pin(self.key_rows(records)) })
                 .collect();
-            let mut rows = Vec::new();
-            let mut made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
-            while let Some(key_rows) = made.next().await {
-                match key_rows {
-                    Some(key_rows) => rows.extend(key_rows),
+            let mut made = Made::default();
+            let mut keys_made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
+            while let Some(key_made) = keys_made.next().await {
+                match key_made {
+                    Some(key_made) => {
+                        made.rows.extend(key_made.rows);
+                        made.sales.extend(key_made.sales);
+                    }
                     None => return false,
                 }
             }
-            drop(made);
+            drop(keys_made);
             let mut backoff = Backoff::default();
-            while let Err(e) = self.applier.tables.write_rows(&rows).await {
-                warn!(error = %e, rows = rows.len(), "the batch's rows were not written; retrying");
-                if !backoff.wait(self.stop).await {
-                    return false;
+            let written = loop {
+                match self.write(&made).await {
+                    Ok(written) => break written,
+                    Err(e) => {
+                        warn!(error = %e, rows = made.rows.len(), "the batch's rows were not written; retrying");
+                        if !backoff.wait(self.stop).await {
+                            return false;
+                        }
+                    }
                 }
-            }
-            self.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            };
+            self.rows.fetch_add(written as u64, Ordering::Relaxed);
             // Each record waited for the whole batch: that is its apply latency.
             let histogram =
                 metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.clone());

@@ -291,7 +291,7 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
             "version {version} of projection {name} has no tables (never built, or dropped before): nothing dropped"
         )));
     }
-    for table in tables {
+    for table in tables.into_iter().chain(cql::former_read_model_tables(name, version)) {
         store
             .session()
             .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())

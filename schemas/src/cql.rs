@@ -49,8 +49,19 @@ pub fn create_read_model_tables(projection: &str, version: i32) -> Vec<String> {
 
 /// Names of the read-model tables of one version, to drop it after a switch.
 pub fn read_model_tables(projection: &str, version: i32) -> Vec<String> {
-    ["by_id", "by_customer", "daily_sales"].iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
+    ["by_id", "by_customer", "sales_by_day"].iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
 }
+
+/// Names of tables a version created by an earlier release may also have,
+/// dropped with it.
+pub fn former_read_model_tables(projection: &str, version: i32) -> Vec<String> {
+    FORMER_READ_MODEL_TABLES.iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
+}
+
+/// Read-model tables earlier releases created: `daily_sales` held one row
+/// per order and movement, summed on read (replaced by `sales_by_day`; a
+/// version created before it gets its sales by `sluice replay --rebuild`).
+const FORMER_READ_MODEL_TABLES: &[&str] = &["daily_sales"];
 
 fn statements(text: &str) -> Vec<String> {
     let without_comments: String =
@@ -70,6 +81,6 @@ mod tests {
         let versioned = super::create_read_model_tables("orders", 7);
         assert_eq!(versioned.len(), 3);
         assert!(versioned[0].contains("orders_by_id_v7"));
-        assert_eq!(super::read_model_tables("orders", 7)[2], "orders_daily_sales_v7");
+        assert_eq!(super::read_model_tables("orders", 7)[2], "orders_sales_by_day_v7");
     }
 }

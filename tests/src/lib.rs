@@ -660,11 +660,11 @@ pub async fn read_model_rows(
     }
     let result = session
         .query_unpaged(
-            format!("SELECT JSON * FROM sluice.{projection}_daily_sales_v{version} WHERE tenant = ? ALLOW FILTERING"),
+            format!("SELECT JSON * FROM sluice.{projection}_sales_by_day_v{version} WHERE tenant = ? ALLOW FILTERING"),
             (tenant,),
         )
         .await
-        .expect("daily_sales")
+        .expect("sales_by_day")
         .into_rows_result()
         .expect("rows");
     for row in result.rows::<(String,)>().expect("json rows") {

@@ -89,6 +89,26 @@ async fn a_projector_killed_mid_stream_leaves_daily_sales_equal_to_the_accepted_
     let days = store.daily_sales(&tenant.name, today - 86_400_000, today).await.unwrap();
     let (orders, total) = days.iter().fold((0, 0), |(o, t), d| (o + d.orders, t + d.total_cents));
     assert_eq!((orders, total), (expected_orders, expected_total));
+    // Pre-aggregated: the sales of a day are one running total per events
+    // partition (the day's slots), whatever the day's volume.
+    let partitions: std::collections::BTreeSet<String> =
+        read_committed_topic(&topics[0]).await.iter().map(|r| format!("partition {}", r.partition())).collect();
+    let slots: Vec<String> = cql_sluice()
+        .await
+        .query_unpaged(
+            format!("SELECT slot FROM {}_sales_by_day_v1 WHERE tenant = ? ALLOW FILTERING", settings.projector.name),
+            (&tenant.name,),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows::<(String,)>()
+        .unwrap()
+        .map(|row| row.unwrap().0)
+        .collect();
+    assert!(slots.iter().all(|s| partitions.contains(s)), "slots {slots:?}, partitions {partitions:?}");
+    assert!(slots.len() <= 2 * partitions.len(), "at most one slot per partition and day (two days at midnight)");
     // Row by row: each order's read-model row says what its stream in the
     // event store says, after two kills.
     for i in 0..count {

@@ -273,6 +273,17 @@ async fn a_record_whose_schema_the_registry_lost_parks_its_key_until_sluice_dlt_
         "{order}"
     );
     assert!(parked_keys(&settings.projector.name).await.is_empty(), "unparked");
+    // Applied out of its partition's order, o1 still counts in the day's
+    // sales: o2 from the partition's running total, o1 from a slot of its own.
+    let totals: i64 = [edge.get_json(&tenant, "/orders/o1").await.1, edge.get_json(&tenant, "/orders/o2").await.1]
+        .iter()
+        .map(|o| o["total_cents"].as_i64().expect("a total"))
+        .sum();
+    let today = chrono::Utc::now().date_naive();
+    let sales = edge.get_json(&tenant, &format!("/sales/daily?from={}&to={today}", today.pred_opt().unwrap())).await.1;
+    let days = sales["days"].as_array().expect("days");
+    let counted = days.iter().map(|d| (d["orders"].as_i64().unwrap(), d["total_cents"].as_i64().unwrap()));
+    assert_eq!(counted.fold((0, 0), |(o, t), (do_, dt)| (o + do_, t + dt)), (2, totals), "{sales}");
     let audit = sluice_cli::ops::audit::AuditLog::new(cql_sluice().await).list(Some(&tenant.name), 10).await.unwrap();
     assert_eq!(audit.len(), 1);
     assert_eq!(

@@ -154,8 +154,8 @@ async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
         ))
         .await?,
         prepare(format!(
-            "INSERT INTO {bare}_daily_sales_v1 (tenant, day, order_id, movement, orders, total_cents) \
-             VALUES (?, ?, ?, 'submitted', 1, 2100) USING TIMESTAMP 1"
+            "INSERT INTO {bare}_sales_by_day_v1 (tenant, day, slot, orders, total_cents) \
+             VALUES (?, ?, ?, 1, 2100) USING TIMESTAMP 1"
         ))
         .await?,
     ];

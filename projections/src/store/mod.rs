@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::prepared::PreparedStatement;
@@ -43,6 +45,9 @@ impl From<sluice_streams::StreamsError> for ReadModelError {
 
 /// How long readers trust their idea of the active version.
 const ACTIVE_VERSION_TTL: Duration = Duration::from_millis(500);
+
+/// Days of one `/sales/daily` request read at once.
+const DAYS_IN_FLIGHT: usize = 16;
 
 /// An order as clients read it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -341,33 +346,34 @@ impl ReadModels {
     }
 
     /// Orders and totals per day, `from` to `to` inclusive (UTC days, given as
-    /// milliseconds of any moment in the day).
+    /// milliseconds of any moment in the day). A day is a bounded read (its
+    /// running totals, one per events partition); days are read concurrently.
     pub async fn daily_sales(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<DaySales>, ReadModelError> {
         let t = self.active_tables().await?;
-        let mut days = Vec::new();
-        let mut day = from_ms.div_euclid(86_400_000);
-        let last = to_ms.div_euclid(86_400_000);
-        while day <= last {
-            let ms = day * 86_400_000;
-            let rows = self
-                .session
-                .execute_unpaged(&t.select_sales_day, (tenant, cql_date(ms)))
-                .await
-                .map_err(rm_err)?
-                .into_rows_result()
-                .map_err(rm_err)?;
-            let (mut orders, mut total) = (0i64, 0i64);
-            for row in rows.rows::<(Option<i32>, Option<i64>)>().map_err(rm_err)? {
-                let (o, c) = row.map_err(rm_err)?;
-                orders += i64::from(o.unwrap_or(0));
-                total += c.unwrap_or(0);
-            }
-            let date =
-                chrono::DateTime::from_timestamp_millis(ms).map(|d| d.date_naive().to_string()).unwrap_or_default();
-            days.push(DaySales { day: date, orders, total_cents: total });
-            day += 1;
+        let (first, last) = (from_ms.div_euclid(86_400_000), to_ms.div_euclid(86_400_000));
+        let days: Vec<BoxFuture<'_, Result<DaySales, ReadModelError>>> =
+            (first..=last).map(|day| -> BoxFuture<'_, _> { Box::pin(self.day_sales(&t, tenant, day)) }).collect();
+        futures::stream::iter(days).buffered(DAYS_IN_FLIGHT).try_collect().await
+    }
+
+    /// One day's sales: the sum of its slots.
+    async fn day_sales(&self, t: &Tables, tenant: &str, day: i64) -> Result<DaySales, ReadModelError> {
+        let ms = day * 86_400_000;
+        let rows = self
+            .session
+            .execute_unpaged(&t.select_sales_day, (tenant, cql_date(ms)))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let (mut orders, mut total) = (0i64, 0i64);
+        for row in rows.rows::<(Option<i64>, Option<i64>)>().map_err(rm_err)? {
+            let (o, c) = row.map_err(rm_err)?;
+            orders += o.unwrap_or(0);
+            total += c.unwrap_or(0);
         }
-        Ok(days)
+        let date = chrono::DateTime::from_timestamp_millis(ms).map(|d| d.date_naive().to_string()).unwrap_or_default();
+        Ok(DaySales { day: date, orders, total_cents: total })
     }
 
     /// A patient's onboarding (patients projection; not versioned).

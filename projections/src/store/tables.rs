@@ -28,7 +28,8 @@ pub struct Tables {
     update_order: PreparedStatement,
     insert_customer_order: PreparedStatement,
     update_customer_order: PreparedStatement,
-    insert_sale: PreparedStatement,
+    write_sales_slot: PreparedStatement,
+    select_sales_slot: PreparedStatement,
     pub(super) select_order: PreparedStatement,
     select_snapshot: PreparedStatement,
     pub(super) select_customer_orders: PreparedStatement,
@@ -68,9 +69,14 @@ impl Tables {
                  WHERE tenant = ? AND customer_id = ? AND submitted_at = ? AND order_id = ?"
             ))
             .await?,
-            insert_sale: prepare(format!(
-                "INSERT INTO {p}_daily_sales_v{v} (tenant, day, order_id, movement, orders, total_cents) \
+            write_sales_slot: prepare(format!(
+                "INSERT INTO {p}_sales_by_day_v{v} (tenant, day, slot, orders, total_cents, counted_to) \
                  VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_sales_slot: prepare(format!(
+                "SELECT orders, total_cents, counted_to FROM {p}_sales_by_day_v{v} \
+                 WHERE tenant = ? AND day = ? AND slot = ?"
             ))
             .await?,
             select_order: prepare(format!(
@@ -88,7 +94,7 @@ impl Tables {
             ))
             .await?,
             select_sales_day: prepare(format!(
-                "SELECT orders, total_cents FROM {p}_daily_sales_v{v} WHERE tenant = ? AND day = ?"
+                "SELECT orders, total_cents FROM {p}_sales_by_day_v{v} WHERE tenant = ? AND day = ?"
             ))
             .await?,
             session,
@@ -119,7 +125,10 @@ impl Tables {
         self.write_rows(&[self.row(tenant, write)?]).await
     }
 
-    /// The statement and values of one write.
+    /// The statement and values of one write. A sale written this way is a
+    /// slot of its own (`order <id> <movement>`), for a record applied out of
+    /// its partition's order; in order, a batch counts its sales into their
+    /// partition's running total instead ([`Tables::tally`]).
     pub fn row<'t>(&'t self, tenant: &str, write: &Write) -> Result<Row<'t>, ReadModelError> {
         let text = |s: &str| Some(CqlValue::Text(s.to_owned()));
         let big = |n: i64| Some(CqlValue::BigInt(n));
@@ -195,16 +204,87 @@ impl Tables {
                 let values = vec![
                     text(tenant),
                     Some(CqlValue::Date(day)),
-                    text(order_id),
-                    text(movement),
-                    Some(CqlValue::Int(*orders)),
+                    text(&format!("order {order_id} {movement}")),
+                    big(i64::from(*orders)),
                     big(*total_cents),
+                    None,
                     ts,
                 ];
-                (&self.insert_sale, Table::DailySales, day.0.to_string(), values)
+                (&self.write_sales_slot, Table::SalesByDay, day.0.to_string(), values)
             }
         };
         Ok(Row { statement, partition: (table, tenant.to_owned(), partition), values })
+    }
+
+    /// The rows that count a batch's sales, each partition's records in
+    /// offset order: per (tenant, day, events partition) the running total
+    /// is read, the sales of records past its `counted_to` are added, and it
+    /// is written back stamped with the last one's offset (also its write
+    /// timestamp). A batch applied again finds its records counted and adds
+    /// nothing; of two writers of one slot (a replay beside the live
+    /// projector, an owner that lost its partition), each writes the total
+    /// up to its own stamp, and the one further along wins.
+    pub async fn tally(&self, sales: &[Sale]) -> Result<Vec<Row<'_>>, ReadModelError> {
+        let mut slots: HashMap<(&str, u32, i32), Vec<&Sale>> = HashMap::new();
+        for sale in sales {
+            slots.entry((sale.tenant.as_str(), sale.day.0, sale.partition)).or_default().push(sale);
+        }
+        // Boxed with their lifetime named, as in `write_rows`.
+        let counted: Vec<BoxFuture<'_, Result<Option<Row<'_>>, ReadModelError>>> = slots
+            .into_iter()
+            .map(|((tenant, day, partition), sales)| -> BoxFuture<'_, _> {
+                Box::pin(self.count_slot(tenant, CqlDate(day), partition, sales))
+            })
+            .collect();
+        let rows: Vec<Option<Row<'_>>> =
+            futures::stream::iter(counted).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect().await?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    /// The row that counts `sales` into the running total of `partition`
+    /// on `day`, or `None` when they are all counted already.
+    async fn count_slot(
+        &self,
+        tenant: &str,
+        day: CqlDate,
+        partition: i32,
+        sales: Vec<&Sale>,
+    ) -> Result<Option<Row<'_>>, ReadModelError> {
+        let slot = format!("partition {partition}");
+        let rows = self
+            .session
+            .execute_unpaged(&self.select_sales_slot, (tenant, day, &slot))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let (mut orders, mut total, counted_to) = match rows
+            .maybe_first_row::<(Option<i64>, Option<i64>, Option<i64>)>()
+            .map_err(rm_err)?
+        {
+            Some((orders, total, counted_to)) => (orders.unwrap_or(0), total.unwrap_or(0), counted_to.unwrap_or(-1)),
+            None => (0, 0, -1),
+        };
+        let mut last = counted_to;
+        for sale in sales.into_iter().filter(|s| s.offset > counted_to) {
+            orders += sale.orders;
+            total += sale.total_cents;
+            last = last.max(sale.offset);
+        }
+        if last == counted_to {
+            return Ok(None);
+        }
+        let values = vec![
+            Some(CqlValue::Text(tenant.to_owned())),
+            Some(CqlValue::Date(day)),
+            Some(CqlValue::Text(slot)),
+            Some(CqlValue::BigInt(orders)),
+            Some(CqlValue::BigInt(total)),
+            Some(CqlValue::BigInt(last)),
+            Some(CqlValue::BigInt(last)),
+        ];
+        let partition = (Table::SalesByDay, tenant.to_owned(), day.0.to_string());
+        Ok(Some(Row { statement: &self.write_sales_slot, partition, values }))
     }
 
     /// Writes rows: those of one partition together, in unlogged batches of
@@ -248,7 +328,37 @@ const PARTITIONS_IN_FLIGHT: usize = 32;
 pub enum Table {
     ById,
     ByCustomer,
-    DailySales,
+    SalesByDay,
+}
+
+/// A sale a record makes, to be counted in its partition's running total,
+/// and where the record is in its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sale {
+    pub tenant: String,
+    pub day: CqlDate,
+    pub partition: i32,
+    pub offset: i64,
+    pub orders: i64,
+    pub total_cents: i64,
+}
+
+impl Sale {
+    /// The sale of `write`, if it is one ([`Write::Sale`]), made by the
+    /// record at `offset` of `partition`.
+    pub fn of(tenant: &str, partition: i32, offset: i64, write: &Write) -> Option<Self> {
+        match write {
+            Write::Sale { day_ms, orders, total_cents, .. } => Some(Self {
+                tenant: tenant.to_owned(),
+                day: cql_date(*day_ms),
+                partition,
+                offset,
+                orders: i64::from(*orders),
+                total_cents: *total_cents,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// One write ready to send: its statement, the partition it lands in
