@@ -437,12 +437,14 @@ pub async fn serve(
         if let Some(ready) = ready {
             let _ = ready.send(addr);
         }
-        let idle = std::time::Duration::from_millis(settings.ingest.request_timeout_ms.max(1)) * 2;
-        let listener = sluice_ingest::limits::CappedListener::new(listener, settings.ingest.max_connections, idle);
+        let request_timeout = std::time::Duration::from_millis(settings.ingest.request_timeout_ms.max(1));
+        let listener =
+            sluice_ingest::limits::CappedListener::new(listener, settings.ingest.max_connections, request_timeout * 2);
         let app = sluice_ingest::routes::router(state);
         let shutdown = shutdown.clone();
         roles.spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("ingest role")
+            sluice_ingest::limits::serve(listener, app, request_timeout, shutdown).await;
+            Ok(())
         });
     }
 

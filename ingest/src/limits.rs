@@ -1,11 +1,12 @@
 //! What keeps bad clients from wedging the edge: at most `max_connections`
 //! connections at once ([`CappedListener`]: the next one waits in the
 //! kernel's backlog until one closes), a connection that sends nothing for
-//! twice the request timeout is closed (idle keep-alive, or headers sent
-//! slowly), and every request is answered within `request_timeout_ms`
-//! ([`request_timeout`]: a body sent slowly, or a handler stuck on a
-//! dependency, ends in a `408` problem document, so a graceful shutdown
-//! never waits on it for long).
+//! twice the request timeout is closed (idle keep-alive), a request head
+//! not received within the request timeout closes its connection ([`serve`]:
+//! a head trickled a byte at a time), and every request is answered within
+//! `request_timeout_ms` ([`request_timeout`]: a body sent slowly, or a
+//! handler stuck on a dependency, ends in a `408` problem document), so a
+//! graceful shutdown never waits on a client for long.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,8 +21,41 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::problem::Problem;
+
+/// Serves `app` on `listener` until `shutdown`, then waits for the open
+/// connections to finish what they are doing (each bounded in time). Each
+/// request head must arrive within `head_timeout`: hyper enforces that only
+/// with a timer, which `axum::serve` does not give it, so there a client
+/// sending its head a byte at a time (never idle for long) would hold its
+/// connection, and a graceful shutdown, for ever.
+pub async fn serve(
+    mut listener: CappedListener,
+    app: axum::Router,
+    head_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(head_timeout);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
 
 /// A TCP listener that holds at most `max` connections open at once.
 pub struct CappedListener {
