@@ -118,3 +118,19 @@ fn the_cli_finds_its_config_says_which_and_fails_in_one_line() {
     assert!(error[0].contains("unknown tenant \"nobody-here\"") && error[0].contains(&tenant.name), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A newcomer in the checkout types `target/debug/sluice status` (no
+/// `--config`, no `SLUICE_CONFIG`, no `./sluice.toml`): `config/dev.toml` is
+/// found and named, and the status table is printed, healthy or not (the
+/// demo's roles may not be running).
+#[tokio::test]
+async fn sluice_status_in_the_checkout_finds_the_dev_config_and_prints_the_table() {
+    require_stack().await;
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace");
+    let (status, stdout, stderr) = sluice_in(checkout, &["status"]);
+    assert!(stderr.contains("sluice: config config/dev.toml"), "{stderr}");
+    for part in ["SERVER", "ADDRESS", "STATE", "acme / orders", "globex / orders", "status: "] {
+        assert!(stdout.contains(part), "{part:?} in the table:\n{stdout}\n{stderr}");
+    }
+    assert!(matches!(status.code(), Some(0 | 1)), "0 healthy, 1 unhealthy: {status}\n{stderr}");
+}
