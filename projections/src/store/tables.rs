@@ -221,35 +221,36 @@ impl Tables {
     /// is read, the sales of records past its `counted_to` are added, and it
     /// is written back stamped with the last one's offset (also its write
     /// timestamp). A batch applied again finds its records counted and adds
-    /// nothing; of two writers of one slot (a replay beside the live
-    /// projector, an owner that lost its partition), each writes the total
-    /// up to its own stamp, and the one further along wins.
+    /// nothing (it writes back the total it read: that total may come from a
+    /// write that failed after reaching only some replicas, and must stand at
+    /// the write consistency before later batches build on it); of two
+    /// writers of one slot (a replay beside the live projector, an owner
+    /// that lost its partition), each writes the total up to its own stamp,
+    /// and the one further along wins.
     pub async fn tally(&self, sales: &[Sale]) -> Result<Vec<Row<'_>>, ReadModelError> {
         let mut slots: HashMap<(&str, u32, i32), Vec<&Sale>> = HashMap::new();
         for sale in sales {
             slots.entry((sale.tenant.as_str(), sale.day.0, sale.partition)).or_default().push(sale);
         }
         // Boxed with their lifetime named, as in `write_rows`.
-        let counted: Vec<BoxFuture<'_, Result<Option<Row<'_>>, ReadModelError>>> = slots
+        let counted: Vec<BoxFuture<'_, Result<Row<'_>, ReadModelError>>> = slots
             .into_iter()
             .map(|((tenant, day, partition), sales)| -> BoxFuture<'_, _> {
                 Box::pin(self.count_slot(tenant, CqlDate(day), partition, sales))
             })
             .collect();
-        let rows: Vec<Option<Row<'_>>> =
-            futures::stream::iter(counted).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect().await?;
-        Ok(rows.into_iter().flatten().collect())
+        futures::stream::iter(counted).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect().await
     }
 
     /// The row that counts `sales` into the running total of `partition`
-    /// on `day`, or `None` when they are all counted already.
+    /// on `day` (the total as read when they are all counted already).
     async fn count_slot(
         &self,
         tenant: &str,
         day: CqlDate,
         partition: i32,
         sales: Vec<&Sale>,
-    ) -> Result<Option<Row<'_>>, ReadModelError> {
+    ) -> Result<Row<'_>, ReadModelError> {
         let slot = format!("partition {partition}");
         let rows = self
             .session
@@ -271,9 +272,6 @@ impl Tables {
             total += sale.total_cents;
             last = last.max(sale.offset);
         }
-        if last == counted_to {
-            return Ok(None);
-        }
         let values = vec![
             Some(CqlValue::Text(tenant.to_owned())),
             Some(CqlValue::Date(day)),
@@ -284,7 +282,7 @@ impl Tables {
             Some(CqlValue::BigInt(last)),
         ];
         let partition = (Table::SalesByDay, tenant.to_owned(), day.0.to_string());
-        Ok(Some(Row { statement: &self.write_sales_slot, partition, values }))
+        Ok(Row { statement: &self.write_sales_slot, partition, values })
     }
 
     /// Writes rows: those of one partition together, in unlogged batches of
