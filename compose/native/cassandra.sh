@@ -361,6 +361,12 @@ stop() {
   # Draining on SIGTERM flushes memtables; give it time before SIGKILL.
   if is_running cassandra; then log "stopping"; fi
   stop_bg cassandra 60
+  # The launcher can exit before the JVM has released its ports; stopped
+  # means they are free, or a start right after finds them taken.
+  local port deadline=$((SECONDS + 30))
+  for port in "$SLUICE_CQL_PORT" "$SLUICE_CASSANDRA_STORAGE_PORT" "$SLUICE_CASSANDRA_JMX_PORT"; do
+    while port_open "$port" && ((SECONDS < deadline)); do sleep 0.2; done
+  done
 }
 
 status() {
