@@ -6,11 +6,13 @@
 //! A `read_committed` consumer sees a transaction's events together or not
 //! at all, and the next owner starts from the committed position: no event
 //! is produced twice, none is skipped. A new owner's producer fences the
-//! previous one's (its open transaction is aborted, its next call fails).
+//! previous one's (its open transaction is aborted, its next call fails),
+//! and aborts what its coordinator forgot to ([`crate::hanging`]).
 //!
 //! Records: key = aggregate id, value = Avro in Confluent wire format,
 //! CloudEvents Kafka-binding headers.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,11 +26,12 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_schemas::catalog;
 use sluice_schemas::codec::EventCodec;
+use sluice_schemas::{catalog, names};
 use sluice_streams::clusters::Clusters;
 
 use crate::amqp::consumer::PartitionRef;
+use crate::hanging;
 use crate::operations::EventPosition;
 
 /// The topic whose (group, partition 0) offsets hold each command
@@ -160,6 +163,8 @@ impl RelayFactory for KafkaRelays {
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
         let positions = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
+        let topic = names::events_topic(&partition.tenant, partition.context);
+        end_hanging(brokers, &name, &topic, positions.clone()).await;
         let position = match committed_position(positions.clone()).await {
             Ok(position) => position,
             // A stable read waits while any transactional commit of the
@@ -188,6 +193,44 @@ impl RelayFactory for KafkaRelays {
             unaborted: AtomicBool::new(false),
         };
         Ok((relay, position))
+    }
+}
+
+/// Aborts what a predecessor of this relay's producer left open on a
+/// partition of `topic` that its coordinator forgot ([`crate::hanging`]).
+/// Best effort: a failure is logged and the next owner tries again; the
+/// relay works as before meanwhile, and a hanging transaction stays visible
+/// as a projection lag that does not shrink.
+async fn end_hanging(brokers: &str, name: &str, topic: &str, client: Arc<BaseConsumer>) {
+    let metadata_topic = topic.to_owned();
+    let leaders = blocking(move || {
+        let metadata = client.fetch_metadata(Some(&metadata_topic), TXN_TIMEOUT)?;
+        let addresses: BTreeMap<i32, String> =
+            metadata.brokers().iter().map(|b| (b.id(), format!("{}:{}", b.host(), b.port()))).collect();
+        Ok(metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .filter_map(|p| addresses.get(&p.leader()).map(|a| (p.id(), a.clone())))
+            .collect::<BTreeMap<i32, String>>())
+    })
+    .await;
+    let ended = match leaders {
+        Ok(leaders) => hanging::end_hanging(brokers, name, topic, &leaders).await,
+        Err(e) => Err(e.to_string()),
+    };
+    match ended {
+        Ok(ended) => {
+            for e in ended {
+                metrics::counter!("sluice_kafka_hanging_transactions_ended_total").increment(1);
+                tracing::warn!(
+                    relay = %name, %topic, partition = e.partition, producer_id = e.producer_id,
+                    producer_epoch = e.producer_epoch, first_offset = e.first_offset,
+                    "aborted a transaction its coordinator had forgotten (the partition's readers were stuck at its first offset)"
+                );
+            }
+        }
+        Err(reason) => tracing::warn!(relay = %name, %topic, %reason, "could not look for hanging transactions"),
     }
 }
 

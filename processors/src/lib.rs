@@ -18,6 +18,7 @@
 pub mod amqp;
 pub mod domain;
 pub mod event_store;
+pub mod hanging;
 pub mod journal;
 pub mod kafka;
 pub mod operations;

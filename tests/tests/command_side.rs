@@ -458,3 +458,141 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     let (_, position) = relays.open(&partition, "third").await.unwrap();
     assert_eq!(position, Some(9));
 }
+
+/// A transaction its coordinator forgot (seen after a Kafka restart: the
+/// coordinator aborted a relay's transaction on every partition but one)
+/// holds the partition's last stable offset at its first record for ever,
+/// and every `read_committed` reader with it. Made here the way it arises:
+/// records of the relay's producer on a partition its coordinator never
+/// heard of (the broker's check that refuses such records is switched off
+/// for the write). The next owner of the relay ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_ends_a_transaction_its_coordinator_forgot() {
+    use kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{IncrementalAlterConfigsRequest, ProduceRequest, TopicName, TransactionalId};
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::hanging::{self, Broker};
+    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayFactory};
+    use sluice_streams::clusters::{Cluster, Clusters};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
+    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned(), topic.clone()], 3, Default::default()).await.unwrap();
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
+    let name = kafka::relay_name(&partition);
+
+    // An owner's producer, as its coordinator knows it.
+    let (first, _) = relays.open(&partition, "first").await.unwrap();
+    let producer = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+
+    // A record of that producer in a transaction on events partition 1,
+    // which the coordinator never added to any transaction.
+    let mut broker = Broker::connect(KAFKA).await.unwrap();
+    let verification = |value: &'static str| {
+        IncrementalAlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(StrBytes::from_static_str("1"))
+            .with_configs(vec![AlterableConfig::default()
+                .with_name(StrBytes::from_static_str("transaction.partition.verification.enable"))
+                .with_config_operation(0)
+                .with_value(Some(StrBytes::from_static_str(value)))])])
+    };
+    let altered = broker.send(verification("false"), 0).await.unwrap();
+    assert!(altered.responses.iter().all(|r| r.error_code == 0), "{altered:?}");
+    let record = Record {
+        transactional: true,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: producer.producer_id,
+        producer_epoch: producer.producer_epoch,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: 0,
+        timestamp: chrono::Utc::now().timestamp_millis(),
+        key: Some(bytes::Bytes::from_static(b"forgotten")),
+        value: Some(bytes::Bytes::from_static(b"never committed")),
+        headers: Default::default(),
+    };
+    let mut batch = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        [&record],
+        &RecordEncodeOptions { version: 2, compression: Compression::None },
+    )
+    .unwrap();
+    let produce = ProduceRequest::default()
+        .with_transactional_id(Some(TransactionalId(StrBytes::from_string(name.clone()))))
+        .with_acks(-1)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.clone())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(1)
+                .with_records(Some(batch.freeze()))])]);
+    // The switch reaches the broker through its metadata log: until then
+    // the record is refused as "not added to the transaction" (48).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let produced = loop {
+        let produced = broker.send(produce.clone(), 9).await.unwrap();
+        let code = produced.responses[0].partition_responses[0].error_code;
+        if code != 48 || tokio::time::Instant::now() > deadline {
+            break produced;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let restored = broker.send(verification("true"), 0).await.unwrap();
+    assert!(restored.responses.iter().all(|r| r.error_code == 0), "{restored:?}");
+    let written = &produced.responses[0].partition_responses[0];
+    assert_eq!(written.error_code, 0, "{produced:?}");
+    let first_offset = written.base_offset;
+
+    drop(first);
+    let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
+    assert_eq!((stable, end), (first_offset, first_offset + 1), "read_committed readers stop at the forgotten record");
+
+    // The next owner ends it: readers get past it.
+    let (second, position) = relays.open(&partition, "second").await.unwrap();
+    assert_eq!(position, None);
+    let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
+    assert_eq!(stable, end, "the forgotten transaction is aborted (first offset {first_offset})");
+    assert!(end > first_offset + 1, "an abort marker was written");
+    second.produce(vec![]).await.unwrap();
+    second.commit(1).await.unwrap();
+}
+
+/// A partition's last stable offset (what `read_committed` readers reach)
+/// and its end.
+async fn stable_and_end(broker: &mut sluice_processors::hanging::Broker, topic: &str, partition: i32) -> (i64, i64) {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{BrokerId, ListOffsetsRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let mut offsets = [0; 2];
+    for (isolation, offset) in offsets.iter_mut().enumerate() {
+        let listed = broker
+            .send(
+                ListOffsetsRequest::default()
+                    .with_replica_id(BrokerId(-1))
+                    .with_isolation_level(1 - isolation as i8)
+                    .with_topics(vec![ListOffsetsTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                        .with_partitions(vec![ListOffsetsPartition::default()
+                            .with_partition_index(partition)
+                            .with_timestamp(-1)])]),
+                5,
+            )
+            .await
+            .unwrap();
+        let answer = &listed.topics[0].partitions[0];
+        assert_eq!(answer.error_code, 0, "{listed:?}");
+        *offset = answer.offset;
+    }
+    (offsets[0], offsets[1])
+}
