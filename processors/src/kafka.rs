@@ -188,7 +188,10 @@ impl RelayFactory for KafkaRelays {
         let relay = KafkaRelay {
             producer,
             group: Arc::new(group),
-            _positions: positions,
+            positions,
+            brokers: brokers.to_owned(),
+            name,
+            topic,
             codec: self.codec.clone(),
             unaborted: AtomicBool::new(false),
         };
@@ -265,8 +268,13 @@ async fn committed_position(client: Arc<BaseConsumer>) -> Result<Option<i64>, Re
 pub struct KafkaRelay {
     producer: FutureProducer,
     group: Arc<ConsumerGroupMetadata>,
-    /// Owns the group metadata's client.
-    _positions: Arc<BaseConsumer>,
+    /// The group metadata's client; also asks for the topic's leaders.
+    positions: Arc<BaseConsumer>,
+    brokers: String,
+    /// The transactional id.
+    name: String,
+    /// The events topic it produces to.
+    topic: String,
     codec: Arc<EventCodec>,
     /// A transaction failed and its abort did not go through (Kafka down):
     /// the abort is tried again before the next transaction.
@@ -353,6 +361,12 @@ impl Relay for KafkaRelay {
         // A fatal error leaves the producer unusable (fenced); any other is
         // tried again before the next transaction.
         self.unaborted.store(matches!(aborted, Err(RelayError::Transient(_))), Ordering::SeqCst);
+        if aborted.is_ok() {
+            // Aborts follow Kafka trouble, when librdkafka may have moved
+            // the producer to a new epoch on its own (a delivery timed
+            // out): what the coordinator forgot is found as at an open.
+            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone()).await;
+        }
         aborted
     }
 }
