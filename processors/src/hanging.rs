@@ -12,16 +12,16 @@
 //! the coordinator knows.
 //!
 //! What ends it is what Kafka's own `kafka-transactions.sh abort` does
-//! (KIP-664): an abort marker written to the partition directly. The
-//! requests involved are not in librdkafka, so this module speaks them
-//! itself. [`end_hanging`] runs when a relay has just fenced its
-//! predecessors (`init_transactions` returned): from then on no
-//! transaction of the relay's producer at an older epoch can still be
-//! open anywhere, so one found open on a partition is hanging by
-//! definition, and aborting it takes nothing from a live transaction.
-//! Its records belonged to an earlier owner's round; the journal still
-//! holds that round's events past the relay position, and the new owner
-//! produces them again.
+//! (KIP-664): a marker written to the partition directly. The requests
+//! involved are not in librdkafka, so this module speaks them itself.
+//! [`find_hanging`] runs when a relay has just fenced its predecessors
+//! (`init_transactions` returned) or aborted its own transaction: then no
+//! transaction of the relay's producer at an older epoch can still be open
+//! anywhere, so one found open on a partition is hanging by definition, and
+//! ending it takes nothing from a live transaction. Whether it ends in a
+//! commit or an abort is the relay's call ([`crate::kafka`]): its records
+//! say which journal entries they carry, and the relay position committed
+//! with the transaction says whether the coordinator committed it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,8 +31,8 @@ use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::describe_producers_request::TopicRequest;
 use kafka_protocol::messages::write_txn_markers_request::{WritableTxnMarker, WritableTxnMarkerTopic};
 use kafka_protocol::messages::{
-    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, RequestHeader, ResponseHeader,
-    TopicName, TransactionalId, WriteTxnMarkersRequest,
+    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, ProducerId, RequestHeader,
+    ResponseHeader, TopicName, TransactionalId, WriteTxnMarkersRequest,
 };
 use kafka_protocol::protocol::{encode_request_header_into_buffer, Decodable, HeaderVersion, Request, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -154,28 +154,33 @@ async fn connect_any(brokers: &str) -> Result<Broker, String> {
     Err(last)
 }
 
-/// A hanging transaction that [`end_hanging`] aborted.
+/// A transaction open on a partition that its coordinator no longer counts
+/// as open there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ended {
+pub struct Hanging {
     pub partition: i32,
+    /// The partition leader's address.
+    pub leader: String,
     pub producer_id: i64,
     pub producer_epoch: i16,
+    pub coordinator_epoch: i32,
     /// The offset of its first record: the partition's last stable offset
-    /// until the abort.
+    /// until it ends.
     pub first_offset: i64,
 }
 
-/// Aborts every transaction of `transactional_id`'s producer that is open on
-/// a partition of `topic` although its coordinator has moved that producer
-/// to a newer epoch with no transaction open. `leaders` maps each partition
-/// of the topic to its leader's address. Call it only right after
-/// `init_transactions` of that id returned, before the first transaction.
-pub async fn end_hanging(
+/// The transactions of `transactional_id`'s producer that are open on a
+/// partition of `topic` although its coordinator has moved that producer to
+/// a newer epoch with no transaction open. `leaders` maps each partition of
+/// the topic to its leader's address. Meaningful only right after
+/// `init_transactions` (or an abort) of that id returned, before the next
+/// transaction begins.
+pub async fn find_hanging(
     brokers: &str,
     transactional_id: &str,
     topic: &str,
     leaders: &BTreeMap<i32, String>,
-) -> Result<Vec<Ended>, String> {
+) -> Result<Vec<Hanging>, String> {
     let current = describe_transaction(brokers, transactional_id).await?;
     if !matches!(current.state.as_str(), "Empty" | "CompleteCommit" | "CompleteAbort") {
         // A transaction of a newer owner (this one is fenced) or one still
@@ -186,19 +191,17 @@ pub async fn end_hanging(
     for (partition, leader) in leaders {
         by_leader.entry(leader.as_str()).or_default().push(*partition);
     }
-    let name = TopicName(StrBytes::from_string(topic.to_owned()));
-    let mut ended = Vec::new();
+    let mut hanging = Vec::new();
     for (leader, partitions) in by_leader {
-        let mut broker = Broker::connect(leader).await?;
-        let described = broker
+        let described = Broker::connect(leader)
+            .await?
             .send(
                 DescribeProducersRequest::default().with_topics(vec![TopicRequest::default()
-                    .with_name(name.clone())
+                    .with_name(topic_name(topic))
                     .with_partition_indexes(partitions)]),
                 0,
             )
             .await?;
-        let mut hanging = Vec::new();
         for partition in described.topics.iter().flat_map(|t| &t.partitions) {
             kafka_code(
                 partition.error_code,
@@ -207,30 +210,42 @@ pub async fn end_hanging(
             for producer in &partition.active_producers {
                 let older = i64::from(producer.producer_epoch) < i64::from(current.producer_epoch);
                 if producer.producer_id.0 == current.producer_id && older && producer.current_txn_start_offset >= 0 {
-                    hanging.push((partition.partition_index, producer.clone()));
+                    hanging.push(Hanging {
+                        partition: partition.partition_index,
+                        leader: leader.to_owned(),
+                        producer_id: producer.producer_id.0,
+                        producer_epoch: producer.producer_epoch as i16,
+                        coordinator_epoch: producer.coordinator_epoch,
+                        first_offset: producer.current_txn_start_offset,
+                    });
                 }
             }
         }
-        for (partition, producer) in hanging {
-            let marker = WritableTxnMarker::default()
-                .with_producer_id(producer.producer_id)
-                .with_producer_epoch(producer.producer_epoch as i16)
-                .with_transaction_result(false)
-                .with_coordinator_epoch(producer.coordinator_epoch.max(0))
-                .with_topics(vec![WritableTxnMarkerTopic::default()
-                    .with_name(name.clone())
-                    .with_partition_indexes(vec![partition])]);
-            let written = broker.send(WriteTxnMarkersRequest::default().with_markers(vec![marker]), 1).await?;
-            for result in written.markers.iter().flat_map(|m| &m.topics).flat_map(|t| &t.partitions) {
-                kafka_code(result.error_code, &format!("aborting the hanging transaction on {topic}/{partition}"))?;
-            }
-            ended.push(Ended {
-                partition,
-                producer_id: producer.producer_id.0,
-                producer_epoch: producer.producer_epoch as i16,
-                first_offset: producer.current_txn_start_offset,
-            });
-        }
     }
-    Ok(ended)
+    Ok(hanging)
+}
+
+/// Ends a hanging transaction on its partition: its records become visible
+/// (`commit`) or are dropped, as a coordinator's marker would have done.
+pub async fn end(topic: &str, hanging: &Hanging, commit: bool) -> Result<(), String> {
+    let marker = WritableTxnMarker::default()
+        .with_producer_id(ProducerId(hanging.producer_id))
+        .with_producer_epoch(hanging.producer_epoch)
+        .with_transaction_result(commit)
+        .with_coordinator_epoch(hanging.coordinator_epoch.max(0))
+        .with_topics(vec![WritableTxnMarkerTopic::default()
+            .with_name(topic_name(topic))
+            .with_partition_indexes(vec![hanging.partition])]);
+    let written = Broker::connect(&hanging.leader)
+        .await?
+        .send(WriteTxnMarkersRequest::default().with_markers(vec![marker]), 1)
+        .await?;
+    for result in written.markers.iter().flat_map(|m| &m.topics).flat_map(|t| &t.partitions) {
+        kafka_code(result.error_code, &format!("ending the hanging transaction on {topic}/{}", hanging.partition))?;
+    }
+    Ok(())
+}
+
+fn topic_name(topic: &str) -> TopicName {
+    TopicName(StrBytes::from_string(topic.to_owned()))
 }

@@ -7,14 +7,14 @@
 //! at all, and the next owner starts from the committed position: no event
 //! is produced twice, none is skipped. A new owner's producer fences the
 //! previous one's (its open transaction is aborted, its next call fails),
-//! and aborts what its coordinator forgot to ([`crate::hanging`]).
+//! and ends what its coordinator forgot to ([`crate::hanging`]).
 //!
 //! Records: key = aggregate id, value = Avro in Confluent wire format,
 //! CloudEvents Kafka-binding headers.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_schemas::codec::EventCodec;
@@ -50,6 +50,11 @@ pub struct OutgoingEvent {
     pub time_ms: i64,
     pub avro: apache_avro::types::Value,
     pub traceparent: Option<String>,
+    /// The journal seq of the entry it comes from. With the relay's name it
+    /// goes into the record's headers (`sluice-relay`, `sluice-seq`): a
+    /// hanging transaction's records then tell whether the relay position
+    /// counts them as relayed.
+    pub seq: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +168,6 @@ impl RelayFactory for KafkaRelays {
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
         let positions = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
-        let topic = names::events_topic(&partition.tenant, partition.context);
-        end_hanging(brokers, &name, &topic, positions.clone()).await;
         let position = match committed_position(positions.clone()).await {
             Ok(position) => position,
             // A stable read waits while any transactional commit of the
@@ -185,6 +188,8 @@ impl RelayFactory for KafkaRelays {
         };
         let group =
             positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
+        let topic = names::events_topic(&partition.tenant, partition.context);
+        end_hanging(brokers, &name, &topic, positions.clone(), position).await;
         let relay = KafkaRelay {
             producer,
             group: Arc::new(group),
@@ -192,6 +197,7 @@ impl RelayFactory for KafkaRelays {
             brokers: brokers.to_owned(),
             name,
             topic,
+            relayed: AtomicI64::new(position.unwrap_or(-1)),
             codec: self.codec.clone(),
             unaborted: AtomicBool::new(false),
         };
@@ -199,42 +205,98 @@ impl RelayFactory for KafkaRelays {
     }
 }
 
-/// Aborts what a predecessor of this relay's producer left open on a
+/// Ends what a predecessor of this relay's producer left open on a
 /// partition of `topic` that its coordinator forgot ([`crate::hanging`]).
-/// Best effort: a failure is logged and the next owner tries again; the
-/// relay works as before meanwhile, and a hanging transaction stays visible
-/// as a projection lag that does not shrink.
-async fn end_hanging(brokers: &str, name: &str, topic: &str, client: Arc<BaseConsumer>) {
-    let metadata_topic = topic.to_owned();
-    let leaders = blocking(move || {
-        let metadata = client.fetch_metadata(Some(&metadata_topic), TXN_TIMEOUT)?;
-        let addresses: BTreeMap<i32, String> =
-            metadata.brokers().iter().map(|b| (b.id(), format!("{}:{}", b.host(), b.port()))).collect();
-        Ok(metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions())
-            .filter_map(|p| addresses.get(&p.leader()).map(|a| (p.id(), a.clone())))
-            .collect::<BTreeMap<i32, String>>())
-    })
-    .await;
-    let ended = match leaders {
-        Ok(leaders) => hanging::end_hanging(brokers, name, topic, &leaders).await,
-        Err(e) => Err(e.to_string()),
+/// `relayed` is the relay position committed so far. A hanging transaction
+/// whose records the position counts as relayed is one the coordinator
+/// committed on its other partitions: it is committed here too. Any other is
+/// aborted: its entries lie past the position, and the journal has them
+/// produced again. Best effort: a failure is logged and looked at again at
+/// the next open or abort; meanwhile the relay works as before, and the
+/// hanging transaction shows as a projection lag that does not shrink.
+async fn end_hanging(brokers: &str, name: &str, topic: &str, client: Arc<BaseConsumer>, relayed: Option<i64>) {
+    let ended = async {
+        let metadata_topic = topic.to_owned();
+        let leaders = blocking(move || {
+            let metadata = client.fetch_metadata(Some(&metadata_topic), TXN_TIMEOUT)?;
+            let addresses: BTreeMap<i32, String> =
+                metadata.brokers().iter().map(|b| (b.id(), format!("{}:{}", b.host(), b.port()))).collect();
+            Ok(metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions())
+                .filter_map(|p| addresses.get(&p.leader()).map(|a| (p.id(), a.clone())))
+                .collect::<BTreeMap<i32, String>>())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut ended = Vec::new();
+        for hanging in hanging::find_hanging(brokers, name, topic, &leaders).await? {
+            let seq = first_seq(brokers, name, topic, &hanging).await.map_err(|e| e.to_string())?;
+            let commit = matches!((seq, relayed), (Some(seq), Some(relayed)) if seq < relayed);
+            hanging::end(topic, &hanging, commit).await?;
+            ended.push((hanging, commit, seq));
+        }
+        Ok::<_, String>(ended)
     };
-    match ended {
+    match ended.await {
         Ok(ended) => {
-            for e in ended {
-                metrics::counter!("sluice_kafka_hanging_transactions_ended_total").increment(1);
+            for (h, commit, seq) in ended {
+                let outcome = if commit { "committed" } else { "aborted" };
+                metrics::counter!("sluice_kafka_hanging_transactions_ended_total", "outcome" => outcome).increment(1);
                 tracing::warn!(
-                    relay = %name, %topic, partition = e.partition, producer_id = e.producer_id,
-                    producer_epoch = e.producer_epoch, first_offset = e.first_offset,
-                    "aborted a transaction its coordinator had forgotten (the partition's readers were stuck at its first offset)"
+                    relay = %name, %topic, partition = h.partition, producer_id = h.producer_id,
+                    producer_epoch = h.producer_epoch, first_offset = h.first_offset, ?relayed, ?seq, outcome,
+                    "ended a transaction its coordinator had forgotten (the partition's readers were stuck at its first offset)"
                 );
             }
         }
         Err(reason) => tracing::warn!(relay = %name, %topic, %reason, "could not look for hanging transactions"),
     }
+}
+
+/// The journal seq that a hanging transaction's first record carries
+/// (`None`: a record from before the `sluice-seq` header, or another
+/// relay's). One transaction carries the entries of one round or catch-up,
+/// all relayed or none, so its first record speaks for all of them.
+async fn first_seq(
+    brokers: &str,
+    name: &str,
+    topic: &str,
+    hanging: &hanging::Hanging,
+) -> Result<Option<i64>, RelayError> {
+    let (brokers, name, topic, partition, first) =
+        (brokers.to_owned(), name.to_owned(), topic.to_owned(), hanging.partition, hanging.first_offset);
+    blocking(move || {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("{name}.hanging"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, partition, Offset::Offset(first))?;
+        reader.assign(&assignment)?;
+        let deadline = std::time::Instant::now() + TXN_TIMEOUT;
+        let message = loop {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            }
+            if let Some(message) = reader.poll(Duration::from_millis(200)) {
+                break message?;
+            }
+        };
+        let header = |key: &str| {
+            message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == key))
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        };
+        let ours = message.offset() == first && header("sluice-relay") == Some(name.as_str());
+        Ok(if ours { header("sluice-seq").and_then(|s| s.parse().ok()) } else { None })
+    })
+    .await
 }
 
 /// A client of a relay's consumer group (never joined: it reads the
@@ -275,6 +337,8 @@ pub struct KafkaRelay {
     name: String,
     /// The events topic it produces to.
     topic: String,
+    /// The relay position last committed (-1: none yet).
+    relayed: AtomicI64,
     codec: Arc<EventCodec>,
     /// A transaction failed and its abort did not go through (Kafka down):
     /// the abort is tried again before the next transaction.
@@ -299,7 +363,7 @@ impl KafkaRelay {
         let started = std::time::Instant::now();
         let sends = events.iter().zip(&payloads).map(|(event, payload)| {
             let time = chrono::DateTime::from_timestamp_millis(event.time_ms).unwrap_or_default().to_rfc3339();
-            let mut headers = OwnedHeaders::new_with_capacity(8)
+            let mut headers = OwnedHeaders::new_with_capacity(10)
                 .insert(Header { key: "ce_specversion", value: Some("1.0") })
                 .insert(Header { key: "ce_id", value: Some(event.event_id.as_str()) })
                 .insert(Header { key: "ce_source", value: Some(event.source.as_str()) })
@@ -307,6 +371,10 @@ impl KafkaRelay {
                 .insert(Header { key: "ce_time", value: Some(time.as_str()) })
                 .insert(Header { key: "ce_subject", value: Some(event.key.as_str()) })
                 .insert(Header { key: "content-type", value: Some("application/avro") });
+            let seq = event.seq.to_string();
+            headers = headers
+                .insert(Header { key: "sluice-relay", value: Some(self.name.as_str()) })
+                .insert(Header { key: "sluice-seq", value: Some(seq.as_str()) });
             if let Some(traceparent) = &event.traceparent {
                 headers = headers.insert(Header { key: "traceparent", value: Some(traceparent.as_str()) });
             }
@@ -352,6 +420,9 @@ impl Relay for KafkaRelay {
             producer.commit_transaction(TXN_TIMEOUT)
         })
         .await;
+        if committed.is_ok() {
+            self.relayed.store(next, Ordering::SeqCst);
+        }
         self.or_abort(committed).await
     }
 
@@ -365,7 +436,8 @@ impl Relay for KafkaRelay {
             // Aborts follow Kafka trouble, when librdkafka may have moved
             // the producer to a new epoch on its own (a delivery timed
             // out): what the coordinator forgot is found as at an open.
-            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone()).await;
+            let relayed = Some(self.relayed.load(Ordering::SeqCst)).filter(|&r| r >= 0);
+            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone(), relayed).await;
         }
         aborted
     }

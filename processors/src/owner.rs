@@ -570,6 +570,7 @@ where
                     time_ms: stored.recorded_at_ms,
                     avro: event.to_avro(),
                     traceparent: traces.get(&entry.operation_id).cloned(),
+                    seq: entry.seq,
                 });
                 owners.push(entry);
             }

@@ -71,9 +71,14 @@ async fn a_command_delivered_twice_produces_its_events_once() {
     let platform = Platform::start(test_settings(&[&tenant]), Role::All).await;
     let op = platform.await_operation(&tenant, &location, WAIT).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    eventually(WAIT, "both deliveries taken", || async { (queue_depth(&queue).await == 0).then_some(()) }).await;
-    // Stopped (in-flight work drained): a delivery still unacked would be
-    // back in the queue now.
+    // The duplicate is decided in a round of its own after the first
+    // delivery's (one stream), which may still be running when the
+    // operation already says succeeded: wait until nothing is left unacked.
+    eventually(WAIT, "both deliveries taken and acked", || async {
+        (queue_info(&queue).await?["messages"] == 0).then_some(())
+    })
+    .await;
+    // Stopped: a delivery still unacked would be back in the queue now.
     platform.stop().await.unwrap();
     assert_eq!(queue_depth(&queue).await, 0, "both deliveries consumed and acked");
     let events = stored_events(&tenant.name, "o-dup").await;
@@ -459,15 +464,17 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     assert_eq!(position, Some(9));
 }
 
-/// A transaction its coordinator forgot (seen after a Kafka restart: the
-/// coordinator aborted a relay's transaction on every partition but one)
-/// holds the partition's last stable offset at its first record for ever,
-/// and every `read_committed` reader with it. Made here the way it arises:
-/// records of the relay's producer on a partition its coordinator never
-/// heard of (the broker's check that refuses such records is switched off
-/// for the write). The next owner of the relay ends it.
+/// A transaction its coordinator forgot on a partition (seen after a Kafka
+/// restart) holds the partition's last stable offset at its first record
+/// for ever, and every `read_committed` reader with it. Made here the way it
+/// arises: records of the relay's producer on partitions its coordinator
+/// never heard of (the broker's check that refuses such records is switched
+/// off for the write). The next owner of the relay ends them: one whose
+/// records the relay position counts as relayed (its transaction committed
+/// everywhere else) is committed, one past the position is aborted (the
+/// journal has its entries produced again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_owner_ends_a_transaction_its_coordinator_forgot() {
+async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     use kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{IncrementalAlterConfigsRequest, ProduceRequest, TopicName, TransactionalId};
@@ -488,12 +495,15 @@ async fn a_new_owner_ends_a_transaction_its_coordinator_forgot() {
     let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
     let name = kafka::relay_name(&partition);
 
-    // An owner's producer, as its coordinator knows it.
+    // An owner relays up to journal seq 3; its producer, as the coordinator knows it.
     let (first, _) = relays.open(&partition, "first").await.unwrap();
+    first.produce(vec![]).await.unwrap();
+    first.commit(3).await.unwrap();
     let producer = hanging::describe_transaction(KAFKA, &name).await.unwrap();
 
-    // A record of that producer in a transaction on events partition 1,
-    // which the coordinator never added to any transaction.
+    // Records of that producer in a transaction on events partitions 1
+    // (entry 2: relayed) and 2 (entry 5: not yet), which the coordinator
+    // never added to a transaction.
     let mut broker = Broker::connect(KAFKA).await.unwrap();
     let verification = |value: &'static str| {
         IncrementalAlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
@@ -506,66 +516,113 @@ async fn a_new_owner_ends_a_transaction_its_coordinator_forgot() {
     };
     let altered = broker.send(verification("false"), 0).await.unwrap();
     assert!(altered.responses.iter().all(|r| r.error_code == 0), "{altered:?}");
-    let record = Record {
-        transactional: true,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: producer.producer_id,
-        producer_epoch: producer.producer_epoch,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: 0,
-        timestamp: chrono::Utc::now().timestamp_millis(),
-        key: Some(bytes::Bytes::from_static(b"forgotten")),
-        value: Some(bytes::Bytes::from_static(b"never committed")),
-        headers: Default::default(),
+    let batch = |seq: &str| {
+        let record = Record {
+            transactional: true,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: producer.producer_id,
+            producer_epoch: producer.producer_epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: 0,
+            timestamp: chrono::Utc::now().timestamp_millis(),
+            key: Some(bytes::Bytes::from(format!("entry-{seq}"))),
+            value: Some(bytes::Bytes::from_static(b"a relayed event")),
+            headers: [
+                (StrBytes::from_static_str("sluice-relay"), Some(bytes::Bytes::from(name.clone()))),
+                (StrBytes::from_static_str("sluice-seq"), Some(bytes::Bytes::from(seq.to_owned()))),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut batch = bytes::BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut batch,
+            [&record],
+            &RecordEncodeOptions { version: 2, compression: Compression::None },
+        )
+        .unwrap();
+        batch.freeze()
     };
-    let mut batch = bytes::BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        [&record],
-        &RecordEncodeOptions { version: 2, compression: Compression::None },
-    )
-    .unwrap();
     let produce = ProduceRequest::default()
         .with_transactional_id(Some(TransactionalId(StrBytes::from_string(name.clone()))))
         .with_acks(-1)
         .with_timeout_ms(10_000)
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(TopicName(StrBytes::from_string(topic.clone())))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(1)
-                .with_records(Some(batch.freeze()))])]);
+            .with_partition_data(vec![
+                PartitionProduceData::default().with_index(1).with_records(Some(batch("2"))),
+                PartitionProduceData::default().with_index(2).with_records(Some(batch("5"))),
+            ])]);
     // The switch reaches the broker through its metadata log: until then
-    // the record is refused as "not added to the transaction" (48).
+    // the records are refused as "not added to the transaction" (48).
     let deadline = tokio::time::Instant::now() + WAIT;
     let produced = loop {
         let produced = broker.send(produce.clone(), 9).await.unwrap();
-        let code = produced.responses[0].partition_responses[0].error_code;
-        if code != 48 || tokio::time::Instant::now() > deadline {
+        let refused = produced.responses[0].partition_responses.iter().any(|p| p.error_code == 48);
+        if !refused || tokio::time::Instant::now() > deadline {
             break produced;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let restored = broker.send(verification("true"), 0).await.unwrap();
     assert!(restored.responses.iter().all(|r| r.error_code == 0), "{restored:?}");
-    let written = &produced.responses[0].partition_responses[0];
-    assert_eq!(written.error_code, 0, "{produced:?}");
-    let first_offset = written.base_offset;
-
+    let written = &produced.responses[0].partition_responses;
+    assert!(written.iter().all(|p| p.error_code == 0), "{produced:?}");
     drop(first);
-    let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
-    assert_eq!((stable, end), (first_offset, first_offset + 1), "read_committed readers stop at the forgotten record");
+    for p in [1, 2] {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert_eq!(end, stable + 1, "read_committed readers of partition {p} stop at the forgotten record");
+    }
 
-    // The next owner ends it: readers get past it.
+    // The next owner ends both: readers get past them; the relayed entry's
+    // record is readable, the other's is not (it is produced again).
     let (second, position) = relays.open(&partition, "second").await.unwrap();
-    assert_eq!(position, None);
-    let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
-    assert_eq!(stable, end, "the forgotten transaction is aborted (first offset {first_offset})");
-    assert!(end > first_offset + 1, "an abort marker was written");
+    assert_eq!(position, Some(3));
+    for p in [1, 2] {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert_eq!(stable, end, "the forgotten transaction on partition {p} is ended");
+    }
+    assert_eq!(committed_keys(&topic, 1).await, ["entry-2"], "committed: the relay position counts it");
+    assert!(committed_keys(&topic, 2).await.is_empty(), "aborted: past the relay position");
     second.produce(vec![]).await.unwrap();
-    second.commit(1).await.unwrap();
+    second.commit(4).await.unwrap();
+}
+
+/// The keys a `read_committed` reader finds in a partition.
+async fn committed_keys(topic: &str, partition: i32) -> Vec<String> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("group.id", format!("committed-keys-{}", uuid::Uuid::new_v4()))
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, partition, rdkafka::Offset::Beginning).unwrap();
+        reader.assign(&assignment).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut keys = Vec::new();
+        while std::time::Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => keys.push(String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned()),
+                Some(Err(KafkaError::PartitionEOF(_))) => return keys,
+                Some(Err(e)) => panic!("reading {topic}/{partition}: {e}"),
+                None => {}
+            }
+        }
+        panic!("no end of {topic}/{partition} within {WAIT:?}");
+    })
+    .await
+    .unwrap()
 }
 
 /// A partition's last stable offset (what `read_committed` readers reach)
