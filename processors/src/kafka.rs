@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,7 +197,6 @@ impl RelayFactory for KafkaRelays {
             brokers: brokers.to_owned(),
             name,
             topic,
-            relayed: AtomicI64::new(position.unwrap_or(-1)),
             codec: self.codec.clone(),
             unaborted: AtomicBool::new(false),
         };
@@ -337,8 +336,6 @@ pub struct KafkaRelay {
     name: String,
     /// The events topic it produces to.
     topic: String,
-    /// The relay position last committed (-1: none yet).
-    relayed: AtomicI64,
     codec: Arc<EventCodec>,
     /// A transaction failed and its abort did not go through (Kafka down):
     /// the abort is tried again before the next transaction.
@@ -420,9 +417,6 @@ impl Relay for KafkaRelay {
             producer.commit_transaction(TXN_TIMEOUT)
         })
         .await;
-        if committed.is_ok() {
-            self.relayed.store(next, Ordering::SeqCst);
-        }
         self.or_abort(committed).await
     }
 
@@ -436,8 +430,14 @@ impl Relay for KafkaRelay {
             // Aborts follow Kafka trouble, when librdkafka may have moved
             // the producer to a new epoch on its own (a delivery timed
             // out): what the coordinator forgot is found as at an open.
-            let relayed = Some(self.relayed.load(Ordering::SeqCst)).filter(|&r| r >= 0);
-            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone(), relayed).await;
+            // The position as Kafka has it: a commit whose answer was lost
+            // may have gone through.
+            match committed_position(self.positions.clone()).await {
+                Ok(relayed) => {
+                    end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone(), relayed).await
+                }
+                Err(e) => tracing::warn!(relay = %self.name, error = %e, "could not look for hanging transactions"),
+            }
         }
         aborted
     }
