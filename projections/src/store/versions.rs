@@ -28,8 +28,12 @@ impl Versions {
         Self { session }
     }
 
-    /// The state, creating version 1 as active on first use.
+    /// The state, creating version 1 as active on first use (a conditional
+    /// insert only then: readers ask often).
     pub async fn get(&self, projection: &str) -> Result<VersionState, ReadModelError> {
+        if let Some(state) = self.read(projection).await? {
+            return Ok(state);
+        }
         self.session
             .query_unpaged(
                 "INSERT INTO projection_versions (projection, active) VALUES (?, 1) IF NOT EXISTS",
@@ -37,6 +41,10 @@ impl Versions {
             )
             .await
             .map_err(rm_err)?;
+        self.read(projection).await?.ok_or_else(|| ReadModelError(format!("no version row for {projection}")))
+    }
+
+    async fn read(&self, projection: &str) -> Result<Option<VersionState>, ReadModelError> {
         let rows = self
             .session
             .query_unpaged(
@@ -47,9 +55,12 @@ impl Versions {
             .map_err(rm_err)?
             .into_rows_result()
             .map_err(rm_err)?;
-        let (active, building, active_partial_from) =
-            rows.single_row::<(Option<i32>, Option<i32>, Option<String>)>().map_err(rm_err)?;
-        Ok(VersionState { active: active.unwrap_or(1), building, active_partial_from })
+        let row = rows.maybe_first_row::<(Option<i32>, Option<i32>, Option<String>)>().map_err(rm_err)?;
+        Ok(row.map(|(active, building, active_partial_from)| VersionState {
+            active: active.unwrap_or(1),
+            building,
+            active_partial_from,
+        }))
     }
 
     /// Marks `version` as being built (resumable: a crashed rebuild finds it).
