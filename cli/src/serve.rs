@@ -11,7 +11,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use sluice_ingest::queue::{AmqpCommandQueue, AmqpQueueSettings, TenantConnection, TenantQueues};
 use sluice_ingest::AppState;
-use sluice_projections::patients;
+use sluice_projections::orders::Orders;
 use sluice_projections::runner::Projector;
 use sluice_projections::store::ReadModels;
 use sluice_schemas::catalog;
@@ -381,13 +381,14 @@ pub async fn serve(
         until_available("Kafka", &shutdown, || ensure_projection_topics(&settings, &topics, name)).await?;
         let patient_topics = context_topics(&tenants, sluice_schemas::patients::CONTEXT);
         until_available("Kafka", &shutdown, || {
-            ensure_projection_topics(&settings, &patient_topics, patients::PROJECTION)
+            ensure_projection_topics(&settings, &patient_topics, &settings.projector.patients_name)
         })
         .await?;
-        let store = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
+        let store = Arc::new(ReadModels::new(session.clone(), &settings.projector).await?);
         // Each projection runs once per Kafka cluster, over its tenants' topics.
         for cluster in settings.kafka_clusters().of(&tenants) {
             let projector = Projector {
+                projection: Arc::new(Orders { name: settings.projector.name.clone() }),
                 config: settings.projector.clone(),
                 brokers: cluster.brokers.clone(),
                 registry_url: settings.registry.url.clone(),
@@ -397,12 +398,13 @@ pub async fn serve(
             let stop = shutdown.clone();
             roles.spawn(async move { projector.run(stop).await.context("projector role") });
 
-            let patients_projection = patients::PatientsProjector {
+            let patients_projection = Projector {
+                projection: Arc::new(store.patients().clone()),
+                config: settings.projector.clone(),
                 brokers: cluster.brokers.clone(),
                 registry_url: settings.registry.url.clone(),
-                group: patients::group_id(&settings.projector),
                 topics: context_topics(&cluster.tenants, sluice_schemas::patients::CONTEXT),
-                session: session.clone(),
+                store: store.clone(),
             };
             let stop = shutdown.clone();
             roles.spawn(async move { patients_projection.run(stop).await.context("patients projection") });
@@ -424,7 +426,7 @@ pub async fn serve(
             connections.push(TenantConnection { label, tenants: connection.tenants, queue: Arc::new(queue) });
         }
         let queue = TenantQueues::new(connections);
-        let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector.name).await?);
+        let reads = Arc::new(ReadModels::new(session.clone(), &settings.projector).await?);
         let state = Arc::new(
             AppState::new(settings.ingest.clone(), &settings.tenants, settings.amqp.partitions, Arc::new(queue), reads)
                 .map_err(anyhow::Error::msg)?,

@@ -1,8 +1,9 @@
-//! Applying Kafka records to one version of the orders read models: decode
-//! via the registry, take the order's snapshot from an earlier event of the
+//! Applying Kafka records to one version of a [`Projection`]'s read models:
+//! decode via the registry, take the key's memo from an earlier event of the
 //! batch or read it, turn the event into rows, and on poison (cannot be
 //! decoded or does not fit) hand it to [`DeadLetters`]. A batch's rows are
-//! written together, grouped by partition ([`Tables::write_rows`]).
+//! written together, grouped by partition ([`Tables::write_rows`]), beside
+//! its additions counted into their running totals ([`Tables::tally`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,6 @@ use futures::StreamExt;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
-use sluice_schemas::orders::OrderEvent;
 use sluice_streams::backoff::Backoff;
 use sluice_streams::batch::{self, SettleBatch};
 use sluice_streams::dead_letter::DeadLetters;
@@ -21,8 +21,8 @@ use sluice_streams::settle::{settle_record, Settled};
 use sluice_streams::{decode_record, ApplyError};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::orders;
-use crate::store::tables::{Row, Sale, Tables};
+use crate::projection::{Projection, Write};
+use crate::store::tables::{Addition, Row, Tables};
 use crate::store::{rm_err, ReadModelError};
 
 /// The tenant an events topic belongs to (`<tenant>.<context>.events`).
@@ -49,24 +49,28 @@ pub enum Applied {
     Skipped,
 }
 
-pub struct Applier {
-    projection: String,
+pub struct Applier<P: Projection> {
+    projection: Arc<P>,
     version: i32,
     tables: Arc<Tables>,
     codec: EventCodec,
     dead_letters: DeadLetters,
 }
 
-impl Applier {
+impl<P: Projection> Applier<P> {
+    /// The applier of `projection`'s `version` (its tables created if missing).
     pub async fn new(
         brokers: &str,
         registry_url: &str,
-        projection: &str,
-        tables: Arc<Tables>,
+        projection: Arc<P>,
+        session: Arc<Session>,
+        version: i32,
     ) -> Result<Self, ReadModelError> {
-        let dead_letters = DeadLetters::new(brokers, tables.session.clone(), projection, tables.version).await?;
+        let name = projection.name();
+        let tables = Arc::new(Tables::open(session.clone(), name, version, projection.tables()).await?);
+        let dead_letters = DeadLetters::new(brokers, session, name, version).await?;
         Ok(Self {
-            projection: projection.to_owned(),
+            projection,
             version: tables.version,
             tables,
             codec: EventCodec::new(registry_url).map_err(rm_err)?,
@@ -98,7 +102,7 @@ impl Applier {
     /// The span of one record's apply: it continues the trace of the
     /// command that produced the event.
     fn span(&self, message: &impl Message) -> tracing::Span {
-        let span = info_span!("sluice.project", projection = %self.projection, topic = message.topic(), offset = message.offset());
+        let span = info_span!("sluice.project", projection = %self.projection.name(), topic = message.topic(), offset = message.offset());
         let traceparent = message
             .headers()
             .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
@@ -109,70 +113,80 @@ impl Applier {
     }
 
     /// Applies a record once, out of its partition's order (a parked key's
-    /// record): written, skipped, or why not. Its sale gets a slot of its own.
+    /// record): written, skipped, or why not. Its additions get slots of
+    /// their own.
     pub async fn apply(&self, message: &impl Message) -> Result<Applied, ApplyError> {
         let (applied, made) = self.rows(message, &Mutex::new(Known::Ask), false).await?;
         self.tables.write_rows(&made.rows).await.map_err(|e| ApplyError::Transient(e.to_string()))?;
         Ok(applied)
     }
 
-    /// The rows a record makes, not written yet: decoded, with the order's
-    /// snapshot from `known` (an earlier event of the order in this batch)
-    /// or else read from the store; `known` then holds what a later event of
-    /// the order needs. `in_order`: the record is applied in its partition's
-    /// order, so its sale is counted in the partition's running total
-    /// ([`Tables::tally`]) rather than written as a row.
-    async fn rows<'t>(
-        &'t self,
+    /// The rows a record makes, not written yet: decoded, with the key's
+    /// memo from `known` (an earlier event of the key in this batch) or else
+    /// read from the store; `known` then holds what a later event of the key
+    /// needs. `in_order`: the record is applied in its partition's order, so
+    /// its additions are counted in the partition's running totals
+    /// ([`Tables::tally`]) rather than written as rows.
+    async fn rows(
+        &self,
         message: &impl Message,
-        known: &Mutex<Known>,
+        known: &Mutex<Known<P::Memo>>,
         in_order: bool,
-    ) -> Result<(Applied, Made<'t>), ApplyError> {
+    ) -> Result<(Applied, Made), ApplyError> {
         let poison = |class, reason: String| ApplyError::Poison { class, reason };
         let transient = |e: ReadModelError| ApplyError::Transient(e.to_string());
         let topic = message.topic();
-        if context_of(topic) != Some(sluice_schemas::orders::CONTEXT) {
+        if context_of(topic) != Some(self.projection.context()) {
             return Ok((Applied::Skipped, Made::default()));
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
         let (name, value) = decode_record(&self.codec, &self.dead_letters, message).await?;
-        let event = OrderEvent::from_avro(&name, &value).map_err(|e| poison("unknown_event", e.0))?;
-        let snapshot = if orders::needs_snapshot(&event) {
-            let cached = known.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            match cached {
-                Known::Have(snapshot) => snapshot,
-                Known::Ask => self.tables.snapshot(tenant, event.meta().order_id).await.map_err(transient)?,
+        let event = self.projection.decode(&name, &value).map_err(|e| poison("unknown_event", e))?;
+        let memo = match self.projection.memo_read(&event) {
+            Some(read) => {
+                let cached = known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match cached {
+                    Known::Have(memo) => memo,
+                    Known::Ask => {
+                        let cells = self.tables.read_memo(tenant, &read).await.map_err(transient)?;
+                        cells.and_then(|cells| self.projection.memo_of(&cells))
+                    }
+                }
             }
-        } else {
-            None
+            None => None,
         };
         let mut made = Made::default();
-        for write in orders::apply(&event, snapshot.as_ref()) {
-            match Sale::of(tenant, message.partition(), message.offset(), &write) {
-                Some(sale) if in_order => made.sales.push(sale),
-                _ => made.rows.push(self.tables.row(tenant, &write).map_err(transient)?),
+        for write in self.projection.writes(&event, memo.as_ref()) {
+            match write {
+                Write::Add { .. } if in_order => made.additions.push(Addition {
+                    tenant: tenant.to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    write,
+                }),
+                _ => made.rows.push(self.tables.row(tenant, &write).await.map_err(transient)?),
             }
         }
-        *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(orders::snapshot_after(&event, snapshot));
+        *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(self.projection.memo_after(&event, memo));
         debug!(tenant, event_type = name, offset = message.offset(), "rows made");
         Ok((Applied::Written { event_type: name }, made))
     }
 }
 
-/// What records make: rows to write, and sales to count.
+/// What records make: rows to write, and additions to count.
 #[derive(Default)]
-struct Made<'t> {
-    rows: Vec<Row<'t>>,
-    sales: Vec<Sale>,
+struct Made {
+    rows: Vec<Row>,
+    additions: Vec<Addition>,
 }
 
-/// What a batch knows of an order's snapshot.
+/// What a batch knows of a key's memo.
 #[derive(Debug, Clone)]
-enum Known {
+enum Known<M> {
     /// Nothing yet: read it from the store.
     Ask,
-    /// As an earlier event of the order in this batch left it.
-    Have(Option<orders::OrderSnapshot>),
+    /// As an earlier event of the key in this batch left it.
+    Have(Option<M>),
 }
 
 /// Batches applied to one version until `stop`, counted: each order's
@@ -180,8 +194,8 @@ enum Known {
 /// (retried while transient, dead-lettered when poison), then the batch's
 /// rows written together, grouped by partition, beside its sales counted
 /// into their running totals (retried until the store takes them).
-pub struct Settling<'x> {
-    applier: &'x Applier,
+pub struct Settling<'x, P: Projection> {
+    applier: &'x Applier<P>,
     stop: &'x tokio_util::sync::CancellationToken,
     pub applied: AtomicU64,
     pub dead_lettered: AtomicU64,
@@ -189,13 +203,18 @@ pub struct Settling<'x> {
     pub rows: AtomicU64,
 }
 
-impl<'x> Settling<'x> {
-    pub fn new(applier: &'x Applier, stop: &'x tokio_util::sync::CancellationToken) -> Self {
+impl<'x, P: Projection> Settling<'x, P> {
+    pub fn new(applier: &'x Applier<P>, stop: &'x tokio_util::sync::CancellationToken) -> Self {
         Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0), rows: AtomicU64::new(0) }
     }
 
-    /// What one order's records in this batch make; `None` when stopped.
-    async fn key_rows<'a>(&'a self, records: Vec<&'a OwnedMessage>) -> Option<Made<'a>> {
+    /// (applied, dead-lettered) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
+    }
+
+    /// What one key's records in this batch make; `None` when stopped.
+    async fn key_rows(&self, records: Vec<&OwnedMessage>) -> Option<Made> {
         let known = Mutex::new(Known::Ask);
         let mut made = Made::default();
         for record in records {
@@ -206,7 +225,7 @@ impl<'x> Settling<'x> {
             let outcome = match settled {
                 Settled::Applied((Applied::Written { .. }, record_made)) => {
                     made.rows.extend(record_made.rows);
-                    made.sales.extend(record_made.sales);
+                    made.additions.extend(record_made.additions);
                     self.applied.fetch_add(1, Ordering::Relaxed);
                     "applied"
                 }
@@ -216,18 +235,18 @@ impl<'x> Settling<'x> {
                     "dead_lettered"
                 }
             };
-            metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.clone(), "outcome" => outcome)
+            metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.name().to_owned(), "outcome" => outcome)
                 .increment(1);
         }
         Some(made)
     }
 
-    /// Writes a batch's rows and counts its sales, concurrently; answers the
-    /// rows written.
-    async fn write(&self, made: &Made<'_>) -> Result<usize, ReadModelError> {
+    /// Writes a batch's rows and counts its additions, concurrently;
+    /// answers the rows written.
+    async fn write(&self, made: &Made) -> Result<usize, ReadModelError> {
         let tables = &self.applier.tables;
         let counted = async {
-            let totals = tables.tally(&made.sales).await?;
+            let totals = tables.tally(&made.additions).await?;
             tables.write_rows(&totals).await.map(|()| totals.len())
         };
         let (_, totals) = futures::try_join!(tables.write_rows(&made.rows), counted)?;
@@ -235,13 +254,13 @@ impl<'x> Settling<'x> {
     }
 }
 
-impl SettleBatch for Settling<'_> {
+impl<P: Projection> SettleBatch for Settling<'_, P> {
     fn settle_batch<'a>(&'a self, records: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let keys: Vec<BoxFuture<'a, Option<Made<'a>>>> = batch::by_key(records)
+            let keys: Vec<BoxFuture<'a, Option<Made>>> = batch::by_key(records)
                 .into_iter()
-                .map(|records| -> BoxFuture<'a, Option<Made<'a>>> { Box::pin(self.key_rows(records)) })
+                .map(|records| -> BoxFuture<'a, Option<Made>> { Box::pin(self.key_rows(records)) })
                 .collect();
             let mut made = Made::default();
             let mut keys_made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
@@ -249,7 +268,7 @@ impl SettleBatch for Settling<'_> {
                 match key_made {
                     Some(key_made) => {
                         made.rows.extend(key_made.rows);
-                        made.sales.extend(key_made.sales);
+                        made.additions.extend(key_made.additions);
                     }
                     None => return false,
                 }
@@ -269,8 +288,7 @@ impl SettleBatch for Settling<'_> {
             };
             self.rows.fetch_add(written as u64, Ordering::Relaxed);
             // Each record waited for the whole batch: that is its apply latency.
-            let histogram =
-                metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.clone());
+            let histogram = metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.name().to_owned());
             let seconds = started.elapsed().as_secs_f64();
             for _ in records {
                 histogram.record(seconds);

@@ -1,21 +1,23 @@
 //! The read side: projections from Kafka into CQL read models, and the
 //! queries the edge serves from them.
 //!
-//! - [`orders`]: pure functions from an order event to read-model writes.
-//! - [`patients`]: the patients projection (onboarding steps), its runner
-//!   and its query.
-//! - [`store`]: the CQL read models (versions, tables, queries).
-//! - [`apply`]: one record into one version: decode, write, dead-letter poison
-//!   (decoding and dead-lettering are the `sluice_streams` runtime's).
-//! - [`runner`]: the live consumer group on the streams runtime's batches
-//!   (offsets stored only after a batch's writes).
+//! - [`projection`]: the [`projection::Projection`] trait a read model
+//!   implements in pure code (its tables, and the writes of each event).
+//! - [`orders`], [`patients`]: the demo's projections.
+//! - [`store`]: the CQL read models (versions, tables and the CQL of their
+//!   writes, the queries the edge serves).
+//! - [`apply`]: records into one version of a projection: decode, rows,
+//!   dead-letter poison (decoding and dead-lettering are the
+//!   `sluice_streams` runtime's).
+//! - [`runner`]: the live consumer group of a projection on the streams
+//!   runtime's batches (offsets stored only after a batch's writes).
 //! - [`replay`]: replays and blue/green rebuilds from any offset or time.
-//! - [`lag`]: how far each projection version is behind the log.
 #![forbid(unsafe_code)]
 
 pub mod apply;
 pub mod orders;
 pub mod patients;
+pub mod projection;
 pub mod replay;
 pub mod runner;
 pub mod store;
@@ -29,7 +31,10 @@ pub struct ProjectorConfig {
     /// The projection's name: its version row, table prefix and consumer
     /// group (letters, digits, underscores; default `orders`).
     pub name: String,
-    /// Consumer groups are `<group_prefix>.<name>.v<version>`.
+    /// The patients projection's name (default `patients`), as `name` is the
+    /// orders projection's.
+    pub patients_name: String,
+    /// Consumer groups are `<group_prefix>.<projection>.v<version>`.
     pub group_prefix: String,
     /// How often applied offsets are written beside the rows (default 200 ms).
     pub offset_flush_ms: u64,
@@ -58,6 +63,7 @@ impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
             name: "orders".into(),
+            patients_name: "patients".into(),
             group_prefix: "sluice.projection".into(),
             offset_flush_ms: 200,
             version_poll_ms: 1_000,

@@ -1,11 +1,14 @@
-//! The demo read models of `orders`, as a pure function from an event (and
-//! what the order's earlier events left behind) to the writes it causes.
+//! The demo read models of `orders`, as a [`Projection`]: pure functions
+//! from an order event (and what the order's earlier events left behind) to
+//! the writes it causes.
 //!
-//! Every write carries the event's stream version, which the store uses as the
-//! CQL write timestamp: applying an event twice, or replaying the topic, leaves
-//! exactly the same cells, and a later version always wins.
+//! Every write carries the event's stream version, which the runtime uses as
+//! the CQL write timestamp: applying an event twice, or replaying the topic,
+//! leaves exactly the same cells, and a later version always wins.
 
 use sluice_schemas::orders::{OrderEvent, OrderLine};
+
+use crate::projection::{Cell, MemoRead, Projection, Table, Write};
 
 /// What later events of an order need from its submission (read back from the
 /// order read model before applying them).
@@ -16,8 +19,125 @@ pub struct OrderSnapshot {
     pub total_cents: i64,
 }
 
+/// The orders projection, under its configured name (`orders` in the demo).
+#[derive(Debug, Clone)]
+pub struct Orders {
+    pub name: String,
+}
+
+/// `by_id`: the whole order.
+const BY_ID: &str = "by_id";
+/// `by_customer`: a customer's orders, newest first, paged.
+const BY_CUSTOMER: &str = "by_customer";
+/// `sales_by_day`: orders and totals per day, pre-aggregated so a day reads a
+/// bounded number of rows whatever its volume (a submission +1 and +total on
+/// its day, a cancellation -1 and -total on its day).
+const SALES_BY_DAY: &str = "sales_by_day";
+
+const TABLES: &[Table] = &[
+    Table::Rows {
+        name: BY_ID,
+        columns: &[
+            ("order_id", "text"),
+            ("customer_id", "text"),
+            ("status", "text"),
+            ("currency", "text"),
+            ("lines", "text"),
+            ("total_cents", "bigint"),
+            ("version", "bigint"),
+            ("submitted_at", "timestamp"),
+            ("updated_at", "timestamp"),
+            ("carrier", "text"),
+            ("tracking_number", "text"),
+            ("cancel_reason", "text"),
+        ],
+        partition: &["order_id"],
+        clustering: &[],
+        order: None,
+    },
+    Table::Rows {
+        name: BY_CUSTOMER,
+        columns: &[
+            ("customer_id", "text"),
+            ("submitted_at", "timestamp"),
+            ("order_id", "text"),
+            ("status", "text"),
+            ("currency", "text"),
+            ("total_cents", "bigint"),
+            ("version", "bigint"),
+        ],
+        partition: &["customer_id"],
+        clustering: &["submitted_at", "order_id"],
+        order: Some("submitted_at DESC, order_id ASC"),
+    },
+    Table::Totals { name: SALES_BY_DAY, key: &[("day", "date")], sums: &["orders", "total_cents"] },
+];
+
+impl Orders {
+    /// Its tables (the bench copies them).
+    pub const TABLES: &'static [Table] = TABLES;
+}
+
+impl Projection for Orders {
+    type Event = OrderEvent;
+    type Memo = OrderSnapshot;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn context(&self) -> &'static str {
+        sluice_schemas::orders::CONTEXT
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        TABLES
+    }
+
+    /// `daily_sales` held one row per order and movement, summed on read
+    /// (replaced by `sales_by_day`; a version created before it gets its
+    /// sales by `sluice replay --rebuild`).
+    fn former_tables(&self) -> &'static [&'static str] {
+        &["daily_sales"]
+    }
+
+    fn decode(&self, event_type: &str, value: &apache_avro::types::Value) -> Result<OrderEvent, String> {
+        OrderEvent::from_avro(event_type, value).map_err(|e| e.0)
+    }
+
+    fn memo_read(&self, event: &OrderEvent) -> Option<MemoRead> {
+        needs_snapshot(event).then(|| MemoRead {
+            table: BY_ID,
+            key: vec![Cell::text(event.meta().order_id)],
+            columns: &["customer_id", "submitted_at", "total_cents"],
+        })
+    }
+
+    fn memo_of(&self, cells: &[Cell]) -> Option<OrderSnapshot> {
+        match cells {
+            [Cell::Text(customer_id), Cell::Timestamp(submitted_at_ms), Cell::BigInt(total_cents)] => {
+                Some(OrderSnapshot {
+                    customer_id: customer_id.clone(),
+                    submitted_at_ms: *submitted_at_ms,
+                    total_cents: *total_cents,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn memo_after(&self, event: &OrderEvent, before: Option<OrderSnapshot>) -> Option<OrderSnapshot> {
+        snapshot_after(event, before)
+    }
+
+    fn writes(&self, event: &OrderEvent, memo: Option<&OrderSnapshot>) -> Vec<Write> {
+        apply(event, memo).into_iter().map(OrderWrite::into_write).collect()
+    }
+}
+
+/// What an order event changes, by read model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub enum OrderWrite {
     /// `orders_by_id`: the whole order, at its submission.
     OrderSubmitted {
         order_id: String,
@@ -51,13 +171,77 @@ pub enum Write {
     Sale { day_ms: i64, order_id: String, movement: &'static str, orders: i32, total_cents: i64, version: i64 },
 }
 
-impl Write {
+impl OrderWrite {
     pub fn version(&self) -> i64 {
         match self {
-            Write::OrderSubmitted { version, .. }
-            | Write::OrderStatus { version, .. }
-            | Write::CustomerOrder { version, .. }
-            | Write::Sale { version, .. } => *version,
+            OrderWrite::OrderSubmitted { version, .. }
+            | OrderWrite::OrderStatus { version, .. }
+            | OrderWrite::CustomerOrder { version, .. }
+            | OrderWrite::Sale { version, .. } => *version,
+        }
+    }
+
+    /// The row (or running total) it writes.
+    pub fn into_write(self) -> Write {
+        let version = self.version();
+        match self {
+            OrderWrite::OrderSubmitted { order_id, customer_id, currency, lines, total_cents, at_ms, version } => {
+                let lines = serde_json::to_string(&lines).expect("order lines always serialize");
+                let cells = vec![
+                    ("order_id", Cell::Text(order_id)),
+                    ("customer_id", Cell::Text(customer_id)),
+                    ("status", Cell::text("submitted")),
+                    ("currency", Cell::Text(currency)),
+                    ("lines", Cell::Text(lines)),
+                    ("total_cents", Cell::BigInt(total_cents)),
+                    ("version", Cell::BigInt(version)),
+                    ("submitted_at", Cell::Timestamp(at_ms)),
+                    ("updated_at", Cell::Timestamp(at_ms)),
+                ];
+                Write::Row { table: BY_ID, cells, version }
+            }
+            OrderWrite::OrderStatus { order_id, status, at_ms, version, cancel_reason, shipment } => {
+                let (carrier, tracking) = shipment.unzip();
+                let cells = vec![
+                    ("order_id", Cell::Text(order_id)),
+                    ("status", Cell::text(status)),
+                    ("version", Cell::BigInt(version)),
+                    ("updated_at", Cell::Timestamp(at_ms)),
+                    ("cancel_reason", cancel_reason.into()),
+                    ("carrier", carrier.into()),
+                    ("tracking_number", tracking.into()),
+                ];
+                Write::Row { table: BY_ID, cells, version }
+            }
+            OrderWrite::CustomerOrder {
+                customer_id,
+                submitted_at_ms,
+                order_id,
+                status,
+                currency_and_total,
+                version,
+            } => {
+                let mut cells = vec![
+                    ("customer_id", Cell::Text(customer_id)),
+                    ("submitted_at", Cell::Timestamp(submitted_at_ms)),
+                    ("order_id", Cell::Text(order_id)),
+                    ("status", Cell::text(status)),
+                    ("version", Cell::BigInt(version)),
+                ];
+                // Set at submission; status changes leave them alone.
+                if let Some((currency, total)) = currency_and_total {
+                    cells.push(("currency", Cell::Text(currency)));
+                    cells.push(("total_cents", Cell::BigInt(total)));
+                }
+                Write::Row { table: BY_CUSTOMER, cells, version }
+            }
+            OrderWrite::Sale { day_ms, order_id, movement, orders, total_cents, .. } => Write::Add {
+                table: SALES_BY_DAY,
+                key: vec![("day", Cell::day_of(day_ms))],
+                id: format!("order {order_id} {movement}"),
+                sums: vec![("orders", i64::from(orders)), ("total_cents", total_cents)],
+                version,
+            },
         }
     }
 }
@@ -65,10 +249,10 @@ impl Write {
 /// The writes one event causes. `snapshot` is the order as submitted, when
 /// the read model has it (a rebuild that starts after an order's submission
 /// does not: then only the order's own status is written).
-pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write> {
+pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<OrderWrite> {
     match event {
         OrderEvent::Submitted(e) => vec![
-            Write::OrderSubmitted {
+            OrderWrite::OrderSubmitted {
                 order_id: e.order_id.clone(),
                 customer_id: e.customer_id.clone(),
                 currency: e.currency.clone(),
@@ -77,7 +261,7 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
                 at_ms: e.occurred_at,
                 version: e.version,
             },
-            Write::CustomerOrder {
+            OrderWrite::CustomerOrder {
                 customer_id: e.customer_id.clone(),
                 submitted_at_ms: e.occurred_at,
                 order_id: e.order_id.clone(),
@@ -85,7 +269,7 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
                 currency_and_total: Some((e.currency.clone(), e.total_cents)),
                 version: e.version,
             },
-            Write::Sale {
+            OrderWrite::Sale {
                 day_ms: e.occurred_at,
                 order_id: e.order_id.clone(),
                 movement: "submitted",
@@ -95,7 +279,7 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
             },
         ],
         OrderEvent::Cancelled(e) => {
-            let mut writes = vec![Write::OrderStatus {
+            let mut writes = vec![OrderWrite::OrderStatus {
                 order_id: e.order_id.clone(),
                 status: "cancelled",
                 at_ms: e.occurred_at,
@@ -105,7 +289,7 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
             }];
             if let Some(s) = snapshot {
                 writes.push(customer_status(s, &e.order_id, "cancelled", e.version));
-                writes.push(Write::Sale {
+                writes.push(OrderWrite::Sale {
                     day_ms: e.occurred_at,
                     order_id: e.order_id.clone(),
                     movement: "cancelled",
@@ -117,7 +301,7 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
             writes
         }
         OrderEvent::Shipped(e) => {
-            let mut writes = vec![Write::OrderStatus {
+            let mut writes = vec![OrderWrite::OrderStatus {
                 order_id: e.order_id.clone(),
                 status: "shipped",
                 at_ms: e.occurred_at,
@@ -133,7 +317,6 @@ pub fn apply(event: &OrderEvent, snapshot: Option<&OrderSnapshot>) -> Vec<Write>
     }
 }
 
-/// Whether applying `event` needs the order's snapshot.
 /// The snapshot a later event of the order needs, after `event` (whose
 /// own snapshot was `before`).
 pub fn snapshot_after(event: &OrderEvent, before: Option<OrderSnapshot>) -> Option<OrderSnapshot> {
@@ -147,12 +330,13 @@ pub fn snapshot_after(event: &OrderEvent, before: Option<OrderSnapshot>) -> Opti
     }
 }
 
+/// Whether applying `event` needs the order's snapshot.
 pub fn needs_snapshot(event: &OrderEvent) -> bool {
     !matches!(event, OrderEvent::Submitted(_))
 }
 
-fn customer_status(s: &OrderSnapshot, order_id: &str, status: &'static str, version: i64) -> Write {
-    Write::CustomerOrder {
+fn customer_status(s: &OrderSnapshot, order_id: &str, status: &'static str, version: i64) -> OrderWrite {
+    OrderWrite::CustomerOrder {
         customer_id: s.customer_id.clone(),
         submitted_at_ms: s.submitted_at_ms,
         order_id: order_id.to_owned(),
@@ -194,7 +378,7 @@ mod tests {
     fn a_submission_writes_the_order_the_customer_list_and_a_sale() {
         let writes = apply(&submitted(), None);
         assert_eq!(writes.len(), 3);
-        assert!(matches!(&writes[2], Write::Sale { orders: 1, total_cents: 300, movement: "submitted", .. }));
+        assert!(matches!(&writes[2], OrderWrite::Sale { orders: 1, total_cents: 300, movement: "submitted", .. }));
         assert!(writes.iter().all(|w| w.version() == 1));
     }
 
@@ -203,13 +387,37 @@ mod tests {
         let snapshot = OrderSnapshot { customer_id: "c1".into(), submitted_at_ms: 86_400_000, total_cents: 300 };
         let writes = apply(&cancelled(), Some(&snapshot));
         assert!(
-            matches!(&writes[0], Write::OrderStatus { status: "cancelled", cancel_reason: Some(r), .. } if r == "late")
+            matches!(&writes[0], OrderWrite::OrderStatus { status: "cancelled", cancel_reason: Some(r), .. } if r == "late")
         );
         assert!(matches!(
             &writes[1],
-            Write::CustomerOrder { status: "cancelled", submitted_at_ms: 86_400_000, currency_and_total: None, .. }
+            OrderWrite::CustomerOrder {
+                status: "cancelled",
+                submitted_at_ms: 86_400_000,
+                currency_and_total: None,
+                ..
+            }
         ));
-        assert!(matches!(&writes[2], Write::Sale { orders: -1, total_cents: -300, day_ms: 172_800_000, .. }));
+        assert!(matches!(&writes[2], OrderWrite::Sale { orders: -1, total_cents: -300, day_ms: 172_800_000, .. }));
+    }
+
+    #[test]
+    fn sales_of_one_day_add_to_one_running_total_whatever_the_moment() {
+        let sale = |day_ms| OrderWrite::Sale {
+            day_ms,
+            order_id: "o1".into(),
+            movement: "submitted",
+            orders: 1,
+            total_cents: 300,
+            version: 1,
+        };
+        let key = |w: Write| match w {
+            Write::Add { key, .. } => key,
+            other => panic!("not an addition: {other:?}"),
+        };
+        let (early, late) = (key(sale(86_400_000).into_write()), key(sale(2 * 86_400_000 - 1).into_write()));
+        assert_eq!(early, late, "one day, one key");
+        assert_ne!(early, key(sale(2 * 86_400_000).into_write()), "the next day has its own");
     }
 
     #[test]
@@ -238,9 +446,9 @@ mod tests {
             store.get(order).cloned()
         }
 
-        fn write_back(store: &mut HashMap<String, OrderSnapshot>, writes: &[Write]) {
+        fn write_back(store: &mut HashMap<String, OrderSnapshot>, writes: &[OrderWrite]) {
             for w in writes {
-                if let Write::OrderSubmitted { order_id, customer_id, total_cents, at_ms, .. } = w {
+                if let OrderWrite::OrderSubmitted { order_id, customer_id, total_cents, at_ms, .. } = w {
                     let row = OrderSnapshot {
                         customer_id: customer_id.clone(),
                         submitted_at_ms: *at_ms,
@@ -297,7 +505,7 @@ mod tests {
             })
         }
 
-        fn sorted(mut writes: Vec<Write>) -> Vec<String> {
+        fn sorted(mut writes: Vec<OrderWrite>) -> Vec<String> {
             let mut out: Vec<String> = writes.drain(..).map(|w| format!("{w:?}")).collect();
             out.sort();
             out

@@ -10,6 +10,8 @@
 //!   the log until caught up, then switches reads with one conditional update.
 //!   The live projector follows the switch and continues from the rebuild's
 //!   offsets; the old version's tables are dropped on request.
+//!
+//! Every [`Projection`] replays and rebuilds through the same code.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -20,12 +22,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use sluice_schemas::cql;
-use sluice_streams::batch;
+use sluice_streams::batch::{self, SettleBatch};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, OffsetTracker, Settling};
-use crate::runner::group_id;
+use crate::projection::{table_name, table_names, Projection};
+use crate::runner::group_of;
 use crate::store::{Offsets, ReadModels};
 use crate::ProjectorConfig;
 
@@ -148,6 +150,13 @@ pub struct ReplayCtx {
     pub store: Arc<ReadModels>,
 }
 
+impl ReplayCtx {
+    /// The orders projection of the store's configuration.
+    pub fn orders(&self) -> Arc<crate::orders::Orders> {
+        Arc::new(self.store.orders().clone())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("kafka: {0}")]
@@ -158,74 +167,31 @@ pub enum ReplayError {
     Other(String),
 }
 
-/// Re-applies the log from `start` to the ends seen now, into the active version.
-pub async fn replay(
+/// Re-applies the log from `start` to the ends seen now, into the active
+/// version of `projection`.
+pub async fn replay<P: Projection>(
     ctx: &ReplayCtx,
+    projection: Arc<P>,
     start: StartAt,
     stop: &CancellationToken,
     progress: impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
-    let version = ctx.store.versions().get(&ctx.config.name).await?.active;
-    run_orders(ctx, version, start, None, false, stop, &progress).await
-}
-
-/// Re-applies the patients topics from `start` to the ends seen now, into
-/// the patients read model (one version: no rebuild), through the same loop
-/// as the orders projection's replays.
-pub async fn replay_patients(
-    ctx: &ReplayCtx,
-    start: StartAt,
-    stop: &CancellationToken,
-    progress: impl Fn(&Progress),
-) -> Result<ReplayReport, ReplayError> {
-    let projector = crate::patients::PatientsProjector {
-        brokers: ctx.brokers.clone(),
-        registry_url: ctx.registry_url.clone(),
-        group: String::new(),
-        topics: ctx.topics.clone(),
-        session: ctx.store.session().clone(),
-    };
-    let writer = projector.writer(false).await?.replaying_log(&ctx.brokers, &ctx.topics).await?;
-    let settling = crate::patients::StepSettling::new(&writer, stop);
-    let target = Target { name: crate::patients::PROJECTION, version: 1, settling: &settling };
-    run(ctx, &target, start, None, false, stop, &progress).await
-}
-
-/// A settle step that counts what it applied and dead-lettered.
-pub trait Counted: batch::SettleBatch {
-    /// (applied, dead-lettered) so far.
-    fn counts(&self) -> (u64, u64);
-    /// Read-model rows written so far.
-    fn rows(&self) -> u64;
-}
-
-impl Counted for Settling<'_> {
-    fn counts(&self) -> (u64, u64) {
-        (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
-    }
-
-    fn rows(&self) -> u64 {
-        self.rows.load(Ordering::Relaxed)
-    }
-}
-
-/// What a replay writes into: a projection's version, with its settle step.
-struct Target<'t, S> {
-    name: &'t str,
-    version: i32,
-    settling: &'t S,
+    let version = ctx.store.versions().get(projection.name()).await?.active;
+    run_version(ctx, projection, version, start, None, false, stop, &progress).await
 }
 
 /// Builds the next version from `start`, switches reads to it once caught up,
 /// and drops the previous version's tables if `drop_previous`.
-pub async fn rebuild(
+pub async fn rebuild<P: Projection>(
     ctx: &ReplayCtx,
+    projection: Arc<P>,
     start: StartAt,
     drop_previous: bool,
     stop: &CancellationToken,
     progress: impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
-    let name = &ctx.config.name;
+    let name = projection.name().to_owned();
+    let name = &name;
     // A version built from a later point lacks the events before it: the
     // version it replaces is the only complete one, and stays.
     let partial_from = (start != StartAt::Earliest).then(|| start.to_string());
@@ -238,8 +204,8 @@ pub async fn rebuild(
     // A rebuild that crashed left `building` set: resume it.
     let target = state.building.filter(|b| *b > state.active).unwrap_or(state.active + 1);
     ctx.store.versions().start_building(name, target).await?;
-    let group = group_id(&ctx.config, target);
-    let mut report = run_orders(ctx, target, start, Some(group), true, stop, &progress).await?;
+    let group = group_of(&ctx.config, name, target);
+    let mut report = run_version(ctx, projection.clone(), target, start, Some(group), true, stop, &progress).await?;
     if stop.is_cancelled() {
         return Ok(report);
     }
@@ -253,14 +219,20 @@ pub async fn rebuild(
     if drop_previous {
         // Let the live projector notice the switch and leave the old tables.
         tokio::time::sleep(Duration::from_millis(ctx.config.version_poll_ms * 3)).await;
-        drop_version(&ctx.store, name, state.active).await?;
+        drop_version(&ctx.store, &*projection, state.active).await?;
         report.dropped_previous = Some(true);
     }
     Ok(report)
 }
 
+/// The tables of one version of a projection.
+pub fn version_tables(projection: &impl Projection, version: i32) -> Vec<String> {
+    table_names(projection.name(), version, projection.tables())
+}
+
 /// Drops the tables of a version that no longer serves.
-pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Result<(), ReplayError> {
+pub async fn drop_version(store: &ReadModels, projection: &impl Projection, version: i32) -> Result<(), ReplayError> {
+    let name = projection.name();
     let state = store.versions().get(name).await?;
     let active = state.active;
     if version >= active {
@@ -285,13 +257,14 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
         .map_err(|e| ReplayError::Other(e.to_string()))?
         .filter_map(|row| row.ok().map(|(table,)| table))
         .collect();
-    let tables = cql::read_model_tables(name, version);
+    let tables = version_tables(projection, version);
     if !tables.iter().any(|t| existing.iter().any(|e| e == t)) {
         return Err(ReplayError::Other(format!(
             "version {version} of projection {name} has no tables (never built, or dropped before): nothing dropped"
         )));
     }
-    for table in tables.into_iter().chain(cql::former_read_model_tables(name, version)) {
+    let former = projection.former_tables().iter().map(|t| table_name(name, t, version));
+    for table in tables.into_iter().chain(former) {
         store
             .session()
             .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())
@@ -301,10 +274,11 @@ pub async fn drop_version(store: &ReadModels, name: &str, version: i32) -> Resul
     Ok(())
 }
 
-/// A replay or rebuild of the orders projection's `version`.
+/// A replay or rebuild of `version` of `projection`.
 #[allow(clippy::too_many_arguments)]
-async fn run_orders(
+async fn run_version<P: Projection>(
     ctx: &ReplayCtx,
+    projection: Arc<P>,
     version: i32,
     start: StartAt,
     commit_group: Option<String>,
@@ -312,33 +286,19 @@ async fn run_orders(
     stop: &CancellationToken,
     progress: &impl Fn(&Progress),
 ) -> Result<ReplayReport, ReplayError> {
-    let tables = ctx.store.tables(version).await?;
-    let applier = Applier::new(&ctx.brokers, &ctx.registry_url, &ctx.config.name, tables)
+    let session = ctx.store.session().clone();
+    let name = projection.name().to_owned();
+    let applier = Applier::new(&ctx.brokers, &ctx.registry_url, projection, session, version)
         .await?
         .replaying_log(&ctx.brokers, &ctx.topics)
         .await?;
     let settling = Settling::new(&applier, stop);
-    let target = Target { name: &ctx.config.name, version, settling: &settling };
-    run(ctx, &target, start, commit_group, tail_until_caught_up, stop, progress).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    ctx: &ReplayCtx,
-    target: &Target<'_, impl Counted>,
-    start: StartAt,
-    commit_group: Option<String>,
-    tail_until_caught_up: bool,
-    stop: &CancellationToken,
-    progress: &impl Fn(&Progress),
-) -> Result<ReplayReport, ReplayError> {
-    let version = target.version;
     // A rebuild records how far its version has applied; a plain replay
     // re-applies into the live version, whose applied offsets are the live
     // projector's: writing its own positions there (behind the live ones, or
     // ending where the log ended when it began) would make the edge say
     // applied operations are not readable yet.
-    let offsets = commit_group.as_ref().map(|_| OffsetTracker::new(ctx.store.session().clone(), target.name, version));
+    let offsets = commit_group.as_ref().map(|_| OffsetTracker::new(ctx.store.session().clone(), &name, version));
     let group = commit_group.clone().unwrap_or_else(|| format!("{}.replay.{}", ctx.config.group_prefix, uuid_like()));
     let consumer: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
@@ -359,7 +319,7 @@ async fn run(
     consumer.assign(&assignment)?;
 
     let batching = ctx.config.batching();
-    let settling = target.settling;
+    let settling = &settling;
     let began = Instant::now();
     let mut p = Progress::default();
     let remaining = |positions: &Offsets, ends: &Offsets| -> i64 {
@@ -450,11 +410,11 @@ async fn run(
     p.events_per_second = (p.applied + p.dead_lettered) as f64 / seconds.max(1e-6);
     progress(&p);
     let report = ReplayReport {
-        projection: target.name.to_owned(),
+        projection: name,
         version,
         applied: p.applied,
         dead_lettered: p.dead_lettered,
-        rows: settling.rows(),
+        rows: settling.rows.load(Ordering::Relaxed),
         seconds,
         events_per_second: p.events_per_second,
         previous_version: None,

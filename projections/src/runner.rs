@@ -1,7 +1,8 @@
 //! The live projection: a Kafka consumer group per projection version
 //! (`<prefix>.<projection>.v<N>`) applying records to that version's tables,
 //! in batches of the streams runtime (`sluice_streams::batch`): records of
-//! different orders at once, each order's in offset order. A batch's offsets
+//! different keys at once, each key's in offset order. Every [`Projection`]
+//! runs on it alike. A batch's offsets
 //! are stored for commit only after every record of it is settled (applied
 //! or dead-lettered), so a crash replays from the last settled batch, and the
 //! writes (stamped with the event's version) make the replay harmless. When
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::{Applier, OffsetTracker, Settling};
+use crate::projection::Projection;
 use crate::store::ReadModels;
 use crate::ProjectorConfig;
 
@@ -29,12 +31,20 @@ pub enum ProjectionError {
     Store(#[from] crate::store::ReadModelError),
 }
 
-/// The consumer group of one projection version.
+/// The consumer group of one version of the orders projection (the one the
+/// configuration names).
 pub fn group_id(config: &ProjectorConfig, version: i32) -> String {
-    format!("{}.{}.v{version}", config.group_prefix, config.name)
+    group_of(config, &config.name, version)
 }
 
-pub struct Projector {
+/// The consumer group of one version of a projection.
+pub fn group_of(config: &ProjectorConfig, projection: &str, version: i32) -> String {
+    format!("{}.{projection}.v{version}", config.group_prefix)
+}
+
+pub struct Projector<P: Projection> {
+    pub projection: Arc<P>,
+    /// Group prefix, batching, flush and version-poll settings.
     pub config: ProjectorConfig,
     pub brokers: String,
     pub registry_url: String,
@@ -42,12 +52,12 @@ pub struct Projector {
     pub store: Arc<ReadModels>,
 }
 
-impl Projector {
+impl<P: Projection> Projector<P> {
     /// Runs until `shutdown`, following the active version.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectionError> {
         while !shutdown.is_cancelled() {
-            let version = self.store.versions().get(&self.config.name).await?.active;
-            info!(projection = %self.config.name, version, "projecting");
+            let version = self.store.versions().get(self.projection.name()).await?.active;
+            info!(projection = %self.projection.name(), version, "projecting");
             self.run_version(version, &shutdown).await?;
         }
         Ok(())
@@ -55,10 +65,13 @@ impl Projector {
 
     /// Consumes into `version` until shutdown or until another version is active.
     async fn run_version(&self, version: i32, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
-        let tables = self.store.tables(version).await?;
-        let applier = Applier::new(&self.brokers, &self.registry_url, &self.config.name, tables).await?;
-        let offsets = Arc::new(OffsetTracker::new(self.store.session().clone(), &self.config.name, version));
-        let consumer = subscribe(&self.brokers, &group_id(&self.config, version), &self.topics, applier.dead_letters())
+        let name = self.projection.name();
+        let session = self.store.session().clone();
+        let applier =
+            Applier::new(&self.brokers, &self.registry_url, self.projection.clone(), session.clone(), version).await?;
+        let offsets = Arc::new(OffsetTracker::new(session, name, version));
+        let group = group_of(&self.config, name, version);
+        let consumer = subscribe(&self.brokers, &group, &self.topics, applier.dead_letters())
             .map_err(crate::store::ReadModelError::from)?;
 
         // Stops this version's loop: on shutdown, or when the active version
@@ -67,16 +80,16 @@ impl Projector {
         let stop = shutdown.child_token();
         let watcher = tokio::spawn(watch_version(
             self.store.clone(),
-            self.config.name.clone(),
+            name.to_owned(),
             version,
             self.config.version_poll_ms,
             stop.clone(),
         ));
         let lag_gauge = tokio::spawn(sluice_streams::lag::report_until(
             self.brokers.clone(),
-            group_id(&self.config, version),
+            group,
             self.topics.clone(),
-            self.config.name.clone(),
+            name.to_owned(),
             stop.clone(),
         ));
         // Applied offsets go beside the rows every `offset_flush_ms`, on a
@@ -103,7 +116,7 @@ impl Projector {
 }
 
 /// Writes the applied offsets every `every_ms` until `stop`.
-pub(crate) async fn flush_offsets(offsets: Arc<OffsetTracker>, every_ms: u64, stop: CancellationToken) {
+async fn flush_offsets(offsets: Arc<OffsetTracker>, every_ms: u64, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
     loop {
         tokio::select! {

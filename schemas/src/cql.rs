@@ -2,7 +2,6 @@
 //! same tables without depending on a database driver.
 
 const TABLES: &str = include_str!("../cql/tables.cql");
-const READ_MODELS: &str = include_str!("../cql/read_models.cql");
 
 /// `CREATE KEYSPACE IF NOT EXISTS` with SimpleStrategy; production clusters
 /// create the keyspace themselves with NetworkTopologyStrategy.
@@ -41,28 +40,6 @@ pub fn add_column(table: &str, column: &str, cql_type: &str) -> String {
     format!("ALTER TABLE {table} ADD {column} {cql_type}")
 }
 
-/// The read-model tables of one version of projection `projection` (a CQL
-/// identifier: letters, digits, underscores).
-pub fn create_read_model_tables(projection: &str, version: i32) -> Vec<String> {
-    statements(&READ_MODELS.replace("{p}", projection).replace("{v}", &version.to_string()))
-}
-
-/// Names of the read-model tables of one version, to drop it after a switch.
-pub fn read_model_tables(projection: &str, version: i32) -> Vec<String> {
-    ["by_id", "by_customer", "sales_by_day"].iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
-}
-
-/// Names of tables a version created by an earlier release may also have,
-/// dropped with it.
-pub fn former_read_model_tables(projection: &str, version: i32) -> Vec<String> {
-    FORMER_READ_MODEL_TABLES.iter().map(|t| format!("{projection}_{t}_v{version}")).collect()
-}
-
-/// Read-model tables earlier releases created: `daily_sales` held one row
-/// per order and movement, summed on read (replaced by `sales_by_day`; a
-/// version created before it gets its sales by `sluice replay --rebuild`).
-const FORMER_READ_MODEL_TABLES: &[&str] = &["daily_sales"];
-
 fn statements(text: &str) -> Vec<String> {
     let without_comments: String =
         text.lines().filter(|line| !line.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
@@ -78,9 +55,5 @@ mod tests {
         assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
         assert_eq!(super::table_names().len(), statements.len());
         assert!(super::table_names().contains(&"command_journal".to_owned()));
-        let versioned = super::create_read_model_tables("orders", 7);
-        assert_eq!(versioned.len(), 3);
-        assert!(versioned[0].contains("orders_by_id_v7"));
-        assert_eq!(super::read_model_tables("orders", 7)[2], "orders_sales_by_day_v7");
     }
 }

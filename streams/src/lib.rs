@@ -20,8 +20,8 @@
 //!   exports.
 //! - [`clusters`]: which Kafka cluster holds each tenant's topics.
 //!
-//! Still to come here (issue 13): the `Projection` trait with the runtime
-//! owning the CQL writes.
+//! The read models' `Projection` trait and the CQL of their writes live in
+//! the `projections` crate (`projection`, `store::tables`), on this runtime.
 
 #![forbid(unsafe_code)]
 

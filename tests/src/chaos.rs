@@ -390,7 +390,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     summary.kafka_mismatches = off.len() as u64;
 
     // The read models against the event store.
-    let store = ReadModels::new(cql_sluice().await, &settings.projector.name).await.expect("read models");
+    let store = ReadModels::new(cql_sluice().await, &settings.projector).await.expect("read models");
     let views: HashMap<&String, Option<_>> = stream::iter(streams.keys())
         .map(|order| {
             let store = &store;

@@ -79,8 +79,10 @@ pub fn test_settings(tenants: &[&TestTenant]) -> Settings {
     let mut settings = Settings::load(None).expect("default settings load");
     settings.ingest.http_addr = "127.0.0.1:0".into();
     settings.tenants = tenants.iter().map(|t| t.config()).collect();
-    // A projection of its own: its version row, tables and consumer groups.
-    settings.projector.name = format!("orders_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // Projections of its own: their version rows, tables and consumer groups.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    settings.projector.name = format!("orders_{}", &id[..10]);
+    settings.projector.patients_name = format!("patients_{}", &id[..10]);
     // Short delay tiers and a quick re-drive, so failure tests finish fast.
     settings.processor.retry_delays_ms = vec![200, 500, 1_000];
     settings.processor.redrive_interval_ms = 2_000;

@@ -163,7 +163,8 @@ async fn an_onboarding_runs_to_completion() {
 #[tokio::test]
 async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_patient_waits_behind_them() {
     let tenant = TestTenant::new();
-    let platform = Platform::start(settings_with(&tenant, 60_000, 3), Role::All).await;
+    let settings = settings_with(&tenant, 60_000, 3);
+    let platform = Platform::start(settings.clone(), Role::All).await;
     let topic = format!("{}.patients.events", tenant.name);
     // A foreign producer writes garbage for patient p-bad.
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").create().unwrap();
@@ -182,7 +183,7 @@ async fn records_that_cannot_be_decoded_go_to_the_dead_letter_topics_and_their_p
     // The projection and the process manager each dead-letter what they read:
     // the first poison record with its reason, then everything later of
     // p-bad (the second poison record and the enrolment) as parked.
-    for consumer in [sluice_projections::patients::PROJECTION, Onboarding::NAME] {
+    for consumer in [settings.projector.patients_name.as_str(), Onboarding::NAME] {
         let dlt = sluice_streams::dead_letter::dead_letter_topic(&topic, consumer);
         let records = eventually(Duration::from_secs(60), "three records dead-lettered", || async {
             let records = sluice_tests::read_topic(&dlt).await;

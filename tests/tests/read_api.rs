@@ -128,7 +128,7 @@ async fn customer_lists_daily_sales_and_read_your_writes() {
         "exactly this tenant's commands"
     );
     // Every Kafka consumer of the runtime exports its lag.
-    for consumer in [settings.projector.name.as_str(), "patients", "onboarding"] {
+    for consumer in [settings.projector.name.as_str(), settings.projector.patients_name.as_str(), "onboarding"] {
         let label = format!("sluice_consumer_lag_records{{consumer=\"{consumer}\"");
         eventually(WAIT, &format!("the lag of {consumer} in /metrics"), || async {
             let metrics = platform.http.get(&metrics_url).send().await.ok()?.text().await.ok()?;

@@ -122,9 +122,10 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
         })
     };
 
-    let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
+    let store = Arc::new(ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap());
     let ctx = replay_ctx(&settings, topics.clone(), store.clone());
-    let report = replay::rebuild(&ctx, StartAt::Earliest, false, &CancellationToken::new(), |_| {}).await.unwrap();
+    let report =
+        replay::rebuild(&ctx, ctx.orders(), StartAt::Earliest, false, &CancellationToken::new(), |_| {}).await.unwrap();
     assert_eq!((report.version, report.previous_version), (2, Some(1)));
     assert_eq!(store.versions().get(&projection).await.unwrap().active, 2);
 
@@ -152,7 +153,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
         (Some("drop-version"), Some("version 2 serves"), Some("done"))
     );
     // Version 1 is gone: dropping it again is an error, not a success.
-    let again = replay::drop_version(&store, &projection, 1).await.expect_err("nothing left to drop");
+    let again = replay::drop_version(&store, store.orders(), 1).await.expect_err("nothing left to drop");
     assert!(again.to_string().contains("has no tables"), "{again}");
     let rebuilt = read_model_rows(&projection, 2, &tenant.name, &orders, &customers).await;
     assert_eq!(rebuilt, live, "row by row");
@@ -181,7 +182,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     all_customers.push("c9".into());
     let before_replay = read_model_rows(&projection, 2, &tenant.name, &all_orders, &all_customers).await;
     assert!(before_replay.len() > rebuilt.len(), "the snapshot holds the new order too");
-    let again = replay::replay(&ctx, StartAt::Earliest, &CancellationToken::new(), |_| {}).await.unwrap();
+    let again = replay::replay(&ctx, ctx.orders(), StartAt::Earliest, &CancellationToken::new(), |_| {}).await.unwrap();
     assert_eq!(again.applied, 12 + 8 + 1);
     let after_replay = read_model_rows(&projection, 2, &tenant.name, &all_orders, &all_customers).await;
     assert_eq!(after_replay, before_replay);
@@ -191,7 +192,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     let in_partition_0 =
         read_committed_topic(topic).await.iter().filter(|r| rdkafka::Message::partition(*r) == 0).count() as u64;
     let from = format!("{topic}:0:0").parse::<StartAt>().unwrap();
-    let listed = replay::replay(&ctx, from, &CancellationToken::new(), |_| {}).await.unwrap();
+    let listed = replay::replay(&ctx, ctx.orders(), from, &CancellationToken::new(), |_| {}).await.unwrap();
     assert_eq!(listed.applied, in_partition_0, "only partition 0 ({in_partition_0} of 21 records)");
     platform.stop().await.unwrap();
 
@@ -218,7 +219,7 @@ async fn a_rebuild_from_earliest_gives_rows_identical_to_the_live_ones_and_switc
     let ahead =
         "INSERT INTO projection_offsets (projection, version, topic, partition, next_offset) VALUES (?, 2, ?, 0, ?)";
     session.query_unpaged(ahead, (&projection, topic, 1_000_000_i64)).await.unwrap();
-    let last = replay::replay(&ctx, StartAt::Earliest, &CancellationToken::new(), |_| {}).await.unwrap();
+    let last = replay::replay(&ctx, ctx.orders(), StartAt::Earliest, &CancellationToken::new(), |_| {}).await.unwrap();
     assert_eq!(last.applied, 12 + 8 + 1);
     assert_eq!(live_offset().await, Some(1_000_000), "the replay did not move the live offset back");
 }
@@ -234,21 +235,30 @@ async fn a_replay_can_start_at_a_time() {
     tokio::time::sleep(Duration::from_millis(20)).await; // event times are in milliseconds: step past the cut
     let (late, _) = submit_orders(&platform, &tenant, "late", 3).await;
 
-    let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
+    let store = Arc::new(ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap());
     let ctx = replay_ctx(&settings, events_topics(std::slice::from_ref(&tenant.name)), store.clone());
-    let report = replay::rebuild(&ctx, StartAt::Time(cut.timestamp_millis()), false, &CancellationToken::new(), |_| {})
-        .await
-        .unwrap();
+    let report = replay::rebuild(
+        &ctx,
+        ctx.orders(),
+        StartAt::Time(cut.timestamp_millis()),
+        false,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     // 3 submissions, 1 cancellation and 1 shipment after the cut.
     assert_eq!(report.applied, 5, "{report:?}");
     assert!(store.order(&tenant.name, &late[0]).await.unwrap().is_some());
     assert!(store.order(&tenant.name, "early-2").await.unwrap().is_none(), "before the cut: not in the new version");
     // A partial version never lets the complete one go: not by a drop, not
     // by a rebuild that would drop it after its switch.
-    let refused = replay::drop_version(&store, &projection, 1).await.expect_err("the active version is partial");
+    let refused = replay::drop_version(&store, store.orders(), 1).await.expect_err("the active version is partial");
     assert!(refused.to_string().contains("was rebuilt from"), "{refused}");
     let cut_ms = StartAt::Time(cut.timestamp_millis());
-    let refused = replay::rebuild(&ctx, cut_ms, true, &CancellationToken::new(), |_| {}).await.expect_err("partial");
+    let refused = replay::rebuild(&ctx, ctx.orders(), cut_ms, true, &CancellationToken::new(), |_| {})
+        .await
+        .expect_err("partial");
     assert!(refused.to_string().contains("partial version"), "{refused}");
     // The CLI has it asked for by name.
     let out = run_sluice(&settings, &["replay", projection.as_str(), "--rebuild", "--from", &cut.to_rfc3339()]);
@@ -257,14 +267,21 @@ async fn a_replay_can_start_at_a_time() {
     platform.stop().await.unwrap();
 }
 
-/// The patients read model's rows of some patients, as the store keeps them.
-async fn patient_rows(tenant: &str, patients: &[String]) -> Vec<(String, i64, String, String, String)> {
+/// The rows of some patients in one version of the patients read model, as
+/// the store keeps them.
+async fn patient_rows(
+    settings: &sluice_cli::settings::Settings,
+    version: i32,
+    tenant: &str,
+    patients: &[String],
+) -> Vec<(String, i64, String, String, String)> {
     let session = cql_sluice().await;
+    let table = format!("{}_onboarding_steps_v{version}", settings.projector.patients_name);
     let mut out = Vec::new();
     for patient in patients {
         let rows = session
             .query_unpaged(
-                "SELECT patient_id, version, event_id, step, detail FROM patient_onboarding_steps WHERE tenant = ? AND patient_id = ?",
+                format!("SELECT patient_id, version, event_id, step, detail FROM {table} WHERE tenant = ? AND patient_id = ?"),
                 (tenant, patient),
             )
             .await
@@ -277,7 +294,7 @@ async fn patient_rows(tenant: &str, patients: &[String]) -> Vec<(String, i64, St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_replay_of_the_patients_topics_writes_back_the_patients_read_model_it_lost() {
+async fn the_patients_projection_replays_what_it_lost_and_rebuilds_blue_green_like_the_orders_one() {
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
     let platform = Platform::start(settings.clone(), Role::All).await;
@@ -299,37 +316,42 @@ async fn a_replay_of_the_patients_topics_writes_back_the_patients_read_model_it_
         .await;
     }
     platform.stop().await.unwrap();
-    let before = patient_rows(&tenant.name, &patients).await;
+    let before = patient_rows(&settings, 1, &tenant.name, &patients).await;
     assert_eq!(before.len(), 2 * patients.len(), "enrolled and scheduled: {before:?}");
 
     // The rows are lost (a truncate, a bad migration): the topic has them all.
     let session = cql_sluice().await;
-    for p in &patients {
-        session
-            .query_unpaged(
-                "DELETE FROM patient_onboarding_steps WHERE tenant = ? AND patient_id = ?",
-                (&tenant.name, p),
-            )
-            .await
-            .expect("delete");
-    }
-    assert!(patient_rows(&tenant.name, &patients).await.is_empty());
-    let store = Arc::new(ReadModels::new(session, &settings.projector.name).await.unwrap());
+    // (Truncated, not deleted: the table is this test's own, and the
+    // rows are written with their stream versions as timestamps, which a
+    // delete's tombstone would shadow for good.)
+    let table = format!("{}_onboarding_steps_v1", settings.projector.patients_name);
+    session.query_unpaged(format!("TRUNCATE {table}"), ()).await.expect("truncate");
+    assert!(patient_rows(&settings, 1, &tenant.name, &patients).await.is_empty());
+    let store = Arc::new(ReadModels::new(session, &settings.projector).await.unwrap());
     let topics = vec![format!("{}.patients.events", tenant.name)];
-    let report = replay::replay_patients(
-        &replay_ctx(&settings, topics, store),
-        StartAt::Earliest,
-        &CancellationToken::new(),
-        |_| {},
-    )
-    .await
-    .expect("patients replay");
-    assert_eq!(
-        (report.projection.as_str(), report.applied, report.dead_lettered),
-        ("patients", before.len() as u64, 0)
-    );
+    let ctx = replay_ctx(&settings, topics, store.clone());
+    let projection = Arc::new(store.patients().clone());
+    let report = replay::replay(&ctx, projection.clone(), StartAt::Earliest, &CancellationToken::new(), |_| {})
+        .await
+        .expect("patients replay");
+    let name = settings.projector.patients_name.as_str();
+    assert_eq!((report.projection.as_str(), report.applied, report.dead_lettered), (name, before.len() as u64, 0));
     assert_eq!(report.rows, before.len() as u64, "one step row per event");
-    assert_eq!(patient_rows(&tenant.name, &patients).await, before, "the same rows again");
+    assert_eq!(patient_rows(&settings, 1, &tenant.name, &patients).await, before, "the same rows again");
+
+    // Blue/green, through the same code as the orders projection: version 2
+    // is built from the log, reads switch to it, and version 1 can go.
+    let report = replay::rebuild(&ctx, projection.clone(), StartAt::Earliest, false, &CancellationToken::new(), |_| {})
+        .await
+        .expect("patients rebuild");
+    assert_eq!((report.version, report.previous_version, report.applied), (2, Some(1), before.len() as u64));
+    assert_eq!(store.versions().get(name).await.unwrap().active, 2);
+    assert_eq!(patient_rows(&settings, 2, &tenant.name, &patients).await, before, "version 2 row by row");
+    replay::drop_version(&store, &*projection, 1).await.expect("version 1 dropped");
+    for p in &patients {
+        let view = store.patient_onboarding(&tenant.name, p).await.unwrap().expect("served from version 2");
+        assert_eq!(view.status, "awaiting_assessment", "{p}");
+    }
 }
 
 /// Under a steady load something always arrives while a rebuild looks at the
@@ -365,10 +387,10 @@ async fn a_rebuild_under_steady_load_switches_and_the_live_projector_carries_on(
     })
     .await;
 
-    let store = Arc::new(ReadModels::new(cql_sluice().await, &projection).await.unwrap());
+    let store = Arc::new(ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap());
     let ctx = replay_ctx(&settings, events_topics(std::slice::from_ref(&tenant.name)), store.clone());
     let never = CancellationToken::new();
-    let rebuild = replay::rebuild(&ctx, StartAt::Earliest, false, &never, |_| {});
+    let rebuild = replay::rebuild(&ctx, ctx.orders(), StartAt::Earliest, false, &never, |_| {});
     let report = tokio::time::timeout(Duration::from_secs(90), rebuild)
         .await
         .expect("the rebuild switched while the load went on")

@@ -69,7 +69,7 @@ async fn a_projector_killed_mid_stream_leaves_daily_sales_equal_to_the_accepted_
         assert_eq!(edge.await_operation(&tenant, location, WAIT).await["status"], "succeeded");
     }
 
-    let store = ReadModels::new(cql_sluice().await, &settings.projector.name).await.unwrap();
+    let store = ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap();
     let today = chrono::Utc::now().timestamp_millis();
     let totals = eventually(WAIT, "daily sales to add up", || async {
         let days = store.daily_sales(&tenant.name, today - 86_400_000, today).await.ok()?;
@@ -183,7 +183,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
     use sluice_projections::replay::{self, ReplayCtx, StartAt};
     use sluice_streams::dead_letter::{key_state, read_to_end, Parking};
     let in_dlt = read_to_end(&settings.kafka.brokers, &dlt).await.expect("the DLT").len();
-    let store = std::sync::Arc::new(ReadModels::new(cql_sluice().await, &settings.projector.name).await.unwrap());
+    let store = std::sync::Arc::new(ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap());
     let ctx = ReplayCtx {
         config: settings.projector.clone(),
         brokers: settings.kafka.brokers.clone(),
@@ -192,9 +192,9 @@ async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_t
         store: store.clone(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
-    let replayed = replay::replay(&ctx, StartAt::Earliest, &stop, |_| {}).await.expect("replay");
+    let replayed = replay::replay(&ctx, ctx.orders(), StartAt::Earliest, &stop, |_| {}).await.expect("replay");
     assert_eq!(replayed.dead_lettered, 3, "{replayed:?}");
-    let rebuilt = replay::rebuild(&ctx, StartAt::Earliest, false, &stop, |_| {}).await.expect("rebuild");
+    let rebuilt = replay::rebuild(&ctx, ctx.orders(), StartAt::Earliest, false, &stop, |_| {}).await.expect("rebuild");
     assert_eq!((rebuilt.version, rebuilt.dead_lettered), (2, 3), "{rebuilt:?}");
     let after = read_to_end(&settings.kafka.brokers, &dlt).await.expect("the DLT");
     assert_eq!(after.len(), in_dlt, "no record dead-lettered twice");

@@ -37,6 +37,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlDate, CqlTimestamp};
+use sluice_projections::orders::Orders;
+use sluice_projections::projection::{create_statements, table_names};
 use sluice_schemas::{cql, names};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +56,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// The bare pipeline's tables: copies of the event store, the operations
 /// table and the read model (projection `<projection>_bare`, version 1).
 pub fn bare_tables(projection: &str) -> Vec<String> {
-    let mut tables = cql::read_model_tables(&format!("{projection}_bare"), 1);
+    let mut tables = table_names(&format!("{projection}_bare"), 1, Orders::TABLES);
     tables.push(format!("{projection}_bare_events"));
     tables.push(format!("{projection}_bare_operations"));
     tables
@@ -119,7 +121,7 @@ async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
     let session = &bench.session;
     let projection = &bench.settings.projector.name;
     let bare = format!("{projection}_bare");
-    for create in cql::create_read_model_tables(&bare, 1) {
+    for create in create_statements(&bare, 1, Orders::TABLES) {
         session.query_unpaged(create, ()).await.context("creating the bare read-model tables")?;
     }
     for original in ["events", "operations"] {

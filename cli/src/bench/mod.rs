@@ -48,9 +48,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use scylla::client::session::Session;
 use sluice_ingest::auth::{hash_key, KeyConfig, TenantConfig};
+use sluice_projections::orders::Orders;
+use sluice_projections::projection::table_names;
 use sluice_projections::runner::group_id;
 use sluice_projections::store::ReadModels;
-use sluice_schemas::{catalog, cql, names};
+use sluice_schemas::{catalog, names};
 
 use self::probe::KafkaProbe;
 use self::report::{Machine, MemoryReport, Report};
@@ -287,7 +289,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
 
     step("connecting to the stack");
     let session = connect_cql(&settings).await?;
-    let store = Arc::new(ReadModels::new(session.clone(), &projection).await?);
+    let store = Arc::new(ReadModels::new(session.clone(), &settings.projector).await?);
     let amqp = raw::amqp_connect(&settings.amqp.url).await?;
     let channel = amqp.create_channel().await?;
     let kafka = KafkaProbe::new(&settings.kafka.brokers)?;
@@ -523,7 +525,8 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     }
 
     let active = bench.store.versions().get(projection).await.map(|v| v.active).unwrap_or(1);
-    let mut tables: Vec<String> = (1..=active.max(2)).flat_map(|v| cql::read_model_tables(projection, v)).collect();
+    let mut tables: Vec<String> =
+        (1..=active.max(2)).flat_map(|v| table_names(projection, v, Orders::TABLES)).collect();
     tables.extend(raw::raw_tables(projection));
     tables.extend(bare::bare_tables(projection));
     for table in &tables {

@@ -27,6 +27,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
+use sluice_projections::orders::Orders;
+use sluice_projections::projection::{create_statements, table_names};
 use sluice_schemas::{cql, names};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +47,7 @@ pub const ROWS_PER_BATCH: usize = 16;
 /// The raw phases' tables: copies of the read model's tables (projection
 /// `<projection>_raw`, version 1) and of the event store table.
 pub fn raw_tables(projection: &str) -> Vec<String> {
-    let mut tables = cql::read_model_tables(&format!("{projection}_raw"), 1);
+    let mut tables = table_names(&format!("{projection}_raw"), 1, Orders::TABLES);
     tables.push(raw_events_table(projection));
     tables
 }
@@ -384,7 +386,7 @@ impl CqlInsert {
         let session = &bench.session;
         let projection = &bench.settings.projector.name;
         let table = raw_orders_table(projection);
-        let statements = cql::create_read_model_tables(&format!("{projection}_raw"), 1);
+        let statements = create_statements(&format!("{projection}_raw"), 1, Orders::TABLES);
         create_copy(session, &statements, &table, &table).await?;
         let insert = session
             .prepare(format!(
@@ -403,7 +405,7 @@ impl CqlInsert {
         let session = &bench.session;
         let projection = &bench.settings.projector.name;
         let table = raw_customer_table(projection);
-        let statements = cql::create_read_model_tables(&format!("{projection}_raw"), 1);
+        let statements = create_statements(&format!("{projection}_raw"), 1, Orders::TABLES);
         create_copy(session, &statements, &table, &table).await?;
         let insert = session
             .prepare(format!(

@@ -10,7 +10,6 @@
 
 use anyhow::Context;
 use sluice_projections::replay::{self, ReplayCtx, StartAt};
-use sluice_schemas::cql;
 use tokio_util::sync::CancellationToken;
 
 use super::probe;
@@ -27,12 +26,13 @@ pub async fn run(bench: &Bench) -> anyhow::Result<RebuildReport> {
     };
     let keyspace = &bench.settings.cql.keyspace;
     let before = probe::cql_counts(&bench.session, keyspace).await;
-    let report = replay::rebuild(&ctx, StartAt::Earliest, false, &CancellationToken::new(), |_| {})
+    let orders = ctx.orders();
+    let report = replay::rebuild(&ctx, orders.clone(), StartAt::Earliest, false, &CancellationToken::new(), |_| {})
         .await
         .context("rebuilding the bench projection")?;
     let after = probe::cql_counts(&bench.session, keyspace).await;
     let events = report.applied + report.dead_lettered;
-    let tables = cql::read_model_tables(&bench.settings.projector.name, report.version);
+    let tables = replay::version_tables(&*orders, report.version);
     let mutations = before.zip(after).map(|(before, after)| {
         tables
             .iter()

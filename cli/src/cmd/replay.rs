@@ -6,11 +6,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_cli::ops::audit::{AuditAction, AuditLog};
-use sluice_cli::serve::{connect_cql, context_topics, ensure_projection_topics, events_topics};
+use sluice_cli::serve::{connect_cql, context_topics, ensure_projection_topics};
 use sluice_cli::settings::Settings;
+use sluice_projections::orders::Orders;
+use sluice_projections::patients::Patients;
+use sluice_projections::projection::Projection;
 use sluice_projections::replay::{self, ReplayCtx, StartAt};
 use sluice_projections::store::ReadModels;
-use sluice_schemas::cql;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
@@ -66,18 +68,26 @@ fn drop_action<'a>(projection: &'a str, tables: &'a str, actor: &'a str, why: &'
 }
 
 pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
-    let patients = args.projection == sluice_projections::patients::PROJECTION;
+    let patients = args.projection == settings.projector.patients_name;
     if args.projection != settings.projector.name && !patients {
         bail!(
             "unknown projection {:?}: this configuration has {:?} and {:?}",
             args.projection,
             settings.projector.name,
-            sluice_projections::patients::PROJECTION
+            settings.projector.patients_name
         );
     }
-    if patients && (args.rebuild || args.drop_version.is_some()) {
-        bail!("the patients projection has one version of its table: it replays (idempotent) but has no blue/green rebuild");
+    if patients {
+        let patients = Patients { name: settings.projector.patients_name.clone() };
+        run_projection(settings, args, Arc::new(patients)).await
+    } else {
+        let orders = Orders { name: settings.projector.name.clone() };
+        run_projection(settings, args, Arc::new(orders)).await
     }
+}
+
+/// Replays, rebuilds or drops a version of `projection`.
+async fn run_projection<P: Projection>(settings: Settings, args: Args, projection: Arc<P>) -> anyhow::Result<()> {
     if args.intent.dry_run && args.drop_version.is_none() {
         bail!("--dry-run shows what --drop-version would drop; a replay or rebuild has no dry run");
     }
@@ -90,10 +100,10 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     let actor = args.actor.clone().unwrap_or_else(sluice_cli::ops::audit::default_actor);
     let session = connect_cql(&settings).await?;
     let audit = AuditLog::new(session.clone());
-    let store = Arc::new(ReadModels::new(session, &settings.projector.name).await?);
-    let name = &settings.projector.name;
+    let store = Arc::new(ReadModels::new(session, &settings.projector).await?);
+    let name = projection.name();
     if let Some(version) = args.drop_version {
-        let tables = cql::read_model_tables(name, version).join(", ");
+        let tables = replay::version_tables(&*projection, version).join(", ");
         if args.intent.dry_run {
             println!("dry run: would drop version {version} of {name} ({tables}); nothing dropped");
             return Ok(());
@@ -102,7 +112,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             bail!("not confirmed: nothing dropped");
         }
         let row = audit.begin(&drop_action(name, &tables, &actor, &why)).await?;
-        let dropped = replay::drop_version(&store, name, version).await;
+        let dropped = replay::drop_version(&store, &*projection, version).await;
         let (status, detail) = match &dropped {
             Ok(()) => ("done", format!("dropped version {version}")),
             Err(e) => ("failed", e.to_string()),
@@ -126,13 +136,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
             args.from
         );
     }
-    let topics_of = |tenants: &[String]| {
-        if patients {
-            context_topics(tenants, sluice_schemas::patients::CONTEXT)
-        } else {
-            events_topics(tenants)
-        }
-    };
+    let topics_of = |tenants: &[String]| context_topics(tenants, projection.context());
     ensure_projection_topics(&settings, &topics_of(&settings.tenant_names()), &args.projection).await?;
     // Each Kafka cluster's topics are replayed in turn. A rebuild switches
     // reads once for every tenant, so it reads all of them in one pass: one
@@ -195,7 +199,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     let mut drop_row = None;
     if args.drop_old {
         let active = store.versions().get(name).await?.active;
-        let tables = cql::read_model_tables(name, active).join(", ");
+        let tables = replay::version_tables(&*projection, active).join(", ");
         if !args.intent.confirm(&format!("after the switch, drop version {active} of {name} for good ({tables})"))? {
             bail!("not confirmed: nothing rebuilt, nothing dropped");
         }
@@ -204,11 +208,9 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for ctx in &contexts {
         let report = if args.rebuild {
-            replay::rebuild(ctx, start.clone(), args.drop_old, &stop, progress).await
-        } else if patients {
-            replay::replay_patients(ctx, start.clone(), &stop, progress).await
+            replay::rebuild(ctx, projection.clone(), start.clone(), args.drop_old, &stop, progress).await
         } else {
-            replay::replay(ctx, start.clone(), &stop, progress).await
+            replay::replay(ctx, projection.clone(), start.clone(), &stop, progress).await
         }
         .with_context(|| format!("replay failed (Kafka at {})", ctx.brokers));
         if let Some(row) = &drop_row {

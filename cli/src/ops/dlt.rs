@@ -34,7 +34,8 @@ use sluice_processors::process::onboarding::Onboarding;
 use sluice_processors::process::runtime::handle_record;
 use sluice_processors::process::ProcessManager;
 use sluice_projections::apply::{tenant_of, Applier};
-use sluice_projections::patients::PatientsProjector;
+use sluice_projections::orders::Orders;
+use sluice_projections::patients::Patients;
 use sluice_projections::store::ReadModels;
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::names;
@@ -197,8 +198,10 @@ impl Dlt {
     pub async fn consumers(&self) -> Result<Vec<ConsumerRef>, OpsError> {
         let tenants: Vec<String> = self.settings.tenants.iter().map(|t| t.name.clone()).collect();
         let topics = |context: &str| tenants.iter().map(|t| names::events_topic(t, context)).collect::<Vec<_>>();
-        let store = ReadModels::new(self.session.clone(), &self.settings.projector.name).await.map_err(cql_err)?;
+        let store = ReadModels::new(self.session.clone(), &self.settings.projector).await.map_err(cql_err)?;
         let version = store.versions().get(&self.settings.projector.name).await.map_err(cql_err)?.active;
+        let patients_version =
+            store.versions().get(&self.settings.projector.patients_name).await.map_err(cql_err)?.active;
         let patients = sluice_schemas::patients::CONTEXT;
         Ok(vec![
             ConsumerRef {
@@ -208,8 +211,8 @@ impl Dlt {
                 topics: topics(sluice_schemas::orders::CONTEXT),
             },
             ConsumerRef {
-                name: sluice_projections::patients::PROJECTION.into(),
-                version: 1,
+                name: self.settings.projector.patients_name.clone(),
+                version: patients_version,
                 kind: PATIENTS,
                 topics: topics(patients),
             },
@@ -427,22 +430,25 @@ impl Dlt {
         let (brokers, registry) = (&self.brokers_of(topic).to_owned(), &self.settings.registry.url);
         match consumer.kind {
             ORDERS => {
-                let store = ReadModels::new(self.session.clone(), &consumer.name).await.map_err(cql_err)?;
-                let tables = store.tables(consumer.version).await.map_err(cql_err)?;
+                let orders = Arc::new(Orders { name: consumer.name.clone() });
+                let (session, version) = (self.session.clone(), consumer.version);
                 let applier =
-                    Applier::new(brokers, registry, &consumer.name, tables).await.map_err(cql_err)?.replaying();
+                    Applier::new(brokers, registry, orders, session, version).await.map_err(cql_err)?.replaying();
                 apply_in_order(&records, &mut outcome, progress, async |r| applier.apply(r).await.map(drop)).await;
             }
             PATIENTS => {
-                let projector = PatientsProjector {
-                    brokers: brokers.clone(),
-                    registry_url: registry.clone(),
-                    group: String::new(),
-                    topics: Vec::new(),
-                    session: self.session.clone(),
-                };
-                let writer = projector.writer(true).await.map_err(cql_err)?;
-                apply_in_order(&records, &mut outcome, progress, async |r| writer.apply(r).await).await;
+                let (session, version) = (self.session.clone(), consumer.version);
+                let applier = Applier::new(
+                    brokers,
+                    registry,
+                    Arc::new(Patients { name: consumer.name.clone() }),
+                    session,
+                    version,
+                )
+                .await
+                .map_err(cql_err)?
+                .replaying();
+                apply_in_order(&records, &mut outcome, progress, async |r| applier.apply(r).await.map(drop)).await;
             }
             _ => {
                 let infra = sluice_processors::Infra {

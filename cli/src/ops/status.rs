@@ -33,8 +33,7 @@ use serde_json::Value;
 use sluice_processors::process::onboarding::Onboarding;
 use sluice_processors::process::timers::{summary, ProcessSummary};
 use sluice_processors::process::ProcessManager;
-use sluice_projections::patients;
-use sluice_projections::runner::group_id;
+use sluice_projections::runner::{group_id, group_of};
 use sluice_projections::store::versions::Versions;
 use sluice_schemas::{catalog, names};
 use sluice_streams::lag::{group_lag, PartitionLag};
@@ -318,6 +317,7 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
 
     // The CQL store: which projection version is active.
     let session = crate::serve::connect_cql(settings).await;
+    let mut patients_version = 1;
     let projection = match &session {
         Ok(session) => {
             servers.push(ServerStatus {
@@ -326,6 +326,9 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
                 reachable: true,
                 detail: format!("keyspace {}", settings.cql.keyspace),
             });
+            if let Ok(state) = Versions::new(session.clone()).get(&settings.projector.patients_name).await {
+                patients_version = state.active;
+            }
             match Versions::new(session.clone()).get(&settings.projector.name).await {
                 Ok(state) => Some(ProjectionStatus {
                     name: settings.projector.name.clone(),
@@ -365,7 +368,7 @@ pub async fn status(settings: &Settings, options: &StatusOptions) -> Result<Stat
             let groups = [
                 (orders_group.clone(), crate::serve::events_topics(&on_cluster)),
                 (
-                    patients::group_id(&settings.projector),
+                    group_of(&settings.projector, &settings.projector.patients_name, patients_version),
                     crate::serve::context_topics(&on_cluster, sluice_schemas::patients::CONTEXT),
                 ),
             ];

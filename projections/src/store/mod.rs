@@ -3,7 +3,8 @@
 //! while RabbitMQ, Kafka and the processors are down.
 //!
 //! - [`versions`]: which table version serves reads; the atomic switch.
-//! - [`tables`]: one version's tables: creation, writes, per-version reads.
+//! - [`tables`]: one version's tables of any projection: creation and the
+//!   CQL of its writes.
 
 pub mod tables;
 pub mod versions;
@@ -23,8 +24,11 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use self::tables::{cql_date, Tables};
+use self::tables::cql_date;
 use self::versions::Versions;
+use crate::orders::Orders;
+use crate::patients::{self, OnboardingView, Patients, Step};
+use crate::projection::{table_name, Projection};
 
 /// The next offset to apply, per (topic, partition).
 pub type Offsets = HashMap<(String, i32), i64>;
@@ -156,22 +160,71 @@ type OpRow = (
     Option<String>,
 );
 
+/// The queries of one version of the orders projection.
+struct OrderReads {
+    select_order: PreparedStatement,
+    select_customer_orders: PreparedStatement,
+    select_sales_day: PreparedStatement,
+}
+
+impl OrderReads {
+    async fn open(session: &Session, orders: &Orders, version: i32) -> Result<Self, ReadModelError> {
+        tables::create(session, orders.name(), version, orders.tables()).await?;
+        let table = |t: &str| table_name(orders.name(), t, version);
+        let (by_id, by_customer, sales) = (table("by_id"), table("by_customer"), table("sales_by_day"));
+        Ok(Self {
+            select_order: session
+                .prepare(format!(
+                    "SELECT order_id, customer_id, status, currency, lines, total_cents, version, submitted_at, \
+                     updated_at, carrier, tracking_number, cancel_reason FROM {by_id} WHERE tenant = ? AND order_id = ?"
+                ))
+                .await
+                .map_err(rm_err)?,
+            select_customer_orders: session
+                .prepare(format!(
+                    "SELECT order_id, status, currency, total_cents, submitted_at, version FROM {by_customer} \
+                     WHERE tenant = ? AND customer_id = ?"
+                ))
+                .await
+                .map_err(rm_err)?,
+            select_sales_day: session
+                .prepare(format!("SELECT orders, total_cents FROM {sales} WHERE tenant = ? AND day = ?"))
+                .await
+                .map_err(rm_err)?,
+        })
+    }
+}
+
 pub struct ReadModels {
     session: Arc<Session>,
-    /// The projection's name: key of its version row, prefix of its tables.
-    projection: String,
+    /// The orders projection (its name: key of its version row, prefix of
+    /// its tables).
+    orders: Orders,
+    patients: Patients,
     versions: Versions,
-    tables: Mutex<HashMap<i32, Arc<Tables>>>,
-    active: Mutex<Option<(Instant, i32)>>,
+    order_reads: Mutex<HashMap<i32, Arc<OrderReads>>>,
+    /// The patients query of each version.
+    patient_reads: Mutex<HashMap<i32, PreparedStatement>>,
+    /// The active version of each projection, and when it was read.
+    active: Mutex<HashMap<String, (Instant, i32)>>,
     select_operation: PreparedStatement,
     select_offsets: PreparedStatement,
 }
 
 impl ReadModels {
-    pub async fn new(session: Arc<Session>, projection: &str) -> Result<Self, ReadModelError> {
-        if projection.is_empty() || !projection.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    /// The read models of the projections `config` names.
+    pub async fn new(session: Arc<Session>, config: &crate::ProjectorConfig) -> Result<Self, ReadModelError> {
+        for projection in [&config.name, &config.patients_name] {
+            if projection.is_empty() || !projection.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(ReadModelError(format!(
+                    "projection name {projection:?} must be letters, digits and underscores"
+                )));
+            }
+        }
+        if config.name == config.patients_name {
             return Err(ReadModelError(format!(
-                "projection name {projection:?} must be letters, digits and underscores"
+                "the orders and patients projections are both named {:?}",
+                config.name
             )));
         }
         let select_operation = session
@@ -189,10 +242,12 @@ impl ReadModels {
             .map_err(rm_err)?;
         Ok(Self {
             versions: Versions::new(session.clone()),
-            projection: projection.to_owned(),
+            orders: Orders { name: config.name.clone() },
+            patients: Patients { name: config.patients_name.clone() },
             session,
-            tables: Mutex::new(HashMap::new()),
-            active: Mutex::new(None),
+            order_reads: Mutex::new(HashMap::new()),
+            patient_reads: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
             select_operation,
             select_offsets,
         })
@@ -202,45 +257,52 @@ impl ReadModels {
         &self.session
     }
 
-    pub fn projection(&self) -> &str {
-        &self.projection
+    /// The orders projection.
+    pub fn orders(&self) -> &Orders {
+        &self.orders
+    }
+
+    /// The patients projection.
+    pub fn patients(&self) -> &Patients {
+        &self.patients
     }
 
     pub fn versions(&self) -> &Versions {
         &self.versions
     }
 
-    /// The tables of one version (created and prepared on first use).
-    pub async fn tables(&self, version: i32) -> Result<Arc<Tables>, ReadModelError> {
-        let mut tables = self.tables.lock().await;
-        if let Some(t) = tables.get(&version) {
-            return Ok(t.clone());
-        }
-        let t = Arc::new(Tables::open(self.session.clone(), &self.projection, version).await?);
-        tables.insert(version, t.clone());
-        Ok(t)
+    /// The orders projection's version serving reads.
+    pub async fn active_version(&self) -> Result<i32, ReadModelError> {
+        self.active_version_of(self.orders.name()).await
     }
 
-    /// The version serving reads, re-read at most every half second.
-    pub async fn active_version(&self) -> Result<i32, ReadModelError> {
-        let mut cached = self.active.lock().await;
-        if let Some((at, version)) = *cached {
+    /// A projection's version serving reads, re-read at most every half second.
+    pub async fn active_version_of(&self, projection: &str) -> Result<i32, ReadModelError> {
+        if let Some((at, version)) = self.active.lock().await.get(projection) {
             if at.elapsed() < ACTIVE_VERSION_TTL {
-                return Ok(version);
+                return Ok(*version);
             }
         }
-        let version = self.versions.get(&self.projection).await?.active;
-        *cached = Some((Instant::now(), version));
+        let version = self.versions.get(projection).await?.active;
+        self.active.lock().await.insert(projection.to_owned(), (Instant::now(), version));
         Ok(version)
     }
 
-    async fn active_tables(&self) -> Result<Arc<Tables>, ReadModelError> {
+    /// The queries of the active orders version (its tables created and the
+    /// queries prepared on first use).
+    async fn active_order_reads(&self) -> Result<Arc<OrderReads>, ReadModelError> {
         let version = self.active_version().await?;
-        self.tables(version).await
+        let mut reads = self.order_reads.lock().await;
+        if let Some(r) = reads.get(&version) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(OrderReads::open(&self.session, &self.orders, version).await?);
+        reads.insert(version, r.clone());
+        Ok(r)
     }
 
     pub async fn order(&self, tenant: &str, order_id: &str) -> Result<Option<OrderView>, ReadModelError> {
-        let t = self.active_tables().await?;
+        let t = self.active_order_reads().await?;
         let rows = self
             .session
             .execute_unpaged(&t.select_order, (tenant, order_id))
@@ -294,7 +356,7 @@ impl ReadModels {
         limit: i32,
         cursor: Option<&str>,
     ) -> Result<Page<CustomerOrderView>, QueryError> {
-        let t = self.active_tables().await?;
+        let t = self.active_order_reads().await?;
         let paging = match cursor {
             Some(c) => {
                 let bytes =
@@ -349,7 +411,7 @@ impl ReadModels {
     /// milliseconds of any moment in the day). A day is a bounded read (its
     /// running totals, one per events partition); days are read concurrently.
     pub async fn daily_sales(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<DaySales>, ReadModelError> {
-        let t = self.active_tables().await?;
+        let t = self.active_order_reads().await?;
         let (first, last) = (from_ms.div_euclid(86_400_000), to_ms.div_euclid(86_400_000));
         let days: Vec<BoxFuture<'_, Result<DaySales, ReadModelError>>> =
             (first..=last).map(|day| -> BoxFuture<'_, _> { Box::pin(self.day_sales(&t, tenant, day)) }).collect();
@@ -357,7 +419,7 @@ impl ReadModels {
     }
 
     /// One day's sales: the sum of its slots.
-    async fn day_sales(&self, t: &Tables, tenant: &str, day: i64) -> Result<DaySales, ReadModelError> {
+    async fn day_sales(&self, t: &OrderReads, tenant: &str, day: i64) -> Result<DaySales, ReadModelError> {
         let ms = day * 86_400_000;
         let rows = self
             .session
@@ -376,13 +438,60 @@ impl ReadModels {
         Ok(DaySales { day: date, orders, total_cents: total })
     }
 
-    /// A patient's onboarding (patients projection; not versioned).
+    /// A patient's onboarding, from the patients projection's active version.
     pub async fn patient_onboarding(
         &self,
         tenant: &str,
         patient_id: &str,
-    ) -> Result<Option<crate::patients::OnboardingView>, ReadModelError> {
-        crate::patients::read_onboarding(&self.session, tenant, patient_id).await
+    ) -> Result<Option<OnboardingView>, ReadModelError> {
+        let name = self.patients.name();
+        let version = self.active_version_of(name).await?;
+        let select = {
+            let mut reads = self.patient_reads.lock().await;
+            match reads.get(&version) {
+                Some(select) => select.clone(),
+                None => {
+                    tables::create(&self.session, name, version, self.patients.tables()).await?;
+                    let table = table_name(name, patients::STEPS, version);
+                    let select = self
+                        .session
+                        .prepare(format!(
+                            "SELECT version, event_id, step, detail, occurred_at FROM {table} \
+                             WHERE tenant = ? AND patient_id = ?"
+                        ))
+                        .await
+                        .map_err(rm_err)?;
+                    reads.insert(version, select.clone());
+                    select
+                }
+            }
+        };
+        let rows = self
+            .session
+            .execute_unpaged(&select, (tenant, patient_id))
+            .await
+            .map_err(rm_err)?
+            .into_rows_result()
+            .map_err(rm_err)?;
+        let steps = rows
+            .rows::<(i64, Option<String>, Option<String>, Option<String>, Option<CqlTimestamp>)>()
+            .map_err(rm_err)?
+            .map(|r| {
+                r.map(|(version, event_id, step, detail, at)| {
+                    let ms = at.map_or(0, |t| t.0);
+                    Step {
+                        version,
+                        event_id: event_id.unwrap_or_default(),
+                        step: step.unwrap_or_default(),
+                        detail: detail.unwrap_or_default(),
+                        occurred_at_ms: ms,
+                        at: patients::rfc3339(ms),
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rm_err)?;
+        Ok(patients::view_of(patient_id, steps))
     }
 
     pub async fn operation(&self, tenant: &str, operation_id: &str) -> Result<Option<OperationRow>, ReadModelError> {
@@ -409,20 +518,22 @@ impl ReadModels {
     }
 
     /// Next offset to apply per (topic, partition) of the serving read
-    /// models: the orders projection's active version and the patients
-    /// projection (their topics are apart).
+    /// models: the active versions of the orders and patients projections
+    /// (their topics are apart).
     pub async fn applied_offsets(&self) -> Result<Offsets, ReadModelError> {
         let version = self.active_version().await?;
         let mut offsets = self.offsets_of(version).await?;
-        offsets.extend(self.offsets_of_projection(crate::patients::PROJECTION, 1).await?);
+        let patients = self.patients.name();
+        let patients_version = self.active_version_of(patients).await?;
+        offsets.extend(self.offsets_of_projection(patients, patients_version).await?);
         Ok(offsets)
     }
 
     pub async fn offsets_of(&self, version: i32) -> Result<Offsets, ReadModelError> {
-        self.offsets_of_projection(&self.projection, version).await
+        self.offsets_of_projection(self.orders.name(), version).await
     }
 
-    async fn offsets_of_projection(&self, projection: &str, version: i32) -> Result<Offsets, ReadModelError> {
+    pub async fn offsets_of_projection(&self, projection: &str, version: i32) -> Result<Offsets, ReadModelError> {
         let rows = self
             .session
             .execute_unpaged(&self.select_offsets, (projection, version))

@@ -1,8 +1,11 @@
-//! The read-model tables of one projection version: created on first use,
-//! statements prepared once, writes with the stream version as timestamp.
+//! The tables of one version of a projection, and the CQL of its writes:
+//! tables created from the projection's [`Table`]s on first use, statements
+//! prepared once per shape, rows of one partition sent in unlogged batches
+//! (partitions concurrently), the event's stream version as write timestamp,
+//! running totals counted once per record.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
@@ -10,291 +13,239 @@ use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlDate, CqlTimestamp, CqlValue};
-use sluice_schemas::cql;
 
 use super::{rm_err, ReadModelError};
-use crate::orders::{OrderSnapshot, Write};
+use crate::projection::{create_statements, table_name, Cell, MemoRead, Table, Write};
 
-/// CQL `date`: days since the epoch, offset by 2^31.
+/// CQL `date` of the UTC day of a moment (milliseconds since the epoch):
+/// days since the epoch, offset by 2^31.
 pub fn cql_date(ms: i64) -> CqlDate {
-    let days = ms.div_euclid(86_400_000);
+    day_date(ms.div_euclid(86_400_000))
+}
+
+fn day_date(days: i64) -> CqlDate {
     CqlDate((days + (1i64 << 31)) as u32)
 }
 
+fn cql(cell: &Cell) -> Option<CqlValue> {
+    match cell {
+        Cell::Text(s) => Some(CqlValue::Text(s.clone())),
+        Cell::BigInt(n) => Some(CqlValue::BigInt(*n)),
+        Cell::Int(n) => Some(CqlValue::Int(*n)),
+        Cell::Timestamp(ms) => Some(CqlValue::Timestamp(CqlTimestamp(*ms))),
+        Cell::Date(days) => Some(CqlValue::Date(day_date(*days))),
+        Cell::Null => None,
+    }
+}
+
+fn cell(value: Option<CqlValue>) -> Cell {
+    match value {
+        Some(CqlValue::Text(s) | CqlValue::Ascii(s)) => Cell::Text(s),
+        Some(CqlValue::BigInt(n)) => Cell::BigInt(n),
+        Some(CqlValue::Int(n)) => Cell::Int(n),
+        Some(CqlValue::Timestamp(t)) => Cell::Timestamp(t.0),
+        Some(CqlValue::Date(d)) => Cell::Date(i64::from(d.0) - (1i64 << 31)),
+        _ => Cell::Null,
+    }
+}
+
+/// Creates the tables of one version of a projection, if missing.
+pub async fn create(session: &Session, projection: &str, version: i32, tables: &[Table]) -> Result<(), ReadModelError> {
+    for statement in create_statements(projection, version, tables) {
+        session.query_unpaged(statement, ()).await.map_err(rm_err)?;
+    }
+    Ok(())
+}
+
+/// The tables of one version of a projection, as its writer uses them.
 pub struct Tables {
+    pub projection: String,
     pub version: i32,
     pub(crate) session: Arc<Session>,
-    insert_order: PreparedStatement,
-    update_order: PreparedStatement,
-    insert_customer_order: PreparedStatement,
-    update_customer_order: PreparedStatement,
-    write_sales_slot: PreparedStatement,
-    select_sales_slot: PreparedStatement,
-    pub(super) select_order: PreparedStatement,
-    select_snapshot: PreparedStatement,
-    pub(super) select_customer_orders: PreparedStatement,
-    pub(super) select_sales_day: PreparedStatement,
+    specs: &'static [Table],
+    /// Statements by their text, prepared on first use.
+    prepared: Mutex<HashMap<String, PreparedStatement>>,
 }
 
 impl Tables {
-    /// Creates (if missing) and prepares the tables of `version`.
-    pub async fn open(session: Arc<Session>, projection: &str, version: i32) -> Result<Self, ReadModelError> {
-        for statement in cql::create_read_model_tables(projection, version) {
-            session.query_unpaged(statement, ()).await.map_err(rm_err)?;
-        }
-        let (p, v) = (projection, version);
-        let prepare = |text: String| {
-            let session = session.clone();
-            async move { session.prepare(text).await.map_err(rm_err) }
-        };
-        Ok(Self {
-            version,
-            insert_order: prepare(format!(
-                "INSERT INTO {p}_by_id_v{v} (tenant, order_id, customer_id, status, currency, lines, total_cents, \
-                 version, submitted_at, updated_at) VALUES (?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
-            ))
-            .await?,
-            update_order: prepare(format!(
-                "UPDATE {p}_by_id_v{v} USING TIMESTAMP ? SET status = ?, version = ?, updated_at = ?, \
-                 cancel_reason = ?, carrier = ?, tracking_number = ? WHERE tenant = ? AND order_id = ?"
-            ))
-            .await?,
-            insert_customer_order: prepare(format!(
-                "INSERT INTO {p}_by_customer_v{v} (tenant, customer_id, submitted_at, order_id, status, currency, \
-                 total_cents, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
-            ))
-            .await?,
-            update_customer_order: prepare(format!(
-                "UPDATE {p}_by_customer_v{v} USING TIMESTAMP ? SET status = ?, version = ? \
-                 WHERE tenant = ? AND customer_id = ? AND submitted_at = ? AND order_id = ?"
-            ))
-            .await?,
-            write_sales_slot: prepare(format!(
-                "INSERT INTO {p}_sales_by_day_v{v} (tenant, day, slot, orders, total_cents, counted_to) \
-                 VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
-            ))
-            .await?,
-            select_sales_slot: prepare(format!(
-                "SELECT orders, total_cents, counted_to FROM {p}_sales_by_day_v{v} \
-                 WHERE tenant = ? AND day = ? AND slot = ?"
-            ))
-            .await?,
-            select_order: prepare(format!(
-                "SELECT order_id, customer_id, status, currency, lines, total_cents, version, submitted_at, \
-                 updated_at, carrier, tracking_number, cancel_reason FROM {p}_by_id_v{v} WHERE tenant = ? AND order_id = ?"
-            ))
-            .await?,
-            select_snapshot: prepare(format!(
-                "SELECT customer_id, submitted_at, total_cents FROM {p}_by_id_v{v} WHERE tenant = ? AND order_id = ?"
-            ))
-            .await?,
-            select_customer_orders: prepare(format!(
-                "SELECT order_id, status, currency, total_cents, submitted_at, version FROM {p}_by_customer_v{v} \
-                 WHERE tenant = ? AND customer_id = ?"
-            ))
-            .await?,
-            select_sales_day: prepare(format!(
-                "SELECT orders, total_cents FROM {p}_sales_by_day_v{v} WHERE tenant = ? AND day = ?"
-            ))
-            .await?,
-            session,
-        })
+    /// Creates (if missing) the tables of `version` of `projection`.
+    pub async fn open(
+        session: Arc<Session>,
+        projection: &str,
+        version: i32,
+        specs: &'static [Table],
+    ) -> Result<Self, ReadModelError> {
+        create(&session, projection, version, specs).await?;
+        Ok(Self { projection: projection.to_owned(), version, session, specs, prepared: Mutex::new(HashMap::new()) })
     }
 
-    /// The order as submitted, if this version has it.
-    pub async fn snapshot(&self, tenant: &str, order_id: &str) -> Result<Option<OrderSnapshot>, ReadModelError> {
+    fn spec(&self, table: &str) -> Result<&'static Table, ReadModelError> {
+        self.specs
+            .iter()
+            .find(|t| t.name() == table)
+            .ok_or_else(|| ReadModelError(format!("projection {} has no table {table}", self.projection)))
+    }
+
+    fn full_name(&self, table: &str) -> String {
+        table_name(&self.projection, table, self.version)
+    }
+
+    async fn prepare(&self, text: String) -> Result<PreparedStatement, ReadModelError> {
+        if let Some(statement) = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).get(&text) {
+            return Ok(statement.clone());
+        }
+        let statement = self.session.prepare(text.clone()).await.map_err(rm_err)?;
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner()).insert(text, statement.clone());
+        Ok(statement)
+    }
+
+    /// The statement that sets `cells` (after `tenant`) of a row of
+    /// `table`, with the write timestamp bound last.
+    async fn insert(&self, table: &str, cells: &[(&str, Cell)]) -> Result<PreparedStatement, ReadModelError> {
+        let names: Vec<&str> = cells.iter().map(|(name, _)| *name).collect();
+        self.prepare(format!(
+            "INSERT INTO {} (tenant, {}) VALUES (?{}) USING TIMESTAMP ?",
+            self.full_name(table),
+            names.join(", "),
+            ", ?".repeat(names.len())
+        ))
+        .await
+    }
+
+    /// The cells a [`MemoRead`] names, if the row exists.
+    pub async fn read_memo(&self, tenant: &str, read: &MemoRead) -> Result<Option<Vec<Cell>>, ReadModelError> {
+        let key = self.spec(read.table)?.primary_key();
+        let condition: String = key.iter().take(read.key.len()).map(|c| format!(" AND {c} = ?")).collect();
+        let text = format!(
+            "SELECT {} FROM {} WHERE tenant = ?{condition}",
+            read.columns.join(", "),
+            self.full_name(read.table)
+        );
+        let statement = self.prepare(text).await?;
+        let values: Vec<Option<CqlValue>> =
+            std::iter::once(Some(CqlValue::Text(tenant.to_owned()))).chain(read.key.iter().map(cql)).collect();
         let rows = self
             .session
-            .execute_unpaged(&self.select_snapshot, (tenant, order_id))
+            .execute_unpaged(&statement, values)
             .await
             .map_err(rm_err)?
             .into_rows_result()
             .map_err(rm_err)?;
-        let row = rows.maybe_first_row::<(Option<String>, Option<CqlTimestamp>, Option<i64>)>().map_err(rm_err)?;
-        Ok(match row {
-            Some((Some(customer_id), Some(submitted_at), Some(total_cents))) => {
-                Some(OrderSnapshot { customer_id, submitted_at_ms: submitted_at.0, total_cents })
-            }
-            _ => None,
-        })
+        let row = rows.maybe_first_row::<scylla::value::Row>().map_err(rm_err)?;
+        Ok(row.map(|r| r.columns.into_iter().map(cell).collect()))
     }
 
-    /// Applies one write. It uses the event's stream version as its write
-    /// timestamp, so repeating it changes nothing.
-    pub async fn write(&self, tenant: &str, write: &Write) -> Result<(), ReadModelError> {
-        self.write_rows(&[self.row(tenant, write)?]).await
-    }
-
-    /// The statement and values of one write. A sale written this way is a
-    /// slot of its own (`order <id> <movement>`), for a record applied out of
-    /// its partition's order; in order, a batch counts its sales into their
-    /// partition's running total instead ([`Tables::tally`]).
-    pub fn row<'t>(&'t self, tenant: &str, write: &Write) -> Result<Row<'t>, ReadModelError> {
-        let text = |s: &str| Some(CqlValue::Text(s.to_owned()));
-        let big = |n: i64| Some(CqlValue::BigInt(n));
-        let time = |ms: i64| Some(CqlValue::Timestamp(CqlTimestamp(ms)));
-        let ts = big(write.version());
-        let (statement, table, partition, values) = match write {
-            Write::OrderSubmitted { order_id, customer_id, currency, lines, total_cents, at_ms, version } => {
-                let lines = serde_json::to_string(lines).map_err(rm_err)?;
-                let values = vec![
-                    text(tenant),
-                    text(order_id),
-                    text(customer_id),
-                    text(currency),
-                    Some(CqlValue::Text(lines)),
-                    big(*total_cents),
-                    big(*version),
-                    time(*at_ms),
-                    time(*at_ms),
-                    ts,
-                ];
-                (&self.insert_order, Table::ById, order_id.clone(), values)
-            }
-            Write::OrderStatus { order_id, status, at_ms, version, cancel_reason, shipment } => {
-                let (carrier, tracking) = match shipment {
-                    Some((c, t)) => (text(c), text(t)),
-                    None => (None, None),
-                };
-                let values = vec![
-                    ts,
-                    text(status),
-                    big(*version),
-                    time(*at_ms),
-                    cancel_reason.as_deref().and_then(text),
-                    carrier,
-                    tracking,
-                    text(tenant),
-                    text(order_id),
-                ];
-                (&self.update_order, Table::ById, order_id.clone(), values)
-            }
-            Write::CustomerOrder { customer_id, submitted_at_ms, order_id, status, currency_and_total, version } => {
-                match currency_and_total {
-                    Some((currency, total)) => {
-                        let values = vec![
-                            text(tenant),
-                            text(customer_id),
-                            time(*submitted_at_ms),
-                            text(order_id),
-                            text(status),
-                            text(currency),
-                            big(*total),
-                            big(*version),
-                            ts,
-                        ];
-                        (&self.insert_customer_order, Table::ByCustomer, customer_id.clone(), values)
-                    }
-                    None => {
-                        let values = vec![
-                            ts,
-                            text(status),
-                            big(*version),
-                            text(tenant),
-                            text(customer_id),
-                            time(*submitted_at_ms),
-                            text(order_id),
-                        ];
-                        (&self.update_customer_order, Table::ByCustomer, customer_id.clone(), values)
-                    }
-                }
-            }
-            Write::Sale { day_ms, order_id, movement, orders, total_cents, .. } => {
-                let day = cql_date(*day_ms);
-                let values = vec![
-                    text(tenant),
-                    Some(CqlValue::Date(day)),
-                    text(&format!("order {order_id} {movement}")),
-                    big(i64::from(*orders)),
-                    big(*total_cents),
-                    None,
-                    ts,
-                ];
-                (&self.write_sales_slot, Table::SalesByDay, day.0.to_string(), values)
+    /// The statement and values of a [`Write::Row`], or of a [`Write::Add`]
+    /// applied out of its partition's order (a parked key's record replayed):
+    /// a slot of its own, named by its id and stamped with the stream version.
+    pub async fn row(&self, tenant: &str, write: &Write) -> Result<Row, ReadModelError> {
+        let (table, cells, timestamp) = match write {
+            Write::Row { table, cells, version } => (*table, cells.clone(), *version),
+            Write::Add { table, key, id, sums, version } => {
+                let mut cells = key.clone();
+                cells.push(("slot", Cell::Text(id.clone())));
+                cells.extend(sums.iter().map(|(name, n)| (*name, Cell::BigInt(*n))));
+                (*table, cells, *version)
             }
         };
-        Ok(Row { statement, partition: (table, tenant.to_owned(), partition), values })
+        self.row_of(tenant, table, cells, timestamp).await
     }
 
-    /// The rows that count a batch's sales, each partition's records in
-    /// offset order: per (tenant, day, events partition) the running total
-    /// is read, the sales of records past its `counted_to` are added, and it
-    /// is written back stamped with the last one's offset (also its write
-    /// timestamp). A batch applied again finds its records counted and adds
-    /// nothing (it writes back the total it read: that total may come from a
-    /// write that failed after reaching only some replicas, and must stand at
-    /// the write consistency before later batches build on it); of two
-    /// writers of one slot (a replay beside the live projector, an owner
-    /// that lost its partition), each writes the total up to its own stamp,
-    /// and the one further along wins.
-    pub async fn tally(&self, sales: &[Sale]) -> Result<Vec<Row<'_>>, ReadModelError> {
-        let mut slots: HashMap<(&str, u32, i32), Vec<&Sale>> = HashMap::new();
-        for sale in sales {
-            slots.entry((sale.tenant.as_str(), sale.day.0, sale.partition)).or_default().push(sale);
+    async fn row_of(
+        &self,
+        tenant: &str,
+        table: &str,
+        cells: Vec<(&str, Cell)>,
+        timestamp: i64,
+    ) -> Result<Row, ReadModelError> {
+        let partition = partition_of(self.spec(table)?, tenant, &cells)?;
+        let statement = self.insert(table, &cells).await?;
+        let values: Vec<Option<CqlValue>> = std::iter::once(Some(CqlValue::Text(tenant.to_owned())))
+            .chain(cells.iter().map(|(_, c)| cql(c)))
+            .chain([Some(CqlValue::BigInt(timestamp))])
+            .collect();
+        Ok(Row { statement, partition, values })
+    }
+
+    /// The rows that count additions into their running totals, each events
+    /// partition's records in offset order: per (table, key, events
+    /// partition) the running total is read, the additions of records past
+    /// its `counted_to` are added, and it is written back stamped with the
+    /// last one's offset (also its write timestamp). A batch applied again
+    /// finds its records counted and adds nothing (it writes back the total
+    /// it read: that total may come from a write that failed after reaching
+    /// only some replicas, and must stand at the write consistency before
+    /// later batches build on it); of two writers of one slot (a replay
+    /// beside the live projector, an owner that lost its partition), each
+    /// writes the total up to its own stamp, and the one further along wins.
+    pub async fn tally(&self, additions: &[Addition]) -> Result<Vec<Row>, ReadModelError> {
+        let mut slots: HashMap<Slot<'_>, Vec<&Addition>> = HashMap::new();
+        for add in additions {
+            let Write::Add { table, key, .. } = &add.write else { continue };
+            slots.entry((add.tenant.as_str(), *table, key.as_slice(), add.partition)).or_default().push(add);
         }
         // Boxed with their lifetime named, as in `write_rows`.
-        let counted: Vec<BoxFuture<'_, Result<Row<'_>, ReadModelError>>> = slots
-            .into_iter()
-            .map(|((tenant, day, partition), sales)| -> BoxFuture<'_, _> {
-                Box::pin(self.count_slot(tenant, CqlDate(day), partition, sales))
-            })
-            .collect();
+        let counted: Vec<BoxFuture<'_, Result<Row, ReadModelError>>> =
+            slots.into_values().map(|adds| -> BoxFuture<'_, _> { Box::pin(self.count_slot(adds)) }).collect();
         futures::stream::iter(counted).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect().await
     }
 
-    /// The row that counts `sales` into the running total of `partition`
-    /// on `day` (the total as read when they are all counted already).
-    async fn count_slot(
-        &self,
-        tenant: &str,
-        day: CqlDate,
-        partition: i32,
-        sales: Vec<&Sale>,
-    ) -> Result<Row<'_>, ReadModelError> {
-        let slot = format!("partition {partition}");
-        let rows = self
-            .session
-            .execute_unpaged(&self.select_sales_slot, (tenant, day, &slot))
-            .await
-            .map_err(rm_err)?
-            .into_rows_result()
-            .map_err(rm_err)?;
-        let (mut orders, mut total, counted_to) = match rows
-            .maybe_first_row::<(Option<i64>, Option<i64>, Option<i64>)>()
-            .map_err(rm_err)?
-        {
-            Some((orders, total, counted_to)) => (orders.unwrap_or(0), total.unwrap_or(0), counted_to.unwrap_or(-1)),
-            None => (0, 0, -1),
+    /// The row that counts `adds` (one table, key and events partition) into
+    /// their running total (the total as read when they are counted already).
+    async fn count_slot(&self, adds: Vec<&Addition>) -> Result<Row, ReadModelError> {
+        let first = adds[0];
+        let Write::Add { table, key, sums, .. } = &first.write else {
+            return Err(ReadModelError("only additions are counted".into()));
+        };
+        let slot = format!("partition {}", first.partition);
+        let sum_names: Vec<&str> = sums.iter().map(|(name, _)| *name).collect();
+        let condition: String = key.iter().map(|(c, _)| format!(" AND {c} = ?")).collect();
+        let select = self
+            .prepare(format!(
+                "SELECT {}, counted_to FROM {} WHERE tenant = ?{condition} AND slot = ?",
+                sum_names.join(", "),
+                self.full_name(table)
+            ))
+            .await?;
+        let values: Vec<Option<CqlValue>> = std::iter::once(Some(CqlValue::Text(first.tenant.clone())))
+            .chain(key.iter().map(|(_, c)| cql(c)))
+            .chain([Some(CqlValue::Text(slot.clone()))])
+            .collect();
+        let rows =
+            self.session.execute_unpaged(&select, values).await.map_err(rm_err)?.into_rows_result().map_err(rm_err)?;
+        let (mut totals, counted_to) = match rows.maybe_first_row::<scylla::value::Row>().map_err(rm_err)? {
+            Some(row) => {
+                let cells: Vec<Cell> = row.columns.into_iter().map(cell).collect();
+                let totals = cells[..sum_names.len()].iter().map(|c| c.as_i64().unwrap_or(0)).collect();
+                (totals, cells[sum_names.len()].as_i64().unwrap_or(-1))
+            }
+            None => (vec![0; sum_names.len()], -1),
         };
         let mut last = counted_to;
-        for sale in sales.into_iter().filter(|s| s.offset > counted_to) {
-            orders += sale.orders;
-            total += sale.total_cents;
-            last = last.max(sale.offset);
+        for add in adds.into_iter().filter(|a| a.offset > counted_to) {
+            let Write::Add { sums, .. } = &add.write else { continue };
+            for (total, (_, n)) in totals.iter_mut().zip(sums) {
+                *total += n;
+            }
+            last = last.max(add.offset);
         }
-        let values = vec![
-            Some(CqlValue::Text(tenant.to_owned())),
-            Some(CqlValue::Date(day)),
-            Some(CqlValue::Text(slot)),
-            Some(CqlValue::BigInt(orders)),
-            Some(CqlValue::BigInt(total)),
-            Some(CqlValue::BigInt(last)),
-            Some(CqlValue::BigInt(last)),
-        ];
-        let partition = (Table::SalesByDay, tenant.to_owned(), day.0.to_string());
-        Ok(Row { statement: &self.write_sales_slot, partition, values })
+        let mut cells = key.clone();
+        cells.push(("slot", Cell::Text(slot)));
+        cells.extend(sum_names.iter().zip(&totals).map(|(name, n)| (*name, Cell::BigInt(*n))));
+        cells.push(("counted_to", Cell::BigInt(last)));
+        self.row_of(&first.tenant, table, cells, last).await
     }
 
     /// Writes rows: those of one partition together, in unlogged batches of
     /// at most [`ROWS_PER_BATCH`] (one round trip, one mutation of the
     /// partition), partitions concurrently. Each row keeps its own write
     /// timestamp, so a batch applied twice changes nothing.
-    pub async fn write_rows(&self, rows: &[Row<'_>]) -> Result<(), ReadModelError> {
-        let mut by_partition: HashMap<&(Table, String, String), Vec<&Row<'_>>> = HashMap::new();
+    pub async fn write_rows(&self, rows: &[Row]) -> Result<(), ReadModelError> {
+        let mut by_partition: HashMap<&str, Vec<&Row>> = HashMap::new();
         for row in rows {
             by_partition.entry(&row.partition).or_default().push(row);
         }
-        let chunks: Vec<&[&Row<'_>]> = by_partition.values().flat_map(|rows| rows.chunks(ROWS_PER_BATCH)).collect();
+        let chunks: Vec<&[&Row]> = by_partition.values().flat_map(|rows| rows.chunks(ROWS_PER_BATCH)).collect();
         // Boxed with their lifetime named: a caller's Send future cannot
         // state it for closure futures in stream combinators.
         let writes: Vec<BoxFuture<'_, Result<(), ReadModelError>>> =
@@ -302,9 +253,9 @@ impl Tables {
         futures::stream::iter(writes).buffer_unordered(PARTITIONS_IN_FLIGHT).try_collect::<Vec<()>>().await.map(drop)
     }
 
-    async fn write_chunk(&self, chunk: &[&Row<'_>]) -> Result<(), ReadModelError> {
+    async fn write_chunk(&self, chunk: &[&Row]) -> Result<(), ReadModelError> {
         if let [row] = chunk {
-            return self.session.execute_unpaged(row.statement, &row.values).await.map(drop).map_err(rm_err);
+            return self.session.execute_unpaged(&row.statement, &row.values).await.map(drop).map_err(rm_err);
         }
         let mut batch = Batch::new(BatchType::Unlogged);
         for row in chunk {
@@ -315,56 +266,44 @@ impl Tables {
     }
 }
 
+/// Which partition a row lands in (table, tenant and partition key), or why
+/// the write lacks its partition key.
+fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<String, ReadModelError> {
+    let mut partition = format!("{}\u{0}{tenant}", spec.name());
+    for column in spec.partition_key() {
+        let (_, value) = cells
+            .iter()
+            .find(|(name, _)| *name == column)
+            .ok_or_else(|| ReadModelError(format!("a write to {} lacks its key column {column}", spec.name())))?;
+        partition.push_str(&format!("\u{0}{value:?}"));
+    }
+    Ok(partition)
+}
+
+/// One running total: tenant, table, key and events partition.
+type Slot<'a> = (&'a str, &'a str, &'a [(&'a str, Cell)], i32);
+
 /// Rows of one partition sent in one batch at most.
 pub const ROWS_PER_BATCH: usize = 32;
 
 /// Partitions written at once.
 const PARTITIONS_IN_FLIGHT: usize = 32;
 
-/// The tables of a version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Table {
-    ById,
-    ByCustomer,
-    SalesByDay,
-}
-
-/// A sale a record makes, to be counted in its partition's running total,
-/// and where the record is in its topic.
+/// A [`Write::Add`] of a record applied in its partition's order, to be
+/// counted in that partition's running total, and where the record is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sale {
+pub struct Addition {
     pub tenant: String,
-    pub day: CqlDate,
     pub partition: i32,
     pub offset: i64,
-    pub orders: i64,
-    pub total_cents: i64,
+    pub write: Write,
 }
 
-impl Sale {
-    /// The sale of `write`, if it is one ([`Write::Sale`]), made by the
-    /// record at `offset` of `partition`.
-    pub fn of(tenant: &str, partition: i32, offset: i64, write: &Write) -> Option<Self> {
-        match write {
-            Write::Sale { day_ms, orders, total_cents, .. } => Some(Self {
-                tenant: tenant.to_owned(),
-                day: cql_date(*day_ms),
-                partition,
-                offset,
-                orders: i64::from(*orders),
-                total_cents: *total_cents,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// One write ready to send: its statement, the partition it lands in
-/// (table, tenant, key), and its values (the write timestamp last or first,
-/// as the statement has it).
+/// One write ready to send: its statement, the partition it lands in, and
+/// its values (the write timestamp last).
 #[derive(Debug)]
-pub struct Row<'t> {
-    statement: &'t PreparedStatement,
-    partition: (Table, String, String),
+pub struct Row {
+    statement: PreparedStatement,
+    partition: String,
     values: Vec<Option<CqlValue>>,
 }
