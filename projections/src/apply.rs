@@ -1,9 +1,10 @@
 //! Applying Kafka records to one version of a [`Projection`]'s read models:
-//! decode via the registry, take the key's memo from an earlier event of the
-//! batch or read it, turn the event into rows, and on poison (cannot be
-//! decoded or does not fit) hand it to [`DeadLetters`]. A batch's rows are
-//! written together, grouped by partition ([`Tables::write_rows`]), beside
-//! its additions counted into their running totals ([`Tables::tally`]).
+//! decode via the registry, take the key's memo from an earlier event this
+//! consumer applied (in the batch, or in an earlier one: [`Memos`]) or read
+//! it, turn the event into rows, and on poison (cannot be decoded or does
+//! not fit) hand it to [`DeadLetters`]. A batch's rows are written together,
+//! grouped by partition ([`Tables::write_rows`]), beside its additions
+//! counted into their running totals ([`Tables::tally`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,8 +186,81 @@ struct Made {
 enum Known<M> {
     /// Nothing yet: read it from the store.
     Ask,
-    /// As an earlier event of the key in this batch left it.
+    /// As an earlier event of the key left it.
     Have(Option<M>),
+}
+
+/// A key of an events topic: (topic, partition, record key).
+type KeyOf = (String, i32, Vec<u8>);
+
+/// Keys remembered between batches at most; past it the memory starts over.
+const MAX_MEMOS: usize = 200_000;
+
+/// The memos of the keys whose last event a [`Settling`] applied itself,
+/// kept from batch to batch: the next event of such a key needs no read
+/// (in a rebuild, none of the keys it saw begin). What another writer may
+/// have changed is not kept: all is forgotten when the consumer's
+/// partitions move (another instance may have applied later events of them
+/// meanwhile), and a key whose record was dead-lettered is forgotten (its
+/// key is parked, and `sluice dlt replay` applies its records elsewhere).
+struct Memos<M> {
+    known: Mutex<HashMap<KeyOf, Option<M>>>,
+    /// The consumer's rebalance count, if it is in a group
+    /// (`sluice_streams::consumer::Rebalances::count`), and the count the
+    /// memos were learned under.
+    rebalances: Option<Arc<AtomicU64>>,
+    learned_under: AtomicU64,
+}
+
+impl<M: Clone> Memos<M> {
+    /// The rebalance count now; forgets everything when it moved since the
+    /// memos were learned.
+    fn check(&self) -> u64 {
+        let Some(count) = &self.rebalances else { return 0 };
+        let now = count.load(Ordering::SeqCst);
+        if self.learned_under.swap(now, Ordering::SeqCst) != now {
+            self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        now
+    }
+
+    fn get(&self, key: &KeyOf) -> Known<M> {
+        match self.known.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            Some(memo) => Known::Have(memo.clone()),
+            None => Known::Ask,
+        }
+    }
+
+    /// Keeps what a written batch learned, unless the partitions moved
+    /// while it was applied (`began`: the count when it began).
+    fn learn(&self, began: u64, learned: Vec<(KeyOf, Learned<M>)>) {
+        if self.check() != began {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() + learned.len() > MAX_MEMOS {
+            known.clear();
+        }
+        for (key, learned) in learned {
+            match learned {
+                Learned::Memo(memo) => {
+                    known.insert(key, memo);
+                }
+                Learned::Forget => {
+                    known.remove(&key);
+                }
+                Learned::Nothing => {}
+            }
+        }
+    }
+}
+
+/// What a batch's records of one key teach about its memo.
+enum Learned<M> {
+    Nothing,
+    Memo(Option<M>),
+    /// A record of it was dead-lettered.
+    Forget,
 }
 
 /// Batches applied to one version until `stop`, counted: each order's
@@ -197,6 +271,7 @@ enum Known<M> {
 pub struct Settling<'x, P: Projection> {
     applier: &'x Applier<P>,
     stop: &'x tokio_util::sync::CancellationToken,
+    memos: Memos<P::Memo>,
     pub applied: AtomicU64,
     pub dead_lettered: AtomicU64,
     /// Rows written (one write per row, whatever batch it went in).
@@ -204,8 +279,25 @@ pub struct Settling<'x, P: Projection> {
 }
 
 impl<'x, P: Projection> Settling<'x, P> {
+    /// Settling for a consumer with partitions of its own (assigned, never
+    /// moved).
     pub fn new(applier: &'x Applier<P>, stop: &'x tokio_util::sync::CancellationToken) -> Self {
-        Self { applier, stop, applied: AtomicU64::new(0), dead_lettered: AtomicU64::new(0), rows: AtomicU64::new(0) }
+        Self {
+            applier,
+            stop,
+            memos: Memos { known: Mutex::default(), rebalances: None, learned_under: AtomicU64::new(0) },
+            applied: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        }
+    }
+
+    /// Settling for a group member whose partitions move: `rebalances`
+    /// counts the moves (`sluice_streams::consumer::Rebalances::count`).
+    pub fn in_group(mut self, rebalances: Arc<AtomicU64>) -> Self {
+        self.memos.learned_under = AtomicU64::new(rebalances.load(Ordering::SeqCst));
+        self.memos.rebalances = Some(rebalances);
+        self
     }
 
     /// (applied, dead-lettered) so far.
@@ -213,9 +305,13 @@ impl<'x, P: Projection> Settling<'x, P> {
         (self.applied.load(Ordering::Relaxed), self.dead_lettered.load(Ordering::Relaxed))
     }
 
-    /// What one key's records in this batch make; `None` when stopped.
-    async fn key_rows(&self, records: Vec<&OwnedMessage>) -> Option<Made> {
-        let known = Mutex::new(Known::Ask);
+    /// What one key's records in this batch make, and what they teach
+    /// about its memo; `None` when stopped.
+    async fn key_rows(&self, records: Vec<&OwnedMessage>) -> Option<(Made, Option<(KeyOf, Learned<P::Memo>)>)> {
+        let key: Option<KeyOf> =
+            records.first().and_then(|r| Some((r.topic().to_owned(), r.partition(), r.key()?.to_vec())));
+        let known = Mutex::new(key.as_ref().map_or(Known::Ask, |key| self.memos.get(key)));
+        let mut forget = false;
         let mut made = Made::default();
         for record in records {
             let make = || self.applier.rows(record, &known, true);
@@ -232,13 +328,19 @@ impl<'x, P: Projection> Settling<'x, P> {
                 Settled::Applied(_) => continue,
                 Settled::DeadLettered { .. } => {
                     self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    forget = true;
                     "dead_lettered"
                 }
             };
             metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.name().to_owned(), "outcome" => outcome)
                 .increment(1);
         }
-        Some(made)
+        let learned = match known.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            _ if forget => Learned::Forget,
+            Known::Have(memo) => Learned::Memo(memo),
+            Known::Ask => Learned::Nothing,
+        };
+        Some((made, key.map(|key| (key, learned))))
     }
 
     /// Writes a batch's rows and counts its additions, concurrently;
@@ -258,17 +360,21 @@ impl<P: Projection> SettleBatch for Settling<'_, P> {
     fn settle_batch<'a>(&'a self, records: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let keys: Vec<BoxFuture<'a, Option<Made>>> = batch::by_key(records)
+            let began = self.memos.check();
+            type KeyMade<M> = Option<(Made, Option<(KeyOf, Learned<M>)>)>;
+            let keys: Vec<BoxFuture<'a, KeyMade<P::Memo>>> = batch::by_key(records)
                 .into_iter()
-                .map(|records| -> BoxFuture<'a, Option<Made>> { Box::pin(self.key_rows(records)) })
+                .map(|records| -> BoxFuture<'a, KeyMade<P::Memo>> { Box::pin(self.key_rows(records)) })
                 .collect();
             let mut made = Made::default();
+            let mut learned = Vec::new();
             let mut keys_made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
             while let Some(key_made) = keys_made.next().await {
                 match key_made {
-                    Some(key_made) => {
+                    Some((key_made, key_learned)) => {
                         made.rows.extend(key_made.rows);
                         made.additions.extend(key_made.additions);
+                        learned.extend(key_learned);
                     }
                     None => return false,
                 }
@@ -286,6 +392,7 @@ impl<P: Projection> SettleBatch for Settling<'_, P> {
                     }
                 }
             };
+            self.memos.learn(began, learned);
             self.rows.fetch_add(written as u64, Ordering::Relaxed);
             // Each record waited for the whole batch: that is its apply latency.
             let histogram = metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.name().to_owned());
@@ -328,5 +435,67 @@ impl OffsetTracker {
                 .map_err(rm_err)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memos(rebalances: &Arc<AtomicU64>) -> Memos<&'static str> {
+        Memos {
+            known: Mutex::default(),
+            rebalances: Some(rebalances.clone()),
+            learned_under: AtomicU64::new(rebalances.load(Ordering::SeqCst)),
+        }
+    }
+
+    fn key(k: &str) -> KeyOf {
+        ("acme.orders.events".into(), 0, k.as_bytes().to_vec())
+    }
+
+    fn have(known: Known<&'static str>) -> Option<Option<&'static str>> {
+        match known {
+            Known::Have(memo) => Some(memo),
+            Known::Ask => None,
+        }
+    }
+
+    #[test]
+    fn a_key_keeps_the_memo_its_last_batch_left_until_one_of_its_records_is_dead_lettered() {
+        let count = Arc::new(AtomicU64::new(0));
+        let memos = memos(&count);
+        let began = memos.check();
+        memos.learn(
+            began,
+            vec![
+                (key("o1"), Learned::Memo(Some("after o1"))),
+                (key("o2"), Learned::Nothing),
+                (key("o3"), Learned::Memo(None)),
+            ],
+        );
+        assert_eq!(have(memos.get(&key("o1"))), Some(Some("after o1")));
+        assert_eq!(have(memos.get(&key("o2"))), None, "nothing learned: read");
+        assert_eq!(have(memos.get(&key("o3"))), Some(None));
+        let began = memos.check();
+        memos.learn(began, vec![(key("o1"), Learned::Forget)]);
+        assert_eq!(have(memos.get(&key("o1"))), None, "dead-lettered: read again");
+    }
+
+    #[test]
+    fn moved_partitions_forget_every_memo_and_a_batch_applied_across_a_move_teaches_nothing() {
+        let count = Arc::new(AtomicU64::new(3));
+        let memos = memos(&count);
+        let began = memos.check();
+        memos.learn(began, vec![(key("o1"), Learned::Memo(Some("mine")))]);
+        // The partitions moved between two batches: another instance may
+        // have applied later events of o1.
+        count.fetch_add(1, Ordering::SeqCst);
+        let began = memos.check();
+        assert_eq!(have(memos.get(&key("o1"))), None);
+        // They moved while a batch was applied.
+        count.fetch_add(1, Ordering::SeqCst);
+        memos.learn(began, vec![(key("o2"), Learned::Memo(Some("stale?")))]);
+        assert_eq!(have(memos.get(&key("o2"))), None);
     }
 }

@@ -49,7 +49,10 @@ pub trait Projection: Send + Sync + 'static {
     }
 
     /// The memo a later event of the key needs, after `event` (whose own
-    /// memo was `before`).
+    /// memo was `before`). The runtime keeps the answer for the key's next
+    /// events, in the batch and in later ones, instead of reading the store:
+    /// an event that reads no memo gets `None` as `before` and must answer
+    /// the key's whole memo after it.
     fn memo_after(&self, event: &Self::Event, before: Option<Self::Memo>) -> Option<Self::Memo> {
         let _ = event;
         before

@@ -95,7 +95,7 @@ impl<P: Projection> Projector<P> {
         // Applied offsets go beside the rows every `offset_flush_ms`, on a
         // task of their own so an idle projector still writes its last ones.
         let flusher = tokio::spawn(flush_offsets(offsets.clone(), self.config.offset_flush_ms, stop.clone()));
-        let settle = Settling::new(&applier, &stop);
+        let settle = Settling::new(&applier, &stop).in_group(consumer.context().count());
         let note = |next: &[(String, i32, i64)]| {
             for (topic, partition, offset) in next {
                 offsets.applied(topic, *partition, offset - 1);

@@ -3,9 +3,11 @@
 //! background, reading from the start of a topic it never read,
 //! `read_committed`, and a rebalance hook that makes the consumer's parked
 //! keys be read again when partitions are assigned (another instance may
-//! have parked keys of them meanwhile).
+//! have parked keys of them meanwhile) and counts the rebalances (what a
+//! consumer keeps of its partitions' keys between batches is stale once
+//! they moved).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -16,9 +18,20 @@ use tracing::info;
 use crate::dead_letter::DeadLetters;
 use crate::StreamsError;
 
-/// The rebalance hook: marks the parked keys stale on an assignment.
+/// The rebalance hook: marks the parked keys stale on an assignment, and
+/// counts assignments and revocations.
 pub struct Rebalances {
     parked_stale: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+}
+
+impl Rebalances {
+    /// How many times the consumer's partitions moved so far: a change
+    /// between two batches means its partitions may have been applied by
+    /// another instance meanwhile.
+    pub fn count(&self) -> Arc<AtomicU64> {
+        self.count.clone()
+    }
 }
 
 impl ClientContext for Rebalances {}
@@ -27,6 +40,7 @@ impl ConsumerContext for Rebalances {
     // Runs inside the consumer's poll, before any record of the new
     // assignment is handed out: the next parked-key check reloads first.
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.count.fetch_add(1, Ordering::SeqCst);
         match rebalance {
             Rebalance::Assign(partitions) => {
                 info!(partitions = partitions.count(), "partitions assigned");
@@ -46,7 +60,7 @@ pub fn subscribe(
     topics: &[String],
     dead_letters: &DeadLetters,
 ) -> Result<StreamConsumer<Rebalances>, StreamsError> {
-    let context = Rebalances { parked_stale: dead_letters.stale_flag() };
+    let context = Rebalances { parked_stale: dead_letters.stale_flag(), count: Arc::default() };
     let consumer: StreamConsumer<Rebalances> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
