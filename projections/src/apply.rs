@@ -204,7 +204,9 @@ const MAX_MEMOS: usize = 200_000;
 /// meanwhile), and a key whose record was dead-lettered is forgotten (its
 /// key is parked, and `sluice dlt replay` applies its records elsewhere).
 struct Memos<M> {
-    known: Mutex<HashMap<KeyOf, Option<M>>>,
+    /// Only keys with a memo: a projection whose events read none (patients)
+    /// keeps nothing here.
+    known: Mutex<HashMap<KeyOf, M>>,
     /// The consumer's rebalance count, if it is in a group
     /// (`sluice_streams::consumer::Rebalances::count`), and the count the
     /// memos were learned under.
@@ -226,7 +228,7 @@ impl<M: Clone> Memos<M> {
 
     fn get(&self, key: &KeyOf) -> Known<M> {
         match self.known.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
-            Some(memo) => Known::Have(memo.clone()),
+            Some(memo) => Known::Have(Some(memo.clone())),
             None => Known::Ask,
         }
     }
@@ -243,10 +245,10 @@ impl<M: Clone> Memos<M> {
         }
         for (key, learned) in learned {
             match learned {
-                Learned::Memo(memo) => {
+                Learned::Memo(Some(memo)) => {
                     known.insert(key, memo);
                 }
-                Learned::Forget => {
+                Learned::Memo(None) | Learned::Forget => {
                     known.remove(&key);
                 }
                 Learned::Nothing => {}
@@ -476,7 +478,7 @@ mod tests {
         );
         assert_eq!(have(memos.get(&key("o1"))), Some(Some("after o1")));
         assert_eq!(have(memos.get(&key("o2"))), None, "nothing learned: read");
-        assert_eq!(have(memos.get(&key("o3"))), Some(None));
+        assert_eq!(have(memos.get(&key("o3"))), None, "no memo is kept: read");
         let began = memos.check();
         memos.learn(began, vec![(key("o1"), Learned::Forget)]);
         assert_eq!(have(memos.get(&key("o1"))), None, "dead-lettered: read again");
