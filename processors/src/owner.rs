@@ -16,21 +16,28 @@
 //!    produces the events in one Kafka transaction that also commits the
 //!    journal position, recording the successes before the commit.
 //!
+//! Step 5 of a round runs in a task of its own (the relay) while the next
+//! round goes through steps 1 to 4: decisions stand once journaled, so the
+//! next round decides on them without waiting for Kafka. Rounds are finished
+//! one at a time and in journal order, so Kafka sees each stream's events in
+//! version order; at most one decided round waits for the one in flight.
+//!
 //! A failure before step 4 sends the round's commands back for a retry
 //! with backoff (the consumer holds back only their streams). After step 4
 //! the owner redoes step 5 until it succeeds (Kafka or the registry may be
 //! down for hours): a journaled decision is never dead-lettered. A new owner
 //! first redoes step 5 for every entry past the committed relay position.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use sluice_schemas::catalog::CommandSchemas;
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -87,6 +94,25 @@ pub enum Halt {
     Fenced(String),
     /// The partition is being released (stop).
     Stopped,
+    /// The relay's task ended without an answer (a bug: it panicked).
+    Failed(String),
+}
+
+/// A round's commands once decided: the answers known at once, and the
+/// round that answers the others when it is finished.
+#[derive(Debug)]
+pub struct Decided {
+    pub round: u64,
+    /// One per command; `None` for a journaled command, answered by
+    /// [`Finished`] of `round`.
+    pub outcomes: Vec<Option<Outcome>>,
+}
+
+/// A round's journaled commands answered, in their order in the round.
+#[derive(Debug)]
+pub struct Finished {
+    pub round: u64,
+    pub outcomes: Vec<Outcome>,
 }
 
 /// What every owner of one context shares.
@@ -121,20 +147,71 @@ const TRIM_EVERY: i64 = 1_000;
 pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     partition: PartitionRef,
     backends: Arc<Backends<S, J, O, F>>,
-    relay: F::Relay,
     epoch: i64,
-    /// Relay tries of this owner: ranks its operation writes.
-    relay_attempt: u32,
     next_seq: i64,
-    /// First journal seq not yet relayed.
-    relayed: i64,
     streams: HashMap<String, Stream<A::State>>,
     /// A journal write failed with an unknown outcome: claim again first.
     unsure: bool,
     /// The processor's name, as the journal records it.
     name: String,
     stop: CancellationToken,
-    _context: PhantomData<A>,
+    relayer: Slot<A, S, J, O, F>,
+    /// A round decided while another is finished: it goes next.
+    queued: Option<Batch>,
+    /// Rounds finished while the owner waited for the relay itself.
+    ready: VecDeque<Result<Finished, Halt>>,
+    rounds: u64,
+}
+
+/// The relay side of an owner: idle, or finishing a round in its own task.
+enum Slot<A: Aggregate, S, J, O, F: RelayFactory> {
+    Idle(Relayer<A, S, J, O, F>),
+    Busy(JoinHandle<Relayed<A, S, J, O, F>>),
+    /// Its task failed: the owner can finish nothing more.
+    Gone,
+}
+
+/// What the relay's task hands back: itself, the round, how it ended.
+type Relayed<A, S, J, O, F> = (Relayer<A, S, J, O, F>, Batch, Result<(), Halt>);
+
+/// A journaled round on its way through the relay.
+struct Batch {
+    round: u64,
+    entries: Vec<Entry>,
+    /// Each entry's answer once the round is finished.
+    outcomes: Vec<Outcome>,
+    traces: HashMap<String, String>,
+    /// The commands' spans, open until the round is finished.
+    spans: Vec<tracing::Span>,
+    started: Instant,
+    commands: usize,
+}
+
+/// What follows the journal: stream rows, operation records and the Kafka
+/// transaction of the partition's producer.
+struct Relayer<A, S, J, O, F: RelayFactory> {
+    partition: PartitionRef,
+    backends: Arc<Backends<S, J, O, F>>,
+    relay: F::Relay,
+    /// The owner's epoch: with the attempt, it ranks operation writes.
+    epoch: i64,
+    /// Relay tries of this owner.
+    relay_attempt: u32,
+    /// First journal seq not yet relayed.
+    relayed: i64,
+    stop: CancellationToken,
+    _context: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate, S, J, O, F: RelayFactory> Drop for Owner<A, S, J, O, F> {
+    fn drop(&mut self) {
+        // An owner dropped mid-round (its channel failed) leaves the rest to
+        // the next owner, as a crash would: its transaction is aborted when
+        // the next owner's producer fences this one.
+        if let Slot::Busy(task) = &self.relayer {
+            task.abort();
+        }
+    }
 }
 
 impl<A, S, J, O, F> Owner<A, S, J, O, F>
@@ -144,6 +221,27 @@ where
     J: Journal,
     O: OperationStore,
     F: RelayFactory,
+{
+    /// Records `processing` for commands that wait for a retry.
+    pub async fn record_retry(&self, cmd: &IncomingCommand) -> Result<(), String> {
+        let status = Status::Processing { attempt: cmd.attempt };
+        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    }
+
+    /// Records the terminal state of a command the consumer dead-lettered.
+    pub async fn record_dead_letter(&self, cmd: &IncomingCommand, reason: &str) -> Result<(), String> {
+        let status = Status::DeadLettered(reason.to_owned());
+        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    }
+}
+
+impl<A, S, J, O, F> Owner<A, S, J, O, F>
+where
+    A: Aggregate,
+    S: EventStore + 'static,
+    J: Journal + 'static,
+    O: OperationStore + 'static,
+    F: RelayFactory + 'static,
 {
     /// Takes the partition over: a new epoch in the journal, a producer that
     /// fences the previous owner's, then whatever the previous owner
@@ -165,19 +263,29 @@ where
             };
             match attempt.await {
                 Ok((epoch, relay, position)) => {
-                    let mut me = Owner {
-                        partition,
-                        backends,
+                    let relayer = Relayer {
+                        partition: partition.clone(),
+                        backends: backends.clone(),
                         relay,
                         epoch,
                         relay_attempt: 0,
-                        next_seq: 0,
                         relayed: position.unwrap_or(0),
+                        stop: stop.clone(),
+                        _context: PhantomData,
+                    };
+                    let mut me = Owner {
+                        partition,
+                        backends,
+                        epoch,
+                        next_seq: 0,
                         streams: HashMap::new(),
                         unsure: true,
                         name: owner.to_owned(),
                         stop,
-                        _context: PhantomData,
+                        relayer: Slot::Idle(relayer),
+                        queued: None,
+                        ready: VecDeque::new(),
+                        rounds: 0,
                     };
                     // A claim and an open of another processor may have
                     // come in between: only the latest claimant begins.
@@ -195,8 +303,13 @@ where
 
     /// Finishes every journaled entry past the relay position, learns where
     /// the journal ends and records that this epoch's entries begin there;
-    /// forgets cached streams (another owner may have changed them).
+    /// forgets cached streams (another owner may have changed them). The
+    /// relay is idle.
     async fn catch_up(&mut self, position_known: bool) -> Result<(), Halt> {
+        let Slot::Idle(relayer) = &mut self.relayer else {
+            return Err(Halt::Failed("caught up while the relay was busy".into()));
+        };
+        relayer.epoch = self.epoch;
         let mut tries = 0;
         let pending = loop {
             tries += 1;
@@ -205,13 +318,13 @@ where
                 if !position_known && tries == 1 {
                     // No committed position in Kafka (never relayed, or the
                     // group's offsets expired): the journal's note stands in.
-                    self.relayed = note.unwrap_or(0);
+                    relayer.relayed = note.unwrap_or(0);
                 }
-                let pending = self.backends.journal.entries_from(&self.partition, self.relayed).await?;
-                let next_seq = pending.last().map_or(self.relayed, |last| (last.seq + 1).max(self.relayed));
+                let pending = self.backends.journal.entries_from(&self.partition, relayer.relayed).await?;
+                let next_seq = pending.last().map_or(relayer.relayed, |last| (last.seq + 1).max(relayer.relayed));
                 // Readers from the note on must still judge rows the way
                 // this owner did.
-                let read_from = note.unwrap_or(0).min(self.relayed);
+                let read_from = note.unwrap_or(0).min(relayer.relayed);
                 let begun = self.backends.journal.begin(&self.partition, self.epoch, next_seq, read_from).await?;
                 Ok::<_, crate::journal::JournalError>((pending, next_seq, begun))
             };
@@ -232,7 +345,7 @@ where
         self.streams.clear();
         if !pending.is_empty() {
             info!(queue = %self.partition.queue(), entries = pending.len(), "finishing what the journal holds past the relay position");
-            self.finish(&pending, &HashMap::new()).await?;
+            relayer.finish(&pending, &HashMap::new()).await?;
         }
         self.unsure = false;
         Ok(())
@@ -241,7 +354,9 @@ where
     /// After a journal write with no answer, the entries it sent may land
     /// at any later time: a new epoch makes them stand only if they are
     /// there when it begins, and this owner goes on from what it reads.
+    /// Rounds in the relay are finished first.
     async fn claim_again(&mut self) -> Result<(), Halt> {
+        self.drain().await?;
         let mut tries = 0;
         loop {
             tries += 1;
@@ -258,11 +373,15 @@ where
         }
     }
 
-    /// Decides one round of commands; returns one outcome per command.
-    pub async fn round(&mut self, commands: &[IncomingCommand]) -> Result<Vec<Outcome>, Halt> {
+    /// Decides one round of commands (steps 1 to 4) and hands what it
+    /// journaled to the relay. The answers of journaled commands come with
+    /// [`Owner::finished`] of the round.
+    pub async fn decide(&mut self, commands: &[IncomingCommand]) -> Result<Decided, Halt> {
         if self.unsure {
             self.claim_again().await?;
         }
+        self.rounds += 1;
+        let round = self.rounds;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; commands.len()];
         // 1. Check and parse.
         let mut parsed = Vec::with_capacity(commands.len());
@@ -280,7 +399,7 @@ where
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let loads = join_all(unknown.iter().map(|s| self.load(s)));
         let statuses = join_all(
             parsed
@@ -365,7 +484,7 @@ where
         }
         stage("read_and_decide", started);
         // 4. Journal.
-        let journaling = std::time::Instant::now();
+        let journaling = Instant::now();
         let journaled = self.journal(&entries).await?;
         stage("journal", journaling);
         if let Err(reason) = journaled {
@@ -377,7 +496,10 @@ where
             for i in entry_of {
                 outcomes[i] = Some(Outcome::Retry(reason.clone()));
             }
-            return Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect());
+            return Ok(Decided { round, outcomes });
+        }
+        if entries.is_empty() {
+            return Ok(Decided { round, outcomes });
         }
         // 5. Stream rows, operation records, Kafka. Each command's span
         // continues the trace it came with, and its events carry the span's
@@ -399,29 +521,99 @@ where
                 Some((cmd.operation_id.clone(), sluice_telemetry::onward(span, cmd.traceparent.as_deref())?))
             })
             .collect();
-        self.finish(&entries, &traces).await?;
-        metrics::histogram!("sluice_round_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("sluice_round_commands").record(commands.len() as f64);
-        drop(spans);
-        for (entry, i) in entries.iter().zip(entry_of) {
-            outcomes[i] = Some(match &entry.verdict {
+        let answers = entries
+            .iter()
+            .map(|entry| match &entry.verdict {
                 Verdict::Appended(_) => Outcome::Succeeded,
                 Verdict::Rejected(reason) => Outcome::Rejected(reason.clone()),
-            });
+            })
+            .collect();
+        let batch = Batch { round, entries, outcomes: answers, traces, spans, started, commands: commands.len() };
+        self.submit(batch).await?;
+        Ok(Decided { round, outcomes })
+    }
+
+    /// Whether a round can be decided without waiting for the relay.
+    pub fn can_decide(&self) -> bool {
+        self.queued.is_none()
+    }
+
+    /// Whether [`Owner::finished`] has a round to answer.
+    pub fn busy(&self) -> bool {
+        matches!(self.relayer, Slot::Busy(_)) || !self.ready.is_empty()
+    }
+
+    /// The next finished round, in the order they were decided; never
+    /// resolves while none is in the relay. Cancel-safe.
+    pub async fn finished(&mut self) -> Result<Finished, Halt> {
+        match self.ready.pop_front() {
+            Some(done) => done,
+            None => self.join().await,
         }
-        Ok(outcomes.into_iter().map(|o| o.expect("every command has an outcome")).collect())
     }
 
-    /// Records `processing` for commands that wait for a retry.
-    pub async fn record_retry(&self, cmd: &IncomingCommand) -> Result<(), String> {
-        let status = Status::Processing { attempt: cmd.attempt };
-        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    /// Starts the relay on `batch`, or queues it behind the round in flight
+    /// (waiting for that one first if a round is queued already).
+    async fn submit(&mut self, batch: Batch) -> Result<(), Halt> {
+        while self.queued.is_some() {
+            let done = self.join().await;
+            let halt = done.as_ref().err().cloned();
+            self.ready.push_back(done);
+            if let Some(halt) = halt {
+                return Err(halt);
+            }
+        }
+        match self.relayer {
+            Slot::Idle(_) => self.start(batch),
+            Slot::Busy(_) => self.queued = Some(batch),
+            Slot::Gone => return Err(Halt::Failed("the relay is gone".into())),
+        }
+        Ok(())
     }
 
-    /// Records the terminal state of a command the consumer dead-lettered.
-    pub async fn record_dead_letter(&self, cmd: &IncomingCommand, reason: &str) -> Result<(), String> {
-        let status = Status::DeadLettered(reason.to_owned());
-        self.backends.operations.record(cmd.op_ref(), &status, Order::default()).await.map_err(|e| e.to_string())
+    fn start(&mut self, batch: Batch) {
+        let Slot::Idle(mut relayer) = std::mem::replace(&mut self.relayer, Slot::Gone) else {
+            unreachable!("started only when idle")
+        };
+        self.relayer = Slot::Busy(tokio::spawn(async move {
+            let result = relayer.finish(&batch.entries, &batch.traces).await;
+            (relayer, batch, result)
+        }));
+    }
+
+    /// Waits for the round in flight, then starts the queued one.
+    async fn join(&mut self) -> Result<Finished, Halt> {
+        let Slot::Busy(task) = &mut self.relayer else { return std::future::pending().await };
+        let joined = task.await;
+        let (relayer, batch, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                self.relayer = Slot::Gone;
+                return Err(Halt::Failed(format!("the relay task ended: {e}")));
+            }
+        };
+        self.relayer = Slot::Idle(relayer);
+        result?;
+        metrics::histogram!("sluice_round_seconds").record(batch.started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_round_commands").record(batch.commands as f64);
+        drop(batch.spans);
+        if let Some(next) = self.queued.take() {
+            self.start(next);
+        }
+        Ok(Finished { round: batch.round, outcomes: batch.outcomes })
+    }
+
+    /// Finishes every round in the relay; their answers wait in `ready`.
+    async fn drain(&mut self) -> Result<(), Halt> {
+        while matches!(self.relayer, Slot::Busy(_)) {
+            let done = self.join().await;
+            let halt = done.as_ref().err().cloned();
+            self.ready.push_back(done);
+            if let Some(halt) = halt {
+                return Err(halt);
+            }
+        }
+        Ok(())
     }
 
     fn parse(&self, cmd: &IncomingCommand) -> Result<(String, A::Command), Outcome> {
@@ -477,7 +669,16 @@ where
         }
         Ok(Ok(()))
     }
+}
 
+impl<A, S, J, O, F> Relayer<A, S, J, O, F>
+where
+    A: Aggregate,
+    S: EventStore,
+    J: Journal,
+    O: OperationStore,
+    F: RelayFactory,
+{
     /// Everything that follows journaled entries, tried until it succeeds:
     /// stream rows, rejections, then the events in one transaction with the
     /// successes recorded before its commit.
@@ -521,37 +722,6 @@ where
     ) -> Result<(), RelayError> {
         let tenant = self.partition.tenant.clone();
         let transient = |e: String| RelayError::Transient(e);
-        // Stream rows: one write per stream, streams at once.
-        let mut by_stream: HashMap<&str, Vec<StoredEvent>> = HashMap::new();
-        for entry in entries {
-            if let Verdict::Appended(events) = &entry.verdict {
-                by_stream.entry(entry.stream_id.as_str()).or_default().extend(events.iter().cloned());
-            }
-        }
-        let writes = by_stream.iter().map(|(stream_id, events)| {
-            let stream = StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id };
-            self.backends.store.write(stream, events)
-        });
-        let writing = std::time::Instant::now();
-        join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>().map_err(|e| transient(e.to_string()))?;
-        stage("stream_rows", writing);
-        self.relay_attempt += 1;
-        let order = Order { epoch: self.epoch, attempt: self.relay_attempt };
-        let rejections: Vec<(&Entry, Status)> = entries
-            .iter()
-            .filter_map(|e| match &e.verdict {
-                Verdict::Rejected(reason) => Some((e, Status::Rejected(reason.clone()))),
-                Verdict::Appended(_) => None,
-            })
-            .collect();
-        join_all(
-            rejections.iter().map(|(e, status)| self.backends.operations.record(entry_op(&tenant, e), status, order)),
-        )
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, _>>()
-        .map_err(|e| transient(e.to_string()))?;
-
         let topic = names::events_topic(&tenant, A::CONTEXT);
         let source = format!("/sluice/{tenant}/{}", A::CONTEXT);
         let mut outgoing = Vec::new();
@@ -575,12 +745,60 @@ where
                 owners.push(entry);
             }
         }
-        if outgoing.is_empty() {
+        self.relay_attempt += 1;
+        let order = Order { epoch: self.epoch, attempt: self.relay_attempt };
+        // Stream rows (one write per stream), rejections and the events go
+        // out at once; nothing is visible before the commit, which waits
+        // for all three.
+        let mut by_stream: HashMap<&str, Vec<StoredEvent>> = HashMap::new();
+        for entry in entries {
+            if let Verdict::Appended(events) = &entry.verdict {
+                by_stream.entry(entry.stream_id.as_str()).or_default().extend(events.iter().cloned());
+            }
+        }
+        let rows = async {
+            let writes = by_stream.iter().map(|(stream_id, events)| {
+                let stream = StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id };
+                self.backends.store.write(stream, events)
+            });
+            let writing = Instant::now();
+            let written = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>();
+            stage("stream_rows", writing);
+            written.map(drop).map_err(|e| e.to_string())
+        };
+        let rejections = async {
+            let rejections = entries.iter().filter_map(|e| match &e.verdict {
+                Verdict::Rejected(reason) => Some((e, Status::Rejected(reason.clone()))),
+                Verdict::Appended(_) => None,
+            });
+            let (operations, tenant) = (&self.backends.operations, &tenant);
+            let records = rejections
+                .map(|(e, status)| async move { operations.record(entry_op(tenant, e), &status, order).await });
+            join_all(records).await.into_iter().collect::<Result<Vec<()>, _>>().map(drop).map_err(|e| e.to_string())
+        };
+        let produce = async {
+            if outgoing.is_empty() {
+                return Ok(Vec::new());
+            }
+            let producing = Instant::now();
+            let produced = self.relay.produce(outgoing).await;
+            stage("produce", producing);
+            produced
+        };
+        let (rows, rejected, produced) = futures::join!(rows, rejections, produce);
+        let positions = match (rows.and(rejected), produced) {
+            (Ok(()), Ok(positions)) => positions,
+            (Err(e), Ok(positions)) => {
+                if !positions.is_empty() {
+                    self.relay.abort().await?;
+                }
+                return Err(transient(e));
+            }
+            (_, Err(e)) => return Err(e),
+        };
+        if owners.is_empty() {
             return Ok(());
         }
-        let producing = std::time::Instant::now();
-        let positions = self.relay.produce(outgoing).await?;
-        stage("produce", producing);
         // The successes are recorded before the commit: a commit that fails
         // is redone, and the redone record (a later order) wins.
         let mut per_entry: Vec<(&Entry, Vec<EventPosition>)> = Vec::new();
@@ -594,14 +812,14 @@ where
             per_entry.into_iter().map(|(entry, positions)| (entry, Status::Succeeded(positions))).collect();
         let operations = &self.backends.operations;
         let writes = statuses.iter().map(|(entry, status)| operations.record(entry_op(&tenant, entry), status, order));
-        let recording = std::time::Instant::now();
+        let recording = Instant::now();
         let recorded = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>();
         stage("record", recording);
         if let Err(e) = recorded {
             self.relay.abort().await?;
             return Err(transient(e.to_string()));
         }
-        let committing = std::time::Instant::now();
+        let committing = Instant::now();
         let committed = self.relay.commit(next).await;
         stage("commit", committing);
         committed
@@ -619,7 +837,7 @@ fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
 }
 
 /// How long a stage of a round took (`sluice_round_stage_seconds`).
-fn stage(name: &'static str, started: std::time::Instant) {
+fn stage(name: &'static str, started: Instant) {
     metrics::histogram!("sluice_round_stage_seconds", "stage" => name).record(started.elapsed().as_secs_f64());
 }
 
@@ -855,8 +1073,28 @@ mod tests {
         PartitionRef { tenant: "acme".into(), context: "orders", partition: 0 }
     }
 
-    async fn owner(b: &Arc<TestBackends>) -> Owner<Orders, Store, MemJournal, Ops, Relays> {
+    type TestOwner = Owner<Orders, Store, MemJournal, Ops, Relays>;
+
+    async fn owner(b: &Arc<TestBackends>) -> TestOwner {
         Owner::take_over(partition(), "p1", b.clone(), CancellationToken::new()).await.expect("taken over")
+    }
+
+    /// Decides a round and waits until it is finished: every outcome.
+    async fn round(owner: &mut TestOwner, commands: &[IncomingCommand]) -> Result<Vec<Outcome>, Halt> {
+        let decided = owner.decide(commands).await?;
+        let mut outcomes = decided.outcomes;
+        if outcomes.iter().any(Option::is_none) {
+            let finished = loop {
+                let finished = owner.finished().await?;
+                if finished.round == decided.round {
+                    break finished;
+                }
+            };
+            let mut answers = finished.outcomes.into_iter();
+            outcomes.iter_mut().filter(|o| o.is_none()).for_each(|o| *o = answers.next());
+            assert!(answers.next().is_none(), "one answer per journaled command");
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("every command answered")).collect())
     }
 
     fn command(id: &str, ty: &str, data: serde_json::Value) -> IncomingCommand {
@@ -890,8 +1128,8 @@ mod tests {
     async fn one_round_decides_a_streams_commands_in_the_order_they_came() {
         let b = backends();
         let mut owner = owner(&b).await;
-        let round = [submit("s1", "o1"), cancel("c1", "o1"), submit("s2", "o2"), submit("s3", "o1")];
-        let outcomes = owner.round(&round).await.unwrap();
+        let commands = [submit("s1", "o1"), cancel("c1", "o1"), submit("s2", "o2"), submit("s3", "o1")];
+        let outcomes = round(&mut owner, &commands).await.unwrap();
         assert_eq!(
             outcomes,
             [
@@ -913,17 +1151,17 @@ mod tests {
     async fn a_command_answered_before_is_answered_again_without_a_second_decision() {
         let b = backends();
         let mut owner = owner(&b).await;
-        owner.round(&[submit("s1", "o1")]).await.unwrap();
+        round(&mut owner, &[submit("s1", "o1")]).await.unwrap();
         // The same delivery in a later round (redelivered) and again with a
         // copy of itself in one round (a client's retry).
-        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(
-            owner.round(&[submit("s2", "o2"), submit("s2", "o2")]).await.unwrap(),
+            round(&mut owner, &[submit("s2", "o2"), submit("s2", "o2")]).await.unwrap(),
             [Outcome::Succeeded, Outcome::AlreadyDone]
         );
         // A new owner knows nothing in memory: the operation record answers.
         let mut next = super::tests::owner(&b).await;
-        assert_eq!(next.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(round(&mut next, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 2, "each event once");
     }
 
@@ -933,7 +1171,7 @@ mod tests {
         b.operations.0.lock().unwrap().insert("op-d1".into(), Status::DeadLettered("gave up".into()));
         let mut owner = owner(&b).await;
         // A redelivered copy under the same operation: answered as settled.
-        assert_eq!(owner.round(&[submit("d1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(round(&mut owner, &[submit("d1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert!(matches!(b.operations.0.lock().unwrap()["op-d1"], Status::DeadLettered(_)));
         assert!(committed(&b).is_empty(), "nothing decided, nothing produced");
         assert!(!b.store.0.lock().unwrap().contains_key("o1"));
@@ -943,11 +1181,11 @@ mod tests {
     async fn an_owner_fenced_by_a_newer_one_journals_and_produces_nothing_more() {
         let b = backends();
         let mut old = owner(&b).await;
-        old.round(&[submit("s1", "o1")]).await.unwrap();
+        round(&mut old, &[submit("s1", "o1")]).await.unwrap();
         let mut new = owner(&b).await;
-        assert!(matches!(old.round(&[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
+        assert!(matches!(round(&mut old, &[submit("s2", "o2")]).await, Err(Halt::Fenced(_))));
         assert_eq!(b.journal.0.lock().unwrap().standing().len(), 1, "the fenced round's entry does not stand");
-        assert_eq!(new.round(&[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(round(&mut new, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 2);
     }
 
@@ -956,7 +1194,7 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         b.relays.0.lock().unwrap().fail = 3;
-        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 1);
         assert_eq!(b.relays.0.lock().unwrap().fail, 0, "it took the retries");
     }
@@ -964,21 +1202,20 @@ mod tests {
     #[tokio::test]
     async fn a_new_owner_finishes_what_the_journal_holds_past_the_relay_position_first() {
         let b = backends();
-        let mut old = owner(&b).await;
-        old.round(&[submit("s1", "o1")]).await.unwrap();
+        let stop = CancellationToken::new();
+        let mut old = Owner::take_over(partition(), "p1", b.clone(), stop.clone()).await.unwrap();
+        round(&mut old, &[submit("s1", "o1")]).await.unwrap();
         // The old owner journals a round and dies before anything else.
         b.relays.0.lock().unwrap().fail = usize::MAX;
-        let stop = CancellationToken::new();
-        old.stop = stop.clone();
         stop.cancel();
-        assert_eq!(old.round(&[cancel("c1", "o1"), submit("s2", "o2")]).await, Err(Halt::Stopped));
+        assert_eq!(round(&mut old, &[cancel("c1", "o1"), submit("s2", "o2")]).await, Err(Halt::Stopped));
         assert_eq!(committed(&b).len(), 1);
         b.relays.0.lock().unwrap().fail = 0;
         let mut new = owner(&b).await;
         assert_eq!(committed(&b).len(), 3, "finished at takeover");
         assert!(b.store.0.lock().unwrap().contains_key("o2"));
         assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(_)));
-        assert_eq!(new.round(&[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(round(&mut new, &[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 3);
     }
 
@@ -987,12 +1224,52 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         b.journal.0.lock().unwrap().lose_answer = true;
-        let outcomes = owner.round(&[submit("s1", "o1")]).await.unwrap();
+        let outcomes = round(&mut owner, &[submit("s1", "o1")]).await.unwrap();
         assert!(matches!(&outcomes[..], [Outcome::Retry(_)]), "{outcomes:?}");
         // The retry finds the decision the lost answer hid.
-        assert_eq!(owner.round(&[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 1);
         assert_eq!(b.journal.0.lock().unwrap().standing().len(), 1, "decided once");
+    }
+
+    #[tokio::test]
+    async fn the_next_round_is_decided_on_the_last_one_while_kafka_still_holds_it() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        let first = owner.decide(&[submit("s1", "o1")]).await.unwrap();
+        let second = owner.decide(&[cancel("c1", "o1"), submit("s2", "o2")]).await.unwrap();
+        assert!(first.outcomes.iter().chain(&second.outcomes).all(Option::is_none), "all journaled, none answered");
+        assert!(!owner.can_decide(), "one round in the relay and one queued behind it");
+        assert!(committed(&b).is_empty());
+        b.relays.0.lock().unwrap().fail = 0;
+        let done = owner.finished().await.unwrap();
+        assert_eq!((done.round, done.outcomes), (first.round, vec![Outcome::Succeeded]));
+        let done = owner.finished().await.unwrap();
+        assert_eq!(done.round, second.round);
+        assert_eq!(done.outcomes, [Outcome::Succeeded, Outcome::Succeeded], "the cancel saw the submit");
+        assert!(!owner.busy());
+        let ids = committed(&b);
+        assert_eq!(ids.len(), 3, "each event once");
+        assert_eq!(b.store.0.lock().unwrap()["o1"].len(), 2);
+        assert_eq!(b.relays.0.lock().unwrap().position, Some(3), "the position covers both rounds");
+    }
+
+    #[tokio::test]
+    async fn a_journal_write_lost_while_a_round_is_in_kafka_waits_for_that_round_before_claiming_again() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        b.relays.0.lock().unwrap().fail = 2;
+        let first = owner.decide(&[submit("s1", "o1")]).await.unwrap();
+        b.journal.0.lock().unwrap().lose_answer = true;
+        let lost = owner.decide(&[cancel("c1", "o1")]).await.unwrap();
+        assert!(matches!(&lost.outcomes[..], [Some(Outcome::Retry(_))]), "{lost:?}");
+        // Claiming again finishes the first round; its answer still comes.
+        let again = owner.decide(&[cancel("c1", "o1")]).await.unwrap();
+        assert_eq!(again.outcomes, [Some(Outcome::AlreadyDone)], "the lost write stood and was finished");
+        let done = owner.finished().await.unwrap();
+        assert_eq!((done.round, done.outcomes), (first.round, vec![Outcome::Succeeded]));
+        assert_eq!(committed(&b).len(), 2);
     }
 
     #[tokio::test]
@@ -1000,7 +1277,7 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         let bad = command("x", "SubmitOrder", json!({"order_id": 5}));
-        let outcomes = owner.round(&[bad, submit("s1", "o1")]).await.unwrap();
+        let outcomes = round(&mut owner, &[bad, submit("s1", "o1")]).await.unwrap();
         assert!(matches!(outcomes[0], Outcome::DeadLetter { class: "malformed_command", .. }));
         assert_eq!(outcomes[1], Outcome::Succeeded);
     }

@@ -5,15 +5,18 @@
 //! partition no other gets its commands; the first delivery makes it take
 //! the partition over (a new ownership epoch, which fences the previous
 //! owner). Deliveries at hand are decided together in one round, in the
-//! order the queue handed them out: the order the edge accepted them. A
-//! command sent back for a retry waits for its backoff in memory, still
-//! unacked; later commands of its stream wait behind it, other streams go on.
+//! order the queue handed them out: the order the edge accepted them. The
+//! next round is decided while the owner's relay finishes the last one
+//! (Kafka, operation records); a round's commands are settled when it is
+//! finished. A command sent back for a retry waits for its backoff in
+//! memory, still unacked; later commands of its stream wait behind it, other
+//! streams go on.
 //!
 //! A dead letter is first published to the DLQ and confirmed by the broker,
 //! and only then is the original acked: a crash in between duplicates,
 //! never loses. Settled deliveries are acked together (`multiple`) up to the
 //! first one still waiting. On stop (shutdown, or the partition moves to
-//! another processor) the round in progress finishes and no other starts;
+//! another processor) the rounds in progress finish and no other starts;
 //! closing the channel hands every unsettled delivery back to the queue, in
 //! order, for the next owner.
 
@@ -41,7 +44,7 @@ use crate::event_store::EventStore;
 use crate::journal::Journal;
 use crate::kafka::RelayFactory;
 use crate::operations::OperationStore;
-use crate::owner::{Backends, Halt, IncomingCommand, Outcome, Owner};
+use crate::owner::{Backends, Finished, Halt, IncomingCommand, Outcome, Owner};
 
 /// Consumer settings (see `ProcessorConfig`).
 #[derive(Debug, Clone)]
@@ -85,6 +88,8 @@ struct Pending {
     attempt: u32,
     /// Waits for its backoff until then.
     not_before: Instant,
+    /// Decided in this round, which the owner's relay is finishing.
+    round: Option<u64>,
 }
 
 /// Consumes one partition queue until `stop`, until the owner is fenced, or
@@ -126,18 +131,32 @@ where
     let mut deliveries = std::pin::pin!(consumer.take_until(stop.clone().cancelled_owned()));
     let mut failure = None;
     'rounds: loop {
-        // Wait for a delivery, or for a retry's backoff to end, unless a
-        // delivery can go now (a later one of a waiting stream cannot).
+        // Wait for a delivery, for a retry's backoff to end or for a round to
+        // be finished, unless a round can be decided now (a delivery behind
+        // a waiting one of its stream cannot).
         let now = Instant::now();
-        if pickable(&pending, now).is_empty() {
+        let can_decide = owner.as_ref().is_none_or(|o| o.can_decide());
+        if !can_decide || pickable(&pending, now).is_empty() {
             let due = pending.iter().map(|p| p.not_before).filter(|&at| at > now).min();
-            tokio::select! {
+            let busy = owner.as_ref().is_some_and(|o| o.busy());
+            let finished = tokio::select! {
                 next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => pending.push_back(ctx.pending(delivery)),
+                    Some(Ok(delivery)) => { pending.push_back(ctx.pending(delivery)); None }
                     Some(Err(e)) => { failure = Some(e); break 'rounds; }
                     None => break 'rounds,
                 },
-                _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => None,
+                done = finished_of(&mut owner), if busy => Some(done),
+            };
+            if let (Some(done), Some(current)) = (finished, &owner) {
+                match done {
+                    Ok(finished) => ctx.settle_finished(current, &mut pending, finished).await,
+                    Err(halt) => {
+                        log_halt(&ctx.queue, &halt);
+                        break;
+                    }
+                }
+                continue;
             }
         }
         // Take whatever else has arrived.
@@ -168,7 +187,7 @@ where
             },
         };
         let picked = pickable(&pending, Instant::now());
-        if picked.is_empty() {
+        if picked.is_empty() || !current.can_decide() {
             continue;
         }
         let commands: Vec<IncomingCommand> = picked
@@ -179,19 +198,27 @@ where
             })
             .collect();
         let span = info_span!("round", queue = %ctx.queue, commands = commands.len());
-        let mut outcomes = match current.round(&commands).instrument(span).await {
-            Ok(outcomes) => outcomes.into_iter(),
+        let decided = match current.decide(&commands).instrument(span).await {
+            Ok(decided) => decided,
             Err(halt) => {
                 log_halt(&ctx.queue, &halt);
                 break;
             }
         };
-        // Settle in order; what waits for a retry stays.
+        // Settle in order what is answered now; what the relay finishes
+        // waits for its round, what waits for a retry stays.
+        let mut outcomes = decided.outcomes.into_iter();
         let mut settled = Vec::new();
         for &index in &picked {
             let p = &mut pending[index];
             let outcome = match &p.command {
-                Ok(_) => outcomes.next().expect("one outcome per command"),
+                Ok(_) => match outcomes.next().expect("one outcome per command") {
+                    Some(outcome) => outcome,
+                    None => {
+                        p.round = Some(decided.round);
+                        continue;
+                    }
+                },
                 Err(reason) => Outcome::DeadLetter { class: "malformed_message", reason: reason.clone() },
             };
             let outcome = match outcome {
@@ -226,27 +253,20 @@ where
             };
             settled.push((index, outcome));
         }
-        let mut done = vec![false; pending.len()];
-        let mut acks = Vec::new();
-        for (index, outcome) in settled {
-            let p = &pending[index];
-            let span = info_span!("settle", queue = %ctx.queue, operation = p.delivery.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or("-"));
-            if ctx.settle(current, p, outcome).instrument(span).await {
-                acks.push(p.delivery.delivery_tag);
-            }
-            done[index] = true;
-        }
-        let mut kept = VecDeque::with_capacity(pending.len());
-        let mut settled_deliveries = Vec::new();
-        for (index, p) in pending.drain(..).enumerate() {
-            if done[index] {
-                settled_deliveries.push(p.delivery);
-            } else {
-                kept.push_back(p);
+        ctx.settle_all(current, &mut pending, settled).await;
+    }
+    // The rounds in the relay finish (on stop, their current try ends). A
+    // failed channel can ack nothing: the next owner finishes them.
+    if let (None, Some(current)) = (&failure, &mut owner) {
+        while current.busy() {
+            match current.finished().await {
+                Ok(finished) => ctx.settle_finished(current, &mut pending, finished).await,
+                Err(halt) => {
+                    log_halt(&ctx.queue, &halt);
+                    break;
+                }
             }
         }
-        pending = kept;
-        ctx.ack(settled_deliveries, &acks, pending.iter().map(|p| p.delivery.delivery_tag).min()).await;
     }
     // What was not settled goes back to the queue with the channel.
     stop.cancel();
@@ -259,9 +279,28 @@ where
     }
 }
 
-/// This round: every delivery whose stream has none waiting before it.
+/// This round: every delivery not in a round yet whose stream has none
+/// waiting for a retry before it (one in a round holds back nothing: its
+/// decision stands).
 fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
-    ready_in_order(pending.iter().map(|p| (p.key.as_str(), p.not_before)), now)
+    let open: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].round.is_none()).collect();
+    let ready = ready_in_order(open.iter().map(|&i| (pending[i].key.as_str(), pending[i].not_before)), now);
+    ready.into_iter().map(|j| open[j]).collect()
+}
+
+/// The next round the owner finishes; never resolves without an owner.
+async fn finished_of<A, S, J, O, F>(owner: &mut Option<Owner<A, S, J, O, F>>) -> Result<Finished, Halt>
+where
+    A: Aggregate,
+    S: EventStore + 'static,
+    J: Journal + 'static,
+    O: OperationStore + 'static,
+    F: RelayFactory + 'static,
+{
+    match owner {
+        Some(owner) => owner.finished().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The indices of the (stream, not before) items that may go at `now`: an
@@ -286,6 +325,7 @@ fn log_halt(queue: &str, halt: &Halt) {
     match halt {
         Halt::Fenced(reason) => warn!(%queue, %reason, "fenced: another processor owns the partition now"),
         Halt::Stopped => {}
+        Halt::Failed(reason) => tracing::error!(%queue, %reason, "the partition's owner failed"),
     }
 }
 
@@ -312,7 +352,65 @@ impl Ctx {
         let command = self.decode(&delivery, &headers, operation_id);
         // A message whose stream cannot be read is on its own.
         let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
-        Pending { delivery, headers, command, key, attempt, not_before: Instant::now() }
+        Pending { delivery, headers, command, key, attempt, not_before: Instant::now(), round: None }
+    }
+
+    /// Settles the commands of a finished round.
+    async fn settle_finished<A, S, J, O, F>(
+        &self,
+        owner: &Owner<A, S, J, O, F>,
+        pending: &mut VecDeque<Pending>,
+        finished: Finished,
+    ) where
+        A: Aggregate,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
+    {
+        let members = (0..pending.len()).filter(|&i| pending[i].round == Some(finished.round));
+        let settled: Vec<(usize, Outcome)> = members.zip(finished.outcomes).collect();
+        self.settle_all(owner, pending, settled).await;
+    }
+
+    /// Settles `settled` (indices into `pending`, with their outcomes),
+    /// takes them out of `pending` and acks them.
+    async fn settle_all<A, S, J, O, F>(
+        &self,
+        owner: &Owner<A, S, J, O, F>,
+        pending: &mut VecDeque<Pending>,
+        settled: Vec<(usize, Outcome)>,
+    ) where
+        A: Aggregate,
+        S: EventStore,
+        J: Journal,
+        O: OperationStore,
+        F: RelayFactory,
+    {
+        if settled.is_empty() {
+            return;
+        }
+        let mut done = vec![false; pending.len()];
+        let mut acks = Vec::new();
+        for (index, outcome) in settled {
+            let p = &pending[index];
+            let span = info_span!("settle", queue = %self.queue, operation = p.delivery.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or("-"));
+            if self.settle(owner, p, outcome).instrument(span).await {
+                acks.push(p.delivery.delivery_tag);
+            }
+            done[index] = true;
+        }
+        let mut kept = VecDeque::with_capacity(pending.len());
+        let mut settled_deliveries = Vec::new();
+        for (index, p) in pending.drain(..).enumerate() {
+            if done[index] {
+                settled_deliveries.push(p.delivery);
+            } else {
+                kept.push_back(p);
+            }
+        }
+        *pending = kept;
+        self.ack(settled_deliveries, &acks, pending.iter().map(|p| p.delivery.delivery_tag).min()).await;
     }
 
     fn decode(
