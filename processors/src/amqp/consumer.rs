@@ -135,8 +135,9 @@ where
         // be finished, unless a round can be decided now (a delivery behind
         // a waiting one of its stream cannot).
         let now = Instant::now();
-        let can_decide = owner.as_ref().is_none_or(|o| o.can_decide());
-        if !can_decide || pickable(&pending, now).is_empty() {
+        let picked = pickable(&pending, now).len();
+        let prefetch = ctx.settings.prefetch;
+        if !owner.as_ref().map_or(picked > 0, |o| may_decide(o.can_decide(), o.busy(), picked, prefetch)) {
             let due = pending.iter().map(|p| p.not_before).filter(|&at| at > now).min();
             let busy = owner.as_ref().is_some_and(|o| o.busy());
             let finished = tokio::select! {
@@ -187,7 +188,7 @@ where
             },
         };
         let picked = pickable(&pending, Instant::now());
-        if picked.is_empty() || !current.can_decide() {
+        if !may_decide(current.can_decide(), current.busy(), picked.len(), ctx.settings.prefetch) {
             continue;
         }
         let commands: Vec<IncomingCommand> = picked
@@ -286,6 +287,14 @@ fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
     let open: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].round.is_none()).collect();
     let ready = ready_in_order(open.iter().map(|&i| (pending[i].key.as_str(), pending[i].not_before)), now);
     ready.into_iter().map(|j| open[j]).collect()
+}
+
+/// Whether a round of `picked` deliveries goes now. While another round is
+/// in the relay, only a round of a quarter of the prefetch or more goes
+/// ahead of it: a smaller one waits and grows, since every round costs a
+/// journal write and a Kafka transaction of its own.
+fn may_decide(can_decide: bool, busy: bool, picked: usize, prefetch: u16) -> bool {
+    picked > 0 && can_decide && (!busy || picked >= usize::from(prefetch).div_ceil(4))
 }
 
 /// The next round the owner finishes; never resolves without an owner.
@@ -589,6 +598,15 @@ pub async fn publish_confirmed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_goes_ahead_of_the_one_in_the_relay_only_when_it_is_big_enough() {
+        assert!(may_decide(true, false, 1, 32), "nothing in the relay: any round goes");
+        assert!(!may_decide(true, true, 7, 32), "a small one waits for the relay");
+        assert!(may_decide(true, true, 8, 32), "a quarter of the prefetch goes ahead");
+        assert!(!may_decide(false, false, 32, 32), "one is queued already");
+        assert!(!may_decide(true, false, 0, 32), "nothing to decide");
+    }
 
     #[test]
     fn a_waiting_command_holds_back_only_its_own_streams_later_ones() {
