@@ -96,12 +96,15 @@ pub trait Journal: Send + Sync {
     ) -> impl Future<Output = Result<Appended, JournalError>> + Send;
     /// Journals `entries` (all or none) for `epoch`, then answers whether
     /// `epoch` is still the partition's: when it is not, the entries may
-    /// stand or not, and the caller may write nothing more.
+    /// stand or not, and the caller may write nothing more. The same write
+    /// notes that entries before `relayed` are relayed (as [`Journal::relayed`]
+    /// does, without trimming).
     fn append(
         &self,
         partition: &PartitionRef,
         epoch: i64,
         entries: &[Entry],
+        relayed: i64,
     ) -> impl Future<Output = Result<Appended, JournalError>> + Send;
     /// Notes that entries before `next` are relayed, and drops those older
     /// than `trim_below`.
@@ -336,11 +339,18 @@ impl Journal for CqlJournal {
         Ok(if applied(result)? { Appended::Applied } else { Appended::Fenced })
     }
 
-    async fn append(&self, partition: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
+    async fn append(
+        &self,
+        partition: &PartitionRef,
+        epoch: i64,
+        entries: &[Entry],
+        relayed: i64,
+    ) -> Result<Appended, JournalError> {
         let (tenant, context, p) = key(partition);
+        let text = |s: &str| Some(CqlValue::Text(s.to_owned()));
         // One partition: the batch is applied whole or not at all.
         let mut batch = Batch::new(BatchType::Unlogged);
-        let mut values = Vec::with_capacity(entries.len());
+        let mut values: Vec<Vec<Option<CqlValue>>> = Vec::with_capacity(entries.len() + 1);
         for entry in entries {
             batch.append_statement(self.insert.clone());
             let (rejection, events) = match &entry.verdict {
@@ -359,23 +369,28 @@ impl Journal for CqlJournal {
                     (None, Some(serde_json::to_string(&journaled).map_err(journal_err)?))
                 }
             };
-            values.push((
-                tenant,
-                context,
-                p,
-                entry.seq,
-                epoch,
-                entry.stream_id.as_str(),
-                entry.command_key.as_str(),
-                entry.operation_id.as_str(),
-                entry.command_type.as_str(),
-                entry.source.as_str(),
-                entry.command_id.as_str(),
-                rejection,
-                events,
-                ENTRY_TTL_S,
-                epoch,
-            ));
+            values.push(vec![
+                text(tenant),
+                text(context),
+                Some(CqlValue::Int(p)),
+                Some(CqlValue::BigInt(entry.seq)),
+                Some(CqlValue::BigInt(epoch)),
+                text(&entry.stream_id),
+                text(&entry.command_key),
+                text(&entry.operation_id),
+                text(&entry.command_type),
+                text(&entry.source),
+                text(&entry.command_id),
+                rejection.map(CqlValue::Text),
+                events.map(CqlValue::Text),
+                Some(CqlValue::Int(ENTRY_TTL_S)),
+                Some(CqlValue::BigInt(epoch)),
+            ]);
+        }
+        if relayed > 0 {
+            batch.append_statement(self.note_relayed.clone());
+            let position = Some(CqlValue::BigInt(relayed));
+            values.push(vec![position.clone(), position, text(tenant), text(context), Some(CqlValue::Int(p))]);
         }
         self.session.batch(&batch, values).await.map_err(journal_err)?;
         // Read after the write: a newer owner that began after this read

@@ -30,6 +30,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -156,6 +157,7 @@ pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     name: String,
     stop: CancellationToken,
     relayer: Slot<A, S, J, O, F>,
+    note: Arc<RelayNote>,
     /// A round decided while another is finished: it goes next.
     queued: Option<Batch>,
     /// Rounds finished while the owner waited for the relay itself.
@@ -199,8 +201,21 @@ struct Relayer<A, S, J, O, F: RelayFactory> {
     relay_attempt: u32,
     /// First journal seq not yet relayed.
     relayed: i64,
+    note: Arc<RelayNote>,
     stop: CancellationToken,
     _context: PhantomData<fn() -> A>,
+}
+
+/// The relay position as the journal notes it (a fallback for Kafka's). A
+/// journal write carries the position of the last finished round, so in a
+/// busy spell the note costs no write of its own; the last round of a spell
+/// notes its own position, so an idle partition's note is exact.
+#[derive(Default)]
+struct RelayNote {
+    /// First journal seq not yet relayed, as of the last finished round.
+    position: AtomicI64,
+    /// A round waits behind the one in the relay: the note is left to it.
+    followed: AtomicBool,
 }
 
 impl<A: Aggregate, S, J, O, F: RelayFactory> Drop for Owner<A, S, J, O, F> {
@@ -263,6 +278,7 @@ where
             };
             match attempt.await {
                 Ok((epoch, relay, position)) => {
+                    let note = Arc::new(RelayNote::default());
                     let relayer = Relayer {
                         partition: partition.clone(),
                         backends: backends.clone(),
@@ -270,6 +286,7 @@ where
                         epoch,
                         relay_attempt: 0,
                         relayed: position.unwrap_or(0),
+                        note: note.clone(),
                         stop: stop.clone(),
                         _context: PhantomData,
                     };
@@ -283,6 +300,7 @@ where
                         name: owner.to_owned(),
                         stop,
                         relayer: Slot::Idle(relayer),
+                        note,
                         queued: None,
                         ready: VecDeque::new(),
                         rounds: 0,
@@ -565,7 +583,10 @@ where
         }
         match self.relayer {
             Slot::Idle(_) => self.start(batch),
-            Slot::Busy(_) => self.queued = Some(batch),
+            Slot::Busy(_) => {
+                self.note.followed.store(true, Ordering::SeqCst);
+                self.queued = Some(batch);
+            }
             Slot::Gone => return Err(Halt::Failed("the relay is gone".into())),
         }
         Ok(())
@@ -575,6 +596,7 @@ where
         let Slot::Idle(mut relayer) = std::mem::replace(&mut self.relayer, Slot::Gone) else {
             unreachable!("started only when idle")
         };
+        self.note.followed.store(false, Ordering::SeqCst);
         self.relayer = Slot::Busy(tokio::spawn(async move {
             let result = relayer.finish(&batch.entries, &batch.traces).await;
             (relayer, batch, result)
@@ -658,7 +680,8 @@ where
                 bytes += entry_size(&entries[end]);
                 end += 1;
             }
-            match self.backends.journal.append(&self.partition, self.epoch, &entries[start..end]).await {
+            let relayed = self.note.position.load(Ordering::SeqCst);
+            match self.backends.journal.append(&self.partition, self.epoch, &entries[start..end], relayed).await {
                 Ok(Appended::Applied) => {}
                 Ok(Appended::Fenced) => {
                     return Err(Halt::Fenced(format!("epoch {} is no longer the partition's", self.epoch)))
@@ -706,7 +729,12 @@ where
         }
         let before = self.relayed;
         self.relayed = self.relayed.max(next);
+        self.note.position.store(self.relayed, Ordering::SeqCst);
         let trim = (self.relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| self.relayed - TRIM_EVERY);
+        if trim.is_none() && self.note.followed.load(Ordering::SeqCst) {
+            // The next round's journal write, or the last round, notes it.
+            return Ok(());
+        }
         if let Err(e) = self.backends.journal.relayed(&self.partition, self.relayed, trim).await {
             // Only a fallback and housekeeping: the position is in Kafka.
             warn!(error = %e, "could not note the relay position in the journal");
@@ -907,6 +935,8 @@ mod tests {
         rows: BTreeMap<i64, (i64, Entry)>,
         first_seqs: BTreeMap<i64, i64>,
         relayed: Option<i64>,
+        /// Relay notes written on their own (not with an append).
+        notes: usize,
         /// The next append is applied but answers an error (a timeout).
         lose_answer: bool,
     }
@@ -944,8 +974,17 @@ mod tests {
             j.first_seqs = crate::journal::first_seqs_to_keep(&j.first_seqs, from, epoch, first);
             Ok(Appended::Applied)
         }
-        async fn append(&self, _: &PartitionRef, epoch: i64, entries: &[Entry]) -> Result<Appended, JournalError> {
+        async fn append(
+            &self,
+            _: &PartitionRef,
+            epoch: i64,
+            entries: &[Entry],
+            relayed: i64,
+        ) -> Result<Appended, JournalError> {
             let mut j = self.0.lock().unwrap();
+            if relayed > 0 {
+                j.relayed = Some(j.relayed.unwrap_or(0).max(relayed));
+            }
             // The epoch is the write timestamp: an older one never wins.
             for e in entries {
                 if j.rows.get(&e.seq).is_none_or(|(by, _)| *by <= epoch) {
@@ -959,6 +998,7 @@ mod tests {
         }
         async fn relayed(&self, _: &PartitionRef, next: i64, _: Option<i64>) -> Result<(), JournalError> {
             let mut j = self.0.lock().unwrap();
+            j.notes += 1;
             j.relayed = Some(j.relayed.unwrap_or(0).max(next));
             Ok(())
         }
@@ -1253,6 +1293,39 @@ mod tests {
         assert_eq!(ids.len(), 3, "each event once");
         assert_eq!(b.store.0.lock().unwrap()["o1"].len(), 2);
         assert_eq!(b.relays.0.lock().unwrap().position, Some(3), "the position covers both rounds");
+    }
+
+    #[tokio::test]
+    async fn a_busy_spell_notes_the_relay_position_with_its_journal_writes_and_its_last_round_notes_its_own() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        let notes = |b: &TestBackends| {
+            let j = b.journal.0.lock().unwrap();
+            (j.notes, j.relayed)
+        };
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        owner.decide(&[submit("s1", "o1")]).await.unwrap();
+        owner.decide(&[submit("s2", "o2")]).await.unwrap();
+        b.relays.0.lock().unwrap().fail = 0;
+        owner.finished().await.unwrap();
+        assert_eq!(notes(&b), (0, None), "the round behind it notes the position");
+        owner.finished().await.unwrap();
+        assert_eq!(notes(&b), (1, Some(2)), "the last round of the spell notes its own");
+        round(&mut owner, &[submit("s3", "o3")]).await.unwrap();
+        assert_eq!(notes(&b), (2, Some(3)), "idle again: exact");
+        // A round decided while another is in the relay carries the
+        // position of the last finished one in its journal write.
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        owner.decide(&[submit("s4", "o4")]).await.unwrap();
+        owner.decide(&[submit("s5", "o5")]).await.unwrap();
+        assert_eq!(notes(&b), (2, Some(3)));
+        b.relays.0.lock().unwrap().fail = 0;
+        owner.finished().await.unwrap();
+        owner.decide(&[submit("s6", "o6")]).await.unwrap();
+        assert_eq!(notes(&b), (2, Some(4)), "s6's journal write noted s4's round");
+        owner.finished().await.unwrap();
+        owner.finished().await.unwrap();
+        assert_eq!(notes(&b), (3, Some(6)));
     }
 
     #[tokio::test]

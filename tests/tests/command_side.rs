@@ -368,13 +368,13 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
 
     let old = journal.claim(&partition, "old").await.unwrap();
     assert_eq!(journal.begin(&partition, old, 0, 0).await.unwrap(), Appended::Applied);
-    assert_eq!(journal.append(&partition, old, &[entry(0, "a"), entry(1, "b")]).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.append(&partition, old, &[entry(0, "a"), entry(1, "b")], 0).await.unwrap(), Appended::Applied);
 
     // A successor claims; before it reads the journal, the old owner (not
     // yet aware) journals seq 2 and is told it is fenced.
     let new = journal.claim(&partition, "new").await.unwrap();
     assert!(new > old);
-    assert_eq!(journal.append(&partition, old, &[entry(2, "c")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(journal.append(&partition, old, &[entry(2, "c")], 0).await.unwrap(), Appended::Fenced);
     // The successor reads seqs 0–2 (2 is its predecessor's to finish) and
     // begins at 3.
     assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c")]));
@@ -382,19 +382,22 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     assert_eq!(journal.begin(&partition, old, 3, 0).await.unwrap(), Appended::Fenced, "only the epoch's holder begins");
 
     // After the successor began, the old owner's entries never stand.
-    assert_eq!(journal.append(&partition, old, &[entry(3, "x"), entry(4, "y")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(journal.append(&partition, old, &[entry(3, "x"), entry(4, "y")], 0).await.unwrap(), Appended::Fenced);
     assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c")]));
-    assert_eq!(journal.append(&partition, new, &[entry(3, "d")]).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.append(&partition, new, &[entry(3, "d")], 3).await.unwrap(), Appended::Applied);
     // The old owner writes seq 3 again after the successor did: the
     // successor's entry stays (its epoch is the newer write timestamp).
-    assert_eq!(journal.append(&partition, old, &[entry(3, "x2")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(journal.append(&partition, old, &[entry(3, "x2")], 1).await.unwrap(), Appended::Fenced);
     assert_eq!(standing().await, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d")]));
+    // A journal write carries the relay position; an older one noted later
+    // never hides it.
+    assert_eq!(journal.relay_note(&partition).await.unwrap(), Some(3));
 
     // A third owner claims; the successor, not yet aware, journals seq 4
     // over the first owner's discarded entry: the third owner reads it
     // before it begins, so it stands (the third owner finishes it).
     let third = journal.claim(&partition, "third").await.unwrap();
-    assert_eq!(journal.append(&partition, new, &[entry(4, "late")]).await.unwrap(), Appended::Fenced);
+    assert_eq!(journal.append(&partition, new, &[entry(4, "late")], 0).await.unwrap(), Appended::Fenced);
     let seen = standing().await;
     assert_eq!(journal.begin(&partition, third, 5, 0).await.unwrap(), Appended::Applied);
     assert_eq!(seen, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "late")]));
