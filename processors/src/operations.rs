@@ -10,6 +10,7 @@
 //! partition owner wins (its [`Order`]), so a fenced owner's late write
 //! never shows.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -92,6 +93,13 @@ pub trait OperationStore: Send + Sync {
         tenant: &str,
         operation_id: &str,
     ) -> impl Future<Output = Result<Option<String>, OperationError>> + Send;
+    /// The recorded status names of those of `operation_ids` that have a
+    /// record (one read for them all).
+    fn statuses(
+        &self,
+        tenant: &str,
+        operation_ids: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, String>, OperationError>> + Send;
     /// Writes the record; `order` ranks terminal statuses (ignored for others).
     fn record(
         &self,
@@ -125,8 +133,12 @@ pub struct CqlOperationStore {
     /// Which processor instance wrote a record (`handled_by`), for ops.
     instance: String,
     select: PreparedStatement,
+    select_many: PreparedStatement,
     upsert: PreparedStatement,
 }
+
+/// Operation ids per multi-partition read.
+const IDS_PER_READ: usize = 64;
 
 fn op_err(e: impl std::fmt::Display) -> OperationError {
     OperationError(e.to_string())
@@ -138,6 +150,10 @@ impl CqlOperationStore {
             .prepare("SELECT status FROM operations WHERE tenant = ? AND operation_id = ?")
             .await
             .map_err(op_err)?;
+        let select_many = session
+            .prepare("SELECT operation_id, status FROM operations WHERE tenant = ? AND operation_id IN ?")
+            .await
+            .map_err(op_err)?;
         let upsert = session
             .prepare(
                 "INSERT INTO operations (tenant, operation_id, status, command_type, source, command_id, \
@@ -146,7 +162,7 @@ impl CqlOperationStore {
             )
             .await
             .map_err(op_err)?;
-        Ok(Self { session, instance: instance.to_owned(), select, upsert })
+        Ok(Self { session, instance: instance.to_owned(), select, select_many, upsert })
     }
 }
 
@@ -156,6 +172,20 @@ impl OperationStore for CqlOperationStore {
         let rows = result.into_rows_result().map_err(op_err)?;
         let row = rows.maybe_first_row::<(Option<String>,)>().map_err(op_err)?;
         Ok(row.and_then(|(status,)| status))
+    }
+
+    async fn statuses(&self, tenant: &str, operation_ids: &[&str]) -> Result<HashMap<String, String>, OperationError> {
+        let reads = operation_ids.chunks(IDS_PER_READ).map(|ids| async move {
+            let result = self.session.execute_unpaged(&self.select_many, (tenant, ids)).await.map_err(op_err)?;
+            let rows = result.into_rows_result().map_err(op_err)?;
+            let found = rows.rows::<(String, Option<String>)>().map_err(op_err)?;
+            found.map(|row| row.map_err(op_err)).collect::<Result<Vec<_>, _>>()
+        });
+        let mut statuses = HashMap::new();
+        for rows in futures::future::try_join_all(reads).await? {
+            statuses.extend(rows.into_iter().filter_map(|(id, status)| Some((id, status?))));
+        }
+        Ok(statuses)
     }
 
     async fn record(&self, op: OperationRef<'_>, status: &Status, order: Order) -> Result<(), OperationError> {

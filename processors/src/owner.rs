@@ -419,11 +419,8 @@ where
             .collect();
         let started = Instant::now();
         let loads = join_all(unknown.iter().map(|s| self.load(s)));
-        let statuses = join_all(
-            parsed
-                .iter()
-                .map(|(i, _, _)| self.backends.operations.status(&commands[*i].tenant, &commands[*i].operation_id)),
-        );
+        let operation_ids: Vec<&str> = parsed.iter().map(|(i, _, _)| commands[*i].operation_id.as_str()).collect();
+        let statuses = self.backends.operations.statuses(&self.partition.tenant, &operation_ids);
         let (loads, statuses) = futures::join!(loads, statuses);
         let mut failed: HashMap<String, String> = HashMap::new();
         if self.streams.len() + unknown.len() > MAX_CACHED_STREAMS {
@@ -443,10 +440,10 @@ where
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut entries = Vec::new();
         let mut entry_of = Vec::new();
-        for ((i, stream_id, command), status) in parsed.into_iter().zip(statuses) {
+        for (i, stream_id, command) in parsed {
             let cmd = &commands[i];
-            let settled = match status {
-                Ok(status) => status.is_some_and(|s| Status::is_settled(&s)),
+            let settled = match &statuses {
+                Ok(statuses) => statuses.get(&cmd.operation_id).is_some_and(|s| Status::is_settled(s)),
                 Err(e) => {
                     // Later commands of the stream must wait for this one.
                     failed.entry(stream_id.clone()).or_insert_with(|| e.to_string());
@@ -1085,6 +1082,10 @@ mod tests {
     impl OperationStore for Ops {
         async fn status(&self, _: &str, operation_id: &str) -> Result<Option<String>, OperationError> {
             Ok(self.0.lock().unwrap().get(operation_id).map(|s| s.name().to_owned()))
+        }
+        async fn statuses(&self, _: &str, ids: &[&str]) -> Result<HashMap<String, String>, OperationError> {
+            let ops = self.0.lock().unwrap();
+            Ok(ids.iter().filter_map(|id| Some(((*id).to_owned(), ops.get(*id)?.name().to_owned()))).collect())
         }
         async fn record(&self, op: OperationRef<'_>, status: &Status, _: Order) -> Result<(), OperationError> {
             let mut ops = self.0.lock().unwrap();

@@ -293,6 +293,13 @@ async fn an_operation_settled_once_stays_settled_whatever_writes_arrive_late() {
     store.record(dead, &Status::DeadLettered("malformed".into()), none).await.unwrap();
     store.record(dead, &Status::Processing { attempt: 1 }, none).await.unwrap();
     assert_eq!(store.status(&tenant.name, "op-dead").await.unwrap().as_deref(), Some("dead_lettered"));
+    // The owner reads a round's records in one go: those that exist.
+    let many: Vec<String> = (0..150).map(|i| format!("op-none-{i}")).collect();
+    let mut ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    ids.extend(["op-late", "op-dead"]);
+    let found = store.statuses(&tenant.name, &ids).await.unwrap();
+    let expected = [("op-dead", "dead_lettered"), ("op-late", "succeeded")];
+    assert_eq!(found, expected.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
