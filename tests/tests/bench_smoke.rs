@@ -96,8 +96,14 @@ async fn quick_bench_writes_a_complete_report() {
     let steps = report["e2e"]["steps"].as_array().expect("e2e steps");
     assert_eq!(steps.len(), 2, "25 and 50 % of the drain maximum");
     let step_figures = |pointer: &str| {
-        for field in ["latency_ms/p50", "latency_ms/p99", "latency_ms/max", "accept_latency_ms/p99", "sent_per_second"]
-        {
+        for field in [
+            "latency_ms/p50",
+            "latency_ms/p99",
+            "latency_ms/max",
+            "accept_latency_ms/p99",
+            "sent_per_second",
+            "kafka_offsets_per_command",
+        ] {
             positive(&report, &format!("{pointer}/{field}"));
         }
         assert!(

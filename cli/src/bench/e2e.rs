@@ -332,6 +332,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let polls = Arc::new(AtomicU64::new(0));
     let keyspace = &bench.settings.cql.keyspace;
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
+    let offsets_before = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let rate = pace.rate.max(0.1);
     let total = (rate * pace.duration.as_secs_f64()).round().max(1.0) as u64;
     let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
@@ -417,6 +418,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     }
     let finished = start.elapsed().as_secs_f64();
     let cql_after = probe::cql_counts(&bench.session, keyspace).await;
+    let offsets_after = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let r = recorder.lock().unwrap_or_else(|e| e.into_inner());
     let floor = Duration::from_micros(if r.after_accept.is_empty() { 0 } else { r.after_accept.min() });
     let sent_per_second = sent as f64 / sending;
@@ -452,6 +454,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
         settle_seconds,
         polls_per_second: polls.load(Ordering::Relaxed) as f64 / finished,
         cql_per_command: per_command(cql_before, cql_after, r.accepted, &bench.settings.projector.name),
+        kafka_offsets_per_command: (offsets_after - offsets_before) as f64 / r.accepted.max(1) as f64,
     };
     Ok((step, floor))
 }

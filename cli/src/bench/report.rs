@@ -214,6 +214,10 @@ pub struct Step {
     /// CQL statements per accepted command during the step, by table, from
     /// the store's own metrics (empty where it has none).
     pub cql_per_command: Vec<TableOps>,
+    /// Offsets the events topic advanced per accepted command during the
+    /// step: its events, and a transaction marker per partition a Kafka
+    /// transaction wrote to (so the fewer commands a round holds, the more).
+    pub kafka_offsets_per_command: f64,
 }
 
 /// CQL reads and writes per command on one table, as the store's
@@ -550,6 +554,17 @@ impl Report {
                 each.join(", ")
             );
         }
+        let offsets: Vec<String> = x
+            .steps
+            .iter()
+            .map(|s| format!("{:.0}/s {:.2}", s.target_per_second, s.kafka_offsets_per_command))
+            .collect();
+        let _ = writeln!(
+            t,
+            "Kafka offsets per command by step (its events, and a transaction marker per partition each round's \
+             transaction wrote to): {}.",
+            offsets.join(" · ")
+        );
 
         let r = &self.reads;
         let _ = writeln!(
