@@ -377,15 +377,33 @@ struct Phases {
     memory: MemoryReport,
 }
 
+/// Drops those of `tables` that exist (a dropped table's pending
+/// compactions are cancelled with it); every table is tried, and the
+/// error is the first table that could not be dropped.
+async fn drop_tables(bench: &Bench, tables: &[String]) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for table in tables {
+        let dropped = bench.session.query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await;
+        if let (Err(e), Ok(())) = (dropped, &first) {
+            first = Err(anyhow::anyhow!("dropping {table}: {e}"));
+        }
+    }
+    first
+}
+
 /// The largest per-phase peak RSS of `who`, MiB.
 fn peak_over_run(phases: &[cpu::PhaseCpu], who: &str) -> f64 {
     phases.iter().flat_map(|p| &p.peak_rss_mib).filter(|(n, _)| n == who).map(|(_, mib)| *mib).fold(0.0, f64::max)
 }
 
 async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Result<Phases> {
+    // Each ceiling's tables go as soon as it is measured: compacting the
+    // rows it wrote would otherwise take a core away from the later phases.
     let raw = raw::run(bench, step).await?;
+    drop_tables(bench, &raw::raw_tables(&bench.settings.projector.name)).await?;
     bench.quiet(step, "the bare hops").await;
     let bare = bare::run(bench, step).await?;
+    drop_tables(bench, &bare::bare_tables(&bench.settings.projector.name)).await?;
 
     let config = ConfigFile::write(&bench.settings)?;
     let logs = out.join("logs");
@@ -529,10 +547,8 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
         (1..=active.max(2)).flat_map(|v| table_names(projection, v, Orders::TABLES)).collect();
     tables.extend(raw::raw_tables(projection));
     tables.extend(bare::bare_tables(projection));
-    for table in &tables {
-        if let Err(e) = bench.session.query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ()).await {
-            problems.push(format!("dropping {table}: {e}"));
-        }
+    if let Err(e) = drop_tables(bench, &tables).await {
+        problems.push(format!("{e:#}"));
     }
     let mut rows = vec![("DELETE FROM projection_versions WHERE projection = ?".to_owned(), None)];
     for v in 1..=active.max(2) {
