@@ -108,7 +108,8 @@ pub struct Plan {
     /// Longest wait for a quiet machine before a measured phase (the
     /// store compacting what the phase before wrote, for one).
     pub quiet_timeout: Duration,
-    /// Keep the run's queues, topics and tables for inspection.
+    /// Keep the run's queues, topics and tables for inspection (not the
+    /// ceilings' scratch tables, dropped once measured).
     pub keep: bool,
 }
 

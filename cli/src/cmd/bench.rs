@@ -59,7 +59,8 @@ pub struct Args {
     /// (waits grow to a tenth of the time waited, at most 100 ms).
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
-    /// Keep the run's queues, topics and tables instead of removing them.
+    /// Keep the run's queues, topics and tables instead of removing them (the
+    /// ceilings' scratch tables go as soon as each ceiling is measured).
     #[arg(long)]
     keep: bool,
     /// Print the report as JSON instead of Markdown.
