@@ -14,14 +14,22 @@
 //! What ends it is what Kafka's own `kafka-transactions.sh abort` does
 //! (KIP-664): a marker written to the partition directly. The requests
 //! involved are not in librdkafka, so this module speaks them itself.
-//! [`find_hanging`] runs when a relay has just fenced its predecessors
-//! (`init_transactions` returned) or aborted its own transaction: then no
-//! transaction of the relay's producer at an older epoch can still be open
-//! anywhere, so one found open on a partition is hanging by definition, and
-//! ending it takes nothing from a live transaction. Whether it ends in a
-//! commit or an abort is the relay's call ([`crate::kafka`]): its records
-//! say which journal entries they carry, and the relay position committed
-//! with the transaction says whether the coordinator committed it.
+//! [`find_hanging`] finds two kinds, neither of which can be a live
+//! transaction, whoever asks and whenever:
+//! - one of the relay's producer at an epoch older than the one its
+//!   coordinator holds while that coordinator has nothing of an older epoch
+//!   left to end: a coordinator moves a producer to a newer epoch only once
+//!   it has ended the older epoch's transaction on every partition it knows;
+//! - one whose producer last wrote to the partition longer ago than a
+//!   transaction may live (its coordinator aborts it by then), whatever its
+//!   producer id: found when the coordinator lost track of the producer
+//!   itself. The caller tells whose it is from its first record.
+//!
+//! A relay asks when it has fenced its predecessors (`init_transactions`
+//! returned), after it aborted, and on a timer, since a partition can come
+//! to hang after the last look. Whether it ends in a commit or an abort is
+//! the relay's call ([`crate::kafka`]): its records say which journal
+//! entries they carry.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,12 +37,14 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, BytesMut};
 use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::describe_producers_request::TopicRequest;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::write_txn_markers_request::{WritableTxnMarker, WritableTxnMarkerTopic};
 use kafka_protocol::messages::{
-    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, ProducerId, RequestHeader,
-    ResponseHeader, TopicName, TransactionalId, WriteTxnMarkersRequest,
+    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, MetadataRequest, ProducerId,
+    RequestHeader, ResponseHeader, TopicName, TransactionalId, WriteTxnMarkersRequest,
 };
 use kafka_protocol::protocol::{encode_request_header_into_buffer, Decodable, HeaderVersion, Request, StrBytes};
+use kafka_protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -115,6 +125,14 @@ pub struct TransactionState {
 /// Asks the coordinator of `transactional_id` for its state (`brokers`: a
 /// bootstrap list; the coordinator is found through the first that answers).
 pub async fn describe_transaction(brokers: &str, transactional_id: &str) -> Result<TransactionState, String> {
+    transaction_state(brokers, transactional_id)
+        .await?
+        .ok_or_else(|| format!("no transaction state for {transactional_id}"))
+}
+
+/// [`describe_transaction`]; `None` for an id the coordinator does not
+/// know (its producer never began, or expired).
+async fn transaction_state(brokers: &str, transactional_id: &str) -> Result<Option<TransactionState>, String> {
     let mut any = connect_any(brokers).await?;
     let found = any
         .send(
@@ -135,12 +153,40 @@ pub async fn describe_transaction(brokers: &str, transactional_id: &str) -> Resu
         )
         .await?;
     let state = described.transaction_states.first().ok_or("no transaction state in the answer")?;
+    if state.error_code.err() == Some(ResponseError::TransactionalIdNotFound) {
+        return Ok(None);
+    }
     kafka_code(state.error_code, "describing the transaction")?;
-    Ok(TransactionState {
+    Ok(Some(TransactionState {
         producer_id: state.producer_id.0,
         producer_epoch: state.producer_epoch,
         state: state.transaction_state.to_string(),
-    })
+    }))
+}
+
+/// Each partition of `topic` with its leader's address.
+pub async fn leaders(brokers: &str, topic: &str) -> Result<BTreeMap<i32, String>, String> {
+    let metadata = connect_any(brokers)
+        .await?
+        .send(
+            MetadataRequest::default()
+                .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(topic_name(topic)))])),
+            12,
+        )
+        .await?;
+    let addresses: BTreeMap<i32, String> =
+        metadata.brokers.iter().map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port))).collect();
+    let mut leaders = BTreeMap::new();
+    for t in &metadata.topics {
+        kafka_code(t.error_code, &format!("reading the metadata of {topic}"))?;
+        for p in &t.partitions {
+            let leader = addresses
+                .get(&p.leader_id.0)
+                .ok_or_else(|| format!("{topic}/{} has no leader now", p.partition_index))?;
+            leaders.insert(p.partition_index, leader.clone());
+        }
+    }
+    Ok(leaders)
 }
 
 async fn connect_any(brokers: &str) -> Result<Broker, String> {
@@ -167,28 +213,32 @@ pub struct Hanging {
     /// The offset of its first record: the partition's last stable offset
     /// until it ends.
     pub first_offset: i64,
+    /// Found by its epoch: a transaction of the relay's own producer. One
+    /// found only by its age may be another relay's.
+    pub by_epoch: bool,
 }
 
-/// The transactions of `transactional_id`'s producer that are open on a
-/// partition of `topic` although its coordinator has moved that producer to
-/// a newer epoch with no transaction open. `leaders` maps each partition of
-/// the topic to its leader's address. Meaningful only right after
-/// `init_transactions` (or an abort) of that id returned, before the next
-/// transaction begins.
+/// The transactions open on a partition of `topic` that are hanging: of
+/// `transactional_id`'s producer at an epoch older than the one its
+/// coordinator has moved it to, or of any producer that last wrote to the
+/// partition more than `stale_after` ago (longer than a transaction may
+/// live: the caller reads their first record to tell whose they are).
 pub async fn find_hanging(
     brokers: &str,
     transactional_id: &str,
     topic: &str,
-    leaders: &BTreeMap<i32, String>,
+    stale_after: Duration,
 ) -> Result<Vec<Hanging>, String> {
-    let current = describe_transaction(brokers, transactional_id).await?;
-    if !matches!(current.state.as_str(), "Empty" | "CompleteCommit" | "CompleteAbort") {
-        // A transaction of a newer owner (this one is fenced) or one still
-        // being ended: nothing here can be told apart from a live one.
-        return Ok(Vec::new());
-    }
+    // An epoch still being ended (`PrepareAbort`, `PrepareCommit`, a fence)
+    // has its transaction open on partitions until its markers are written,
+    // and cannot be told apart from a hanging one by its epoch.
+    let current = transaction_state(brokers, transactional_id)
+        .await?
+        .filter(|c| matches!(c.state.as_str(), "Empty" | "Ongoing" | "CompleteCommit" | "CompleteAbort"));
+    let stale_before = chrono::Utc::now().timestamp_millis() - stale_after.as_millis() as i64;
+    let leaders = leaders(brokers, topic).await?;
     let mut by_leader: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
-    for (partition, leader) in leaders {
+    for (partition, leader) in &leaders {
         by_leader.entry(leader.as_str()).or_default().push(*partition);
     }
     let mut hanging = Vec::new();
@@ -208,8 +258,13 @@ pub async fn find_hanging(
                 &format!("describing the producers of {topic}/{}", partition.partition_index),
             )?;
             for producer in &partition.active_producers {
-                let older = i64::from(producer.producer_epoch) < i64::from(current.producer_epoch);
-                if producer.producer_id.0 == current.producer_id && older && producer.current_txn_start_offset >= 0 {
+                if producer.current_txn_start_offset < 0 {
+                    continue;
+                }
+                let by_epoch = current.as_ref().is_some_and(|c| {
+                    producer.producer_id.0 == c.producer_id && producer.producer_epoch < i32::from(c.producer_epoch)
+                });
+                if by_epoch || producer.last_timestamp < stale_before {
                     hanging.push(Hanging {
                         partition: partition.partition_index,
                         leader: leader.to_owned(),
@@ -217,6 +272,7 @@ pub async fn find_hanging(
                         producer_epoch: producer.producer_epoch as i16,
                         coordinator_epoch: producer.coordinator_epoch,
                         first_offset: producer.current_txn_start_offset,
+                        by_epoch,
                     });
                 }
             }

@@ -12,7 +12,6 @@
 //! Records: key = aggregate id, value = Avro in Confluent wire format,
 //! CloudEvents Kafka-binding headers.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -83,6 +82,9 @@ pub trait Relay: Send + Sync {
     fn commit(&self, next: i64) -> impl Future<Output = Result<(), RelayError>> + Send;
     /// Aborts the open transaction: none of its events becomes visible.
     fn abort(&self) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// The relay position as Kafka holds it now, once no commit of it is
+    /// pending (`None`: never committed). Answers within a few seconds.
+    fn position(&self) -> impl Future<Output = Result<Option<i64>, RelayError>> + Send;
 }
 
 /// Opens relays: one transactional producer per owned partition.
@@ -95,6 +97,11 @@ pub trait RelayFactory: Send + Sync {
         partition: &PartitionRef,
         owner: &str,
     ) -> impl Future<Output = Result<(Self::Relay, Option<i64>), RelayError>> + Send;
+    /// Ends what the partition's relay left hanging ([`crate::hanging`]),
+    /// whoever owns the partition now, or nobody: a partition can come to
+    /// hang after its owner last looked. Best effort (logged); safe beside
+    /// a live owner.
+    fn sweep(&self, partition: &PartitionRef) -> impl Future<Output = ()> + Send;
 }
 
 /// Kafka and the registry.
@@ -118,6 +125,19 @@ pub fn relay_name(partition: &PartitionRef) -> String {
 
 /// How long a transaction call may take before it counts as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Relay::position`] waits for Kafka's answer: it is only a
+/// check before each try, which goes ahead without it.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a relay's transaction may stay open before its coordinator
+/// aborts it (`transaction.timeout.ms`).
+const TXN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// A transaction whose producer last wrote to a partition longer ago than
+/// this is not live, whatever its coordinator says (clocks may differ a
+/// little: the time is the producer's).
+const STALE_AFTER: Duration = Duration::from_secs(90);
 
 fn kafka_err(e: KafkaError) -> RelayError {
     let fenced = match &e {
@@ -158,7 +178,7 @@ impl RelayFactory for KafkaRelays {
             // A round's events are queued together before any is awaited:
             // they batch without waiting for more.
             .set("linger.ms", "0")
-            .set("transaction.timeout.ms", "60000")
+            .set("transaction.timeout.ms", TXN_LIFETIME.as_millis().to_string())
             // A delivery Kafka does not confirm in time fails the
             // transaction, which is aborted and tried again.
             .set("message.timeout.ms", "10000")
@@ -189,7 +209,7 @@ impl RelayFactory for KafkaRelays {
         let group =
             positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
         let topic = names::events_topic(&partition.tenant, partition.context);
-        end_hanging(brokers, &name, &topic, positions.clone(), position).await;
+        end_hanging(brokers, &name, &topic, async { Ok(position) }).await;
         let relay = KafkaRelay {
             producer,
             group: Arc::new(group),
@@ -202,50 +222,69 @@ impl RelayFactory for KafkaRelays {
         };
         Ok((relay, position))
     }
+
+    async fn sweep(&self, partition: &PartitionRef) {
+        let Some(brokers) = self.clusters.brokers_for(&partition.tenant) else { return };
+        let name = relay_name(partition);
+        let topic = names::events_topic(&partition.tenant, partition.context);
+        // Read only if something hangs; a commit in flight makes the stable
+        // read fail, and the next sweep looks again.
+        let relayed = async {
+            let client = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
+            committed_position(client).await
+        };
+        end_hanging(brokers, &name, &topic, relayed).await;
+    }
 }
 
-/// Ends what a predecessor of this relay's producer left open on a
-/// partition of `topic` that its coordinator forgot ([`crate::hanging`]).
-/// `relayed` is the relay position committed so far. A hanging transaction
-/// whose records the position counts as relayed is one the coordinator
-/// committed on its other partitions: it is committed here too. Any other is
-/// aborted: its entries lie past the position, and the journal has them
-/// produced again. Best effort: a failure is logged and looked at again at
-/// the next open or abort; meanwhile the relay works as before, and the
-/// hanging transaction shows as a projection lag that does not shrink.
-async fn end_hanging(brokers: &str, name: &str, topic: &str, client: Arc<BaseConsumer>, relayed: Option<i64>) {
+/// Ends what a producer of relay `name` left open on a partition of
+/// `topic` that its coordinator forgot ([`crate::hanging`]). `relayed` reads
+/// the relay position committed so far (only when something hangs). A
+/// hanging transaction is committed when the coordinator committed it on
+/// its other partitions: the position counts its records as relayed and no
+/// later transaction produced them again. Any other is aborted: its
+/// entries lie past the position, or a later transaction carries them. Best
+/// effort: a failure is logged and looked at again at the next open, abort
+/// or sweep; meanwhile the relay works as before, and the hanging
+/// transaction shows as a projection lag that does not shrink.
+async fn end_hanging(
+    brokers: &str,
+    name: &str,
+    topic: &str,
+    relayed: impl Future<Output = Result<Option<i64>, RelayError>>,
+) {
     let ended = async {
-        let metadata_topic = topic.to_owned();
-        let leaders = blocking(move || {
-            let metadata = client.fetch_metadata(Some(&metadata_topic), TXN_TIMEOUT)?;
-            let addresses: BTreeMap<i32, String> =
-                metadata.brokers().iter().map(|b| (b.id(), format!("{}:{}", b.host(), b.port()))).collect();
-            Ok(metadata
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions())
-                .filter_map(|p| addresses.get(&p.leader()).map(|a| (p.id(), a.clone())))
-                .collect::<BTreeMap<i32, String>>())
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let found = hanging::find_hanging(brokers, name, topic, STALE_AFTER).await?;
+        let mut ours = Vec::new();
+        for hanging in found {
+            let first = first_record(brokers, name, topic, &hanging).await.map_err(|e| e.to_string())?;
+            // One found by its age alone may be another relay's.
+            if hanging.by_epoch || first.ours {
+                ours.push((hanging, first));
+            }
+        }
+        if ours.is_empty() {
+            return Ok(Vec::new());
+        }
+        let relayed = relayed.await.map_err(|e| e.to_string())?;
         let mut ended = Vec::new();
-        for hanging in hanging::find_hanging(brokers, name, topic, &leaders).await? {
-            let seq = first_seq(brokers, name, topic, &hanging).await.map_err(|e| e.to_string())?;
-            let commit = matches!((seq, relayed), (Some(seq), Some(relayed)) if seq < relayed);
+        for (hanging, first) in ours {
+            let counted = matches!((first.seq, relayed), (Some(seq), Some(relayed)) if seq < relayed);
+            let commit = counted && !first.produced_again;
             hanging::end(topic, &hanging, commit).await?;
-            ended.push((hanging, commit, seq));
+            ended.push((hanging, commit, first));
         }
         Ok::<_, String>(ended)
     };
     match ended.await {
         Ok(ended) => {
-            for (h, commit, seq) in ended {
+            for (h, commit, first) in ended {
                 let outcome = if commit { "committed" } else { "aborted" };
                 metrics::counter!("sluice_kafka_hanging_transactions_ended_total", "outcome" => outcome).increment(1);
                 tracing::warn!(
                     relay = %name, %topic, partition = h.partition, producer_id = h.producer_id,
-                    producer_epoch = h.producer_epoch, first_offset = h.first_offset, ?relayed, ?seq, outcome,
+                    producer_epoch = h.producer_epoch, first_offset = h.first_offset, seq = ?first.seq,
+                    produced_again = first.produced_again, outcome,
                     "ended a transaction its coordinator had forgotten (the partition's readers were stuck at its first offset)"
                 );
             }
@@ -254,16 +293,31 @@ async fn end_hanging(brokers: &str, name: &str, topic: &str, client: Arc<BaseCon
     }
 }
 
-/// The journal seq that a hanging transaction's first record carries
-/// (`None`: a record from before the `sluice-seq` header, or another
-/// relay's). One transaction carries the entries of one round or catch-up,
-/// all relayed or none, so its first record speaks for all of them.
-async fn first_seq(
+/// What a hanging transaction's first record says.
+#[derive(Debug)]
+struct FirstRecord {
+    /// It names the relay (`sluice-relay`).
+    ours: bool,
+    /// The journal seq it carries (`None`: a record from before the
+    /// `sluice-seq` header, or another relay's). One transaction carries the
+    /// entries of one round or catch-up, all relayed or none, so its first
+    /// record speaks for all of them.
+    seq: Option<i64>,
+    /// A later record of the partition carries the same entry of the same
+    /// relay: a later transaction produced it again, so this one's
+    /// coordinator did not commit it.
+    produced_again: bool,
+}
+
+/// Reads a hanging transaction's first record, then the partition up to
+/// its end for a later copy of the same entry (records of one entry share
+/// a key, so a copy lands in the same partition).
+async fn first_record(
     brokers: &str,
     name: &str,
     topic: &str,
     hanging: &hanging::Hanging,
-) -> Result<Option<i64>, RelayError> {
+) -> Result<FirstRecord, RelayError> {
     let (brokers, name, topic, partition, first) =
         (brokers.to_owned(), name.to_owned(), topic.to_owned(), hanging.partition, hanging.first_offset);
     blocking(move || {
@@ -273,27 +327,46 @@ async fn first_seq(
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_uncommitted")
             .create()?;
+        let (_, end) = reader.fetch_watermarks(&topic, partition, TXN_TIMEOUT)?;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&topic, partition, Offset::Offset(first))?;
         reader.assign(&assignment)?;
         let deadline = std::time::Instant::now() + TXN_TIMEOUT;
-        let message = loop {
+        let (mut ours, mut seq) = (false, None);
+        let mut next = first;
+        while next < end {
             if std::time::Instant::now() > deadline {
                 return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
             }
-            if let Some(message) = reader.poll(Duration::from_millis(200)) {
-                break message?;
+            let Some(message) = reader.poll(Duration::from_millis(200)) else { continue };
+            let message = message?;
+            next = message.offset() + 1;
+            let header = |key: &str| {
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == key))
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            };
+            if header("sluice-relay").as_deref() != Some(name.as_str()) {
+                if message.offset() == first {
+                    break;
+                }
+                continue;
             }
-        };
-        let header = |key: &str| {
-            message
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == key))
-                .and_then(|h| h.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-        };
-        let ours = message.offset() == first && header("sluice-relay") == Some(name.as_str());
-        Ok(if ours { header("sluice-seq").and_then(|s| s.parse().ok()) } else { None })
+            let this: Option<i64> = header("sluice-seq").and_then(|s| s.parse().ok());
+            if message.offset() == first {
+                ours = true;
+                seq = this;
+                if seq.is_none() {
+                    break;
+                }
+            } else if this.is_some() && this == seq {
+                return Ok(FirstRecord { ours, seq, produced_again: true });
+            }
+        }
+        Ok(FirstRecord { ours, seq, produced_again: false })
     })
     .await
 }
@@ -313,10 +386,15 @@ fn relay_group_client(brokers: &str, name: &str, isolation: &str) -> Result<Base
 /// The relay position committed for the group of `client` (`None`: never
 /// committed). A `read_committed` client asks for a stable one.
 async fn committed_position(client: Arc<BaseConsumer>) -> Result<Option<i64>, RelayError> {
+    committed_position_within(client, TXN_TIMEOUT).await
+}
+
+/// [`committed_position`], waiting at most `timeout`.
+async fn committed_position_within(client: Arc<BaseConsumer>, timeout: Duration) -> Result<Option<i64>, RelayError> {
     let committed = blocking(move || {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(RELAY_TOPIC, 0);
-        client.committed_offsets(tpl, TXN_TIMEOUT)
+        client.committed_offsets(tpl, timeout)
     })
     .await?;
     Ok(committed.find_partition(RELAY_TOPIC, 0).and_then(|e| match e.offset() {
@@ -420,6 +498,10 @@ impl Relay for KafkaRelay {
         self.or_abort(committed).await
     }
 
+    async fn position(&self) -> Result<Option<i64>, RelayError> {
+        committed_position_within(self.positions.clone(), POSITION_TIMEOUT).await
+    }
+
     async fn abort(&self) -> Result<(), RelayError> {
         let producer = self.producer.clone();
         let aborted = blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await;
@@ -432,12 +514,7 @@ impl Relay for KafkaRelay {
             // out): what the coordinator forgot is found as at an open.
             // The position as Kafka has it: a commit whose answer was lost
             // may have gone through.
-            match committed_position(self.positions.clone()).await {
-                Ok(relayed) => {
-                    end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone(), relayed).await
-                }
-                Err(e) => tracing::warn!(relay = %self.name, error = %e, "could not look for hanging transactions"),
-            }
+            end_hanging(&self.brokers, &self.name, &self.topic, committed_position(self.positions.clone())).await;
         }
         aborted
     }

@@ -78,6 +78,10 @@ pub struct ProcessorConfig {
     /// frozen processor's connection, and with it its partitions, is given
     /// up by the broker after about two missed heartbeats.
     pub amqp_heartbeat_s: u16,
+    /// How often each consumed partition's Kafka relay is looked at for a
+    /// transaction its coordinator forgot (default 30 s; see
+    /// `sluice_processors::hanging`).
+    pub hanging_sweep_interval_ms: u64,
     /// How often dead letters are looked at for re-drive (default 60 s).
     pub redrive_interval_ms: u64,
     /// Re-drives of one dead letter at most (default 3; 0 turns it off).
@@ -134,6 +138,7 @@ impl Default for ProcessorConfig {
             membership_ttl_ms: 5_000,
             rebalance_interval_ms: 1_000,
             amqp_heartbeat_s: 5,
+            hanging_sweep_interval_ms: 30_000,
             redrive_interval_ms: 60_000,
             max_redrives: 3,
             topic_partitions: 3,
@@ -382,6 +387,7 @@ async fn run_connected(
         max_attempts: config.max_attempts,
         retry_delays_ms: config.retry_delays_ms.clone(),
         max_redrives: config.max_redrives,
+        hanging_sweep: Duration::from_millis(config.hanging_sweep_interval_ms.max(100)),
         instance: share.instance.to_owned(),
     };
     // Stops this connection's tasks when the role stops or one task ends.

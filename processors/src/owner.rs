@@ -40,7 +40,7 @@ use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::amqp::consumer::PartitionRef;
 use crate::domain::{Aggregate, DomainEvent, Stamp};
@@ -745,8 +745,14 @@ where
         next: i64,
         traces: &HashMap<String, String>,
     ) -> Result<(), RelayError> {
-        let tenant = self.partition.tenant.clone();
         let transient = |e: String| RelayError::Transient(e);
+        let lost = self.lost_in_kafka(entries).await?;
+        let entries: &[Entry] = if lost.is_empty() {
+            entries
+        } else {
+            &lost.into_iter().chain(entries.iter().cloned()).collect::<Vec<_>>()
+        };
+        let tenant = self.partition.tenant.clone();
         let topic = names::events_topic(&tenant, A::CONTEXT);
         let source = format!("/sluice/{tenant}/{}", A::CONTEXT);
         let mut outgoing = Vec::new();
@@ -848,6 +854,56 @@ where
         let committed = self.relay.commit(next).await;
         stage("commit", committing);
         committed
+    }
+}
+
+impl<A, S, J, O, F> Relayer<A, S, J, O, F>
+where
+    A: Aggregate,
+    S: EventStore,
+    J: Journal,
+    O: OperationStore,
+    F: RelayFactory,
+{
+    /// The journaled entries before `entries` that Kafka lost after it had
+    /// acknowledged their transaction's commit, to be relayed again with
+    /// them. Seen after a Kafka restart: a committed transaction's records
+    /// aborted and its relay position with it, while the relay had moved on;
+    /// the next commit would have covered them without carrying them. So
+    /// each try first asks Kafka where the relay stands. Without an answer
+    /// (Kafka down, or a commit pending for long: an orphan one is seen
+    /// after a broker restart) the try goes ahead unchecked, as before.
+    async fn lost_in_kafka(&mut self, entries: &[Entry]) -> Result<Vec<Entry>, RelayError> {
+        let Some(first) = entries.first().map(|e| e.seq) else { return Ok(Vec::new()) };
+        let position = match self.relay.position().await {
+            Ok(Some(position)) => position,
+            Ok(None) => return Ok(Vec::new()),
+            Err(RelayError::Fenced(reason)) => return Err(RelayError::Fenced(reason)),
+            Err(RelayError::Transient(reason)) => {
+                debug!(queue = %self.partition.queue(), %reason, "relay position not read; going ahead unchecked");
+                return Ok(Vec::new());
+            }
+        };
+        if position >= self.relayed {
+            return Ok(Vec::new());
+        }
+        let lost: Vec<Entry> = self
+            .backends
+            .journal
+            .entries_from(&self.partition, position)
+            .await
+            .map_err(|e| RelayError::Transient(e.to_string()))?
+            .into_iter()
+            .filter(|e| e.seq < first)
+            .collect();
+        warn!(
+            queue = %self.partition.queue(), kafka_position = position, relayed = self.relayed, entries = lost.len(),
+            "Kafka lost rounds it had committed; relaying them again"
+        );
+        metrics::counter!("sluice_relay_rounds_lost_in_kafka_total", "tenant" => self.partition.tenant.clone())
+            .increment(1);
+        self.relayed = position;
+        Ok(lost)
     }
 }
 
@@ -1023,6 +1079,8 @@ mod tests {
 
     impl RelayFactory for Relays {
         type Relay = MemRelay;
+        async fn sweep(&self, _: &PartitionRef) {}
+
         async fn open(&self, _: &PartitionRef, _: &str) -> Result<(MemRelay, Option<i64>), RelayError> {
             let mut k = self.0.lock().unwrap();
             k.producers += 1;
@@ -1073,6 +1131,14 @@ mod tests {
         async fn abort(&self) -> Result<(), RelayError> {
             self.kafka.lock().unwrap().staged.clear();
             Ok(())
+        }
+        async fn position(&self) -> Result<Option<i64>, RelayError> {
+            let mut k = self.kafka.lock().unwrap();
+            if k.fail > 0 {
+                k.fail -= 1;
+                return Err(RelayError::Transient("kafka down".into()));
+            }
+            Ok(k.position)
         }
     }
 
@@ -1238,6 +1304,24 @@ mod tests {
         assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 1);
         assert_eq!(b.relays.0.lock().unwrap().fail, 0, "it took the retries");
+    }
+
+    #[tokio::test]
+    async fn a_round_kafka_lost_after_its_commit_is_relayed_again_with_the_next_one() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        // Kafka restarts and aborts the committed transaction, position and all.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.committed.clear();
+            k.position = Some(0);
+        }
+        assert_eq!(round(&mut owner, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 2, "the lost round's event is in Kafka again, with the next round's");
+        assert_eq!(b.relays.0.lock().unwrap().position, Some(2));
+        assert_eq!(round(&mut owner, &[submit("s3", "o3")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 3, "nothing relayed twice once Kafka keeps what it committed");
     }
 
     #[tokio::test]

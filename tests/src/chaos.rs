@@ -121,19 +121,39 @@ async fn restart_server(name: &str) {
     .expect("restart thread");
 }
 
-/// Prints what Kafka's transaction tool finds hanging (a transaction its
-/// coordinator no longer knows, which holds every read_committed consumer
-/// of its partition back): the evidence a failed Kafka check needs.
-fn hanging_transactions() {
-    let out = std::process::Command::new(script("kafka"))
-        .args(["transactions", "find-hanging", "--broker-id", "1"])
-        .output()
-        .expect("kafka.sh transactions");
-    eprintln!(
-        "kafka.sh transactions find-hanging:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Prints what Kafka's transaction tool knows of `topic`'s transactions:
+/// the transactions its coordinators hold, the producers each partition
+/// has open (a partition's open transaction that no coordinator lists is
+/// hanging, and holds every read_committed consumer of it back), and what
+/// the tool itself finds hanging past a minute: the evidence a failed
+/// Kafka check needs.
+fn transactions_of(topic: &str, partitions: i32) {
+    let mut runs: Vec<Vec<String>> = vec![
+        vec!["list".into()],
+        vec!["find-hanging".into(), "--broker-id".into(), "1".into(), "--max-transaction-timeout".into(), "1".into()],
+    ];
+    for p in 0..partitions {
+        runs.push(vec![
+            "describe-producers".into(),
+            "--topic".into(),
+            topic.into(),
+            "--partition".into(),
+            p.to_string(),
+        ]);
+    }
+    for args in runs {
+        let out = std::process::Command::new(script("kafka"))
+            .arg("transactions")
+            .args(&args)
+            .output()
+            .expect("kafka.sh transactions");
+        eprintln!(
+            "kafka.sh transactions {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Makes sure every server is up again, whatever happened (drop guard).
@@ -363,7 +383,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     let deadline = Instant::now() + config.settle_timeout;
     while !crate::caught_up(&settings.kafka.brokers, &group, &topics).await {
         if Instant::now() > deadline {
-            hanging_transactions();
+            transactions_of(&topics[0], settings.processor.topic_partitions);
             panic!("the projection did not catch up within {:?}", config.settle_timeout);
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // between two lag reads
@@ -385,7 +405,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
         eprintln!("{line}");
     }
     if !off.is_empty() {
-        hanging_transactions();
+        transactions_of(&topics[0], settings.processor.topic_partitions);
     }
     summary.kafka_mismatches = off.len() as u64;
 

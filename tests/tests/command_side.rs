@@ -485,25 +485,12 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
 /// journal has its entries produced again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
-    use kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
-    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-    use kafka_protocol::messages::{IncrementalAlterConfigsRequest, ProduceRequest, TopicName, TransactionalId};
-    use kafka_protocol::protocol::StrBytes;
-    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
-    use sluice_processors::amqp::consumer::PartitionRef;
     use sluice_processors::hanging::{self, Broker};
-    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayFactory};
-    use sluice_streams::clusters::{Cluster, Clusters};
+    use sluice_processors::kafka::{Relay, RelayFactory};
 
     require_stack().await;
-    let tenant = TestTenant::new();
-    let settings = test_settings(&[&tenant]);
-    let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
-    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned(), topic.clone()], 3, Default::default()).await.unwrap();
-    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
-    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
-    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
-    let name = kafka::relay_name(&partition);
+    let (relays, partition, topic) = hanging_setup(&TestTenant::new(), 3).await;
+    let name = sluice_processors::kafka::relay_name(&partition);
 
     // An owner relays up to journal seq 3; its producer, as the coordinator knows it.
     let (first, _) = relays.open(&partition, "first").await.unwrap();
@@ -515,72 +502,8 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     // (entry 2: relayed) and 2 (entry 5: not yet), which the coordinator
     // never added to a transaction.
     let mut broker = Broker::connect(KAFKA).await.unwrap();
-    let verification = |value: &'static str| {
-        IncrementalAlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
-            .with_resource_type(4)
-            .with_resource_name(StrBytes::from_static_str("1"))
-            .with_configs(vec![AlterableConfig::default()
-                .with_name(StrBytes::from_static_str("transaction.partition.verification.enable"))
-                .with_config_operation(0)
-                .with_value(Some(StrBytes::from_static_str(value)))])])
-    };
-    let altered = broker.send(verification("false"), 0).await.unwrap();
-    assert!(altered.responses.iter().all(|r| r.error_code == 0), "{altered:?}");
-    let batch = |seq: &str| {
-        let record = Record {
-            transactional: true,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: producer.producer_id,
-            producer_epoch: producer.producer_epoch,
-            timestamp_type: TimestampType::Creation,
-            offset: 0,
-            sequence: 0,
-            timestamp: chrono::Utc::now().timestamp_millis(),
-            key: Some(bytes::Bytes::from(format!("entry-{seq}"))),
-            value: Some(bytes::Bytes::from_static(b"a relayed event")),
-            headers: [
-                (StrBytes::from_static_str("sluice-relay"), Some(bytes::Bytes::from(name.clone()))),
-                (StrBytes::from_static_str("sluice-seq"), Some(bytes::Bytes::from(seq.to_owned()))),
-            ]
-            .into_iter()
-            .collect(),
-        };
-        let mut batch = bytes::BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut batch,
-            [&record],
-            &RecordEncodeOptions { version: 2, compression: Compression::None },
-        )
-        .unwrap();
-        batch.freeze()
-    };
-    let produce = ProduceRequest::default()
-        .with_transactional_id(Some(TransactionalId(StrBytes::from_string(name.clone()))))
-        .with_acks(-1)
-        .with_timeout_ms(10_000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(StrBytes::from_string(topic.clone())))
-            .with_partition_data(vec![
-                PartitionProduceData::default().with_index(1).with_records(Some(batch("2"))),
-                PartitionProduceData::default().with_index(2).with_records(Some(batch("5"))),
-            ])]);
-    // The switch reaches the broker through its metadata log: until then
-    // the records are refused as "not added to the transaction" (48).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let produced = loop {
-        let produced = broker.send(produce.clone(), 9).await.unwrap();
-        let refused = produced.responses[0].partition_responses.iter().any(|p| p.error_code == 48);
-        if !refused || tokio::time::Instant::now() > deadline {
-            break produced;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let restored = broker.send(verification("true"), 0).await.unwrap();
-    assert!(restored.responses.iter().all(|r| r.error_code == 0), "{restored:?}");
-    let written = &produced.responses[0].partition_responses;
-    assert!(written.iter().all(|p| p.error_code == 0), "{produced:?}");
+    let owner = Some((producer.producer_id, producer.producer_epoch));
+    produce_unverified(&mut broker, &topic, &name, owner, &[(1, "2"), (2, "5")]).await;
     drop(first);
     for p in [1, 2] {
         let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
@@ -599,6 +522,315 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     assert!(committed_keys(&topic, 2).await.is_empty(), "aborted: past the relay position");
     second.produce(vec![]).await.unwrap();
     second.commit(4).await.unwrap();
+}
+
+/// A partition can come to hang after its owner last looked (the chaos
+/// test saw readers held for good once, a partition's owner unchanged). The
+/// sweep every consumer of a partition runs ends such a transaction, beside
+/// the owner's live one, which it leaves alone. A forgotten transaction
+/// whose entry a later transaction produced again is aborted even though
+/// the relay position counts that entry: the later copy is the one that
+/// counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_ends_a_transaction_forgotten_after_the_owner_took_over_and_leaves_the_live_one() {
+    use sluice_processors::hanging::{self, Broker};
+    use sluice_processors::kafka::{OutgoingEvent, Relay, RelayFactory};
+    use sluice_schemas::orders::{OrderCancelled, OrderEvent};
+
+    require_stack().await;
+    let (relays, partition, topic) = hanging_setup(&TestTenant::new(), 4).await;
+    let name = sluice_processors::kafka::relay_name(&partition);
+    let (first, _) = relays.open(&partition, "first").await.unwrap();
+    first.produce(vec![]).await.unwrap();
+    first.commit(3).await.unwrap();
+    let older = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+    drop(first);
+
+    // The next owner takes over (nothing hangs yet), relays up to 6, and
+    // has a transaction open on one partition when forgotten records of the
+    // older epoch turn up on the three others: entry 1 (relayed), entry 2
+    // (relayed, but produced again later) and entry 7 (past the position).
+    // (On the live transaction's partition they would be one transaction
+    // with it: the broker tracks one open transaction per producer id.)
+    let (second, _) = relays.open(&partition, "second").await.unwrap();
+    second.produce(vec![]).await.unwrap();
+    second.commit(6).await.unwrap();
+    let cancelled = OrderEvent::Cancelled(OrderCancelled {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        order_id: "live".into(),
+        version: 1,
+        occurred_at: chrono::Utc::now().timestamp_millis(),
+        reason: "a live transaction".into(),
+    });
+    let live = OutgoingEvent {
+        topic: topic.clone(),
+        key: "live".into(),
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_type: cancelled.event_type().into(),
+        source: "/sluice/test".into(),
+        time_ms: chrono::Utc::now().timestamp_millis(),
+        avro: cancelled.to_avro(),
+        traceparent: None,
+        seq: 6,
+    };
+    let live = second.produce(vec![live]).await.unwrap()[0].partition;
+    let others: Vec<i32> = (0..4).filter(|&p| p != live).collect();
+    let mut broker = Broker::connect(KAFKA).await.unwrap();
+    let owner = Some((older.producer_id, older.producer_epoch));
+    let forgotten = [(others[0], "1"), (others[1], "2"), (others[2], "7")];
+    produce_unverified(&mut broker, &topic, &name, owner, &forgotten).await;
+    produce_unverified(&mut broker, &topic, &name, None, &[(others[1], "2")]).await;
+    let mut ends = std::collections::BTreeMap::new();
+    for p in 0..4 {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert!(stable < end, "read_committed readers of partition {p} are held");
+        ends.insert(p, end);
+    }
+
+    relays.sweep(&partition).await;
+    let (stable, _) = stable_and_end(&mut broker, &topic, live).await;
+    assert!(stable < ends[&live], "the live transaction on partition {live} is left open");
+    for &p in &others {
+        let (stable, _) = stable_and_end(&mut broker, &topic, p).await;
+        assert!(stable >= ends[&p], "the forgotten transaction on partition {p} is ended");
+    }
+    second.commit(7).await.unwrap();
+    for p in 0..4 {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert_eq!(stable, end, "nothing holds partition {p} once the owner committed");
+    }
+    assert_eq!(committed_keys(&topic, live).await, ["live"], "the live transaction's record is committed");
+    assert_eq!(committed_keys(&topic, others[0]).await, ["entry-1"], "committed: the relay position counts it");
+    assert_eq!(
+        committed_keys(&topic, others[1]).await,
+        ["entry-2"],
+        "only the later copy: the forgotten one is aborted"
+    );
+    assert!(committed_keys(&topic, others[2]).await.is_empty(), "aborted: past the relay position");
+}
+
+/// A transaction whose producer the coordinator no longer knows at all
+/// (another producer id than the relay's now) is not found by its epoch:
+/// once its producer has not written for longer than a transaction may
+/// live, a sweep ends it if its records are the relay's, and leaves
+/// another relay's to that relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_ends_a_stale_transaction_of_a_producer_id_the_coordinator_lost() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::hanging::Broker;
+    use sluice_processors::kafka::{Relay, RelayFactory};
+
+    require_stack().await;
+    let (relays, partition, topic) = hanging_setup(&TestTenant::new(), 3).await;
+    let name = sluice_processors::kafka::relay_name(&partition);
+    let neighbour = PartitionRef { partition: 1, ..partition.clone() };
+    let neighbour_name = sluice_processors::kafka::relay_name(&neighbour);
+    let (owner, _) = relays.open(&partition, "owner").await.unwrap();
+    owner.produce(vec![]).await.unwrap();
+    owner.commit(3).await.unwrap();
+
+    // Producer ids no coordinator holds any more, last written ten minutes
+    // ago: entry 1 of this relay (relayed) on partition 0, entry 4 of this
+    // relay (not yet) on partition 1, and one of the neighbour relay on
+    // partition 2.
+    let mut broker = Broker::connect(KAFKA).await.unwrap();
+    let long_ago = chrono::Utc::now().timestamp_millis() - 600_000;
+    let lost = 1_000_000_000 + rand_id();
+    produce_unverified_at(&mut broker, &topic, &name, Some((lost, 0)), &[(0, "1"), (1, "4")], long_ago).await;
+    produce_unverified_at(&mut broker, &topic, &neighbour_name, Some((lost + 1, 0)), &[(2, "9")], long_ago).await;
+    for p in 0..3 {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert_eq!(end, stable + 1, "read_committed readers of partition {p} stop at the lost producer's record");
+    }
+
+    relays.sweep(&partition).await;
+    for p in 0..2 {
+        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
+        assert_eq!(stable, end, "this relay's stale transaction on partition {p} is ended");
+    }
+    let (stable, end) = stable_and_end(&mut broker, &topic, 2).await;
+    assert_eq!(end, stable + 1, "the neighbour relay's is left to it");
+    assert_eq!(committed_keys(&topic, 0).await, ["entry-1"], "committed: the relay position counts it");
+    assert!(committed_keys(&topic, 1).await.is_empty(), "aborted: past the relay position");
+
+    relays.sweep(&neighbour).await;
+    let (stable, end) = stable_and_end(&mut broker, &topic, 2).await;
+    assert_eq!(stable, end, "the neighbour relay's sweep ends its own");
+}
+
+/// A producer id unlikely to be one Kafka handed out.
+fn rand_id() -> i64 {
+    i64::from(uuid::Uuid::new_v4().as_fields().0 >> 1)
+}
+
+/// A processor sweeps the relay of every partition it consumes on a timer,
+/// owned or not: a transaction forgotten after the partition's last owner
+/// left is ended though no command ever comes to the partition again (a
+/// partition is taken over only at its first delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_processor_ends_a_forgotten_transaction_of_a_partition_no_command_comes_to() {
+    use sluice_processors::hanging::{self, Broker};
+    use sluice_processors::kafka::{Relay, RelayFactory};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let (relays, partition, topic) = hanging_setup(&tenant, 3).await;
+    let name = sluice_processors::kafka::relay_name(&partition);
+    let (first, _) = relays.open(&partition, "first").await.unwrap();
+    first.produce(vec![]).await.unwrap();
+    first.commit(3).await.unwrap();
+    let older = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+    drop(first);
+    // A later owner came and went; then entry 5 of the first one's epoch
+    // turns up on partition 1, in no transaction its coordinator knows.
+    drop(relays.open(&partition, "second").await.unwrap());
+    let mut broker = Broker::connect(KAFKA).await.unwrap();
+    produce_unverified(&mut broker, &topic, &name, Some((older.producer_id, older.producer_epoch)), &[(1, "5")]).await;
+    let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
+    assert_eq!(end, stable + 1, "read_committed readers of partition 1 stop at the forgotten record");
+
+    let mut settings = test_settings(&[&tenant]);
+    settings.processor.hanging_sweep_interval_ms = 500;
+    let platform = Platform::start(settings, Role::Processor).await;
+    eventually(WAIT, "the forgotten transaction ended", || {
+        let topic = topic.clone();
+        async move {
+            let mut broker = Broker::connect(KAFKA).await.ok()?;
+            let (stable, end) = stable_and_end(&mut broker, &topic, 1).await;
+            (stable == end).then_some(())
+        }
+    })
+    .await;
+    assert!(committed_keys(&topic, 1).await.is_empty(), "aborted: past the relay position");
+    platform.stop().await.unwrap();
+}
+
+/// `tenant`'s orders topic (of `partitions`) and the Kafka relays,
+/// with partition 0 of its orders commands.
+async fn hanging_setup(
+    tenant: &TestTenant,
+    partitions: i32,
+) -> (sluice_processors::kafka::KafkaRelays, sluice_processors::amqp::consumer::PartitionRef, String) {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::kafka::{self, KafkaRelays};
+    use sluice_streams::clusters::{Cluster, Clusters};
+    let settings = test_settings(&[tenant]);
+    let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
+    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned(), topic.clone()], partitions, Default::default())
+        .await
+        .unwrap();
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
+    (relays, partition, topic)
+}
+
+/// Writes one record per (partition, entry seq) of relay `name` to `topic`,
+/// keyed `entry-<seq>`, stamped now: as transactional records of `producer`
+/// (id, epoch) that no coordinator added to a transaction, with the
+/// broker's check that refuses those switched off for the write; or,
+/// without a producer, as plain records.
+async fn produce_unverified(
+    broker: &mut sluice_processors::hanging::Broker,
+    topic: &str,
+    name: &str,
+    producer: Option<(i64, i16)>,
+    records: &[(i32, &str)],
+) {
+    produce_unverified_at(broker, topic, name, producer, records, chrono::Utc::now().timestamp_millis()).await
+}
+
+/// [`produce_unverified`] with the records stamped `written_at` (ms).
+async fn produce_unverified_at(
+    broker: &mut sluice_processors::hanging::Broker,
+    topic: &str,
+    name: &str,
+    producer: Option<(i64, i16)>,
+    records: &[(i32, &str)],
+    written_at: i64,
+) {
+    use kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{IncrementalAlterConfigsRequest, ProduceRequest, TopicName, TransactionalId};
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    let verification = |value: &'static str| {
+        IncrementalAlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(StrBytes::from_static_str("1"))
+            .with_configs(vec![AlterableConfig::default()
+                .with_name(StrBytes::from_static_str("transaction.partition.verification.enable"))
+                .with_config_operation(0)
+                .with_value(Some(StrBytes::from_static_str(value)))])])
+    };
+    let batch = |seq: &str| {
+        let record = Record {
+            transactional: producer.is_some(),
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: producer.map_or(-1, |p| p.0),
+            producer_epoch: producer.map_or(-1, |p| p.1),
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: if producer.is_some() { 0 } else { -1 },
+            timestamp: written_at,
+            key: Some(bytes::Bytes::from(format!("entry-{seq}"))),
+            value: Some(bytes::Bytes::from_static(b"a relayed event")),
+            headers: [
+                (StrBytes::from_static_str("sluice-relay"), Some(bytes::Bytes::from(name.to_owned()))),
+                (StrBytes::from_static_str("sluice-seq"), Some(bytes::Bytes::from(seq.to_owned()))),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut batch = bytes::BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut batch,
+            [&record],
+            &RecordEncodeOptions { version: 2, compression: Compression::None },
+        )
+        .unwrap();
+        batch.freeze()
+    };
+    let produce = ProduceRequest::default()
+        .with_transactional_id(producer.map(|_| TransactionalId(StrBytes::from_string(name.to_owned()))))
+        .with_acks(-1)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+            .with_partition_data(
+                records
+                    .iter()
+                    .map(|(p, seq)| PartitionProduceData::default().with_index(*p).with_records(Some(batch(seq))))
+                    .collect(),
+            )]);
+    if producer.is_none() {
+        let produced = broker.send(produce, 9).await.unwrap();
+        let written = &produced.responses[0].partition_responses;
+        assert!(written.iter().all(|p| p.error_code == 0), "{produced:?}");
+        return;
+    }
+    let altered = broker.send(verification("false"), 0).await.unwrap();
+    assert!(altered.responses.iter().all(|r| r.error_code == 0), "{altered:?}");
+    // The switch reaches the broker through its metadata log: until then
+    // the coordinator's check refuses the records, as "not added to the
+    // transaction" (48), at an epoch it has moved past as "invalid producer
+    // epoch" (47), of a producer id it does not hold for the transactional
+    // id as "invalid producer id mapping" (49).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let produced = loop {
+        let produced = broker.send(produce.clone(), 9).await.unwrap();
+        let refused = produced.responses[0].partition_responses.iter().any(|p| [47, 48, 49].contains(&p.error_code));
+        if !refused || tokio::time::Instant::now() > deadline {
+            break produced;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // the switch propagating
+    };
+    let restored = broker.send(verification("true"), 0).await.unwrap();
+    assert!(restored.responses.iter().all(|r| r.error_code == 0), "{restored:?}");
+    let written = &produced.responses[0].partition_responses;
+    assert!(written.iter().all(|p| p.error_code == 0), "{produced:?}");
 }
 
 /// The keys a `read_committed` reader finds in a partition.

@@ -58,6 +58,9 @@ pub struct ConsumerSettings {
     /// How often a dead letter of a transient class is re-driven by the
     /// processors (`redrive`); until then its operation is not terminal.
     pub max_redrives: u32,
+    /// How often the partition's relay is swept for a transaction its
+    /// coordinator forgot ([`RelayFactory::sweep`]), owned or not.
+    pub hanging_sweep: Duration,
     /// This processor's name: the consumer tag, so the broker (and
     /// `sluice status`) says who holds each partition.
     pub instance: String,
@@ -130,7 +133,17 @@ where
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut deliveries = std::pin::pin!(consumer.take_until(stop.clone().cancelled_owned()));
     let mut failure = None;
+    // Swept beside the rounds, one sweep at a time.
+    let mut sweep_at = Instant::now() + ctx.settings.hanging_sweep;
+    let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     'rounds: loop {
+        if Instant::now() >= sweep_at {
+            if sweeping.as_ref().is_none_or(|s| s.is_finished()) {
+                let (backends, partition) = (backends.clone(), partition.clone());
+                sweeping = Some(tokio::spawn(async move { backends.relays.sweep(&partition).await }));
+            }
+            sweep_at = Instant::now() + ctx.settings.hanging_sweep;
+        }
         // Wait for a delivery, for a retry's backoff to end or for a round to
         // be finished, unless a round can be decided now (a delivery behind
         // a waiting one of its stream cannot).
@@ -147,6 +160,8 @@ where
                     None => break 'rounds,
                 },
                 _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => None,
+                // A sweep is due: swept at the top, nothing taken over.
+                _ = tokio::time::sleep_until(sweep_at) => continue 'rounds,
                 done = finished_of(&mut owner), if busy => Some(done),
             };
             if let (Some(done), Some(current)) = (finished, &owner) {
@@ -268,6 +283,9 @@ where
                 }
             }
         }
+    }
+    if let Some(sweep) = sweeping {
+        sweep.abort();
     }
     // What was not settled goes back to the queue with the channel.
     stop.cancel();
