@@ -218,24 +218,35 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)).await;
     }
     let instance = if config.instance.is_empty() { default_instance() } else { config.instance.clone() };
-    let pipelines = Pipelines {
-        orders: Arc::new(backends_for(infra, &instance, config).await?),
-        patients: Arc::new(backends_for(infra, &instance, config).await?),
-    };
-    let operations = Arc::new(
-        CqlOperationStore::new(infra.session.clone(), &instance)
+    // The CQL store may be restarting too: its statements are prepared once
+    // it answers.
+    let prepare = || async {
+        let pipelines = Pipelines {
+            orders: Arc::new(backends_for(infra, &instance, config).await?),
+            patients: Arc::new(backends_for(infra, &instance, config).await?),
+        };
+        let operations = Arc::new(
+            CqlOperationStore::new(infra.session.clone(), &instance)
+                .await
+                .map_err(|e| ProcessorError::Setup(e.to_string()))?,
+        );
+        let membership = CqlMembership::new(infra.session.clone(), &ownership::group_for(tenants))
             .await
-            .map_err(|e| ProcessorError::Setup(e.to_string()))?,
-    );
-    let membership = CqlMembership::new(infra.session.clone(), &ownership::group_for(tenants))
-        .await
-        .map_err(ProcessorError::Setup)?;
+            .map_err(ProcessorError::Setup)?;
+        Ok::<_, ProcessorError>((pipelines, operations, membership))
+    };
+    let Some((pipelines, operations, membership)) = at_startup("the CQL store", config, &shutdown, prepare).await?
+    else {
+        return Ok(());
+    };
     // One process manager per Kafka cluster, over that cluster's tenants.
     let mut process_managers = Vec::new();
     if config.processes.enabled {
         for cluster in infra.kafka.of(tenants) {
-            let run = run_onboarding(config.processes.clone(), infra, &cluster, instance.clone(), shutdown.clone());
-            process_managers.push(tokio::spawn(run.await?));
+            let start =
+                || run_onboarding(config.processes.clone(), infra, &cluster, instance.clone(), shutdown.clone());
+            let Some(run) = at_startup("the CQL store", config, &shutdown, start).await? else { return Ok(()) };
+            process_managers.push(tokio::spawn(run));
         }
     }
 
@@ -542,6 +553,35 @@ fn default_instance() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// Retries a startup step while a server is briefly unavailable (a
+/// processor restarted during a database restart must come up, not exit),
+/// for at most two minutes; `None` once shut down.
+async fn at_startup<T, F, Fut>(
+    what: &str,
+    config: &ProcessorConfig,
+    shutdown: &CancellationToken,
+    mut step: F,
+) -> Result<Option<T>, ProcessorError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ProcessorError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match step().await {
+            Ok(value) => return Ok(Some(value)),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(error = %e, "{what} unavailable at startup; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_millis(config.reconnect_delay_ms)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn backends_for(infra: &Infra, instance: &str, config: &ProcessorConfig) -> Result<CqlBackends, ProcessorError> {

@@ -201,6 +201,9 @@ struct Relayer<A, S, J, O, F: RelayFactory> {
     relay_attempt: u32,
     /// First journal seq not yet relayed.
     relayed: i64,
+    /// The relay position this owner last committed to Kafka (or found
+    /// there when it took over). Rounds of rejections alone commit nothing.
+    committed: Option<i64>,
     note: Arc<RelayNote>,
     stop: CancellationToken,
     _context: PhantomData<fn() -> A>,
@@ -286,6 +289,7 @@ where
                         epoch,
                         relay_attempt: 0,
                         relayed: position.unwrap_or(0),
+                        committed: position,
                         note: note.clone(),
                         stop: stop.clone(),
                         _context: PhantomData,
@@ -746,7 +750,13 @@ where
         traces: &HashMap<String, String>,
     ) -> Result<(), RelayError> {
         let transient = |e: String| RelayError::Transient(e);
-        let lost = self.lost_in_kafka(entries).await?;
+        let lost = match self.in_kafka(entries, next).await? {
+            // An earlier try's commit went through although its answer was
+            // lost: rows and records were written before it.
+            InKafka::Committed => return Ok(()),
+            InKafka::Lost(lost) => lost,
+            InKafka::AsExpected => Vec::new(),
+        };
         let entries: &[Entry] = if lost.is_empty() {
             entries
         } else {
@@ -853,6 +863,9 @@ where
         let committing = Instant::now();
         let committed = self.relay.commit(next).await;
         stage("commit", committing);
+        if committed.is_ok() {
+            self.committed = Some(next);
+        }
         committed
     }
 }
@@ -865,27 +878,32 @@ where
     O: OperationStore,
     F: RelayFactory,
 {
-    /// The journaled entries before `entries` that Kafka lost after it had
-    /// acknowledged their transaction's commit, to be relayed again with
-    /// them. Seen after a Kafka restart: a committed transaction's records
-    /// aborted and its relay position with it, while the relay had moved on;
-    /// the next commit would have covered them without carrying them. So
-    /// each try first asks Kafka where the relay stands. Without an answer
-    /// (Kafka down, or a commit pending for long: an orphan one is seen
-    /// after a broker restart) the try goes ahead unchecked, as before.
-    async fn lost_in_kafka(&mut self, entries: &[Entry]) -> Result<Vec<Entry>, RelayError> {
-        let Some(first) = entries.first().map(|e| e.seq) else { return Ok(Vec::new()) };
+    /// Where Kafka says the relay stands, before a try of `entries` (up to
+    /// `next`). Kafka may have lost entries before them after it had
+    /// acknowledged their transaction's commit (seen after a Kafka restart:
+    /// a committed transaction's records aborted and its relay position with
+    /// it, while the relay had moved on; the next commit would have covered
+    /// them without carrying them): they are relayed again with these. Or an
+    /// earlier try's commit went through although its answer was lost. So
+    /// each try first asks. Without an answer (Kafka down, or a commit
+    /// pending for long: an orphan one is seen after a broker restart) the
+    /// try goes ahead unchecked.
+    async fn in_kafka(&mut self, entries: &[Entry], next: i64) -> Result<InKafka, RelayError> {
+        let Some(first) = entries.first().map(|e| e.seq) else { return Ok(InKafka::AsExpected) };
         let position = match self.relay.position().await {
             Ok(Some(position)) => position,
-            Ok(None) => return Ok(Vec::new()),
+            Ok(None) => return Ok(InKafka::AsExpected),
             Err(RelayError::Fenced(reason)) => return Err(RelayError::Fenced(reason)),
             Err(RelayError::Transient(reason)) => {
                 debug!(queue = %self.partition.queue(), %reason, "relay position not read; going ahead unchecked");
-                return Ok(Vec::new());
+                return Ok(InKafka::AsExpected);
             }
         };
-        if position >= self.relayed {
-            return Ok(Vec::new());
+        if position >= next {
+            return Ok(InKafka::Committed);
+        }
+        if self.committed.is_none_or(|committed| position >= committed) {
+            return Ok(InKafka::AsExpected);
         }
         let lost: Vec<Entry> = self
             .backends
@@ -897,14 +915,25 @@ where
             .filter(|e| e.seq < first)
             .collect();
         warn!(
-            queue = %self.partition.queue(), kafka_position = position, relayed = self.relayed, entries = lost.len(),
+            queue = %self.partition.queue(), kafka_position = position, committed = ?self.committed, entries = lost.len(),
             "Kafka lost rounds it had committed; relaying them again"
         );
         metrics::counter!("sluice_relay_rounds_lost_in_kafka_total", "tenant" => self.partition.tenant.clone())
             .increment(1);
         self.relayed = position;
-        Ok(lost)
+        self.committed = Some(position);
+        Ok(InKafka::Lost(lost))
     }
+}
+
+/// What Kafka's relay position says about a round about to be tried.
+enum InKafka {
+    /// Where the relay left it.
+    AsExpected,
+    /// Behind: these entries before the round were lost.
+    Lost(Vec<Entry>),
+    /// Past the round: it is committed.
+    Committed,
 }
 
 fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
@@ -1065,6 +1094,8 @@ mod tests {
         staged: Vec<String>,
         position: Option<i64>,
         fail: usize,
+        /// The next commit goes through but its answer is lost.
+        lose_commit_answer: bool,
         /// The producer epoch: an older relay is fenced.
         producers: u32,
     }
@@ -1126,6 +1157,9 @@ mod tests {
             let staged = std::mem::take(&mut k.staged);
             k.committed.extend(staged);
             k.position = Some(next);
+            if std::mem::take(&mut k.lose_commit_answer) {
+                return Err(RelayError::Transient("the commit's answer was lost".into()));
+            }
             Ok(())
         }
         async fn abort(&self) -> Result<(), RelayError> {
@@ -1322,6 +1356,17 @@ mod tests {
         assert_eq!(b.relays.0.lock().unwrap().position, Some(2));
         assert_eq!(round(&mut owner, &[submit("s3", "o3")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 3, "nothing relayed twice once Kafka keeps what it committed");
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_not_produced_again() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        b.relays.0.lock().unwrap().lose_commit_answer = true;
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 1, "in Kafka once");
+        assert_eq!(round(&mut owner, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 2);
     }
 
     #[tokio::test]

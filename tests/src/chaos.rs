@@ -183,6 +183,9 @@ pub async fn run(config: ChaosConfig) -> Summary {
     settings.processor.retry_delays_ms = vec![500, 2_000, 5_000, 10_000];
     settings.processor.max_attempts = 12;
     settings.processor.redrive_interval_ms = 5_000;
+    // A transaction Kafka left hanging is ended within seconds of being
+    // found, not half a minute.
+    settings.processor.hanging_sweep_interval_ms = 5_000;
     settings.processor.prefetch = 16;
     settings.amqp.partitions = 4;
     settings.ingest.rate_limit_per_second = 100_000.0;
@@ -392,8 +395,10 @@ pub async fn run(config: ChaosConfig) -> Summary {
     // Kafka as a data team reads it: each stored event once, in version
     // order per key, nothing else. Read again while something is off, for a
     // while: a late commit only adds what was missing, while a duplicate or
-    // a lost event stays off.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // a lost event stays off. The while covers a transaction Kafka left
+    // hanging whose producer it lost: ended by a sweep once it is older than
+    // a transaction may live (90 s after its last record).
+    let deadline = Instant::now() + Duration::from_secs(120);
     let off = loop {
         let off = crate::orders_off_in_kafka(&tenant, &orders).await;
         if off.is_empty() || Instant::now() > deadline {
