@@ -712,7 +712,7 @@ where
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.try_finish(entries, next, traces).await {
+            match self.try_finish(entries, next, traces, tries > 1).await {
                 Ok(()) => break,
                 Err(RelayError::Fenced(reason)) => return Err(Halt::Fenced(reason)),
                 Err(RelayError::Transient(reason)) => {
@@ -743,14 +743,17 @@ where
         Ok(())
     }
 
+    /// `again`: an earlier try of these entries failed.
     async fn try_finish(
         &mut self,
         entries: &[Entry],
         next: i64,
         traces: &HashMap<String, String>,
+        again: bool,
     ) -> Result<(), RelayError> {
         let transient = |e: String| RelayError::Transient(e);
-        let lost = match self.in_kafka(entries, next).await? {
+        let checked = if again { self.in_kafka(entries, next).await? } else { InKafka::AsExpected };
+        let lost = match checked {
             // An earlier try's commit went through although its answer was
             // lost: rows and records were written before it.
             InKafka::Committed => return Ok(()),
@@ -878,16 +881,18 @@ where
     O: OperationStore,
     F: RelayFactory,
 {
-    /// Where Kafka says the relay stands, before a try of `entries` (up to
-    /// `next`). Kafka may have lost entries before them after it had
+    /// Where Kafka says the relay stands, before another try of `entries`
+    /// (up to `next`). Kafka may have lost entries before them after it had
     /// acknowledged their transaction's commit (seen after a Kafka restart:
-    /// a committed transaction's records aborted and its relay position with
-    /// it, while the relay had moved on; the next commit would have covered
-    /// them without carrying them): they are relayed again with these. Or an
-    /// earlier try's commit went through although its answer was lost. So
-    /// each try first asks. Without an answer (Kafka down, or a commit
-    /// pending for long: an orphan one is seen after a broker restart) the
-    /// try goes ahead unchecked.
+    /// the coordinator forgot the commit, the next round's transaction
+    /// joined the old one, and its abort took both, relay position and all;
+    /// the next commit would have covered them without carrying them): they
+    /// are relayed again with these. Or the earlier try's commit went
+    /// through although its answer was lost. Both show only after a failed
+    /// try (a forgotten commit that is not aborted is committed with the
+    /// next round), so only a try that follows one asks. Without an answer
+    /// (Kafka down, or a commit pending for long: an orphan one is seen
+    /// after a broker restart) the try goes ahead unchecked.
     async fn in_kafka(&mut self, entries: &[Entry], next: i64) -> Result<InKafka, RelayError> {
         let Some(first) = entries.first().map(|e| e.seq) else { return Ok(InKafka::AsExpected) };
         let position = match self.relay.position().await {
@@ -1345,11 +1350,13 @@ mod tests {
         let b = backends();
         let mut owner = owner(&b).await;
         assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
-        // Kafka restarts and aborts the committed transaction, position and all.
+        // Kafka restarts, forgets the commit, and the next round's first
+        // try fails: its abort takes the committed transaction, position and all.
         {
             let mut k = b.relays.0.lock().unwrap();
             k.committed.clear();
             k.position = Some(0);
+            k.fail = 1;
         }
         assert_eq!(round(&mut owner, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 2, "the lost round's event is in Kafka again, with the next round's");
