@@ -264,7 +264,10 @@ pub async fn find_hanging(
                 let by_epoch = current.as_ref().is_some_and(|c| {
                     producer.producer_id.0 == c.producer_id && producer.producer_epoch < i32::from(c.producer_epoch)
                 });
-                if by_epoch || producer.last_timestamp < stale_before {
+                // A producer whose last write time the broker does not know
+                // (-1) is never taken for stale.
+                let stale = (0..stale_before).contains(&producer.last_timestamp);
+                if by_epoch || stale {
                     hanging.push(Hanging {
                         partition: partition.partition_index,
                         leader: leader.to_owned(),
