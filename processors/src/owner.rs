@@ -871,16 +871,7 @@ where
         }
         committed
     }
-}
 
-impl<A, S, J, O, F> Relayer<A, S, J, O, F>
-where
-    A: Aggregate,
-    S: EventStore,
-    J: Journal,
-    O: OperationStore,
-    F: RelayFactory,
-{
     /// Where Kafka says the relay stands, before another try of `entries`
     /// (up to `next`). Kafka may have lost entries before them after it had
     /// acknowledged their transaction's commit (seen after a Kafka restart:

@@ -485,7 +485,7 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
 /// journal has its entries produced again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
-    use sluice_processors::hanging::{self, Broker};
+    use sluice_processors::hanging::Broker;
     use sluice_processors::kafka::{Relay, RelayFactory};
 
     require_stack().await;
@@ -493,10 +493,7 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     let name = sluice_processors::kafka::relay_name(&partition);
 
     // An owner relays up to journal seq 3; its producer, as the coordinator knows it.
-    let (first, _) = relays.open(&partition, "first").await.unwrap();
-    first.produce(vec![]).await.unwrap();
-    first.commit(3).await.unwrap();
-    let producer = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+    let (first, producer) = relayed_to_3(&relays, &partition).await;
 
     // Records of that producer in a transaction on events partitions 1
     // (entry 2: relayed) and 2 (entry 5: not yet), which the coordinator
@@ -533,17 +530,14 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
 /// counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_ends_a_transaction_forgotten_after_the_owner_took_over_and_leaves_the_live_one() {
-    use sluice_processors::hanging::{self, Broker};
+    use sluice_processors::hanging::Broker;
     use sluice_processors::kafka::{OutgoingEvent, Relay, RelayFactory};
     use sluice_schemas::orders::{OrderCancelled, OrderEvent};
 
     require_stack().await;
     let (relays, partition, topic) = hanging_setup(&TestTenant::new(), 4).await;
     let name = sluice_processors::kafka::relay_name(&partition);
-    let (first, _) = relays.open(&partition, "first").await.unwrap();
-    first.produce(vec![]).await.unwrap();
-    first.commit(3).await.unwrap();
-    let older = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+    let (first, older) = relayed_to_3(&relays, &partition).await;
     drop(first);
 
     // The next owner takes over (nothing hangs yet), relays up to 6, and
@@ -669,17 +663,14 @@ fn rand_id() -> i64 {
 /// partition is taken over only at its first delivery).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_processor_ends_a_forgotten_transaction_of_a_partition_no_command_comes_to() {
-    use sluice_processors::hanging::{self, Broker};
-    use sluice_processors::kafka::{Relay, RelayFactory};
+    use sluice_processors::hanging::Broker;
+    use sluice_processors::kafka::RelayFactory;
 
     require_stack().await;
     let tenant = TestTenant::new();
     let (relays, partition, topic) = hanging_setup(&tenant, 3).await;
     let name = sluice_processors::kafka::relay_name(&partition);
-    let (first, _) = relays.open(&partition, "first").await.unwrap();
-    first.produce(vec![]).await.unwrap();
-    first.commit(3).await.unwrap();
-    let older = hanging::describe_transaction(KAFKA, &name).await.unwrap();
+    let (first, older) = relayed_to_3(&relays, &partition).await;
     drop(first);
     // A later owner came and went; then entry 5 of the first one's epoch
     // turns up on partition 1, in no transaction its coordinator knows.
@@ -703,6 +694,20 @@ async fn a_processor_ends_a_forgotten_transaction_of_a_partition_no_command_come
     .await;
     assert!(committed_keys(&topic, 1).await.is_empty(), "aborted: past the relay position");
     platform.stop().await.unwrap();
+}
+
+/// A first owner of `partition`'s relay that relayed up to journal seq 3,
+/// with its producer as the coordinator knows it.
+async fn relayed_to_3(
+    relays: &sluice_processors::kafka::KafkaRelays,
+    partition: &sluice_processors::amqp::consumer::PartitionRef,
+) -> (sluice_processors::kafka::KafkaRelay, sluice_processors::hanging::TransactionState) {
+    use sluice_processors::kafka::{Relay, RelayFactory};
+    let (first, _) = relays.open(partition, "first").await.unwrap();
+    first.produce(vec![]).await.unwrap();
+    first.commit(3).await.unwrap();
+    let name = sluice_processors::kafka::relay_name(partition);
+    (first, sluice_processors::hanging::describe_transaction(KAFKA, &name).await.unwrap())
 }
 
 /// `tenant`'s orders topic (of `partitions`) and the Kafka relays,
