@@ -408,6 +408,14 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     let seen = standing().await;
     assert_eq!(journal.begin(&partition, third, 5, 0).await.unwrap(), Appended::Applied);
     assert_eq!(seen, pairs(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "late")]));
+
+    // The epoch is read back at the first entry written: past trimmed rows
+    // it still reads the partition's epoch, and a fenced owner writing
+    // below the trim (its rows hidden at once) is told it is fenced.
+    journal.relayed(&partition, 5, Some(5)).await.unwrap();
+    assert_eq!(journal.append(&partition, third, &[entry(5, "e")], 5).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.append(&partition, new, &[entry(2, "z")], 0).await.unwrap(), Appended::Fenced);
+    assert_eq!(standing().await, pairs(&[(5, "e")]));
 }
 
 /// A new owner reads the relay position its predecessors committed even
