@@ -31,6 +31,9 @@ use crate::runner::group_of;
 use crate::store::{Offsets, ReadModels};
 use crate::ProjectorConfig;
 
+/// How many times the live projector's batch a replay takes at once.
+const REPLAY_BATCH_FACTOR: usize = 4;
+
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartAt {
@@ -318,7 +321,16 @@ async fn run_version<P: Projection>(
     }
     consumer.assign(&assignment)?;
 
-    let batching = ctx.config.batching();
+    // A replay has the whole backlog before it: batches larger than the
+    // live projector's keep more writes in flight per round trip of reads.
+    let batching = {
+        let live = ctx.config.batching();
+        batch::BatchConfig {
+            max_records: live.max_records * REPLAY_BATCH_FACTOR,
+            max_keys_in_flight: live.max_keys_in_flight * REPLAY_BATCH_FACTOR,
+            ..live
+        }
+    };
     let settling = &settling;
     let began = Instant::now();
     let mut p = Progress::default();

@@ -287,7 +287,7 @@ type Slot<'a> = (&'a str, &'a str, &'a [(&'a str, Cell)], i32);
 pub const ROWS_PER_BATCH: usize = 32;
 
 /// Partitions written at once.
-const PARTITIONS_IN_FLIGHT: usize = 32;
+const PARTITIONS_IN_FLIGHT: usize = 96;
 
 /// A [`Write::Add`] of a record applied in its partition's order, to be
 /// counted in that partition's running total, and where the record is.
