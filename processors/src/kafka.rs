@@ -87,16 +87,28 @@ pub trait Relay: Send + Sync {
     fn position(&self) -> impl Future<Output = Result<Option<i64>, RelayError>> + Send;
 }
 
+/// The relay position a new owner reads from Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPosition {
+    /// `None`: never committed.
+    pub committed: Option<i64>,
+    /// Read past a commit left pending, which may be one whose transaction
+    /// went through on the events (seen after a Kafka restart: the events
+    /// committed, the commit to the relay's group never marked), so the
+    /// position may lag what Kafka holds.
+    pub may_lag: bool,
+}
+
 /// Opens relays: one transactional producer per owned partition.
 pub trait RelayFactory: Send + Sync {
     type Relay: Relay + 'static;
     /// Fences any earlier producer of the partition and returns the new one
-    /// with the committed relay position (`None`: never committed).
+    /// with the committed relay position.
     fn open(
         &self,
         partition: &PartitionRef,
         owner: &str,
-    ) -> impl Future<Output = Result<(Self::Relay, Option<i64>), RelayError>> + Send;
+    ) -> impl Future<Output = Result<(Self::Relay, RelayPosition), RelayError>> + Send;
     /// Ends what the partition's relay left hanging ([`crate::hanging`]),
     /// whoever owns the partition now, or nobody: a partition can come to
     /// hang after its owner last looked. Best effort (logged); safe beside
@@ -164,7 +176,7 @@ async fn blocking<T: Send + 'static>(
 impl RelayFactory for KafkaRelays {
     type Relay = KafkaRelay;
 
-    async fn open(&self, partition: &PartitionRef, owner: &str) -> Result<(KafkaRelay, Option<i64>), RelayError> {
+    async fn open(&self, partition: &PartitionRef, owner: &str) -> Result<(KafkaRelay, RelayPosition), RelayError> {
         let name = relay_name(partition);
         let brokers = self.clusters.brokers_for(&partition.tenant).ok_or_else(|| {
             RelayError::Transient(format!("no Kafka cluster is configured for tenant {}", partition.tenant))
@@ -188,21 +200,23 @@ impl RelayFactory for KafkaRelays {
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
         let positions = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
-        let position = match committed_position(positions.clone()).await {
-            Ok(position) => position,
+        let (position, may_lag) = match committed_position(positions.clone()).await {
+            Ok(position) => (position, false),
             // A stable read waits while any transactional commit of the
             // group is pending. Once `init_transactions` returned, no
-            // transaction of this id is open any more (it ended them all,
-            // markers written), and only this id commits to this group: a
-            // commit still pending is an orphan, one whose request reached
-            // the broker after its transaction had ended (seen after a
-            // broker restart). Its value never counts; the last committed
-            // one does, and this owner's first commit replaces the orphan.
+            // transaction of this id is open any more, and only this id
+            // commits to this group: a commit still pending is one Kafka
+            // never marked (seen after broker restarts), and this owner's
+            // first commit settles it. Its transaction may have committed
+            // the events all the same (seen once: the events marked
+            // committed, the commit to the group never), so the position
+            // read past it may lag; the owner weighs it against the
+            // journal's note.
             Err(RelayError::Transient(stable)) => {
                 let plain = Arc::new(relay_group_client(brokers, &name, "read_uncommitted")?);
                 let position = committed_position(plain).await?;
                 tracing::warn!(relay = %name, ?position, %stable, "relay position read past a pending commit of an ended transaction");
-                position
+                (position, true)
             }
             Err(fenced) => return Err(fenced),
         };
@@ -220,7 +234,7 @@ impl RelayFactory for KafkaRelays {
             codec: self.codec.clone(),
             unaborted: AtomicBool::new(false),
         };
-        Ok((relay, position))
+        Ok((relay, RelayPosition { committed: position, may_lag }))
     }
 
     async fn sweep(&self, partition: &PartitionRef) {

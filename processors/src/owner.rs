@@ -46,7 +46,7 @@ use crate::amqp::consumer::PartitionRef;
 use crate::domain::{Aggregate, DomainEvent, Stamp};
 use crate::event_store::{EventStore, StoredEvent, StreamRef};
 use crate::journal::{Appended, Entry, Journal, Verdict};
-use crate::kafka::{OutgoingEvent, Relay, RelayError, RelayFactory};
+use crate::kafka::{OutgoingEvent, Relay, RelayError, RelayFactory, RelayPosition};
 use crate::operations::{EventPosition, OperationRef, OperationStore, Order, Status};
 
 /// A command as it arrives from the work queue.
@@ -276,11 +276,11 @@ where
             tries += 1;
             let attempt = async {
                 let epoch = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
-                let (relay, position) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
-                Ok::<_, String>((epoch, relay, position))
+                let (relay, opened) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((epoch, relay, opened))
             };
             match attempt.await {
-                Ok((epoch, relay, position)) => {
+                Ok((epoch, relay, opened)) => {
                     let note = Arc::new(RelayNote::default());
                     let relayer = Relayer {
                         partition: partition.clone(),
@@ -288,8 +288,8 @@ where
                         relay,
                         epoch,
                         relay_attempt: 0,
-                        relayed: position.unwrap_or(0),
-                        committed: position,
+                        relayed: opened.committed.unwrap_or(0),
+                        committed: opened.committed,
                         note: note.clone(),
                         stop: stop.clone(),
                         _context: PhantomData,
@@ -311,7 +311,12 @@ where
                     };
                     // A claim and an open of another processor may have
                     // come in between: only the latest claimant begins.
-                    me.catch_up(position.is_some()).await?;
+                    let start = match opened {
+                        RelayPosition { committed: None, .. } => Start::FromNote,
+                        RelayPosition { may_lag: true, .. } => Start::AtLeastNote,
+                        _ => Start::Known,
+                    };
+                    me.catch_up(start).await?;
                     info!(queue = %me.partition.queue(), epoch, next_seq = me.next_seq, "took the partition over");
                     return Ok(me);
                 }
@@ -327,7 +332,7 @@ where
     /// the journal ends and records that this epoch's entries begin there;
     /// forgets cached streams (another owner may have changed them). The
     /// relay is idle.
-    async fn catch_up(&mut self, position_known: bool) -> Result<(), Halt> {
+    async fn catch_up(&mut self, start: Start) -> Result<(), Halt> {
         let Slot::Idle(relayer) = &mut self.relayer else {
             return Err(Halt::Failed("caught up while the relay was busy".into()));
         };
@@ -337,10 +342,12 @@ where
             tries += 1;
             let read = async {
                 let note = self.backends.journal.relay_note(&self.partition).await?;
-                if !position_known && tries == 1 {
-                    // No committed position in Kafka (never relayed, or the
-                    // group's offsets expired): the journal's note stands in.
-                    relayer.relayed = note.unwrap_or(0);
+                if tries == 1 {
+                    match start {
+                        Start::Known => {}
+                        Start::FromNote => relayer.relayed = note.unwrap_or(0),
+                        Start::AtLeastNote => relayer.relayed = relayer.relayed.max(note.unwrap_or(0)),
+                    }
                 }
                 let pending = self.backends.journal.entries_from(&self.partition, relayer.relayed).await?;
                 let next_seq = pending.last().map_or(relayer.relayed, |last| (last.seq + 1).max(relayer.relayed));
@@ -385,7 +392,7 @@ where
             match self.backends.journal.claim(&self.partition, &self.name).await {
                 Ok(epoch) => {
                     self.epoch = epoch;
-                    return self.catch_up(true).await;
+                    return self.catch_up(Start::Known).await;
                 }
                 Err(e) => {
                     warn!(queue = %self.partition.queue(), error = %e, "cannot claim the partition again yet");
@@ -942,6 +949,19 @@ fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
     }
 }
 
+/// Where a take-over's relay position comes from.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// The relayer's position stands.
+    Known,
+    /// Kafka has none (never relayed, or the group's offsets expired): the
+    /// journal's note stands in.
+    FromNote,
+    /// Kafka's was read past a pending commit: the note holds only
+    /// positions whose commit Kafka acknowledged, so it is raised to that.
+    AtLeastNote,
+}
+
 /// How long a stage of a round took (`sluice_round_stage_seconds`).
 fn stage(name: &'static str, started: Instant) {
     metrics::histogram!("sluice_round_stage_seconds", "stage" => name).record(started.elapsed().as_secs_f64());
@@ -1094,6 +1114,8 @@ mod tests {
         lose_commit_answer: bool,
         /// The producer epoch: an older relay is fenced.
         producers: u32,
+        /// The next open reads the position past a pending commit.
+        read_past_pending: bool,
     }
 
     #[derive(Default, Clone)]
@@ -1108,11 +1130,12 @@ mod tests {
         type Relay = MemRelay;
         async fn sweep(&self, _: &PartitionRef) {}
 
-        async fn open(&self, _: &PartitionRef, _: &str) -> Result<(MemRelay, Option<i64>), RelayError> {
+        async fn open(&self, _: &PartitionRef, _: &str) -> Result<(MemRelay, RelayPosition), RelayError> {
             let mut k = self.0.lock().unwrap();
             k.producers += 1;
             k.staged.clear();
-            Ok((MemRelay { kafka: self.0.clone(), producer: k.producers }, k.position))
+            let opened = RelayPosition { committed: k.position, may_lag: k.read_past_pending };
+            Ok((MemRelay { kafka: self.0.clone(), producer: k.producers }, opened))
         }
     }
 
@@ -1385,6 +1408,30 @@ mod tests {
         assert!(matches!(b.operations.0.lock().unwrap()["op-c1"], Status::Succeeded(_)));
         assert_eq!(round(&mut new, &[cancel("c1", "o1")]).await.unwrap(), [Outcome::AlreadyDone]);
         assert_eq!(committed(&b).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_position_read_past_a_pending_commit_is_raised_to_the_journals_note() {
+        let b = backends();
+        let mut old = owner(&b).await;
+        round(&mut old, &[submit("s1", "o1")]).await.unwrap();
+        round(&mut old, &[submit("s2", "o2")]).await.unwrap();
+        drop(old);
+        // The second round's events are committed, its commit to the
+        // relay's group was never marked: the next owner reads the position
+        // the first round committed.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.position = Some(1);
+            k.read_past_pending = true;
+        }
+        owner(&b).await;
+        assert_eq!(committed(&b).len(), 2, "nothing produced again");
+        // Without the doubt, Kafka's position stands (a commit Kafka lost
+        // is relayed again).
+        b.relays.0.lock().unwrap().read_past_pending = false;
+        owner(&b).await;
+        assert_eq!(committed(&b).len(), 3, "the entry past Kafka's position relayed again");
     }
 
     #[tokio::test]

@@ -443,7 +443,7 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
 
     // An owner relays up to journal seq 7.
     let (relay, position) = relays.open(&partition, "first").await.unwrap();
-    assert_eq!(position, None, "a new partition has no position");
+    assert_eq!(position.committed, None, "a new partition has no position");
     relay.produce(vec![]).await.unwrap();
     relay.commit(7).await.unwrap();
 
@@ -471,7 +471,8 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     // The next owner takes over meanwhile: it gets the committed position.
     let (relay, position) =
         tokio::time::timeout(WAIT, relays.open(&partition, "second")).await.expect("open returns").unwrap();
-    assert_eq!(position, Some(7), "the position the first owner committed");
+    assert_eq!(position.committed, Some(7), "the position the first owner committed");
+    assert!(position.may_lag, "read past the pending commit: the owner weighs it against the journal");
     relay.produce(vec![]).await.unwrap();
     relay.commit(9).await.unwrap();
     drop(relay);
@@ -479,7 +480,8 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     // The pending commit ends (aborted); the second owner's position stands.
     tokio::task::spawn_blocking(move || pending.abort_transaction(WAIT).unwrap()).await.unwrap();
     let (_, position) = relays.open(&partition, "third").await.unwrap();
-    assert_eq!(position, Some(9));
+    assert_eq!(position.committed, Some(9));
+    assert!(!position.may_lag);
 }
 
 /// A transaction its coordinator forgot on a partition (seen after a Kafka
@@ -518,7 +520,7 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     // The next owner ends both: readers get past them; the relayed entry's
     // record is readable, the other's is not (it is produced again).
     let (second, position) = relays.open(&partition, "second").await.unwrap();
-    assert_eq!(position, Some(3));
+    assert_eq!(position.committed, Some(3));
     for p in [1, 2] {
         let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
         assert_eq!(stable, end, "the forgotten transaction on partition {p} is ended");
