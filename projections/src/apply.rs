@@ -316,6 +316,11 @@ impl<'x, P: Projection> Settling<'x, P> {
         let mut forget = false;
         let mut made = Made::default();
         for record in records {
+            // A stop is heard between records too: one key's records can
+            // fill a whole batch (a parked key's are dead-lettered one by one).
+            if self.stop.is_cancelled() {
+                return None;
+            }
             let make = || self.applier.rows(record, &known, true);
             let settled = settle_record(&self.applier.dead_letters, record, self.stop, make)
                 .instrument(self.applier.span(record))

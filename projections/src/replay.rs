@@ -356,6 +356,7 @@ async fn run_version<P: Projection>(
             }
         }
         let first = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             m = consumer.recv() => m?.detach(),
             // Everything received is applied: the positions move past the

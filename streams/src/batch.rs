@@ -74,6 +74,7 @@ pub async fn consume<C: ConsumerContext + 'static>(
 ) {
     loop {
         let first = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             message = consumer.recv() => match message {
                 Ok(m) => m.detach(),
