@@ -85,6 +85,13 @@ pub trait Relay: Send + Sync {
     /// The relay position as Kafka holds it now, once no commit of it is
     /// pending (`None`: never committed). Answers within a few seconds.
     fn position(&self) -> impl Future<Output = Result<Option<i64>, RelayError>> + Send;
+    /// One past the highest journal seq among this relay's records that a
+    /// `read_committed` consumer of the events topic sees (`None`: none),
+    /// once every transaction open when it asked has ended. The events
+    /// themselves: the position committed beside them can disagree after a
+    /// Kafka restart (a commit to the relay's group never marked, or lost,
+    /// while the same transaction's events stand).
+    fn relayed_on_topic(&self) -> impl Future<Output = Result<Option<i64>, RelayError>> + Send;
 }
 
 /// The relay position a new owner reads from Kafka.
@@ -352,9 +359,13 @@ async fn first_record(
             if std::time::Instant::now() > deadline {
                 return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
             }
-            let Some(message) = reader.poll(Duration::from_millis(200)) else { continue };
+            let polled = reader.poll(Duration::from_millis(200));
+            // A partition mostly ends with a transaction marker, which no
+            // poll returns: the position moves past it.
+            next = next.max(position_in(&reader, &topic, partition)?);
+            let Some(message) = polled else { continue };
             let message = message?;
-            next = message.offset() + 1;
+            next = next.max(message.offset() + 1);
             let header = |key: &str| {
                 message
                     .headers()
@@ -383,6 +394,95 @@ async fn first_record(
         Ok(FirstRecord { ours, seq, produced_again: false })
     })
     .await
+}
+
+/// How many records [`last_relayed`] reads back from a partition's end at
+/// first; each further look back reads twice as many.
+const SCAN_WINDOW: i64 = 1_000;
+
+/// How long [`last_relayed`] may take.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`Relay::relayed_on_topic`]: reads each partition of `topic` back from
+/// its end (as it was when asked), `read_committed`, a window at a time,
+/// until a window holds records of relay `name`. A relay produces its
+/// entries in seq order, so the highest seq among its latest records on a
+/// partition is the highest there. A partition is read up to that end only
+/// once every transaction open on it then has ended: an error after
+/// [`SCAN_TIMEOUT`] (a hanging one waits for a sweep).
+async fn last_relayed(brokers: &str, name: &str, topic: &str) -> Result<Option<i64>, RelayError> {
+    let (brokers, name, topic) = (brokers.to_owned(), name.to_owned(), topic.to_owned());
+    blocking(move || {
+        let client = |isolation: &str| {
+            ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("{name}.scan"))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", isolation)
+                .create::<BaseConsumer>()
+        };
+        // Ends as written (uncommitted records included) and a reader of
+        // what committed.
+        let (ends, reader) = (client("read_uncommitted")?, client("read_committed")?);
+        let deadline = std::time::Instant::now() + SCAN_TIMEOUT;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        let metadata = ends.fetch_metadata(Some(&topic), left())?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut highest: Option<i64> = None;
+        for partition in partitions {
+            let (low, high) = ends.fetch_watermarks(&topic, partition, left())?;
+            let (mut end, mut window) = (high, SCAN_WINDOW);
+            while end > low {
+                let start = (end - window).max(low);
+                let mut assignment = TopicPartitionList::new();
+                assignment.add_partition_offset(&topic, partition, Offset::Offset(start))?;
+                reader.assign(&assignment)?;
+                let mut found: Option<i64> = None;
+                // The position moves past aborted records and transaction
+                // markers too, but never past a transaction still open.
+                while position_in(&reader, &topic, partition)? < end {
+                    if left().is_zero() {
+                        return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+                    }
+                    let Some(message) = reader.poll(Duration::from_millis(100)) else { continue };
+                    let message = message?;
+                    if message.offset() >= end {
+                        continue;
+                    }
+                    let header = |key: &str| {
+                        message.headers().and_then(|h| h.iter().find(|h| h.key == key)).and_then(|h| h.value)
+                    };
+                    if header("sluice-relay") != Some(name.as_bytes()) {
+                        continue;
+                    }
+                    let seq = header("sluice-seq").and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
+                    if let Some(seq) = seq {
+                        found = Some(found.map_or(seq, |f| f.max(seq)));
+                    }
+                }
+                if let Some(seq) = found {
+                    highest = Some(highest.map_or(seq + 1, |h| h.max(seq + 1)));
+                    break;
+                }
+                end = start;
+                window *= 2;
+            }
+        }
+        Ok(highest)
+    })
+    .await
+}
+
+/// The position of `reader` in one partition it is assigned (0 before it
+/// fetched), past what no poll returns (transaction markers, aborted
+/// records under `read_committed`).
+fn position_in(reader: &BaseConsumer, topic: &str, partition: i32) -> Result<i64, KafkaError> {
+    let position = reader.position()?;
+    Ok(match position.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => o,
+        _ => 0,
+    })
 }
 
 /// A client of a relay's consumer group (never joined: it reads the
@@ -514,6 +614,10 @@ impl Relay for KafkaRelay {
 
     async fn position(&self) -> Result<Option<i64>, RelayError> {
         committed_position_within(self.positions.clone(), POSITION_TIMEOUT).await
+    }
+
+    async fn relayed_on_topic(&self) -> Result<Option<i64>, RelayError> {
+        last_relayed(&self.brokers, &self.name, &self.topic).await
     }
 
     async fn abort(&self) -> Result<(), RelayError> {

@@ -281,6 +281,7 @@ where
             };
             match attempt.await {
                 Ok((epoch, relay, opened)) => {
+                    let on_topic = relay.relayed_on_topic().await.map_err(|e| e.to_string());
                     let note = Arc::new(RelayNote::default());
                     let relayer = Relayer {
                         partition: partition.clone(),
@@ -311,12 +312,7 @@ where
                     };
                     // A claim and an open of another processor may have
                     // come in between: only the latest claimant begins.
-                    let start = match opened {
-                        RelayPosition { committed: None, .. } => Start::FromNote,
-                        RelayPosition { may_lag: true, .. } => Start::AtLeastNote,
-                        _ => Start::Known,
-                    };
-                    me.catch_up(start).await?;
+                    me.catch_up(Some(Start { kafka: opened, on_topic })).await?;
                     info!(queue = %me.partition.queue(), epoch, next_seq = me.next_seq, "took the partition over");
                     return Ok(me);
                 }
@@ -332,7 +328,7 @@ where
     /// the journal ends and records that this epoch's entries begin there;
     /// forgets cached streams (another owner may have changed them). The
     /// relay is idle.
-    async fn catch_up(&mut self, start: Start) -> Result<(), Halt> {
+    async fn catch_up(&mut self, start: Option<Start>) -> Result<(), Halt> {
         let Slot::Idle(relayer) = &mut self.relayer else {
             return Err(Halt::Failed("caught up while the relay was busy".into()));
         };
@@ -342,12 +338,8 @@ where
             tries += 1;
             let read = async {
                 let note = self.backends.journal.relay_note(&self.partition).await?;
-                if tries == 1 {
-                    match start {
-                        Start::Known => {}
-                        Start::FromNote => relayer.relayed = note.unwrap_or(0),
-                        Start::AtLeastNote => relayer.relayed = relayer.relayed.max(note.unwrap_or(0)),
-                    }
+                if let (1, Some(start)) = (tries, &start) {
+                    relayer.relayed = start.position(note, &self.partition);
                 }
                 let pending = self.backends.journal.entries_from(&self.partition, relayer.relayed).await?;
                 let next_seq = pending.last().map_or(relayer.relayed, |last| (last.seq + 1).max(relayer.relayed));
@@ -392,7 +384,7 @@ where
             match self.backends.journal.claim(&self.partition, &self.name).await {
                 Ok(epoch) => {
                     self.epoch = epoch;
-                    return self.catch_up(Start::Known).await;
+                    return self.catch_up(None).await;
                 }
                 Err(e) => {
                     warn!(queue = %self.partition.queue(), error = %e, "cannot claim the partition again yet");
@@ -886,25 +878,45 @@ where
     /// joined the old one, and its abort took both, relay position and all;
     /// the next commit would have covered them without carrying them): they
     /// are relayed again with these. Or the earlier try's commit went
-    /// through although its answer was lost. Both show only after a failed
-    /// try (a forgotten commit that is not aborted is committed with the
-    /// next round), so only a try that follows one asks. Without an answer
-    /// (Kafka down, or a commit pending for long: an orphan one is seen
-    /// after a broker restart) the try goes ahead unchecked.
+    /// through although its answer was lost: the try ends. Both show only
+    /// after a failed try (a forgotten commit that is not aborted is
+    /// committed with the next round), so only a try that follows one
+    /// asks. The events topic has the last word: the commit to the relay's
+    /// group can be lost or left pending while the same transaction's
+    /// events stand. Without the group's answer (Kafka down, or a commit
+    /// pending for long: an orphan one is seen after a broker restart) only
+    /// a round whose events the topic shows is taken as done; otherwise the
+    /// try goes ahead unchecked.
     async fn in_kafka(&mut self, entries: &[Entry], next: i64) -> Result<InKafka, RelayError> {
         let Some(first) = entries.first().map(|e| e.seq) else { return Ok(InKafka::AsExpected) };
-        let position = match self.relay.position().await {
-            Ok(Some(position)) => position,
-            Ok(None) => return Ok(InKafka::AsExpected),
+        let group = match self.relay.position().await {
+            Ok(position) => Ok(position),
+            Err(RelayError::Fenced(reason)) => return Err(RelayError::Fenced(reason)),
+            Err(RelayError::Transient(reason)) => Err(reason),
+        };
+        if matches!(group, Ok(Some(position)) if position >= next) {
+            return Ok(InKafka::Committed);
+        }
+        let on_topic = match self.relay.relayed_on_topic().await {
+            Ok(on_topic) => on_topic,
             Err(RelayError::Fenced(reason)) => return Err(RelayError::Fenced(reason)),
             Err(RelayError::Transient(reason)) => {
+                debug!(queue = %self.partition.queue(), %reason, "the events topic could not tell how far the relay went");
+                None
+            }
+        };
+        if on_topic.is_some_and(|on_topic| on_topic > first) {
+            // The earlier try's transaction committed: its events are there.
+            return Ok(InKafka::Committed);
+        }
+        let position = match group {
+            Ok(Some(position)) => position.max(on_topic.unwrap_or(0)),
+            Ok(None) => return Ok(InKafka::AsExpected),
+            Err(reason) => {
                 debug!(queue = %self.partition.queue(), %reason, "relay position not read; going ahead unchecked");
                 return Ok(InKafka::AsExpected);
             }
         };
-        if position >= next {
-            return Ok(InKafka::Committed);
-        }
         if self.committed.is_none_or(|committed| position >= committed) {
             return Ok(InKafka::AsExpected);
         }
@@ -949,17 +961,39 @@ fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
     }
 }
 
-/// Where a take-over's relay position comes from.
-#[derive(Debug, Clone, Copy)]
-enum Start {
-    /// The relayer's position stands.
-    Known,
-    /// Kafka has none (never relayed, or the group's offsets expired): the
-    /// journal's note stands in.
-    FromNote,
-    /// Kafka's was read past a pending commit: the note holds only
-    /// positions whose commit Kafka acknowledged, so it is raised to that.
-    AtLeastNote,
+/// What a take-over learns of where the relay stands.
+#[derive(Debug)]
+struct Start {
+    /// The position committed to the relay's group.
+    kafka: RelayPosition,
+    /// [`Relay::relayed_on_topic`] (`Err`: it could not tell).
+    on_topic: Result<Option<i64>, String>,
+}
+
+impl Start {
+    /// Where the relay goes on from. Kafka's committed position, or, when
+    /// it has none (never relayed, or the group's offsets expired), the
+    /// journal's note. Raised to what the events topic shows: after a
+    /// Kafka restart the commit to the group can be left pending or lost
+    /// while the same transaction's events stand, and relaying from the
+    /// older position would produce them twice. When the topic cannot tell
+    /// and the position was read past a pending commit, the note stands
+    /// in: it holds only positions whose commit Kafka acknowledged.
+    fn position(&self, note: Option<i64>, partition: &PartitionRef) -> i64 {
+        let kafka = self.kafka.committed.unwrap_or(note.unwrap_or(0));
+        let position = match &self.on_topic {
+            Ok(on_topic) => kafka.max(on_topic.unwrap_or(0)),
+            Err(_) if self.kafka.may_lag => kafka.max(note.unwrap_or(0)),
+            Err(_) => kafka,
+        };
+        if position != kafka || self.on_topic.is_err() {
+            warn!(
+                queue = %partition.queue(), kafka = ?self.kafka, on_topic = ?self.on_topic, ?note, position,
+                "the relay position the group holds is not the one the relay goes on from"
+            );
+        }
+        position
+    }
 }
 
 /// How long a stage of a round took (`sluice_round_stage_seconds`).
@@ -1102,12 +1136,12 @@ mod tests {
         }
     }
 
-    /// Kafka: committed event ids and the committed position; `fail`
-    /// transactions fail before they commit.
+    /// Kafka: committed events (id, journal seq) and the committed
+    /// position; `fail` transactions fail before they commit.
     #[derive(Default)]
     struct Kafka {
-        committed: Vec<String>,
-        staged: Vec<String>,
+        committed: Vec<(String, i64)>,
+        staged: Vec<(String, i64)>,
         position: Option<i64>,
         fail: usize,
         /// The next commit goes through but its answer is lost.
@@ -1116,6 +1150,10 @@ mod tests {
         producers: u32,
         /// The next open reads the position past a pending commit.
         read_past_pending: bool,
+        /// The events topic cannot be read.
+        topic_unreadable: bool,
+        /// The next commit's position is lost (its events stand).
+        lose_group_commit: bool,
     }
 
     #[derive(Default, Clone)]
@@ -1158,7 +1196,7 @@ mod tests {
                 return Err(RelayError::Transient("kafka down".into()));
             }
             let base = k.committed.len() as i64;
-            k.staged = events.iter().map(|e| e.event_id.clone()).collect();
+            k.staged = events.iter().map(|e| (e.event_id.clone(), e.seq)).collect();
             Ok(events
                 .iter()
                 .enumerate()
@@ -1175,7 +1213,9 @@ mod tests {
             self.check(&k)?;
             let staged = std::mem::take(&mut k.staged);
             k.committed.extend(staged);
-            k.position = Some(next);
+            if !std::mem::take(&mut k.lose_group_commit) {
+                k.position = Some(next);
+            }
             if std::mem::take(&mut k.lose_commit_answer) {
                 return Err(RelayError::Transient("the commit's answer was lost".into()));
             }
@@ -1192,6 +1232,13 @@ mod tests {
                 return Err(RelayError::Transient("kafka down".into()));
             }
             Ok(k.position)
+        }
+        async fn relayed_on_topic(&self) -> Result<Option<i64>, RelayError> {
+            let k = self.kafka.lock().unwrap();
+            if k.topic_unreadable {
+                return Err(RelayError::Transient("events topic unreadable".into()));
+            }
+            Ok(k.committed.iter().map(|(_, seq)| seq + 1).max())
         }
     }
 
@@ -1281,7 +1328,7 @@ mod tests {
     }
 
     fn committed(b: &TestBackends) -> Vec<String> {
-        b.relays.0.lock().unwrap().committed.clone()
+        b.relays.0.lock().unwrap().committed.iter().map(|(id, _)| id.clone()).collect()
     }
 
     #[tokio::test]
@@ -1411,27 +1458,70 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_position_read_past_a_pending_commit_is_raised_to_the_journals_note() {
+    async fn a_take_over_goes_on_from_the_events_kafka_holds_whatever_the_relay_position_says() {
         let b = backends();
         let mut old = owner(&b).await;
         round(&mut old, &[submit("s1", "o1")]).await.unwrap();
         round(&mut old, &[submit("s2", "o2")]).await.unwrap();
         drop(old);
         // The second round's events are committed, its commit to the
-        // relay's group was never marked: the next owner reads the position
-        // the first round committed.
+        // relay's group was never marked (or was lost): the next owner
+        // reads the position the first round committed.
+        b.relays.0.lock().unwrap().position = Some(1);
+        owner(&b).await;
+        assert_eq!(committed(&b).len(), 2, "nothing produced again");
+        // The events went with the position: relayed again.
         {
             let mut k = b.relays.0.lock().unwrap();
             k.position = Some(1);
+            k.committed.truncate(1);
+        }
+        owner(&b).await;
+        assert_eq!(committed(&b).len(), 2, "the lost entry relayed again");
+        // The topic cannot tell: a position read past a pending commit is
+        // raised to the journal's note, which holds only acknowledged ones.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.position = Some(1);
+            k.topic_unreadable = true;
             k.read_past_pending = true;
         }
         owner(&b).await;
         assert_eq!(committed(&b).len(), 2, "nothing produced again");
-        // Without the doubt, Kafka's position stands (a commit Kafka lost
-        // is relayed again).
-        b.relays.0.lock().unwrap().read_past_pending = false;
+        // Without the doubt, Kafka's position stands.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.position = Some(1);
+            k.read_past_pending = false;
+        }
         owner(&b).await;
         assert_eq!(committed(&b).len(), 3, "the entry past Kafka's position relayed again");
+    }
+
+    #[tokio::test]
+    async fn a_commit_to_the_relays_group_lost_while_its_events_stand_is_not_produced_again() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        assert_eq!(round(&mut owner, &[submit("s1", "o1")]).await.unwrap(), [Outcome::Succeeded]);
+        // Kafka restarts and forgets the commit to the relay's group, not
+        // the events; the next round's first try fails.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.position = Some(0);
+            k.fail = 1;
+        }
+        assert_eq!(round(&mut owner, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 2, "each event once");
+        assert_eq!(b.relays.0.lock().unwrap().position, Some(2));
+        // A commit goes through and both its answer and the commit to the
+        // group are lost: the round is not produced again.
+        {
+            let mut k = b.relays.0.lock().unwrap();
+            k.lose_commit_answer = true;
+            k.lose_group_commit = true;
+        }
+        assert_eq!(round(&mut owner, &[submit("s3", "o3")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 3);
     }
 
     #[tokio::test]

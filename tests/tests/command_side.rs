@@ -484,6 +484,42 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     assert!(!position.may_lag);
 }
 
+/// The events topic tells how far a relay went, whatever its group's
+/// position says: the highest journal seq among the relay's records a
+/// `read_committed` reader sees, read back from each partition's end past
+/// other relays' records, never counting an aborted transaction's, and only
+/// once a transaction open when asked has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_topic_tells_how_far_a_relay_went() {
+    use rdkafka::producer::Producer;
+    use sluice_processors::kafka::{relay_name, Relay, RelayFactory};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let (relays, partition, topic) = hanging_setup(&tenant, 3).await;
+    let name = relay_name(&partition);
+    let (relay, _) = relays.open(&partition, "first").await.unwrap();
+    assert_eq!(relay.relayed_on_topic().await.unwrap(), None, "nothing relayed yet");
+
+    let transaction = |records, commit| in_transaction(&topic, records, commit);
+    let ours = |p: i32, seq: i64| (p, name.clone(), seq);
+    transaction(vec![ours(0, 0), ours(2, 1), ours(1, 2), ours(0, 3), ours(1, 4)], true).await;
+    // Aborted: never counted.
+    let aborted = transaction(vec![ours(2, 9)], false).await;
+    tokio::task::spawn_blocking(move || aborted.abort_transaction(WAIT).unwrap()).await.unwrap();
+    // Another relay's records after ours: more than one look back reads.
+    let others = (0..2_500).map(|seq| (1, format!("{name}-other"), 100 + seq)).collect();
+    transaction(others, true).await;
+    assert_eq!(relay.relayed_on_topic().await.unwrap(), Some(5));
+
+    // A transaction open when asked: the answer waits for its end.
+    let open = transaction(vec![ours(0, 7)], false).await;
+    let asked = tokio::time::timeout(Duration::from_secs(2), relay.relayed_on_topic()).await;
+    assert!(asked.is_err(), "answered while a transaction was open: {asked:?}");
+    tokio::task::spawn_blocking(move || open.commit_transaction(WAIT).unwrap()).await.unwrap();
+    assert_eq!(relay.relayed_on_topic().await.unwrap(), Some(8));
+}
+
 /// A transaction its coordinator forgot on a partition (seen after a Kafka
 /// restart) holds the partition's last stable offset at its first record
 /// for ever, and every `read_committed` reader with it. Made here the way it
@@ -512,9 +548,22 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
     let owner = Some((producer.producer_id, producer.producer_epoch));
     produce_unverified(&mut broker, &topic, &name, owner, &[(1, "2"), (2, "5")]).await;
     drop(first);
+    // Another relay's transaction after them: the partitions end with its
+    // commit marker, as they mostly do.
+    let other = format!("{name}-other");
+    in_transaction(&topic, vec![(1, other.clone(), 0), (2, other, 0)], true).await;
     for p in [1, 2] {
-        let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
-        assert_eq!(end, stable + 1, "read_committed readers of partition {p} stop at the forgotten record");
+        // Its markers are written after its commit returns.
+        let (stable, end) = eventually(WAIT, "the other transaction's marker", || {
+            let topic = &topic;
+            async move {
+                let mut broker = Broker::connect(KAFKA).await.unwrap();
+                let (stable, end) = stable_and_end(&mut broker, topic, p).await;
+                (end == stable + 3).then_some((stable, end))
+            }
+        })
+        .await;
+        assert_eq!(end, stable + 3, "read_committed readers of partition {p} stop at the forgotten record");
     }
 
     // The next owner ends both: readers get past them; the relayed entry's
@@ -525,8 +574,8 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
         let (stable, end) = stable_and_end(&mut broker, &topic, p).await;
         assert_eq!(stable, end, "the forgotten transaction on partition {p} is ended");
     }
-    assert_eq!(committed_keys(&topic, 1).await, ["entry-2"], "committed: the relay position counts it");
-    assert!(committed_keys(&topic, 2).await.is_empty(), "aborted: past the relay position");
+    assert_eq!(committed_keys(&topic, 1).await, ["entry-2", "k"], "committed: the relay position counts it");
+    assert_eq!(committed_keys(&topic, 2).await, ["k"], "aborted: past the relay position");
     second.produce(vec![]).await.unwrap();
     second.commit(4).await.unwrap();
 }
@@ -704,6 +753,43 @@ async fn a_processor_ends_a_forgotten_transaction_of_a_partition_no_command_come
     .await;
     assert!(committed_keys(&topic, 1).await.is_empty(), "aborted: past the relay position");
     platform.stop().await.unwrap();
+}
+
+/// Writes (partition, relay, seq) records to `topic` in a transaction of a
+/// producer of its own, committed or left open (the producer is returned).
+async fn in_transaction(
+    topic: &str,
+    records: Vec<(i32, String, i64)>,
+    commit: bool,
+) -> rdkafka::producer::BaseProducer {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("transactional.id", format!("test-{}", uuid::Uuid::new_v4()))
+            .create()
+            .unwrap();
+        producer.init_transactions(WAIT).unwrap();
+        producer.begin_transaction().unwrap();
+        for (p, relay, seq) in &records {
+            let seq = seq.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "sluice-relay", value: Some(relay.as_str()) })
+                .insert(Header { key: "sluice-seq", value: Some(seq.as_str()) });
+            let record = BaseRecord::to(&topic).partition(*p).key("k").payload("v").headers(headers);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(WAIT).unwrap();
+        if commit {
+            producer.commit_transaction(WAIT).unwrap();
+        }
+        producer
+    })
+    .await
+    .unwrap()
 }
 
 /// A first owner of `partition`'s relay that relayed up to journal seq 3,
