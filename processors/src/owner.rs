@@ -277,11 +277,17 @@ where
             let attempt = async {
                 let epoch = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
                 let (relay, opened) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
-                Ok::<_, String>((epoch, relay, opened))
+                // Kafka just restarted, or a transaction of another relay
+                // still open: tried again a few times before the take-over
+                // goes on without it.
+                let on_topic = match relay.relayed_on_topic().await {
+                    Err(e) if tries < TOPIC_READS => return Err(format!("events topic: {e}")),
+                    read => read.map_err(|e| e.to_string()),
+                };
+                Ok::<_, String>((epoch, relay, opened, on_topic))
             };
             match attempt.await {
-                Ok((epoch, relay, opened)) => {
-                    let on_topic = relay.relayed_on_topic().await.map_err(|e| e.to_string());
+                Ok((epoch, relay, opened, on_topic)) => {
                     let note = Arc::new(RelayNote::default());
                     let relayer = Relayer {
                         partition: partition.clone(),
@@ -960,6 +966,10 @@ fn entry_op<'a>(tenant: &'a str, entry: &'a Entry) -> OperationRef<'a> {
         command_id: &entry.command_id,
     }
 }
+
+/// How many take-over attempts read the events topic before one goes on
+/// without it ([`Start::position`]).
+const TOPIC_READS: u32 = 3;
 
 /// What a take-over learns of where the relay stands.
 #[derive(Debug)]
