@@ -730,15 +730,23 @@ impl Dlq {
     ) -> Result<Stopped, OpsError> {
         self.management.delete_shovel(name).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // The destination's count, and how many looks in a row found it so.
+        let mut settled = (u32::MAX, 0);
         loop {
             // Once the shovel's own consumer is gone (its status first, then
             // the DLQ's consumers back to those it had before the shovel: a
             // processor's re-drive may be one), what it held unacked is
-            // ready again.
+            // ready again. Its copies still on their way to the destination
+            // (seen: a thousand arriving after its consumer had left) are
+            // waited for: its connections gone, and the destination's count
+            // the same at three looks in a row.
             let (ready, consumers) = walk::queue_counts(&self.connection, &dlq.queue).await?.unwrap_or((0, 0));
-            let gone = consumers <= before.dlq_consumers && self.management.shovel_status(name).await?.is_none();
-            if gone || std::time::Instant::now() > deadline {
-                let copies = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
+            let copies = walk::queue_counts(&self.connection, to).await?.map_or(0, |(ready, _)| ready);
+            settled = if settled.0 == copies { (copies, settled.1 + 1) } else { (copies, 1) };
+            let gone = consumers <= before.dlq_consumers
+                && self.management.shovel_status(name).await?.is_none()
+                && self.management.shovel_connections(name).await? == 0;
+            if (gone && settled.1 >= 3) || std::time::Instant::now() > deadline {
                 let moved = u64::from(copies.saturating_sub(before.at_destination));
                 let left = u64::from(ready);
                 return Ok(Stopped { moved, copied_twice: (moved + left).saturating_sub(u64::from(depth)) });

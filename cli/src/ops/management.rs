@@ -162,6 +162,19 @@ impl Management {
         }
     }
 
+    /// How many connections of the shovel are open (RabbitMQ names them
+    /// `Shovel <name>`: one to its source, one to its destination).
+    pub async fn shovel_connections(&self, name: &str) -> Result<usize, OpsError> {
+        let path = format!("/vhosts/{}/connections?columns=client_properties", encode(&self.vhost));
+        let wanted = format!("Shovel {name}");
+        match self.request(Method::GET, &path, None).await? {
+            (s, Value::Array(items)) if s.is_success() => {
+                Ok(items.iter().filter(|c| c["client_properties"]["connection_name"] == wanted.as_str()).count())
+            }
+            (s, v) => Err(OpsError::Management(format!("GET {path}: {s} {v}"))),
+        }
+    }
+
     pub async fn delete_shovel(&self, name: &str) -> Result<(), OpsError> {
         let path = format!("/parameters/shovel/{}/{}", encode(&self.vhost), encode(name));
         match self.request(Method::DELETE, &path, None).await? {
