@@ -366,21 +366,12 @@ async fn first_record(
             let Some(message) = polled else { continue };
             let message = message?;
             next = next.max(message.offset() + 1);
-            let header = |key: &str| {
-                message
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == key))
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .map(str::to_owned)
-            };
-            if header("sluice-relay").as_deref() != Some(name.as_str()) {
+            let Some(this) = entry_of(&message, &name) else {
                 if message.offset() == first {
                     break;
                 }
                 continue;
-            }
-            let this: Option<i64> = header("sluice-seq").and_then(|s| s.parse().ok());
+            };
             if message.offset() == first {
                 ours = true;
                 seq = this;
@@ -450,14 +441,7 @@ async fn last_relayed(brokers: &str, name: &str, topic: &str) -> Result<Option<i
                     if message.offset() >= end {
                         continue;
                     }
-                    let header = |key: &str| {
-                        message.headers().and_then(|h| h.iter().find(|h| h.key == key)).and_then(|h| h.value)
-                    };
-                    if header("sluice-relay") != Some(name.as_bytes()) {
-                        continue;
-                    }
-                    let seq = header("sluice-seq").and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
-                    if let Some(seq) = seq {
+                    if let Some(Some(seq)) = entry_of(&message, &name) {
                         found = Some(found.map_or(seq, |f| f.max(seq)));
                     }
                 }
@@ -472,6 +456,17 @@ async fn last_relayed(brokers: &str, name: &str, topic: &str) -> Result<Option<i
         Ok(highest)
     })
     .await
+}
+
+/// What a record's `sluice-relay` and `sluice-seq` headers say: `None`
+/// when relay `name` did not produce it, else the journal seq it carries
+/// (`None` in a record from before that header).
+fn entry_of(message: &impl Message, name: &str) -> Option<Option<i64>> {
+    let header = |key: &str| message.headers()?.iter().find(|h| h.key == key)?.value;
+    if header("sluice-relay")? != name.as_bytes() {
+        return None;
+    }
+    Some(header("sluice-seq").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
 }
 
 /// The position of `reader` in one partition it is assigned (0 before it
