@@ -4,7 +4,7 @@ CONFIG ?= config/dev.toml
 CARGO ?= cargo
 SLUICE := target/debug/sluice
 
-.PHONY: help prereqs up down status schema build run test unit fuzz fmt lint bench
+.PHONY: help prereqs up down status schema sweep build run test unit fuzz fmt lint bench
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -31,10 +31,13 @@ schema: up ## create the CQL keyspace, tables and columns where missing (sluice 
 run: schema build ## the stack plus every sluice role with the demo config, in the foreground
 	$(SLUICE) --config $(CONFIG) serve --role all
 
-test: schema ## start the stack if needed and run every test (the schema applied, the binary built)
+sweep: up ## remove what earlier test and bench runs left in the stack (their tables, queues and topics)
+	$(CARGO) run -q -p sluice-tests --bin sweep_leftovers
+
+test: schema sweep ## start the stack if needed and run every test (the schema applied, the binary built)
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: schema ## release build, then `sluice bench` (full mode, a few minutes) with $(CONFIG)
+bench: schema sweep ## release build, then `sluice bench` (full mode, a few minutes) with $(CONFIG)
 	$(CARGO) build --release -p sluice-cli
 	target/release/sluice --config $(CONFIG) bench $(BENCH_ARGS)
 

@@ -88,7 +88,8 @@ pub struct Plan {
     pub edge_duration: Duration,
     /// Longest drain measurement (shorter if the backlog runs out).
     pub drain_window: Duration,
-    /// Wait after the first readable event before the drain window opens.
+    /// Wait after the first readable event before the drain window opens
+    /// (the edge phase's backlog lasts minutes at the drain rate).
     pub drain_settle: Duration,
     /// Processor processes in the drain's scaling step (1: no such step).
     pub processors: usize,
@@ -126,7 +127,10 @@ impl Plan {
             raw_duration: Duration::from_secs(5),
             edge_duration: Duration::from_secs(10),
             drain_window: Duration::from_secs(20),
-            drain_settle: Duration::from_secs(3),
+            // The JVM servers compile the pipeline's paths in its first
+            // seconds (a window opened at 3 s measured 880 to 1,590/s on
+            // the same code, by how warm the servers were).
+            drain_settle: Duration::from_secs(15),
             processors: 3,
             warmup: Duration::from_secs(5),
             step_duration: Duration::from_secs(20),
@@ -290,6 +294,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
 
     step("connecting to the stack");
     let session = connect_cql(&settings).await?;
+    let leftover_tables = probe::leftover_tables(&session, &settings.cql.keyspace, &projection).await?;
     let store = Arc::new(ReadModels::new(session.clone(), &settings.projector).await?);
     let amqp = raw::amqp_connect(&settings.amqp.url).await?;
     let channel = amqp.create_channel().await?;
@@ -340,18 +345,38 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     memory.bench_mib = peak_over_run(&cpu, "bench");
     let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let warning = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
+    let busy = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
         format!(
             "the machine was busy when the run started ({:.0} % of its CPUs in the two seconds before, load average \
-             {load_average_start:.1} on {cpus} CPUs): these figures are not comparable with a quiet run's",
+             {load_average_start:.1} on {cpus} CPUs)",
             busy_share_before * 100.0
         )
     });
+    let left = (leftover_tables > 0).then(|| {
+        format!(
+            "the CQL store held {leftover_tables} tables of earlier test or bench runs, whose metrics weigh on its heap \
+             (`make sweep` removes them)"
+        )
+    });
+    let warning = match (busy, left) {
+        (None, None) => None,
+        (a, b) => Some(format!(
+            "{}: these figures are not comparable with a quiet run's",
+            a.into_iter().chain(b).collect::<Vec<_>>().join("; ")
+        )),
+    };
     Ok(Report {
         mode: plan.mode,
         started_at,
         seconds: began.elapsed().as_secs_f64(),
-        machine: Machine { load_average_start, load_average_end, busy_share_before, warning, ..machine() },
+        machine: Machine {
+            load_average_start,
+            load_average_end,
+            busy_share_before,
+            leftover_tables,
+            warning,
+            ..machine()
+        },
         tenant,
         projection,
         mix: plan.mix,

@@ -335,8 +335,11 @@ pub struct Machine {
     /// Share of the CPUs busy over the two seconds before the run (the
     /// stack idling costs a few percent).
     pub busy_share_before: f64,
-    /// Set when the machine was busy before the run: its figures are not
-    /// comparable with a quiet run's.
+    /// Tables of earlier test or bench runs' projections in the keyspace
+    /// when the run started.
+    pub leftover_tables: usize,
+    /// Set when the machine was busy before the run, or the store held
+    /// leftovers: its figures are not comparable with a quiet run's.
     pub warning: Option<String>,
 }
 
