@@ -100,6 +100,11 @@ hinted_handoff_enabled: false
 auto_snapshot: false
 snapshot_before_compaction: false
 
+# Read models write unlogged batches of up to 32 rows of partitions on the
+# same replicas (one request, no fan-out), a few KiB above the default warning.
+batch_size_warn_threshold: 32KiB
+unlogged_batch_across_partitions_warn_threshold: 64
+
 materialized_views_enabled: false
 sasi_indexes_enabled: false
 user_defined_functions_enabled: false

@@ -13,6 +13,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use serde_json::Value;
+use sluice_streams::replicas;
 
 /// An event as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +63,21 @@ pub trait EventStore: Send + Sync {
         stream: StreamRef<'_>,
         events: &[StoredEvent],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Writes several streams' journaled events, each stream's as
+    /// [`EventStore::write`] does, in as few requests as the store allows.
+    fn write_all(
+        &self,
+        streams: &[(StreamRef<'_>, &[StoredEvent])],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            futures::future::try_join_all(streams.iter().map(|(stream, events)| self.write(*stream, events))).await?;
+            Ok(())
+        }
+    }
 }
+
+/// Rows in one write of several streams (a stream's rows stay together).
+const ROWS_PER_WRITE: usize = 32;
 
 pub struct CqlEventStore {
     session: Arc<Session>,
@@ -149,6 +164,20 @@ impl EventStore for CqlEventStore {
         // One partition: the batch costs one write.
         let batch = batch_of(BatchType::Unlogged, &self.upsert, events.len());
         self.session.batch(&batch, rows(stream, events)).await.map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn write_all(&self, streams: &[(StreamRef<'_>, &[StoredEvent])]) -> Result<(), StoreError> {
+        // Streams on the same replicas share a batch; each stream's rows
+        // stay in one, which is applied whole (one partition).
+        let cluster = self.session.get_cluster_state();
+        let units = streams.iter().map(|(stream, events)| rows(*stream, events));
+        let batches = replicas::batches(units, ROWS_PER_WRITE, |row| replicas::of(&cluster, &self.upsert, row));
+        let writes = batches.into_iter().map(|values| async move {
+            let batch = batch_of(BatchType::Unlogged, &self.upsert, values.len());
+            self.session.batch(&batch, values).await
+        });
+        futures::future::try_join_all(writes).await.map_err(store_err)?;
         Ok(())
     }
 }

@@ -15,9 +15,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use scylla::client::session::Session;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
+use sluice_streams::replicas;
 
 /// Where a produced event landed in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,7 +109,38 @@ pub trait OperationStore: Send + Sync {
         status: &Status,
         order: Order,
     ) -> impl Future<Output = Result<(), OperationError>> + Send;
+    /// Writes several records, each as [`OperationStore::record`] does, in
+    /// as few requests as the store allows.
+    fn record_all(
+        &self,
+        records: &[(OperationRef<'_>, Status)],
+        order: Order,
+    ) -> impl Future<Output = Result<(), OperationError>> + Send {
+        async move {
+            futures::future::try_join_all(records.iter().map(|(op, status)| self.record(*op, status, order))).await?;
+            Ok(())
+        }
+    }
 }
+
+/// Records in one write of several.
+const RECORDS_PER_WRITE: usize = 32;
+
+/// The values of one upsert of a record.
+type RecordValues<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<String>,
+    Option<String>,
+    CqlTimestamp,
+    Option<i32>,
+    &'a str,
+    i64,
+);
 
 /// Microseconds in one rank of [`write_timestamp`] (2^52 µs ≈ 142 years:
 /// wall-clock microseconds stay below it until 2112).
@@ -189,6 +222,39 @@ impl OperationStore for CqlOperationStore {
     }
 
     async fn record(&self, op: OperationRef<'_>, status: &Status, order: Order) -> Result<(), OperationError> {
+        self.session.execute_unpaged(&self.upsert, self.values(op, status, order)?).await.map_err(op_err)?;
+        Ok(())
+    }
+
+    async fn record_all(&self, records: &[(OperationRef<'_>, Status)], order: Order) -> Result<(), OperationError> {
+        // Records on the same replicas share a batch.
+        let units: Vec<Vec<RecordValues<'_>>> =
+            records.iter().map(|(op, status)| Ok(vec![self.values(*op, status, order)?])).collect::<Result<_, _>>()?;
+        let cluster = self.session.get_cluster_state();
+        let batches =
+            replicas::batches(units, RECORDS_PER_WRITE, |record| replicas::of(&cluster, &self.upsert, record));
+        let writes = batches.into_iter().map(|values| async move {
+            if let [one] = values.as_slice() {
+                return self.session.execute_unpaged(&self.upsert, one).await.map(drop);
+            }
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in 0..values.len() {
+                batch.append_statement(self.upsert.clone());
+            }
+            self.session.batch(&batch, values).await.map(drop)
+        });
+        futures::future::try_join_all(writes).await.map_err(op_err)?;
+        Ok(())
+    }
+}
+
+impl CqlOperationStore {
+    fn values<'a>(
+        &'a self,
+        op: OperationRef<'a>,
+        status: &Status,
+        order: Order,
+    ) -> Result<RecordValues<'a>, OperationError> {
         let attempts = match status {
             Status::Processing { attempt } => Some(i32::try_from(*attempt).unwrap_or(i32::MAX)),
             _ => None,
@@ -200,27 +266,20 @@ impl OperationStore for CqlOperationStore {
         };
         let now_micros = chrono::Utc::now().timestamp_micros();
         let now = CqlTimestamp(now_micros / 1_000);
-        self.session
-            .execute_unpaged(
-                &self.upsert,
-                (
-                    op.tenant,
-                    op.operation_id,
-                    status.name(),
-                    op.command_type,
-                    op.source,
-                    op.command_id,
-                    events,
-                    error,
-                    now,
-                    attempts,
-                    self.instance.as_str(),
-                    write_timestamp(status, now_micros, order),
-                ),
-            )
-            .await
-            .map_err(op_err)?;
-        Ok(())
+        Ok((
+            op.tenant,
+            op.operation_id,
+            status.name(),
+            op.command_type,
+            op.source,
+            op.command_id,
+            events,
+            error,
+            now,
+            attempts,
+            self.instance.as_str(),
+            write_timestamp(status, now_micros, order),
+        ))
     }
 }
 

@@ -806,24 +806,32 @@ where
             }
         }
         let rows = async {
-            let writes = by_stream.iter().map(|(stream_id, events)| {
-                let stream = StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id };
-                self.backends.store.write(stream, events)
-            });
+            let streams: Vec<(StreamRef<'_>, &[StoredEvent])> = by_stream
+                .iter()
+                .map(|(stream_id, events)| {
+                    (StreamRef { tenant: &tenant, context: A::CONTEXT, stream_id }, events.as_slice())
+                })
+                .collect();
+            if streams.is_empty() {
+                return Ok(());
+            }
             let writing = Instant::now();
-            let written = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>();
+            let written = self.backends.store.write_all(&streams).await;
             stage("stream_rows", writing);
-            written.map(drop).map_err(|e| e.to_string())
+            written.map_err(|e| e.to_string())
         };
         let rejections = async {
-            let rejections = entries.iter().filter_map(|e| match &e.verdict {
-                Verdict::Rejected(reason) => Some((e, Status::Rejected(reason.clone()))),
-                Verdict::Appended(_) => None,
-            });
-            let (operations, tenant) = (&self.backends.operations, &tenant);
-            let records = rejections
-                .map(|(e, status)| async move { operations.record(entry_op(tenant, e), &status, order).await });
-            join_all(records).await.into_iter().collect::<Result<Vec<()>, _>>().map(drop).map_err(|e| e.to_string())
+            let rejections: Vec<(OperationRef<'_>, Status)> = entries
+                .iter()
+                .filter_map(|e| match &e.verdict {
+                    Verdict::Rejected(reason) => Some((entry_op(&tenant, e), Status::Rejected(reason.clone()))),
+                    Verdict::Appended(_) => None,
+                })
+                .collect();
+            if rejections.is_empty() {
+                return Ok(());
+            }
+            self.backends.operations.record_all(&rejections, order).await.map_err(|e| e.to_string())
         };
         let produce = async {
             if outgoing.is_empty() {
@@ -857,12 +865,12 @@ where
                 _ => per_entry.push((entry, vec![position])),
             }
         }
-        let statuses: Vec<(&Entry, Status)> =
-            per_entry.into_iter().map(|(entry, positions)| (entry, Status::Succeeded(positions))).collect();
-        let operations = &self.backends.operations;
-        let writes = statuses.iter().map(|(entry, status)| operations.record(entry_op(&tenant, entry), status, order));
+        let statuses: Vec<(OperationRef<'_>, Status)> = per_entry
+            .into_iter()
+            .map(|(entry, positions)| (entry_op(&tenant, entry), Status::Succeeded(positions)))
+            .collect();
         let recording = Instant::now();
-        let recorded = join_all(writes).await.into_iter().collect::<Result<Vec<()>, _>>();
+        let recorded = self.backends.operations.record_all(&statuses, order).await;
         stage("record", recording);
         if let Err(e) = recorded {
             self.relay.abort().await?;

@@ -19,6 +19,8 @@
 //! - [`lag`]: a group's lag per partition, and the gauge every consumer
 //!   exports.
 //! - [`clusters`]: which Kafka cluster holds each tenant's topics.
+//! - [`replicas`]: which nodes hold a CQL write, so writes of many
+//!   partitions share a batch (both sides write this way).
 //!
 //! The read models' `Projection` trait and the CQL of their writes live in
 //! the `projections` crate (`projection`, `store::tables`), on this runtime.
@@ -33,6 +35,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod lag;
 pub mod lanes;
+pub mod replicas;
 pub mod settle;
 
 pub use decode::{decode_record, ApplyError};

@@ -996,3 +996,110 @@ async fn stable_and_end(broker: &mut sluice_processors::hanging::Broker, topic: 
     }
     (offsets[0], offsets[1])
 }
+
+/// A round's stream rows and records go out batched by the replicas that
+/// hold them: every stream's events and every record are written, the
+/// later order of a record still wins, and no stream's rows are split
+/// across batches (its batch is applied whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rounds_streams_and_records_written_in_shared_batches_are_all_there_and_whole() {
+    use sluice_processors::event_store::{CqlEventStore, EventStore, StoredEvent, StreamRef};
+    use sluice_processors::operations::{CqlOperationStore, OperationRef, OperationStore, Order, Status};
+    let session = cql_sluice().await;
+    let tenant = TestTenant::new();
+    let store = CqlEventStore::new(session.clone()).await.unwrap();
+    let event = |stream: usize, version: i64| StoredEvent {
+        version,
+        event_id: format!("e-{stream}-{version}"),
+        event_type: "com.example.orders.OrderSubmitted".into(),
+        payload: json!({ "n": version }),
+        command_key: format!("k-{stream}-{version}"),
+        operation_id: format!("op-{stream}"),
+        recorded_at_ms: 1_764_000_000_000,
+    };
+    // 60 streams of one event and one of 40 (more than a batch holds).
+    let ids: Vec<String> = (0..61).map(|i| format!("order-{i}")).collect();
+    let events: Vec<Vec<StoredEvent>> =
+        (0..61).map(|i| (1..=if i == 60 { 40 } else { 1 }).map(|v| event(i, v)).collect()).collect();
+    let streams: Vec<(StreamRef<'_>, &[StoredEvent])> = ids
+        .iter()
+        .zip(&events)
+        .map(|(id, events)| (StreamRef { tenant: &tenant.name, context: "orders", stream_id: id }, events.as_slice()))
+        .collect();
+    store.write_all(&streams).await.unwrap();
+    for (stream, written) in &streams {
+        let loaded = store.load(*stream).await.unwrap();
+        assert_eq!(loaded.len(), written.len(), "every event of {}", stream.stream_id);
+    }
+    // How the store groups them: each stream whole, no batch over 32 rows
+    // unless it is one stream alone.
+    let upsert = session
+        .prepare(
+            "INSERT INTO events (tenant, context, stream_id, version, event_id, event_type, payload, command_key, \
+             operation_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .await
+        .unwrap();
+    let units: Vec<Vec<(String, String, String, i64)>> = (0..61)
+        .map(|i| {
+            events[i].iter().map(|e| (tenant.name.clone(), "orders".to_owned(), ids[i].clone(), e.version)).collect()
+        })
+        .collect();
+    type EventRow<'a> =
+        (&'a str, &'a str, &'a str, i64, &'a str, &'a str, String, &'a str, &'a str, scylla::value::CqlTimestamp);
+    fn values(u: &[(String, String, String, i64)]) -> Vec<EventRow<'_>> {
+        u.iter()
+            .map(|(t, c, s, v)| {
+                (
+                    t.as_str(),
+                    c.as_str(),
+                    s.as_str(),
+                    *v,
+                    "e",
+                    "ty",
+                    "{}".to_owned(),
+                    "k",
+                    "op",
+                    scylla::value::CqlTimestamp(0),
+                )
+            })
+            .collect()
+    }
+    let cluster = session.get_cluster_state();
+    let batches = sluice_streams::replicas::batches(units.iter().map(|u| values(u)), 32, |row| {
+        sluice_streams::replicas::of(&cluster, &upsert, row)
+    });
+    assert!(batches.len() < 61, "streams on the same replicas share batches ({} batches)", batches.len());
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 100, "every row once");
+    for batch in &batches {
+        let streams: std::collections::BTreeSet<&str> = batch.iter().map(|row| row.2).collect();
+        assert!(batch.len() <= 32 || streams.len() == 1, "a batch over 32 rows is one stream alone");
+        for stream in streams {
+            let rows = batch.iter().filter(|row| row.2 == stream).count();
+            let whole = units.iter().find(|u| u[0].2 == stream).unwrap().len();
+            assert_eq!(rows, whole, "{stream} whole in one batch");
+        }
+    }
+
+    let operations = CqlOperationStore::new(session.clone(), "batched").await.unwrap();
+    let op_ids: Vec<String> = (0..50).map(|i| format!("op-batched-{i}")).collect();
+    let refs: Vec<OperationRef<'_>> = op_ids
+        .iter()
+        .map(|id| OperationRef {
+            tenant: &tenant.name,
+            operation_id: id,
+            command_type: "com.example.orders.SubmitOrder",
+            source: &tenant.source,
+            command_id: id,
+        })
+        .collect();
+    let (first, next) = (Order { epoch: 3, attempt: 1 }, Order { epoch: 4, attempt: 0 });
+    let rejected: Vec<_> = refs.iter().map(|op| (*op, Status::Rejected("no".into()))).collect();
+    operations.record_all(&rejected, next).await.unwrap();
+    let succeeded: Vec<_> = refs.iter().map(|op| (*op, Status::Succeeded(vec![]))).collect();
+    operations.record_all(&succeeded, first).await.unwrap();
+    let ids: Vec<&str> = op_ids.iter().map(String::as_str).collect();
+    let found = operations.statuses(&tenant.name, &ids).await.unwrap();
+    assert_eq!(found.len(), 50, "every record written");
+    assert!(found.values().all(|s| s == "rejected"), "the newer owner's answer stands: {found:?}");
+}

@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
+use scylla::cluster::ClusterState;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlDate, CqlTimestamp, CqlValue};
+use sluice_streams::replicas;
 
 use super::{rm_err, ReadModelError};
 use crate::projection::{create_statements, table_name, Cell, MemoRead, Table, Write};
@@ -241,11 +243,14 @@ impl Tables {
     /// partition), partitions concurrently. Each row keeps its own write
     /// timestamp, so a batch applied twice changes nothing.
     pub async fn write_rows(&self, rows: &[Row]) -> Result<(), ReadModelError> {
-        let mut by_partition: HashMap<&str, Vec<&Row>> = HashMap::new();
-        for row in rows {
-            by_partition.entry(&row.partition).or_default().push(row);
-        }
-        let chunks: Vec<&[&Row]> = by_partition.values().flat_map(|rows| rows.chunks(ROWS_PER_BATCH)).collect();
+        // Rows go in batches of the same replicas: each batch's coordinator
+        // holds every row of it, so one request carries many partitions'
+        // rows with no fan-out (bulk loaders group writes this way). A row
+        // whose replicas the driver cannot tell goes with its partition's.
+        let cluster = self.session.get_cluster_state();
+        let batches =
+            replicas::batches(rows.iter().map(|row| vec![row]), ROWS_PER_BATCH, |row| replicas_of(&cluster, row));
+        let chunks: Vec<&[&Row]> = batches.iter().map(Vec::as_slice).collect();
         // Boxed with their lifetime named: a caller's Send future cannot
         // state it for closure futures in stream combinators.
         let writes: Vec<BoxFuture<'_, Result<(), ReadModelError>>> =
@@ -266,6 +271,21 @@ impl Tables {
     }
 }
 
+/// The nodes that hold a row, or its partition where the driver cannot
+/// tell (no token: the statement's partition key unknown to it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Replicas {
+    Nodes(Vec<u128>),
+    Partition(String),
+}
+
+fn replicas_of(cluster: &ClusterState, row: &Row) -> Replicas {
+    match replicas::of(cluster, &row.statement, &row.values) {
+        Some(nodes) => Replicas::Nodes(nodes),
+        None => Replicas::Partition(row.partition.clone()),
+    }
+}
+
 /// Which partition a row lands in (table, tenant and partition key), or why
 /// the write lacks its partition key.
 fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<String, ReadModelError> {
@@ -283,7 +303,8 @@ fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<St
 /// One running total: tenant, table, key and events partition.
 type Slot<'a> = (&'a str, &'a str, &'a [(&'a str, Cell)], i32);
 
-/// Rows of one partition sent in one batch at most.
+/// Rows sent in one batch at most (of one partition, or of partitions on
+/// the same replicas).
 pub const ROWS_PER_BATCH: usize = 32;
 
 /// Partitions written at once.

@@ -1,0 +1,78 @@
+//! Which nodes hold a CQL write, so writes of many partitions can share an
+//! unlogged batch without fan-out: every row of a batch grouped this way
+//! lives on the batch's coordinator (bulk loaders group writes the same
+//! way). One batch then costs the store one request instead of one per
+//! partition. Both sides write this way: the read models' rows, the event
+//! store's streams and the operation records.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use scylla::cluster::ClusterState;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::prepared::PreparedStatement;
+
+/// The host ids of the nodes holding the partition `statement` writes with
+/// `values`, sorted; `None` where the driver cannot tell (no token for the
+/// statement, or no node known for it yet).
+pub fn of(cluster: &ClusterState, statement: &PreparedStatement, values: &impl SerializeRow) -> Option<Vec<u128>> {
+    let token = statement.calculate_token(values).ok().flatten()?;
+    let table = statement.get_table_spec()?;
+    let mut nodes: Vec<u128> = cluster
+        .get_token_endpoints(table.ks_name(), table.table_name(), token)
+        .iter()
+        .map(|(node, _)| node.host_id.as_u128())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
+/// Writes in unlogged batches by `key` (the replicas that hold a write, as
+/// [`of`] tells): `units` are groups of writes that stay in one batch (a
+/// stream's events, whose batch is then applied whole), each placed by its
+/// first write's key; a batch holds at most `per_batch` writes, or one
+/// larger unit alone.
+pub fn batches<U, K: Eq + Hash>(
+    units: impl IntoIterator<Item = Vec<U>>,
+    per_batch: usize,
+    key: impl Fn(&U) -> K,
+) -> Vec<Vec<U>> {
+    let mut open: HashMap<K, Vec<U>> = HashMap::new();
+    let mut full = Vec::new();
+    for unit in units {
+        let Some(first) = unit.first() else { continue };
+        let batch = open.entry(key(first)).or_default();
+        if !batch.is_empty() && batch.len() + unit.len() > per_batch {
+            full.push(std::mem::take(batch));
+        }
+        batch.extend(unit);
+    }
+    full.extend(open.into_values().filter(|b| !b.is_empty()));
+    full
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_stay_whole_and_batches_hold_one_key_up_to_the_limit() {
+        // (key, unit id) per write; units of 1, 2 and 5 writes.
+        let units = vec![
+            vec![("a", 1)],
+            vec![("b", 2), ("b", 2)],
+            vec![("a", 3), ("a", 3)],
+            vec![("a", 4)],
+            vec![("a", 5); 5],
+            vec![("b", 6)],
+        ];
+        let mut made = batches(units, 4, |w: &(&str, i32)| w.0);
+        made.sort();
+        assert_eq!(
+            made,
+            vec![vec![("a", 1), ("a", 3), ("a", 3), ("a", 4)], vec![("a", 5); 5], vec![("b", 2), ("b", 2), ("b", 6)],],
+            "a unit over the limit goes alone, whole"
+        );
+    }
+}
