@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sluice_streams::batch::{self, SettleBatch};
@@ -33,6 +33,12 @@ use crate::ProjectorConfig;
 
 /// How many times the live projector's batch a replay takes at once.
 const REPLAY_BATCH_FACTOR: usize = 4;
+
+/// How long a replay waits for a record before it looks whether its
+/// positions passed the markers that end the partitions (the live
+/// projector waits [`batch::IDLE`]): a replay that read every record up to
+/// the ends is done but for those markers.
+const REPLAY_IDLE: Duration = Duration::from_millis(100);
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,6 +318,8 @@ async fn run_version<P: Projection>(
             .create()?,
     );
 
+    let ends_client: Arc<BaseConsumer> = Arc::new(ClientConfig::new().set("bootstrap.servers", &ctx.brokers).create()?);
+    // Asked before the consumer fetches anything: its answers come at once.
     let (starts, mut ends) =
         blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
     let mut positions: Offsets = starts.clone();
@@ -349,7 +357,7 @@ async fn run_version<P: Projection>(
             // load something always arrived meanwhile: stop once that is at
             // most one batch (the live projector goes on from the positions
             // committed with the rebuild).
-            ends = blocking_ends(consumer.clone(), ctx.topics.clone()).await?;
+            ends = blocking_ends(ends_client.clone(), ctx.topics.clone()).await?;
             p.remaining = remaining(&positions, &ends);
             if p.remaining <= batching.max_records as i64 {
                 break;
@@ -360,8 +368,9 @@ async fn run_version<P: Projection>(
             _ = stop.cancelled() => break,
             m = consumer.recv() => m?.detach(),
             // Everything received is applied: the positions move past the
-            // transaction markers that end the partitions.
-            _ = tokio::time::sleep(batch::IDLE) => {
+            // transaction markers that end the partitions. The replay knows
+            // where the log ends, so it looks soon.
+            _ = tokio::time::sleep(REPLAY_IDLE) => {
                 if let Ok(now) = consumer.position() {
                     for e in now.elements() {
                         if let Offset::Offset(o) = e.offset() {
@@ -446,19 +455,10 @@ async fn blocking_positions(
 ) -> Result<(Offsets, Offsets), ReplayError> {
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);
-        let mut starts = HashMap::new();
-        let mut ends = HashMap::new();
+        let (mut starts, ends) = watermarks(&*consumer, &topics, timeout)?;
         let mut all = TopicPartitionList::new();
-        for topic in &topics {
-            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    all.add_partition(t.name(), p.id());
-                    let (low, high) = consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
-                    starts.insert((t.name().to_owned(), p.id()), low);
-                    ends.insert((t.name().to_owned(), p.id()), high);
-                }
-            }
+        for (topic, partition) in starts.keys() {
+            all.add_partition(topic, *partition);
         }
         match &start {
             StartAt::Earliest => {}
@@ -509,23 +509,33 @@ async fn blocking_positions(
     .map_err(|e| ReplayError::Other(e.to_string()))?
 }
 
-async fn blocking_ends(consumer: Arc<StreamConsumer>, topics: Vec<String>) -> Result<Offsets, ReplayError> {
-    tokio::task::spawn_blocking(move || {
-        let timeout = Duration::from_secs(10);
-        let mut ends = HashMap::new();
-        for topic in &topics {
-            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    let (_, high) = consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
-                    ends.insert((t.name().to_owned(), p.id()), high);
-                }
+/// The log's ends now, asked through `client`: not the replaying consumer,
+/// whose requests wait behind its fetch in flight (up to
+/// `fetch.wait.max.ms`, half a second, per partition asked).
+async fn blocking_ends(client: Arc<BaseConsumer>, topics: Vec<String>) -> Result<Offsets, ReplayError> {
+    tokio::task::spawn_blocking(move || Ok(watermarks(&*client, &topics, Duration::from_secs(10))?.1))
+        .await
+        .map_err(|e| ReplayError::Other(e.to_string()))?
+}
+
+/// The low and high watermarks of every partition of `topics`.
+fn watermarks(
+    client: &impl Consumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(Offsets, Offsets), rdkafka::error::KafkaError> {
+    let (mut lows, mut highs) = (HashMap::new(), HashMap::new());
+    for topic in topics {
+        let metadata = client.fetch_metadata(Some(topic), timeout)?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (low, high) = client.fetch_watermarks(t.name(), p.id(), timeout)?;
+                lows.insert((t.name().to_owned(), p.id()), low);
+                highs.insert((t.name().to_owned(), p.id()), high);
             }
         }
-        Ok(ends)
-    })
-    .await
-    .map_err(|e| ReplayError::Other(e.to_string()))?
+    }
+    Ok((lows, highs))
 }
 
 fn uuid_like() -> String {
