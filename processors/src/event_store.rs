@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use scylla::client::session::Session;
-use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::batch::BatchType;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use serde_json::Value;
@@ -148,7 +148,7 @@ impl EventStore for CqlEventStore {
     async fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<Append, StoreError> {
         // A conditional batch within one partition is applied atomically: all
         // versions are new, or nothing is written.
-        let batch = batch_of(BatchType::Logged, &self.insert, events.len());
+        let batch = replicas::batch_of(BatchType::Logged, &self.insert, events.len());
         let result = self.session.batch(&batch, rows(stream, events)).await.map_err(store_err)?;
         let rows = result.into_rows_result().map_err(store_err)?;
         // The first column of an LWT result is `[applied]`.
@@ -162,7 +162,7 @@ impl EventStore for CqlEventStore {
 
     async fn write(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<(), StoreError> {
         // One partition: the batch costs one write.
-        let batch = batch_of(BatchType::Unlogged, &self.upsert, events.len());
+        let batch = replicas::batch_of(BatchType::Unlogged, &self.upsert, events.len());
         self.session.batch(&batch, rows(stream, events)).await.map_err(store_err)?;
         Ok(())
     }
@@ -174,20 +174,12 @@ impl EventStore for CqlEventStore {
         let units = streams.iter().map(|(stream, events)| rows(*stream, events));
         let batches = replicas::batches(units, ROWS_PER_WRITE, |row| replicas::of(&cluster, &self.upsert, row));
         let writes = batches.into_iter().map(|values| async move {
-            let batch = batch_of(BatchType::Unlogged, &self.upsert, values.len());
+            let batch = replicas::batch_of(BatchType::Unlogged, &self.upsert, values.len());
             self.session.batch(&batch, values).await
         });
         futures::future::try_join_all(writes).await.map_err(store_err)?;
         Ok(())
     }
-}
-
-fn batch_of(kind: BatchType, statement: &PreparedStatement, n: usize) -> Batch {
-    let mut batch = Batch::new(kind);
-    for _ in 0..n {
-        batch.append_statement(statement.clone());
-    }
-    batch
 }
 
 type EventValues<'a> = (&'a str, &'a str, &'a str, i64, &'a str, &'a str, String, &'a str, &'a str, CqlTimestamp);

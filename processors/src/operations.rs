@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use scylla::client::session::Session;
-use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::batch::BatchType;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
@@ -237,10 +237,7 @@ impl OperationStore for CqlOperationStore {
             if let [one] = values.as_slice() {
                 return self.session.execute_unpaged(&self.upsert, one).await.map(drop);
             }
-            let mut batch = Batch::new(BatchType::Unlogged);
-            for _ in 0..values.len() {
-                batch.append_statement(self.upsert.clone());
-            }
+            let batch = replicas::batch_of(BatchType::Unlogged, &self.upsert, values.len());
             self.session.batch(&batch, values).await.map(drop)
         });
         futures::future::try_join_all(writes).await.map_err(op_err)?;

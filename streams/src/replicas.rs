@@ -10,6 +10,7 @@ use std::hash::Hash;
 
 use scylla::cluster::ClusterState;
 use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
 /// The host ids of the nodes holding the partition `statement` writes with
@@ -50,6 +51,16 @@ pub fn batches<U, K: Eq + Hash>(
     }
     full.extend(open.into_values().filter(|b| !b.is_empty()));
     full
+}
+
+/// A batch of `n` executions of one prepared `statement`, for `n` rows of
+/// values (a stream's events, a group [`batches`] made).
+pub fn batch_of(kind: BatchType, statement: &PreparedStatement, n: usize) -> Batch {
+    let mut batch = Batch::new(kind);
+    for _ in 0..n {
+        batch.append_statement(statement.clone());
+    }
+    batch
 }
 
 #[cfg(test)]
