@@ -180,6 +180,7 @@ pub fn stages(report: &Report) -> String {
         ("raw Kafka produce".into(), r.kafka_produce.per_second),
         ("raw CQL insert (rows)".into(), r.cql_insert.per_second),
         ("raw CQL batch (rows)".into(), r.cql_batch_insert.per_second),
+        ("raw CQL batches across partitions (rows)".into(), r.cql_spread_batch_insert.per_second),
         ("raw CQL LWT insert".into(), r.cql_lwt_insert.per_second),
         ("bare hops (commands)".into(), report.bare.ceiling.per_second),
         ("edge single".into(), report.edge.single.commands_per_second),

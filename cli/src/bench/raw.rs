@@ -26,10 +26,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use sluice_projections::orders::Orders;
 use sluice_projections::projection::{create_statements, table_names};
 use sluice_schemas::{cql, names};
+use sluice_streams::replicas;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +43,7 @@ use super::Bench;
 /// (`<tenant>.raw.commands`, `<tenant>.raw.events`).
 pub const RAW_CONTEXT: &str = "raw";
 
-/// Rows per unlogged batch in the batched-insert ceiling (one partition).
+/// Rows per unlogged batch in the batched-insert ceilings.
 pub const ROWS_PER_BATCH: usize = 16;
 
 /// The raw phases' tables: copies of the read model's tables (projection
@@ -69,6 +71,10 @@ fn raw_events_table(projection: &str) -> String {
 
 pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport> {
     let (duration, windows) = (bench.plan.raw_duration, bench.plan.windows.clone());
+    // The servers' first minutes run cold (JIT compilers, caches): a run
+    // right after the stack started measured half of what a later one did.
+    step("raw: warming the servers up");
+    warm_up(bench, duration).await?;
     let mut amqp_publish = Vec::new();
     let mut published = 0;
     for &w in &windows {
@@ -103,6 +109,12 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport
         step(&format!("raw: CQL unlogged batches of {ROWS_PER_BATCH} rows, {w} in flight"));
         cql_batch_insert.push(point(w, batched.run(bench, w, duration)).await?);
     }
+    let mut cql_spread_batch_insert = Vec::new();
+    let spread = CqlInsert::prepare_spread(bench).await?;
+    for &w in &windows {
+        step(&format!("raw: CQL unlogged batches of {ROWS_PER_BATCH} partitions' rows, {w} in flight"));
+        cql_spread_batch_insert.push(point(w, spread.run(bench, w, duration)).await?);
+    }
     let mut cql_lwt_insert = Vec::new();
     for &w in &windows {
         step(&format!("raw: CQL inserts IF NOT EXISTS, {w} in flight"));
@@ -115,11 +127,23 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport
         kafka_produce: Ceiling::new("records", kafka_produce),
         cql_insert: Ceiling::new("rows", cql_insert),
         cql_batch_insert: Ceiling::new("rows", cql_batch_insert),
+        cql_spread_batch_insert: Ceiling::new("rows", cql_spread_batch_insert),
         cql_lwt_insert: Ceiling::new("rows", cql_lwt_insert),
         rows_per_batch: ROWS_PER_BATCH,
         command_bytes: bench.workload.command_bytes().len(),
         event_bytes: bench.workload.event_bytes()?.len(),
     })
+}
+
+/// Runs the ceilings' work at their smallest window for `duration` each,
+/// measuring nothing.
+async fn warm_up(bench: &Bench, duration: Duration) -> anyhow::Result<()> {
+    let window = bench.plan.windows.first().copied().unwrap_or(32);
+    amqp_publish_at(bench, window, duration).await?;
+    kafka_produce_at(bench, window, duration).await?;
+    CqlInsert::prepare(bench).await?.run(bench, window, duration).await?;
+    CqlInsert::prepare_spread(bench).await?.run(bench, window, duration).await?;
+    Ok(())
 }
 
 /// Measures one window: the work's rate and the CPU each process group
@@ -371,12 +395,14 @@ async fn create_copy(session: &Session, statements: &[String], original: &str, t
     Ok(())
 }
 
-/// A prepared write of the read model's rows: one row, or a batch of
-/// `ROWS_PER_BATCH` rows.
+/// A prepared write of the read model's rows: one row, a batch of
+/// `ROWS_PER_BATCH` rows of one partition, or `ROWS_PER_BATCH` rows of as
+/// many partitions in batches by the replicas that hold them.
 #[derive(Clone)]
 enum CqlInsert {
-    Single(scylla::statement::prepared::PreparedStatement),
+    Single(PreparedStatement),
     Batched(Arc<Batch>),
+    Spread(PreparedStatement),
 }
 
 impl CqlInsert {
@@ -402,6 +428,19 @@ impl CqlInsert {
     /// by-customer table (one customer's orders): how a projection that
     /// groups its writes by partition key writes rows.
     async fn prepare_batch(bench: &Bench) -> anyhow::Result<Self> {
+        let insert = Self::customer_insert(bench).await?;
+        Ok(Self::Batched(Arc::new(replicas::batch_of(BatchType::Unlogged, &insert, ROWS_PER_BATCH))))
+    }
+
+    /// Rows of `ROWS_PER_BATCH` customers (partitions) at a time, in
+    /// unlogged batches by the replicas that hold them (one batch on one
+    /// node): how the projector writes a batch of events, one order each.
+    async fn prepare_spread(bench: &Bench) -> anyhow::Result<Self> {
+        Ok(Self::Spread(Self::customer_insert(bench).await?))
+    }
+
+    /// The insert of a by-customer row, into a copy of the table.
+    async fn customer_insert(bench: &Bench) -> anyhow::Result<PreparedStatement> {
         let session = &bench.session;
         let projection = &bench.settings.projector.name;
         let table = raw_customer_table(projection);
@@ -414,18 +453,14 @@ impl CqlInsert {
             ))
             .await
             .context("preparing the raw batched insert")?;
-        let mut batch = Batch::new(BatchType::Unlogged);
-        for _ in 0..ROWS_PER_BATCH {
-            batch.append_statement(insert.clone());
-        }
-        Ok(Self::Batched(Arc::new(batch)))
+        Ok(insert)
     }
 
     /// `window` executions in flight for `duration`; counts rows.
     async fn run(&self, bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
         let rows = match self {
             Self::Single(_) => 1,
-            Self::Batched(_) => ROWS_PER_BATCH,
+            Self::Batched(_) | Self::Spread(_) => ROWS_PER_BATCH,
         };
         let session = bench.session.clone();
         let lines = bench.workload.lines_json();
@@ -452,6 +487,21 @@ impl CqlInsert {
                                 })
                                 .collect();
                             session.batch(batch, values).await.context("raw batched insert")?;
+                        }
+                        Self::Spread(insert) => {
+                            let values = (0..ROWS_PER_BATCH).map(|_| {
+                                let order = workload.next_order();
+                                vec![(&tenant, format!("c-{order}"), at, order, "EUR", 2100i64, 1i64, 1i64)]
+                            });
+                            let cluster = session.get_cluster_state();
+                            let groups =
+                                replicas::batches(values, ROWS_PER_BATCH, |row| replicas::of(&cluster, insert, row));
+                            let writes = groups.into_iter().map(|rows| {
+                                let batch = replicas::batch_of(BatchType::Unlogged, insert, rows.len());
+                                let session = &session;
+                                async move { session.batch(&batch, rows).await }
+                            });
+                            futures::future::try_join_all(writes).await.context("raw spread batched insert")?;
                         }
                     }
                     n += 1;
