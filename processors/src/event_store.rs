@@ -5,8 +5,11 @@
 //! record, are appended with a lightweight transaction on the next version
 //! (optimistic concurrency, [`EventStore::append`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+
+use futures::TryStreamExt;
 
 use scylla::client::session::Session;
 use scylla::statement::batch::BatchType;
@@ -50,6 +53,15 @@ pub struct StoreError(pub String);
 
 pub trait EventStore: Send + Sync {
     fn load(&self, stream: StreamRef<'_>) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
+    /// Loads several streams, each as [`EventStore::load`] does, in as few
+    /// requests as the store allows; the histories in the order of
+    /// `streams`.
+    fn load_all(
+        &self,
+        streams: &[StreamRef<'_>],
+    ) -> impl Future<Output = Result<Vec<Vec<StoredEvent>>, StoreError>> + Send {
+        futures::future::try_join_all(streams.iter().map(|stream| self.load(*stream)))
+    }
     /// Appends events whose versions continue the stream; all or nothing.
     fn append(
         &self,
@@ -79,9 +91,13 @@ pub trait EventStore: Send + Sync {
 /// Rows in one write of several streams (a stream's rows stay together).
 const ROWS_PER_WRITE: usize = 32;
 
+/// Streams in one read of several.
+const STREAMS_PER_READ: usize = 32;
+
 pub struct CqlEventStore {
     session: Arc<Session>,
     load: PreparedStatement,
+    load_many: PreparedStatement,
     insert: PreparedStatement,
     upsert: PreparedStatement,
 }
@@ -99,6 +115,13 @@ impl CqlEventStore {
             )
             .await
             .map_err(store_err)?;
+        let load_many = session
+            .prepare(
+                "SELECT stream_id, version, event_id, event_type, payload, command_key, operation_id, recorded_at \
+                 FROM events WHERE tenant = ? AND context = ? AND stream_id IN ?",
+            )
+            .await
+            .map_err(store_err)?;
         let insert = session
             .prepare(
                 "INSERT INTO events (tenant, context, stream_id, version, event_id, event_type, payload, \
@@ -113,11 +136,26 @@ impl CqlEventStore {
             )
             .await
             .map_err(store_err)?;
-        Ok(Self { session, load, insert, upsert })
+        Ok(Self { session, load, load_many, insert, upsert })
     }
 }
 
 type EventRow = (i64, String, String, String, String, String, CqlTimestamp);
+/// An [`EventRow`] with its stream id first.
+type StreamEventRow = (String, i64, String, String, String, String, String, CqlTimestamp);
+
+fn stored(row: EventRow) -> Result<StoredEvent, StoreError> {
+    let (version, event_id, event_type, payload, command_key, operation_id, recorded_at) = row;
+    Ok(StoredEvent {
+        version,
+        event_id,
+        event_type,
+        payload: serde_json::from_str(&payload).map_err(store_err)?,
+        command_key,
+        operation_id,
+        recorded_at_ms: recorded_at.0,
+    })
+}
 
 impl EventStore for CqlEventStore {
     async fn load(&self, stream: StreamRef<'_>) -> Result<Vec<StoredEvent>, StoreError> {
@@ -127,22 +165,39 @@ impl EventStore for CqlEventStore {
             .await
             .map_err(store_err)?;
         let rows = result.into_rows_result().map_err(store_err)?;
-        rows.rows::<EventRow>()
-            .map_err(store_err)?
-            .map(|row| {
-                let (version, event_id, event_type, payload, command_key, operation_id, recorded_at) =
-                    row.map_err(store_err)?;
-                Ok(StoredEvent {
-                    version,
-                    event_id,
-                    event_type,
-                    payload: serde_json::from_str(&payload).map_err(store_err)?,
-                    command_key,
-                    operation_id,
-                    recorded_at_ms: recorded_at.0,
-                })
+        rows.rows::<EventRow>().map_err(store_err)?.map(|row| stored(row.map_err(store_err)?)).collect()
+    }
+
+    async fn load_all(&self, streams: &[StreamRef<'_>]) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+        // Streams on the same replicas share a read (one partition key
+        // list, `IN`); the rows come back stream by stream.
+        let cluster = self.session.get_cluster_state();
+        let units = streams.iter().map(|s| vec![(s.tenant, s.context, s.stream_id)]);
+        let groups =
+            replicas::batches(units, STREAMS_PER_READ, |key| (key.0, key.1, replicas::of(&cluster, &self.load, key)));
+        let reads = groups.into_iter().map(|keys| async move {
+            let (tenant, context) = (keys[0].0, keys[0].1);
+            let ids: Vec<&str> = keys.iter().map(|k| k.2).collect();
+            let pager = self.session.execute_iter(self.load_many.clone(), (tenant, context, ids)).await;
+            let rows = pager.map_err(store_err)?.rows_stream::<StreamEventRow>().map_err(store_err)?;
+            let rows: Vec<StreamEventRow> = rows.try_collect().await.map_err(store_err)?;
+            Ok::<_, StoreError>((tenant, context, rows))
+        });
+        let mut found: HashMap<(&str, &str, String), Vec<StoredEvent>> = HashMap::new();
+        for (tenant, context, rows) in futures::future::try_join_all(reads).await? {
+            for (stream_id, version, event_id, event_type, payload, command_key, operation_id, at) in rows {
+                let row = (version, event_id, event_type, payload, command_key, operation_id, at);
+                found.entry((tenant, context, stream_id)).or_default().push(stored(row)?);
+            }
+        }
+        Ok(streams
+            .iter()
+            .map(|s| {
+                let mut history = found.remove(&(s.tenant, s.context, s.stream_id.to_owned())).unwrap_or_default();
+                history.sort_by_key(|e| e.version);
+                history
             })
-            .collect()
+            .collect())
     }
 
     async fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<Append, StoreError> {

@@ -427,7 +427,7 @@ where
             .into_iter()
             .collect();
         let started = Instant::now();
-        let loads = join_all(unknown.iter().map(|s| self.load(s)));
+        let loads = self.load_all(&unknown);
         let operation_ids: Vec<&str> = parsed.iter().map(|(i, _, _)| commands[*i].operation_id.as_str()).collect();
         let statuses = self.backends.operations.statuses(&self.partition.tenant, &operation_ids);
         let (loads, statuses) = futures::join!(loads, statuses);
@@ -435,6 +435,10 @@ where
         if self.streams.len() + unknown.len() > MAX_CACHED_STREAMS {
             self.streams.clear();
         }
+        let loads: Vec<Result<Stream<A::State>, String>> = match loads {
+            Ok(loads) => loads,
+            Err(e) => unknown.iter().map(|_| Err(e.clone())).collect(),
+        };
         for (stream_id, loaded) in unknown.into_iter().zip(loads) {
             match loaded {
                 Ok(stream) => {
@@ -658,12 +662,22 @@ where
         Ok((A::stream_id(&command).to_owned(), command))
     }
 
-    async fn load(&self, stream_id: &str) -> Result<Stream<A::State>, String> {
-        let stream = StreamRef { tenant: &self.partition.tenant, context: A::CONTEXT, stream_id };
-        let history = self.backends.store.load(stream).await.map_err(|e| e.to_string())?;
+    /// Loads streams in one go; a stream whose history cannot be read back
+    /// fails alone. `Err`: the store failed.
+    async fn load_all(&self, stream_ids: &[String]) -> Result<Vec<Result<Stream<A::State>, String>>, String> {
+        let streams: Vec<StreamRef<'_>> = stream_ids
+            .iter()
+            .map(|stream_id| StreamRef { tenant: &self.partition.tenant, context: A::CONTEXT, stream_id })
+            .collect();
+        let histories = self.backends.store.load_all(&streams).await.map_err(|e| e.to_string())?;
+        Ok(stream_ids.iter().zip(histories).map(|(stream_id, history)| Self::replay(stream_id, &history)).collect())
+    }
+
+    /// A stream's state from its history.
+    fn replay(stream_id: &str, history: &[StoredEvent]) -> Result<Stream<A::State>, String> {
         let mut state = A::State::default();
         let mut decided = HashSet::new();
-        for stored in &history {
+        for stored in history {
             let event = A::Event::from_json(&stored.event_type, stored.payload.clone())
                 .map_err(|e| format!("stream {stream_id} holds an unreadable event: {e}"))?;
             state = A::evolve(state, &event);
