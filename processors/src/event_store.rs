@@ -172,7 +172,10 @@ impl EventStore for CqlEventStore {
         // Streams on the same replicas share a read (one partition key
         // list, `IN`); the rows come back stream by stream.
         let cluster = self.session.get_cluster_state();
-        let units = streams.iter().map(|s| vec![(s.tenant, s.context, s.stream_id)]);
+        // Each stream read once, however often it is asked for.
+        let mut seen = std::collections::HashSet::new();
+        let distinct = streams.iter().map(|s| (s.tenant, s.context, s.stream_id)).filter(|key| seen.insert(*key));
+        let units = distinct.map(|key| vec![key]);
         let groups =
             replicas::batches(units, STREAMS_PER_READ, |key| (key.0, key.1, replicas::of(&cluster, &self.load, key)));
         let reads = groups.into_iter().map(|keys| async move {
@@ -193,7 +196,8 @@ impl EventStore for CqlEventStore {
         Ok(streams
             .iter()
             .map(|s| {
-                let mut history = found.remove(&(s.tenant, s.context, s.stream_id.to_owned())).unwrap_or_default();
+                let mut history =
+                    found.get(&(s.tenant, s.context, s.stream_id.to_owned())).cloned().unwrap_or_default();
                 history.sort_by_key(|e| e.version);
                 history
             })

@@ -1037,12 +1037,14 @@ async fn a_rounds_streams_and_records_written_in_shared_batches_are_all_there_an
     let never = StreamRef { tenant: &tenant.name, context: "orders", stream_id: "order-never" };
     let mut asked: Vec<StreamRef<'_>> = streams.iter().rev().map(|(stream, _)| *stream).collect();
     asked.insert(7, never);
+    asked.push(asked[3]);
     let loaded = store.load_all(&asked).await.unwrap();
     assert_eq!(loaded.len(), asked.len());
     for (stream, history) in asked.iter().zip(&loaded) {
         assert_eq!(history, &store.load(*stream).await.unwrap(), "the history of {}", stream.stream_id);
     }
     assert!(loaded[7].is_empty(), "a stream never written loads empty");
+    assert!(!loaded[3].is_empty() && loaded.last() == Some(&loaded[3]), "a stream asked for twice loads twice");
     assert_eq!(loaded[0].iter().map(|e| e.version).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
     // How the store groups them: each stream whole, no batch over 32 rows
     // unless it is one stream alone.
