@@ -179,15 +179,22 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
     .await;
 
     // Clients, each running Submit → Ship → Cancel for its orders; one
-    // processor is frozen while they run.
+    // processor is frozen while they run. Each client sends half of its
+    // orders before the freeze and half after it, so the freeze lands
+    // mid-work however fast the processors are: commands reach the frozen
+    // processor's queues while it still holds them.
     let orders_per_client = 6;
     let clients = 24;
+    let (froze, frozen_yet) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
-        let (edge, tenant) = (edge.clone(), tenant.clone());
+        let (edge, tenant, mut frozen_yet) = (edge.clone(), tenant.clone(), frozen_yet.clone());
         tasks.spawn(async move {
             let mut all = Vec::new();
             for i in 0..orders_per_client {
+                if i == orders_per_client / 2 {
+                    frozen_yet.wait_for(|frozen| *frozen).await.expect("the test awaits the clients");
+                }
                 let order = format!("f{c}-{i}");
                 let ops = submit_ship_cancel(&edge, &tenant, &order).await;
                 all.push((order, ops));
@@ -202,6 +209,7 @@ async fn a_frozen_processor_delays_its_streams_but_never_reorders_them() {
     })
     .await;
     frozen.freeze();
+    froze.send_replace(true);
     let frozen_at = Instant::now();
     let mut orders = Vec::new();
     while let Some(client) = tasks.join_next().await {
