@@ -1,8 +1,9 @@
 //! Domain events to Kafka, exactly once: each command partition's owner
 //! produces through a transactional producer of its own
 //! (`transactional.id` = the partition), and commits with every transaction
-//! the journal position it relayed up to, as a consumer-group offset of the
-//! partition ([`RELAY_TOPIC`], group `sluice.relay.<tenant>.<context>.<p>`).
+//! the journal position it relayed up to, as a consumer-group offset: the
+//! context's group `sluice.relay.<tenant>.<context>`, partition p of
+//! [`RELAY_TOPIC`] for command partition p ([`Positions`]).
 //! A `read_committed` consumer sees a transaction's events together or not
 //! at all, and the next owner starts from the committed position: no event
 //! is produced twice, none is skipped. A new owner's producer fences the
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
@@ -33,8 +34,10 @@ use crate::amqp::consumer::PartitionRef;
 use crate::hanging;
 use crate::operations::EventPosition;
 
-/// The topic whose (group, partition 0) offsets hold each command
-/// partition's relay position; it holds no records.
+/// The topic whose offsets hold the relay positions: partition p in a
+/// context's group is command partition p's. It holds no records, and has at
+/// least as many partitions as a context has command partitions
+/// ([`ensure_relay_topic`]).
 pub const RELAY_TOPIC: &str = "sluice.relay";
 
 /// One event ready to publish.
@@ -137,9 +140,15 @@ impl KafkaRelays {
     }
 }
 
-/// The name of a partition's relay: its transactional id and its group.
+/// The name of a partition's relay: its transactional id, and the name its
+/// records carry (`sluice-relay`).
 pub fn relay_name(partition: &PartitionRef) -> String {
     format!("sluice.relay.{}.{}.{}", partition.tenant, partition.context, partition.partition)
+}
+
+/// The consumer group holding the relay positions of a context's partitions.
+pub fn relay_group(tenant: &str, context: &str) -> String {
+    format!("sluice.relay.{tenant}.{context}")
 }
 
 /// How long a transaction call may take before it counts as failed.
@@ -206,13 +215,13 @@ impl RelayFactory for KafkaRelays {
         let init = producer.clone();
         // Fences the previous owner's producer and settles its transaction.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
-        let positions = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
-        let (position, may_lag) = match committed_position(positions.clone()).await {
+        let positions = Arc::new(Positions::new(brokers, partition, "read_committed")?);
+        let (position, may_lag) = match positions.clone().read(TXN_TIMEOUT).await {
             Ok(position) => (position, false),
-            // A stable read waits while any transactional commit of the
-            // group is pending. Once `init_transactions` returned, no
-            // transaction of this id is open any more, and only this id
-            // commits to this group: a commit still pending is one Kafka
+            // A stable read waits while a transactional commit of the
+            // partition's position is pending. Once `init_transactions`
+            // returned, no transaction of this id is open any more, and only
+            // this id commits this position: a commit still pending is one Kafka
             // never marked (seen after broker restarts), and this owner's
             // first commit settles it. Its transaction may have committed
             // the events all the same (seen once: the events marked
@@ -220,15 +229,17 @@ impl RelayFactory for KafkaRelays {
             // read past it may lag; the owner weighs it against the
             // journal's note.
             Err(RelayError::Transient(stable)) => {
-                let plain = Arc::new(relay_group_client(brokers, &name, "read_uncommitted")?);
-                let position = committed_position(plain).await?;
+                let plain = Arc::new(Positions::new(brokers, partition, "read_uncommitted")?);
+                let position = plain.read(TXN_TIMEOUT).await?;
                 tracing::warn!(relay = %name, ?position, %stable, "relay position read past a pending commit of an ended transaction");
                 (position, true)
             }
             Err(fenced) => return Err(fenced),
         };
-        let group =
-            positions.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
+        let group = positions
+            .group
+            .group_metadata()
+            .ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
         let topic = names::events_topic(&partition.tenant, partition.context);
         end_hanging(brokers, &name, &topic, async { Ok(position) }).await;
         let relay = KafkaRelay {
@@ -250,10 +261,7 @@ impl RelayFactory for KafkaRelays {
         let topic = names::events_topic(&partition.tenant, partition.context);
         // Read only if something hangs; a commit in flight makes the stable
         // read fail, and the next sweep looks again.
-        let relayed = async {
-            let client = Arc::new(relay_group_client(brokers, &name, "read_committed")?);
-            committed_position(client).await
-        };
+        let relayed = async { Arc::new(Positions::new(brokers, partition, "read_committed")?).read(TXN_TIMEOUT).await };
         end_hanging(brokers, &name, &topic, relayed).await;
     }
 }
@@ -480,44 +488,94 @@ fn position_in(reader: &BaseConsumer, topic: &str, partition: i32) -> Result<i64
     })
 }
 
-/// A client of a relay's consumer group (never joined: it reads the
-/// committed position and lends its group metadata to the transactions).
-fn relay_group_client(brokers: &str, name: &str, isolation: &str) -> Result<BaseConsumer, RelayError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", name)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation)
-        .create()
-        .map_err(kafka_err)
+/// Where one command partition's relay position is read: partition p of
+/// [`RELAY_TOPIC`] in its context's group ([`relay_group`]), so that one
+/// transaction can commit the positions of several partitions. Positions
+/// committed before this layout (one group per partition, named as its
+/// relay, at partition 0) are read when the context's group has none; the
+/// next commit moves the position over.
+struct Positions {
+    /// A client of the context's group (never joined: it reads positions
+    /// and lends its group metadata to the transactions).
+    group: BaseConsumer,
+    /// A client of the partition's group of the earlier layout.
+    legacy: BaseConsumer,
+    partition: i32,
 }
 
-/// The relay position committed for the group of `client` (`None`: never
-/// committed). A `read_committed` client asks for a stable one.
-async fn committed_position(client: Arc<BaseConsumer>) -> Result<Option<i64>, RelayError> {
-    committed_position_within(client, TXN_TIMEOUT).await
+impl Positions {
+    /// A `read_committed` client reads stable positions: it fails while a
+    /// commit of the position is pending.
+    fn new(brokers: &str, partition: &PartitionRef, isolation: &str) -> Result<Self, RelayError> {
+        let client = |group: &str| {
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", isolation)
+                .create::<BaseConsumer>()
+                .map_err(kafka_err)
+        };
+        Ok(Self {
+            group: client(&relay_group(&partition.tenant, partition.context))?,
+            legacy: client(&relay_name(partition))?,
+            partition: i32::from(partition.partition),
+        })
+    }
+
+    /// The committed relay position (`None`: never committed), waiting at
+    /// most `timeout` per group asked.
+    async fn read(self: Arc<Self>, timeout: Duration) -> Result<Option<i64>, RelayError> {
+        blocking(move || {
+            let committed = |client: &BaseConsumer, partition: i32| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(RELAY_TOPIC, partition);
+                let committed = client.committed_offsets(tpl, timeout)?;
+                Ok::<_, KafkaError>(committed.find_partition(RELAY_TOPIC, partition).and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                }))
+            };
+            match committed(&self.group, self.partition)? {
+                Some(position) => Ok(Some(position)),
+                None => committed(&self.legacy, 0),
+            }
+        })
+        .await
+    }
 }
 
-/// [`committed_position`], waiting at most `timeout`.
-async fn committed_position_within(client: Arc<BaseConsumer>, timeout: Duration) -> Result<Option<i64>, RelayError> {
-    let committed = blocking(move || {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(RELAY_TOPIC, 0);
-        client.committed_offsets(tpl, timeout)
-    })
-    .await?;
-    Ok(committed.find_partition(RELAY_TOPIC, 0).and_then(|e| match e.offset() {
-        Offset::Offset(o) => Some(o),
-        _ => None,
-    }))
+/// Creates [`RELAY_TOPIC`] with a partition per command partition of a
+/// context (`partitions`), or adds the partitions it lacks.
+pub async fn ensure_relay_topic(brokers: &str, partitions: u16, replication: Replication) -> Result<(), RelayError> {
+    let wanted = i32::from(partitions).max(1);
+    ensure_topics(brokers, &[RELAY_TOPIC.to_owned()], wanted, replication).await?;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(kafka_err)?;
+    let metadata = admin.inner().fetch_metadata(Some(RELAY_TOPIC), Duration::from_secs(10)).map_err(kafka_err)?;
+    let has = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    if has >= wanted as usize {
+        return Ok(());
+    }
+    let grow = NewPartitions::new(RELAY_TOPIC, wanted as usize);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_partitions(&[grow], &options).await.map_err(kafka_err)?;
+    for result in results {
+        match result {
+            // Another processor grew it meanwhile.
+            Ok(_) | Err((_, RDKafkaErrorCode::InvalidPartitions)) => {}
+            Err((topic, code)) => return Err(RelayError::Transient(format!("adding partitions to {topic}: {code}"))),
+        }
+    }
+    Ok(())
 }
 
 /// One partition's transactional producer.
 pub struct KafkaRelay {
     producer: FutureProducer,
     group: Arc<ConsumerGroupMetadata>,
-    /// The group metadata's client; also asks for the topic's leaders.
-    positions: Arc<BaseConsumer>,
+    /// Where its position is read.
+    positions: Arc<Positions>,
     brokers: String,
     /// The transactional id.
     name: String,
@@ -596,10 +654,10 @@ impl Relay for KafkaRelay {
     }
 
     async fn commit(&self, next: i64) -> Result<(), RelayError> {
-        let (producer, group) = (self.producer.clone(), self.group.clone());
+        let (producer, group, partition) = (self.producer.clone(), self.group.clone(), self.positions.partition);
         let committed = blocking(move || {
             let mut offsets = TopicPartitionList::new();
-            offsets.add_partition_offset(RELAY_TOPIC, 0, Offset::Offset(next))?;
+            offsets.add_partition_offset(RELAY_TOPIC, partition, Offset::Offset(next))?;
             producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
             producer.commit_transaction(TXN_TIMEOUT)
         })
@@ -608,7 +666,7 @@ impl Relay for KafkaRelay {
     }
 
     async fn position(&self) -> Result<Option<i64>, RelayError> {
-        committed_position_within(self.positions.clone(), POSITION_TIMEOUT).await
+        self.positions.clone().read(POSITION_TIMEOUT).await
     }
 
     async fn relayed_on_topic(&self) -> Result<Option<i64>, RelayError> {
@@ -627,7 +685,7 @@ impl Relay for KafkaRelay {
             // out): what the coordinator forgot is found as at an open.
             // The position as Kafka has it: a commit whose answer was lost
             // may have gone through.
-            end_hanging(&self.brokers, &self.name, &self.topic, committed_position(self.positions.clone())).await;
+            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone().read(TXN_TIMEOUT)).await;
         }
         aborted
     }

@@ -192,7 +192,6 @@ pub async fn run(
     }
     // Each cluster gets its tenants' topics and a relay topic of its own.
     // Kafka may be restarting while this processor starts: wait for it.
-    let relay_topic = [kafka::RELAY_TOPIC.to_owned()];
     let ensure = || async {
         for cluster in infra.kafka.of(tenants) {
             let mut topics: Vec<String> = cluster
@@ -206,7 +205,7 @@ pub async fn run(
                 }));
             }
             kafka::ensure_topics(&cluster.brokers, &topics, config.topic_partitions, infra.replication).await?;
-            kafka::ensure_topics(&cluster.brokers, &relay_topic, 1, infra.replication).await?;
+            kafka::ensure_relay_topic(&cluster.brokers, infra.partitions, infra.replication).await?;
         }
         Ok::<_, kafka::RelayError>(())
     };

@@ -419,11 +419,17 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
 }
 
 /// A new owner reads the relay position its predecessors committed even
-/// while a transactional commit to the relay's group is pending and never
-/// ends (after a broker restart, a commit request can reach the broker after
-/// its transaction ended: it stays pending for good, and a stable read of
-/// the group waits for it forever). Emulated here by another producer's
-/// transaction left open with a commit to the group.
+/// while a transactional commit of it is pending and never ends (after a
+/// broker restart, a commit request can reach the broker after its
+/// transaction ended: it stays pending for good, and a stable read of the
+/// position waits for it forever). Emulated here by another producer's
+/// transaction left open with a commit of the position.
+///
+/// The positions of a context's partitions share one group (partition p of
+/// the relay topic is command partition p's): a commit pending for another
+/// partition does not hold up a stable read of this one's. A position
+/// committed in the layout before (a group per partition, at partition 0)
+/// is read until the new layout holds one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     use rdkafka::config::ClientConfig;
@@ -436,50 +442,73 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     require_stack().await;
     let tenant = TestTenant::new();
     let settings = test_settings(&[&tenant]);
-    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned()], 1, Default::default()).await.unwrap();
+    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
     let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
     let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
-    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 1 };
+    let neighbour = PartitionRef { partition: 0, ..partition.clone() };
 
-    // An owner relays up to journal seq 7.
+    // A transaction left open with a commit of `offset` for `relay_partition`
+    // of `group`.
+    let left_pending = |group: String, relay_partition: i32, offset: i64| {
+        tokio::task::spawn_blocking(move || {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", KAFKA)
+                .set("transactional.id", format!("pending-{}", uuid::Uuid::new_v4()))
+                .set("transaction.timeout.ms", "600000")
+                .create()
+                .unwrap();
+            producer.init_transactions(WAIT).unwrap();
+            producer.begin_transaction().unwrap();
+            let client: BaseConsumer =
+                ClientConfig::new().set("bootstrap.servers", KAFKA).set("group.id", &group).create().unwrap();
+            let mut offsets = rdkafka::TopicPartitionList::new();
+            offsets.add_partition_offset(kafka::RELAY_TOPIC, relay_partition, rdkafka::Offset::Offset(offset)).unwrap();
+            producer.send_offsets_to_transaction(&offsets, &client.group_metadata().unwrap(), WAIT).unwrap();
+            producer
+        })
+    };
+    let group = kafka::relay_group(&tenant.name, "orders");
+
+    // A position of the layout before: the partition's own group.
+    let legacy = left_pending(kafka::relay_name(&partition), 0, 5).await.unwrap();
+    tokio::task::spawn_blocking(move || legacy.commit_transaction(WAIT).unwrap()).await.unwrap();
     let (relay, position) = relays.open(&partition, "first").await.unwrap();
-    assert_eq!(position.committed, None, "a new partition has no position");
+    assert_eq!(position.committed, Some(5), "the position committed in the layout before");
+    assert!(!position.may_lag);
+
+    // An owner relays up to journal seq 7, while a commit of the neighbour's
+    // position stays pending.
+    let neighbours = left_pending(group.clone(), i32::from(neighbour.partition), 3).await.unwrap();
     relay.produce(vec![]).await.unwrap();
     relay.commit(7).await.unwrap();
+    let (relay, position) =
+        tokio::time::timeout(WAIT, relays.open(&partition, "second")).await.expect("open returns").unwrap();
+    assert_eq!(
+        position,
+        kafka::RelayPosition { committed: Some(7), may_lag: false },
+        "read stable, past the neighbour's pending commit"
+    );
+    drop(relay);
+    tokio::task::spawn_blocking(move || neighbours.abort_transaction(WAIT).unwrap()).await.unwrap();
+    let (_, position) = relays.open(&neighbour, "first").await.unwrap();
+    assert_eq!(position.committed, None, "the neighbour's aborted commit never counted");
 
-    // A commit to the relay's group that stays pending.
-    let group = kafka::relay_name(&partition);
-    let pending = tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", KAFKA)
-            .set("transactional.id", format!("pending-{}", uuid::Uuid::new_v4()))
-            .set("transaction.timeout.ms", "600000")
-            .create()
-            .unwrap();
-        producer.init_transactions(WAIT).unwrap();
-        producer.begin_transaction().unwrap();
-        let client: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", KAFKA).set("group.id", &group).create().unwrap();
-        let mut offsets = rdkafka::TopicPartitionList::new();
-        offsets.add_partition_offset(kafka::RELAY_TOPIC, 0, rdkafka::Offset::Offset(99)).unwrap();
-        producer.send_offsets_to_transaction(&offsets, &client.group_metadata().unwrap(), WAIT).unwrap();
-        producer
-    })
-    .await
-    .unwrap();
+    // A commit of this partition's position that stays pending.
+    let pending = left_pending(group, i32::from(partition.partition), 99).await.unwrap();
 
     // The next owner takes over meanwhile: it gets the committed position.
     let (relay, position) =
-        tokio::time::timeout(WAIT, relays.open(&partition, "second")).await.expect("open returns").unwrap();
-    assert_eq!(position.committed, Some(7), "the position the first owner committed");
+        tokio::time::timeout(WAIT, relays.open(&partition, "third")).await.expect("open returns").unwrap();
+    assert_eq!(position.committed, Some(7), "the position the second owner committed");
     assert!(position.may_lag, "read past the pending commit: the owner weighs it against the journal");
     relay.produce(vec![]).await.unwrap();
     relay.commit(9).await.unwrap();
     drop(relay);
 
-    // The pending commit ends (aborted); the second owner's position stands.
+    // The pending commit ends (aborted); the third owner's position stands.
     tokio::task::spawn_blocking(move || pending.abort_transaction(WAIT).unwrap()).await.unwrap();
-    let (_, position) = relays.open(&partition, "third").await.unwrap();
+    let (_, position) = relays.open(&partition, "fourth").await.unwrap();
     assert_eq!(position.committed, Some(9));
     assert!(!position.may_lag);
 }
@@ -817,9 +846,8 @@ async fn hanging_setup(
     use sluice_streams::clusters::{Cluster, Clusters};
     let settings = test_settings(&[tenant]);
     let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
-    kafka::ensure_topics(KAFKA, &[kafka::RELAY_TOPIC.to_owned(), topic.clone()], partitions, Default::default())
-        .await
-        .unwrap();
+    kafka::ensure_topics(KAFKA, std::slice::from_ref(&topic), partitions, Default::default()).await.unwrap();
+    kafka::ensure_relay_topic(KAFKA, 1, Default::default()).await.unwrap();
     let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
     let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
     let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };

@@ -547,7 +547,10 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
     let mut topics: Vec<String> = contexts.iter().map(|c| names::events_topic(tenant, c)).collect();
     topics.push(sluice_streams::dead_letter::dead_letter_topic(&topic, projection));
     topics.extend(scratch.iter().map(|c| names::events_topic(tenant, c)));
-    let groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
+    let mut groups: Vec<String> = (1..=2).map(|v| group_id(&bench.settings.projector, v)).collect();
+    // The relays' positions: the journal holding the entries they count is
+    // keyed by the run's tenant too.
+    groups.extend(contexts.iter().map(|c| sluice_processors::kafka::relay_group(tenant, c)));
     match ClientConfig::new()
         .set("bootstrap.servers", &bench.settings.kafka.brokers)
         // Deleting topics makes it report their partitions gone, at info.
