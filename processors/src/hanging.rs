@@ -16,10 +16,11 @@
 //! involved are not in librdkafka, so this module speaks them itself.
 //! [`find_hanging`] finds two kinds, neither of which can be a live
 //! transaction, whoever asks and whenever:
-//! - one of the relay's producer at an epoch older than the one its
-//!   coordinator holds while that coordinator has nothing of an older epoch
-//!   left to end: a coordinator moves a producer to a newer epoch only once
-//!   it has ended the older epoch's transaction on every partition it knows;
+//! - one of a producer at an epoch older than the one its coordinator holds
+//!   (its transactional id found with `ListTransactions`) while that
+//!   coordinator has nothing of an older epoch left to end: a coordinator
+//!   moves a producer to a newer epoch only once it has ended the older
+//!   epoch's transaction on every partition it knows;
 //! - one whose producer last wrote to the partition longer ago than a
 //!   transaction may live (its coordinator aborts it by then), whatever its
 //!   producer id: found when the coordinator lost track of the producer
@@ -40,8 +41,8 @@ use kafka_protocol::messages::describe_producers_request::TopicRequest;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::write_txn_markers_request::{WritableTxnMarker, WritableTxnMarkerTopic};
 use kafka_protocol::messages::{
-    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, MetadataRequest, ProducerId,
-    RequestHeader, ResponseHeader, TopicName, TransactionalId, WriteTxnMarkersRequest,
+    DescribeProducersRequest, DescribeTransactionsRequest, FindCoordinatorRequest, ListTransactionsRequest,
+    MetadataRequest, ProducerId, RequestHeader, ResponseHeader, TopicName, TransactionalId, WriteTxnMarkersRequest,
 };
 use kafka_protocol::protocol::{encode_request_header_into_buffer, Decodable, HeaderVersion, Request, StrBytes};
 use kafka_protocol::ResponseError;
@@ -164,8 +165,9 @@ async fn transaction_state(brokers: &str, transactional_id: &str) -> Result<Opti
     }))
 }
 
-/// Each partition of `topic` with its leader's address.
-pub async fn leaders(brokers: &str, topic: &str) -> Result<BTreeMap<i32, String>, String> {
+/// Each partition of `topic` with its leader's address, and every broker's
+/// address.
+async fn topic_metadata(brokers: &str, topic: &str) -> Result<(BTreeMap<i32, String>, Vec<String>), String> {
     let metadata = connect_any(brokers)
         .await?
         .send(
@@ -186,7 +188,7 @@ pub async fn leaders(brokers: &str, topic: &str) -> Result<BTreeMap<i32, String>
             leaders.insert(p.partition_index, leader.clone());
         }
     }
-    Ok(leaders)
+    Ok((leaders, addresses.into_values().collect()))
 }
 
 async fn connect_any(brokers: &str) -> Result<Broker, String> {
@@ -213,35 +215,26 @@ pub struct Hanging {
     /// The offset of its first record: the partition's last stable offset
     /// until it ends.
     pub first_offset: i64,
-    /// Found by its epoch: a transaction of the relay's own producer. One
-    /// found only by its age may be another relay's.
+    /// Found by its epoch (not live, whoever's it is); otherwise by its age.
     pub by_epoch: bool,
+    /// Its producer's transactional id, when a coordinator still knows it.
+    pub transactional_id: Option<String>,
 }
 
-/// The transactions open on a partition of `topic` that are hanging: of
-/// `transactional_id`'s producer at an epoch older than the one its
-/// coordinator has moved it to, or of any producer that last wrote to the
-/// partition more than `stale_after` ago (longer than a transaction may
-/// live: the caller reads their first record to tell whose they are).
-pub async fn find_hanging(
-    brokers: &str,
-    transactional_id: &str,
-    topic: &str,
-    stale_after: Duration,
-) -> Result<Vec<Hanging>, String> {
-    // An epoch still being ended (`PrepareAbort`, `PrepareCommit`, a fence)
-    // has its transaction open on partitions until its markers are written,
-    // and cannot be told apart from a hanging one by its epoch.
-    let current = transaction_state(brokers, transactional_id)
-        .await?
-        .filter(|c| matches!(c.state.as_str(), "Empty" | "Ongoing" | "CompleteCommit" | "CompleteAbort"));
-    let stale_before = chrono::Utc::now().timestamp_millis() - stale_after.as_millis() as i64;
-    let leaders = leaders(brokers, topic).await?;
+/// The transactions open on a partition of `topic` that are hanging: of a
+/// producer at an epoch older than the one its coordinator has moved it to,
+/// or of any producer that last wrote to the partition more than
+/// `stale_after` ago (longer than a transaction may live). The caller reads
+/// their first record to tell whose they are.
+pub async fn find_hanging(brokers: &str, topic: &str, stale_after: Duration) -> Result<Vec<Hanging>, String> {
+    let (leaders, all) = topic_metadata(brokers, topic).await?;
     let mut by_leader: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
     for (partition, leader) in &leaders {
         by_leader.entry(leader.as_str()).or_default().push(*partition);
     }
-    let mut hanging = Vec::new();
+    // (partition, leader, producer id, producer epoch, coordinator epoch,
+    // first offset, last write) of every transaction open on a partition.
+    let mut open = Vec::new();
     for (leader, partitions) in by_leader {
         let described = Broker::connect(leader)
             .await?
@@ -257,31 +250,69 @@ pub async fn find_hanging(
                 partition.error_code,
                 &format!("describing the producers of {topic}/{}", partition.partition_index),
             )?;
-            for producer in &partition.active_producers {
-                if producer.current_txn_start_offset < 0 {
-                    continue;
-                }
-                let by_epoch = current.as_ref().is_some_and(|c| {
-                    producer.producer_id.0 == c.producer_id && producer.producer_epoch < i32::from(c.producer_epoch)
-                });
-                // A producer whose last write time the broker does not know
-                // (-1) is never taken for stale.
-                let stale = (0..stale_before).contains(&producer.last_timestamp);
-                if by_epoch || stale {
-                    hanging.push(Hanging {
-                        partition: partition.partition_index,
-                        leader: leader.to_owned(),
-                        producer_id: producer.producer_id.0,
-                        producer_epoch: producer.producer_epoch as i16,
-                        coordinator_epoch: producer.coordinator_epoch,
-                        first_offset: producer.current_txn_start_offset,
-                        by_epoch,
-                    });
-                }
+            for producer in partition.active_producers.iter().filter(|p| p.current_txn_start_offset >= 0) {
+                open.push((partition.partition_index, leader.to_owned(), producer.clone()));
             }
         }
     }
+    if open.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = transactional_ids(&all, open.iter().map(|(_, _, p)| p.producer_id.0).collect()).await?;
+    let mut states: BTreeMap<&str, Option<TransactionState>> = BTreeMap::new();
+    for id in ids.values() {
+        // An epoch still being ended (`PrepareAbort`, `PrepareCommit`, a
+        // fence) has its transaction open on partitions until its markers
+        // are written, and cannot be told apart from a hanging one by its
+        // epoch.
+        let state = transaction_state(brokers, id)
+            .await?
+            .filter(|c| matches!(c.state.as_str(), "Empty" | "Ongoing" | "CompleteCommit" | "CompleteAbort"));
+        states.insert(id, state);
+    }
+    let stale_before = chrono::Utc::now().timestamp_millis() - stale_after.as_millis() as i64;
+    let mut hanging = Vec::new();
+    for (partition, leader, producer) in open {
+        let transactional_id = ids.get(&producer.producer_id.0).cloned();
+        let current = transactional_id.as_deref().and_then(|id| states.get(id).cloned().flatten());
+        let by_epoch = current.is_some_and(|c| {
+            producer.producer_id.0 == c.producer_id && producer.producer_epoch < i32::from(c.producer_epoch)
+        });
+        // A producer whose last write time the broker does not know (-1)
+        // is never taken for stale.
+        let stale = (0..stale_before).contains(&producer.last_timestamp);
+        if by_epoch || stale {
+            hanging.push(Hanging {
+                partition,
+                leader,
+                producer_id: producer.producer_id.0,
+                producer_epoch: producer.producer_epoch as i16,
+                coordinator_epoch: producer.coordinator_epoch,
+                first_offset: producer.current_txn_start_offset,
+                by_epoch,
+                transactional_id,
+            });
+        }
+    }
     Ok(hanging)
+}
+
+/// The transactional ids of `producer_ids`, as their coordinators (any of
+/// the brokers `all`) list them; an id no coordinator knows is left out.
+async fn transactional_ids(all: &[String], producer_ids: Vec<i64>) -> Result<BTreeMap<i64, String>, String> {
+    let filter: Vec<ProducerId> = producer_ids.into_iter().map(ProducerId).collect();
+    let mut ids = BTreeMap::new();
+    for address in all {
+        let listed = Broker::connect(address)
+            .await?
+            .send(ListTransactionsRequest::default().with_producer_id_filters(filter.clone()), 0)
+            .await?;
+        kafka_code(listed.error_code, "listing transactions")?;
+        for state in listed.transaction_states {
+            ids.insert(state.producer_id.0, state.transactional_id.0.to_string());
+        }
+    }
+    Ok(ids)
 }
 
 /// Ends a hanging transaction on its partition: its records become visible

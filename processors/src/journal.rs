@@ -23,7 +23,7 @@
 //! relay position before it decides anything, so a decision is never lost
 //! and never taken twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -65,6 +65,20 @@ pub enum Verdict {
 #[error("command journal: {0}")]
 pub struct JournalError(pub String);
 
+/// What [`Journal::claim`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The claimant's epoch.
+    pub epoch: i64,
+    /// Earlier owners whose Kafka producers may still be live: a processor's
+    /// producer serves all its partitions ([`crate::kafka`]), so only
+    /// fencing it makes sure none of their transactions commits after the
+    /// claimant read the relay position. The claimant fences them before it
+    /// reads it; [`Journal::begin`] forgets them. Owners named by an earlier
+    /// claim that never began stay on the list.
+    pub fence: Vec<String>,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
     Applied,
@@ -73,8 +87,10 @@ pub enum Appended {
 }
 
 pub trait Journal: Send + Sync {
-    /// Makes `owner` the partition's owner with a new epoch, returned.
-    fn claim(&self, partition: &PartitionRef, owner: &str) -> impl Future<Output = Result<i64, JournalError>> + Send;
+    /// Makes `owner` the partition's owner with a new epoch.
+    fn claim(&self, partition: &PartitionRef, owner: &str) -> impl Future<Output = Result<Claim, JournalError>> + Send;
+    /// The partition's epoch now (`None`: never claimed).
+    fn epoch(&self, partition: &PartitionRef) -> impl Future<Output = Result<Option<i64>, JournalError>> + Send;
     /// The standing entries from `seq` on, in order.
     fn entries_from(
         &self,
@@ -86,7 +102,7 @@ pub trait Journal: Send + Sync {
     fn relay_note(&self, partition: &PartitionRef) -> impl Future<Output = Result<Option<i64>, JournalError>> + Send;
     /// Records that `epoch`'s entries begin at `first_seq`, if `epoch` is
     /// still the partition's; forgets what readers from `read_from` on no
-    /// longer need.
+    /// longer need, and the owners its claim had to fence.
     fn begin(
         &self,
         partition: &PartitionRef,
@@ -157,6 +173,7 @@ struct JournaledEvent {
 pub struct CqlJournal {
     session: Arc<Session>,
     read_epoch: PreparedStatement,
+    read_claim: PreparedStatement,
     read_epoch_at: PreparedStatement,
     raise_epoch: PreparedStatement,
     read_first_seqs: PreparedStatement,
@@ -186,8 +203,13 @@ impl CqlJournal {
                 "SELECT epoch FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
             .await?,
+            read_claim: prepare(
+                "SELECT epoch, owner, to_fence FROM command_journal \
+                 WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
+            )
+            .await?,
             raise_epoch: prepare(
-                "UPDATE command_journal SET epoch = ?, owner = ? \
+                "UPDATE command_journal SET epoch = ?, owner = ?, to_fence = ? \
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
@@ -206,7 +228,7 @@ impl CqlJournal {
             )
             .await?,
             write_first_seqs: prepare(
-                "UPDATE command_journal SET first_seqs = ? \
+                "UPDATE command_journal SET first_seqs = ?, to_fence = null \
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
@@ -304,21 +326,35 @@ fn entry_of(row: EntryRow) -> Result<Entry, JournalError> {
 }
 
 impl Journal for CqlJournal {
-    async fn claim(&self, partition: &PartitionRef, owner: &str) -> Result<i64, JournalError> {
+    async fn claim(&self, partition: &PartitionRef, owner: &str) -> Result<Claim, JournalError> {
         let (tenant, context, p) = key(partition);
         loop {
-            let current = self.current_epoch((tenant, context, p)).await?;
+            let result =
+                self.session.execute_unpaged(&self.read_claim, (tenant, context, p)).await.map_err(journal_err)?;
+            let rows = result.into_rows_result().map_err(journal_err)?;
+            let (current, previous, mut fence) = rows
+                .maybe_first_row::<(Option<i64>, Option<String>, Option<BTreeSet<String>>)>()
+                .map_err(journal_err)?
+                .map(|(epoch, previous, fence)| (epoch, previous, fence.unwrap_or_default()))
+                .unwrap_or_default();
+            // This processor's own producer ends its transactions itself.
+            fence.extend(previous.filter(|previous| previous != owner));
+            fence.remove(owner);
             let next = current.unwrap_or(0) + 1;
             let result = self
                 .session
-                .execute_unpaged(&self.raise_epoch, (next, owner, tenant, context, p, current))
+                .execute_unpaged(&self.raise_epoch, (next, owner, &fence, tenant, context, p, current))
                 .await
                 .map_err(journal_err)?;
             if applied(result)? {
-                return Ok(next);
+                return Ok(Claim { epoch: next, fence: fence.into_iter().collect() });
             }
             // Another claim came in between: read again and go above it.
         }
+    }
+
+    async fn epoch(&self, partition: &PartitionRef) -> Result<Option<i64>, JournalError> {
+        self.current_epoch(key(partition)).await
     }
 
     async fn entries_from(&self, partition: &PartitionRef, seq: i64) -> Result<Vec<Entry>, JournalError> {

@@ -1,20 +1,24 @@
-//! Domain events to Kafka, exactly once: each command partition's owner
-//! produces through a transactional producer of its own
-//! (`transactional.id` = the partition), and commits with every transaction
-//! the journal position it relayed up to, as a consumer-group offset: the
-//! context's group `sluice.relay.<tenant>.<context>`, partition p of
-//! [`RELAY_TOPIC`] for command partition p ([`Positions`]).
+//! Domain events to Kafka, exactly once. A processor produces the events
+//! of the partitions it owns through one transactional producer per tenant
+//! and context ([`Mux`], `transactional.id`
+//! `sluice.relay.<tenant>.<context>.<processor>`): the rounds of several
+//! partitions that come together share a transaction, which also commits
+//! each partition's journal position up to which it relayed, as a
+//! consumer-group offset: the context's group `sluice.relay.<tenant>.<context>`,
+//! partition p of [`RELAY_TOPIC`] for command partition p ([`Positions`]).
 //! A `read_committed` consumer sees a transaction's events together or not
-//! at all, and the next owner starts from the committed position: no event
-//! is produced twice, none is skipped. A new owner's producer fences the
-//! previous one's (its open transaction is aborted, its next call fails),
-//! and ends what its coordinator forgot to ([`crate::hanging`]).
+//! at all, and the next owner of a partition starts from the committed
+//! position: no event is produced twice, none is skipped. A new owner first
+//! fences the producers of the partition's earlier owners
+//! ([`RelayFactory::fence`]: their open transactions are aborted, their
+//! next calls fail), and ends what their coordinators forgot to
+//! ([`crate::hanging`]).
 //!
 //! Records: key = aggregate id, value = Avro in Confluent wire format,
 //! CloudEvents Kafka-binding headers.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +28,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_schemas::codec::EventCodec;
 use sluice_schemas::{catalog, names};
@@ -65,25 +69,30 @@ pub enum RelayError {
     /// transaction was aborted; try again with backoff.
     #[error("kafka: {0}")]
     Transient(String),
-    /// A newer owner's producer took the partition: produce nothing more.
+    /// The processor's producer was fenced: a newer owner took one of its
+    /// partitions over (maybe this one; the journal says which), or a
+    /// newer process of the same name started. The transaction is aborted.
     #[error("fenced by a newer owner: {0}")]
     Fenced(String),
 }
 
 /// The transactional side of one command partition: [`Relay::produce`]
-/// opens a transaction, then [`Relay::commit`] or [`Relay::abort`] ends it.
+/// joins a transaction (which other partitions of the processor may share),
+/// then [`Relay::commit`] or [`Relay::abort`] gives this partition's vote.
 pub trait Relay: Send + Sync {
-    /// Opens a transaction and produces `events` in it; resolves once every
+    /// Joins a transaction and produces `events` in it; resolves once every
     /// event is acknowledged, with their positions. On an error the
     /// transaction is aborted.
     fn produce(
         &self,
         events: Vec<OutgoingEvent>,
     ) -> impl Future<Output = Result<Vec<EventPosition>, RelayError>> + Send;
-    /// Commits the open transaction with `next` (the first journal seq it
-    /// does not cover) as the relay position.
+    /// Commits the transaction with `next` (the first journal seq it does
+    /// not cover) as the relay position, once every partition in it voted
+    /// to commit; fails if another one made it abort.
     fn commit(&self, next: i64) -> impl Future<Output = Result<(), RelayError>> + Send;
-    /// Aborts the open transaction: none of its events becomes visible.
+    /// Aborts the transaction: none of its events becomes visible, nor those
+    /// of the other partitions in it.
     fn abort(&self) -> impl Future<Output = Result<(), RelayError>> + Send;
     /// The relay position as Kafka holds it now, once no commit of it is
     /// pending (`None`: never committed). Answers within a few seconds.
@@ -109,11 +118,19 @@ pub struct RelayPosition {
     pub may_lag: bool,
 }
 
-/// Opens relays: one transactional producer per owned partition.
+/// Opens relays: one per owned partition, over a producer per context that
+/// the processor's partitions share.
 pub trait RelayFactory: Send + Sync {
     type Relay: Relay + 'static;
-    /// Fences any earlier producer of the partition and returns the new one
-    /// with the committed relay position.
+    /// Fences the producers of the partition's earlier owners (`owners`, by
+    /// processor name; a producer of the partition's own from before
+    /// producers were shared too): none of their transactions can commit
+    /// from then on. A new owner calls it after its claim and before
+    /// [`RelayFactory::open`].
+    fn fence(&self, partition: &PartitionRef, owners: &[String])
+        -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// The relay of `owner`, the processor, for the partition, with the
+    /// committed relay position.
     fn open(
         &self,
         partition: &PartitionRef,
@@ -131,13 +148,54 @@ pub struct KafkaRelays {
     /// Each tenant's cluster: a partition's relay writes there.
     clusters: Clusters,
     codec: Arc<EventCodec>,
+    /// The shared producers, by transactional id.
+    muxes: std::sync::Mutex<HashMap<String, Arc<Mux>>>,
 }
 
 impl KafkaRelays {
     pub fn new(clusters: Clusters, registry_url: &str) -> Result<Self, RelayError> {
         let codec = EventCodec::new(registry_url).map_err(|e| RelayError::Transient(e.to_string()))?;
-        Ok(Self { clusters, codec: Arc::new(codec) })
+        Ok(Self { clusters, codec: Arc::new(codec), muxes: Default::default() })
     }
+
+    fn brokers(&self, tenant: &str) -> Result<&str, RelayError> {
+        self.clusters
+            .brokers_for(tenant)
+            .ok_or_else(|| RelayError::Transient(format!("no Kafka cluster is configured for tenant {tenant}")))
+    }
+
+    /// `owner`'s producer for the partition's tenant and context.
+    fn mux(&self, partition: &PartitionRef, owner: &str) -> Result<Arc<Mux>, RelayError> {
+        let transactional_id = producer_name(partition, owner);
+        let mut muxes = self.muxes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mux) = muxes.get(&transactional_id) {
+            return Ok(mux.clone());
+        }
+        let brokers = self.brokers(&partition.tenant)?;
+        let group = relay_group(&partition.tenant, partition.context);
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka_err)?;
+        let metadata =
+            client.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {group}")))?;
+        let mux = Arc::new(Mux {
+            brokers: brokers.to_owned(),
+            transactional_id: transactional_id.clone(),
+            group: Arc::new(metadata),
+            state: Default::default(),
+        });
+        muxes.insert(transactional_id, mux.clone());
+        Ok(mux)
+    }
+}
+
+/// The transactional id of `owner`'s producer for the partition's tenant
+/// and context.
+pub fn producer_name(partition: &PartitionRef, owner: &str) -> String {
+    format!("{}.{owner}", relay_group(&partition.tenant, partition.context))
 }
 
 /// The name of a partition's relay: its transactional id, and the name its
@@ -192,36 +250,41 @@ async fn blocking<T: Send + 'static>(
 impl RelayFactory for KafkaRelays {
     type Relay = KafkaRelay;
 
+    async fn fence(&self, partition: &PartitionRef, owners: &[String]) -> Result<(), RelayError> {
+        let brokers = self.brokers(&partition.tenant)?;
+        let ids = owners.iter().map(|owner| producer_name(partition, owner)).chain([relay_name(partition)]);
+        let fenced = ids.map(|id| {
+            let brokers = brokers.to_owned();
+            blocking(move || {
+                // A producer of the same transactional id: its
+                // initialisation aborts the earlier one's open transaction
+                // and moves the id to a newer epoch, which fails the earlier
+                // producer's every later call.
+                let producer: BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("transactional.id", &id)
+                    .set("transaction.timeout.ms", TXN_LIFETIME.as_millis().to_string())
+                    .create()?;
+                producer.init_transactions(TXN_TIMEOUT)
+            })
+        });
+        futures::future::try_join_all(fenced).await.map(drop)
+    }
+
     async fn open(&self, partition: &PartitionRef, owner: &str) -> Result<(KafkaRelay, RelayPosition), RelayError> {
         let name = relay_name(partition);
-        let brokers = self.clusters.brokers_for(&partition.tenant).ok_or_else(|| {
-            RelayError::Transient(format!("no Kafka cluster is configured for tenant {}", partition.tenant))
-        })?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("client.id", format!("{owner}/{name}"))
-            .set("transactional.id", &name)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // A round's events are queued together before any is awaited:
-            // they batch without waiting for more.
-            .set("linger.ms", "0")
-            .set("transaction.timeout.ms", TXN_LIFETIME.as_millis().to_string())
-            // A delivery Kafka does not confirm in time fails the
-            // transaction, which is aborted and tried again.
-            .set("message.timeout.ms", "10000")
-            .create()
-            .map_err(kafka_err)?;
-        let init = producer.clone();
-        // Fences the previous owner's producer and settles its transaction.
-        blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
+        let brokers = self.brokers(&partition.tenant)?;
+        let mux = self.mux(partition, owner)?;
+        // Initialised before the position is read: that fences a process
+        // of the same name from before.
+        mux.ready().await?;
         let positions = Arc::new(Positions::new(brokers, partition, "read_committed")?);
         let (position, may_lag) = match positions.clone().read(TXN_TIMEOUT).await {
             Ok(position) => (position, false),
             // A stable read waits while a transactional commit of the
-            // partition's position is pending. Once `init_transactions`
-            // returned, no transaction of this id is open any more, and only
-            // this id commits this position: a commit still pending is one Kafka
+            // partition's position is pending. Once the earlier owners'
+            // producers are fenced, none of their transactions is open any
+            // more: a commit still pending is one Kafka
             // never marked (seen after broker restarts), and this owner's
             // first commit settles it. Its transaction may have committed
             // the events all the same (seen once: the events marked
@@ -236,21 +299,16 @@ impl RelayFactory for KafkaRelays {
             }
             Err(fenced) => return Err(fenced),
         };
-        let group = positions
-            .group
-            .group_metadata()
-            .ok_or_else(|| RelayError::Transient(format!("no group metadata for {name}")))?;
         let topic = names::events_topic(&partition.tenant, partition.context);
         end_hanging(brokers, &name, &topic, async { Ok(position) }).await;
         let relay = KafkaRelay {
-            producer,
-            group: Arc::new(group),
+            mux,
             positions,
             brokers: brokers.to_owned(),
             name,
             topic,
             codec: self.codec.clone(),
-            unaborted: AtomicBool::new(false),
+            ticket: std::sync::Mutex::new(None),
         };
         Ok((relay, RelayPosition { committed: position, may_lag }))
     }
@@ -267,7 +325,11 @@ impl RelayFactory for KafkaRelays {
 }
 
 /// Ends what a producer of relay `name` left open on a partition of
-/// `topic` that its coordinator forgot ([`crate::hanging`]). `relayed` reads
+/// `topic` that its coordinator forgot ([`crate::hanging`]): those whose
+/// first record is the relay's (a shared producer's transaction whose first
+/// record is another relay's is that relay's to judge), or found by the
+/// epoch of the relay's own producer from before producers were shared
+/// (records from before the `sluice-relay` header). `relayed` reads
 /// the relay position committed so far (only when something hangs). A
 /// hanging transaction is committed when the coordinator committed it on
 /// its other partitions: the position counts its records as relayed and no
@@ -283,12 +345,12 @@ async fn end_hanging(
     relayed: impl Future<Output = Result<Option<i64>, RelayError>>,
 ) {
     let ended = async {
-        let found = hanging::find_hanging(brokers, name, topic, STALE_AFTER).await?;
+        let found = hanging::find_hanging(brokers, topic, STALE_AFTER).await?;
         let mut ours = Vec::new();
         for hanging in found {
             let first = first_record(brokers, name, topic, &hanging).await.map_err(|e| e.to_string())?;
             // One found by its age alone may be another relay's.
-            if hanging.by_epoch || first.ours {
+            if first.ours || (hanging.by_epoch && hanging.transactional_id.as_deref() == Some(name)) {
                 ours.push((hanging, first));
             }
         }
@@ -570,21 +632,20 @@ pub async fn ensure_relay_topic(brokers: &str, partitions: u16, replication: Rep
     Ok(())
 }
 
-/// One partition's transactional producer.
+/// One partition's relay: its rounds go through the processor's shared
+/// producer for the context.
 pub struct KafkaRelay {
-    producer: FutureProducer,
-    group: Arc<ConsumerGroupMetadata>,
+    mux: Arc<Mux>,
     /// Where its position is read.
     positions: Arc<Positions>,
     brokers: String,
-    /// The transactional id.
+    /// The relay's name, on its records.
     name: String,
     /// The events topic it produces to.
     topic: String,
     codec: Arc<EventCodec>,
-    /// A transaction failed and its abort did not go through (Kafka down):
-    /// the abort is tried again before the next transaction.
-    unaborted: AtomicBool,
+    /// The transaction its round joined, from `produce` to its vote.
+    ticket: std::sync::Mutex<Option<Ticket>>,
 }
 
 impl KafkaRelay {
@@ -597,13 +658,15 @@ impl KafkaRelay {
             .map_err(|e| RelayError::Transient(format!("registry: {e}")))
     }
 
-    async fn produce_all(&self, events: &[OutgoingEvent]) -> Result<Vec<EventPosition>, RelayError> {
-        let mut payloads = Vec::with_capacity(events.len());
-        for event in events {
-            payloads.push(self.encode(event).await?);
-        }
+    /// Sends the encoded events through `producer` and waits for them.
+    async fn send_all(
+        &self,
+        producer: &FutureProducer,
+        events: &[OutgoingEvent],
+        payloads: &[Vec<u8>],
+    ) -> Result<Vec<EventPosition>, RelayError> {
         let started = std::time::Instant::now();
-        let sends = events.iter().zip(&payloads).map(|(event, payload)| {
+        let sends = events.iter().zip(payloads).map(|(event, payload)| {
             let time = chrono::DateTime::from_timestamp_millis(event.time_ms).unwrap_or_default().to_rfc3339();
             let mut headers = OwnedHeaders::new_with_capacity(10)
                 .insert(Header { key: "ce_specversion", value: Some("1.0") })
@@ -622,7 +685,7 @@ impl KafkaRelay {
             }
             let record = FutureRecord::to(&event.topic).key(&event.key).payload(payload).headers(headers);
             // Queued in call order: one key's events keep their order.
-            self.producer.send_result(record).map_err(|(e, _)| kafka_err(e))
+            producer.send_result(record).map_err(|(e, _)| kafka_err(e))
         });
         let queued = sends.collect::<Result<Vec<_>, _>>()?;
         let mut positions = Vec::with_capacity(events.len());
@@ -641,28 +704,39 @@ impl KafkaRelay {
         metrics::histogram!("sluice_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
         Ok(positions)
     }
+
+    fn take_ticket(&self) -> Option<Ticket> {
+        self.ticket.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl Relay for KafkaRelay {
     async fn produce(&self, events: Vec<OutgoingEvent>) -> Result<Vec<EventPosition>, RelayError> {
-        if self.unaborted.load(Ordering::SeqCst) {
-            self.abort().await?;
+        // A round given up after its produce left its vote open.
+        if let Some(left) = self.take_ticket() {
+            let _ = left.abort("the round that joined it was given up").await;
         }
-        self.producer.begin_transaction().map_err(kafka_err)?;
-        let produced = self.produce_all(&events).await;
-        self.or_abort(produced).await
+        // Encoded before joining: a slow registry holds no transaction open.
+        let mut payloads = Vec::with_capacity(events.len());
+        for event in &events {
+            payloads.push(self.encode(event).await?);
+        }
+        let ticket = self.mux.join().await?;
+        match self.send_all(&ticket.producer, &events, &payloads).await {
+            Ok(positions) => {
+                *self.ticket.lock().unwrap_or_else(|e| e.into_inner()) = Some(ticket);
+                Ok(positions)
+            }
+            Err(e) => match ticket.abort(&e.to_string()).await {
+                Err(fenced @ RelayError::Fenced(_)) => Err(fenced),
+                _ => Err(e),
+            },
+        }
     }
 
     async fn commit(&self, next: i64) -> Result<(), RelayError> {
-        let (producer, group, partition) = (self.producer.clone(), self.group.clone(), self.positions.partition);
-        let committed = blocking(move || {
-            let mut offsets = TopicPartitionList::new();
-            offsets.add_partition_offset(RELAY_TOPIC, partition, Offset::Offset(next))?;
-            producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
-            producer.commit_transaction(TXN_TIMEOUT)
-        })
-        .await;
-        self.or_abort(committed).await
+        let ticket = self.take_ticket().ok_or_else(|| RelayError::Transient("no transaction to commit".into()))?;
+        ticket.commit(self.positions.partition, next).await
     }
 
     async fn position(&self) -> Result<Option<i64>, RelayError> {
@@ -674,33 +748,278 @@ impl Relay for KafkaRelay {
     }
 
     async fn abort(&self) -> Result<(), RelayError> {
-        let producer = self.producer.clone();
-        let aborted = blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await;
-        // A fatal error leaves the producer unusable (fenced); any other is
-        // tried again before the next transaction.
-        self.unaborted.store(matches!(aborted, Err(RelayError::Transient(_))), Ordering::SeqCst);
+        let Some(ticket) = self.take_ticket() else { return Ok(()) };
+        let aborted = ticket.abort("its partition aborted").await;
         if aborted.is_ok() {
             // Aborts follow Kafka trouble, when librdkafka may have moved
             // the producer to a new epoch on its own (a delivery timed
             // out): what the coordinator forgot is found as at an open.
             // The position as Kafka has it: a commit whose answer was lost
             // may have gone through.
-            end_hanging(&self.brokers, &self.name, &self.topic, self.positions.clone().read(TXN_TIMEOUT)).await;
+            let relayed = self.positions.clone().read(TXN_TIMEOUT);
+            end_hanging(&self.brokers, &self.name, &self.topic, relayed).await;
         }
         aborted
     }
 }
 
-impl KafkaRelay {
-    /// Aborts the transaction when `result` is a transient error.
-    async fn or_abort<T>(&self, result: Result<T, RelayError>) -> Result<T, RelayError> {
-        match result {
-            Err(RelayError::Transient(reason)) => match self.abort().await {
-                Ok(()) => Err(RelayError::Transient(reason)),
-                Err(RelayError::Transient(e)) => Err(RelayError::Transient(format!("{reason}; abort: {e}"))),
-                Err(fenced) => Err(fenced),
-            },
-            other => other,
+/// The transactional producer one processor shares among the partitions of
+/// one tenant's context it owns ([`producer_name`]). The rounds of several
+/// partitions that come together go into one transaction, with each
+/// partition's relay position: a busy processor commits a transaction per
+/// batch of rounds instead of one per partition and round.
+///
+/// A transaction takes every partition that joins it until the first of
+/// them votes; later ones wait for the next. It commits once every
+/// partition in it voted to commit, and aborts if one of them votes to
+/// abort or drops out (its task ended): a partition's records never become
+/// visible without its position. A new owner of a partition fences the
+/// previous owner's producer ([`RelayFactory::fence`]), which ends that
+/// processor's open transaction for all its partitions: each of them goes
+/// on only once the journal says it still owns it ([`crate::owner`]).
+struct Mux {
+    brokers: String,
+    transactional_id: String,
+    /// The context's relay group: its metadata goes with every commit.
+    group: Arc<ConsumerGroupMetadata>,
+    /// Held while a transaction begins or ends.
+    state: Arc<tokio::sync::Mutex<MuxState>>,
+}
+
+#[derive(Default)]
+struct MuxState {
+    /// `None` until initialised, and once fenced.
+    producer: Option<FutureProducer>,
+    /// The last transaction failed and its abort did not go through: it is
+    /// aborted before the next begins.
+    unaborted: bool,
+    open: Option<OpenTransaction>,
+    begun: u64,
+}
+
+struct OpenTransaction {
+    id: u64,
+    producer: FutureProducer,
+    /// Partitions that joined and have not voted yet.
+    waiting: usize,
+    /// A partition voted: no other joins.
+    sealed: bool,
+    /// The positions of those that voted to commit.
+    positions: Vec<(i32, i64)>,
+    /// Why it aborts, once one voted so.
+    abort: Option<String>,
+    ended: tokio::sync::watch::Sender<Option<Ended>>,
+}
+
+/// How a shared transaction ended.
+#[derive(Debug, Clone)]
+enum Ended {
+    Committed,
+    Aborted(String),
+    Fenced(String),
+    /// Its commit failed, and so did the abort that followed.
+    Failed(String),
+}
+
+/// A partition's place in a shared transaction, until it votes; one
+/// dropped without a vote votes to abort.
+struct Ticket {
+    mux: Arc<Mux>,
+    id: u64,
+    producer: FutureProducer,
+    voted: bool,
+}
+
+impl Mux {
+    /// Initialises the producer if it is not.
+    async fn ready(&self) -> Result<(), RelayError> {
+        let mut state = self.state.lock().await;
+        self.producer(&mut state).await.map(drop)
+    }
+
+    async fn producer(&self, state: &mut MuxState) -> Result<FutureProducer, RelayError> {
+        if let Some(producer) = &state.producer {
+            return Ok(producer.clone());
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.transactional_id)
+            .set("transactional.id", &self.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // A round's events are queued together before any is awaited:
+            // they batch without waiting for more.
+            .set("linger.ms", "0")
+            .set("transaction.timeout.ms", TXN_LIFETIME.as_millis().to_string())
+            // A delivery Kafka does not confirm in time fails the
+            // transaction, which is aborted and tried again.
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(kafka_err)?;
+        let init = producer.clone();
+        // Aborts what an earlier producer of this id left open.
+        blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
+        state.producer = Some(producer.clone());
+        state.unaborted = false;
+        Ok(producer)
+    }
+
+    /// A place in the open transaction, or in a new one once it ended.
+    async fn join(self: &Arc<Self>) -> Result<Ticket, RelayError> {
+        loop {
+            let mut state = self.state.lock().await;
+            if let Some(open) = &mut state.open {
+                if !open.sealed {
+                    open.waiting += 1;
+                    let (id, producer) = (open.id, open.producer.clone());
+                    return Ok(Ticket { mux: self.clone(), id, producer, voted: false });
+                }
+                let mut ended = open.ended.subscribe();
+                drop(state);
+                let _ = ended.wait_for(Option::is_some).await;
+                continue;
+            }
+            let producer = self.producer(&mut state).await?;
+            let begun = async {
+                if state.unaborted {
+                    let aborting = producer.clone();
+                    blocking(move || aborting.abort_transaction(TXN_TIMEOUT)).await?;
+                    state.unaborted = false;
+                }
+                producer.begin_transaction().map_err(kafka_err)
+            };
+            if let Err(e) = begun.await {
+                if matches!(e, RelayError::Fenced(_)) {
+                    state.producer = None;
+                }
+                return Err(e);
+            }
+            state.begun += 1;
+            let id = state.begun;
+            let (ended, _) = tokio::sync::watch::channel(None);
+            let open = OpenTransaction {
+                id,
+                producer: producer.clone(),
+                waiting: 1,
+                sealed: false,
+                positions: Vec::new(),
+                abort: None,
+                ended,
+            };
+            state.open = Some(open);
+            return Ok(Ticket { mux: self.clone(), id, producer, voted: false });
+        }
+    }
+
+    /// Records a vote in transaction `id`; the last vote ends it. Resolves
+    /// with how it ended.
+    async fn vote(self: &Arc<Self>, id: u64, vote: Result<(i32, i64), String>) -> Ended {
+        let mut state = self.state.clone().lock_owned().await;
+        let Some(open) = state.open.as_mut().filter(|open| open.id == id) else {
+            return Ended::Failed("the transaction ended before this partition's vote".into());
+        };
+        open.sealed = true;
+        open.waiting -= 1;
+        match vote {
+            Ok(position) => open.positions.push(position),
+            Err(reason) => {
+                open.abort.get_or_insert(reason);
+            }
+        }
+        if open.waiting > 0 {
+            let mut ended = open.ended.subscribe();
+            drop(state);
+            return match ended.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone().unwrap_or(Ended::Failed("no outcome".into())),
+                Err(_) => Ended::Failed("the transaction was dropped".into()),
+            };
+        }
+        let open = state.open.take().expect("found above");
+        // Ended in a task of its own: a voter whose task ends meanwhile
+        // leaves the others an answer, and the producer in a known state.
+        let mux = self.clone();
+        let ending = tokio::spawn(async move {
+            let outcome = mux.end(&mut state, &open).await;
+            metrics::histogram!("sluice_relay_transaction_partitions").record(open.positions.len() as f64);
+            let _ = open.ended.send(Some(outcome.clone()));
+            outcome
+        });
+        ending.await.unwrap_or_else(|e| Ended::Failed(format!("ending the transaction failed: {e}")))
+    }
+
+    /// Commits or aborts `open`, every vote in.
+    async fn end(&self, state: &mut MuxState, open: &OpenTransaction) -> Ended {
+        let reason = match &open.abort {
+            None => {
+                let (producer, group, positions) = (open.producer.clone(), self.group.clone(), open.positions.clone());
+                let committed = blocking(move || {
+                    let mut offsets = TopicPartitionList::new();
+                    for (partition, next) in positions {
+                        offsets.add_partition_offset(RELAY_TOPIC, partition, Offset::Offset(next))?;
+                    }
+                    producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
+                    producer.commit_transaction(TXN_TIMEOUT)
+                })
+                .await;
+                match committed {
+                    Ok(()) => return Ended::Committed,
+                    Err(RelayError::Fenced(reason)) => {
+                        state.producer = None;
+                        return Ended::Fenced(reason);
+                    }
+                    Err(RelayError::Transient(reason)) => reason,
+                }
+            }
+            Some(reason) => reason.clone(),
+        };
+        let producer = open.producer.clone();
+        match blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await {
+            Ok(()) => Ended::Aborted(reason),
+            Err(RelayError::Fenced(fenced)) => {
+                state.producer = None;
+                Ended::Fenced(fenced)
+            }
+            Err(RelayError::Transient(e)) => {
+                state.unaborted = true;
+                Ended::Failed(format!("{reason}; abort: {e}"))
+            }
+        }
+    }
+}
+
+impl Ticket {
+    /// Votes to commit with the partition's position `next`.
+    async fn commit(mut self, partition: i32, next: i64) -> Result<(), RelayError> {
+        self.voted = true;
+        match self.mux.vote(self.id, Ok((partition, next))).await {
+            Ended::Committed => Ok(()),
+            Ended::Aborted(reason) => Err(RelayError::Transient(format!("aborted with another partition: {reason}"))),
+            Ended::Fenced(reason) => Err(RelayError::Fenced(reason)),
+            Ended::Failed(reason) => Err(RelayError::Transient(reason)),
+        }
+    }
+
+    /// Votes to abort.
+    async fn abort(mut self, reason: &str) -> Result<(), RelayError> {
+        self.voted = true;
+        match self.mux.vote(self.id, Err(reason.to_owned())).await {
+            Ended::Committed | Ended::Aborted(_) => Ok(()),
+            Ended::Fenced(reason) => Err(RelayError::Fenced(reason)),
+            Ended::Failed(reason) => Err(RelayError::Transient(reason)),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.voted {
+            return;
+        }
+        // Its round's task ended between produce and vote: the others in
+        // the transaction must not commit its records without its position.
+        let (mux, id) = (self.mux.clone(), self.id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { mux.vote(id, Err("a partition's round was dropped".into())).await });
         }
     }
 }

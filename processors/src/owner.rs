@@ -13,8 +13,10 @@
 //! 4. journals the round's decisions in one write and reads the owner's
 //!    epoch back ([`crate::journal`]): from here on the decisions stand;
 //! 5. writes each stream's new events in one write, records rejections,
-//!    produces the events in one Kafka transaction that also commits the
-//!    journal position, recording the successes before the commit.
+//!    produces the events in a Kafka transaction that also commits the
+//!    journal position (other partitions' rounds may share it: the
+//!    processor has one producer per context, [`crate::kafka`]), recording
+//!    the successes before the commit.
 //!
 //! Step 5 of a round runs in a task of its own (the relay) while the next
 //! round goes through steps 1 to 4: decisions stand once journaled, so the
@@ -26,7 +28,10 @@
 //! with backoff (the consumer holds back only their streams). After step 4
 //! the owner redoes step 5 until it succeeds (Kafka or the registry may be
 //! down for hours): a journaled decision is never dead-lettered. A new owner
-//! first redoes step 5 for every entry past the committed relay position.
+//! first fences the producers of the partition's earlier owners, then redoes
+//! step 5 for every entry past the committed relay position. A takeover of
+//! another partition fences this processor's producer too: step 5 goes on
+//! once the journal says the partition is still this owner's.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
@@ -224,8 +229,8 @@ struct RelayNote {
 impl<A: Aggregate, S, J, O, F: RelayFactory> Drop for Owner<A, S, J, O, F> {
     fn drop(&mut self) {
         // An owner dropped mid-round (its channel failed) leaves the rest to
-        // the next owner, as a crash would: its transaction is aborted when
-        // the next owner's producer fences this one.
+        // the next owner, as a crash would: the transaction its round joined
+        // aborts once the round's relay is dropped ([`crate::kafka`]).
         if let Slot::Busy(task) = &self.relayer {
             task.abort();
         }
@@ -275,7 +280,12 @@ where
         loop {
             tries += 1;
             let attempt = async {
-                let epoch = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
+                let claim = backends.journal.claim(&partition, owner).await.map_err(|e| e.to_string())?;
+                // An earlier owner's producer could still commit a
+                // transaction holding this partition's rounds: fenced
+                // before the position is read.
+                backends.relays.fence(&partition, &claim.fence).await.map_err(|e| e.to_string())?;
+                let epoch = claim.epoch;
                 let (relay, opened) = backends.relays.open(&partition, owner).await.map_err(|e| e.to_string())?;
                 // Kafka just restarted, or a transaction of another relay
                 // still open: tried again a few times before the take-over
@@ -387,7 +397,13 @@ where
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.backends.journal.claim(&self.partition, &self.name).await {
+            let claimed = async {
+                let claim =
+                    self.backends.journal.claim(&self.partition, &self.name).await.map_err(|e| e.to_string())?;
+                self.backends.relays.fence(&self.partition, &claim.fence).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(claim.epoch)
+            };
+            match claimed.await {
                 Ok(epoch) => {
                     self.epoch = epoch;
                     return self.catch_up(None).await;
@@ -733,7 +749,16 @@ where
             tries += 1;
             match self.try_finish(entries, next, traces, tries > 1).await {
                 Ok(()) => break,
-                Err(RelayError::Fenced(reason)) => return Err(Halt::Fenced(reason)),
+                Err(RelayError::Fenced(reason)) => {
+                    // The producer serves every partition of the context
+                    // this processor owns, and a takeover of any of them
+                    // fences it: this one goes on once the journal says it
+                    // is still this owner's.
+                    self.still_ours(&reason).await?;
+                    info!(queue = %self.partition.queue(), %reason, "the processor's producer was fenced by a takeover of another partition; trying again");
+                    metrics::counter!("sluice_relay_fenced_still_owner_total", "tenant" => self.partition.tenant.clone())
+                        .increment(1);
+                }
                 Err(RelayError::Transient(reason)) => {
                     warn!(queue = %self.partition.queue(), %reason, tries, "decided commands not finished yet; trying again");
                     metrics::counter!("sluice_relay_retries_total", "tenant" => self.partition.tenant.clone())
@@ -760,6 +785,23 @@ where
             warn!(error = %e, "could not note the relay position in the journal");
         }
         Ok(())
+    }
+
+    /// Whether the partition's epoch is still this owner's (asked until the
+    /// journal answers): `Err` when it is not.
+    async fn still_ours(&self, reason: &str) -> Result<(), Halt> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.backends.journal.epoch(&self.partition).await {
+                Ok(Some(epoch)) if epoch == self.epoch => return Ok(()),
+                Ok(_) => return Err(Halt::Fenced(reason.to_owned())),
+                Err(e) => {
+                    warn!(queue = %self.partition.queue(), error = %e, "cannot read the partition's epoch yet");
+                    pause(&self.backends.retry_delays_ms, tries, &self.stop).await?;
+                }
+            }
+        }
     }
 
     /// `again`: an earlier try of these entries failed.
@@ -1061,14 +1103,14 @@ fn event_id_seed(tenant: &str, command_key: &str) -> String {
 mod tests {
     //! The owner's rules with in-memory doubles of its boundaries.
 
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Mutex;
 
     use serde_json::json;
 
     use super::*;
     use crate::event_store::{Append, StoreError};
-    use crate::journal::JournalError;
+    use crate::journal::{Claim, JournalError};
     use crate::operations::OperationError;
     use crate::orders::Orders;
 
@@ -1095,6 +1137,9 @@ mod tests {
     #[derive(Default)]
     struct JournalState {
         epoch: i64,
+        /// The last claimant, and the earlier owners left to fence.
+        owner: Option<String>,
+        to_fence: BTreeSet<String>,
         /// Each seq's row: the epoch that wrote it, and the entry.
         rows: BTreeMap<i64, (i64, Entry)>,
         first_seqs: BTreeMap<i64, i64>,
@@ -1119,10 +1164,17 @@ mod tests {
     struct MemJournal(Mutex<JournalState>);
 
     impl Journal for MemJournal {
-        async fn claim(&self, _: &PartitionRef, _: &str) -> Result<i64, JournalError> {
+        async fn claim(&self, _: &PartitionRef, owner: &str) -> Result<Claim, JournalError> {
             let mut j = self.0.lock().unwrap();
             j.epoch += 1;
-            Ok(j.epoch)
+            if let Some(previous) = j.owner.replace(owner.to_owned()).filter(|p| p != owner) {
+                j.to_fence.insert(previous);
+            }
+            j.to_fence.remove(owner);
+            Ok(Claim { epoch: j.epoch, fence: j.to_fence.iter().cloned().collect() })
+        }
+        async fn epoch(&self, _: &PartitionRef) -> Result<Option<i64>, JournalError> {
+            Ok(Some(self.0.lock().unwrap().epoch))
         }
         async fn entries_from(&self, _: &PartitionRef, seq: i64) -> Result<Vec<Entry>, JournalError> {
             Ok(self.0.lock().unwrap().standing().into_iter().filter(|e| e.seq >= seq).collect())
@@ -1136,6 +1188,7 @@ mod tests {
                 return Ok(Appended::Fenced);
             }
             j.first_seqs = crate::journal::first_seqs_to_keep(&j.first_seqs, from, epoch, first);
+            j.to_fence.clear();
             Ok(Appended::Applied)
         }
         async fn append(
@@ -1178,8 +1231,8 @@ mod tests {
         fail: usize,
         /// The next commit goes through but its answer is lost.
         lose_commit_answer: bool,
-        /// The producer epoch: an older relay is fenced.
-        producers: u32,
+        /// Each processor's producer epoch: an older relay is fenced.
+        producers: HashMap<String, u32>,
         /// The next open reads the position past a pending commit.
         read_past_pending: bool,
         /// The events topic cannot be read.
@@ -1193,27 +1246,42 @@ mod tests {
 
     struct MemRelay {
         kafka: Arc<Mutex<Kafka>>,
-        producer: u32,
+        /// The processor it produces for, and its producer's epoch.
+        owner: String,
+        producer: Mutex<u32>,
     }
 
     impl RelayFactory for Relays {
         type Relay = MemRelay;
         async fn sweep(&self, _: &PartitionRef) {}
 
-        async fn open(&self, _: &PartitionRef, _: &str) -> Result<(MemRelay, RelayPosition), RelayError> {
+        async fn fence(&self, _: &PartitionRef, owners: &[String]) -> Result<(), RelayError> {
             let mut k = self.0.lock().unwrap();
-            k.producers += 1;
-            k.staged.clear();
+            for owner in owners {
+                *k.producers.entry(owner.clone()).or_default() += 1;
+                k.staged.clear();
+            }
+            Ok(())
+        }
+
+        async fn open(&self, _: &PartitionRef, owner: &str) -> Result<(MemRelay, RelayPosition), RelayError> {
+            let k = self.0.lock().unwrap();
             let opened = RelayPosition { committed: k.position, may_lag: k.read_past_pending };
-            Ok((MemRelay { kafka: self.0.clone(), producer: k.producers }, opened))
+            let producer = k.producers.get(owner).copied().unwrap_or_default();
+            Ok((MemRelay { kafka: self.0.clone(), owner: owner.to_owned(), producer: Mutex::new(producer) }, opened))
         }
     }
 
     impl MemRelay {
+        /// A fenced producer fails once, and is set up again for the next
+        /// call, as the processor's shared producer is.
         fn check(&self, k: &Kafka) -> Result<(), RelayError> {
-            if k.producers == self.producer {
+            let current = k.producers.get(&self.owner).copied().unwrap_or_default();
+            let mut producer = self.producer.lock().unwrap();
+            if *producer == current {
                 Ok(())
             } else {
+                *producer = current;
                 Err(RelayError::Fenced("a newer producer".into()))
             }
         }
@@ -1426,6 +1494,36 @@ mod tests {
         assert_eq!(b.journal.0.lock().unwrap().standing().len(), 1, "the fenced round's entry does not stand");
         assert_eq!(round(&mut new, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
         assert_eq!(committed(&b).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_relay_fenced_by_a_takeover_of_another_partition_goes_on_while_its_partition_is_its_own() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        round(&mut owner, &[submit("s1", "o1")]).await.unwrap();
+        // Another partition of this processor was taken over: the producer
+        // they share is fenced; this partition's epoch is unchanged.
+        b.relays.fence(&partition(), &["p1".to_owned()]).await.unwrap();
+        assert_eq!(round(&mut owner, &[submit("s2", "o2")]).await.unwrap(), [Outcome::Succeeded]);
+        assert_eq!(committed(&b).len(), 2, "in Kafka once");
+    }
+
+    #[tokio::test]
+    async fn a_relay_whose_partition_was_taken_over_stops_at_its_fenced_producer() {
+        let b = backends();
+        let mut old = owner(&b).await;
+        round(&mut old, &[submit("s1", "o1")]).await.unwrap();
+        // A round is journaled; Kafka fails until another processor has
+        // claimed the partition and fenced this one's producer.
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        let decided = old.decide(&[submit("s2", "o2")]).await.unwrap();
+        assert_eq!(decided.outcomes, [None], "journaled: answered once finished");
+        let claim = b.journal.claim(&partition(), "p2").await.unwrap();
+        assert_eq!(claim.fence, ["p1"]);
+        b.relays.fence(&partition(), &claim.fence).await.unwrap();
+        b.relays.0.lock().unwrap().fail = 0;
+        assert!(matches!(old.finished().await, Err(Halt::Fenced(_))));
+        assert_eq!(committed(&b).len(), 1, "nothing more from the fenced owner");
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("command_journal", "written_by", "bigint"),
     ("projection_versions", "active_from", "text"),
     ("operations", "retried_as", "text"),
+    ("command_journal", "to_fence", "set<text> static"),
 ];
 
 /// The `ALTER TABLE` adding one of [`ADDED_COLUMNS`].

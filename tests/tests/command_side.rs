@@ -343,6 +343,44 @@ async fn commands_left_in_the_unpartitioned_queues_reach_their_partitions_after_
     platform.stop().await.unwrap();
 }
 
+/// A claim names the earlier owners whose Kafka producers the claimant
+/// fences before it reads the relay position: the previous owner, and those
+/// named by claims that never began (a claimant that died before it fenced
+/// anyone). Its begin forgets them; an owner's own name is never on it (its
+/// producer ends its own transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_names_the_earlier_owners_to_fence_until_the_claimant_begins() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::journal::{Appended, CqlJournal, Journal};
+
+    let tenant = TestTenant::new();
+    let session = sluice_cli::serve::connect_cql(&test_settings(&[&tenant])).await.expect("CQL store (make up)");
+    let journal = CqlJournal::new(session).await.expect("journal");
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 1 };
+    let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    let a = journal.claim(&partition, "a").await.unwrap();
+    assert_eq!(a.fence, names(&[]), "a first claim fences nobody");
+    assert_eq!(journal.begin(&partition, a.epoch, 0, 0).await.unwrap(), Appended::Applied);
+    let b = journal.claim(&partition, "b").await.unwrap();
+    assert_eq!(b.fence, names(&["a"]));
+    // b dies before it begins.
+    let c = journal.claim(&partition, "c").await.unwrap();
+    assert_eq!(c.fence, names(&["a", "b"]), "b may have died before it fenced a");
+    let again = journal.claim(&partition, "c").await.unwrap();
+    assert!(again.epoch > c.epoch);
+    assert_eq!(again.fence, names(&["a", "b"]), "still to fence, never c itself");
+    assert_eq!(
+        journal.begin(&partition, c.epoch, 0, 0).await.unwrap(),
+        Appended::Fenced,
+        "an older epoch forgets nothing"
+    );
+    assert_eq!(journal.begin(&partition, again.epoch, 0, 0).await.unwrap(), Appended::Applied);
+    assert_eq!(journal.epoch(&partition).await.unwrap(), Some(again.epoch));
+    let d = journal.claim(&partition, "d").await.unwrap();
+    assert_eq!(d.fence, names(&["c"]), "begun: only the last owner is left to fence");
+}
+
 /// The journal in the real store, raced the way a paused owner races its
 /// successor: what a fenced owner journals after its successor began never
 /// stands, even where it writes the same seq again later; what it journaled
@@ -373,13 +411,13 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     };
     let pairs = |list: &[(i64, &str)]| list.iter().map(|(s, k)| (*s, (*k).to_owned())).collect::<Vec<_>>();
 
-    let old = journal.claim(&partition, "old").await.unwrap();
+    let old = journal.claim(&partition, "old").await.unwrap().epoch;
     assert_eq!(journal.begin(&partition, old, 0, 0).await.unwrap(), Appended::Applied);
     assert_eq!(journal.append(&partition, old, &[entry(0, "a"), entry(1, "b")], 0).await.unwrap(), Appended::Applied);
 
     // A successor claims; before it reads the journal, the old owner (not
     // yet aware) journals seq 2 and is told it is fenced.
-    let new = journal.claim(&partition, "new").await.unwrap();
+    let new = journal.claim(&partition, "new").await.unwrap().epoch;
     assert!(new > old);
     assert_eq!(journal.append(&partition, old, &[entry(2, "c")], 0).await.unwrap(), Appended::Fenced);
     // The successor reads seqs 0–2 (2 is its predecessor's to finish) and
@@ -403,7 +441,7 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     // A third owner claims; the successor, not yet aware, journals seq 4
     // over the first owner's discarded entry: the third owner reads it
     // before it begins, so it stands (the third owner finishes it).
-    let third = journal.claim(&partition, "third").await.unwrap();
+    let third = journal.claim(&partition, "third").await.unwrap().epoch;
     assert_eq!(journal.append(&partition, new, &[entry(4, "late")], 0).await.unwrap(), Appended::Fenced);
     let seen = standing().await;
     assert_eq!(journal.begin(&partition, third, 5, 0).await.unwrap(), Appended::Applied);
@@ -513,6 +551,125 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     assert!(!position.may_lag);
 }
 
+/// A processor's partitions of one context share its producer: rounds that
+/// come together go into one transaction, which commits once each of them
+/// voted to commit, with each one's position. One that aborts, or whose
+/// round is dropped (its relay gone), takes the others' records with it: no
+/// partition's records are ever visible without its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_processors_partitions_share_a_transaction_that_commits_only_with_every_vote() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let (relays, zero_ref, topic) = hanging_setup(&tenant, 1).await;
+    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
+    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    let (zero, _) = relays.open(&zero_ref, "proc").await.unwrap();
+    let (one, _) = relays.open(&one_ref, "proc").await.unwrap();
+
+    // Both join one transaction; the first vote waits for the second.
+    zero.produce(vec![test_event(&topic, "a", 0)]).await.unwrap();
+    one.produce(vec![test_event(&topic, "b", 0)]).await.unwrap();
+    let mut first = tokio::spawn(async move { zero.commit(1).await.map(|()| zero) });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut first).await.is_err(),
+        "committed before every partition in the transaction voted"
+    );
+    one.commit(1).await.unwrap();
+    let zero = first.await.unwrap().unwrap();
+    assert_eq!(committed_keys(&topic, 0).await, ["a", "b"]);
+    assert_eq!(zero.position().await.unwrap(), Some(1));
+    assert_eq!(one.position().await.unwrap(), Some(1));
+
+    // One aborts: the other's records go too, and its commit fails.
+    zero.produce(vec![test_event(&topic, "c", 1)]).await.unwrap();
+    one.produce(vec![test_event(&topic, "d", 1)]).await.unwrap();
+    let (committed, aborted) = tokio::join!(zero.commit(2), one.abort());
+    aborted.unwrap();
+    assert!(matches!(committed, Err(RelayError::Transient(_))), "{committed:?}");
+
+    // A round dropped between its produce and its vote aborts it too.
+    zero.produce(vec![test_event(&topic, "e", 1)]).await.unwrap();
+    one.produce(vec![test_event(&topic, "f", 1)]).await.unwrap();
+    drop(one);
+    let committed = zero.commit(2).await;
+    assert!(matches!(committed, Err(RelayError::Transient(_))), "{committed:?}");
+    assert_eq!(zero.position().await.unwrap(), Some(1), "no position of an aborted transaction");
+
+    // The producer goes on.
+    zero.produce(vec![test_event(&topic, "g", 1)]).await.unwrap();
+    zero.commit(2).await.unwrap();
+    assert_eq!(committed_keys(&topic, 0).await, ["a", "b", "g"], "nothing of the aborted transactions");
+    assert_eq!(zero.position().await.unwrap(), Some(2));
+}
+
+/// A new owner of a partition fences the previous owner's producer, which
+/// that processor shares among its partitions: the transaction it had open
+/// aborts for all of them, and the new owner reads the position committed
+/// before it. The previous owner's producer serves the partitions still its
+/// own again once it was told (the owner asks the journal first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_takeover_fences_the_previous_owners_shared_producer() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayError, RelayFactory};
+    use sluice_streams::clusters::{Cluster, Clusters};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
+    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
+    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    // Another processor: relays of its own.
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    let b = KafkaRelays::new(clusters, &test_settings(&[&tenant]).registry.url).unwrap();
+
+    let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
+    let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
+    a_zero.produce(vec![test_event(&topic, "x", 0)]).await.unwrap();
+    a_one.produce(vec![test_event(&topic, "y", 0)]).await.unwrap();
+
+    // b takes partition 0 over while a's transaction is open.
+    b.fence(&zero_ref, &["a".to_owned()]).await.unwrap();
+    let (b_zero, position) = b.open(&zero_ref, "b").await.unwrap();
+    assert_eq!(position.committed, None);
+    let (zero_voted, one_voted) = tokio::join!(a_zero.commit(1), a_one.commit(1));
+    assert!(matches!(zero_voted, Err(RelayError::Fenced(_))), "{zero_voted:?}");
+    assert!(matches!(one_voted, Err(RelayError::Fenced(_))), "{one_voted:?}");
+
+    // a goes on with partition 1, b with partition 0.
+    a_one.produce(vec![test_event(&topic, "y2", 0)]).await.unwrap();
+    a_one.commit(1).await.unwrap();
+    b_zero.produce(vec![test_event(&topic, "z", 0)]).await.unwrap();
+    b_zero.commit(1).await.unwrap();
+    assert_eq!(committed_keys(&topic, 0).await, ["y2", "z"], "nothing of the fenced transaction");
+    assert_eq!(b_zero.position().await.unwrap(), Some(1));
+}
+
+/// An event of order `key` carrying journal seq `seq`, for `topic`.
+fn test_event(topic: &str, key: &str, seq: i64) -> sluice_processors::kafka::OutgoingEvent {
+    use sluice_schemas::orders::{OrderCancelled, OrderEvent};
+    let cancelled = OrderEvent::Cancelled(OrderCancelled {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        order_id: key.into(),
+        version: 1,
+        occurred_at: chrono::Utc::now().timestamp_millis(),
+        reason: "a test".into(),
+    });
+    sluice_processors::kafka::OutgoingEvent {
+        topic: topic.to_owned(),
+        key: key.into(),
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_type: cancelled.event_type().into(),
+        source: "/sluice/test".into(),
+        time_ms: chrono::Utc::now().timestamp_millis(),
+        avro: cancelled.to_avro(),
+        traceparent: None,
+        seq,
+    }
+}
+
 /// The events topic tells how far a relay went, whatever its group's
 /// position says: the highest journal seq among the relay's records a
 /// `read_committed` reader sees, read back from each partition's end past
@@ -595,8 +752,10 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
         assert_eq!(end, stable + 3, "read_committed readers of partition {p} stop at the forgotten record");
     }
 
-    // The next owner ends both: readers get past them; the relayed entry's
-    // record is readable, the other's is not (it is produced again).
+    // The next owner fences the first one's producer and ends both: readers
+    // get past them; the relayed entry's record is readable, the other's is
+    // not (it is produced again).
+    relays.fence(&partition, &["first".to_owned()]).await.unwrap();
     let (second, position) = relays.open(&partition, "second").await.unwrap();
     assert_eq!(position.committed, Some(3));
     for p in [1, 2] {
@@ -619,8 +778,7 @@ async fn a_new_owner_ends_the_transactions_its_coordinator_forgot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_ends_a_transaction_forgotten_after_the_owner_took_over_and_leaves_the_live_one() {
     use sluice_processors::hanging::Broker;
-    use sluice_processors::kafka::{OutgoingEvent, Relay, RelayFactory};
-    use sluice_schemas::orders::{OrderCancelled, OrderEvent};
+    use sluice_processors::kafka::{Relay, RelayFactory};
 
     require_stack().await;
     let (relays, partition, topic) = hanging_setup(&TestTenant::new(), 4).await;
@@ -634,27 +792,11 @@ async fn a_sweep_ends_a_transaction_forgotten_after_the_owner_took_over_and_leav
     // (relayed, but produced again later) and entry 7 (past the position).
     // (On the live transaction's partition they would be one transaction
     // with it: the broker tracks one open transaction per producer id.)
+    relays.fence(&partition, &["first".to_owned()]).await.unwrap();
     let (second, _) = relays.open(&partition, "second").await.unwrap();
     second.produce(vec![]).await.unwrap();
     second.commit(6).await.unwrap();
-    let cancelled = OrderEvent::Cancelled(OrderCancelled {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        order_id: "live".into(),
-        version: 1,
-        occurred_at: chrono::Utc::now().timestamp_millis(),
-        reason: "a live transaction".into(),
-    });
-    let live = OutgoingEvent {
-        topic: topic.clone(),
-        key: "live".into(),
-        event_id: uuid::Uuid::new_v4().to_string(),
-        event_type: cancelled.event_type().into(),
-        source: "/sluice/test".into(),
-        time_ms: chrono::Utc::now().timestamp_millis(),
-        avro: cancelled.to_avro(),
-        traceparent: None,
-        seq: 6,
-    };
+    let live = test_event(&topic, "live", 6);
     let live = second.produce(vec![live]).await.unwrap()[0].partition;
     let others: Vec<i32> = (0..4).filter(|&p| p != live).collect();
     let mut broker = Broker::connect(KAFKA).await.unwrap();
@@ -762,6 +904,7 @@ async fn a_processor_ends_a_forgotten_transaction_of_a_partition_no_command_come
     drop(first);
     // A later owner came and went; then entry 5 of the first one's epoch
     // turns up on partition 1, in no transaction its coordinator knows.
+    relays.fence(&partition, &["first".to_owned()]).await.unwrap();
     drop(relays.open(&partition, "second").await.unwrap());
     let mut broker = Broker::connect(KAFKA).await.unwrap();
     produce_unverified(&mut broker, &topic, &name, Some((older.producer_id, older.producer_epoch)), &[(1, "5")]).await;
@@ -831,8 +974,8 @@ async fn relayed_to_3(
     let (first, _) = relays.open(partition, "first").await.unwrap();
     first.produce(vec![]).await.unwrap();
     first.commit(3).await.unwrap();
-    let name = sluice_processors::kafka::relay_name(partition);
-    (first, sluice_processors::hanging::describe_transaction(KAFKA, &name).await.unwrap())
+    let producer = sluice_processors::kafka::producer_name(partition, "first");
+    (first, sluice_processors::hanging::describe_transaction(KAFKA, &producer).await.unwrap())
 }
 
 /// `tenant`'s orders topic (of `partitions`) and the Kafka relays,
