@@ -150,12 +150,14 @@ pub struct KafkaRelays {
     codec: Arc<EventCodec>,
     /// The shared producers, by transactional id.
     muxes: std::sync::Mutex<HashMap<String, Arc<Mux>>>,
+    /// A `read_committed` client of each context's relay group, by group.
+    groups: std::sync::Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
 impl KafkaRelays {
     pub fn new(clusters: Clusters, registry_url: &str) -> Result<Self, RelayError> {
         let codec = EventCodec::new(registry_url).map_err(|e| RelayError::Transient(e.to_string()))?;
-        Ok(Self { clusters, codec: Arc::new(codec), muxes: Default::default() })
+        Ok(Self { clusters, codec: Arc::new(codec), muxes: Default::default(), groups: Default::default() })
     }
 
     fn brokers(&self, tenant: &str) -> Result<&str, RelayError> {
@@ -172,15 +174,12 @@ impl KafkaRelays {
             return Ok(mux.clone());
         }
         let brokers = self.brokers(&partition.tenant)?;
-        let group = relay_group(&partition.tenant, partition.context);
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka_err)?;
-        let metadata =
-            client.group_metadata().ok_or_else(|| RelayError::Transient(format!("no group metadata for {group}")))?;
+        let metadata = self.positions(partition)?.group_metadata().ok_or_else(|| {
+            RelayError::Transient(format!(
+                "no group metadata for {}",
+                relay_group(&partition.tenant, partition.context)
+            ))
+        })?;
         let mux = Arc::new(Mux {
             brokers: brokers.to_owned(),
             transactional_id: transactional_id.clone(),
@@ -189,6 +188,21 @@ impl KafkaRelays {
         });
         muxes.insert(transactional_id, mux.clone());
         Ok(mux)
+    }
+}
+
+impl KafkaRelays {
+    /// The `read_committed` client of the partition's context's relay group.
+    fn positions(&self, partition: &PartitionRef) -> Result<Arc<BaseConsumer>, RelayError> {
+        let group = relay_group(&partition.tenant, partition.context);
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = groups.get(&group) {
+            return Ok(client.clone());
+        }
+        let client =
+            Arc::new(group_client(self.brokers(&partition.tenant)?, &group, "read_committed").map_err(kafka_err)?);
+        groups.insert(group, client.clone());
+        Ok(client)
     }
 }
 
@@ -278,7 +292,7 @@ impl RelayFactory for KafkaRelays {
         // Initialised before the position is read: that fences a process
         // of the same name from before.
         mux.ready().await?;
-        let positions = Arc::new(Positions::new(brokers, partition, "read_committed")?);
+        let positions = Arc::new(Positions::new(brokers, partition, self.positions(partition)?, "read_committed"));
         let (position, may_lag) = match positions.clone().read(TXN_TIMEOUT).await {
             Ok(position) => (position, false),
             // A stable read waits while a transactional commit of the
@@ -292,7 +306,10 @@ impl RelayFactory for KafkaRelays {
             // read past it may lag; the owner weighs it against the
             // journal's note.
             Err(RelayError::Transient(stable)) => {
-                let plain = Arc::new(Positions::new(brokers, partition, "read_uncommitted")?);
+                let plain =
+                    group_client(brokers, &relay_group(&partition.tenant, partition.context), "read_uncommitted")
+                        .map_err(kafka_err)?;
+                let plain = Arc::new(Positions::new(brokers, partition, Arc::new(plain), "read_uncommitted"));
                 let position = plain.read(TXN_TIMEOUT).await?;
                 tracing::warn!(relay = %name, ?position, %stable, "relay position read past a pending commit of an ended transaction");
                 (position, true)
@@ -319,7 +336,11 @@ impl RelayFactory for KafkaRelays {
         let topic = names::events_topic(&partition.tenant, partition.context);
         // Read only if something hangs; a commit in flight makes the stable
         // read fail, and the next sweep looks again.
-        let relayed = async { Arc::new(Positions::new(brokers, partition, "read_committed")?).read(TXN_TIMEOUT).await };
+        let relayed = async {
+            Arc::new(Positions::new(brokers, partition, self.positions(partition)?, "read_committed"))
+                .read(TXN_TIMEOUT)
+                .await
+        };
         end_hanging(brokers, &name, &topic, relayed).await;
     }
 }
@@ -557,32 +578,29 @@ fn position_in(reader: &BaseConsumer, topic: &str, partition: i32) -> Result<i64
 /// relay, at partition 0) are read when the context's group has none; the
 /// next commit moves the position over.
 struct Positions {
-    /// A client of the context's group (never joined: it reads positions
-    /// and lends its group metadata to the transactions).
-    group: BaseConsumer,
-    /// A client of the partition's group of the earlier layout.
-    legacy: BaseConsumer,
+    /// A client of the context's group (never joined: it reads positions),
+    /// shared by the context's relays.
+    group: Arc<BaseConsumer>,
     partition: i32,
+    /// Where the earlier layout's group is read: the brokers, the group and
+    /// the isolation level of `group`.
+    brokers: String,
+    legacy: String,
+    isolation: &'static str,
 }
 
 impl Positions {
-    /// A `read_committed` client reads stable positions: it fails while a
-    /// commit of the position is pending.
-    fn new(brokers: &str, partition: &PartitionRef, isolation: &str) -> Result<Self, RelayError> {
-        let client = |group: &str| {
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("group.id", group)
-                .set("enable.auto.commit", "false")
-                .set("isolation.level", isolation)
-                .create::<BaseConsumer>()
-                .map_err(kafka_err)
-        };
-        Ok(Self {
-            group: client(&relay_group(&partition.tenant, partition.context))?,
-            legacy: client(&relay_name(partition))?,
+    /// `group`: a client of the context's group; a `read_committed` one
+    /// reads stable positions (it fails while a commit of the position is
+    /// pending).
+    fn new(brokers: &str, partition: &PartitionRef, group: Arc<BaseConsumer>, isolation: &'static str) -> Self {
+        Self {
+            group,
             partition: i32::from(partition.partition),
-        })
+            brokers: brokers.to_owned(),
+            legacy: relay_name(partition),
+            isolation,
+        }
     }
 
     /// The committed relay position (`None`: never committed), waiting at
@@ -600,11 +618,22 @@ impl Positions {
             };
             match committed(&self.group, self.partition)? {
                 Some(position) => Ok(Some(position)),
-                None => committed(&self.legacy, 0),
+                None => committed(&group_client(&self.brokers, &self.legacy, self.isolation)?, 0),
             }
         })
         .await
     }
+}
+
+/// A client of consumer group `group` that never joins it: it reads the
+/// group's offsets and lends its metadata to transactions.
+fn group_client(brokers: &str, group: &str, isolation: &str) -> Result<BaseConsumer, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .create()
 }
 
 /// Creates [`RELAY_TOPIC`] with a partition per command partition of a
