@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,6 +186,7 @@ impl KafkaRelays {
             transactional_id: transactional_id.clone(),
             group: Arc::new(metadata),
             state: Default::default(),
+            generation: AtomicU64::new(0),
         });
         muxes.insert(transactional_id, mux.clone());
         Ok(mux)
@@ -290,8 +292,11 @@ impl RelayFactory for KafkaRelays {
         let brokers = self.brokers(&partition.tenant)?;
         let mux = self.mux(partition, owner)?;
         // Initialised before the position is read: that fences a process
-        // of the same name from before.
-        mux.ready().await?;
+        // of the same name from before. The claim came before: the
+        // partition was this owner's when the producer was set up (or a
+        // later producer would have been fenced), and its begin checks the
+        // claim again.
+        let generation = mux.ready().await?;
         let positions = Arc::new(Positions::new(brokers, partition, self.positions(partition)?, "read_committed"));
         let (position, may_lag) = match positions.clone().read(TXN_TIMEOUT).await {
             Ok(position) => (position, false),
@@ -326,6 +331,7 @@ impl RelayFactory for KafkaRelays {
             topic,
             codec: self.codec.clone(),
             ticket: std::sync::Mutex::new(None),
+            checked: AtomicU64::new(generation),
         };
         Ok((relay, RelayPosition { committed: position, may_lag }))
     }
@@ -675,6 +681,13 @@ pub struct KafkaRelay {
     codec: Arc<EventCodec>,
     /// The transaction its round joined, from `produce` to its vote.
     ticket: std::sync::Mutex<Option<Ticket>>,
+    /// The generation of the shared producer ([`Mux`]) that this relay
+    /// may produce through: it was the partition's owner after that
+    /// producer was set up. A newer one (set up after a fence) fails the
+    /// next produce with [`RelayError::Fenced`] once, so the owner asks the
+    /// journal whether the partition is still its own before anything of
+    /// the partition goes into a transaction of that producer.
+    checked: AtomicU64,
 }
 
 impl KafkaRelay {
@@ -750,7 +763,24 @@ impl Relay for KafkaRelay {
         for event in &events {
             payloads.push(self.encode(event).await?);
         }
+        let unchecked = |generation: u64| {
+            self.checked.store(generation, Ordering::SeqCst);
+            RelayError::Fenced(format!(
+                "the processor's producer was set up again (generation {generation}) after a takeover fenced it"
+            ))
+        };
+        match self.mux.generation.load(Ordering::SeqCst) {
+            0 => {}
+            generation if generation != self.checked.load(Ordering::SeqCst) => return Err(unchecked(generation)),
+            _ => {}
+        }
         let ticket = self.mux.join().await?;
+        if ticket.generation != self.checked.load(Ordering::SeqCst) {
+            // Set up again meanwhile: checked first, like above.
+            let generation = ticket.generation;
+            let _ = ticket.abort("a partition's ownership is checked first").await;
+            return Err(unchecked(generation));
+        }
         match self.send_all(&ticket.producer, &events, &payloads).await {
             Ok(positions) => {
                 *self.ticket.lock().unwrap_or_else(|e| e.into_inner()) = Some(ticket);
@@ -813,6 +843,9 @@ struct Mux {
     group: Arc<ConsumerGroupMetadata>,
     /// Held while a transaction begins or ends.
     state: Arc<tokio::sync::Mutex<MuxState>>,
+    /// Counts the producers set up (0: none yet); a producer is set up
+    /// again once fenced.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -829,6 +862,8 @@ struct MuxState {
 struct OpenTransaction {
     id: u64,
     producer: FutureProducer,
+    /// The producer's generation.
+    generation: u64,
     /// Partitions that joined and have not voted yet.
     waiting: usize,
     /// A partition voted: no other joins.
@@ -856,19 +891,22 @@ struct Ticket {
     mux: Arc<Mux>,
     id: u64,
     producer: FutureProducer,
+    /// The producer's generation.
+    generation: u64,
     voted: bool,
 }
 
 impl Mux {
-    /// Initialises the producer if it is not.
-    async fn ready(&self) -> Result<(), RelayError> {
+    /// Initialises the producer if it is not; its generation.
+    async fn ready(&self) -> Result<u64, RelayError> {
         let mut state = self.state.lock().await;
-        self.producer(&mut state).await.map(drop)
+        self.producer(&mut state).await.map(|(_, generation)| generation)
     }
 
-    async fn producer(&self, state: &mut MuxState) -> Result<FutureProducer, RelayError> {
+    /// The producer, set up if it is not, and its generation.
+    async fn producer(&self, state: &mut MuxState) -> Result<(FutureProducer, u64), RelayError> {
         if let Some(producer) = &state.producer {
-            return Ok(producer.clone());
+            return Ok((producer.clone(), self.generation.load(Ordering::SeqCst)));
         }
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -890,7 +928,8 @@ impl Mux {
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
         state.producer = Some(producer.clone());
         state.unaborted = false;
-        Ok(producer)
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((producer, generation))
     }
 
     /// A place in the open transaction, or in a new one once it ended.
@@ -900,15 +939,15 @@ impl Mux {
             if let Some(open) = &mut state.open {
                 if !open.sealed {
                     open.waiting += 1;
-                    let (id, producer) = (open.id, open.producer.clone());
-                    return Ok(Ticket { mux: self.clone(), id, producer, voted: false });
+                    let (id, producer, generation) = (open.id, open.producer.clone(), open.generation);
+                    return Ok(Ticket { mux: self.clone(), id, producer, generation, voted: false });
                 }
                 let mut ended = open.ended.subscribe();
                 drop(state);
                 let _ = ended.wait_for(Option::is_some).await;
                 continue;
             }
-            let producer = self.producer(&mut state).await?;
+            let (producer, generation) = self.producer(&mut state).await?;
             let begun = async {
                 if state.unaborted {
                     let aborting = producer.clone();
@@ -929,6 +968,7 @@ impl Mux {
             let open = OpenTransaction {
                 id,
                 producer: producer.clone(),
+                generation,
                 waiting: 1,
                 sealed: false,
                 positions: Vec::new(),
@@ -936,7 +976,7 @@ impl Mux {
                 ended,
             };
             state.open = Some(open);
-            return Ok(Ticket { mux: self.clone(), id, producer, voted: false });
+            return Ok(Ticket { mux: self.clone(), id, producer, generation, voted: false });
         }
     }
 

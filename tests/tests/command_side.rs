@@ -608,8 +608,9 @@ async fn a_processors_partitions_share_a_transaction_that_commits_only_with_ever
 /// A new owner of a partition fences the previous owner's producer, which
 /// that processor shares among its partitions: the transaction it had open
 /// aborts for all of them, and the new owner reads the position committed
-/// before it. The previous owner's producer serves the partitions still its
-/// own again once it was told (the owner asks the journal first).
+/// before it. The previous owner's producer, set up again, serves each of
+/// its relays once the relay has said so (its owner asks the journal
+/// whether the partition is still its own, then tries again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_fences_the_previous_owners_shared_producer() {
     use sluice_processors::amqp::consumer::PartitionRef;
@@ -619,14 +620,17 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
     require_stack().await;
     let tenant = TestTenant::new();
     let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
-    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
+    kafka::ensure_relay_topic(KAFKA, 3, Default::default()).await.unwrap();
     let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    let two_ref = PartitionRef { partition: 2, ..zero_ref.clone() };
     // Another processor: relays of its own.
     let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
     let b = KafkaRelays::new(clusters, &test_settings(&[&tenant]).registry.url).unwrap();
 
     let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
     let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
+    // Partition 2 has nothing in the transaction.
+    let (a_two, _) = a.open(&two_ref, "a").await.unwrap();
     a_zero.produce(vec![test_event(&topic, "x", 0)]).await.unwrap();
     a_one.produce(vec![test_event(&topic, "y", 0)]).await.unwrap();
 
@@ -638,9 +642,18 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
     assert!(matches!(zero_voted, Err(RelayError::Fenced(_))), "{zero_voted:?}");
     assert!(matches!(one_voted, Err(RelayError::Fenced(_))), "{one_voted:?}");
 
-    // a goes on with partition 1, b with partition 0.
+    // a's producer is set up again; partition 1's relay says so once, so
+    // that its owner checks the journal before anything of the partition
+    // goes into a transaction of the new producer. Then a goes on with
+    // partition 1, b with partition 0.
+    let unchecked = a_one.produce(vec![test_event(&topic, "y2", 0)]).await;
+    assert!(matches!(unchecked, Err(RelayError::Fenced(_))), "{unchecked:?}");
     a_one.produce(vec![test_event(&topic, "y2", 0)]).await.unwrap();
     a_one.commit(1).await.unwrap();
+    // So does a relay that had nothing in the fenced transaction: its
+    // partition too may have been taken over before the fence.
+    let unchecked = a_two.produce(vec![test_event(&topic, "w", 0)]).await;
+    assert!(matches!(unchecked, Err(RelayError::Fenced(_))), "{unchecked:?}");
     b_zero.produce(vec![test_event(&topic, "z", 0)]).await.unwrap();
     b_zero.commit(1).await.unwrap();
     assert_eq!(committed_keys(&topic, 0).await, ["y2", "z"], "nothing of the fenced transaction");
