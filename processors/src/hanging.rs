@@ -232,8 +232,8 @@ pub async fn find_hanging(brokers: &str, topic: &str, stale_after: Duration) -> 
     for (partition, leader) in &leaders {
         by_leader.entry(leader.as_str()).or_default().push(*partition);
     }
-    // (partition, leader, producer id, producer epoch, coordinator epoch,
-    // first offset, last write) of every transaction open on a partition.
+    // (partition, its leader, the producer) of every transaction open on a
+    // partition.
     let mut open = Vec::new();
     for (leader, partitions) in by_leader {
         let described = Broker::connect(leader)

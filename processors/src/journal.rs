@@ -122,6 +122,14 @@ pub trait Journal: Send + Sync {
         entries: &[Entry],
         relayed: i64,
     ) -> impl Future<Output = Result<Appended, JournalError>> + Send;
+    /// Records that `epoch`'s owner let the partition go with nothing of it
+    /// left in flight (every round finished), if `epoch` is still the
+    /// partition's: the next claim has no one to fence.
+    fn release(
+        &self,
+        partition: &PartitionRef,
+        epoch: i64,
+    ) -> impl Future<Output = Result<Appended, JournalError>> + Send;
     /// Notes that entries before `next` are relayed, and drops those older
     /// than `trim_below`.
     fn relayed(
@@ -181,6 +189,7 @@ pub struct CqlJournal {
     insert: PreparedStatement,
     select_from: PreparedStatement,
     read_relay_note: PreparedStatement,
+    release: PreparedStatement,
     note_relayed: PreparedStatement,
     trim: PreparedStatement,
 }
@@ -248,6 +257,11 @@ impl CqlJournal {
             .await?,
             read_relay_note: prepare(
                 "SELECT relayed FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
+            )
+            .await?,
+            release: prepare(
+                "UPDATE command_journal SET owner = null \
+                 WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
             // The write timestamp is the position itself: a late note of an
@@ -458,6 +472,16 @@ impl Journal for CqlJournal {
             None => self.current_epoch((tenant, context, p)).await?,
         };
         Ok(if now == Some(epoch) { Appended::Applied } else { Appended::Fenced })
+    }
+
+    async fn release(&self, partition: &PartitionRef, epoch: i64) -> Result<Appended, JournalError> {
+        let (tenant, context, p) = key(partition);
+        let result = self
+            .session
+            .execute_unpaged(&self.release, (tenant, context, p, Some(epoch)))
+            .await
+            .map_err(journal_err)?;
+        Ok(if applied(result)? { Appended::Applied } else { Appended::Fenced })
     }
 
     async fn relayed(&self, partition: &PartitionRef, next: i64, trim_below: Option<i64>) -> Result<(), JournalError> {

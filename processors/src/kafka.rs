@@ -769,10 +769,10 @@ impl Relay for KafkaRelay {
                 "the processor's producer was set up again (generation {generation}) after a takeover fenced it"
             ))
         };
-        match self.mux.generation.load(Ordering::SeqCst) {
-            0 => {}
-            generation if generation != self.checked.load(Ordering::SeqCst) => return Err(unchecked(generation)),
-            _ => {}
+        // 0: no producer was set up yet.
+        let generation = self.mux.generation.load(Ordering::SeqCst);
+        if generation != 0 && generation != self.checked.load(Ordering::SeqCst) {
+            return Err(unchecked(generation));
         }
         let ticket = self.mux.join().await?;
         if ticket.generation != self.checked.load(Ordering::SeqCst) {

@@ -577,6 +577,23 @@ where
         Ok(Decided { round, outcomes })
     }
 
+    /// Lets the partition go once every round is finished: the journal says
+    /// nothing of this owner is in flight, so the next owner need not fence
+    /// this processor's producer (which its other partitions share). Best
+    /// effort: without it, the next owner fences.
+    pub async fn release(&self) {
+        if self.busy() || self.queued.is_some() || self.unsure || !matches!(self.relayer, Slot::Idle(_)) {
+            return;
+        }
+        match self.backends.journal.release(&self.partition, self.epoch).await {
+            Ok(Appended::Applied) => debug!(queue = %self.partition.queue(), "released in the journal"),
+            Ok(Appended::Fenced) => debug!(queue = %self.partition.queue(), "a newer owner claimed it first"),
+            Err(e) => {
+                warn!(queue = %self.partition.queue(), error = %e, "could not release in the journal; the next owner fences this processor's producer")
+            }
+        }
+    }
+
     /// Whether a round can be decided without waiting for the relay.
     pub fn can_decide(&self) -> bool {
         self.queued.is_none()
@@ -1213,6 +1230,14 @@ mod tests {
             }
             Ok(if j.epoch == epoch { Appended::Applied } else { Appended::Fenced })
         }
+        async fn release(&self, _: &PartitionRef, epoch: i64) -> Result<Appended, JournalError> {
+            let mut j = self.0.lock().unwrap();
+            if j.epoch != epoch {
+                return Ok(Appended::Fenced);
+            }
+            j.owner = None;
+            Ok(Appended::Applied)
+        }
         async fn relayed(&self, _: &PartitionRef, next: i64, _: Option<i64>) -> Result<(), JournalError> {
             let mut j = self.0.lock().unwrap();
             j.notes += 1;
@@ -1524,6 +1549,30 @@ mod tests {
         b.relays.0.lock().unwrap().fail = 0;
         assert!(matches!(old.finished().await, Err(Halt::Fenced(_))));
         assert_eq!(committed(&b).len(), 1, "nothing more from the fenced owner");
+    }
+
+    #[tokio::test]
+    async fn an_owner_that_let_its_partition_go_cleanly_is_not_fenced_by_the_next() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        round(&mut owner, &[submit("s1", "o1")]).await.unwrap();
+        owner.release().await;
+        let claim = b.journal.claim(&partition(), "p2").await.unwrap();
+        assert!(claim.fence.is_empty(), "released: {:?}", claim.fence);
+        // Without the release, the next claim names it.
+        let third = b.journal.claim(&partition(), "p3").await.unwrap();
+        assert_eq!(third.fence, ["p2"]);
+    }
+
+    #[tokio::test]
+    async fn an_owner_with_a_round_in_flight_does_not_release() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        round(&mut owner, &[submit("s1", "o1")]).await.unwrap();
+        b.relays.0.lock().unwrap().fail = usize::MAX;
+        owner.decide(&[submit("s2", "o2")]).await.unwrap();
+        owner.release().await;
+        assert_eq!(b.journal.claim(&partition(), "p2").await.unwrap().fence, ["p1"]);
     }
 
     #[tokio::test]

@@ -347,7 +347,8 @@ async fn commands_left_in_the_unpartitioned_queues_reach_their_partitions_after_
 /// fences before it reads the relay position: the previous owner, and those
 /// named by claims that never began (a claimant that died before it fenced
 /// anyone). Its begin forgets them; an owner's own name is never on it (its
-/// producer ends its own transactions).
+/// producer ends its own transactions), nor that of an owner that released
+/// the partition with nothing in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_names_the_earlier_owners_to_fence_until_the_claimant_begins() {
     use sluice_processors::amqp::consumer::PartitionRef;
@@ -379,6 +380,16 @@ async fn a_claim_names_the_earlier_owners_to_fence_until_the_claimant_begins() {
     assert_eq!(journal.epoch(&partition).await.unwrap(), Some(again.epoch));
     let d = journal.claim(&partition, "d").await.unwrap();
     assert_eq!(d.fence, names(&["c"]), "begun: only the last owner is left to fence");
+    assert_eq!(journal.begin(&partition, d.epoch, 0, 0).await.unwrap(), Appended::Applied);
+
+    // An owner that let the partition go with nothing in flight is not
+    // fenced by the next; a release of an older epoch changes nothing.
+    assert_eq!(journal.release(&partition, again.epoch).await.unwrap(), Appended::Fenced);
+    assert_eq!(journal.release(&partition, d.epoch).await.unwrap(), Appended::Applied);
+    let e = journal.claim(&partition, "e").await.unwrap();
+    assert_eq!(e.fence, names(&[]), "d released");
+    let f = journal.claim(&partition, "f").await.unwrap();
+    assert_eq!(f.fence, names(&["e"]), "e claimed and did not release");
 }
 
 /// The journal in the real store, raced the way a paused owner races its

@@ -272,16 +272,22 @@ where
         ctx.settle_all(current, &mut pending, settled).await;
     }
     // The rounds in the relay finish (on stop, their current try ends). A
-    // failed channel can ack nothing: the next owner finishes them.
+    // failed channel can ack nothing: the next owner finishes them. With
+    // every round finished, the partition is let go in the journal.
     if let (None, Some(current)) = (&failure, &mut owner) {
+        let mut halted = false;
         while current.busy() {
             match current.finished().await {
                 Ok(finished) => ctx.settle_finished(current, &mut pending, finished).await,
                 Err(halt) => {
                     log_halt(&ctx.queue, &halt);
+                    halted = true;
                     break;
                 }
             }
+        }
+        if !halted {
+            current.release().await;
         }
     }
     if let Some(sweep) = sweeping {
