@@ -333,6 +333,9 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let keyspace = &bench.settings.cql.keyspace;
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
     let offsets_before = bench.kafka.end_offsets(&bench.events_topic()).await?;
+    let metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
+    let projection = &bench.settings.projector.name;
+    let apply_before = probe::apply_histogram(&bench.http, &metrics, projection).await?;
     let rate = pace.rate.max(0.1);
     let total = (rate * pace.duration.as_secs_f64()).round().max(1.0) as u64;
     let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
@@ -419,6 +422,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let finished = start.elapsed().as_secs_f64();
     let cql_after = probe::cql_counts(&bench.session, keyspace).await;
     let offsets_after = bench.kafka.end_offsets(&bench.events_topic()).await?;
+    let apply_after = probe::apply_histogram(&bench.http, &metrics, projection).await?;
     let r = recorder.lock().unwrap_or_else(|e| e.into_inner());
     let floor = Duration::from_micros(if r.after_accept.is_empty() { 0 } else { r.after_accept.min() });
     let sent_per_second = sent as f64 / sending;
@@ -455,6 +459,8 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
         polls_per_second: polls.load(Ordering::Relaxed) as f64 / finished,
         cql_per_command: per_command(cql_before, cql_after, r.accepted, &bench.settings.projector.name),
         kafka_offsets_per_command: (offsets_after - offsets_before) as f64 / r.accepted.max(1) as f64,
+        apply_p50_ms: probe::bucket_quantile_ms(&apply_before, &apply_after, 0.5),
+        apply_p99_ms: probe::bucket_quantile_ms(&apply_before, &apply_after, 0.99),
     };
     Ok((step, floor))
 }

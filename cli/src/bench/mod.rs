@@ -59,7 +59,7 @@ use self::report::{Machine, MemoryReport, Report};
 use self::roles::{ConfigFile, RoleProcess};
 use self::workload::{Mix, Workload};
 use crate::serve::connect_cql;
-use crate::settings::Settings;
+use crate::settings::{MetricsSettings, Settings};
 
 /// A machine whose CPUs are less busy than this is quiet (the stack idling
 /// with the roles running costs 10–25 % here).
@@ -186,6 +186,9 @@ pub struct Bench {
     pub membership: sluice_processors::ownership::CqlMembership,
     amqp: Connection,
     pub kafka: KafkaProbe,
+    /// Where the projector role serves its metrics (the only role that
+    /// serves them: one address can be bound once).
+    pub projector_metrics_addr: String,
     cpu: std::sync::Mutex<CpuLog>,
 }
 
@@ -274,7 +277,8 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
     settings.ingest.rate_limit_per_second = 0.0;
     settings.ingest.read_rate_limit_per_second = 0.0;
     // The bench runs several role processes at once (and maybe `make run`
-    // beside them): none serves the admin address, which only one could bind.
+    // beside them): only the projector serves the admin address, on a port
+    // of its own (`phases`), since one address can be bound once.
     settings.metrics.addr = None;
     settings
 }
@@ -321,6 +325,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         membership,
         amqp,
         kafka,
+        projector_metrics_addr: format!("127.0.0.1:{}", roles::free_port()?),
         cpu: Default::default(),
     };
 
@@ -344,6 +349,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let Phases { raw, bare, edge, e2e, reads, rebuild, mut memory } = result?;
     memory.bench_mib = peak_over_run(&cpu, "bench");
     let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
+    let apply_latency_target = Report::apply_latency_target(&e2e);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let busy = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
         format!(
@@ -390,6 +396,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         cpu,
         ratios,
         latency_target,
+        apply_latency_target,
     })
 }
 
@@ -441,7 +448,11 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let edge = edge::run(bench, step).await?;
 
     step("starting the projector and processor roles");
-    let mut projector = RoleProcess::spawn(&config, "projector", &logs)?;
+    let projector_config = ConfigFile::write(&Settings {
+        metrics: MetricsSettings { addr: Some(bench.projector_metrics_addr.clone()) },
+        ..bench.settings.clone()
+    })?;
+    let mut projector = RoleProcess::spawn(&projector_config, "projector", &logs)?;
     bench.role_started(&projector);
     wait_for_group(bench, &mut projector).await?;
     bench.quiet(step, "the drain").await;

@@ -171,6 +171,53 @@ pub async fn leftover_tables(session: &Session, keyspace: &str, own: &str) -> an
     Ok(count)
 }
 
+/// The projector's apply-latency histogram (`sluice_projection_apply_seconds`
+/// of `projection`, from its admin address): cumulative counts by bucket
+/// upper bound in seconds, `+Inf` last.
+pub async fn apply_histogram(http: &reqwest::Client, url: &str, projection: &str) -> anyhow::Result<Vec<(f64, u64)>> {
+    let text = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("reading the projector's metrics at {url}"))?
+        .text()
+        .await?;
+    Ok(buckets(&text, "sluice_projection_apply_seconds", projection))
+}
+
+/// The buckets of histogram `name` whose `projection` label is `projection`,
+/// from the Prometheus text format, ordered by upper bound.
+fn buckets(text: &str, name: &str, projection: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    let label = format!("projection=\"{projection}\"");
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter(|line| line.starts_with(&prefix) && line.contains(&label))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let count = line.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((le, count as u64))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The upper bound (ms) of the bucket that holds quantile `q` of what was
+/// recorded between two snapshots of one histogram; `None` if nothing was.
+pub fn bucket_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let then = |le: f64| before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+    let deltas: Vec<(f64, u64)> = after.iter().map(|&(le, n)| (le, n.saturating_sub(then(le)))).collect();
+    let total = deltas.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil() as u64;
+    deltas.iter().find(|b| b.1 >= rank).map(|b| b.0 * 1000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +234,28 @@ mod tests {
         assert_eq!(generated_name("t0a1b2c3d4e", "t"), Some(""));
         assert_eq!(generated_name("bench0a1b2c3d4e.raw.commands.0", "bench"), Some(".raw.commands.0"));
         assert_eq!(generated_name("tenant", "t"), None);
+    }
+
+    #[test]
+    fn an_apply_quantile_is_the_upper_bound_of_its_bucket_between_two_snapshots() {
+        let text = |fast: u64, slow: u64| {
+            format!(
+                "# TYPE sluice_projection_apply_seconds histogram\n\
+                 sluice_projection_apply_seconds_bucket{{projection=\"other\",le=\"0.01\"}} 999\n\
+                 sluice_projection_apply_seconds_bucket{{projection=\"p\",le=\"0.02\"}} {slow}\n\
+                 sluice_projection_apply_seconds_bucket{{projection=\"p\",le=\"0.01\"}} {fast}\n\
+                 sluice_projection_apply_seconds_bucket{{projection=\"p\",le=\"+Inf\"}} {slow}\n\
+                 sluice_projection_apply_seconds_sum{{projection=\"p\"}} 1.5\n"
+            )
+        };
+        let before = buckets(&text(50, 50), "sluice_projection_apply_seconds", "p");
+        assert_eq!(before, [(0.01, 50), (0.02, 50), (f64::INFINITY, 50)]);
+        // Between the snapshots: 98 within 10 ms, 2 within 20 ms.
+        let after = buckets(&text(148, 150), "sluice_projection_apply_seconds", "p");
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.5), Some(10.0));
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.95), Some(10.0));
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.99), Some(20.0));
+        assert_eq!(bucket_quantile_ms(&before, &before, 0.99), None, "nothing recorded in between");
+        assert_eq!(bucket_quantile_ms(&[], &after, 0.5), Some(10.0), "no earlier snapshot: everything counts");
     }
 }
