@@ -106,6 +106,14 @@ pub async fn run(
         let (s, _) = fixed_rate(bench, roles, &pace).await?;
         report.steps.push(s);
     }
+    for _ in 0..bench.plan.refinements {
+        let Some(rate) = between(&report.steps) else { break };
+        let fraction = rate / report.max_per_second;
+        bench.quiet(step, &format!("the {:.0}% step", fraction * 100.0)).await;
+        step(&format!("e2e: {rate:.0}/s open loop, between the highest rate that held and the lowest that did not"));
+        let pace = Pace { fraction, rate, duration: bench.plan.step_duration, first_poll };
+        report.steps.push(fixed_rate(bench, roles, &pace).await?.0);
+    }
     report.sustained_per_second =
         report.steps.iter().filter(|s| s.holds).map(|s| s.sent_per_second).fold(0.0, f64::max);
     if report.sustained_per_second > 0.0 {
@@ -588,6 +596,18 @@ impl Backlog {
     }
 }
 
+/// The rate halfway between the highest offered rate that held (0 if none
+/// did) and the lowest higher one that did not; `None` if every step held.
+fn between(steps: &[Step]) -> Option<f64> {
+    let held = steps.iter().filter(|s| s.holds).map(|s| s.target_per_second).fold(0.0, f64::max);
+    let failed = steps
+        .iter()
+        .filter(|s| !s.holds && s.target_per_second > held)
+        .map(|s| s.target_per_second)
+        .reduce(f64::min)?;
+    Some((held + failed) / 2.0)
+}
+
 /// CQL statements per command between two metric snapshots, by table; the
 /// bench projection's tables are named `<projection>_…`.
 fn per_command(
@@ -619,6 +639,20 @@ fn per_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refinement_halves_the_gap_between_the_highest_rate_that_held_and_the_next() {
+        let step = |rate: f64, holds: bool| Step { target_per_second: rate, holds, ..Default::default() };
+        let grid = [step(500.0, true), step(1000.0, false), step(1500.0, false), step(2000.0, false)];
+        assert_eq!(between(&grid), Some(750.0));
+        let refined = [&grid[..], &[step(750.0, true)]].concat();
+        assert_eq!(between(&refined), Some(875.0));
+        // A failing step below one that held (noise) does not bound it.
+        let noisy = [step(500.0, false), step(1000.0, true), step(1500.0, false)];
+        assert_eq!(between(&noisy), Some(1250.0));
+        assert_eq!(between(&[step(500.0, false)]), Some(250.0), "none held: halfway from nothing");
+        assert_eq!(between(&[step(500.0, true), step(1000.0, true)]), None, "every step held");
+    }
 
     #[test]
     fn backlog_growth_is_the_slope_of_the_second_half() {

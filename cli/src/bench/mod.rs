@@ -98,6 +98,10 @@ pub struct Plan {
     pub step_duration: Duration,
     /// Open-loop rates, as fractions of the measured maximum.
     pub fractions: Vec<f64>,
+    /// Steps after those, each halving the gap between the highest rate
+    /// that held and the lowest above it that did not (the fractions are a
+    /// quarter of the maximum apart, too coarse to compare runs by).
+    pub refinements: usize,
     /// Shortest wait between two reads of an order not yet visible.
     pub poll_interval: Duration,
     /// An order not readable this long after its 202 counts as timed out.
@@ -135,6 +139,7 @@ impl Plan {
             warmup: Duration::from_secs(5),
             step_duration: Duration::from_secs(20),
             fractions: vec![0.25, 0.5, 0.75, 0.9, 1.0, 1.1],
+            refinements: 2,
             poll_interval: Duration::from_millis(5),
             visible_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(90),
@@ -158,6 +163,7 @@ impl Plan {
             warmup: Duration::from_secs(1),
             step_duration: Duration::from_millis(1_500),
             fractions: vec![0.25, 0.5],
+            refinements: 1,
             visible_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(60),
             settle_timeout: Duration::from_secs(60),
