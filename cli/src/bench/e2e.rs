@@ -41,8 +41,8 @@ use tokio::task::JoinSet;
 
 use sluice_processors::ownership::Membership;
 
-use super::probe::{self, queues_state, CqlTableCounts};
-use super::report::{E2eReport, Percentiles, Scaling, Step, TableOps};
+use super::probe::{self, queues_state, CqlTableCounts, Scrape};
+use super::report::{E2eReport, Percentiles, ProcessorTimes, Scaling, Step, TableOps, Timing};
 use super::roles::RoleProcess;
 use super::workload::{Command, Kind};
 use super::Bench;
@@ -341,9 +341,10 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let keyspace = &bench.settings.cql.keyspace;
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
     let offsets_before = bench.kafka.end_offsets(&bench.events_topic()).await?;
-    let metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
-    let projection = &bench.settings.projector.name;
-    let apply_before = probe::apply_histogram(&bench.http, &metrics, projection).await?;
+    let projector_metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
+    let processor_metrics = format!("http://{}/metrics", bench.processor_metrics_addr);
+    let projector_before = Scrape::read(&bench.http, &projector_metrics).await?;
+    let processor_before = Scrape::read(&bench.http, &processor_metrics).await?;
     let rate = pace.rate.max(0.1);
     let total = (rate * pace.duration.as_secs_f64()).round().max(1.0) as u64;
     let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
@@ -430,7 +431,13 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let finished = start.elapsed().as_secs_f64();
     let cql_after = probe::cql_counts(&bench.session, keyspace).await;
     let offsets_after = bench.kafka.end_offsets(&bench.events_topic()).await?;
-    let apply_after = probe::apply_histogram(&bench.http, &metrics, projection).await?;
+    let projector_after = Scrape::read(&bench.http, &projector_metrics).await?;
+    let processor_after = Scrape::read(&bench.http, &processor_metrics).await?;
+    let projection = format!("projection=\"{}\"", bench.settings.projector.name);
+    let apply = |s: &Scrape| s.buckets("sluice_projection_apply_seconds", &projection);
+    let (apply_before, apply_after) = (apply(&projector_before), apply(&projector_after));
+    let processed = |s: &Scrape| s.buckets("sluice_command_seconds", "");
+    let (processed_before, processed_after) = (processed(&processor_before), processed(&processor_after));
     let r = recorder.lock().unwrap_or_else(|e| e.into_inner());
     let floor = Duration::from_micros(if r.after_accept.is_empty() { 0 } else { r.after_accept.min() });
     let sent_per_second = sent as f64 / sending;
@@ -469,8 +476,37 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
         kafka_offsets_per_command: (offsets_after - offsets_before) as f64 / r.accepted.max(1) as f64,
         apply_p50_ms: probe::bucket_quantile_ms(&apply_before, &apply_after, 0.5),
         apply_p99_ms: probe::bucket_quantile_ms(&apply_before, &apply_after, 0.99),
+        processor_p50_ms: probe::bucket_quantile_ms(&processed_before, &processed_after, 0.5),
+        processor_p99_ms: probe::bucket_quantile_ms(&processed_before, &processed_after, 0.99),
+        processor_times: processor_times(&processor_before, &processor_after),
     };
     Ok((step, floor))
+}
+
+/// The stages of a round, in the order they start.
+const ROUND_STAGES: [&str; 6] = ["read_and_decide", "journal", "stream_rows", "produce", "record", "commit"];
+
+/// Where the processor's time went between two scrapes of its metrics;
+/// `None` when no round finished in between.
+fn processor_times(before: &Scrape, after: &Scrape) -> Option<ProcessorTimes> {
+    let mean = |name: &str, label: &str| probe::mean_between(before, after, name, label);
+    let timing = |name: &str, label: &str| {
+        Some(Timing {
+            mean_ms: mean(name, label)? * 1000.0,
+            p99_ms: probe::bucket_quantile_ms(&before.buckets(name, label), &after.buckets(name, label), 0.99),
+        })
+    };
+    Some(ProcessorTimes {
+        round: timing("sluice_round_seconds", "")?,
+        wait: timing("sluice_command_wait_seconds", "").unwrap_or_default(),
+        commands_per_round: mean("sluice_round_commands", "").unwrap_or(0.0),
+        stages: ROUND_STAGES
+            .iter()
+            .filter_map(|&stage| {
+                Some((stage.to_owned(), timing("sluice_round_stage_seconds", &format!("stage=\"{stage}\""))?))
+            })
+            .collect(),
+    })
 }
 
 /// How a sampled command is followed until it is visible.

@@ -192,9 +192,11 @@ pub struct Bench {
     pub membership: sluice_processors::ownership::CqlMembership,
     amqp: Connection,
     pub kafka: KafkaProbe,
-    /// Where the projector role serves its metrics (the only role that
-    /// serves them: one address can be bound once).
+    /// Where the projector role and the first processor role serve their
+    /// metrics (the only roles that serve them: one address can be bound
+    /// once).
     pub projector_metrics_addr: String,
+    pub processor_metrics_addr: String,
     cpu: std::sync::Mutex<CpuLog>,
 }
 
@@ -332,6 +334,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         amqp,
         kafka,
         projector_metrics_addr: format!("127.0.0.1:{}", roles::free_port()?),
+        processor_metrics_addr: format!("127.0.0.1:{}", roles::free_port()?),
         cpu: Default::default(),
     };
 
@@ -462,7 +465,11 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     bench.role_started(&projector);
     wait_for_group(bench, &mut projector).await?;
     bench.quiet(step, "the drain").await;
-    let mut processor = RoleProcess::spawn(&config, "processor", &logs)?;
+    let processor_config = ConfigFile::write(&Settings {
+        metrics: MetricsSettings { addr: Some(bench.processor_metrics_addr.clone()) },
+        ..bench.settings.clone()
+    })?;
+    let mut processor = RoleProcess::spawn(&processor_config, "processor", &logs)?;
     bench.role_started(&processor);
     let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;

@@ -171,38 +171,66 @@ pub async fn leftover_tables(session: &Session, keyspace: &str, own: &str) -> an
     Ok(count)
 }
 
-/// The projector's apply-latency histogram (`sluice_projection_apply_seconds`
-/// of `projection`, from its admin address): cumulative counts by bucket
-/// upper bound in seconds, `+Inf` last.
-pub async fn apply_histogram(http: &reqwest::Client, url: &str, projection: &str) -> anyhow::Result<Vec<(f64, u64)>> {
-    let text = http
-        .get(url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("reading the projector's metrics at {url}"))?
-        .text()
-        .await?;
-    Ok(buckets(&text, "sluice_projection_apply_seconds", projection))
+/// One read of a role's Prometheus metrics (`/metrics` at its admin
+/// address).
+pub struct Scrape(String);
+
+impl Scrape {
+    pub async fn read(http: &reqwest::Client, url: &str) -> anyhow::Result<Self> {
+        let text = http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("reading a role's metrics at {url}"))?
+            .text()
+            .await?;
+        Ok(Self(text))
+    }
+
+    /// The lines of histogram `name`'s `part` (`bucket`, `sum`, `count`)
+    /// whose labels include `label` (`""`: any), with their values.
+    fn series<'a>(&'a self, name: &'a str, part: &'a str, label: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        let series = format!("{name}_{part}");
+        self.0.lines().filter_map(move |line| {
+            let rest = line.strip_prefix(series.as_str())?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) || !line.contains(label) {
+                return None;
+            }
+            let value = line.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((line, value))
+        })
+    }
+
+    /// The buckets of histogram `name` on the series labelled `label`:
+    /// cumulative counts by upper bound in seconds, `+Inf` last.
+    pub fn buckets(&self, name: &str, label: &str) -> Vec<(f64, u64)> {
+        let mut buckets: Vec<(f64, u64)> = self
+            .series(name, "bucket", label)
+            .filter_map(|(line, count)| {
+                let le = line.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((le, count as u64))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
+    /// Sum and count of histogram `name` on the series labelled `label`.
+    fn sum_count(&self, name: &str, label: &str) -> (f64, f64) {
+        let total = |part| self.series(name, part, label).map(|(_, v)| v).sum::<f64>();
+        (total("sum"), total("count"))
+    }
 }
 
-/// The buckets of histogram `name` whose `projection` label is `projection`,
-/// from the Prometheus text format, ordered by upper bound.
-fn buckets(text: &str, name: &str, projection: &str) -> Vec<(f64, u64)> {
-    let prefix = format!("{name}_bucket{{");
-    let label = format!("projection=\"{projection}\"");
-    let mut buckets: Vec<(f64, u64)> = text
-        .lines()
-        .filter(|line| line.starts_with(&prefix) && line.contains(&label))
-        .filter_map(|line| {
-            let le = line.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            let count = line.rsplit(' ').next()?.parse::<f64>().ok()?;
-            Some((le, count as u64))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    buckets
+/// The mean of what histogram `name` (series labelled `label`) recorded
+/// between two scrapes, in its own unit; `None` if nothing was.
+pub fn mean_between(before: &Scrape, after: &Scrape, name: &str, label: &str) -> Option<f64> {
+    let (sum0, count0) = before.sum_count(name, label);
+    let (sum1, count1) = after.sum_count(name, label);
+    let count = count1 - count0;
+    (count > 0.0).then(|| (sum1 - sum0) / count)
 }
 
 /// The upper bound (ms) of the bucket that holds quantile `q` of what was
@@ -248,14 +276,39 @@ mod tests {
                  sluice_projection_apply_seconds_sum{{projection=\"p\"}} 1.5\n"
             )
         };
-        let before = buckets(&text(50, 50), "sluice_projection_apply_seconds", "p");
+        let name = "sluice_projection_apply_seconds";
+        let label = "projection=\"p\"";
+        let before = Scrape(text(50, 50)).buckets(name, label);
         assert_eq!(before, [(0.01, 50), (0.02, 50), (f64::INFINITY, 50)]);
         // Between the snapshots: 98 within 10 ms, 2 within 20 ms.
-        let after = buckets(&text(148, 150), "sluice_projection_apply_seconds", "p");
+        let after = Scrape(text(148, 150)).buckets(name, label);
         assert_eq!(bucket_quantile_ms(&before, &after, 0.5), Some(10.0));
         assert_eq!(bucket_quantile_ms(&before, &after, 0.95), Some(10.0));
         assert_eq!(bucket_quantile_ms(&before, &after, 0.99), Some(20.0));
         assert_eq!(bucket_quantile_ms(&before, &before, 0.99), None, "nothing recorded in between");
         assert_eq!(bucket_quantile_ms(&[], &after, 0.5), Some(10.0), "no earlier snapshot: everything counts");
+    }
+
+    #[test]
+    fn a_mean_is_taken_between_two_scrapes_of_the_series_asked_for() {
+        let text = |journal: (f64, u64), round: (f64, u64)| {
+            format!(
+                "sluice_round_stage_seconds_sum{{stage=\"journal\"}} {}\n\
+                 sluice_round_stage_seconds_count{{stage=\"journal\"}} {}\n\
+                 sluice_round_stage_seconds_sum{{stage=\"commit\"}} 9\n\
+                 sluice_round_stage_seconds_count{{stage=\"commit\"}} 1\n\
+                 sluice_round_seconds_sum {}\n\
+                 sluice_round_seconds_count {}\n",
+                journal.0, journal.1, round.0, round.1
+            )
+        };
+        let before = Scrape(text((1.0, 100), (2.0, 100)));
+        let after = Scrape(text((1.5, 200), (3.0, 150)));
+        let journal = mean_between(&before, &after, "sluice_round_stage_seconds", "stage=\"journal\"");
+        assert!((journal.unwrap() - 0.005).abs() < 1e-9, "{journal:?}");
+        let round = mean_between(&before, &after, "sluice_round_seconds", "");
+        assert!((round.unwrap() - 0.02).abs() < 1e-9, "{round:?}: the stage series are another histogram");
+        assert_eq!(mean_between(&before, &before, "sluice_round_seconds", ""), None, "nothing recorded in between");
+        assert_eq!(mean_between(&before, &after, "sluice_missing_seconds", ""), None);
     }
 }

@@ -227,6 +227,43 @@ pub struct Step {
     /// of the bucket holding the median and the 99th percentile.
     pub apply_p50_ms: Option<f64>,
     pub apply_p99_ms: Option<f64>,
+    /// The processor's time per command during the step, from taking the
+    /// delivery to settling it (`sluice_command_seconds`): bucket bounds as
+    /// for the apply latency.
+    pub processor_p50_ms: Option<f64>,
+    pub processor_p99_ms: Option<f64>,
+    /// Where that time went; `None` when no round finished in the step.
+    pub processor_times: Option<ProcessorTimes>,
+}
+
+/// Where the processor's time went in a step, from its own histograms
+/// between the step's start and end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessorTimes {
+    /// From taking a delivery to the start of the round that decides it
+    /// (`sluice_command_wait_seconds`): waiting for a round in the relay.
+    pub wait: Timing,
+    /// From a round's start to its relay finishing it
+    /// (`sluice_round_seconds`).
+    pub round: Timing,
+    pub commands_per_round: f64,
+    /// Each stage of a round (`sluice_round_stage_seconds`), in the order
+    /// they start; stream rows, rejections and the produce run together.
+    pub stages: Vec<(String, Timing)>,
+}
+
+/// One histogram's figures between two scrapes: the mean, and the upper
+/// bound of the bucket holding the 99th percentile.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timing {
+    pub mean_ms: f64,
+    pub p99_ms: Option<f64>,
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} (p99 {})", self.mean_ms, bound(self.p99_ms))
+    }
 }
 
 /// CQL reads and writes per command on one table, as the store's
@@ -538,15 +575,18 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\n| offered /s | of max | sent /s | accepted | p50 ms | p90 | p99 | p99.9 | max | 202 p99 | apply p50 | \
-             apply p99 | lag p99 | backlog end | growth /s | settle s | holds |"
+            "\n| offered /s | of max | sent /s | accepted | p50 ms | p90 | p99 | p99.9 | max | 202 p99 | proc p50 | \
+             proc p99 | apply p50 | apply p99 | lag p99 | backlog end | growth /s | settle s | holds |"
         );
-        let _ = writeln!(t, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(
+            t,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
         for s in x.steps.iter().chain(&x.half_sustained) {
             let l = &s.latency_ms;
             let _ = writeln!(
                 t,
-                "| {:.0} | {:.0} % | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {} |",
+                "| {:.0} | {:.0} % | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {} |",
                 s.target_per_second,
                 s.fraction * 100.0,
                 s.sent_per_second,
@@ -557,6 +597,8 @@ impl Report {
                 l.p999,
                 l.max,
                 s.accept_latency_ms.p99,
+                bound(s.processor_p50_ms),
+                bound(s.processor_p99_ms),
                 bound(s.apply_p50_ms),
                 bound(s.apply_p99_ms),
                 s.generator_lag_ms.p99,
@@ -578,9 +620,24 @@ impl Report {
         let _ = writeln!(t, "Latency: {}", x.visibility);
         let _ = writeln!(
             t,
-            "Apply: the projector's wait from taking a record to its batch's rows written, the upper bound of the \
-             histogram bucket (`sluice_projection_apply_seconds`) that holds the quantile."
+            "Proc: the processor's time from taking a delivery to settling it (`sluice_command_seconds`); apply: the \
+             projector's wait from taking a record to its batch's rows written \
+             (`sluice_projection_apply_seconds`); each the upper bound of the histogram bucket that holds the quantile."
         );
+        for s in x.steps.first().into_iter().chain(&x.half_sustained) {
+            let Some(p) = &s.processor_times else { continue };
+            let stages: Vec<String> = p.stages.iter().map(|(name, timing)| format!("{name} {timing}")).collect();
+            let _ = writeln!(
+                t,
+                "Processor at {:.0}/s (mean ms, p99 as a bucket bound): a delivery waits {} for its round; a round \
+                 of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap).",
+                s.target_per_second,
+                p.wait,
+                p.commands_per_round,
+                p.round,
+                stages.join(" · ")
+            );
+        }
         if let Some(s) = x.steps.iter().find(|s| !s.cql_per_command.is_empty()) {
             let sum = |f: fn(&TableOps) -> f64| s.cql_per_command.iter().map(f).sum::<f64>();
             let each: Vec<String> =
@@ -821,6 +878,13 @@ mod tests {
         assert!((p.p99 - 990.0).abs() < 1.0, "{}", p.p99);
         assert!((p.max - 1000.0).abs() < 1.0);
         assert_eq!(Percentiles::from_micros(&Histogram::new_with_bounds(1, 10, 2).unwrap()).count, 0);
+    }
+
+    #[test]
+    fn a_timing_reads_as_its_mean_and_the_bound_of_its_p99() {
+        let timing = Timing { mean_ms: 4.54, p99_ms: Some(50.0) };
+        assert_eq!(timing.to_string(), format!("4.5 (p99 {})", bound(Some(50.0))));
+        assert_eq!(Timing::default().to_string(), format!("0.0 (p99 {})", bound(None)));
     }
 
     #[test]

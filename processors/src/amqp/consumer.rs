@@ -93,6 +93,8 @@ struct Pending {
     not_before: Instant,
     /// Decided in this round, which the owner's relay is finishing.
     round: Option<u64>,
+    /// When this processor took the delivery.
+    received: Instant,
 }
 
 /// Consumes one partition queue until `stop`, until the owner is fenced, or
@@ -210,6 +212,7 @@ where
             .iter()
             .filter_map(|&i| {
                 let p = &pending[i];
+                metrics::histogram!("sluice_command_wait_seconds").record(p.received.elapsed().as_secs_f64());
                 p.command.as_ref().ok().map(|c| IncomingCommand { attempt: p.attempt, ..c.clone() })
             })
             .collect();
@@ -385,7 +388,8 @@ impl Ctx {
         let command = self.decode(&delivery, &headers, operation_id);
         // A message whose stream cannot be read is on its own.
         let key = stream_key_of(&delivery.data).unwrap_or_else(|| format!("#{}", delivery.delivery_tag));
-        Pending { delivery, headers, command, key, attempt, not_before: Instant::now(), round: None }
+        let now = Instant::now();
+        Pending { delivery, headers, command, key, attempt, not_before: now, round: None, received: now }
     }
 
     /// Settles the commands of a finished round.
@@ -431,6 +435,7 @@ impl Ctx {
             if self.settle(owner, p, outcome).instrument(span).await {
                 acks.push(p.delivery.delivery_tag);
             }
+            metrics::histogram!("sluice_command_seconds").record(p.received.elapsed().as_secs_f64());
             done[index] = true;
         }
         let mut kept = VecDeque::with_capacity(pending.len());
