@@ -285,8 +285,9 @@ fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, po
     settings.ingest.rate_limit_per_second = 0.0;
     settings.ingest.read_rate_limit_per_second = 0.0;
     // The bench runs several role processes at once (and maybe `make run`
-    // beside them): only the projector serves the admin address, on a port
-    // of its own (`phases`), since one address can be bound once.
+    // beside them): only the projector and the first processor serve the
+    // admin address, each on a port of its own (`phases`), since one
+    // address can be bound once.
     settings.metrics.addr = None;
     settings
 }

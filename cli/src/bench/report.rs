@@ -651,6 +651,18 @@ impl Report {
                 each.join(", ")
             );
         }
+        let polls: Vec<String> = x
+            .steps
+            .iter()
+            .chain(&x.half_sustained)
+            .map(|s| format!("{:.0}/s {:.0}", s.target_per_second, s.polls_per_second))
+            .collect();
+        let _ = writeln!(
+            t,
+            "Visibility reads per second by step (the followed commands' operation and order GETs, which the edge and \
+             the store serve beside the load): {}.",
+            polls.join(" · ")
+        );
         let offsets: Vec<String> = x
             .steps
             .iter()
