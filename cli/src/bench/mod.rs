@@ -192,10 +192,11 @@ pub struct Bench {
     pub membership: sluice_processors::ownership::CqlMembership,
     amqp: Connection,
     pub kafka: KafkaProbe,
-    /// Where the projector role and the first processor role serve their
-    /// metrics (the only roles that serve them: one address can be bound
-    /// once).
+    /// Where the projector role serves its metrics (it and the first
+    /// processor role are the only roles that serve them: one address can
+    /// be bound once).
     pub projector_metrics_addr: String,
+    /// Where the first processor role serves its metrics.
     pub processor_metrics_addr: String,
     cpu: std::sync::Mutex<CpuLog>,
 }

@@ -241,7 +241,8 @@ pub struct Step {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProcessorTimes {
     /// From taking a delivery to the start of the round that decides it
-    /// (`sluice_command_wait_seconds`): waiting for a round in the relay.
+    /// (`sluice_command_wait_seconds`): waiting for a round in the relay,
+    /// and for a retried delivery its backoff too.
     pub wait: Timing,
     /// From a round's start to its relay finishing it
     /// (`sluice_round_seconds`).
