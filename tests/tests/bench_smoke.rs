@@ -94,7 +94,18 @@ async fn quick_bench_writes_a_complete_report() {
         positive(&report, &format!("/e2e/scaling/{i}/commands_per_second"));
     }
     let steps = report["e2e"]["steps"].as_array().expect("e2e steps");
-    assert_eq!(steps.len(), 2, "25 and 50 % of the drain maximum");
+    // 25 and 50 % of the drain maximum, then (quick mode) one step halfway
+    // between the highest rate that held and the lowest above it that did
+    // not, when there is one.
+    let rate = |s: &Value| s["target_per_second"].as_f64().expect("a step's rate");
+    let fractions: Vec<f64> = steps.iter().take(2).filter_map(|s| s["fraction"].as_f64()).collect();
+    assert_eq!(fractions, [0.25, 0.5], "25 and 50 % of the drain maximum first");
+    let held = steps[..2].iter().filter(|s| s["holds"] == true).map(rate).fold(0.0, f64::max);
+    let failed_above = steps[..2].iter().filter(|s| s["holds"] != true && rate(s) > held).map(rate).reduce(f64::min);
+    assert_eq!(steps.len(), 2 + usize::from(failed_above.is_some()), "one step between, when one is due");
+    if let Some(failed) = failed_above {
+        assert!((rate(&steps[2]) - (held + failed) / 2.0).abs() < 1.0, "the step between runs halfway");
+    }
     let step_figures = |pointer: &str| {
         for field in [
             "latency_ms/p50",
