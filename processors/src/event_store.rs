@@ -16,6 +16,7 @@ use scylla::statement::batch::BatchType;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use serde_json::Value;
+use sluice_streams::group_commit::GroupCommit;
 use sluice_streams::replicas;
 
 /// An event as the store keeps it.
@@ -76,7 +77,9 @@ pub trait EventStore: Send + Sync {
         events: &[StoredEvent],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Writes several streams' journaled events, each stream's as
-    /// [`EventStore::write`] does, in as few requests as the store allows.
+    /// [`EventStore::write`] does, in as few requests as the store allows
+    /// (the CQL store: with the other writes that come while one is in
+    /// flight, [`GroupCommit`]).
     fn write_all(
         &self,
         streams: &[(StreamRef<'_>, &[StoredEvent])],
@@ -100,6 +103,9 @@ pub struct CqlEventStore {
     load_many: PreparedStatement,
     insert: PreparedStatement,
     upsert: PreparedStatement,
+    /// Journaled streams' rows ([`EventStore::write_all`]): the rounds of a
+    /// processor's partitions that come together share the requests.
+    grouped: GroupCommit<Vec<EventValues>>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
@@ -136,8 +142,32 @@ impl CqlEventStore {
             )
             .await
             .map_err(store_err)?;
-        Ok(Self { session, load, load_many, insert, upsert })
+        let grouped = {
+            let (session, upsert) = (session.clone(), upsert.clone());
+            GroupCommit::new("events", move |streams| write_streams(session.clone(), upsert.clone(), streams))
+        };
+        Ok(Self { session, load, load_many, insert, upsert, grouped })
     }
+}
+
+/// Writes streams' rows: streams on the same replicas share a batch; each
+/// stream's rows stay in one, which is applied whole (one partition).
+async fn write_streams(
+    session: Arc<Session>,
+    upsert: PreparedStatement,
+    streams: Vec<Vec<EventValues>>,
+) -> Result<(), String> {
+    let cluster = session.get_cluster_state();
+    let batches = replicas::batches(streams, ROWS_PER_WRITE, |row| replicas::of(&cluster, &upsert, row));
+    let writes = batches.into_iter().map(|values| {
+        let (session, upsert) = (&session, &upsert);
+        async move {
+            let batch = replicas::batch_of(BatchType::Unlogged, upsert, values.len());
+            session.batch(&batch, values).await
+        }
+    });
+    futures::future::try_join_all(writes).await.map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 type EventRow = (i64, String, String, String, String, String, CqlTimestamp);
@@ -227,36 +257,28 @@ impl EventStore for CqlEventStore {
     }
 
     async fn write_all(&self, streams: &[(StreamRef<'_>, &[StoredEvent])]) -> Result<(), StoreError> {
-        // Streams on the same replicas share a batch; each stream's rows
-        // stay in one, which is applied whole (one partition).
-        let cluster = self.session.get_cluster_state();
-        let units = streams.iter().map(|(stream, events)| rows(*stream, events));
-        let batches = replicas::batches(units, ROWS_PER_WRITE, |row| replicas::of(&cluster, &self.upsert, row));
-        let writes = batches.into_iter().map(|values| async move {
-            let batch = replicas::batch_of(BatchType::Unlogged, &self.upsert, values.len());
-            self.session.batch(&batch, values).await
-        });
-        futures::future::try_join_all(writes).await.map_err(store_err)?;
-        Ok(())
+        let units = streams.iter().map(|(stream, events)| rows(*stream, events)).collect();
+        self.grouped.write(units).await.map_err(store_err)
     }
 }
 
-type EventValues<'a> = (&'a str, &'a str, &'a str, i64, &'a str, &'a str, String, &'a str, &'a str, CqlTimestamp);
+/// The values of one event row, owned: a group commit holds them.
+type EventValues = (String, String, String, i64, String, String, String, String, String, CqlTimestamp);
 
-fn rows<'a>(stream: StreamRef<'a>, events: &'a [StoredEvent]) -> Vec<EventValues<'a>> {
+fn rows(stream: StreamRef<'_>, events: &[StoredEvent]) -> Vec<EventValues> {
     events
         .iter()
         .map(|event| {
             (
-                stream.tenant,
-                stream.context,
-                stream.stream_id,
+                stream.tenant.to_owned(),
+                stream.context.to_owned(),
+                stream.stream_id.to_owned(),
                 event.version,
-                event.event_id.as_str(),
-                event.event_type.as_str(),
+                event.event_id.clone(),
+                event.event_type.clone(),
                 event.payload.to_string(),
-                event.command_key.as_str(),
-                event.operation_id.as_str(),
+                event.command_key.clone(),
+                event.operation_id.clone(),
                 CqlTimestamp(event.recorded_at_ms),
             )
         })

@@ -19,6 +19,7 @@ use scylla::statement::batch::BatchType;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
+use sluice_streams::group_commit::GroupCommit;
 use sluice_streams::replicas;
 
 /// Where a produced event landed in Kafka.
@@ -110,7 +111,8 @@ pub trait OperationStore: Send + Sync {
         order: Order,
     ) -> impl Future<Output = Result<(), OperationError>> + Send;
     /// Writes several records, each as [`OperationStore::record`] does, in
-    /// as few requests as the store allows.
+    /// as few requests as the store allows (the CQL store: with the other
+    /// writes that come while one is in flight, [`GroupCommit`]).
     fn record_all(
         &self,
         records: &[(OperationRef<'_>, Status)],
@@ -126,19 +128,19 @@ pub trait OperationStore: Send + Sync {
 /// Records in one write of several.
 const RECORDS_PER_WRITE: usize = 32;
 
-/// The values of one upsert of a record.
-type RecordValues<'a> = (
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a str,
+/// The values of one upsert of a record, owned: a group commit holds them.
+type RecordValues = (
+    String,
+    String,
+    &'static str,
+    String,
+    String,
+    String,
     Option<String>,
     Option<String>,
     CqlTimestamp,
     Option<i32>,
-    &'a str,
+    String,
     i64,
 );
 
@@ -168,6 +170,9 @@ pub struct CqlOperationStore {
     select: PreparedStatement,
     select_many: PreparedStatement,
     upsert: PreparedStatement,
+    /// [`OperationStore::record_all`]'s records: the rounds of a
+    /// processor's partitions that come together share the requests.
+    grouped: GroupCommit<RecordValues>,
 }
 
 /// Operation ids per multi-partition read.
@@ -195,8 +200,35 @@ impl CqlOperationStore {
             )
             .await
             .map_err(op_err)?;
-        Ok(Self { session, instance: instance.to_owned(), select, select_many, upsert })
+        let grouped = {
+            let (session, upsert) = (session.clone(), upsert.clone());
+            GroupCommit::new("operations", move |records| write_records(session.clone(), upsert.clone(), records))
+        };
+        Ok(Self { session, instance: instance.to_owned(), select, select_many, upsert, grouped })
     }
+}
+
+/// Writes records: those on the same replicas share a batch.
+async fn write_records(
+    session: Arc<Session>,
+    upsert: PreparedStatement,
+    records: Vec<RecordValues>,
+) -> Result<(), String> {
+    let cluster = session.get_cluster_state();
+    let units = records.into_iter().map(|record| vec![record]);
+    let batches = replicas::batches(units, RECORDS_PER_WRITE, |record| replicas::of(&cluster, &upsert, record));
+    let writes = batches.into_iter().map(|values| {
+        let (session, upsert) = (&session, &upsert);
+        async move {
+            if let [one] = values.as_slice() {
+                return session.execute_unpaged(upsert, one).await.map(drop);
+            }
+            let batch = replicas::batch_of(BatchType::Unlogged, upsert, values.len());
+            session.batch(&batch, values).await.map(drop)
+        }
+    });
+    futures::future::try_join_all(writes).await.map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 impl OperationStore for CqlOperationStore {
@@ -227,31 +259,14 @@ impl OperationStore for CqlOperationStore {
     }
 
     async fn record_all(&self, records: &[(OperationRef<'_>, Status)], order: Order) -> Result<(), OperationError> {
-        // Records on the same replicas share a batch.
-        let units: Vec<Vec<RecordValues<'_>>> =
-            records.iter().map(|(op, status)| Ok(vec![self.values(*op, status, order)?])).collect::<Result<_, _>>()?;
-        let cluster = self.session.get_cluster_state();
-        let batches =
-            replicas::batches(units, RECORDS_PER_WRITE, |record| replicas::of(&cluster, &self.upsert, record));
-        let writes = batches.into_iter().map(|values| async move {
-            if let [one] = values.as_slice() {
-                return self.session.execute_unpaged(&self.upsert, one).await.map(drop);
-            }
-            let batch = replicas::batch_of(BatchType::Unlogged, &self.upsert, values.len());
-            self.session.batch(&batch, values).await.map(drop)
-        });
-        futures::future::try_join_all(writes).await.map_err(op_err)?;
-        Ok(())
+        let values =
+            records.iter().map(|(op, status)| self.values(*op, status, order)).collect::<Result<Vec<_>, _>>()?;
+        self.grouped.write(values).await.map_err(op_err)
     }
 }
 
 impl CqlOperationStore {
-    fn values<'a>(
-        &'a self,
-        op: OperationRef<'a>,
-        status: &Status,
-        order: Order,
-    ) -> Result<RecordValues<'a>, OperationError> {
+    fn values(&self, op: OperationRef<'_>, status: &Status, order: Order) -> Result<RecordValues, OperationError> {
         let attempts = match status {
             Status::Processing { attempt } => Some(i32::try_from(*attempt).unwrap_or(i32::MAX)),
             _ => None,
@@ -264,17 +279,17 @@ impl CqlOperationStore {
         let now_micros = chrono::Utc::now().timestamp_micros();
         let now = CqlTimestamp(now_micros / 1_000);
         Ok((
-            op.tenant,
-            op.operation_id,
+            op.tenant.to_owned(),
+            op.operation_id.to_owned(),
             status.name(),
-            op.command_type,
-            op.source,
-            op.command_id,
+            op.command_type.to_owned(),
+            op.source.to_owned(),
+            op.command_id.to_owned(),
             events,
             error,
             now,
             attempts,
-            self.instance.as_str(),
+            self.instance.clone(),
             write_timestamp(status, now_micros, order),
         ))
     }

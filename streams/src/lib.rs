@@ -21,6 +21,8 @@
 //! - [`clusters`]: which Kafka cluster holds each tenant's topics.
 //! - [`replicas`]: which nodes hold a CQL write, so writes of many
 //!   partitions share a batch (both sides write this way).
+//! - [`group_commit`]: small writes that come while one is in flight go
+//!   out together in the next.
 //!
 //! The read models' `Projection` trait and the CQL of their writes live in
 //! the `projections` crate (`projection`, `store::tables`), on this runtime.
@@ -33,6 +35,7 @@ pub mod clusters;
 pub mod consumer;
 pub mod dead_letter;
 pub mod decode;
+pub mod group_commit;
 pub mod lag;
 pub mod lanes;
 pub mod replicas;

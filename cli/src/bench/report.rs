@@ -248,6 +248,10 @@ pub struct ProcessorTimes {
     /// (`sluice_round_seconds`).
     pub round: Timing,
     pub commands_per_round: f64,
+    /// The writes that went out together in one group commit, on average,
+    /// by what they write (`sluice_group_commit_writes`): the rounds of
+    /// several partitions that came together.
+    pub writes_per_group: Vec<(String, f64)>,
     /// Each stage of a round (`sluice_round_stage_seconds`), in the order
     /// they start; stream rows, rejections and the produce run together.
     pub stages: Vec<(String, Timing)>,
@@ -628,15 +632,18 @@ impl Report {
         for s in x.steps.first().into_iter().chain(&x.half_sustained) {
             let Some(p) = &s.processor_times else { continue };
             let stages: Vec<String> = p.stages.iter().map(|(name, timing)| format!("{name} {timing}")).collect();
+            let grouped: Vec<String> = p.writes_per_group.iter().map(|(name, n)| format!("{name} {n:.1}")).collect();
             let _ = writeln!(
                 t,
                 "Processor at {:.0}/s (mean ms, p99 as a bucket bound): a delivery waits {} for its round; a round \
-                 of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap).",
+                 of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap); rounds' writes per \
+                 group commit: {}.",
                 s.target_per_second,
                 p.wait,
                 p.commands_per_round,
                 p.round,
-                stages.join(" · ")
+                stages.join(" · "),
+                if grouped.is_empty() { "–".to_owned() } else { grouped.join(", ") }
             );
         }
         if let Some(s) = x.steps.iter().find(|s| !s.cql_per_command.is_empty()) {
