@@ -35,7 +35,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,14 +216,16 @@ struct Relayer<A, S, J, O, F: RelayFactory> {
 
 /// The relay position as the journal notes it (a fallback for Kafka's). A
 /// journal write carries the position of the last finished round, so in a
-/// busy spell the note costs no write of its own; the last round of a spell
-/// notes its own position, so an idle partition's note is exact.
+/// busy spell the note costs no write of its own; once the partition has
+/// been idle for a moment its owner notes the last round's position
+/// ([`Owner::note`]), so an idle partition's note is exact.
 #[derive(Default)]
 struct RelayNote {
     /// First journal seq not yet relayed, as of the last finished round.
     position: AtomicI64,
-    /// A round waits behind the one in the relay: the note is left to it.
-    followed: AtomicBool,
+    /// The highest position the journal holds, noted on its own or carried
+    /// by a journal write.
+    noted: AtomicI64,
 }
 
 impl<A: Aggregate, S, J, O, F: RelayFactory> Drop for Owner<A, S, J, O, F> {
@@ -594,6 +596,32 @@ where
         }
     }
 
+    /// Whether the journal's note lags the relay position: a write of its
+    /// own is owed once the partition stays idle ([`Owner::note`]).
+    pub fn owes_note(&self) -> bool {
+        self.note.position.load(Ordering::SeqCst) > self.note.noted.load(Ordering::SeqCst)
+    }
+
+    /// Notes the relay position of the last finished round in the journal
+    /// if the journal lags it. A busy partition's journal writes carry the
+    /// position, so its owner calls this once the partition has been idle
+    /// for a moment, and before it lets the partition go. Best effort: the
+    /// note is a fallback for Kafka's position.
+    pub async fn note(&self) {
+        let position = self.note.position.load(Ordering::SeqCst);
+        if position <= self.note.noted.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.backends.journal.relayed(&self.partition, position, None).await {
+            Ok(()) => {
+                self.note.noted.fetch_max(position, Ordering::SeqCst);
+            }
+            Err(e) => {
+                warn!(queue = %self.partition.queue(), error = %e, "could not note the relay position in the journal")
+            }
+        }
+    }
+
     /// Whether a round can be decided without waiting for the relay.
     pub fn can_decide(&self) -> bool {
         self.queued.is_none()
@@ -626,10 +654,7 @@ where
         }
         match self.relayer {
             Slot::Idle(_) => self.start(batch),
-            Slot::Busy(_) => {
-                self.note.followed.store(true, Ordering::SeqCst);
-                self.queued = Some(batch);
-            }
+            Slot::Busy(_) => self.queued = Some(batch),
             Slot::Gone => return Err(Halt::Failed("the relay is gone".into())),
         }
         Ok(())
@@ -639,7 +664,6 @@ where
         let Slot::Idle(mut relayer) = std::mem::replace(&mut self.relayer, Slot::Gone) else {
             unreachable!("started only when idle")
         };
-        self.note.followed.store(false, Ordering::SeqCst);
         self.relayer = Slot::Busy(tokio::spawn(async move {
             let result = relayer.finish(&batch.entries, &batch.traces).await;
             (relayer, batch, result)
@@ -735,7 +759,9 @@ where
             }
             let relayed = self.note.position.load(Ordering::SeqCst);
             match self.backends.journal.append(&self.partition, self.epoch, &entries[start..end], relayed).await {
-                Ok(Appended::Applied) => {}
+                Ok(Appended::Applied) => {
+                    self.note.noted.fetch_max(relayed, Ordering::SeqCst);
+                }
                 Ok(Appended::Fenced) => {
                     return Err(Halt::Fenced(format!("epoch {} is no longer the partition's", self.epoch)))
                 }
@@ -792,14 +818,17 @@ where
         let before = self.relayed;
         self.relayed = self.relayed.max(next);
         self.note.position.store(self.relayed, Ordering::SeqCst);
-        let trim = (self.relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| self.relayed - TRIM_EVERY);
-        if trim.is_none() && self.note.followed.load(Ordering::SeqCst) {
-            // The next round's journal write, or the last round, notes it.
+        let Some(trim) = (self.relayed / TRIM_EVERY > before / TRIM_EVERY).then(|| self.relayed - TRIM_EVERY) else {
+            // The next round's journal write notes it, or the owner once
+            // the partition stays idle ([`Owner::note`]).
             return Ok(());
-        }
-        if let Err(e) = self.backends.journal.relayed(&self.partition, self.relayed, trim).await {
+        };
+        match self.backends.journal.relayed(&self.partition, self.relayed, Some(trim)).await {
+            Ok(()) => {
+                self.note.noted.fetch_max(self.relayed, Ordering::SeqCst);
+            }
             // Only a fallback and housekeeping: the position is in Kafka.
-            warn!(error = %e, "could not note the relay position in the journal");
+            Err(e) => warn!(error = %e, "could not note the relay position in the journal"),
         }
         Ok(())
     }
@@ -1642,6 +1671,8 @@ mod tests {
         let mut old = owner(&b).await;
         round(&mut old, &[submit("s1", "o1")]).await.unwrap();
         round(&mut old, &[submit("s2", "o2")]).await.unwrap();
+        // Idle for a moment: the note is written.
+        old.note().await;
         drop(old);
         // The second round's events are committed, its commit to the
         // relay's group was never marked (or was lost): the next owner
@@ -1740,7 +1771,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_busy_spell_notes_the_relay_position_with_its_journal_writes_and_its_last_round_notes_its_own() {
+    async fn a_busy_spell_notes_the_relay_position_with_its_journal_writes_and_an_idle_owner_with_a_write_of_its_own() {
         let b = backends();
         let mut owner = owner(&b).await;
         let notes = |b: &TestBackends| {
@@ -1752,11 +1783,19 @@ mod tests {
         owner.decide(&[submit("s2", "o2")]).await.unwrap();
         b.relays.0.lock().unwrap().fail = 0;
         owner.finished().await.unwrap();
-        assert_eq!(notes(&b), (0, None), "the round behind it notes the position");
         owner.finished().await.unwrap();
-        assert_eq!(notes(&b), (1, Some(2)), "the last round of the spell notes its own");
+        assert_eq!(notes(&b), (0, None), "no round writes a note of its own");
+        assert!(owner.owes_note());
+        // Idle: the owner notes the last round's position.
+        owner.note().await;
+        assert_eq!(notes(&b), (1, Some(2)), "idle: exact");
+        assert!(!owner.owes_note());
+        owner.note().await;
+        assert_eq!(notes(&b), (1, Some(2)), "noted once");
         round(&mut owner, &[submit("s3", "o3")]).await.unwrap();
-        assert_eq!(notes(&b), (2, Some(3)), "idle again: exact");
+        assert!(owner.owes_note());
+        owner.note().await;
+        assert_eq!(notes(&b), (2, Some(3)));
         // A round decided while another is in the relay carries the
         // position of the last finished one in its journal write.
         b.relays.0.lock().unwrap().fail = usize::MAX;
@@ -1769,6 +1808,8 @@ mod tests {
         assert_eq!(notes(&b), (2, Some(4)), "s6's journal write noted s4's round");
         owner.finished().await.unwrap();
         owner.finished().await.unwrap();
+        assert_eq!(notes(&b), (2, Some(4)));
+        owner.note().await;
         assert_eq!(notes(&b), (3, Some(6)));
     }
 

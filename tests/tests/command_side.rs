@@ -89,6 +89,35 @@ async fn a_command_delivered_twice_produces_its_events_once() {
     edge.stop().await.unwrap();
 }
 
+/// The journal notes a partition's relay position (a fallback for Kafka's):
+/// a round's journal write carries the position of the round before, and
+/// once the partition stays idle its owner notes the last one with a write
+/// of its own, while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_partitions_journal_notes_its_last_relay_position() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::journal::{CqlJournal, Journal};
+
+    let tenant = TestTenant::new();
+    let settings = test_settings(&[&tenant]);
+    let platform = Platform::start(settings.clone(), Role::All).await;
+    for (id, order) in [("note-1", "o-note-1"), ("note-2", "o-note-2")] {
+        let accepted = platform.post_event(&tenant, &submit_order(&tenant, id, order, "c1")).await;
+        assert_eq!(accepted.status(), 202);
+        let location = accepted.headers()["location"].to_str().unwrap().to_owned();
+        let op = platform.await_operation(&tenant, &location, WAIT).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+    }
+    let session = sluice_cli::serve::connect_cql(&settings).await.expect("CQL store (make up)");
+    let journal = CqlJournal::new(session).await.expect("journal");
+    let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
+    eventually(WAIT, "the idle partition's note at seq 2", || async {
+        (journal.relay_note(&partition).await.ok()? == Some(2)).then_some(())
+    })
+    .await;
+    platform.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_decision_journaled_but_not_yet_in_kafka_is_finished_by_the_next_owner() {
     let tenant = TestTenant::new();

@@ -138,6 +138,8 @@ where
     // Swept beside the rounds, one sweep at a time.
     let mut sweep_at = Instant::now() + ctx.settings.hanging_sweep;
     let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
+    // When the owner notes its relay position, once idle for a moment.
+    let mut note_at: Option<Instant> = None;
     'rounds: loop {
         if Instant::now() >= sweep_at {
             if sweeping.as_ref().is_none_or(|s| s.is_finished()) {
@@ -150,6 +152,12 @@ where
         // be finished, unless a round can be decided now (a delivery behind
         // a waiting one of its stream cannot).
         let now = Instant::now();
+        match &owner {
+            Some(o) if !o.busy() && o.owes_note() => {
+                note_at.get_or_insert(now + NOTE_WHEN_IDLE);
+            }
+            _ => note_at = None,
+        }
         let picked = pickable(&pending, now).len();
         let prefetch = ctx.settings.prefetch;
         if !owner.as_ref().map_or(picked > 0, |o| may_decide(o.can_decide(), o.busy(), picked, prefetch)) {
@@ -164,6 +172,14 @@ where
                 _ = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => None,
                 // A sweep is due: swept at the top, nothing taken over.
                 _ = tokio::time::sleep_until(sweep_at) => continue 'rounds,
+                // Idle since the last round: its position is noted.
+                _ = tokio::time::sleep_until(note_at.unwrap_or(now)), if note_at.is_some() => {
+                    note_at = None;
+                    if let Some(o) = &owner {
+                        o.note().await;
+                    }
+                    continue 'rounds;
+                }
                 done = finished_of(&mut owner), if busy => Some(done),
             };
             if let (Some(done), Some(current)) = (finished, &owner) {
@@ -290,6 +306,7 @@ where
             }
         }
         if !halted {
+            current.note().await;
             current.release().await;
         }
     }
@@ -373,6 +390,11 @@ struct Ctx {
     publisher: Channel,
     stop: CancellationToken,
 }
+
+/// How long a partition stays idle before its owner notes the relay
+/// position in the journal with a write of its own ([`Owner::note`]); a
+/// busy partition's journal writes carry it.
+const NOTE_WHEN_IDLE: Duration = Duration::from_millis(500);
 
 /// How long a delivery that could not be settled waits before the settle is
 /// tried again, and how many times it is tried in place before the delivery
