@@ -124,29 +124,37 @@ mod tests {
         (group, groups, gate)
     }
 
+    type Write = tokio::task::JoinHandle<Result<(), String>>;
+
+    /// Writes `first`, and once its group is in flight (held by the
+    /// recorder) each of `later`, which wait for it.
+    async fn behind_a_held_write(
+        group: &Arc<GroupCommit<u32>>,
+        groups: &Groups,
+        first: Vec<u32>,
+        later: Vec<Vec<u32>>,
+    ) -> (Write, Vec<Write>) {
+        let write = |units: Vec<u32>| {
+            let group = group.clone();
+            tokio::spawn(async move { group.write(units).await })
+        };
+        let first = write(first);
+        while groups.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let count = later.len();
+        let later: Vec<Write> = later.into_iter().map(write).collect();
+        while group.inner.pending.lock().unwrap().waiting.len() < count {
+            tokio::task::yield_now().await;
+        }
+        (first, later)
+    }
+
     #[tokio::test]
     async fn writes_that_come_during_a_write_go_together_in_the_next() {
         let (group, groups, gate) = recorder();
         let group = Arc::new(group);
-        let first = tokio::spawn({
-            let group = group.clone();
-            async move { group.write(vec![1, 2]).await }
-        });
-        // The first group is in flight (held): the next three wait for it.
-        while groups.lock().unwrap().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let later: Vec<_> = [vec![3], vec![4, 5], vec![6]]
-            .into_iter()
-            .map(|units| {
-                let group = group.clone();
-                tokio::spawn(async move { group.write(units).await })
-            })
-            .collect();
-        let queued = || group.inner.pending.lock().unwrap().waiting.len();
-        while queued() < 3 {
-            tokio::task::yield_now().await;
-        }
+        let (first, later) = behind_a_held_write(&group, &groups, vec![1, 2], vec![vec![3], vec![4, 5], vec![6]]).await;
         gate.add_permits(1);
         first.await.unwrap().unwrap();
         for write in later {
@@ -162,23 +170,7 @@ mod tests {
     async fn a_failed_group_fails_every_write_in_it_and_the_next_goes_on() {
         let (group, groups, gate) = recorder();
         let group = Arc::new(group);
-        let first = tokio::spawn({
-            let group = group.clone();
-            async move { group.write(vec![1]).await }
-        });
-        while groups.lock().unwrap().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let later: Vec<_> = [vec![13], vec![2]]
-            .into_iter()
-            .map(|units| {
-                let group = group.clone();
-                tokio::spawn(async move { group.write(units).await })
-            })
-            .collect();
-        while group.inner.pending.lock().unwrap().waiting.len() < 2 {
-            tokio::task::yield_now().await;
-        }
+        let (first, later) = behind_a_held_write(&group, &groups, vec![1], vec![vec![13], vec![2]]).await;
         gate.add_permits(1);
         first.await.unwrap().unwrap();
         for write in later {
