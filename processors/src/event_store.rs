@@ -100,13 +100,21 @@ const STREAMS_PER_READ: usize = 32;
 pub struct CqlEventStore {
     session: Arc<Session>,
     load: PreparedStatement,
-    load_many: PreparedStatement,
     insert: PreparedStatement,
     upsert: PreparedStatement,
     /// Journaled streams' rows ([`EventStore::write_all`]): the rounds of a
     /// processor's partitions that come together share the requests.
     grouped: GroupCommit<Vec<EventValues>>,
+    /// Streams loaded by [`EventStore::load_all`]: the rounds that come
+    /// together share the reads.
+    loads: GroupCommit<StreamKey, Arc<Histories>>,
 }
+
+/// A stream by (tenant, context, stream id).
+type StreamKey = (String, String, String);
+/// What a group of loads found: each stream's events in version order (a
+/// stream with none is absent).
+type Histories = HashMap<StreamKey, Vec<StoredEvent>>;
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
@@ -146,7 +154,13 @@ impl CqlEventStore {
             let (session, upsert) = (session.clone(), upsert.clone());
             GroupCommit::new("events", move |streams| write_streams(session.clone(), upsert.clone(), streams))
         };
-        Ok(Self { session, load, load_many, insert, upsert, grouped })
+        let loads = {
+            let (session, load) = (session.clone(), load.clone());
+            GroupCommit::new("event_reads", move |streams| {
+                read_streams(session.clone(), load.clone(), load_many.clone(), streams)
+            })
+        };
+        Ok(Self { session, load, insert, upsert, grouped, loads })
     }
 }
 
@@ -168,6 +182,46 @@ async fn write_streams(
     });
     futures::future::try_join_all(writes).await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Loads streams: streams on the same replicas share a read (one partition
+/// key list, `IN`); each stream is read once, however often it is asked for.
+async fn read_streams(
+    session: Arc<Session>,
+    load: PreparedStatement,
+    load_many: PreparedStatement,
+    streams: Vec<StreamKey>,
+) -> Result<Arc<Histories>, String> {
+    let cluster = session.get_cluster_state();
+    let mut seen = std::collections::HashSet::new();
+    let units = streams.into_iter().filter(|key| seen.insert(key.clone())).map(|key| vec![key]);
+    let groups = replicas::batches(units, STREAMS_PER_READ, |key| {
+        let (tenant, context, stream_id) = key;
+        (tenant.clone(), context.clone(), replicas::of(&cluster, &load, &(tenant, context, stream_id)))
+    });
+    let reads = groups.into_iter().map(|keys| {
+        let (session, load_many) = (&session, &load_many);
+        async move {
+            let (tenant, context) = (&keys[0].0, &keys[0].1);
+            let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+            let pager = session.execute_iter(load_many.clone(), (tenant, context, ids)).await;
+            let rows = pager.map_err(store_err)?.rows_stream::<StreamEventRow>().map_err(store_err)?;
+            let rows: Vec<StreamEventRow> = rows.try_collect().await.map_err(store_err)?;
+            Ok::<_, StoreError>((tenant.clone(), context.clone(), rows))
+        }
+    });
+    let mut found = Histories::new();
+    for (tenant, context, rows) in futures::future::try_join_all(reads).await.map_err(|e| e.to_string())? {
+        for (stream_id, version, event_id, event_type, payload, command_key, operation_id, at) in rows {
+            let row = (version, event_id, event_type, payload, command_key, operation_id, at);
+            let event = stored(row).map_err(|e| e.to_string())?;
+            found.entry((tenant.clone(), context.clone(), stream_id)).or_default().push(event);
+        }
+    }
+    for history in found.values_mut() {
+        history.sort_by_key(|e| e.version);
+    }
+    Ok(Arc::new(found))
 }
 
 type EventRow = (i64, String, String, String, String, String, CqlTimestamp);
@@ -199,39 +253,10 @@ impl EventStore for CqlEventStore {
     }
 
     async fn load_all(&self, streams: &[StreamRef<'_>]) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
-        // Streams on the same replicas share a read (one partition key
-        // list, `IN`); the rows come back stream by stream.
-        let cluster = self.session.get_cluster_state();
-        // Each stream read once, however often it is asked for.
-        let mut seen = std::collections::HashSet::new();
-        let distinct = streams.iter().map(|s| (s.tenant, s.context, s.stream_id)).filter(|key| seen.insert(*key));
-        let units = distinct.map(|key| vec![key]);
-        let groups =
-            replicas::batches(units, STREAMS_PER_READ, |key| (key.0, key.1, replicas::of(&cluster, &self.load, key)));
-        let reads = groups.into_iter().map(|keys| async move {
-            let (tenant, context) = (keys[0].0, keys[0].1);
-            let ids: Vec<&str> = keys.iter().map(|k| k.2).collect();
-            let pager = self.session.execute_iter(self.load_many.clone(), (tenant, context, ids)).await;
-            let rows = pager.map_err(store_err)?.rows_stream::<StreamEventRow>().map_err(store_err)?;
-            let rows: Vec<StreamEventRow> = rows.try_collect().await.map_err(store_err)?;
-            Ok::<_, StoreError>((tenant, context, rows))
-        });
-        let mut found: HashMap<(&str, &str, String), Vec<StoredEvent>> = HashMap::new();
-        for (tenant, context, rows) in futures::future::try_join_all(reads).await? {
-            for (stream_id, version, event_id, event_type, payload, command_key, operation_id, at) in rows {
-                let row = (version, event_id, event_type, payload, command_key, operation_id, at);
-                found.entry((tenant, context, stream_id)).or_default().push(stored(row)?);
-            }
-        }
-        Ok(streams
-            .iter()
-            .map(|s| {
-                let mut history =
-                    found.get(&(s.tenant, s.context, s.stream_id.to_owned())).cloned().unwrap_or_default();
-                history.sort_by_key(|e| e.version);
-                history
-            })
-            .collect())
+        let key = |s: &StreamRef<'_>| (s.tenant.to_owned(), s.context.to_owned(), s.stream_id.to_owned());
+        let found = self.loads.send(streams.iter().map(key).collect()).await.map_err(store_err)?;
+        let Some(found) = found else { return Ok(Vec::new()) };
+        Ok(streams.iter().map(|s| found.get(&key(s)).cloned().unwrap_or_default()).collect())
     }
 
     async fn append(&self, stream: StreamRef<'_>, events: &[StoredEvent]) -> Result<Append, StoreError> {
@@ -258,7 +283,7 @@ impl EventStore for CqlEventStore {
 
     async fn write_all(&self, streams: &[(StreamRef<'_>, &[StoredEvent])]) -> Result<(), StoreError> {
         let units = streams.iter().map(|(stream, events)| rows(*stream, events)).collect();
-        self.grouped.write(units).await.map_err(store_err)
+        self.grouped.send(units).await.map(drop).map_err(store_err)
     }
 }
 

@@ -168,12 +168,20 @@ pub struct CqlOperationStore {
     /// Which processor instance wrote a record (`handled_by`), for ops.
     instance: String,
     select: PreparedStatement,
-    select_many: PreparedStatement,
     upsert: PreparedStatement,
     /// [`OperationStore::record_all`]'s records: the rounds of a
     /// processor's partitions that come together share the requests.
     grouped: GroupCommit<RecordValues>,
+    /// [`OperationStore::statuses`]: the rounds that come together share
+    /// the reads.
+    reads: GroupCommit<OperationKey, Arc<Statuses>>,
 }
+
+/// An operation by (tenant, operation id).
+type OperationKey = (String, String);
+/// What a group of status reads found (an operation without a record or a
+/// status is absent).
+type Statuses = HashMap<OperationKey, String>;
 
 /// Operation ids per multi-partition read.
 const IDS_PER_READ: usize = 64;
@@ -204,8 +212,43 @@ impl CqlOperationStore {
             let (session, upsert) = (session.clone(), upsert.clone());
             GroupCommit::new("operations", move |records| write_records(session.clone(), upsert.clone(), records))
         };
-        Ok(Self { session, instance: instance.to_owned(), select, select_many, upsert, grouped })
+        let reads = {
+            let (session, select_many) = (session.clone(), select_many.clone());
+            GroupCommit::new("operation_reads", move |keys| read_statuses(session.clone(), select_many.clone(), keys))
+        };
+        Ok(Self { session, instance: instance.to_owned(), select, upsert, grouped, reads })
     }
+}
+
+/// Reads statuses: a tenant's operations share reads (one partition key
+/// list, `IN`); each operation is read once, however often it is asked for.
+async fn read_statuses(
+    session: Arc<Session>,
+    select_many: PreparedStatement,
+    keys: Vec<OperationKey>,
+) -> Result<Arc<Statuses>, String> {
+    let mut by_tenant: HashMap<String, Vec<String>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (tenant, id) in keys {
+        if seen.insert((tenant.clone(), id.clone())) {
+            by_tenant.entry(tenant).or_default().push(id);
+        }
+    }
+    let (session, select_many) = (&session, &select_many);
+    let reads = by_tenant.iter().flat_map(|(tenant, ids)| {
+        ids.chunks(IDS_PER_READ).map(move |ids| async move {
+            let result = session.execute_unpaged(select_many, (tenant, ids)).await.map_err(op_err)?;
+            let rows = result.into_rows_result().map_err(op_err)?;
+            let found = rows.rows::<(String, Option<String>)>().map_err(op_err)?;
+            let found = found.map(|row| row.map_err(op_err)).collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, OperationError>((tenant, found))
+        })
+    });
+    let mut statuses = Statuses::new();
+    for (tenant, rows) in futures::future::try_join_all(reads).await.map_err(|e| e.to_string())? {
+        statuses.extend(rows.into_iter().filter_map(|(id, status)| Some(((tenant.clone(), id), status?))));
+    }
+    Ok(Arc::new(statuses))
 }
 
 /// Writes records: those on the same replicas share a batch.
@@ -240,17 +283,15 @@ impl OperationStore for CqlOperationStore {
     }
 
     async fn statuses(&self, tenant: &str, operation_ids: &[&str]) -> Result<HashMap<String, String>, OperationError> {
-        let reads = operation_ids.chunks(IDS_PER_READ).map(|ids| async move {
-            let result = self.session.execute_unpaged(&self.select_many, (tenant, ids)).await.map_err(op_err)?;
-            let rows = result.into_rows_result().map_err(op_err)?;
-            let found = rows.rows::<(String, Option<String>)>().map_err(op_err)?;
-            found.map(|row| row.map_err(op_err)).collect::<Result<Vec<_>, _>>()
-        });
-        let mut statuses = HashMap::new();
-        for rows in futures::future::try_join_all(reads).await? {
-            statuses.extend(rows.into_iter().filter_map(|(id, status)| Some((id, status?))));
-        }
-        Ok(statuses)
+        let keys = operation_ids.iter().map(|id| (tenant.to_owned(), (*id).to_owned())).collect();
+        let Some(found) = self.reads.send(keys).await.map_err(op_err)? else { return Ok(HashMap::new()) };
+        Ok(operation_ids
+            .iter()
+            .filter_map(|id| {
+                let status = found.get(&(tenant.to_owned(), (*id).to_owned()))?;
+                Some(((*id).to_owned(), status.clone()))
+            })
+            .collect())
     }
 
     async fn record(&self, op: OperationRef<'_>, status: &Status, order: Order) -> Result<(), OperationError> {
@@ -261,7 +302,7 @@ impl OperationStore for CqlOperationStore {
     async fn record_all(&self, records: &[(OperationRef<'_>, Status)], order: Order) -> Result<(), OperationError> {
         let values =
             records.iter().map(|(op, status)| self.values(*op, status, order)).collect::<Result<Vec<_>, _>>()?;
-        self.grouped.write(values).await.map_err(op_err)
+        self.grouped.send(values).await.map(drop).map_err(op_err)
     }
 }
 

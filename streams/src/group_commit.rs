@@ -3,7 +3,10 @@
 //! partitions each writing a round of two rows) cost the store a few large
 //! requests instead of many small ones. A write that finds nothing in flight
 //! goes out at once: grouping adds no wait when the store keeps up, and
-//! groups grow exactly as far as the store falls behind.
+//! groups grow exactly as far as the store falls behind. Reads group the
+//! same way (the answer is then what the group read): a read that joins a
+//! group is sent after it was asked for, so it sees every write that ended
+//! before.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,51 +14,53 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-/// Writes a group: every unit of the writes that came together.
-type Flush<U> = dyn Fn(Vec<U>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync;
+/// Sends a group: every unit of the requests that came together.
+type Flush<U, R> = dyn Fn(Vec<U>) -> Pin<Box<dyn Future<Output = Result<R, String>> + Send>> + Send + Sync;
 
-/// Writes units (a unit: what must stay in one request, such as a stream's
-/// rows) through one flush function, grouped as described above. Every
-/// write of a group gets the group's answer: a group that fails fails each
-/// write in it (the writers try again; group-committed writes are
+/// Sends units (a unit: what must stay in one request, such as a stream's
+/// rows, or one key to read) through one flush function, grouped as
+/// described above. Every request of a group gets the group's answer (`R`:
+/// nothing for writes, what was read for reads): a group that fails fails
+/// each request in it (the callers try again; group-committed writes are
 /// idempotent upserts).
-pub struct GroupCommit<U> {
-    inner: Arc<Inner<U>>,
+pub struct GroupCommit<U, R = ()> {
+    inner: Arc<Inner<U, R>>,
 }
 
-struct Inner<U> {
-    /// What it writes, for its metrics (`sluice_group_commit_writes`).
+struct Inner<U, R> {
+    /// What it sends, for its metrics (`sluice_group_commit_requests`).
     name: &'static str,
-    flush: Box<Flush<U>>,
-    pending: Mutex<Pending<U>>,
+    flush: Box<Flush<U, R>>,
+    pending: Mutex<Pending<U, R>>,
 }
 
-struct Pending<U> {
+struct Pending<U, R> {
     units: Vec<U>,
-    waiting: Vec<oneshot::Sender<Result<(), String>>>,
+    waiting: Vec<oneshot::Sender<Result<R, String>>>,
     /// A flusher task is running: it takes what is pending when its write
     /// ends.
     flushing: bool,
 }
 
-impl<U: Send + 'static> GroupCommit<U> {
-    /// `name`: what it writes, the label of its metrics.
+impl<U: Send + 'static, R: Clone + Send + 'static> GroupCommit<U, R> {
+    /// `name`: what it sends, the label of its metrics.
     pub fn new<F, Fut>(name: &'static str, flush: F) -> Self
     where
         F: Fn(Vec<U>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<R, String>> + Send + 'static,
     {
-        let flush: Box<Flush<U>> = Box::new(move |units| Box::pin(flush(units)));
+        let flush: Box<Flush<U, R>> = Box::new(move |units| Box::pin(flush(units)));
         let pending = Mutex::new(Pending { units: Vec::new(), waiting: Vec::new(), flushing: false });
         Self { inner: Arc::new(Inner { name, flush, pending }) }
     }
 
-    /// Writes `units` in the next group; resolves with that group's answer.
-    /// The group is written by a task of its own: a writer that stops
-    /// waiting takes no one else's write with it.
-    pub async fn write(&self, units: Vec<U>) -> Result<(), String> {
+    /// Sends `units` in the next group; resolves with that group's answer
+    /// (`None`: there was nothing to send). The group is sent by a task of
+    /// its own: a caller that stops waiting takes no one else's request
+    /// with it.
+    pub async fn send(&self, units: Vec<U>) -> Result<Option<R>, String> {
         if units.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let (answer, answered) = oneshot::channel();
         let start = {
@@ -67,12 +72,12 @@ impl<U: Send + 'static> GroupCommit<U> {
         if start {
             tokio::spawn(self.inner.clone().flush_all());
         }
-        answered.await.unwrap_or_else(|_| Err("the group write ended without an answer".into()))
+        answered.await.unwrap_or_else(|_| Err("the group request ended without an answer".into())).map(Some)
     }
 }
 
-impl<U: Send + 'static> Inner<U> {
-    /// Writes what is pending, group after group, until nothing is.
+impl<U: Send + 'static, R: Clone + Send + 'static> Inner<U, R> {
+    /// Sends what is pending, group after group, until nothing is.
     async fn flush_all(self: Arc<Self>) {
         loop {
             let (units, waiting) = {
@@ -83,7 +88,7 @@ impl<U: Send + 'static> Inner<U> {
                 }
                 (std::mem::take(&mut pending.units), std::mem::take(&mut pending.waiting))
             };
-            metrics::histogram!("sluice_group_commit_writes", "store" => self.name).record(waiting.len() as f64);
+            metrics::histogram!("sluice_group_commit_requests", "store" => self.name).record(waiting.len() as f64);
             let answer = (self.flush)(units).await;
             for waiter in waiting {
                 let _ = waiter.send(answer.clone());
@@ -99,8 +104,9 @@ mod tests {
     /// The groups a flush was given, in order.
     type Groups = Arc<Mutex<Vec<Vec<u32>>>>;
 
-    /// A flush that records each group and holds the first one until told.
-    fn recorder() -> (GroupCommit<u32>, Groups, Arc<tokio::sync::Semaphore>) {
+    /// A flush that records each group, holds the first one until told, and
+    /// answers the units it was given (as a read answers what it read).
+    fn recorder() -> (GroupCommit<u32, Vec<u32>>, Groups, Arc<tokio::sync::Semaphore>) {
         let groups = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (seen, held) = (groups.clone(), gate.clone());
@@ -118,25 +124,25 @@ mod tests {
                 if units.contains(&13) {
                     return Err("unlucky".to_owned());
                 }
-                Ok(())
+                Ok(units)
             }
         });
         (group, groups, gate)
     }
 
-    type Write = tokio::task::JoinHandle<Result<(), String>>;
+    type Write = tokio::task::JoinHandle<Result<Option<Vec<u32>>, String>>;
 
     /// Writes `first`, and once its group is in flight (held by the
     /// recorder) each of `later`, which wait for it.
     async fn behind_a_held_write(
-        group: &Arc<GroupCommit<u32>>,
+        group: &Arc<GroupCommit<u32, Vec<u32>>>,
         groups: &Groups,
         first: Vec<u32>,
         later: Vec<Vec<u32>>,
     ) -> (Write, Vec<Write>) {
         let write = |units: Vec<u32>| {
             let group = group.clone();
-            tokio::spawn(async move { group.write(units).await })
+            tokio::spawn(async move { group.send(units).await })
         };
         let first = write(first);
         while groups.lock().unwrap().is_empty() {
@@ -151,18 +157,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_that_come_during_a_write_go_together_in_the_next() {
+    async fn requests_that_come_during_one_go_together_in_the_next_and_each_gets_its_answer() {
         let (group, groups, gate) = recorder();
         let group = Arc::new(group);
         let (first, later) = behind_a_held_write(&group, &groups, vec![1, 2], vec![vec![3], vec![4, 5], vec![6]]).await;
         gate.add_permits(1);
-        first.await.unwrap().unwrap();
+        assert_eq!(first.await.unwrap(), Ok(Some(vec![1, 2])));
         for write in later {
-            write.await.unwrap().unwrap();
+            assert_eq!(write.await.unwrap(), Ok(Some(vec![3, 4, 5, 6])), "each request of a group gets its answer");
         }
         assert_eq!(*groups.lock().unwrap(), vec![vec![1, 2], vec![3, 4, 5, 6]]);
-        // Nothing in flight: the next write goes out alone, at once.
-        group.write(vec![7]).await.unwrap();
+        // Nothing in flight: the next request goes out alone, at once.
+        assert_eq!(group.send(vec![7]).await, Ok(Some(vec![7])));
+        assert_eq!(group.send(vec![]).await, Ok(None), "nothing to send is sent nowhere");
         assert_eq!(groups.lock().unwrap().last(), Some(&vec![7]));
     }
 
@@ -174,9 +181,9 @@ mod tests {
         gate.add_permits(1);
         first.await.unwrap().unwrap();
         for write in later {
-            assert_eq!(write.await.unwrap(), Err("unlucky".to_owned()), "every write of the group gets its answer");
+            assert_eq!(write.await.unwrap(), Err("unlucky".to_owned()), "every request of the group gets its answer");
         }
-        group.write(vec![3]).await.unwrap();
+        group.send(vec![3]).await.unwrap();
         assert_eq!(*groups.lock().unwrap(), vec![vec![1], vec![13, 2], vec![3]]);
     }
 }

@@ -486,9 +486,14 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
 /// The stages of a round, in the order they start.
 const ROUND_STAGES: [&str; 6] = ["read_and_decide", "journal", "stream_rows", "produce", "record", "commit"];
 
-/// The processor's group commits (`sluice_group_commit_writes`'s store
+/// The processor's group commits (`sluice_group_commit_requests`'s store
 /// label) and how the report names them.
-const GROUP_COMMITS: [(&str, &str); 2] = [("events", "stream rows"), ("operations", "operation records")];
+const GROUP_COMMITS: [(&str, &str); 4] = [
+    ("event_reads", "stream loads"),
+    ("operation_reads", "status reads"),
+    ("events", "stream rows"),
+    ("operations", "operation records"),
+];
 
 /// Where the processor's time went between two scrapes of its metrics;
 /// `None` when no round finished in between.
@@ -504,10 +509,10 @@ fn processor_times(before: &Scrape, after: &Scrape) -> Option<ProcessorTimes> {
         round: timing("sluice_round_seconds", "")?,
         wait: timing("sluice_command_wait_seconds", "").unwrap_or_default(),
         commands_per_round: mean("sluice_round_commands", "").unwrap_or(0.0),
-        writes_per_group: GROUP_COMMITS
+        requests_per_group: GROUP_COMMITS
             .iter()
             .filter_map(|&(store, name)| {
-                Some((name.to_owned(), mean("sluice_group_commit_writes", &format!("store=\"{store}\""))?))
+                Some((name.to_owned(), mean("sluice_group_commit_requests", &format!("store=\"{store}\""))?))
             })
             .collect(),
         stages: ROUND_STAGES

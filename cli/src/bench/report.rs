@@ -248,10 +248,10 @@ pub struct ProcessorTimes {
     /// (`sluice_round_seconds`).
     pub round: Timing,
     pub commands_per_round: f64,
-    /// The writes that went out together in one group commit, on average,
-    /// by what they write (`sluice_group_commit_writes`): the rounds of
-    /// several partitions that came together.
-    pub writes_per_group: Vec<(String, f64)>,
+    /// The requests that went out together in one group commit, on
+    /// average, by what they read or write (`sluice_group_commit_requests`):
+    /// the rounds of several partitions that came together.
+    pub requests_per_group: Vec<(String, f64)>,
     /// Each stage of a round (`sluice_round_stage_seconds`), in the order
     /// they start; stream rows, rejections and the produce run together.
     pub stages: Vec<(String, Timing)>,
@@ -632,11 +632,11 @@ impl Report {
         for s in x.steps.first().into_iter().chain(&x.half_sustained) {
             let Some(p) = &s.processor_times else { continue };
             let stages: Vec<String> = p.stages.iter().map(|(name, timing)| format!("{name} {timing}")).collect();
-            let grouped: Vec<String> = p.writes_per_group.iter().map(|(name, n)| format!("{name} {n:.1}")).collect();
+            let grouped: Vec<String> = p.requests_per_group.iter().map(|(name, n)| format!("{name} {n:.1}")).collect();
             let _ = writeln!(
                 t,
                 "Processor at {:.0}/s (mean ms, p99 as a bucket bound): a delivery waits {} for its round; a round \
-                 of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap); rounds' writes per \
+                 of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap); rounds' requests per \
                  group commit: {}.",
                 s.target_per_second,
                 p.wait,
