@@ -67,6 +67,17 @@ pub struct Tables {
     specs: &'static [Table],
     /// Statements by their text, prepared on first use.
     prepared: Mutex<HashMap<String, PreparedStatement>>,
+    /// The insert statements by their shape (table and columns): a row's
+    /// statement is found without spelling out its text (a rebuild makes
+    /// tens of thousands of rows a second, of a few shapes).
+    inserts: Mutex<Vec<InsertShape>>,
+}
+
+/// An insert statement of [`Tables::inserts`].
+struct InsertShape {
+    table: &'static str,
+    columns: Vec<&'static str>,
+    statement: PreparedStatement,
 }
 
 impl Tables {
@@ -78,7 +89,14 @@ impl Tables {
         specs: &'static [Table],
     ) -> Result<Self, ReadModelError> {
         create(&session, projection, version, specs).await?;
-        Ok(Self { projection: projection.to_owned(), version, session, specs, prepared: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            projection: projection.to_owned(),
+            version,
+            session,
+            specs,
+            prepared: Mutex::new(HashMap::new()),
+            inserts: Mutex::new(Vec::new()),
+        })
     }
 
     fn spec(&self, table: &str) -> Result<&'static Table, ReadModelError> {
@@ -103,15 +121,28 @@ impl Tables {
 
     /// The statement that sets `cells` (after `tenant`) of a row of
     /// `table`, with the write timestamp bound last.
-    async fn insert(&self, table: &str, cells: &[(&str, Cell)]) -> Result<PreparedStatement, ReadModelError> {
-        let names: Vec<&str> = cells.iter().map(|(name, _)| *name).collect();
-        self.prepare(format!(
-            "INSERT INTO {} (tenant, {}) VALUES (?{}) USING TIMESTAMP ?",
-            self.full_name(table),
-            names.join(", "),
-            ", ?".repeat(names.len())
-        ))
-        .await
+    async fn insert(
+        &self,
+        table: &'static str,
+        cells: &[(&'static str, Cell)],
+    ) -> Result<PreparedStatement, ReadModelError> {
+        let same =
+            |shape: &&InsertShape| shape.table == table && shape.columns.iter().eq(cells.iter().map(|(name, _)| name));
+        if let Some(shape) = self.inserts.lock().unwrap_or_else(|e| e.into_inner()).iter().find(same) {
+            return Ok(shape.statement.clone());
+        }
+        let columns: Vec<&'static str> = cells.iter().map(|(name, _)| *name).collect();
+        let statement = self
+            .prepare(format!(
+                "INSERT INTO {} (tenant, {}) VALUES (?{}) USING TIMESTAMP ?",
+                self.full_name(table),
+                columns.join(", "),
+                ", ?".repeat(columns.len())
+            ))
+            .await?;
+        let shape = InsertShape { table, columns, statement: statement.clone() };
+        self.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(shape);
+        Ok(statement)
     }
 
     /// The cells a [`MemoRead`] names, if the row exists.
@@ -156,8 +187,8 @@ impl Tables {
     async fn row_of(
         &self,
         tenant: &str,
-        table: &str,
-        cells: Vec<(&str, Cell)>,
+        table: &'static str,
+        cells: Vec<(&'static str, Cell)>,
         timestamp: i64,
     ) -> Result<Row, ReadModelError> {
         let partition = partition_of(self.spec(table)?, tenant, &cells)?;
@@ -200,7 +231,7 @@ impl Tables {
             return Err(ReadModelError("only additions are counted".into()));
         };
         let slot = format!("partition {}", first.partition);
-        let sum_names: Vec<&str> = sums.iter().map(|(name, _)| *name).collect();
+        let sum_names: Vec<&'static str> = sums.iter().map(|(name, _)| *name).collect();
         let condition: String = key.iter().map(|(c, _)| format!(" AND {c} = ?")).collect();
         let select = self
             .prepare(format!(
