@@ -10,7 +10,11 @@
 //!
 //! Each phase also records the noise around it: the load average at its start
 //! and end, and CPU time stolen by the hypervisor (a run on a busy host says
-//! so instead of passing its figures off as the machine's).
+//! so instead of passing its figures off as the machine's). And what the
+//! kernel's pressure stall information says: the share of the phase in which
+//! some runnable task waited for a CPU, and in which some task waited for
+//! the disk. A step that falls behind while the CPUs are not all busy waited
+//! on something; the I/O share says whether it was the disk.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,6 +36,11 @@ pub struct PhaseCpu {
     pub by: Vec<(String, f64)>,
     /// CPU seconds the hypervisor gave to someone else (steal; not in `busy`).
     pub steal: f64,
+    /// Share of the phase (0 to 1) in which some runnable task waited for a
+    /// CPU, and in which some task waited for I/O (`/proc/pressure`); `None`
+    /// where the kernel has no pressure stall information.
+    pub cpu_pressure: Option<f64>,
+    pub io_pressure: Option<f64>,
     /// 1-minute load average at the phase's start and end.
     pub load_average_start: f64,
     pub load_average_end: f64,
@@ -54,6 +63,9 @@ pub struct Snapshot {
     at: Instant,
     busy_ticks: u64,
     steal_ticks: u64,
+    /// Total µs of "some" stall for CPU and for I/O.
+    cpu_stall_us: Option<u64>,
+    io_stall_us: Option<u64>,
     load_average: f64,
     processes: HashMap<u32, (String, u64)>,
 }
@@ -70,7 +82,15 @@ impl Snapshot {
             }
         }
         let (busy_ticks, steal_ticks) = machine_ticks().unwrap_or((0, 0));
-        Self { at: Instant::now(), busy_ticks, steal_ticks, load_average: load_average(), processes }
+        Self {
+            at: Instant::now(),
+            busy_ticks,
+            steal_ticks,
+            cpu_stall_us: stall_micros("cpu"),
+            io_stall_us: stall_micros("io"),
+            load_average: load_average(),
+            processes,
+        }
     }
 
     /// CPU seconds by group from `self` to `later`.
@@ -88,12 +108,18 @@ impl Snapshot {
         *by.entry("other".into()).or_default() += (busy - seen).max(0.0);
         let mut by: Vec<(String, f64)> = by.into_iter().filter(|(_, s)| *s >= 0.01).collect();
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let seconds = later.at.duration_since(self.at).as_secs_f64();
+        let share = |before: Option<u64>, after: Option<u64>| {
+            Some((after?.saturating_sub(before?) as f64 / 1e6 / seconds.max(1e-3)).clamp(0.0, 1.0))
+        };
         PhaseCpu {
             phase: phase.to_owned(),
-            seconds: later.at.duration_since(self.at).as_secs_f64(),
+            seconds,
             busy,
             by,
             steal: later.steal_ticks.saturating_sub(self.steal_ticks) as f64 / TICKS_PER_SECOND,
+            cpu_pressure: share(self.cpu_stall_us, later.cpu_stall_us),
+            io_pressure: share(self.io_stall_us, later.io_stall_us),
             load_average_start: self.load_average,
             load_average_end: later.load_average,
             peak_rss_mib: Vec::new(),
@@ -120,6 +146,19 @@ fn machine_ticks() -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal (guest is inside user).
     let busy = values.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
     Some((busy, values.get(7).copied().unwrap_or(0)))
+}
+
+/// Total µs some task stalled on `resource` (`cpu`, `io`), from the "some"
+/// line of `/proc/pressure/<resource>`.
+fn stall_micros(resource: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+    some_total(&text)
+}
+
+/// The `total=` of the "some" line of a pressure file.
+fn some_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()
 }
 
 /// The 1-minute load average (0 where /proc has none).
@@ -184,5 +223,16 @@ mod tests {
         let phase = before.until(&Snapshot::take(&roles), "spin");
         assert!(phase.busy > 0.0, "{phase:?}");
         assert!(phase.by.iter().any(|(who, s)| who == "bench" && *s > 0.0), "{phase:?}");
+        if std::path::Path::new("/proc/pressure/cpu").exists() {
+            assert!(phase.cpu_pressure.is_some_and(|p| (0.0..=1.0).contains(&p)), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn reads_the_some_total_of_a_pressure_file() {
+        let text = "some avg10=0.41 avg60=0.76 avg300=1.77 total=366629009\n\
+                    full avg10=0.40 avg60=0.20 avg300=0.17 total=101268337\n";
+        assert_eq!(some_total(text), Some(366_629_009));
+        assert_eq!(some_total("full avg10=0.00 total=5\n"), None);
     }
 }

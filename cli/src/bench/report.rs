@@ -725,18 +725,29 @@ impl Report {
             m.cpus,
             m.cpus * 100
         );
-        let _ = writeln!(t, "| phase | s | busy % | steal s | load | peak RSS MiB | CPU by process group (%) |");
-        let _ = writeln!(t, "|---|---:|---:|---:|---|---|---|");
+        let _ = writeln!(
+            t,
+            "CPU wait and I/O wait: the share of the phase in which some runnable task waited for a CPU, \
+             and in which some task waited for the disk (the kernel's pressure stall information).\n"
+        );
+        let _ = writeln!(
+            t,
+            "| phase | s | busy % | CPU wait % | I/O wait % | steal s | load | peak RSS MiB | CPU by process group (%) |"
+        );
+        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---|---|---|");
+        let share = |p: Option<f64>| p.map_or_else(|| "–".to_owned(), |p| format!("{:.0}", p * 100.0));
         for phase in self.cpu.iter().filter(|p| p.seconds >= 0.5) {
             let pct = |s: f64| s / phase.seconds * 100.0;
             let top: Vec<String> = phase.by.iter().take(6).map(|(who, s)| format!("{who} {:.0}", pct(*s))).collect();
             let rss: Vec<String> = phase.peak_rss_mib.iter().map(|(who, mib)| format!("{who} {mib:.0}")).collect();
             let _ = writeln!(
                 t,
-                "| {} | {:.1} | {:.0} | {:.1} | {:.1} → {:.1} | {} | {} |",
+                "| {} | {:.1} | {:.0} | {} | {} | {:.1} | {:.1} → {:.1} | {} | {} |",
                 phase.phase,
                 phase.seconds,
                 pct(phase.busy),
+                share(phase.cpu_pressure),
+                share(phase.io_pressure),
                 phase.steal,
                 phase.load_average_start,
                 phase.load_average_end,
