@@ -60,7 +60,11 @@ use crate::process::ProcessManager;
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorConfig {
     /// Unacked deliveries per partition queue, processed concurrently
-    /// when they belong to different streams (default 32).
+    /// when they belong to different streams (default 128). A partition
+    /// takes at most this many commands per round trip of its pipeline
+    /// (a round deciding, one in the relay, the acks): under load a round
+    /// takes 100-200 ms on a busy 2-core machine, and 32 capped one
+    /// processor at about 2,400 commands/s with its CPUs not all busy.
     pub prefetch: u16,
     /// Processing attempts before a transiently failing command is
     /// dead-lettered as `retries_exhausted` (default 6).
@@ -132,7 +136,7 @@ impl Default for ProcessConfig {
 impl Default for ProcessorConfig {
     fn default() -> Self {
         Self {
-            prefetch: 32,
+            prefetch: 128,
             max_attempts: 6,
             retry_delays_ms: vec![1_000, 5_000, 15_000, 30_000],
             membership_ttl_ms: 5_000,

@@ -73,7 +73,7 @@ const CONTEXT: &str = sluice_schemas::orders::CONTEXT;
 pub struct Plan {
     /// `full` or `quick`.
     pub mode: &'static str,
-    /// Closed-loop edge clients; default the processors' prefetch.
+    /// Closed-loop edge clients (default 32).
     pub concurrency: usize,
     /// In-flight windows every ceiling (raw and bare) is swept over.
     pub windows: Vec<usize>,

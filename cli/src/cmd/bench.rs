@@ -12,6 +12,10 @@ use sluice_cli::bench::workload::Mix;
 use sluice_cli::bench::{self, Plan};
 use sluice_cli::settings::Settings;
 
+/// Closed-loop edge clients unless `--concurrency` says otherwise: the reports
+/// of earlier runs were measured with 32.
+const EDGE_CLIENTS: usize = 32;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// A smoke run of every phase in about a minute (figures not worth quoting).
@@ -21,7 +25,7 @@ pub struct Args {
     /// roles' logs. Default `target/bench/<UTC timestamp>/`.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Closed-loop edge clients (default: `processor.prefetch`).
+    /// Closed-loop edge clients (default 32).
     #[arg(long)]
     concurrency: Option<usize>,
     /// In-flight windows every ceiling is swept over (default 32,128,512;
@@ -78,7 +82,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
         let _ = std::io::stdout().write_all(bench::report::compare(old, &read_report(new)?).as_bytes());
         return Ok(());
     }
-    let concurrency = args.concurrency.unwrap_or(usize::from(settings.processor.prefetch)).max(1);
+    let concurrency = args.concurrency.unwrap_or(EDGE_CLIENTS).max(1);
     let mut plan = if args.quick { Plan::quick(concurrency) } else { Plan::full(concurrency) };
     plan.batch_size = args.batch_size.clamp(1, settings.ingest.max_batch.max(1));
     if let Some(seconds) = args.step_seconds {
