@@ -91,6 +91,17 @@ commitlog_sync_period: 10000ms
 commitlog_segment_size: 8MiB
 # Cells of memtables off the JVM heap: less for the collector to copy.
 memtable_allocation_type: offheap_objects
+# Trie memtables (Cassandra 5.0) keep a memtable's rows in a few large
+# buffers instead of a skip list of small objects, each of which a young
+# collection copies while the memtable lives.
+memtable:
+  configurations:
+    skiplist:
+      class_name: SkipListMemtable
+    trie:
+      class_name: TrieMemtable
+    default:
+      inherits: trie
 
 # One node on a shared 2-core box: few threads, no hints to replay.
 concurrent_reads: 4
