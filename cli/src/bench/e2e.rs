@@ -4,18 +4,22 @@
 //! in the work queue. The projector starts first (its group joined, nothing
 //! to read yet), then the processor, which drains the backlog as fast as it
 //! can. Over a window that starts once events reach the read model, the
-//! processors' rate is the queue's shrinking (commands taken) and the
+//! processors' rate is the commands they settled (their
+//! `sluice_command_seconds` count: what the queue's shrinking would miss
+//! while a partition works through the deliveries it already holds) and the
 //! projector's the growth of its applied offsets, turned into commands by the
 //! window's events per command (rejections and retries make none); the drain
 //! maximum is the smaller of the two. Then more processor processes join on
 //! the same backlog (`--processors`, default 3 in all) and the processors'
-//! rate is measured again: competing consumers, scaled out on one machine.
+//! rate is measured again, summed over every process: competing consumers,
+//! scaled out on one machine.
 //! The rest of the backlog is then purged.
 //!
 //! **Sustained maximum.** A drain is not a rate that can be held. Open-loop
 //! steps offer fixed rates (fractions of the drain maximum) on a schedule
 //! that does not wait for answers; while each runs, the backlog (commands
-//! queued plus events not yet applied) is sampled. A step holds when the
+//! accepted and not yet settled, queued or in a processor's hands, plus
+//! events not yet applied) is sampled. A step holds when the
 //! generator sent its rate, every command got its 202, every sampled
 //! command became visible, and the backlog stayed under a second's worth
 //! without growing. The sustained maximum is the highest rate that held;
@@ -65,7 +69,7 @@ const MAX_OUTSTANDING: usize = 5_000;
 pub async fn run(
     bench: &Bench,
     roles: &mut [&mut RoleProcess],
-    more_processor: &dyn Fn() -> anyhow::Result<RoleProcess>,
+    more_processor: &dyn Fn() -> anyhow::Result<(RoleProcess, String)>,
     step: &dyn Fn(&str),
 ) -> anyhow::Result<E2eReport> {
     step("e2e: draining the backlog (drain maximum)");
@@ -74,13 +78,14 @@ pub async fn run(
     let processes = bench.plan.processors;
     if processes > 1 {
         step(&format!("e2e: {processes} processor processes on the same backlog"));
-        let mut extra = Vec::new();
+        let (mut extra, mut metrics) = (Vec::new(), vec![bench.processor_metrics()]);
         for _ in 1..processes {
-            let processor = more_processor()?;
+            let (processor, url) = more_processor()?;
             bench.role_started(&processor);
             extra.push(processor);
+            metrics.push(url);
         }
-        let rate = scaled_drain(bench, roles, &mut extra, processes).await;
+        let rate = scaled_drain(bench, roles, &mut extra, &metrics).await;
         for processor in extra {
             processor.stop(Duration::from_secs(30)).await?;
         }
@@ -145,20 +150,18 @@ struct Sample {
     produced: i64,
     /// Events the projection applied.
     applied: i64,
+    /// Commands the processors settled since they started.
+    settled: u64,
 }
 
-impl Sample {
-    /// Commands waiting plus events not yet applied.
-    fn backlog(&self) -> i64 {
-        i64::from(self.depth) + (self.produced - self.applied).max(0)
-    }
-}
-
-async fn sample(bench: &Bench) -> anyhow::Result<Sample> {
+/// A look at the pipeline, with the commands settled by the processors
+/// whose metrics are at `processors`.
+async fn sample(bench: &Bench, processors: &[String]) -> anyhow::Result<Sample> {
     let (depth, _) = queues_state(&bench.channel, &bench.work_queues()).await?;
     let produced = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let applied = probe::applied(&bench.store, 1, &bench.events_topic()).await?;
-    Ok(Sample { at: Instant::now(), depth, produced, applied })
+    let settled = probe::settled(&bench.http, processors).await?;
+    Ok(Sample { at: Instant::now(), depth, produced, applied, settled })
 }
 
 fn check_alive(roles: &mut [&mut RoleProcess]) -> anyhow::Result<()> {
@@ -172,22 +175,23 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
         bail!("the edge phase left no backlog to drain");
     }
     let began = Instant::now();
-    // Wait for the first events in the read model: the roles are up.
+    let processors = [bench.processor_metrics()];
+    // Wait for the first events in the read model: the roles are up (the
+    // processor's admin address with them).
     let first = loop {
         check_alive(roles)?;
-        let s = sample(bench).await?;
-        if s.applied > 0 {
-            break s;
+        if probe::applied(&bench.store, 1, &bench.events_topic()).await? > 0 {
+            break Instant::now();
         }
         if began.elapsed() > bench.plan.start_timeout {
             bail!("no event reached the read model within {:?} of starting the processor", bench.plan.start_timeout);
         }
         tokio::time::sleep(SAMPLE).await;
     };
-    tokio::time::sleep_until((first.at + bench.plan.drain_settle).into()).await;
-    let (start, end) = window(bench).await?;
+    tokio::time::sleep_until((first + bench.plan.drain_settle).into()).await;
+    let (start, end) = window(bench, &processors).await?;
     let seconds = end.at.duration_since(start.at).as_secs_f64();
-    let taken = f64::from(start.depth.saturating_sub(end.depth));
+    let taken = (end.settled - start.settled) as f64;
     // Offsets, not events: transaction markers take offsets too.
     let offsets_per_command = (end.produced - start.produced) as f64 / taken.max(1.0);
     let processor = taken / seconds;
@@ -202,7 +206,7 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
         backlog_at_start: backlog,
         method: format!(
             "Drain of a {backlog}-command backlog left by the edge phase; over a {seconds:.1} s window from {:.1} s \
-             after the first event was readable: commands taken off the queue per second vs events applied per second \
+             after the first event was readable: commands the processor settled per second vs events applied per second \
              ÷ events per command, sampled every {} ms.",
             bench.plan.drain_settle.as_secs_f64(),
             SAMPLE.as_millis()
@@ -213,12 +217,12 @@ async fn drain(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<
 
 /// Samples the pipeline over the drain window, or until the backlog runs out
 /// (the last sample that still had one ends the window).
-async fn window(bench: &Bench) -> anyhow::Result<(Sample, Sample)> {
-    let start = sample(bench).await?;
+async fn window(bench: &Bench, processors: &[String]) -> anyhow::Result<(Sample, Sample)> {
+    let start = sample(bench, processors).await?;
     let mut end = start;
     while end.at.duration_since(start.at) < bench.plan.drain_window {
         tokio::time::sleep(SAMPLE).await;
-        let s = sample(bench).await?;
+        let s = sample(bench, processors).await?;
         if s.depth == 0 {
             break;
         }
@@ -230,15 +234,16 @@ async fn window(bench: &Bench) -> anyhow::Result<(Sample, Sample)> {
     Ok((start, end))
 }
 
-/// The processors' rate once `processes` processor processes consume the
-/// backlog: commands taken per second over a window that opens once they
-/// all consume, plus the settle time.
+/// The processors' rate once the processes whose metrics are at `processors`
+/// consume the backlog: commands they settled per second over a window that
+/// opens once they all consume, plus the settle time.
 async fn scaled_drain(
     bench: &Bench,
     roles: &mut [&mut RoleProcess],
     extra: &mut [RoleProcess],
-    processes: usize,
+    processors: &[String],
 ) -> anyhow::Result<f64> {
+    let processes = processors.len();
     let began = Instant::now();
     loop {
         for role in roles.iter_mut().map(|r| &mut **r).chain(extra.iter_mut()) {
@@ -257,8 +262,8 @@ async fn scaled_drain(
         tokio::time::sleep(SAMPLE).await;
     }
     tokio::time::sleep(bench.plan.drain_settle).await;
-    let (start, end) = window(bench).await?;
-    Ok(f64::from(start.depth.saturating_sub(end.depth)) / end.at.duration_since(start.at).as_secs_f64())
+    let (start, end) = window(bench, processors).await?;
+    Ok((end.settled - start.settled) as f64 / end.at.duration_since(start.at).as_secs_f64())
 }
 
 async fn purge(bench: &Bench) -> anyhow::Result<()> {
@@ -273,15 +278,17 @@ async fn purge(bench: &Bench) -> anyhow::Result<()> {
 }
 
 /// Waits until the pipeline is idle: nothing queued, everything produced
-/// applied, and nothing new produced since the last look (deliveries in
-/// flight). Returns how long that took.
+/// applied, and nothing new produced or settled since the last look
+/// (deliveries in flight). Returns how long that took.
 async fn settle(bench: &Bench, roles: &mut [&mut RoleProcess]) -> anyhow::Result<Duration> {
     let began = Instant::now();
+    let processors = [bench.processor_metrics()];
     let mut previous: Option<Sample> = None;
     loop {
         check_alive(roles)?;
-        let s = sample(bench).await?;
-        if s.depth == 0 && s.applied >= s.produced && previous.is_some_and(|p| p.produced == s.produced) {
+        let s = sample(bench, &processors).await?;
+        let still = previous.is_some_and(|p| p.produced == s.produced && p.settled == s.settled);
+        if s.depth == 0 && s.applied >= s.produced && still {
             return Ok(began.elapsed());
         }
         if began.elapsed() > bench.plan.settle_timeout {
@@ -342,13 +349,13 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
     let offsets_before = bench.kafka.end_offsets(&bench.events_topic()).await?;
     let projector_metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
-    let processor_metrics = format!("http://{}/metrics", bench.processor_metrics_addr);
+    let processor_metrics = bench.processor_metrics();
     let projector_before = Scrape::read(&bench.http, &projector_metrics).await?;
     let processor_before = Scrape::read(&bench.http, &processor_metrics).await?;
     let rate = pace.rate.max(0.1);
     let total = (rate * pace.duration.as_secs_f64()).round().max(1.0) as u64;
     let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
-    let backlog = BacklogWatch::start(bench).await?;
+    let backlog = BacklogWatch::start(bench, recorder.clone()).await?;
     let start = Instant::now() + Duration::from_millis(20);
     let mut requests = JoinSet::new();
     let mut skipped = 0;
@@ -589,18 +596,25 @@ impl Follow {
     }
 }
 
-/// The backlog sampled every `SAMPLE` in the background while a step sends.
+/// The backlog sampled every `SAMPLE` in the background while a step sends:
+/// the commands accepted and not yet settled (queued, or taken by a
+/// processor and not yet settled: with a deep prefetch the queue's depth
+/// alone misses those), plus the events not yet applied.
 struct BacklogWatch {
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<Vec<(f64, i64)>>>,
 }
 
 impl BacklogWatch {
-    async fn start(bench: &Bench) -> anyhow::Result<Self> {
+    /// `recorder` counts the step's commands accepted so far; the pipeline
+    /// is idle when the step starts.
+    async fn start(bench: &Bench, recorder: Arc<Mutex<Recorder>>) -> anyhow::Result<Self> {
         let stop = tokio_util::sync::CancellationToken::new();
         // The probes are cheap to clone: a channel, a Kafka client, a store.
-        let (channel, kafka, store) = (bench.channel.clone(), bench.kafka.clone(), bench.store.clone());
-        let (queues, topic) = (bench.work_queues(), bench.events_topic());
+        let (channel, kafka, store, http) =
+            (bench.channel.clone(), bench.kafka.clone(), bench.store.clone(), bench.http.clone());
+        let (queues, topic, processors) = (bench.work_queues(), bench.events_topic(), [bench.processor_metrics()]);
+        let settled_before = probe::settled(&http, &processors).await?;
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let began = Instant::now();
@@ -609,8 +623,12 @@ impl BacklogWatch {
                 let (depth, _) = queues_state(&channel, &queues).await?;
                 let produced = kafka.end_offsets(&topic).await?;
                 let applied = probe::applied(&store, 1, &topic).await?;
-                let s = Sample { at: Instant::now(), depth, produced, applied };
-                seen.push((s.at.duration_since(began).as_secs_f64(), s.backlog()));
+                let settled = probe::settled(&http, &processors).await?.saturating_sub(settled_before);
+                let accepted = recorder.lock().unwrap_or_else(|e| e.into_inner()).accepted;
+                // A command can settle before its 202 is counted here; the
+                // queue's depth is the floor.
+                let unsettled = (accepted as i64 - settled as i64).max(i64::from(depth));
+                seen.push((began.elapsed().as_secs_f64(), unsettled + (produced - applied).max(0)));
                 tokio::select! {
                     _ = token.cancelled() => return Ok(seen),
                     _ = tokio::time::sleep(SAMPLE) => {}

@@ -264,6 +264,11 @@ impl Bench {
     }
 
     /// Names a role's process in the CPU figures.
+    /// The first processor process's metrics (`http://<admin>/metrics`).
+    fn processor_metrics(&self) -> String {
+        format!("http://{}/metrics", self.processor_metrics_addr)
+    }
+
     fn role_started(&self, role: &RoleProcess) {
         self.cpu.lock().unwrap_or_else(|e| e.into_inner()).roles.push((role.pid(), role.role));
     }
@@ -473,7 +478,16 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     })?;
     let mut processor = RoleProcess::spawn(&processor_config, "processor", &logs)?;
     bench.role_started(&processor);
-    let more_processor = || RoleProcess::spawn(&config, "processor", &logs);
+    // Each further processor process gets an admin address of its own: the
+    // scaled drain counts the commands every process settled.
+    let extra = std::cell::Cell::new(0);
+    let more_processor = || -> anyhow::Result<(RoleProcess, String)> {
+        extra.set(extra.get() + 1);
+        let addr = format!("127.0.0.1:{}", roles::free_port()?);
+        let name = format!("processor-{}", extra.get() + 1);
+        let process = RoleProcess::spawn_as(&config, "processor", &name, &logs, &[("SLUICE_METRICS__ADDR", &addr)])?;
+        Ok((process, format!("http://{addr}/metrics")))
+    };
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
     bench.quiet(step, "the reads").await;
     let reads = reads::run(bench, step).await?;

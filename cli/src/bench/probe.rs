@@ -224,6 +224,17 @@ impl Scrape {
     }
 }
 
+/// Commands the processors at `urls` (their `/metrics`) have settled since
+/// they started: the count of `sluice_command_seconds`, which each
+/// delivery records once it is acked, retried or dead-lettered.
+pub async fn settled(http: &reqwest::Client, urls: &[String]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for url in urls {
+        total += Scrape::read(http, url).await?.sum_count("sluice_command_seconds", "").1 as u64;
+    }
+    Ok(total)
+}
+
 /// The mean of what histogram `name` (series labelled `label`) recorded
 /// between two scrapes, in its own unit; `None` if nothing was.
 pub fn mean_between(before: &Scrape, after: &Scrape, name: &str, label: &str) -> Option<f64> {

@@ -57,9 +57,22 @@ impl RoleProcess {
     /// Starts `serve --role <role>` with `config`; its output goes to
     /// `<logs>/<role>.log`.
     pub fn spawn(config: &ConfigFile, role: &'static str, logs: &Path) -> anyhow::Result<Self> {
+        Self::spawn_as(config, role, role, logs, &[])
+    }
+
+    /// As `spawn`, with its output in `<logs>/<name>.log` and `env` set on
+    /// top of the configuration (`SLUICE_METRICS__ADDR`, for one more
+    /// process of a role with an admin address of its own).
+    pub fn spawn_as(
+        config: &ConfigFile,
+        role: &'static str,
+        name: &str,
+        logs: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the sluice executable")?;
         std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
-        let log = logs.join(format!("{role}.log"));
+        let log = logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(exe);
         command
@@ -78,6 +91,7 @@ impl RoleProcess {
                 command.env_remove(name.as_ref());
             }
         }
+        command.envs(env.iter().copied());
         let child = command.spawn().with_context(|| format!("starting the {role} role"))?;
         Ok(Self { role, child, log })
     }

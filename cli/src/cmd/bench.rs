@@ -84,14 +84,6 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     }
     let concurrency = args.concurrency.unwrap_or(EDGE_CLIENTS).max(1);
     let mut plan = if args.quick { Plan::quick(concurrency) } else { Plan::full(concurrency) };
-    let mut settings = settings;
-    if args.quick {
-        // The quick drain counts commands taken off the queues over a 2 s
-        // window; with 16 partitions of 128 deliveries in flight a slow
-        // (debug) processor can work through its buffer without the queues
-        // moving in that window. The full run's 20 s window does not care.
-        settings.processor.prefetch = settings.processor.prefetch.min(32);
-    }
     plan.batch_size = args.batch_size.clamp(1, settings.ingest.max_batch.max(1));
     if let Some(seconds) = args.step_seconds {
         plan.step_duration = Duration::from_secs(seconds.max(1));
