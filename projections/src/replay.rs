@@ -14,7 +14,7 @@
 //! Every [`Projection`] replays and rebuilds through the same code.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -284,6 +284,14 @@ pub async fn drop_version(store: &ReadModels, projection: &impl Projection, vers
 }
 
 /// A replay or rebuild of `version` of `projection`.
+///
+/// The partitions are shared among [`REPLAY_LOOPS`] loops, each with a
+/// consumer of its own that takes batches of its partitions and settles them
+/// one after the other, as the live projector does: every key, memo and
+/// running total belongs to one events partition, so the loops need no
+/// order among themselves, and while one waits for its writes another
+/// decodes (one loop alone left the store idle while it decoded, and the
+/// decoder idle while the store wrote).
 #[allow(clippy::too_many_arguments)]
 async fn run_version<P: Projection>(
     ctx: &ReplayCtx,
@@ -309,25 +317,28 @@ async fn run_version<P: Projection>(
     // applied operations are not readable yet.
     let offsets = commit_group.as_ref().map(|_| OffsetTracker::new(ctx.store.session().clone(), &name, version));
     let group = commit_group.clone().unwrap_or_else(|| format!("{}.replay.{}", ctx.config.group_prefix, uuid_like()));
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &ctx.brokers)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()?,
-    );
-
+    let consumer = || -> Result<Arc<StreamConsumer>, ReplayError> {
+        Ok(Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &ctx.brokers)
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .create()?,
+        ))
+    };
+    let first = consumer()?;
     let ends_client: Arc<BaseConsumer> = Arc::new(ClientConfig::new().set("bootstrap.servers", &ctx.brokers).create()?);
-    // Asked before the consumer fetches anything: its answers come at once.
-    let (starts, mut ends) =
-        blocking_positions(consumer.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
-    let mut positions: Offsets = starts.clone();
-    let mut assignment = TopicPartitionList::new();
-    for ((topic, partition), offset) in &starts {
-        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    // Asked before any consumer fetches anything: the answers come at once.
+    let (starts, ends) = blocking_positions(first.clone(), ctx.topics.clone(), start, commit_group.is_some()).await?;
+    let mut partitions: Vec<&(String, i32)> = starts.keys().collect();
+    partitions.sort();
+    // A loop for every share of the partitions, none without one.
+    let loops = REPLAY_LOOPS.min(partitions.len()).max(1);
+    let mut consumers = vec![first];
+    for _ in 1..loops {
+        consumers.push(consumer()?);
     }
-    consumer.assign(&assignment)?;
 
     // A replay has the whole backlog before it: batches larger than the
     // live projector's keep more writes in flight per round trip of reads.
@@ -339,33 +350,138 @@ async fn run_version<P: Projection>(
             ..live
         }
     };
-    let settling = &settling;
+    let shared = Shared {
+        settling: &settling,
+        offsets: offsets.as_ref(),
+        commit: commit_group.is_some(),
+        tail_until_caught_up,
+        batching: &batching,
+        ends_client: &ends_client,
+        topics: &ctx.topics,
+        stop,
+        remaining: (0..loops).map(|_| AtomicI64::new(0)).collect(),
+    };
     let began = Instant::now();
-    let mut p = Progress::default();
+    let report_now = || {
+        let (applied, dead_lettered) = settling.counts();
+        progress(&Progress {
+            applied,
+            dead_lettered,
+            remaining: shared.remaining.iter().map(|r| r.load(Ordering::Relaxed)).sum(),
+            events_per_second: (applied + dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6),
+        });
+    };
+    let loops = consumers.into_iter().enumerate().map(|(i, consumer)| {
+        // Partition i, i + loops, …: each loop a share of them.
+        let own: Offsets = partitions.iter().skip(i).step_by(loops).map(|&key| (key.clone(), starts[key])).collect();
+        let own_ends: Offsets = own.keys().map(|key| (key.clone(), ends[key])).collect();
+        replay_loop(&shared, i, consumer, own, own_ends)
+    });
+    let finished = CancellationToken::new();
+    let all_loops = async {
+        let done = futures::future::try_join_all(loops).await;
+        finished.cancel();
+        done
+    };
+    // Progress and the applied offsets every half second, apart from the
+    // loops: one writer of the offsets, so a slow write never lands after
+    // a later one.
+    let reporting = async {
+        report_now();
+        loop {
+            tokio::select! {
+                _ = finished.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            report_now();
+            if let Some(offsets) = &offsets {
+                offsets.flush().await?;
+            }
+        }
+        Ok::<(), ReplayError>(())
+    };
+    let (consumers, ()) = tokio::try_join!(all_loops, reporting)?;
+    if let Some(offsets) = &offsets {
+        offsets.flush().await?;
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    report_now();
+    let (applied, dead_lettered) = settling.counts();
+    let report = ReplayReport {
+        projection: name,
+        version,
+        applied,
+        dead_lettered,
+        rows: settling.rows.load(Ordering::Relaxed),
+        seconds,
+        events_per_second: (applied + dead_lettered) as f64 / seconds.max(1e-6),
+        previous_version: None,
+        dropped_previous: None,
+    };
+    tokio::task::spawn_blocking(move || drop(consumers)).await.map_err(|e| ReplayError::Other(e.to_string()))?;
+    Ok(report)
+}
+
+/// Loops of one replay that run at once (at most one per partition), each
+/// over a share of the partitions.
+const REPLAY_LOOPS: usize = 4;
+
+/// What the loops of one replay share.
+struct Shared<'a, P: Projection> {
+    settling: &'a Settling<'a, P>,
+    offsets: Option<&'a OffsetTracker>,
+    /// Store and commit the positions under the consumer group (a rebuild).
+    commit: bool,
+    tail_until_caught_up: bool,
+    batching: &'a batch::BatchConfig,
+    ends_client: &'a Arc<BaseConsumer>,
+    topics: &'a [String],
+    stop: &'a CancellationToken,
+    /// Records each loop has yet to read up to the ends it last saw.
+    remaining: Vec<AtomicI64>,
+}
+
+/// One loop of a replay: its partitions from `positions` to the ends (and,
+/// when tailing, to the ends seen as it gets there), in batches. Answers its
+/// consumer once every position is committed (a rebuild).
+async fn replay_loop<P: Projection>(
+    shared: &Shared<'_, P>,
+    index: usize,
+    consumer: Arc<StreamConsumer>,
+    mut positions: Offsets,
+    mut ends: Offsets,
+) -> Result<Arc<StreamConsumer>, ReplayError> {
+    let mut assignment = TopicPartitionList::new();
+    for ((topic, partition), offset) in &positions {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.assign(&assignment)?;
     let remaining = |positions: &Offsets, ends: &Offsets| -> i64 {
         ends.iter().map(|(k, end)| (end - positions.get(k).copied().unwrap_or(0)).max(0)).sum()
     };
-    p.remaining = remaining(&positions, &ends);
-    progress(&p);
+    let mut left = remaining(&positions, &ends);
+    shared.remaining[index].store(left, Ordering::Relaxed);
     let mut last_commit = Instant::now();
     loop {
-        if p.remaining == 0 {
-            if !tail_until_caught_up {
+        if left == 0 {
+            if !shared.tail_until_caught_up {
                 break;
             }
             // Caught up with the ends seen before: look again. Under steady
             // load something always arrived meanwhile: stop once that is at
             // most one batch (the live projector goes on from the positions
             // committed with the rebuild).
-            ends = blocking_ends(ends_client.clone(), ctx.topics.clone()).await?;
-            p.remaining = remaining(&positions, &ends);
-            if p.remaining <= batching.max_records as i64 {
+            let now = blocking_ends(shared.ends_client.clone(), shared.topics.to_vec()).await?;
+            ends = ends.keys().map(|key| (key.clone(), now.get(key).copied().unwrap_or(ends[key]))).collect();
+            left = remaining(&positions, &ends);
+            shared.remaining[index].store(left, Ordering::Relaxed);
+            if left <= shared.batching.max_records as i64 {
                 break;
             }
         }
         let first = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = shared.stop.cancelled() => break,
             m = consumer.recv() => m?.detach(),
             // Everything received is applied: the positions move past the
             // transaction markers that end the partitions. The replay knows
@@ -379,44 +495,35 @@ async fn run_version<P: Projection>(
                         }
                     }
                 }
-                p.remaining = remaining(&positions, &ends);
+                left = remaining(&positions, &ends);
+                shared.remaining[index].store(left, Ordering::Relaxed);
                 continue;
             }
         };
         // In batches, like the live projector: different orders at once,
         // each order's events in order, positions moved after the batch.
-        let records = batch::fill(&consumer, first, &batching).await;
-        if !settling.settle_batch(&records, batching.max_keys_in_flight).await {
+        let records = batch::fill(&consumer, first, shared.batching).await;
+        if !shared.settling.settle_batch(&records, shared.batching.max_keys_in_flight).await {
             break;
         }
         let next = batch::next_offsets(&records);
         for (topic, partition, offset) in &next {
-            if let Some(offsets) = &offsets {
+            if let Some(offsets) = shared.offsets {
                 offsets.applied(topic, *partition, offset - 1);
             }
             positions.insert((topic.clone(), *partition), *offset);
         }
-        if commit_group.is_some() {
+        if shared.commit {
             batch::store_offsets(&*consumer, &next)?;
         }
-        (p.applied, p.dead_lettered) = settling.counts();
-        p.remaining = remaining(&positions, &ends);
-        if last_commit.elapsed() > Duration::from_millis(500) {
-            p.events_per_second = (p.applied + p.dead_lettered) as f64 / began.elapsed().as_secs_f64().max(1e-6);
-            progress(&p);
-            if let Some(offsets) = &offsets {
-                offsets.flush().await?;
-            }
-            if commit_group.is_some() {
-                consumer.commit_consumer_state(CommitMode::Async)?;
-            }
+        left = remaining(&positions, &ends);
+        shared.remaining[index].store(left, Ordering::Relaxed);
+        if shared.commit && last_commit.elapsed() > Duration::from_millis(500) {
+            consumer.commit_consumer_state(CommitMode::Async)?;
             last_commit = Instant::now();
         }
     }
-    if let Some(offsets) = &offsets {
-        offsets.flush().await?;
-    }
-    if commit_group.is_some() {
+    if shared.commit && !positions.is_empty() {
         let c = consumer.clone();
         // Offsets of partitions that had nothing to read are committed too,
         // so the live projector starts where the rebuild ended.
@@ -428,22 +535,7 @@ async fn run_version<P: Projection>(
             .await
             .map_err(|e| ReplayError::Other(e.to_string()))??;
     }
-    let seconds = began.elapsed().as_secs_f64();
-    p.events_per_second = (p.applied + p.dead_lettered) as f64 / seconds.max(1e-6);
-    progress(&p);
-    let report = ReplayReport {
-        projection: name,
-        version,
-        applied: p.applied,
-        dead_lettered: p.dead_lettered,
-        rows: settling.rows.load(Ordering::Relaxed),
-        seconds,
-        events_per_second: p.events_per_second,
-        previous_version: None,
-        dropped_previous: None,
-    };
-    tokio::task::spawn_blocking(move || drop(consumer)).await.map_err(|e| ReplayError::Other(e.to_string()))?;
-    Ok(report)
+    Ok(consumer)
 }
 
 /// Start positions and end offsets of every partition of `topics`.
