@@ -98,6 +98,10 @@ pub struct Plan {
     pub step_duration: Duration,
     /// Open-loop rates, as fractions of the measured maximum.
     pub fractions: Vec<f64>,
+    /// Runs of the latency step at half the sustained maximum; the run with
+    /// the median p99 gives the figure (one run's tail moves with the
+    /// servers' pauses that happen to fall in it).
+    pub latency_runs: usize,
     /// Steps after those, each halving the gap between the highest rate
     /// that held and the lowest above it that did not (the fractions are a
     /// quarter of the maximum apart, too coarse to compare runs by).
@@ -139,6 +143,7 @@ impl Plan {
             warmup: Duration::from_secs(5),
             step_duration: Duration::from_secs(20),
             fractions: vec![0.25, 0.5, 0.75, 0.9, 1.0, 1.1],
+            latency_runs: 3,
             refinements: 2,
             poll_interval: Duration::from_millis(5),
             visible_timeout: Duration::from_secs(30),
@@ -163,6 +168,7 @@ impl Plan {
             warmup: Duration::from_secs(1),
             step_duration: Duration::from_millis(1_500),
             fractions: vec![0.25, 0.5],
+            latency_runs: 1,
             refinements: 1,
             visible_timeout: Duration::from_secs(15),
             start_timeout: Duration::from_secs(60),
