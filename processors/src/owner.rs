@@ -156,6 +156,8 @@ pub struct Owner<A: Aggregate, S, J, O, F: RelayFactory> {
     epoch: i64,
     next_seq: i64,
     streams: HashMap<String, Stream<A::State>>,
+    /// Streams held before the cache starts over ([`MAX_CACHED_STREAMS`]).
+    max_streams: usize,
     /// A journal write failed with an unknown outcome: claim again first.
     unsure: bool,
     /// The processor's name, as the journal records it.
@@ -319,6 +321,7 @@ where
                         epoch,
                         next_seq: 0,
                         streams: HashMap::new(),
+                        max_streams: MAX_CACHED_STREAMS,
                         unsure: true,
                         name: owner.to_owned(),
                         stop,
@@ -437,22 +440,22 @@ where
             }
         }
         // 2. Load unknown streams, read operation records.
-        let unknown: Vec<String> = parsed
-            .iter()
-            .map(|(_, s, _)| s.clone())
-            .filter(|s| !self.streams.contains_key(s))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        let needed: HashSet<&String> = parsed.iter().map(|(_, s, _)| s).collect();
+        let new = needed.iter().filter(|s| !self.streams.contains_key(**s)).count();
+        if self.streams.len() + new > self.max_streams {
+            // The cache starts over, and its streams are loaded from the
+            // store again: the rounds in the relay write their events there
+            // first (a stream loaded before would miss them).
+            self.drain().await?;
+            self.streams.clear();
+        }
+        let unknown: Vec<String> = needed.into_iter().filter(|s| !self.streams.contains_key(*s)).cloned().collect();
         let started = Instant::now();
         let loads = self.load_all(&unknown);
         let operation_ids: Vec<&str> = parsed.iter().map(|(i, _, _)| commands[*i].operation_id.as_str()).collect();
         let statuses = self.backends.operations.statuses(&self.partition.tenant, &operation_ids);
         let (loads, statuses) = futures::join!(loads, statuses);
         let mut failed: HashMap<String, String> = HashMap::new();
-        if self.streams.len() + unknown.len() > MAX_CACHED_STREAMS {
-            self.streams.clear();
-        }
         let loads: Vec<Result<Stream<A::State>, String>> = match loads {
             Ok(loads) => loads,
             Err(e) => unknown.iter().map(|_| Err(e.clone())).collect(),
@@ -1768,6 +1771,23 @@ mod tests {
         assert_eq!(ids.len(), 3, "each event once");
         assert_eq!(b.store.0.lock().unwrap()["o1"].len(), 2);
         assert_eq!(b.relays.0.lock().unwrap().position, Some(3), "the position covers both rounds");
+    }
+
+    #[tokio::test]
+    async fn a_full_stream_cache_starts_over_once_the_round_in_the_relay_has_written_its_events() {
+        let b = backends();
+        let mut owner = owner(&b).await;
+        owner.max_streams = 2;
+        // The first round stays in the relay for two tries.
+        b.relays.0.lock().unwrap().fail = 2;
+        let first = owner.decide(&[submit("s1", "o1"), submit("s2", "o2")]).await.unwrap();
+        assert!(first.outcomes.iter().all(Option::is_none), "journaled, in the relay");
+        // Three streams: more than the cache holds. o1 was cached; the new
+        // cache must see its submission, which only the relay writes.
+        let second = round(&mut owner, &[cancel("c1", "o1"), submit("s3", "o3"), submit("s4", "o4")]).await.unwrap();
+        assert_eq!(second, [Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded], "the cancel saw the submit");
+        assert_eq!(b.store.0.lock().unwrap()["o1"].len(), 2);
+        assert_eq!(committed(&b).len(), 5, "each event once");
     }
 
     #[tokio::test]
