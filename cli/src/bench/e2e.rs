@@ -17,7 +17,8 @@
 //!
 //! **Sustained maximum.** A drain is not a rate that can be held. Open-loop
 //! steps offer fixed rates (fractions of the drain maximum) on a schedule
-//! that does not wait for answers; while each runs, the backlog (commands
+//! that does not wait for answers (over at most `MAX_CONNECTIONS`
+//! connections); while each runs, the backlog (commands
 //! accepted and not yet settled, queued or in a processor's hands, plus
 //! events not yet applied) is sampled. A step holds when the
 //! generator sent its rate, every command got its 202, every sampled
@@ -41,6 +42,7 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use lapin::options::QueuePurgeOptions;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use sluice_processors::ownership::Membership;
@@ -64,6 +66,15 @@ const MAX_SAMPLED_PER_SECOND: f64 = 50.0;
 /// generator skips sends and counts them as errors (the step fails) rather
 /// than opening ever more connections.
 const MAX_OUTSTANDING: usize = 5_000;
+
+/// Requests of one step on the wire at once; the others wait here for a
+/// connection, their latency still counted from their scheduled time (as
+/// load generators with a fixed set of connections do). The edge holds at
+/// most `ingest.max_connections` (1,024 by default) and leaves the rest in
+/// the kernel's backlog: a generator that opened a connection per waiting
+/// request measured TCP's SYN retransmissions (1, 3, 7 s) once a brief
+/// slowdown pushed it past that, and fell further behind each time.
+const MAX_CONNECTIONS: usize = 512;
 
 /// `more_processor` starts one more processor process for the scaling step.
 pub async fn run(
@@ -370,6 +381,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let backlog = BacklogWatch::start(bench, recorder.clone()).await?;
     let start = Instant::now() + Duration::from_millis(20);
     let mut requests = JoinSet::new();
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut skipped = 0;
     for i in 0..total {
         let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
@@ -389,9 +401,11 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
             timeout: bench.plan.visible_timeout,
             polls: polls.clone(),
         });
-        let (http, key, url, recorder) =
-            (bench.http.clone(), bench.key.clone(), bench.url("/events"), recorder.clone());
+        let (http, key, url, recorder, connections) =
+            (bench.http.clone(), bench.key.clone(), bench.url("/events"), recorder.clone(), connections.clone());
         requests.spawn(async move {
+            // Waiting for a connection is the generator's lag.
+            let connection = connections.acquire_owned().await.expect("the semaphore is never closed");
             let sent = Instant::now();
             let answer = http
                 .post(&url)
@@ -413,6 +427,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
                 Err(_) => None,
             };
             let acked = Instant::now();
+            drop(connection);
             let lag = micros(sent.saturating_duration_since(scheduled));
             let Some(operation) = operation else {
                 let mut r = recorder.lock().unwrap_or_else(|e| e.into_inner());
