@@ -59,7 +59,7 @@ use self::report::{Machine, MemoryReport, Report};
 use self::roles::{ConfigFile, RoleProcess};
 use self::workload::{Mix, Workload};
 use crate::serve::connect_cql;
-use crate::settings::{MetricsSettings, Settings};
+use crate::settings::Settings;
 
 /// A machine whose CPUs are less busy than this is quiet (the stack idling
 /// with the roles running costs 10–25 % here).
@@ -470,28 +470,24 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let edge = edge::run(bench, step).await?;
 
     step("starting the projector and processor roles");
-    let projector_config = ConfigFile::write(&Settings {
-        metrics: MetricsSettings { addr: Some(bench.projector_metrics_addr.clone()) },
-        ..bench.settings.clone()
-    })?;
-    let mut projector = RoleProcess::spawn(&projector_config, "projector", &logs)?;
+    // Every role shares the generated configuration; a role the bench reads
+    // metrics from gets an admin address of its own on top of it.
+    let spawn_with_metrics = |role: &'static str, name: &str, addr: &str| {
+        RoleProcess::spawn_as(&config, role, name, &logs, &[("SLUICE_METRICS__ADDR", addr)])
+    };
+    let mut projector = spawn_with_metrics("projector", "projector", &bench.projector_metrics_addr)?;
     bench.role_started(&projector);
     wait_for_group(bench, &mut projector).await?;
     bench.quiet(step, "the drain").await;
-    let processor_config = ConfigFile::write(&Settings {
-        metrics: MetricsSettings { addr: Some(bench.processor_metrics_addr.clone()) },
-        ..bench.settings.clone()
-    })?;
-    let mut processor = RoleProcess::spawn(&processor_config, "processor", &logs)?;
+    let mut processor = spawn_with_metrics("processor", "processor", &bench.processor_metrics_addr)?;
     bench.role_started(&processor);
-    // Each further processor process gets an admin address of its own: the
-    // scaled drain counts the commands every process settled.
-    let extra = std::cell::Cell::new(0);
+    // Each further processor process gets an admin address of its own too:
+    // the scaled drain counts the commands every process settled.
+    let extra = std::cell::Cell::new(1);
     let more_processor = || -> anyhow::Result<(RoleProcess, String)> {
         extra.set(extra.get() + 1);
         let addr = format!("127.0.0.1:{}", roles::free_port()?);
-        let name = format!("processor-{}", extra.get() + 1);
-        let process = RoleProcess::spawn_as(&config, "processor", &name, &logs, &[("SLUICE_METRICS__ADDR", &addr)])?;
+        let process = spawn_with_metrics("processor", &format!("processor-{}", extra.get()), &addr)?;
         Ok((process, format!("http://{addr}/metrics")))
     };
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
