@@ -17,6 +17,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use serde_json::Value;
 use sluice_streams::group_commit::GroupCommit;
+use sluice_streams::prepared::prepare_read;
 use sluice_streams::replicas;
 
 /// An event as the store keeps it.
@@ -122,20 +123,20 @@ fn store_err(e: impl std::fmt::Display) -> StoreError {
 
 impl CqlEventStore {
     pub async fn new(session: Arc<Session>) -> Result<Self, StoreError> {
-        let load = session
-            .prepare(
-                "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at \
-                 FROM events WHERE tenant = ? AND context = ? AND stream_id = ?",
-            )
-            .await
-            .map_err(store_err)?;
-        let load_many = session
-            .prepare(
-                "SELECT stream_id, version, event_id, event_type, payload, command_key, operation_id, recorded_at \
-                 FROM events WHERE tenant = ? AND context = ? AND stream_id IN ?",
-            )
-            .await
-            .map_err(store_err)?;
+        let load = prepare_read(
+            &session,
+            "SELECT version, event_id, event_type, payload, command_key, operation_id, recorded_at \
+             FROM events WHERE tenant = ? AND context = ? AND stream_id = ?",
+        )
+        .await
+        .map_err(store_err)?;
+        let load_many = prepare_read(
+            &session,
+            "SELECT stream_id, version, event_id, event_type, payload, command_key, operation_id, recorded_at \
+             FROM events WHERE tenant = ? AND context = ? AND stream_id IN ?",
+        )
+        .await
+        .map_err(store_err)?;
         let insert = session
             .prepare(
                 "INSERT INTO events (tenant, context, stream_id, version, event_id, event_type, payload, \

@@ -33,6 +33,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
 use serde::{Deserialize, Serialize};
+use sluice_streams::prepared;
 
 use crate::amqp::consumer::PartitionRef;
 use crate::event_store::StoredEvent;
@@ -207,12 +208,16 @@ impl CqlJournal {
             let session = session.clone();
             async move { session.prepare(cql).await.map_err(journal_err) }
         };
+        let prepare_read = |cql: &'static str| {
+            let session = session.clone();
+            async move { prepared::prepare_read(&session, cql).await.map_err(journal_err) }
+        };
         Ok(Self {
-            read_epoch: prepare(
+            read_epoch: prepare_read(
                 "SELECT epoch FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
             .await?,
-            read_claim: prepare(
+            read_claim: prepare_read(
                 "SELECT epoch, owner, to_fence FROM command_journal \
                  WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
@@ -227,12 +232,12 @@ impl CqlJournal {
             // (milliseconds per read on a busy partition: most of the CQL
             // store's CPU in the bench); starting at a seq just written seeks
             // straight to it.
-            read_epoch_at: prepare(
+            read_epoch_at: prepare_read(
                 "SELECT seq, epoch FROM command_journal \
                  WHERE tenant = ? AND context = ? AND partition = ? AND seq >= ? LIMIT 1",
             )
             .await?,
-            read_first_seqs: prepare(
+            read_first_seqs: prepare_read(
                 "SELECT first_seqs FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
             .await?,
@@ -249,13 +254,13 @@ impl CqlJournal {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             )
             .await?,
-            select_from: prepare(
+            select_from: prepare_read(
                 "SELECT seq, written_by, stream_id, command_key, operation_id, command_type, source, command_id, \
                  rejection, events FROM command_journal \
                  WHERE tenant = ? AND context = ? AND partition = ? AND seq >= ?",
             )
             .await?,
-            read_relay_note: prepare(
+            read_relay_note: prepare_read(
                 "SELECT relayed FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
             .await?,

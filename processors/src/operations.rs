@@ -20,6 +20,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use sluice_streams::group_commit::GroupCommit;
+use sluice_streams::prepared::prepare_read;
 use sluice_streams::replicas;
 
 /// Where a produced event landed in Kafka.
@@ -192,14 +193,15 @@ fn op_err(e: impl std::fmt::Display) -> OperationError {
 
 impl CqlOperationStore {
     pub async fn new(session: Arc<Session>, instance: &str) -> Result<Self, OperationError> {
-        let select = session
-            .prepare("SELECT status FROM operations WHERE tenant = ? AND operation_id = ?")
+        let select = prepare_read(&session, "SELECT status FROM operations WHERE tenant = ? AND operation_id = ?")
             .await
             .map_err(op_err)?;
-        let select_many = session
-            .prepare("SELECT operation_id, status FROM operations WHERE tenant = ? AND operation_id IN ?")
-            .await
-            .map_err(op_err)?;
+        let select_many = prepare_read(
+            &session,
+            "SELECT operation_id, status FROM operations WHERE tenant = ? AND operation_id IN ?",
+        )
+        .await
+        .map_err(op_err)?;
         let upsert = session
             .prepare(
                 "INSERT INTO operations (tenant, operation_id, status, command_type, source, command_id, \

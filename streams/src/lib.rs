@@ -23,6 +23,7 @@
 //!   partitions share a batch (both sides write this way).
 //! - [`group_commit`]: small writes that come while one is in flight go
 //!   out together in the next.
+//! - [`prepared`]: reads answered without their result metadata.
 //!
 //! The read models' `Projection` trait and the CQL of their writes live in
 //! the `projections` crate (`projection`, `store::tables`), on this runtime.
@@ -38,6 +39,7 @@ pub mod decode;
 pub mod group_commit;
 pub mod lag;
 pub mod lanes;
+pub mod prepared;
 pub mod replicas;
 pub mod settle;
 

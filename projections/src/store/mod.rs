@@ -22,6 +22,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde::Serialize;
 use serde_json::Value;
+use sluice_streams::prepared::prepare_read;
 use tokio::sync::Mutex;
 
 use self::tables::cql_date;
@@ -173,24 +174,30 @@ impl OrderReads {
         let table = |t: &str| table_name(orders.name(), t, version);
         let (by_id, by_customer, sales) = (table("by_id"), table("by_customer"), table("sales_by_day"));
         Ok(Self {
-            select_order: session
-                .prepare(format!(
+            select_order: prepare_read(
+                session,
+                format!(
                     "SELECT order_id, customer_id, status, currency, lines, total_cents, version, submitted_at, \
                      updated_at, carrier, tracking_number, cancel_reason FROM {by_id} WHERE tenant = ? AND order_id = ?"
-                ))
-                .await
-                .map_err(rm_err)?,
-            select_customer_orders: session
-                .prepare(format!(
+                ),
+            )
+            .await
+            .map_err(rm_err)?,
+            select_customer_orders: prepare_read(
+                session,
+                format!(
                     "SELECT order_id, status, currency, total_cents, submitted_at, version FROM {by_customer} \
                      WHERE tenant = ? AND customer_id = ?"
-                ))
-                .await
-                .map_err(rm_err)?,
-            select_sales_day: session
-                .prepare(format!("SELECT orders, total_cents FROM {sales} WHERE tenant = ? AND day = ?"))
-                .await
-                .map_err(rm_err)?,
+                ),
+            )
+            .await
+            .map_err(rm_err)?,
+            select_sales_day: prepare_read(
+                session,
+                format!("SELECT orders, total_cents FROM {sales} WHERE tenant = ? AND day = ?"),
+            )
+            .await
+            .map_err(rm_err)?,
         })
     }
 }
@@ -227,19 +234,19 @@ impl ReadModels {
                 config.name
             )));
         }
-        let select_operation = session
-            .prepare(
-                "SELECT status, command_type, source, command_id, events, error, updated_at, attempts, handled_by, \
+        let select_operation = prepare_read(
+            &session,
+            "SELECT status, command_type, source, command_id, events, error, updated_at, attempts, handled_by, \
                  retried_as FROM operations WHERE tenant = ? AND operation_id = ?",
-            )
-            .await
-            .map_err(rm_err)?;
-        let select_offsets = session
-            .prepare(
-                "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = ? AND version = ?",
-            )
-            .await
-            .map_err(rm_err)?;
+        )
+        .await
+        .map_err(rm_err)?;
+        let select_offsets = prepare_read(
+            &session,
+            "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = ? AND version = ?",
+        )
+        .await
+        .map_err(rm_err)?;
         Ok(Self {
             versions: Versions::new(session.clone()),
             orders: Orders { name: config.name.clone() },
@@ -453,14 +460,15 @@ impl ReadModels {
                 None => {
                     tables::create(&self.session, name, version, self.patients.tables()).await?;
                     let table = table_name(name, patients::STEPS, version);
-                    let select = self
-                        .session
-                        .prepare(format!(
+                    let select = prepare_read(
+                        &self.session,
+                        format!(
                             "SELECT version, event_id, step, detail, occurred_at FROM {table} \
                              WHERE tenant = ? AND patient_id = ?"
-                        ))
-                        .await
-                        .map_err(rm_err)?;
+                        ),
+                    )
+                    .await
+                    .map_err(rm_err)?;
                     reads.insert(version, select.clone());
                     select
                 }

@@ -14,6 +14,7 @@ use scylla::cluster::ClusterState;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlDate, CqlTimestamp, CqlValue};
+use sluice_streams::prepared::prepare_read;
 use sluice_streams::replicas;
 
 use super::{rm_err, ReadModelError};
@@ -114,7 +115,14 @@ impl Tables {
         if let Some(statement) = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).get(&text) {
             return Ok(statement.clone());
         }
-        let statement = self.session.prepare(text.clone()).await.map_err(rm_err)?;
+        // Reads (memos, running totals) are answered without their columns
+        // described again ([`prepare_read`]).
+        let statement = if text.starts_with("SELECT ") {
+            prepare_read(&self.session, text.clone()).await
+        } else {
+            self.session.prepare(text.clone()).await
+        };
+        let statement = statement.map_err(rm_err)?;
         self.prepared.lock().unwrap_or_else(|e| e.into_inner()).insert(text, statement.clone());
         Ok(statement)
     }
