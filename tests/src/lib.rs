@@ -37,6 +37,37 @@ pub async fn require_stack() {
     }
 }
 
+/// Where the in-process roles of this test binary log ([`Platform::start`]):
+/// a file per binary and run in the temp folder, named in a helper's timeout
+/// message, so a failure in CI leaves what the roles did behind. At `info`
+/// unless `SLUICE_LOG` says otherwise.
+static PLATFORM_LOG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+fn log_platform_to_file() {
+    PLATFORM_LOG.get_or_init(|| {
+        let binary = std::env::current_exe().ok()?.file_stem()?.to_string_lossy().into_owned();
+        let path = std::env::temp_dir().join(format!("sluice-tests-{binary}-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path).ok()?;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,scylla=error"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init()
+            .ok()?;
+        Some(path)
+    });
+}
+
+/// " (the roles' log: <path>)" once [`Platform::start`] set one up.
+pub fn platform_log_hint() -> String {
+    match PLATFORM_LOG.get() {
+        Some(Some(path)) => format!(" (the in-process roles' log: {})", path.display()),
+        _ => String::new(),
+    }
+}
+
 /// A tenant of its own for one test.
 #[derive(Debug, Clone)]
 pub struct TestTenant {
@@ -107,6 +138,7 @@ pub struct Platform {
 impl Platform {
     pub async fn start(settings: Settings, role: Role) -> Self {
         require_stack().await;
+        log_platform_to_file();
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
         let task = tokio::spawn(serve(settings, role, shutdown.clone(), Some(tx)));
@@ -183,7 +215,7 @@ where
             return value;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!("timed out after {timeout:?} waiting for {what}{}", platform_log_hint());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
