@@ -23,7 +23,7 @@
 //! relay position before it decides anything, so a decision is never lost
 //! and never taken twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -33,7 +33,8 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
 use serde::{Deserialize, Serialize};
-use sluice_streams::prepared;
+use sluice_streams::group_commit::GroupCommit;
+use sluice_streams::{prepared, replicas};
 
 use crate::amqp::consumer::PartitionRef;
 use crate::event_store::StoredEvent;
@@ -183,17 +184,67 @@ pub struct CqlJournal {
     session: Arc<Session>,
     read_epoch: PreparedStatement,
     read_claim: PreparedStatement,
-    read_epoch_at: PreparedStatement,
     raise_epoch: PreparedStatement,
     read_first_seqs: PreparedStatement,
     write_first_seqs: PreparedStatement,
-    insert: PreparedStatement,
     select_from: PreparedStatement,
     read_relay_note: PreparedStatement,
     release: PreparedStatement,
     note_relayed: PreparedStatement,
     trim: PreparedStatement,
+    /// [`Journal::append`]'s writes: the rounds of a processor's partitions
+    /// that come together share a request ([`GroupCommit`]), each
+    /// partition's rows still applied whole.
+    appends: GroupCommit<PartitionWrite>,
+    /// The epochs read back after those writes, shared the same way.
+    read_backs: GroupCommit<ReadBack, Arc<EpochsAt>>,
 }
+
+/// One partition's journal write: its rows, applied all or none (a batch
+/// applies the rows of one partition together).
+struct PartitionWrite {
+    rows: Vec<JournalRow>,
+}
+
+/// A row of a [`PartitionWrite`]: an entry, or the relay position noted.
+enum JournalRow {
+    Entry(Vec<Option<CqlValue>>),
+    Relayed(Vec<Option<CqlValue>>),
+}
+
+impl JournalRow {
+    fn values(&self) -> &[Option<CqlValue>] {
+        match self {
+            JournalRow::Entry(values) | JournalRow::Relayed(values) => values,
+        }
+    }
+
+    /// About what the row adds to a batch's size (its text and numbers).
+    fn bytes(&self) -> usize {
+        self.values()
+            .iter()
+            .map(|v| match v {
+                Some(CqlValue::Text(t)) => t.len(),
+                _ => 8,
+            })
+            .sum()
+    }
+}
+
+/// A partition's epoch, read with its row at a seq just written.
+type ReadBack = (String, &'static str, i32, i64);
+/// What a group of read-backs found: the epoch by (tenant, context,
+/// partition, seq); a seq without a row is absent.
+type EpochsAt = HashMap<ReadBack, Option<i64>>;
+
+/// Bytes of journal rows per grouped write: below the CQL store's batch
+/// size limit (50 KiB by default), a round's own write (up to 24 KiB and
+/// one entry) going alone when it does not fit.
+const BYTES_PER_WRITE: usize = 24 * 1024;
+
+/// Read-backs per request of a group: partitions × seqs are read (`IN` on
+/// both), so a request stays small.
+const READ_BACKS_PER_READ: usize = 16;
 
 fn journal_err(e: impl std::fmt::Display) -> JournalError {
     JournalError(e.to_string())
@@ -212,6 +263,31 @@ impl CqlJournal {
             let session = session.clone();
             async move { prepared::prepare_read(&session, cql).await.map_err(journal_err) }
         };
+        // The epoch is the write timestamp: where a newer owner journals
+        // a seq a fenced one wrote too, the newer entry wins.
+        let insert = prepare(
+            "INSERT INTO command_journal (tenant, context, partition, seq, written_by, stream_id, \
+             command_key, operation_id, command_type, source, command_id, rejection, events) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
+        )
+        .await?;
+        // The write timestamp is the position itself: a late note of an
+        // older position never hides a newer one.
+        let note_relayed = prepare(
+            "UPDATE command_journal USING TIMESTAMP ? SET relayed = ? \
+             WHERE tenant = ? AND context = ? AND partition = ?",
+        )
+        .await?;
+        // Selecting only the static epoch reads a partition up to its first
+        // live row, past every trimmed row not yet compacted away
+        // (milliseconds per read on a busy partition: most of the CQL
+        // store's CPU in the bench); reading the seqs just written seeks
+        // straight to them.
+        let read_epochs_at_seqs = prepare_read(
+            "SELECT partition, seq, epoch FROM command_journal \
+             WHERE tenant = ? AND context = ? AND partition IN ? AND seq IN ?",
+        )
+        .await?;
         Ok(Self {
             read_epoch: prepare_read(
                 "SELECT epoch FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
@@ -227,16 +303,6 @@ impl CqlJournal {
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
-            // Selecting only the static epoch reads the partition up to its
-            // first live row, past every trimmed row not yet compacted away
-            // (milliseconds per read on a busy partition: most of the CQL
-            // store's CPU in the bench); starting at a seq just written seeks
-            // straight to it.
-            read_epoch_at: prepare_read(
-                "SELECT seq, epoch FROM command_journal \
-                 WHERE tenant = ? AND context = ? AND partition = ? AND seq >= ? LIMIT 1",
-            )
-            .await?,
             read_first_seqs: prepare_read(
                 "SELECT first_seqs FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? LIMIT 1",
             )
@@ -244,14 +310,6 @@ impl CqlJournal {
             write_first_seqs: prepare(
                 "UPDATE command_journal SET first_seqs = ?, to_fence = null \
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
-            )
-            .await?,
-            // The epoch is the write timestamp: where a newer owner journals
-            // a seq a fenced one wrote too, the newer entry wins.
-            insert: prepare(
-                "INSERT INTO command_journal (tenant, context, partition, seq, written_by, stream_id, \
-                 command_key, operation_id, command_type, source, command_id, rejection, events) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             )
             .await?,
             select_from: prepare_read(
@@ -269,15 +327,21 @@ impl CqlJournal {
                  WHERE tenant = ? AND context = ? AND partition = ? IF epoch = ?",
             )
             .await?,
-            // The write timestamp is the position itself: a late note of an
-            // older position never hides a newer one.
-            note_relayed: prepare(
-                "UPDATE command_journal USING TIMESTAMP ? SET relayed = ? \
-                 WHERE tenant = ? AND context = ? AND partition = ?",
-            )
-            .await?,
+            note_relayed: note_relayed.clone(),
             trim: prepare("DELETE FROM command_journal WHERE tenant = ? AND context = ? AND partition = ? AND seq < ?")
                 .await?,
+            appends: {
+                let session = session.clone();
+                GroupCommit::new("journal", move |writes| {
+                    write_partitions(session.clone(), insert.clone(), note_relayed.clone(), writes)
+                })
+            },
+            read_backs: {
+                let session = session.clone();
+                GroupCommit::new("journal_read_backs", move |keys| {
+                    read_epochs_at(session.clone(), read_epochs_at_seqs.clone(), keys)
+                })
+            },
             session,
         })
     }
@@ -288,21 +352,98 @@ impl CqlJournal {
         Ok(rows.maybe_first_row::<(Option<i64>,)>().map_err(journal_err)?.and_then(|(epoch,)| epoch))
     }
 
-    /// The epoch, read with the first row at or after `seq`: `None` when
-    /// there is no such row.
-    async fn epoch_at(&self, (tenant, context, p): (&str, &str, i32), seq: i64) -> Result<Option<i64>, JournalError> {
-        let result =
-            self.session.execute_unpaged(&self.read_epoch_at, (tenant, context, p, seq)).await.map_err(journal_err)?;
-        let rows = result.into_rows_result().map_err(journal_err)?;
-        Ok(rows.maybe_first_row::<(i64, Option<i64>)>().map_err(journal_err)?.and_then(|(_, epoch)| epoch))
-    }
-
     async fn first_seqs(&self, key: (&str, &str, i32)) -> Result<BTreeMap<i64, i64>, JournalError> {
         let result = self.session.execute_unpaged(&self.read_first_seqs, key).await.map_err(journal_err)?;
         let rows = result.into_rows_result().map_err(journal_err)?;
         let row = rows.maybe_first_row::<(Option<BTreeMap<i64, i64>>,)>().map_err(journal_err)?;
         Ok(row.and_then(|(map,)| map).unwrap_or_default())
     }
+}
+
+/// Writes a group of partitions' journal rows: unlogged batches of the
+/// partitions on the same replicas, each partition's rows in one batch (so
+/// applied together), at most [`BYTES_PER_WRITE`] each but for a larger
+/// partition write going alone.
+async fn write_partitions(
+    session: Arc<Session>,
+    insert: PreparedStatement,
+    note_relayed: PreparedStatement,
+    writes: Vec<PartitionWrite>,
+) -> Result<(), String> {
+    let cluster = session.get_cluster_state();
+    let units = writes.into_iter().map(|write| write.rows);
+    // A partition write begins with an entry (it always has one), which
+    // says where the partition lives.
+    let batches = replicas::batches_by_weight(units, BYTES_PER_WRITE, JournalRow::bytes, |row| match row {
+        JournalRow::Entry(values) => replicas::of(&cluster, &insert, values),
+        JournalRow::Relayed(_) => None,
+    });
+    let requests = batches.into_iter().map(|rows| {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        let mut values = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (statement, row_values) = match row {
+                JournalRow::Entry(v) => (&insert, v),
+                JournalRow::Relayed(v) => (&note_relayed, v),
+            };
+            batch.append_statement(statement.clone());
+            values.push(row_values);
+        }
+        let session = &session;
+        async move { session.batch(&batch, values).await.map(drop) }
+    });
+    futures::future::try_join_all(requests).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Reads a group of partitions' epochs at seqs just written: one request
+/// per tenant and context (and [`READ_BACKS_PER_READ`]), naming the
+/// partitions and the seqs.
+async fn read_epochs_at(
+    session: Arc<Session>,
+    select: PreparedStatement,
+    keys: Vec<ReadBack>,
+) -> Result<Arc<EpochsAt>, String> {
+    let mut by_context: HashMap<(String, &'static str), Vec<ReadBack>> = HashMap::new();
+    for key in keys {
+        by_context.entry((key.0.clone(), key.1)).or_default().push(key);
+    }
+    let reads = by_context.into_iter().flat_map(|((tenant, context), keys)| {
+        let chunks: Vec<Vec<ReadBack>> = keys.chunks(READ_BACKS_PER_READ).map(<[ReadBack]>::to_vec).collect();
+        let (session, select) = (&session, &select);
+        chunks.into_iter().map(move |chunk| {
+            let tenant = tenant.clone();
+            async move {
+                let mut partitions: Vec<i32> = chunk.iter().map(|k| k.2).collect();
+                let mut seqs: Vec<i64> = chunk.iter().map(|k| k.3).collect();
+                partitions.sort_unstable();
+                partitions.dedup();
+                seqs.sort_unstable();
+                seqs.dedup();
+                let result = session
+                    .execute_unpaged(select, (tenant.as_str(), context, partitions, seqs))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let rows = result.into_rows_result().map_err(|e| e.to_string())?;
+                let found: Vec<(i32, i64, Option<i64>)> = rows
+                    .rows::<(i32, i64, Option<i64>)>()
+                    .map_err(|e| e.to_string())?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                // Only the seqs asked of each partition: the read also
+                // returns rows at the other partitions' seqs.
+                Ok::<_, String>(
+                    found
+                        .into_iter()
+                        .map(|(p, seq, epoch)| ((tenant.clone(), context, p, seq), epoch))
+                        .filter(|(key, _)| chunk.contains(key))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        })
+    });
+    let found = futures::future::try_join_all(reads).await?;
+    Ok(Arc::new(found.into_iter().flatten().collect()))
 }
 
 fn key(partition: &PartitionRef) -> (&str, &str, i32) {
@@ -423,11 +564,8 @@ impl Journal for CqlJournal {
     ) -> Result<Appended, JournalError> {
         let (tenant, context, p) = key(partition);
         let text = |s: &str| Some(CqlValue::Text(s.to_owned()));
-        // One partition: the batch is applied whole or not at all.
-        let mut batch = Batch::new(BatchType::Unlogged);
-        let mut values: Vec<Vec<Option<CqlValue>>> = Vec::with_capacity(entries.len() + 1);
+        let mut rows = Vec::with_capacity(entries.len() + 1);
         for entry in entries {
-            batch.append_statement(self.insert.clone());
             let (rejection, events) = match &entry.verdict {
                 Verdict::Rejected(reason) => (Some(reason.clone()), None),
                 Verdict::Appended(events) => {
@@ -444,7 +582,7 @@ impl Journal for CqlJournal {
                     (None, Some(serde_json::to_string(&journaled).map_err(journal_err)?))
                 }
             };
-            values.push(vec![
+            rows.push(JournalRow::Entry(vec![
                 text(tenant),
                 text(context),
                 Some(CqlValue::Int(p)),
@@ -460,20 +598,31 @@ impl Journal for CqlJournal {
                 events.map(CqlValue::Text),
                 Some(CqlValue::Int(ENTRY_TTL_S)),
                 Some(CqlValue::BigInt(epoch)),
-            ]);
+            ]));
         }
         if relayed > 0 {
-            batch.append_statement(self.note_relayed.clone());
             let position = Some(CqlValue::BigInt(relayed));
-            values.push(vec![position.clone(), position, text(tenant), text(context), Some(CqlValue::Int(p))]);
+            rows.push(JournalRow::Relayed(vec![
+                position.clone(),
+                position,
+                text(tenant),
+                text(context),
+                Some(CqlValue::Int(p)),
+            ]));
         }
-        self.session.batch(&batch, values).await.map_err(journal_err)?;
+        // With the writes of the processor's other partitions that come
+        // together; this partition's rows are applied whole or not at all.
+        self.appends.send(vec![PartitionWrite { rows }]).await.map_err(JournalError)?;
         // Read after the write: a newer owner that began after this read
         // saw these entries, one that began before it is seen here. Read at
         // the first entry: no row there (a newer owner relayed and trimmed
         // it) reads as no epoch, fenced.
         let now = match entries.first() {
-            Some(first) => self.epoch_at((tenant, context, p), first.seq).await?,
+            Some(first) => {
+                let at = (tenant.to_owned(), partition.context, p, first.seq);
+                let found = self.read_backs.send(vec![at.clone()]).await.map_err(JournalError)?;
+                found.and_then(|found| found.get(&at).copied().flatten())
+            }
             None => self.current_epoch((tenant, context, p)).await?,
         };
         Ok(if now == Some(epoch) { Appended::Applied } else { Appended::Fenced })

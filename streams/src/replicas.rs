@@ -39,17 +39,31 @@ pub fn batches<U, K: Eq + Hash>(
     per_batch: usize,
     key: impl Fn(&U) -> K,
 ) -> Vec<Vec<U>> {
-    let mut open: HashMap<K, Vec<U>> = HashMap::new();
+    batches_by_weight(units, per_batch, |_| 1, key)
+}
+
+/// [`batches`] with a limit on the writes' summed `weight` (their bytes,
+/// where a batch's size is what the store limits) instead of their count.
+pub fn batches_by_weight<U, K: Eq + Hash>(
+    units: impl IntoIterator<Item = Vec<U>>,
+    per_batch: usize,
+    weight: impl Fn(&U) -> usize,
+    key: impl Fn(&U) -> K,
+) -> Vec<Vec<U>> {
+    let mut open: HashMap<K, (Vec<U>, usize)> = HashMap::new();
     let mut full = Vec::new();
     for unit in units {
         let Some(first) = unit.first() else { continue };
-        let batch = open.entry(key(first)).or_default();
-        if !batch.is_empty() && batch.len() + unit.len() > per_batch {
+        let unit_weight: usize = unit.iter().map(&weight).sum();
+        let (batch, batch_weight) = open.entry(key(first)).or_default();
+        if !batch.is_empty() && *batch_weight + unit_weight > per_batch {
             full.push(std::mem::take(batch));
+            *batch_weight = 0;
         }
         batch.extend(unit);
+        *batch_weight += unit_weight;
     }
-    full.extend(open.into_values().filter(|b| !b.is_empty()));
+    full.extend(open.into_values().map(|(batch, _)| batch).filter(|b| !b.is_empty()));
     full
 }
 
@@ -85,5 +99,14 @@ mod tests {
             vec![vec![("a", 1), ("a", 3), ("a", 3), ("a", 4)], vec![("a", 5); 5], vec![("b", 2), ("b", 2), ("b", 6)],],
             "a unit over the limit goes alone, whole"
         );
+    }
+
+    #[test]
+    fn a_weight_limit_counts_the_writes_weights() {
+        // (key, unit id, bytes) per write.
+        let units = vec![vec![("a", 1, 10)], vec![("a", 2, 15), ("a", 2, 10)], vec![("a", 3, 40)], vec![("a", 4, 5)]];
+        let mut made = batches_by_weight(units, 40, |w: &(&str, i32, usize)| w.2, |w| w.0);
+        made.sort();
+        assert_eq!(made, vec![vec![("a", 1, 10), ("a", 2, 15), ("a", 2, 10)], vec![("a", 3, 40)], vec![("a", 4, 5)]],);
     }
 }

@@ -496,6 +496,60 @@ async fn a_fenced_owners_journal_entries_stand_only_if_its_successor_saw_them() 
     assert_eq!(standing().await, pairs(&[(5, "e")]));
 }
 
+/// The journal writes of a processor's partitions that come together share
+/// requests (their rows in a few unlogged batches, their epochs read back
+/// together), yet each partition's rows are written whole and each owner is
+/// answered for its own epoch: the one partition among them whose epoch a
+/// newer owner raised is told it is fenced, the others are not. The rows
+/// outweigh one request, so the group is split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_journaling_together_are_each_answered_for_their_own_epoch() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::journal::{Appended, CqlJournal, Entry, Journal, Verdict};
+
+    let tenant = TestTenant::new();
+    let session = sluice_cli::serve::connect_cql(&test_settings(&[&tenant])).await.expect("CQL store (make up)");
+    let journal = CqlJournal::new(session).await.expect("journal");
+    let partitions: Vec<PartitionRef> =
+        (0..12).map(|p| PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: p }).collect();
+    let mut epochs = Vec::new();
+    for partition in &partitions {
+        let epoch = journal.claim(partition, "owner").await.unwrap().epoch;
+        assert_eq!(journal.begin(partition, epoch, 0, 0).await.unwrap(), Appended::Applied);
+        epochs.push(epoch);
+    }
+    let fenced = 5;
+    journal.claim(&partitions[fenced], "newer").await.unwrap();
+    // 16 entries of about 1 KiB a partition: 12 partitions' writes are
+    // several requests' worth.
+    let entries = |p: u16| -> Vec<Entry> {
+        (0..16)
+            .map(|seq| Entry {
+                seq,
+                stream_id: format!("o-{p}-{seq}"),
+                command_key: format!("k-{p}-{seq}"),
+                operation_id: format!("op-{p}-{seq}"),
+                command_type: "com.example.orders.CancelOrder".into(),
+                source: format!("/{}/shop", tenant.name),
+                command_id: format!("c-{p}-{seq}"),
+                verdict: Verdict::Rejected("x".repeat(1_000)),
+            })
+            .collect()
+    };
+    let written: Vec<Vec<Entry>> = partitions.iter().map(|p| entries(p.partition)).collect();
+    let answers = futures::future::join_all(
+        partitions.iter().zip(&epochs).zip(&written).map(|((p, epoch), entries)| journal.append(p, *epoch, entries, 0)),
+    )
+    .await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = if i == fenced { Appended::Fenced } else { Appended::Applied };
+        assert_eq!(answer.expect("journal write"), expected, "partition {i}");
+        if i != fenced {
+            assert_eq!(journal.entries_from(&partitions[i], 0).await.unwrap(), written[i], "partition {i}'s rows");
+        }
+    }
+}
+
 /// A new owner reads the relay position its predecessors committed even
 /// while a transactional commit of it is pending and never ends (after a
 /// broker restart, a commit request can reach the broker after its
