@@ -7,8 +7,9 @@
 //! ([`Journal::begin`], an LWT conditional on its epoch). From then on a
 //! round of decisions is a plain write ([`Journal::append`]): each entry
 //! carries its owner's epoch, also as its write timestamp, and the append
-//! reads the epoch back before anything else is written. So per takeover
-//! two conditional writes, per round none:
+//! reads the epoch back before anything else is written (the writes and
+//! read-backs of a processor's partitions that come together share
+//! requests). So per takeover two conditional writes, per round none:
 //!
 //! - an entry of an older epoch at or past a newer epoch's first seq is a
 //!   fenced owner's and is discarded by every reader ([`valid`]); where the
