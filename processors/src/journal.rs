@@ -196,18 +196,15 @@ pub struct CqlJournal {
     /// [`Journal::append`]'s writes: the rounds of a processor's partitions
     /// that come together share a request ([`GroupCommit`]), each
     /// partition's rows still applied whole.
-    appends: GroupCommit<PartitionWrite>,
+    /// A unit is one partition's rows, applied all or none (a batch applies
+    /// the rows of one partition together).
+    appends: GroupCommit<Vec<JournalRow>>,
     /// The epochs read back after those writes, shared the same way.
     read_backs: GroupCommit<ReadBack, Arc<EpochsAt>>,
 }
 
-/// One partition's journal write: its rows, applied all or none (a batch
-/// applies the rows of one partition together).
-struct PartitionWrite {
-    rows: Vec<JournalRow>,
-}
-
-/// A row of a [`PartitionWrite`]: an entry, or the relay position noted.
+/// A row of a partition's journal write: an entry, or the relay position
+/// noted.
 enum JournalRow {
     Entry(Vec<Option<CqlValue>>),
     Relayed(Vec<Option<CqlValue>>),
@@ -238,10 +235,11 @@ type ReadBack = (String, &'static str, i32, i64);
 /// partition, seq); a seq without a row is absent.
 type EpochsAt = HashMap<ReadBack, Option<i64>>;
 
-/// Bytes of journal rows per grouped write: below the CQL store's batch
-/// size limit (50 KiB by default), a round's own write (up to 24 KiB and
-/// one entry) going alone when it does not fit.
-const BYTES_PER_WRITE: usize = 24 * 1024;
+/// Bytes of journal rows per write, below the CQL store's batch size limit
+/// (50 KiB by default): an owner splits a round's entries into appends of
+/// about this size at most ([`crate::owner`]), and grouped appends share a
+/// batch up to it (one larger append goes alone).
+pub const MAX_BYTES_PER_WRITE: usize = 24 * 1024;
 
 /// Read-backs per request of a group: partitions × seqs are read (`IN` on
 /// both), so a request stays small.
@@ -363,19 +361,18 @@ impl CqlJournal {
 
 /// Writes a group of partitions' journal rows: unlogged batches of the
 /// partitions on the same replicas, each partition's rows in one batch (so
-/// applied together), at most [`BYTES_PER_WRITE`] each but for a larger
-/// partition write going alone.
+/// applied together), at most [`MAX_BYTES_PER_WRITE`] each but for a
+/// larger partition write going alone.
 async fn write_partitions(
     session: Arc<Session>,
     insert: PreparedStatement,
     note_relayed: PreparedStatement,
-    writes: Vec<PartitionWrite>,
+    units: Vec<Vec<JournalRow>>,
 ) -> Result<(), String> {
     let cluster = session.get_cluster_state();
-    let units = writes.into_iter().map(|write| write.rows);
     // A partition write begins with an entry (it always has one), which
     // says where the partition lives.
-    let batches = replicas::batches_by_weight(units, BYTES_PER_WRITE, JournalRow::bytes, |row| match row {
+    let batches = replicas::batches_by_weight(units, MAX_BYTES_PER_WRITE, JournalRow::bytes, |row| match row {
         JournalRow::Entry(values) => replicas::of(&cluster, &insert, values),
         JournalRow::Relayed(_) => None,
     });
@@ -613,7 +610,7 @@ impl Journal for CqlJournal {
         }
         // With the writes of the processor's other partitions that come
         // together; this partition's rows are applied whole or not at all.
-        self.appends.send(vec![PartitionWrite { rows }]).await.map_err(JournalError)?;
+        self.appends.send(vec![rows]).await.map_err(JournalError)?;
         // Read after the write: a newer owner that began after this read
         // saw these entries, one that began before it is seen here. Read at
         // the first entry: no row there (a newer owner relayed and trimmed

@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 use crate::amqp::consumer::PartitionRef;
 use crate::domain::{Aggregate, DomainEvent, Stamp};
 use crate::event_store::{EventStore, StoredEvent, StreamRef};
-use crate::journal::{Appended, Entry, Journal, Verdict};
+use crate::journal::{Appended, Entry, Journal, Verdict, MAX_BYTES_PER_WRITE};
 use crate::kafka::{OutgoingEvent, Relay, RelayError, RelayFactory, RelayPosition};
 use crate::operations::{EventPosition, OperationRef, OperationStore, Order, Status};
 
@@ -144,9 +144,9 @@ struct Stream<S> {
 
 /// Streams held in memory per partition before the cache starts over.
 const MAX_CACHED_STREAMS: usize = 50_000;
-/// Journal entries per write (the batch also has a size limit).
+/// Journal entries per write (the batch also has a size limit,
+/// [`MAX_BYTES_PER_WRITE`]).
 const MAX_ENTRIES_PER_WRITE: usize = 64;
-const MAX_BYTES_PER_WRITE: usize = 24 * 1024;
 /// Relayed journal entries are trimmed every this many seqs.
 const TRIM_EVERY: i64 = 1_000;
 
