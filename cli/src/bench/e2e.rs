@@ -48,7 +48,7 @@ use tokio::task::JoinSet;
 use sluice_processors::ownership::Membership;
 
 use super::probe::{self, queues_state, CqlTableCounts, Scrape};
-use super::report::{E2eReport, Percentiles, ProcessorTimes, Scaling, Step, TableOps, Timing};
+use super::report::{E2eReport, Percentiles, ProcessorTimes, Scaling, SlowCommand, Step, TableOps, Timing};
 use super::roles::RoleProcess;
 use super::workload::{Command, Kind};
 use super::Bench;
@@ -65,6 +65,12 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// second they were 500 requests a second, a third of the CQL store's
 /// requests in a 400 commands/s step.
 const MAX_SAMPLED_PER_SECOND: f64 = 20.0;
+
+/// The slowest followed commands a step keeps, with when they were sent:
+/// a tail of a few hundred samples is a handful of commands, and their
+/// times line up with what the servers logged then (collections, flushes,
+/// compactions).
+const SLOWEST: usize = 5;
 
 /// Requests of one step waiting for their 202 at once; beyond it the
 /// generator skips sends and counts them as errors (the step fails) rather
@@ -342,9 +348,38 @@ struct Recorder {
     lag: Histogram<u64>,
     /// 202 to visible, for the warm-up's floor.
     after_accept: Histogram<u64>,
+    /// Followed commands: 202 to the operation seen terminal, and from
+    /// there to the read model showing the change.
+    to_terminal: Histogram<u64>,
+    to_read_model: Histogram<u64>,
+    /// The slowest followed commands so far, at most `SLOWEST` of them.
+    slowest: Vec<SlowCommand>,
     accepted: u64,
     errors: u64,
     timeouts: u64,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Recorder {
+            latency: histogram(),
+            accept: histogram(),
+            lag: histogram(),
+            after_accept: histogram(),
+            to_terminal: histogram(),
+            to_read_model: histogram(),
+            slowest: Vec::new(),
+            accepted: 0,
+            errors: 0,
+            timeouts: 0,
+        }
+    }
+
+    fn keep_if_slow(&mut self, slow: SlowCommand) {
+        self.slowest.push(slow);
+        self.slowest.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        self.slowest.truncate(SLOWEST);
+    }
 }
 
 /// One open-loop step: `rate` commands per second for `duration`.
@@ -362,15 +397,7 @@ struct Pace {
 /// 202 to a visible command.
 async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) -> anyhow::Result<(Step, Duration)> {
     check_alive(roles)?;
-    let recorder = Arc::new(Mutex::new(Recorder {
-        latency: histogram(),
-        accept: histogram(),
-        lag: histogram(),
-        after_accept: histogram(),
-        accepted: 0,
-        errors: 0,
-        timeouts: 0,
-    }));
+    let recorder = Arc::new(Mutex::new(Recorder::new()));
     let polls = Arc::new(AtomicU64::new(0));
     let keyspace = &bench.settings.cql.keyspace;
     let cql_before = probe::cql_counts(&bench.session, keyspace).await;
@@ -384,6 +411,7 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
     let sample_every = (rate / MAX_SAMPLED_PER_SECOND).ceil().max(1.0) as u64;
     let backlog = BacklogWatch::start(bench, recorder.clone()).await?;
     let start = Instant::now() + Duration::from_millis(20);
+    let wall_start = chrono::Utc::now() + chrono::Duration::milliseconds(20);
     let mut requests = JoinSet::new();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut skipped = 0;
@@ -446,15 +474,29 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
                 r.accept.saturating_record(micros(acked - sent));
             }
             let Some(follow) = follow else { return };
-            let visible = follow.until_visible(&command, &operation, acked).await;
+            let seen = follow.until_visible(&command, &operation, acked).await;
             let mut r = recorder.lock().unwrap_or_else(|e| e.into_inner());
-            match visible {
-                Some(visible) => {
-                    r.latency.saturating_record(micros(visible - scheduled.min(sent)));
-                    r.after_accept.saturating_record(micros(visible - acked));
-                }
-                None => r.timeouts += 1,
-            }
+            let Some(Seen { terminal, visible }) = seen else {
+                r.timeouts += 1;
+                return;
+            };
+            let from = scheduled.min(sent);
+            r.latency.saturating_record(micros(visible - from));
+            r.after_accept.saturating_record(micros(visible - acked));
+            r.to_terminal.saturating_record(micros(terminal - acked));
+            r.to_read_model.saturating_record(micros(visible - terminal));
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let offset = from.saturating_duration_since(start);
+            r.keep_if_slow(SlowCommand {
+                at: (wall_start + chrono::Duration::from_std(offset).unwrap_or_default())
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                offset_s: offset.as_secs_f64(),
+                kind: command.kind.name().to_owned(),
+                total_ms: ms(visible - from),
+                accept_ms: ms(acked - from),
+                terminal_ms: ms(terminal - acked),
+                read_model_ms: ms(visible - terminal),
+            });
         });
     }
     let sending = start.elapsed().as_secs_f64().max(1e-3);
@@ -502,6 +544,9 @@ async fn fixed_rate(bench: &Bench, roles: &mut [&mut RoleProcess], pace: &Pace) 
         sample_every,
         timeouts: r.timeouts,
         latency_ms: Percentiles::from_micros(&r.latency),
+        to_terminal_ms: Percentiles::from_micros(&r.to_terminal),
+        to_read_model_ms: Percentiles::from_micros(&r.to_read_model),
+        slowest: r.slowest.clone(),
         accept_latency_ms: Percentiles::from_micros(&r.accept),
         generator_lag_ms: Percentiles::from_micros(&r.lag),
         backlog_after_sending: after_sending,
@@ -574,22 +619,32 @@ struct Follow {
     polls: Arc<AtomicU64>,
 }
 
+/// When a followed command's operation was seen terminal, and when the
+/// command was visible (the same instant for one that changed nothing).
+struct Seen {
+    terminal: Instant,
+    visible: Instant,
+}
+
 impl Follow {
     /// When the command became visible: its operation terminal and, for a
     /// change that succeeded, the order showing it. `None` on timeout.
-    async fn until_visible(&self, command: &Command, operation: &str, acked: Instant) -> Option<Instant> {
+    async fn until_visible(&self, command: &Command, operation: &str, acked: Instant) -> Option<Seen> {
         let mut next = acked + self.first_poll;
-        let mut succeeded = false;
+        let mut succeeded = None;
         loop {
             tokio::time::sleep_until(next.into()).await;
-            if !succeeded {
+            if succeeded.is_none() {
                 match self.get(operation).await.as_ref().and_then(|o| o["status"].as_str()) {
-                    Some("rejected" | "dead_lettered") => return Some(Instant::now()),
-                    Some("succeeded") => succeeded = true,
+                    Some("rejected" | "dead_lettered") => {
+                        let now = Instant::now();
+                        return Some(Seen { terminal: now, visible: now });
+                    }
+                    Some("succeeded") => succeeded = Some(Instant::now()),
                     _ => {}
                 }
             }
-            if succeeded {
+            if let Some(terminal) = succeeded {
                 let order = self.get(&format!("/orders/{}", command.order_id)).await;
                 let status = order.as_ref().and_then(|o| o["status"].as_str());
                 let shows = match command.kind {
@@ -598,7 +653,7 @@ impl Follow {
                     Kind::Cancel => status == Some("cancelled"),
                 };
                 if shows {
-                    return Some(Instant::now());
+                    return Some(Seen { terminal, visible: Instant::now() });
                 }
             }
             let now = Instant::now();
@@ -739,6 +794,16 @@ fn per_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_keeps_its_slowest_followed_commands_slowest_first() {
+        let mut r = Recorder::new();
+        for total in [30.0, 700.0, 5.0, 90.0, 410.0, 60.0, 12.0, 250.0] {
+            r.keep_if_slow(SlowCommand { total_ms: total, ..Default::default() });
+        }
+        let kept: Vec<f64> = r.slowest.iter().map(|c| c.total_ms).collect();
+        assert_eq!(kept, [700.0, 410.0, 250.0, 90.0, 60.0]);
+    }
 
     #[test]
     fn a_refinement_halves_the_gap_between_the_highest_rate_that_held_and_the_next() {

@@ -197,6 +197,13 @@ pub struct Step {
     /// visible (its operation terminal and, if it changed the order, the
     /// read model showing the change). Coordinated omission included.
     pub latency_ms: Percentiles,
+    /// Followed commands: from the 202 to their operation seen terminal,
+    /// and from there to the read model showing the change (zero for a
+    /// rejection), each as late as the reads that saw it.
+    pub to_terminal_ms: Percentiles,
+    pub to_read_model_ms: Percentiles,
+    /// The slowest followed commands, slowest first.
+    pub slowest: Vec<SlowCommand>,
     /// From the actual send to the 202 (every command).
     pub accept_latency_ms: Percentiles,
     /// How late the generator sent each request against its schedule.
@@ -234,6 +241,24 @@ pub struct Step {
     pub processor_p99_ms: Option<f64>,
     /// Where that time went; `None` when no round finished in the step.
     pub processor_times: Option<ProcessorTimes>,
+}
+
+/// One of a step's slowest followed commands: when it was scheduled, and
+/// where its time went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowCommand {
+    /// The scheduled send, UTC (to line up with the servers' logs).
+    pub at: String,
+    /// Seconds into the step.
+    pub offset_s: f64,
+    pub kind: String,
+    pub total_ms: f64,
+    /// Scheduled send to 202 (the wait for a connection included).
+    pub accept_ms: f64,
+    /// 202 to the operation seen terminal.
+    pub terminal_ms: f64,
+    /// Terminal to the read model showing the change.
+    pub read_model_ms: f64,
 }
 
 /// Where the processor's time went in a step, from its own histograms
@@ -656,6 +681,30 @@ impl Report {
                 p.round,
                 stages.join(" · "),
                 if grouped.is_empty() { "–".to_owned() } else { grouped.join(", ") }
+            );
+        }
+        for (run, s) in latency_rows.iter().enumerate() {
+            let slowest: Vec<String> = s
+                .slowest
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} (+{:.1} s) {} {:.0} ms = 202 {:.0} + terminal {:.0} + read model {:.0}",
+                        c.at, c.offset_s, c.kind, c.total_ms, c.accept_ms, c.terminal_ms, c.read_model_ms
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                t,
+                "Latency run {} at {:.0}/s, followed commands (p50 / p99 ms): 202 → terminal {:.1} / {:.1}, terminal → \
+                 read model {:.1} / {:.1}; the slowest: {}.",
+                run + 1,
+                s.target_per_second,
+                s.to_terminal_ms.p50,
+                s.to_terminal_ms.p99,
+                s.to_read_model_ms.p50,
+                s.to_read_model_ms.p99,
+                if slowest.is_empty() { "–".to_owned() } else { slowest.join("; ") }
             );
         }
         if let Some(s) = x.steps.iter().find(|s| !s.cql_per_command.is_empty()) {

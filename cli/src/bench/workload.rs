@@ -76,6 +76,16 @@ pub enum Kind {
     Cancel,
 }
 
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Submit => "submit",
+            Kind::Ship => "ship",
+            Kind::Cancel => "cancel",
+        }
+    }
+}
+
 /// One command to send.
 #[derive(Debug, Clone)]
 pub struct Command {
