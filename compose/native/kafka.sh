@@ -213,11 +213,13 @@ cmd_start() {
   write_config
   format_storage
   log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller 127.0.0.1:$SLUICE_KAFKA_CONTROLLER_PORT)"
-  # GC settings are those of Kafka's own start scripts.
+  # GC settings are those of Kafka's own start scripts; each pause is logged
+  # (wall-clock time) so a slow command of `sluice bench` can be lined up.
   start_bg kafka "$LOG_DIR/kafka.out" \
     "$JAVA" -Xms512m -Xmx1g \
     -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
     -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError \
+    -Xlog:gc:file="$LOG_DIR/gc.log":time,uptime:filecount=3,filesize=10m \
     -Djava.awt.headless=true \
     -Dkafka.logs.dir="$LOG_DIR" \
     -Dlog4j2.configurationFile="$CONF_DIR/log4j2.xml" \
