@@ -362,6 +362,10 @@ start() {
     -Dcassandra.logdir="$LOG_DIR"
     -Dcassandra.triggers_dir="$RUN_DIR/triggers"
     -Dcassandra.skip_wait_for_gossip_to_settle=0
+    # Each time a worker of the shared request pool moves to another stage
+    # it renames its thread (a system call): ~1.7 % of Cassandra's CPU in
+    # the same profile as the timer slack below. Thread dumps say less.
+    -Dcassandra.set_sep_thread_name=false
     -Dlogback.configurationFile="$CONF_DIR/logback.xml"
     # Local JMX (loopback only, no auth) so NodeTool from the same jars works;
     # pinning the RMI port avoids a second, random listening port.
@@ -372,6 +376,15 @@ start() {
     org.apache.cassandra.service.CassandraDaemon
   )
   log "starting cassandra $CASSANDRA_VERSION (CQL 127.0.0.1:$SLUICE_CQL_PORT, heap $CASSANDRA_HEAP)"
+  # A worker of Cassandra's shared request pool that runs out of work parks
+  # for 10 µs to 1 ms at a time, over and over, until ~10 ms pass without a
+  # request: under a steady few hundred commands a second one always spins,
+  # waking every ~60 µs, and that was ~40 % of Cassandra's CPU in a profile
+  # of `sluice bench`'s latency step. A timer slack of 0.5 ms lets the kernel
+  # stretch each park to about 0.5 ms: a request may wait up to that much
+  # longer for a worker, and the spinning took ~17 % instead. The JVM's
+  # threads inherit the slack from this shell.
+  { echo 500000 >"/proc/$BASHPID/timerslack_ns"; } 2>/dev/null || log "no timer slack (this kernel has no /proc/<pid>/timerslack_ns)"
   start_bg cassandra "$LOG_DIR/console.log" "$JAVA" "${opts[@]}"
 }
 
