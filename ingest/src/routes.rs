@@ -20,7 +20,7 @@ use sluice_schemas::catalog;
 use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
 use sluice_telemetry::trace_context;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
@@ -269,8 +269,10 @@ async fn accept_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
             location: format!("/operations/{}", c.operation_id),
         })
         .collect();
+    // One line per command: a debug line, or the edge writes ~300 bytes of
+    // log for each one it accepts (27 MB in a four-minute quick bench).
     for (event, command) in events.iter().zip(&commands) {
-        info!(tenant = %caller.tenant, r#type = %event.ty, id = %event.id, operation = %command.operation_id, "accepted");
+        debug!(tenant = %caller.tenant, r#type = %event.ty, id = %event.id, operation = %command.operation_id, "accepted");
     }
     if batch {
         return Ok(

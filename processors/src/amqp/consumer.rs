@@ -35,7 +35,7 @@ use sluice_schemas::cloudevent::CloudEvent;
 use sluice_schemas::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::headers::{self, string};
 use super::topology::stream_key_of;
@@ -513,7 +513,8 @@ impl Ctx {
         let (class, reason) = match outcome {
             Outcome::DeadLetter { class, reason } => (class, reason),
             Outcome::Rejected(reason) => {
-                info!(%reason, "rejected");
+                // An answer like any other (its operation says why).
+                debug!(%reason, "rejected");
                 return true;
             }
             _ => return true,
