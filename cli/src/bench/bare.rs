@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
@@ -44,7 +44,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::raw::{amqp_connect, point, scratch_topic};
-use super::report::{BareReport, Ceiling, Throughput};
+use super::report::{BareReport, Ceiling, SweepPoint, Throughput};
 use super::Bench;
 
 /// The bounded context name of the bare pipeline's queue and topic.
@@ -85,16 +85,20 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
     let mut points = Vec::new();
     for &window in &bench.plan.windows {
         step(&format!("bare: every hop, {window} commands in flight"));
-        let settle = bench.plan.raw_duration / 5;
-        let measured = bench.plan.raw_duration;
-        // The CPU snapshot spans the measured part only (`point`), after
-        // the pipeline has filled; the drain at the end is outside it.
-        let run = Run::start(hops.clone(), window).await?;
-        tokio::time::sleep(settle).await;
-        let p = point(window, run.measure(measured)).await;
-        let drained = run.stop().await;
-        let p = p?;
-        drained?;
+        let p = match measure_window(bench, &hops, window).await {
+            Ok(p) => p,
+            // A server that refused or dropped one of the window's hops
+            // (once, in a CI run on a just-started stack: the cause was not
+            // kept then) gets one more try from an empty queue; the report's
+            // phases show both tries.
+            Err(first) => {
+                step(&format!("bare: every hop, {window} commands in flight, again after: {first:#}"));
+                purge(&hops).await?;
+                measure_window(bench, &hops, window)
+                    .await
+                    .with_context(|| format!("the bare window of {window} failed twice; the first time: {first:#}"))?
+            }
+        };
         points.push(p);
     }
     let Ok(hops) = Arc::try_unwrap(hops) else { bail!("a bare run outlived its window") };
@@ -105,6 +109,33 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
             .into(),
         ceiling: Ceiling::new("commands", points),
     })
+}
+
+/// One window's pipeline: filled, measured, drained.
+async fn measure_window(bench: &Bench, hops: &Arc<Hops>, window: usize) -> anyhow::Result<SweepPoint> {
+    let settle = bench.plan.raw_duration / 5;
+    let measured = bench.plan.raw_duration;
+    // The CPU snapshot spans the measured part only (`point`), after the
+    // pipeline has filled; the drain at the end is outside it.
+    let run = Run::start(hops.clone(), window).await?;
+    tokio::time::sleep(settle).await;
+    let p = point(window, run.measure(measured)).await;
+    let drained = run.stop().await;
+    let p = p?;
+    drained?;
+    Ok(p)
+}
+
+/// Empties the bare queue of what a failed window left in it.
+async fn purge(hops: &Hops) -> anyhow::Result<()> {
+    let connection = amqp_connect(&hops.amqp_url).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_purge(hops.queue.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .context("purging the bare queue")?;
+    let _ = connection.close(200, "bare queue purged".into()).await;
+    Ok(())
 }
 
 async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
@@ -189,6 +220,9 @@ struct Run {
     /// Ends the publisher; the consumers end once everything drained.
     stop_publishing: CancellationToken,
     stop_consuming: CancellationToken,
+    /// Cancelled at the first failed hop: its permit never comes back, so
+    /// the run ends at once rather than waiting out the drain.
+    failed: CancellationToken,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
     connection: lapin::Connection,
 }
@@ -198,6 +232,7 @@ impl Run {
         let permits = Arc::new(Semaphore::new(window));
         let done = Arc::new(AtomicU64::new(0));
         let (stop_publishing, stop_consuming) = (CancellationToken::new(), CancellationToken::new());
+        let failed = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let connection = amqp_connect(&hops.amqp_url).await?;
 
@@ -205,36 +240,31 @@ impl Run {
         let reader = read_from_end(&hops.brokers, &hops.topic).await?;
         {
             let (hops, permits, done, stop) = (hops.clone(), permits.clone(), done.clone(), stop_consuming.clone());
+            let failures = Failures::new(failed.clone());
             tasks.spawn(async move {
-                let failed = AtomicU64::new(0);
                 reader
                     .stream()
                     .take_until(stop.cancelled_owned())
                     .map(|m| m.map(|m| m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()))
                     .for_each_concurrent(window, |order_id| {
-                        let (hops, permits, done, failed) = (&hops, &permits, &done, &failed);
+                        let (hops, permits, done, failures) = (&hops, &permits, &done, &failures);
                         async move {
-                            let Ok(order_id) = order_id else {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                return;
+                            let written = match order_id {
+                                Ok(order_id) => write_rows(hops, &order_id).await,
+                                Err(e) => Err(anyhow::Error::new(e).context("bare Kafka consume")),
                             };
-                            match write_rows(hops, &order_id).await {
+                            match written {
                                 Ok(()) => {
                                     done.fetch_add(1, Ordering::Relaxed);
                                     permits.add_permits(1);
                                 }
-                                Err(_) => {
-                                    failed.fetch_add(1, Ordering::Relaxed);
-                                }
+                                Err(e) => failures.record(e),
                             }
                         }
                     })
                     .await;
                 let _ = tokio::task::spawn_blocking(move || drop(reader)).await;
-                match failed.load(Ordering::Relaxed) {
-                    0 => Ok(()),
-                    n => bail!("{n} bare read-model writes failed"),
-                }
+                failures.into_result("bare read-model writes")
             });
         }
 
@@ -247,27 +277,29 @@ impl Run {
             .context("consuming the bare queue")?;
         {
             let (hops, stop) = (hops.clone(), stop_consuming.clone());
+            let failures = Failures::new(failed.clone());
             tasks.spawn(async move {
-                let failed = AtomicU64::new(0);
                 consumer
-                    .take_until(stop.cancelled_owned())
+                    .take_until(stop.clone().cancelled_owned())
                     .for_each_concurrent(window, |delivery| {
-                        let (hops, failed) = (&hops, &failed);
+                        let (hops, failures) = (&hops, &failures);
                         async move {
                             let handled = match delivery {
                                 Ok(delivery) => handle(hops, delivery).await,
-                                Err(e) => Err(e.into()),
+                                Err(e) => Err(anyhow::Error::new(e).context("bare delivery")),
                             };
-                            if handled.is_err() {
-                                failed.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = handled {
+                                failures.record(e);
                             }
                         }
                     })
                     .await;
-                match failed.load(Ordering::Relaxed) {
-                    0 => Ok(()),
-                    n => bail!("{n} bare deliveries failed"),
+                if !stop.is_cancelled() {
+                    failures.record(anyhow::anyhow!("the broker ended the bare consumer before the run did"));
                 }
+                // The deliveries in flight were acked on it before it goes.
+                drop(channel);
+                failures.into_result("bare deliveries")
             });
         }
 
@@ -311,7 +343,7 @@ impl Run {
                 Ok(())
             });
         }
-        Ok(Self { window, permits, done, stop_publishing, stop_consuming, tasks, connection })
+        Ok(Self { window, permits, done, stop_publishing, stop_consuming, failed, tasks, connection })
     }
 
     /// Commands through every hop per second over the next `span`.
@@ -328,6 +360,10 @@ impl Run {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let drained = loop {
             if self.permits.available_permits() >= self.window {
+                break true;
+            }
+            if self.failed.is_cancelled() {
+                // The failed task's error comes from the join below.
                 break true;
             }
             if let Some(Ok(Err(e))) = self.tasks.try_join_next() {
@@ -348,6 +384,35 @@ impl Run {
             bail!("the bare pipeline did not drain within {DRAIN_TIMEOUT:?}");
         }
         Ok(())
+    }
+}
+
+/// The failures of one hop's concurrent work: how many, and the first one's
+/// cause, which the bench prints.
+struct Failures {
+    count: AtomicU64,
+    first: std::sync::Mutex<Option<anyhow::Error>>,
+    /// Told of the first one.
+    tripped: CancellationToken,
+}
+
+impl Failures {
+    fn new(tripped: CancellationToken) -> Self {
+        Self { count: AtomicU64::new(0), first: std::sync::Mutex::new(None), tripped }
+    }
+
+    fn record(&self, error: anyhow::Error) {
+        self.tripped.cancel();
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        first.get_or_insert(error);
+    }
+
+    fn into_result(self, what: &str) -> anyhow::Result<()> {
+        match (self.count.into_inner(), self.first.into_inner().unwrap_or_else(|p| p.into_inner())) {
+            (0, _) | (_, None) => Ok(()),
+            (n, Some(first)) => Err(first.context(format!("{n} {what} failed; the first one's cause follows"))),
+        }
     }
 }
 
