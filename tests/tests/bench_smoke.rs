@@ -134,8 +134,15 @@ async fn quick_bench_writes_a_complete_report() {
     if held > 0 {
         step_figures("/e2e/half_sustained");
         positive(&report, "/latency_target/p99_ms");
+        // The bare hops ran open loop at the latency step's rate.
+        let half = report["e2e"]["half_sustained"]["target_per_second"].as_f64();
+        assert_eq!(report["bare"]["latency"]["per_second"].as_f64(), half, "bare latency at the step's rate");
+        for figure in ["latency_ms/p50", "latency_ms/p99", "point/rate/per_second", "point/busy_us_per_op"] {
+            positive(&report, &format!("/bare/latency/{figure}"));
+        }
     } else {
         assert!(report["e2e"]["half_sustained"].is_null());
+        assert!(report["bare"]["latency"].is_null());
     }
     // The read routes were driven with the run's orders in the day.
     for route in ["by_id", "daily_sales"] {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
+use hdrhistogram::Histogram;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueuePurgeOptions,
 };
@@ -44,7 +45,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::raw::{amqp_connect, point, scratch_topic};
-use super::report::{BareReport, Ceiling, SweepPoint, Throughput};
+use super::report::{BareLatency, BareReport, Ceiling, Percentiles, SweepPoint, Throughput};
 use super::Bench;
 
 /// The bounded context name of the bare pipeline's queue and topic.
@@ -104,10 +105,44 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<BareRepor
     let Ok(hops) = Arc::try_unwrap(hops) else { bail!("a bare run outlived its window") };
     let _ = tokio::task::spawn_blocking(move || drop(hops.producer)).await;
     Ok(BareReport {
+        latency: None,
         hops: "publish+confirm → consume → 2 CQL inserts (event, operation) → Kafka produce (idempotent, acks=all) \
                → ack; Kafka consume → 3 CQL inserts (read model)"
             .into(),
         ceiling: Ceiling::new("commands", points),
+    })
+}
+
+/// Most commands in flight in the open-loop run: a backlog past it holds
+/// the publisher back, and its commands' latency still counts from the
+/// time they were due.
+const OPEN_LOOP_CAP: usize = 4_096;
+
+/// The bare hops at `per_second` (the latency step's rate) for `span`, open
+/// loop: how long a command takes through every hop when the servers do
+/// nothing else, the floor under the end-to-end latency at that rate.
+pub async fn latency(
+    bench: &Bench,
+    per_second: f64,
+    span: Duration,
+    step: &dyn Fn(&str),
+) -> anyhow::Result<BareLatency> {
+    step(&format!("bare: every hop at {per_second:.0}/s, open loop"));
+    let hops = Arc::new(prepare(bench).await?);
+    let run = Run::start(hops.clone(), OPEN_LOOP_CAP, Some(per_second)).await?;
+    let latency = run.latency.clone();
+    let p = point(OPEN_LOOP_CAP, run.measure(span)).await;
+    let drained = run.stop().await;
+    let p = p?;
+    drained?;
+    let Ok(hops) = Arc::try_unwrap(hops) else { bail!("a bare run outlived its window") };
+    let _ = tokio::task::spawn_blocking(move || drop(hops.producer)).await;
+    let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(BareLatency {
+        per_second,
+        seconds: span.as_secs_f64(),
+        latency_ms: Percentiles::from_micros(&latency),
+        point: p,
     })
 }
 
@@ -117,7 +152,7 @@ async fn measure_window(bench: &Bench, hops: &Arc<Hops>, window: usize) -> anyho
     let measured = bench.plan.raw_duration;
     // The CPU snapshot spans the measured part only (`point`), after the
     // pipeline has filled; the drain at the end is outside it.
-    let run = Run::start(hops.clone(), window).await?;
+    let run = Run::start(hops.clone(), window, None).await?;
     tokio::time::sleep(settle).await;
     let p = point(window, run.measure(measured)).await;
     let drained = run.stop().await;
@@ -212,6 +247,8 @@ async fn prepare(bench: &Bench) -> anyhow::Result<Hops> {
 /// One window's pipeline, running.
 struct Run {
     window: usize,
+    /// From each command's scheduled publish to its read-model rows, µs.
+    latency: Arc<std::sync::Mutex<Histogram<u64>>>,
     /// Commands allowed in flight; taken at the publish, given back after
     /// the read-model rows.
     permits: Arc<Semaphore>,
@@ -228,9 +265,17 @@ struct Run {
 }
 
 impl Run {
-    async fn start(hops: Arc<Hops>, window: usize) -> anyhow::Result<Self> {
+    /// At most `window` commands in flight; `per_second`: published on a
+    /// schedule at that rate (open loop) rather than as soon as one is done.
+    async fn start(hops: Arc<Hops>, window: usize, per_second: Option<f64>) -> anyhow::Result<Self> {
         let permits = Arc::new(Semaphore::new(window));
         let done = Arc::new(AtomicU64::new(0));
+        let latency = Arc::new(std::sync::Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+        ));
+        // Each command's scheduled publish, as µs since `base`, rides in its
+        // message id and from there in its event's key.
+        let base = Instant::now();
         let (stop_publishing, stop_consuming) = (CancellationToken::new(), CancellationToken::new());
         let failed = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
@@ -240,6 +285,7 @@ impl Run {
         let reader = read_from_end(&hops.brokers, &hops.topic).await?;
         {
             let (hops, permits, done, stop) = (hops.clone(), permits.clone(), done.clone(), stop_consuming.clone());
+            let latency = latency.clone();
             let failures = Failures::new(failed.clone());
             tasks.spawn(async move {
                 reader
@@ -247,14 +293,19 @@ impl Run {
                     .take_until(stop.cancelled_owned())
                     .map(|m| m.map(|m| m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()))
                     .for_each_concurrent(window, |order_id| {
-                        let (hops, permits, done, failures) = (&hops, &permits, &done, &failures);
+                        let (hops, permits, done, failures, latency) = (&hops, &permits, &done, &failures, &latency);
                         async move {
-                            let written = match order_id {
-                                Ok(order_id) => write_rows(hops, &order_id).await,
-                                Err(e) => Err(anyhow::Error::new(e).context("bare Kafka consume")),
+                            let written = match &order_id {
+                                Ok(order_id) => write_rows(hops, order_id).await,
+                                Err(e) => Err(anyhow::Error::new(e.clone()).context("bare Kafka consume")),
                             };
                             match written {
                                 Ok(()) => {
+                                    if let Some(scheduled) = order_id.ok().as_deref().and_then(scheduled_micros) {
+                                        let took = base.elapsed().as_micros() as u64;
+                                        let mut latency = latency.lock().unwrap_or_else(|e| e.into_inner());
+                                        let _ = latency.record(took.saturating_sub(scheduled).max(1));
+                                    }
                                     done.fetch_add(1, Ordering::Relaxed);
                                     permits.add_permits(1);
                                 }
@@ -303,7 +354,8 @@ impl Run {
             });
         }
 
-        // Hop 1: publish with confirms while permits last.
+        // Hop 1: publish with confirms while permits last (and, open loop,
+        // as each command's time comes).
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         {
@@ -313,18 +365,26 @@ impl Run {
                 let mut confirms = futures::stream::FuturesUnordered::new();
                 let mut n = 0u64;
                 loop {
+                    // Open loop: the n-th tick of the rate.
+                    let due = per_second.map(|rate| base + Duration::from_secs_f64(n as f64 / rate));
                     let permit = tokio::select! {
                         _ = stop.cancelled() => break,
                         Some(confirm) = confirms.next(), if !confirms.is_empty() => {
                             check_confirm(confirm)?;
                             continue;
                         }
-                        permit = permits.acquire() => permit?,
+                        permit = async {
+                            if let Some(due) = due {
+                                tokio::time::sleep_until(due.into()).await;
+                            }
+                            permits.acquire().await
+                        } => permit?,
                     };
                     permit.forget();
                     n += 1;
-                    let properties =
-                        BasicProperties::default().with_delivery_mode(2).with_message_id(format!("o-{n}").into());
+                    let scheduled = due.unwrap_or_else(Instant::now);
+                    let id = format!("o-{n}-{}", scheduled.duration_since(base).as_micros());
+                    let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(id.into());
                     let options = BasicPublishOptions { mandatory: true, ..Default::default() };
                     let confirm = channel
                         .basic_publish(
@@ -343,7 +403,7 @@ impl Run {
                 Ok(())
             });
         }
-        Ok(Self { window, permits, done, stop_publishing, stop_consuming, failed, tasks, connection })
+        Ok(Self { window, latency, permits, done, stop_publishing, stop_consuming, failed, tasks, connection })
     }
 
     /// Commands through every hop per second over the next `span`.
@@ -385,6 +445,12 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// The scheduled publish (µs since the run's start) in an event's key,
+/// `o-<n>-<µs>-<delivery tag>`.
+fn scheduled_micros(key: &str) -> Option<u64> {
+    key.split('-').nth(2)?.parse().ok()
 }
 
 /// The failures of one hop's concurrent work: how many, and the first one's

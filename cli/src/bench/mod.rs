@@ -457,7 +457,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let raw = raw::run(bench, step).await?;
     drop_tables(bench, &raw::raw_tables(&bench.settings.projector.name)).await?;
     bench.quiet(step, "the bare hops").await;
-    let bare = bare::run(bench, step).await?;
+    let mut bare = bare::run(bench, step).await?;
     drop_tables(bench, &bare::bare_tables(&bench.settings.projector.name)).await?;
 
     let config = ConfigFile::write(&bench.settings)?;
@@ -509,6 +509,14 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let stopped = [ingest.stop(grace).await, processor.stop(grace).await, projector.stop(grace).await];
     for outcome in stopped {
         outcome?;
+    }
+
+    // The servers alone at the latency step's rate, once the roles are
+    // gone: the floor under its end-to-end latency.
+    if let Some(half) = &e2e.half_sustained {
+        bench.quiet(step, "the bare hops at the latency step's rate").await;
+        bare.latency = Some(bare::latency(bench, half.target_per_second, bench.plan.step_duration, step).await?);
+        drop_tables(bench, &bare::bare_tables(&bench.settings.projector.name)).await?;
     }
 
     // Like every measured phase: the store compacts what the end-to-end

@@ -100,6 +100,21 @@ pub struct BareReport {
     pub hops: String,
     /// Commands through every hop per second, swept over the window.
     pub ceiling: Ceiling,
+    /// The same hops open loop at the end-to-end latency step's rate (none
+    /// when no step held).
+    pub latency: Option<BareLatency>,
+}
+
+/// The bare hops open loop at one rate: the latency the servers alone give.
+#[derive(Debug, Clone, Serialize)]
+pub struct BareLatency {
+    /// The offered rate (the end-to-end latency step's).
+    pub per_second: f64,
+    pub seconds: f64,
+    /// From each command's scheduled publish to its read-model rows written.
+    pub latency_ms: Percentiles,
+    /// The rate through every hop and the CPU it cost.
+    pub point: SweepPoint,
 }
 
 /// Closed-loop clients against the edge alone.
@@ -566,6 +581,23 @@ impl Report {
             let _ = writeln!(t, "| {name} | {:.0} | {} | {} | {cpu} |", c.per_second, c.best_window, sweep.join(" · "));
         }
         let _ = writeln!(t, "\nBare hops: {}.", b.hops);
+        if let Some(l) = &b.latency {
+            let _ = writeln!(
+                t,
+                "\nBare hops open loop at {:.0}/s for {:.0} s (the end-to-end latency step's rate, the roles stopped): \
+                 {:.0} commands/s through every hop, scheduled publish → read-model rows written p50 {:.1} ms, \
+                 p99 {:.1}, p99.9 {:.1}, max {:.1} ({} commands); CPU µs per command: {}.",
+                l.per_second,
+                l.seconds,
+                l.point.rate.per_second,
+                l.latency_ms.p50,
+                l.latency_ms.p99,
+                l.latency_ms.p999,
+                l.latency_ms.max,
+                l.latency_ms.count,
+                cpu_line(&l.point)
+            );
+        }
 
         let e = &self.edge;
         let _ = writeln!(t, "\n## Edge (ingest role alone, {} keep-alive clients)\n", e.clients);
@@ -844,6 +876,13 @@ impl Report {
             lt.target_ms,
             if lt.met { "met" } else { "**missed**" }
         );
+        if let Some(l) = &self.bare.latency {
+            let _ = writeln!(
+                t,
+                "| bare hops p99 ms at that rate, open loop (the servers alone; no target) | {:.1} | | |",
+                l.latency_ms.p99
+            );
+        }
         let at = &self.apply_latency_target;
         let _ = writeln!(
             t,
