@@ -588,7 +588,12 @@ fn processor_times(before: &Scrape, after: &Scrape) -> Option<ProcessorTimes> {
             p99_ms: probe::bucket_quantile_ms(&before.buckets(name, label), &after.buckets(name, label), 0.99),
         })
     };
+    let transactions = probe::count_between(before, after, "sluice_relay_transaction_partitions", "");
+    let commands = probe::count_between(before, after, "sluice_round_commands", "")
+        * mean("sluice_round_commands", "").unwrap_or(0.0);
     Some(ProcessorTimes {
+        commands_per_transaction: (transactions > 0.0).then(|| commands / transactions),
+        partitions_per_transaction: mean("sluice_relay_transaction_partitions", ""),
         round: timing("sluice_round_seconds", "")?,
         wait: timing("sluice_command_wait_seconds", "").unwrap_or_default(),
         commands_per_round: mean("sluice_round_commands", "").unwrap_or(0.0),

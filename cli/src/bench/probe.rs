@@ -244,6 +244,12 @@ pub fn mean_between(before: &Scrape, after: &Scrape, name: &str, label: &str) ->
     (count > 0.0).then(|| (sum1 - sum0) / count)
 }
 
+/// How many values histogram `name` (series labelled `label`) recorded
+/// between two scrapes.
+pub fn count_between(before: &Scrape, after: &Scrape, name: &str, label: &str) -> f64 {
+    (after.sum_count(name, label).1 - before.sum_count(name, label).1).max(0.0)
+}
+
 /// The upper bound (ms) of the bucket that holds quantile `q` of what was
 /// recorded between two snapshots of one histogram; `None` if nothing was.
 pub fn bucket_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
@@ -321,5 +327,8 @@ mod tests {
         assert!((round.unwrap() - 0.02).abs() < 1e-9, "{round:?}: the stage series are another histogram");
         assert_eq!(mean_between(&before, &before, "sluice_round_seconds", ""), None, "nothing recorded in between");
         assert_eq!(mean_between(&before, &after, "sluice_missing_seconds", ""), None);
+        assert_eq!(count_between(&before, &after, "sluice_round_seconds", ""), 50.0);
+        assert_eq!(count_between(&before, &after, "sluice_round_stage_seconds", "stage=\"journal\""), 100.0);
+        assert_eq!(count_between(&before, &after, "sluice_missing_seconds", ""), 0.0);
     }
 }

@@ -295,6 +295,12 @@ pub struct ProcessorTimes {
     /// Each stage of a round (`sluice_round_stage_seconds`), in the order
     /// they start; stream rows, rejections and the produce run together.
     pub stages: Vec<(String, Timing)>,
+    /// Commands the rounds that finished decided per Kafka transaction the
+    /// relay ended, and the partitions whose rounds shared one on average
+    /// (`sluice_relay_transaction_partitions`): each transaction costs
+    /// Kafka the same requests whatever it carries.
+    pub commands_per_transaction: Option<f64>,
+    pub partitions_per_transaction: Option<f64>,
 }
 
 /// One histogram's figures between two scrapes: the mean, and the upper
@@ -706,13 +712,19 @@ impl Report {
                 t,
                 "Processor at {:.0}/s (mean ms, p99 as a bucket bound): a delivery waits {} for its round; a round \
                  of {:.1} commands takes {} ({}; stream rows, rejections and produce overlap); rounds' requests per \
-                 group commit: {}.",
+                 group commit: {}; {}.",
                 s.target_per_second,
                 p.wait,
                 p.commands_per_round,
                 p.round,
                 stages.join(" · "),
-                if grouped.is_empty() { "–".to_owned() } else { grouped.join(", ") }
+                if grouped.is_empty() { "–".to_owned() } else { grouped.join(", ") },
+                match (p.commands_per_transaction, p.partitions_per_transaction) {
+                    (Some(commands), Some(partitions)) => format!(
+                        "a Kafka transaction per {commands:.1} commands, the rounds of {partitions:.1} partitions in each"
+                    ),
+                    _ => "no Kafka transaction ended".to_owned(),
+                }
             );
         }
         for (run, s) in latency_rows.iter().enumerate() {
