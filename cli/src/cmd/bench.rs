@@ -52,7 +52,8 @@ pub struct Args {
     /// Events per request in the edge's batch mode.
     #[arg(long, default_value_t = 20)]
     batch_size: usize,
-    /// Seconds of each open-loop latency run (default 30, or 2 with --quick).
+    /// Seconds of each open-loop run, the bare hops' at the latency step's
+    /// rate too (default 20, or 1.5 with --quick).
     #[arg(long)]
     step_seconds: Option<u64>,
     /// Open-loop rates as fractions of the drain maximum (default
