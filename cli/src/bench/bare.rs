@@ -348,7 +348,10 @@ impl Run {
                 if !stop.is_cancelled() {
                     failures.record(anyhow::anyhow!("the broker ended the bare consumer before the run did"));
                 }
-                // The deliveries in flight were acked on it before it goes.
+                // Held until here: lapin closes a channel with its last
+                // handle, and the consumer, dropped as soon as its stream
+                // ended, would otherwise take the channel with it while the
+                // deliveries in flight still had their acks to send.
                 drop(channel);
                 failures.into_result("bare deliveries")
             });
