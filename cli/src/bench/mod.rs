@@ -123,7 +123,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The full run: about eight minutes.
+    /// The full run: about eleven minutes.
     pub fn full(concurrency: usize) -> Self {
         Self {
             mode: "full",
