@@ -22,10 +22,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use sluice_streams::batch::{self, SettleBatch};
+use sluice_streams::batch;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Applier, OffsetTracker, Settling};
+use crate::apply::{Applier, MadeBatch, OffsetTracker, Settling};
 use crate::projection::{table_name, table_names, Projection};
 use crate::runner::group_of;
 use crate::store::{Offsets, ReadModels};
@@ -422,6 +422,19 @@ async fn run_version<P: Projection>(
     Ok(report)
 }
 
+/// The next offsets of a batch's partitions (`batch::next_offsets`).
+type NextOffsets = Vec<(String, i32, i64)>;
+
+/// What a replay loop read and made while it wrote the batch before.
+enum Next<M> {
+    Made(MadeBatch<M>, NextOffsets),
+    /// Nothing arrived for [`REPLAY_IDLE`], or nothing was left to read
+    /// up to the ends.
+    Idle,
+    Stopped,
+    Failed(rdkafka::error::KafkaError),
+}
+
 /// Loops of one replay that run at once (at most one per partition), each
 /// over a share of the partitions.
 const REPLAY_LOOPS: usize = 4;
@@ -462,8 +475,11 @@ async fn replay_loop<P: Projection>(
     let mut left = remaining(&positions, &ends);
     shared.remaining[index].store(left, Ordering::Relaxed);
     let mut last_commit = Instant::now();
+    // The batch made last, with the next offsets of its partitions: written
+    // while the next one is made.
+    let mut pending: Option<(MadeBatch<P::Memo>, NextOffsets)> = None;
     loop {
-        if left == 0 {
+        if left == 0 && pending.is_none() {
             if !shared.tail_until_caught_up {
                 break;
             }
@@ -479,14 +495,68 @@ async fn replay_loop<P: Projection>(
                 break;
             }
         }
-        let first = tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => break,
-            m = consumer.recv() => m?.detach(),
+        // In batches, like the live projector: different orders at once,
+        // each order's events in order. The next batch is read and made
+        // while the one before is written; positions move once it is.
+        let previous = pending.take();
+        // The batch before took the last records up to the ends: nothing
+        // to wait for.
+        let read_to_the_ends = previous.as_ref().is_some_and(|(_, to)| {
+            let mut after = positions.clone();
+            after.extend(to.iter().map(|(topic, partition, offset)| ((topic.clone(), *partition), *offset)));
+            remaining(&after, &ends) == 0
+        });
+        let next = async {
+            if read_to_the_ends {
+                return Next::Idle;
+            }
+            let first = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => return Next::Stopped,
+                m = consumer.recv() => match m {
+                    Ok(m) => m.detach(),
+                    Err(e) => return Next::Failed(e),
+                },
+                _ = tokio::time::sleep(REPLAY_IDLE) => return Next::Idle,
+            };
+            let records = batch::fill(&consumer, first, shared.batching).await;
+            let made = shared.settling.make_batch(
+                &records,
+                shared.batching.max_keys_in_flight,
+                previous.as_ref().map(|(made, _)| made),
+            );
+            match made.await {
+                Some(made) => Next::Made(made, batch::next_offsets(&records)),
+                None => Next::Stopped,
+            }
+        };
+        let written = async {
+            match &previous {
+                Some((made, _)) => shared.settling.write_batch(made).await,
+                None => true,
+            }
+        };
+        let (next, written) = tokio::join!(next, written);
+        if let Some((_, written_to)) = &previous {
+            if !written {
+                break;
+            }
+            for (topic, partition, offset) in written_to {
+                if let Some(offsets) = shared.offsets {
+                    offsets.applied(topic, *partition, offset - 1);
+                }
+                positions.insert((topic.clone(), *partition), *offset);
+            }
+            if shared.commit {
+                batch::store_offsets(&*consumer, written_to)?;
+            }
+        }
+        match next {
+            Next::Made(made, next_offsets) => pending = Some((made, next_offsets)),
             // Everything received is applied: the positions move past the
             // transaction markers that end the partitions. The replay knows
             // where the log ends, so it looks soon.
-            _ = tokio::time::sleep(REPLAY_IDLE) => {
+            Next::Idle => {
                 if let Ok(now) = consumer.position() {
                     for e in now.elements() {
                         if let Offset::Offset(o) = e.offset() {
@@ -495,26 +565,9 @@ async fn replay_loop<P: Projection>(
                         }
                     }
                 }
-                left = remaining(&positions, &ends);
-                shared.remaining[index].store(left, Ordering::Relaxed);
-                continue;
             }
-        };
-        // In batches, like the live projector: different orders at once,
-        // each order's events in order, positions moved after the batch.
-        let records = batch::fill(&consumer, first, shared.batching).await;
-        if !shared.settling.settle_batch(&records, shared.batching.max_keys_in_flight).await {
-            break;
-        }
-        let next = batch::next_offsets(&records);
-        for (topic, partition, offset) in &next {
-            if let Some(offsets) = shared.offsets {
-                offsets.applied(topic, *partition, offset - 1);
-            }
-            positions.insert((topic.clone(), *partition), *offset);
-        }
-        if shared.commit {
-            batch::store_offsets(&*consumer, &next)?;
+            Next::Stopped => break,
+            Next::Failed(e) => return Err(e.into()),
         }
         left = remaining(&positions, &ends);
         shared.remaining[index].store(left, Ordering::Relaxed);

@@ -37,7 +37,7 @@ pub fn of(cluster: &ClusterState, statement: &PreparedStatement, values: &impl S
 pub fn batches<U, K: Eq + Hash>(
     units: impl IntoIterator<Item = Vec<U>>,
     per_batch: usize,
-    key: impl Fn(&U) -> K,
+    key: impl FnMut(&U) -> K,
 ) -> Vec<Vec<U>> {
     batches_by_weight(units, per_batch, |_| 1, key)
 }
@@ -48,7 +48,7 @@ pub fn batches_by_weight<U, K: Eq + Hash>(
     units: impl IntoIterator<Item = Vec<U>>,
     per_batch: usize,
     weight: impl Fn(&U) -> usize,
-    key: impl Fn(&U) -> K,
+    mut key: impl FnMut(&U) -> K,
 ) -> Vec<Vec<U>> {
     let mut open: HashMap<K, (Vec<U>, usize)> = HashMap::new();
     let mut full = Vec::new();
