@@ -173,7 +173,7 @@ impl<P: Projection> Applier<P> {
                     offset: message.offset(),
                     write,
                 }),
-                _ => made.rows.push(self.tables.row(tenant, &write).await.map_err(transient)?),
+                _ => made.rows.push(self.tables.row(tenant, write).await.map_err(transient)?),
             }
         }
         *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(self.projection.memo_after(&event, memo));

@@ -5,6 +5,7 @@
 //! running totals counted once per record.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -38,6 +39,14 @@ fn cql(cell: &Cell) -> Option<CqlValue> {
         Cell::Timestamp(ms) => Some(CqlValue::Timestamp(CqlTimestamp(*ms))),
         Cell::Date(days) => Some(CqlValue::Date(day_date(*days))),
         Cell::Null => None,
+    }
+}
+
+/// [`cql`] of a cell given away (its text moved, not copied).
+fn cql_owned(cell: Cell) -> Option<CqlValue> {
+    match cell {
+        Cell::Text(s) => Some(CqlValue::Text(s)),
+        other => cql(&other),
     }
 }
 
@@ -179,14 +188,13 @@ impl Tables {
     /// The statement and values of a [`Write::Row`], or of a [`Write::Add`]
     /// applied out of its partition's order (a parked key's record replayed):
     /// a slot of its own, named by its id and stamped with the stream version.
-    pub async fn row(&self, tenant: &str, write: &Write) -> Result<Row, ReadModelError> {
+    pub async fn row(&self, tenant: &str, write: Write) -> Result<Row, ReadModelError> {
         let (table, cells, timestamp) = match write {
-            Write::Row { table, cells, version } => (*table, cells.clone(), *version),
-            Write::Add { table, key, id, sums, version } => {
-                let mut cells = key.clone();
-                cells.push(("slot", Cell::Text(id.clone())));
-                cells.extend(sums.iter().map(|(name, n)| (*name, Cell::BigInt(*n))));
-                (*table, cells, *version)
+            Write::Row { table, cells, version } => (table, cells, version),
+            Write::Add { table, mut key, id, sums, version } => {
+                key.push(("slot", Cell::Text(id)));
+                key.extend(sums.into_iter().map(|(name, n)| (name, Cell::BigInt(n))));
+                (table, key, version)
             }
         };
         self.row_of(tenant, table, cells, timestamp).await
@@ -202,7 +210,7 @@ impl Tables {
         let partition = partition_of(self.spec(table)?, tenant, &cells)?;
         let statement = self.insert(table, &cells).await?;
         let values: Vec<Option<CqlValue>> = std::iter::once(Some(CqlValue::Text(tenant.to_owned())))
-            .chain(cells.iter().map(|(_, c)| cql(c)))
+            .chain(cells.into_iter().map(|(_, c)| cql_owned(c)))
             .chain([Some(CqlValue::BigInt(timestamp))])
             .collect();
         Ok(Row { statement, partition, values })
@@ -287,8 +295,8 @@ impl Tables {
         // rows with no fan-out (bulk loaders group writes this way). A row
         // whose replicas the driver cannot tell goes with its partition's.
         let cluster = self.session.get_cluster_state();
-        // Asked once per partition: the driver serializes a row's values to
-        // find its token (~8 % of a rebuild's CPU when asked per row).
+        // Asked once per partition: on a cluster of several nodes the driver
+        // serializes all of a row's values to find its token.
         let mut known: HashMap<&str, Replicas> = HashMap::new();
         let batches = replicas::batches(rows.iter().map(|row| vec![row]), ROWS_PER_BATCH, |row| {
             known.entry(row.partition.as_str()).or_insert_with(|| replicas_of(&cluster, row)).clone()
@@ -338,7 +346,8 @@ fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<St
             .iter()
             .find(|(name, _)| *name == column)
             .ok_or_else(|| ReadModelError(format!("a write to {} lacks its key column {column}", spec.name())))?;
-        partition.push_str(&format!("\u{0}{value:?}"));
+        // Written in place: no string of its own per key column.
+        let _ = write!(partition, "\u{0}{value:?}");
     }
     Ok(partition)
 }
