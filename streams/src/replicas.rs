@@ -15,7 +15,8 @@ use scylla::statement::prepared::PreparedStatement;
 
 /// The host ids of the nodes holding the partition `statement` writes with
 /// `values`, sorted; `None` where the driver cannot tell (no token for the
-/// statement, or no node known for it yet).
+/// statement, or no node known for it yet). On a cluster of one node, that
+/// node, without working out the token.
 pub fn of(cluster: &ClusterState, statement: &PreparedStatement, values: &impl SerializeRow) -> Option<Vec<u128>> {
     // One node holds everything: no token to work out (the driver
     // serializes all of a write's values for it, ~5 % of a rebuild's CPU).
@@ -42,7 +43,7 @@ pub fn of(cluster: &ClusterState, statement: &PreparedStatement, values: &impl S
 pub fn batches<U, K: Eq + Hash>(
     units: impl IntoIterator<Item = Vec<U>>,
     per_batch: usize,
-    key: impl FnMut(&U) -> K,
+    key: impl Fn(&U) -> K,
 ) -> Vec<Vec<U>> {
     batches_by_weight(units, per_batch, |_| 1, key)
 }
@@ -53,7 +54,7 @@ pub fn batches_by_weight<U, K: Eq + Hash>(
     units: impl IntoIterator<Item = Vec<U>>,
     per_batch: usize,
     weight: impl Fn(&U) -> usize,
-    mut key: impl FnMut(&U) -> K,
+    key: impl Fn(&U) -> K,
 ) -> Vec<Vec<U>> {
     let mut open: HashMap<K, (Vec<U>, usize)> = HashMap::new();
     let mut full = Vec::new();

@@ -295,12 +295,8 @@ impl Tables {
         // rows with no fan-out (bulk loaders group writes this way). A row
         // whose replicas the driver cannot tell goes with its partition's.
         let cluster = self.session.get_cluster_state();
-        // Asked once per partition: on a cluster of several nodes the driver
-        // serializes all of a row's values to find its token.
-        let mut known: HashMap<&str, Replicas> = HashMap::new();
-        let batches = replicas::batches(rows.iter().map(|row| vec![row]), ROWS_PER_BATCH, |row| {
-            known.entry(row.partition.as_str()).or_insert_with(|| replicas_of(&cluster, row)).clone()
-        });
+        let batches =
+            replicas::batches(rows.iter().map(|row| vec![row]), ROWS_PER_BATCH, |row| replicas_of(&cluster, row));
         let chunks: Vec<&[&Row]> = batches.iter().map(Vec::as_slice).collect();
         // Boxed with their lifetime named: a caller's Send future cannot
         // state it for closure futures in stream combinators.
