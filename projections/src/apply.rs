@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Headers, Message};
 use scylla::client::session::Session;
 use sluice_schemas::codec::EventCodec;
 use sluice_streams::backoff::Backoff;
@@ -201,6 +201,11 @@ enum Known<M> {
 /// A key of an events topic: (topic, partition, record key).
 type KeyOf = (String, i32, Vec<u8>);
 
+/// A map by [`KeyOf`], hashed with foldhash: a rebuild looks every record's
+/// key up and keeps hundreds of thousands of them, where std's SipHash was
+/// a visible share of the CPU. Its seed is random per process.
+type KeyMap<V> = HashMap<KeyOf, V, foldhash::fast::RandomState>;
+
 /// Keys remembered between batches at most; past it the memory starts over.
 const MAX_MEMOS: usize = 200_000;
 
@@ -214,7 +219,7 @@ const MAX_MEMOS: usize = 200_000;
 struct Memos<M> {
     /// Only keys with a memo: a projection whose events read none (patients)
     /// keeps nothing here.
-    known: Mutex<HashMap<KeyOf, M>>,
+    known: Mutex<KeyMap<M>>,
     /// The consumer's rebalance count, if it is in a group
     /// (`sluice_streams::consumer::Rebalances::count`), and the count the
     /// memos were learned under.
@@ -243,7 +248,7 @@ impl<M: Clone> Memos<M> {
 
     /// Keeps what a written batch learned, unless the partitions moved
     /// while it was applied (`began`: the count when it began).
-    fn learn(&self, began: u64, learned: &HashMap<KeyOf, Learned<M>>) {
+    fn learn(&self, began: u64, learned: KeyMap<Learned<M>>) {
         if self.check() != began {
             return;
         }
@@ -254,10 +259,10 @@ impl<M: Clone> Memos<M> {
         for (key, learned) in learned {
             match learned {
                 Learned::Memo(Some(memo)) => {
-                    known.insert(key.clone(), memo.clone());
+                    known.insert(key, memo);
                 }
                 Learned::Memo(None) | Learned::Forget => {
-                    known.remove(key);
+                    known.remove(&key);
                 }
                 Learned::Nothing => {}
             }
@@ -319,10 +324,10 @@ impl<'x, P: Projection> Settling<'x, P> {
     /// about its memo; `None` when stopped. The key's memo comes from
     /// `previous` (what the batch before taught, its rows maybe not written
     /// yet), else from the memos kept, else from the store.
-    async fn key_rows(
+    async fn key_rows<M: Message + Sync>(
         &self,
-        records: Vec<&OwnedMessage>,
-        previous: Option<&HashMap<KeyOf, Learned<P::Memo>>>,
+        records: Vec<&M>,
+        previous: Option<&KeyMap<Learned<P::Memo>>>,
     ) -> KeyMade<P::Memo> {
         let key: Option<KeyOf> =
             records.first().and_then(|r| Some((r.topic().to_owned(), r.partition(), r.key()?.to_vec())));
@@ -383,12 +388,18 @@ impl<'x, P: Projection> Settling<'x, P> {
 }
 
 impl<P: Projection> SettleBatch for Settling<'_, P> {
-    fn settle_batch<'a>(&'a self, records: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool> {
+    fn settle_batch<'a, M: Message + Sync>(
+        &'a self,
+        records: &'a [M],
+        max_keys_in_flight: usize,
+    ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            match self.make_batch(records, max_keys_in_flight, None).await {
-                Some(made) => self.write_batch(&made).await,
-                None => false,
+            let Some(made) = self.make_batch(records, max_keys_in_flight, None).await else { return false };
+            let written = self.write_batch(&made).await;
+            if written {
+                self.keep(made);
             }
+            written
         })
     }
 }
@@ -398,7 +409,7 @@ impl<P: Projection> SettleBatch for Settling<'_, P> {
 pub struct MadeBatch<M> {
     made: Made,
     /// What the batch taught about its keys' memos, kept once it is written.
-    learned: HashMap<KeyOf, Learned<M>>,
+    learned: KeyMap<Learned<M>>,
     /// The rebalance count when it began ([`Memos::check`]).
     began: u64,
     started: std::time::Instant,
@@ -411,9 +422,9 @@ impl<P: Projection> Settling<'_, P> {
     /// `None` when stopped. `previous`: a batch made before this one whose
     /// rows may not be written yet: its keys' memos come from it, not from
     /// the store (a replay makes one batch while it writes the one before).
-    pub async fn make_batch(
+    pub async fn make_batch<M: Message + Sync>(
         &self,
-        records: &[OwnedMessage],
+        records: &[M],
         max_keys_in_flight: usize,
         previous: Option<&MadeBatch<P::Memo>>,
     ) -> Option<MadeBatch<P::Memo>> {
@@ -425,7 +436,7 @@ impl<P: Projection> Settling<'_, P> {
             .map(|records| -> BoxFuture<'_, KeyMade<P::Memo>> { Box::pin(self.key_rows(records, previous)) })
             .collect();
         let mut made = Made::default();
-        let mut learned = HashMap::new();
+        let mut learned = KeyMap::default();
         let mut keys_made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
         while let Some(key_made) = keys_made.next().await {
             let (key_made, key_learned) = key_made?;
@@ -437,8 +448,8 @@ impl<P: Projection> Settling<'_, P> {
     }
 
     /// Writes a made batch's rows and counts its additions (retried until
-    /// the store takes them), then keeps what it taught about memos;
-    /// `false` when stopped before it was written.
+    /// the store takes them); `false` when stopped before it was written.
+    /// [`Settling::keep`] then keeps what it taught about memos.
     pub async fn write_batch(&self, batch: &MadeBatch<P::Memo>) -> bool {
         let mut backoff = Backoff::default();
         let written = loop {
@@ -452,7 +463,6 @@ impl<P: Projection> Settling<'_, P> {
                 }
             }
         };
-        self.memos.learn(batch.began, &batch.learned);
         self.rows.fetch_add(written as u64, Ordering::Relaxed);
         // Each record waited for the whole batch: that is its apply latency.
         let histogram = metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.name().to_owned());
@@ -461,6 +471,12 @@ impl<P: Projection> Settling<'_, P> {
             histogram.record(seconds);
         }
         true
+    }
+
+    /// Keeps what a written batch taught about its keys' memos (moved, not
+    /// copied: a rebuild learns a memo for most of its records).
+    pub fn keep(&self, batch: MadeBatch<P::Memo>) {
+        self.memos.learn(batch.began, batch.learned);
     }
 }
 
@@ -531,17 +547,19 @@ mod tests {
         let began = memos.check();
         memos.learn(
             began,
-            &HashMap::from([
+            [
                 (key("o1"), Learned::Memo(Some("after o1"))),
                 (key("o2"), Learned::Nothing),
                 (key("o3"), Learned::Memo(None)),
-            ]),
+            ]
+            .into_iter()
+            .collect(),
         );
         assert_eq!(have(memos.get(&key("o1"))), Some(Some("after o1")));
         assert_eq!(have(memos.get(&key("o2"))), None, "nothing learned: read");
         assert_eq!(have(memos.get(&key("o3"))), None, "no memo is kept: read");
         let began = memos.check();
-        memos.learn(began, &HashMap::from([(key("o1"), Learned::Forget)]));
+        memos.learn(began, [(key("o1"), Learned::Forget)].into_iter().collect());
         assert_eq!(have(memos.get(&key("o1"))), None, "dead-lettered: read again");
     }
 
@@ -550,7 +568,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(3));
         let memos = memos(&count);
         let began = memos.check();
-        memos.learn(began, &HashMap::from([(key("o1"), Learned::Memo(Some("mine")))]));
+        memos.learn(began, [(key("o1"), Learned::Memo(Some("mine")))].into_iter().collect());
         // The partitions moved between two batches: another instance may
         // have applied later events of o1.
         count.fetch_add(1, Ordering::SeqCst);
@@ -558,7 +576,7 @@ mod tests {
         assert_eq!(have(memos.get(&key("o1"))), None);
         // They moved while a batch was applied.
         count.fetch_add(1, Ordering::SeqCst);
-        memos.learn(began, &HashMap::from([(key("o2"), Learned::Memo(Some("stale?")))]));
+        memos.learn(began, [(key("o2"), Learned::Memo(Some("stale?")))].into_iter().collect());
         assert_eq!(have(memos.get(&key("o2"))), None);
     }
 }

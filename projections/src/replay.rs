@@ -514,7 +514,7 @@ async fn replay_loop<P: Projection>(
                 biased;
                 _ = shared.stop.cancelled() => return Next::Stopped,
                 m = consumer.recv() => match m {
-                    Ok(m) => m.detach(),
+                    Ok(m) => m,
                     Err(e) => return Next::Failed(e),
                 },
                 _ = tokio::time::sleep(REPLAY_IDLE) => return Next::Idle,
@@ -537,18 +537,19 @@ async fn replay_loop<P: Projection>(
             }
         };
         let (next, written) = tokio::join!(next, written);
-        if let Some((_, written_to)) = &previous {
+        if let Some((made, written_to)) = previous {
             if !written {
                 break;
             }
-            for (topic, partition, offset) in written_to {
+            shared.settling.keep(made);
+            for (topic, partition, offset) in &written_to {
                 if let Some(offsets) = shared.offsets {
                     offsets.applied(topic, *partition, offset - 1);
                 }
                 positions.insert((topic.clone(), *partition), *offset);
             }
             if shared.commit {
-                batch::store_offsets(&*consumer, written_to)?;
+                batch::store_offsets(&*consumer, &written_to)?;
             }
         }
         match next {

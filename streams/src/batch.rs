@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -54,8 +54,10 @@ pub trait Settle: Sync {
 /// was settled. A consumer that settles record by record implements
 /// [`Settle`] and answers with [`settle`]; one that writes a batch's effects
 /// together (a projection grouping rows by partition) implements this.
+/// The records are any [`Message`]: [`consume`] hands over the consumer's
+/// own (borrowed, not copied), tests build owned ones.
 pub trait SettleBatch: Sync {
-    fn settle_batch<'a>(&'a self, batch: &'a [OwnedMessage], max_keys_in_flight: usize) -> BoxFuture<'a, bool>;
+    fn settle_batch<'a, M: Message + Sync>(&'a self, batch: &'a [M], max_keys_in_flight: usize) -> BoxFuture<'a, bool>;
 }
 
 /// Consumes in batches until `stop`: each batch settled with `settle_all`,
@@ -77,7 +79,7 @@ pub async fn consume<C: ConsumerContext + 'static>(
             biased;
             _ = stop.cancelled() => return,
             message = consumer.recv() => match message {
-                Ok(m) => m.detach(),
+                Ok(m) => m,
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
                     continue;
@@ -106,18 +108,22 @@ pub async fn consume<C: ConsumerContext + 'static>(
 }
 
 /// `first` and whatever else the consumer has buffered, up to the limits.
-pub async fn fill<C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
-    first: OwnedMessage,
+/// The records stay the consumer's (librdkafka's buffers, freed once they
+/// are dropped), held only until their batch is settled (in a replay: its
+/// rows made): copying each record's payload, key and headers out was a
+/// visible share of a rebuild's CPU.
+pub async fn fill<'c, C: ConsumerContext + 'static>(
+    consumer: &'c StreamConsumer<C>,
+    first: BorrowedMessage<'c>,
     config: &BatchConfig,
-) -> Vec<OwnedMessage> {
+) -> Vec<BorrowedMessage<'c>> {
     let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + config.max_wait;
     while batch.len() < config.max_records {
         // A ready record is taken even at a zero wait: the future is polled
         // before the deadline is looked at.
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => batch.push(message.detach()),
+            Ok(Ok(message)) => batch.push(message),
             Ok(Err(e)) => {
                 warn!(error = %e, "kafka consumer error");
                 break;
