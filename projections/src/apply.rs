@@ -435,14 +435,23 @@ impl<P: Projection> Settling<'_, P> {
             .into_iter()
             .map(|records| -> BoxFuture<'_, KeyMade<P::Memo>> { Box::pin(self.key_rows(records, previous)) })
             .collect();
-        let mut made = Made::default();
-        let mut learned = KeyMap::default();
+        let mut learned = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
+        let mut each = Vec::with_capacity(keys.len());
         let mut keys_made = futures::stream::iter(keys).buffer_unordered(max_keys_in_flight.max(1));
         while let Some(key_made) = keys_made.next().await {
             let (key_made, key_learned) = key_made?;
+            each.push(key_made);
+            learned.extend(key_learned);
+        }
+        // Gathered once their number is known: a batch's rows in a vector
+        // grown as they came were copied again at every doubling.
+        let mut made = Made {
+            rows: Vec::with_capacity(each.iter().map(|m| m.rows.len()).sum()),
+            additions: Vec::with_capacity(each.iter().map(|m| m.additions.len()).sum()),
+        };
+        for key_made in each {
             made.rows.extend(key_made.rows);
             made.additions.extend(key_made.additions);
-            learned.extend(key_learned);
         }
         Some(MadeBatch { made, learned, began, started, records: records.len() })
     }
