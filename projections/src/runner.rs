@@ -107,10 +107,7 @@ impl<P: Projection> Projector<P> {
         watcher.abort();
         lag_gauge.abort();
         let _ = offsets.flush().await;
-        // Commit what was stored, then close the consumer off the executor:
-        // dropping an rdkafka consumer can block.
-        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        sluice_streams::consumer::close(consumer, name).await;
         Ok(())
     }
 }

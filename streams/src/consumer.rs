@@ -9,11 +9,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use tracing::info;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use tracing::{info, warn};
 
 use crate::dead_letter::DeadLetters;
 use crate::StreamsError;
@@ -74,4 +75,24 @@ pub fn subscribe(
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| StreamsError(e.to_string()))?;
     Ok(consumer)
+}
+
+/// How long [`close`] waits for a consumer to commit and leave its group.
+const CLOSE_WITHIN: Duration = Duration::from_secs(15);
+
+/// Commits what `consumer` stored and closes it (it leaves its group), off
+/// the executor and waiting at most [`CLOSE_WITHIN`] ([`crate::blocking`]:
+/// a close can wait for its group coordinator for good; seen once, a broker
+/// back from an outage as the consumer's session had timed out). A consumer
+/// not closed by then is left to finish alone: its stored offsets are
+/// committed or not (records read again are settled idempotently), and the
+/// group drops it once its session times out.
+pub async fn close<C: ConsumerContext + 'static>(consumer: StreamConsumer<C>, what: &str) {
+    let closed = crate::blocking::within(CLOSE_WITHIN, move || {
+        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        drop(consumer);
+    });
+    if closed.await.is_none() {
+        warn!(consumer = what, within = ?CLOSE_WITHIN, "the Kafka consumer did not close in time; left to close alone");
+    }
 }

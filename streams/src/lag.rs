@@ -20,10 +20,15 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
-/// Lag of `group` on `topics`. Blocking calls run off the async executor.
+/// How long a lag lookup may take, the close of its client included.
+const LOOKUP_WITHIN: Duration = Duration::from_secs(30);
+
+/// Lag of `group` on `topics`. Blocking calls run off the async executor,
+/// for at most [`LOOKUP_WITHIN`] ([`crate::blocking`]: the client's close
+/// can wait for the group coordinator for good).
 pub async fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, String> {
     let (brokers, group, topics) = (brokers.to_owned(), group.to_owned(), topics.to_vec());
-    tokio::task::spawn_blocking(move || {
+    crate::blocking::within(LOOKUP_WITHIN, move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", &group)
@@ -62,7 +67,7 @@ pub async fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Result<
         Ok(out)
     })
     .await
-    .map_err(|e| e.to_string())?
+    .unwrap_or_else(|| Err(format!("the lag lookup did not end within {LOOKUP_WITHIN:?}")))
 }
 
 /// Publishes `group`'s lag on `topics` per partition every five seconds,
@@ -80,7 +85,11 @@ pub async fn report_until(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Ok(partitions) = group_lag(&brokers, &group, &topics).await {
+        let lookup = tokio::select! {
+            _ = stop.cancelled() => return,
+            lookup = group_lag(&brokers, &group, &topics) => lookup,
+        };
+        if let Ok(partitions) = lookup {
             for p in partitions {
                 metrics::gauge!("sluice_consumer_lag_records", "consumer" => consumer.clone(), "topic" => p.topic, "partition" => p.partition.to_string())
                     .set(p.lag as f64);

@@ -15,7 +15,9 @@
 //! - [`settle`]: one record applied for good, or dead-lettered.
 //! - [`backoff`]: the one retry policy for transient failures.
 //! - [`consumer`]: the group consumer they all use, whose rebalance hook has
-//!   the parked keys read again when partitions are assigned.
+//!   the parked keys read again when partitions are assigned, and its close.
+//! - [`blocking`]: librdkafka calls that can block for good, run on a thread
+//!   of their own and awaited up to a limit.
 //! - [`lag`]: a group's lag per partition, and the gauge every consumer
 //!   exports.
 //! - [`clusters`]: which Kafka cluster holds each tenant's topics.
@@ -32,6 +34,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod blocking;
 pub mod clusters;
 pub mod consumer;
 pub mod dead_letter;

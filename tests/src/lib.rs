@@ -155,11 +155,16 @@ impl Platform {
         Self { base_url, shutdown, http: reqwest::Client::new(), task: Some(task) }
     }
 
-    /// Stops every role and waits until they have drained.
+    /// Stops every role and waits until they have drained: a platform that
+    /// does not stop within [`STOP_WITHIN`] fails the test (a hung shutdown
+    /// must not hang the suite).
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         match self.task.take() {
-            Some(task) => task.await?,
+            Some(task) => match tokio::time::timeout(STOP_WITHIN, task).await {
+                Ok(stopped) => stopped?,
+                Err(_) => panic!("the platform did not stop within {STOP_WITHIN:?}{}", platform_log_hint()),
+            },
             None => Ok(()),
         }
     }
@@ -202,6 +207,9 @@ impl Drop for Platform {
         self.shutdown.cancel();
     }
 }
+
+/// How long [`Platform::stop`] waits for every role to drain.
+const STOP_WITHIN: Duration = Duration::from_secs(90);
 
 /// Awaits a condition by polling it; panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use sluice_schemas::codec::EventCodec;
@@ -285,8 +284,7 @@ where
         fire_timers_until(&runtime, &settings, &shutdown),
         lag,
     );
-    let _ = consumer.commit_consumer_state(CommitMode::Sync);
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    sluice_streams::consumer::close(consumer, M::NAME).await;
     Ok(())
 }
 
