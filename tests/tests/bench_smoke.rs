@@ -151,6 +151,16 @@ async fn quick_bench_writes_a_complete_report() {
         assert_eq!(report["reads"][route]["errors"], 0, "every {route} read answered 200: {}", report["reads"][route]);
     }
     positive(&report, "/reads/orders_in_day");
+    // The projector alone: its events produced on schedule and all applied,
+    // the apply target read from that step.
+    for figure in ["target_per_second", "events", "sent_per_second", "caught_up_after_s", "apply_p99_ms"] {
+        positive(&report, &format!("/projector_alone/{figure}"));
+    }
+    assert_eq!(report["projector_alone"]["failed"], 0, "Kafka took every record");
+    assert_eq!(
+        report["apply_latency_target"]["per_second"], report["projector_alone"]["target_per_second"],
+        "the apply target is the projector-alone step's"
+    );
     positive(&report, "/rebuild/events_per_second");
     positive(&report, "/rebuild/rows_per_second");
     for role in ["ingest_mib", "processor_mib", "projector_mib", "bench_mib"] {

@@ -29,6 +29,7 @@ pub mod cpu;
 pub mod e2e;
 pub mod edge;
 pub mod probe;
+pub mod projector;
 pub mod raw;
 pub mod reads;
 pub mod rebuild;
@@ -368,10 +369,10 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let Bench { plan, kafka, cpu, .. } = bench;
     kafka.close().await;
     let cpu = cpu.into_inner().unwrap_or_else(|e| e.into_inner()).phases;
-    let Phases { raw, bare, edge, e2e, reads, rebuild, mut memory } = result?;
+    let Phases { raw, bare, edge, e2e, reads, projector_alone, rebuild, mut memory } = result?;
     memory.bench_mib = peak_over_run(&cpu, "bench");
     let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
-    let apply_latency_target = Report::apply_latency_target(&e2e);
+    let apply_latency_target = Report::apply_latency_target(projector_alone.as_ref());
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let busy = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
         format!(
@@ -418,6 +419,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         cpu,
         ratios,
         latency_target,
+        projector_alone,
         apply_latency_target,
     })
 }
@@ -428,6 +430,7 @@ struct Phases {
     edge: report::EdgeReport,
     e2e: report::E2eReport,
     reads: report::ReadsReport,
+    projector_alone: Option<report::ProjectorStep>,
     rebuild: report::RebuildReport,
     memory: MemoryReport,
 }
@@ -493,6 +496,12 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let e2e = e2e::run(bench, &mut [&mut ingest, &mut processor, &mut projector], &more_processor, step).await?;
     bench.quiet(step, "the reads").await;
     let reads = reads::run(bench, step).await?;
+    // Half of the projector's drain maximum in offsets a second (transaction
+    // markers included: a little more than half of its events a second).
+    let alone = e2e.projector_per_second * e2e.offsets_per_command * 0.5;
+    bench.quiet(step, "the projector alone").await;
+    step(&format!("projector alone: {alone:.0} new orders/s produced straight to its topic (half its drain maximum)"));
+    let projector_alone = Some(projector::run(bench, alone, bench.plan.step_duration).await?);
 
     // A new phase: the last e2e phase's peaks are recorded while the roles live.
     step("stopping the roles");
@@ -524,7 +533,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     bench.quiet(step, "the rebuild").await;
     step("rebuild: replaying the topic into a new version");
     let rebuild = rebuild::run(bench).await?;
-    Ok(Phases { raw, bare, edge, e2e, reads, rebuild, memory })
+    Ok(Phases { raw, bare, edge, e2e, reads, projector_alone, rebuild, memory })
 }
 
 /// Waits until the edge answers `/readyz` (connected to RabbitMQ).

@@ -1,0 +1,116 @@
+//! The projector alone at half of its own drain maximum: what issue 13's
+//! latency target names ("projector apply latency p99 ≤ 20 ms at half of its
+//! maximum rate"). New orders are produced straight to the tenant's events
+//! topic on a fixed schedule, Avro through the registry as a processor
+//! writes them (encoded before the schedule starts, so the bench's own work
+//! stays out of the step), while the other roles sit idle; the step ends once
+//! the projection applied all of them. Its figure is the projector's apply
+//! histogram (`sluice_projection_apply_seconds`) over the step. The end to
+//! end latency step's apply figure stays in the report beside it: there the
+//! processors and the edge share the machine with the projector.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_schemas::catalog;
+use sluice_schemas::codec::EventCodec;
+use sluice_schemas::orders::{OrderEvent, OrderLine, OrderSubmitted};
+
+use super::probe::{self, Scrape};
+use super::report::ProjectorStep;
+use super::Bench;
+
+/// How often the step looks whether the projection caught up.
+const LOOK: Duration = Duration::from_millis(100);
+
+/// Produces `rate` new orders a second for `duration` and measures the
+/// projector's apply latency over them.
+pub async fn run(bench: &Bench, rate: f64, duration: Duration) -> anyhow::Result<ProjectorStep> {
+    let topic = bench.events_topic();
+    let rate = rate.max(1.0);
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
+    let payloads = encode(bench, &topic, total).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bench.settings.kafka.brokers)
+        .set("linger.ms", "1")
+        .create()
+        .context("creating the step's producer")?;
+
+    let metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
+    let before = Scrape::read(&bench.http, &metrics).await?;
+    let start = Instant::now() + Duration::from_millis(20);
+    let event_type = sluice_schemas::orders::ORDER_SUBMITTED;
+    let mut deliveries = Vec::with_capacity(total);
+    for (i, (key, payload)) in payloads.iter().enumerate() {
+        tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header { key: "ce_type", value: Some(event_type) })
+            .insert(Header { key: "ce_id", value: Some(key.as_str()) });
+        let record = FutureRecord::to(&topic).key(key).payload(payload).headers(headers);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?);
+    }
+    let sending = start.elapsed().as_secs_f64().max(1e-3);
+    let mut failed = 0;
+    for delivery in deliveries {
+        if !matches!(delivery.await, Ok(Ok(_))) {
+            failed += 1;
+        }
+    }
+    let produced = bench.kafka.end_offsets(&topic).await?;
+    let deadline = Instant::now() + bench.plan.settle_timeout;
+    let caught_up = loop {
+        let applied = probe::applied(&bench.store, 1, &topic).await?;
+        if applied >= produced {
+            break start.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the projection did not catch up within {:?}: {applied} of {produced} offsets applied",
+            bench.plan.settle_timeout
+        );
+        tokio::time::sleep(LOOK).await;
+    };
+    let after = Scrape::read(&bench.http, &metrics).await?;
+    let label = format!("projection=\"{}\"", bench.settings.projector.name);
+    let (from, to) = (
+        before.buckets("sluice_projection_apply_seconds", &label),
+        after.buckets("sluice_projection_apply_seconds", &label),
+    );
+    Ok(ProjectorStep {
+        target_per_second: rate,
+        events: total,
+        failed,
+        sent_per_second: total as f64 / sending,
+        caught_up_after_s: caught_up,
+        apply_p50_ms: probe::bucket_quantile_ms(&from, &to, 0.5),
+        apply_p99_ms: probe::bucket_quantile_ms(&from, &to, 0.99),
+    })
+}
+
+/// `total` new orders for `topic`: each its key and its Confluent
+/// wire-format value.
+async fn encode(bench: &Bench, topic: &str, total: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let codec = EventCodec::new(&bench.settings.registry.url)?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut payloads = Vec::with_capacity(total);
+    for i in 0..total {
+        let order_id = format!("alone-{}-{i}", &run[..8]);
+        let event = OrderEvent::Submitted(OrderSubmitted {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            order_id: order_id.clone(),
+            version: 1,
+            occurred_at: now,
+            customer_id: format!("c-{}", i % 500),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "sku-1".into(), quantity: 1, unit_price_cents: 1_000 }],
+            total_cents: 1_000,
+        });
+        let spec = catalog::event_spec(event.event_type()).context("the catalog names OrderSubmitted")?;
+        payloads.push((order_id, codec.encode_value(topic, spec, event.to_avro()).await?));
+    }
+    Ok(payloads)
+}
