@@ -100,10 +100,6 @@ struct Accepted {
     order_id: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn script(name: &str) -> String {
     format!("{}/../compose/native/{name}.sh", env!("CARGO_MANIFEST_DIR"))
 }
@@ -177,8 +173,7 @@ pub async fn run(config: ChaosConfig) -> Summary {
     let _guard = StackBack;
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
-    let port = free_port();
-    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    let base = edge_on_free_port(&mut settings);
     // Patience for a server restart (tens of seconds) within the retries.
     settings.processor.retry_delays_ms = vec![500, 2_000, 5_000, 10_000];
     settings.processor.max_attempts = 12;
@@ -192,7 +187,6 @@ pub async fn run(config: ChaosConfig) -> Summary {
     settings.ingest.rate_limit_burst = 100_000;
     settings.ingest.read_rate_limit_per_second = 100_000.0;
     settings.ingest.read_rate_limit_burst = 100_000;
-    let base = format!("http://127.0.0.1:{port}");
 
     let _edge = SluiceProcess::spawn(&settings, "ingest");
     let processors = Arc::new(Mutex::new(vec![

@@ -104,6 +104,15 @@ impl Default for TestTenant {
     }
 }
 
+/// Puts the edge of `settings` on a loopback port free when asked (for a
+/// sluice run as a process of its own, whose port the test must know);
+/// returns the edge's base URL.
+pub fn edge_on_free_port(settings: &mut Settings) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    format!("http://127.0.0.1:{port}")
+}
+
 /// Settings for a test: the dev defaults, the given tenants, port 0, and a
 /// projection group of its own.
 pub fn test_settings(tenants: &[&TestTenant]) -> Settings {

@@ -44,10 +44,8 @@ async fn a_platform_stops_in_bounded_time_while_kafka_answers_nothing() {
     require_stack().await;
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    let base = edge_on_free_port(&mut settings);
     let mut sluice = SluiceProcess::spawn(&settings, "all");
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(60), "the edge", || async {
         http.get(format!("{base}/healthz")).send().await.ok().map(drop)

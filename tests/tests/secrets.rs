@@ -11,10 +11,8 @@ async fn keys_are_never_logged() {
     require_stack().await;
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    let base = edge_on_free_port(&mut settings);
     let mut sluice = SluiceProcess::spawn_with_log_level(&settings, "all", "trace");
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(60), "the edge", || async {
         http.get(format!("{base}/healthz")).send().await.ok().map(drop)

@@ -76,11 +76,9 @@ async fn one_trace_follows_a_command_from_the_post_to_the_read_model() {
     let collector = Collector::start().await;
     let tenant = TestTenant::new();
     let mut settings = test_settings(&[&tenant]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    settings.ingest.http_addr = format!("127.0.0.1:{port}");
+    let base = edge_on_free_port(&mut settings);
     settings.traces.otlp_endpoint = Some(collector.url.clone());
     let _roles = ["ingest", "processor", "projector"].map(|role| SluiceProcess::spawn(&settings, role));
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     eventually(WAIT, "the edge to be ready", || async {
         http.get(format!("{base}/readyz")).send().await.ok().filter(|r| r.status() == 200).map(drop)
