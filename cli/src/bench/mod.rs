@@ -372,7 +372,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let Phases { raw, bare, edge, e2e, reads, projector_alone, rebuild, mut memory } = result?;
     memory.bench_mib = peak_over_run(&cpu, "bench");
     let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
-    let apply_latency_target = Report::apply_latency_target(projector_alone.as_ref());
+    let apply_latency_target = Report::apply_latency_target(&projector_alone);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let busy = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
         format!(
@@ -430,7 +430,7 @@ struct Phases {
     edge: report::EdgeReport,
     e2e: report::E2eReport,
     reads: report::ReadsReport,
-    projector_alone: Option<report::ProjectorStep>,
+    projector_alone: report::ProjectorStep,
     rebuild: report::RebuildReport,
     memory: MemoryReport,
 }
@@ -501,7 +501,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     let alone = e2e.projector_per_second * e2e.offsets_per_command * 0.5;
     bench.quiet(step, "the projector alone").await;
     step(&format!("projector alone: {alone:.0} new orders/s produced straight to its topic (half its drain maximum)"));
-    let projector_alone = Some(projector::run(bench, alone, bench.plan.step_duration).await?);
+    let projector_alone = projector::run(bench, alone, bench.plan.step_duration).await?;
 
     // A new phase: the last e2e phase's peaks are recorded while the roles live.
     step("stopping the roles");

@@ -465,7 +465,7 @@ pub struct Report {
     pub ratios: Ratios,
     pub latency_target: LatencyTarget,
     /// The projector alone at half of its drain maximum (`projector`).
-    pub projector_alone: Option<ProjectorStep>,
+    pub projector_alone: ProjectorStep,
     /// The projector's apply p99 alone at half of its drain maximum,
     /// against issue 13's 20 ms.
     pub apply_latency_target: LatencyTarget,
@@ -537,8 +537,8 @@ impl Report {
 
     /// The projector's apply p99 alone at half of its maximum against its
     /// target.
-    pub fn apply_latency_target(alone: Option<&ProjectorStep>) -> LatencyTarget {
-        let (per_second, p99) = alone.and_then(|s| Some((s.target_per_second, s.apply_p99_ms?))).unwrap_or((0.0, 0.0));
+    pub fn apply_latency_target(alone: &ProjectorStep) -> LatencyTarget {
+        let (per_second, p99) = (alone.target_per_second, alone.apply_p99_ms.unwrap_or(0.0));
         LatencyTarget { per_second, p99_ms: p99, target_ms: 20.0, met: p99 > 0.0 && p99 <= 20.0 }
     }
 
@@ -804,21 +804,20 @@ impl Report {
             offsets.join(" · ")
         );
 
-        if let Some(a) = &self.projector_alone {
-            let _ = writeln!(
-                t,
-                "\n## Projector alone (half its drain maximum)\n\n{} new orders produced straight to its topic at \
-                 {:.0}/s (sent {:.0}/s, {} not taken), the other roles idle: all applied {:.1} s after the first was due; \
-                 apply p50 {} ms, p99 {} ms (bucket bounds).",
-                a.events,
-                a.target_per_second,
-                a.sent_per_second,
-                a.failed,
-                a.caught_up_after_s,
-                bound(a.apply_p50_ms),
-                bound(a.apply_p99_ms)
-            );
-        }
+        let a = &self.projector_alone;
+        let _ = writeln!(
+            t,
+            "\n## Projector alone (half its drain maximum)\n\n{} new orders produced straight to its topic at \
+             {:.0}/s (sent {:.0}/s, {} not taken), the other roles idle: all applied {:.1} s after the first was due; \
+             apply p50 {} ms, p99 {} ms (bucket bounds).",
+            a.events,
+            a.target_per_second,
+            a.sent_per_second,
+            a.failed,
+            a.caught_up_after_s,
+            bound(a.apply_p50_ms),
+            bound(a.apply_p99_ms)
+        );
 
         let r = &self.reads;
         let _ = writeln!(
