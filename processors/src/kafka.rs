@@ -1,7 +1,7 @@
 //! Domain events to Kafka, exactly once. A processor produces the events
-//! of the partitions it owns through one transactional producer per tenant
-//! and context ([`Mux`], `transactional.id`
-//! `sluice.relay.<tenant>.<context>.<processor>`): the rounds of several
+//! of the partitions it owns through transactional producers it shares per
+//! tenant and context ([`Mux`], two lanes, `transactional.id`s
+//! [`producer_names`]): the rounds of several
 //! partitions that come together share a transaction, which also commits
 //! each partition's journal position up to which it relayed, as a
 //! consumer-group offset: the context's group `sluice.relay.<tenant>.<context>`,
@@ -167,11 +167,11 @@ impl KafkaRelays {
             .ok_or_else(|| RelayError::Transient(format!("no Kafka cluster is configured for tenant {tenant}")))
     }
 
-    /// `owner`'s producer for the partition's tenant and context.
+    /// `owner`'s producers for the partition's tenant and context.
     fn mux(&self, partition: &PartitionRef, owner: &str) -> Result<Arc<Mux>, RelayError> {
-        let transactional_id = producer_name(partition, owner);
+        let ids = producer_names(partition, owner);
         let mut muxes = self.muxes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(mux) = muxes.get(&transactional_id) {
+        if let Some(mux) = muxes.get(&ids[0]) {
             return Ok(mux.clone());
         }
         let brokers = self.brokers(&partition.tenant)?;
@@ -181,14 +181,9 @@ impl KafkaRelays {
                 relay_group(&partition.tenant, partition.context)
             ))
         })?;
-        let mux = Arc::new(Mux {
-            brokers: brokers.to_owned(),
-            transactional_id: transactional_id.clone(),
-            group: Arc::new(metadata),
-            state: Default::default(),
-            generation: AtomicU64::new(0),
-        });
-        muxes.insert(transactional_id, mux.clone());
+        let key = ids[0].clone();
+        let mux = Arc::new(Mux::new(brokers, ids, metadata));
+        muxes.insert(key, mux.clone());
         Ok(mux)
     }
 }
@@ -208,10 +203,16 @@ impl KafkaRelays {
     }
 }
 
-/// The transactional id of `owner`'s producer for the partition's tenant
-/// and context.
-pub fn producer_name(partition: &PartitionRef, owner: &str) -> String {
-    format!("{}.{owner}", relay_group(&partition.tenant, partition.context))
+/// The transactional ids of `owner`'s producers for the partition's tenant
+/// and context, one per lane of its [`Mux`]: `<relay group>.<owner>`, then
+/// `<relay group>~<lane>.<owner>` (no owner name makes one lane's id
+/// another's: the relay group is followed by `.` in the first only).
+pub fn producer_names(partition: &PartitionRef, owner: &str) -> [String; LANES] {
+    let group = relay_group(&partition.tenant, partition.context);
+    std::array::from_fn(|lane| match lane {
+        0 => format!("{group}.{owner}"),
+        lane => format!("{group}~{lane}.{owner}"),
+    })
 }
 
 /// The name of a partition's relay: its transactional id, and the name its
@@ -268,7 +269,7 @@ impl RelayFactory for KafkaRelays {
 
     async fn fence(&self, partition: &PartitionRef, owners: &[String]) -> Result<(), RelayError> {
         let brokers = self.brokers(&partition.tenant)?;
-        let ids = owners.iter().map(|owner| producer_name(partition, owner)).chain([relay_name(partition)]);
+        let ids = owners.iter().flat_map(|owner| producer_names(partition, owner)).chain([relay_name(partition)]);
         let fenced = ids.map(|id| {
             let brokers = brokers.to_owned();
             blocking(move || {
@@ -681,12 +682,13 @@ pub struct KafkaRelay {
     codec: Arc<EventCodec>,
     /// The transaction its round joined, from `produce` to its vote.
     ticket: std::sync::Mutex<Option<Ticket>>,
-    /// The generation of the shared producer ([`Mux`]) that this relay
-    /// may produce through: it was the partition's owner after that
-    /// producer was set up. A newer one (set up after a fence) fails the
-    /// next produce with [`RelayError::Fenced`] once, so the owner asks the
-    /// journal whether the partition is still its own before anything of
-    /// the partition goes into a transaction of that producer.
+    /// The newest generation of the shared producers ([`Mux`]) that this
+    /// relay may produce through: it was the partition's owner after every
+    /// producer up to that one was set up. A newer one (set up after a
+    /// fence) fails the next produce with [`RelayError::Fenced`] once, so
+    /// the owner asks the journal whether the partition is still its own
+    /// before anything of the partition goes into a transaction of that
+    /// producer.
     checked: AtomicU64,
 }
 
@@ -769,17 +771,16 @@ impl Relay for KafkaRelay {
                 "the processor's producer was set up again (generation {generation}) after a takeover fenced it"
             ))
         };
-        // 0: no producer was set up yet.
+        // A lane set up after the last check: checked first.
         let generation = self.mux.generation.load(Ordering::SeqCst);
-        if generation != 0 && generation != self.checked.load(Ordering::SeqCst) {
+        if generation > self.checked.load(Ordering::SeqCst) {
             return Err(unchecked(generation));
         }
         let ticket = self.mux.join().await?;
-        if ticket.generation != self.checked.load(Ordering::SeqCst) {
+        if ticket.generation > self.checked.load(Ordering::SeqCst) {
             // Set up again meanwhile: checked first, like above.
-            let generation = ticket.generation;
             let _ = ticket.abort("a partition's ownership is checked first").await;
-            return Err(unchecked(generation));
+            return Err(unchecked(self.mux.generation.load(Ordering::SeqCst)));
         }
         match self.send_all(&ticket.producer, &events, &payloads).await {
             Ok(positions) => {
@@ -822,52 +823,91 @@ impl Relay for KafkaRelay {
     }
 }
 
-/// The transactional producer one processor shares among the partitions of
-/// one tenant's context it owns ([`producer_name`]). The rounds of several
-/// partitions that come together go into one transaction, with each
-/// partition's relay position: a busy processor commits a transaction per
-/// batch of rounds instead of one per partition and round.
+/// The transactional producers one processor shares among the partitions
+/// of one tenant's context it owns, one per lane ([`producer_names`]). The
+/// rounds of several partitions that come together go into one
+/// transaction, with each partition's relay position: a busy processor
+/// commits a transaction per batch of rounds instead of one per partition
+/// and round.
 ///
 /// A transaction takes every partition that joins it until the first of
-/// them votes; later ones wait for the next. It commits once every
-/// partition in it voted to commit, and aborts if one of them votes to
-/// abort or drops out (its task ended): a partition's records never become
-/// visible without its position. A new owner of a partition fences the
-/// previous owner's producer ([`RelayFactory::fence`]), which ends that
-/// processor's open transaction for all its partitions: each of them goes
-/// on only once the journal says it still owns it ([`crate::owner`]).
+/// them votes; later ones start the next, on a lane whose transaction
+/// ended. Two lanes let the next transaction begin while the one before
+/// ends: a producer can hold one transaction at a time, and Kafka refuses
+/// to add partitions to a producer's next one until it wrote the markers
+/// of the last (`CONCURRENT_TRANSACTIONS`, which librdkafka retries 20 ms
+/// later). A transaction commits once every partition in it voted to
+/// commit, and aborts if one of them votes to abort or drops out (its task
+/// ended): a partition's records never become visible without its
+/// position. A partition's rounds are finished one at a time, so its
+/// transactions follow each other whatever their lanes. A new owner of a
+/// partition fences every lane of the previous owner
+/// ([`RelayFactory::fence`]), which ends that processor's open transactions
+/// for all its partitions: each of them goes on only once the journal says
+/// it still owns it ([`crate::owner`]).
 struct Mux {
     brokers: String,
-    transactional_id: String,
+    /// The lanes' transactional ids.
+    ids: [String; LANES],
     /// The context's relay group: its metadata goes with every commit.
     group: Arc<ConsumerGroupMetadata>,
-    /// Held while a transaction begins or ends.
+    /// Held while a transaction begins, and while votes are counted.
     state: Arc<tokio::sync::Mutex<MuxState>>,
-    /// Counts the producers set up (0: none yet); a producer is set up
-    /// again once fenced.
+    /// Counts the producers set up on every lane (0: none yet); a lane's
+    /// producer is set up again once fenced.
     generation: AtomicU64,
+    /// Bumped whenever a transaction ended, freeing its lane.
+    freed: tokio::sync::watch::Sender<u64>,
 }
+
+/// Transactional producers per [`Mux`].
+const LANES: usize = 2;
 
 #[derive(Default)]
 struct MuxState {
-    /// `None` until initialised, and once fenced.
-    producer: Option<FutureProducer>,
+    lanes: [Lane; LANES],
+    /// The transaction partitions join, until one of them votes.
+    open: Option<OpenTransaction>,
+    /// Transactions that take no more partitions and wait for votes.
+    sealed: Vec<OpenTransaction>,
+    begun: u64,
+}
+
+impl MuxState {
+    /// Lane `fenced`'s producer was fenced: a takeover fences every lane
+    /// of this processor at once, so the idle lanes' producers go too (a
+    /// busy one finds out when its transaction ends).
+    fn forget_fenced(&mut self, fenced: usize) {
+        for (index, lane) in self.lanes.iter_mut().enumerate() {
+            if index == fenced || !lane.busy {
+                lane.producer = None;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Lane {
+    /// `None` until initialised, and once fenced; with its generation.
+    producer: Option<(FutureProducer, u64)>,
     /// The last transaction failed and its abort did not go through: it is
     /// aborted before the next begins.
     unaborted: bool,
-    open: Option<OpenTransaction>,
-    begun: u64,
+    /// A transaction of this lane began and has not ended.
+    busy: bool,
+    /// When its last transaction ended (`None`: never): the lane idle the
+    /// longest is taken first, its markers surely written.
+    ended_at: Option<std::time::Instant>,
 }
 
 struct OpenTransaction {
     id: u64,
+    lane: usize,
     producer: FutureProducer,
-    /// The producer's generation.
+    /// The lane producer's generation.
     generation: u64,
     /// Partitions that joined and have not voted yet.
     waiting: usize,
-    /// A partition voted: no other joins.
-    sealed: bool,
     /// The positions of those that voted to commit.
     positions: Vec<(i32, i64)>,
     /// Why it aborts, once one voted so.
@@ -891,27 +931,43 @@ struct Ticket {
     mux: Arc<Mux>,
     id: u64,
     producer: FutureProducer,
-    /// The producer's generation.
+    /// The lane producer's generation.
     generation: u64,
     voted: bool,
 }
 
 impl Mux {
-    /// Initialises the producer if it is not; its generation.
-    async fn ready(&self) -> Result<u64, RelayError> {
-        let mut state = self.state.lock().await;
-        self.producer(&mut state).await.map(|(_, generation)| generation)
+    fn new(brokers: &str, ids: [String; LANES], group: ConsumerGroupMetadata) -> Self {
+        Self {
+            brokers: brokers.to_owned(),
+            ids,
+            group: Arc::new(group),
+            state: Default::default(),
+            generation: AtomicU64::new(0),
+            freed: tokio::sync::watch::Sender::new(0),
+        }
     }
 
-    /// The producer, set up if it is not, and its generation.
-    async fn producer(&self, state: &mut MuxState) -> Result<(FutureProducer, u64), RelayError> {
-        if let Some(producer) = &state.producer {
-            return Ok((producer.clone(), self.generation.load(Ordering::SeqCst)));
+    /// Initialises every lane's producer that is not; the newest
+    /// generation.
+    async fn ready(&self) -> Result<u64, RelayError> {
+        let mut state = self.state.lock().await;
+        for lane in 0..LANES {
+            self.producer(&mut state.lanes[lane], lane).await.map(drop)?;
         }
+        Ok(self.generation.load(Ordering::SeqCst))
+    }
+
+    /// The lane's producer, set up if it is not, and its generation.
+    async fn producer(&self, lane: &mut Lane, index: usize) -> Result<(FutureProducer, u64), RelayError> {
+        if let Some((producer, generation)) = &lane.producer {
+            return Ok((producer.clone(), *generation));
+        }
+        let id = &self.ids[index];
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
-            .set("client.id", &self.transactional_id)
-            .set("transactional.id", &self.transactional_id)
+            .set("client.id", id)
+            .set("transactional.id", id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // A round's events are queued together before any is awaited:
@@ -926,56 +982,70 @@ impl Mux {
         let init = producer.clone();
         // Aborts what an earlier producer of this id left open.
         blocking(move || init.init_transactions(TXN_TIMEOUT)).await?;
-        state.producer = Some(producer.clone());
-        state.unaborted = false;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        lane.producer = Some((producer.clone(), generation));
+        lane.unaborted = false;
         Ok((producer, generation))
     }
 
-    /// A place in the open transaction, or in a new one once it ended.
+    /// A place in the open transaction, or in a new one on a free lane.
     async fn join(self: &Arc<Self>) -> Result<Ticket, RelayError> {
         loop {
+            let mut freed = self.freed.subscribe();
             let mut state = self.state.lock().await;
             if let Some(open) = &mut state.open {
-                if !open.sealed {
-                    open.waiting += 1;
-                    let (id, producer, generation) = (open.id, open.producer.clone(), open.generation);
-                    return Ok(Ticket { mux: self.clone(), id, producer, generation, voted: false });
-                }
-                let mut ended = open.ended.subscribe();
-                drop(state);
-                let _ = ended.wait_for(Option::is_some).await;
-                continue;
+                open.waiting += 1;
+                let (id, producer, generation) = (open.id, open.producer.clone(), open.generation);
+                return Ok(Ticket { mux: self.clone(), id, producer, generation, voted: false });
             }
-            let (producer, generation) = self.producer(&mut state).await?;
+            let free =
+                (0..LANES).filter(|&lane| !state.lanes[lane].busy).min_by_key(|&lane| state.lanes[lane].ended_at);
+            let Some(index) = free else {
+                // Every lane's transaction is ending: wait for one.
+                drop(state);
+                let _ = freed.changed().await;
+                continue;
+            };
+            if state.lanes[index].producer.is_none() {
+                // Fenced: every idle lane is set up again at once, so that
+                // a relay checks its partition's owner once for all.
+                for (index, lane) in state.lanes.iter_mut().enumerate() {
+                    if !lane.busy {
+                        self.producer(lane, index).await.map(drop)?;
+                    }
+                }
+            }
+            let lane = &mut state.lanes[index];
+            let (producer, generation) = self.producer(lane, index).await?;
             let begun = async {
-                if state.unaborted {
+                if lane.unaborted {
                     let aborting = producer.clone();
                     blocking(move || aborting.abort_transaction(TXN_TIMEOUT)).await?;
-                    state.unaborted = false;
+                    lane.unaborted = false;
                 }
                 producer.begin_transaction().map_err(kafka_err)
             };
             if let Err(e) = begun.await {
                 if matches!(e, RelayError::Fenced(_)) {
-                    state.producer = None;
+                    state.forget_fenced(index);
                 }
                 return Err(e);
             }
+            let lane = &mut state.lanes[index];
+            lane.busy = true;
             state.begun += 1;
             let id = state.begun;
             let (ended, _) = tokio::sync::watch::channel(None);
-            let open = OpenTransaction {
+            state.open = Some(OpenTransaction {
                 id,
+                lane: index,
                 producer: producer.clone(),
                 generation,
                 waiting: 1,
-                sealed: false,
                 positions: Vec::new(),
                 abort: None,
                 ended,
-            };
-            state.open = Some(open);
+            });
             return Ok(Ticket { mux: self.clone(), id, producer, generation, voted: false });
         }
     }
@@ -983,11 +1053,17 @@ impl Mux {
     /// Records a vote in transaction `id`; the last vote ends it. Resolves
     /// with how it ended.
     async fn vote(self: &Arc<Self>, id: u64, vote: Result<(i32, i64), String>) -> Ended {
-        let mut state = self.state.clone().lock_owned().await;
-        let Some(open) = state.open.as_mut().filter(|open| open.id == id) else {
+        let mut state = self.state.lock().await;
+        // The first vote seals the open transaction: later rounds start
+        // the next.
+        if state.open.as_ref().is_some_and(|open| open.id == id) {
+            let open = state.open.take().expect("checked above");
+            state.sealed.push(open);
+        }
+        let Some(at) = state.sealed.iter().position(|open| open.id == id) else {
             return Ended::Failed("the transaction ended before this partition's vote".into());
         };
-        open.sealed = true;
+        let open = &mut state.sealed[at];
         open.waiting -= 1;
         match vote {
             Ok(position) => open.positions.push(position),
@@ -1003,12 +1079,25 @@ impl Mux {
                 Err(_) => Ended::Failed("the transaction was dropped".into()),
             };
         }
-        let open = state.open.take().expect("found above");
+        let open = state.sealed.swap_remove(at);
+        drop(state);
         // Ended in a task of its own: a voter whose task ends meanwhile
-        // leaves the others an answer, and the producer in a known state.
+        // leaves the others an answer, and the lane in a known state.
         let mux = self.clone();
         let ending = tokio::spawn(async move {
-            let outcome = mux.end(&mut state, &open).await;
+            let outcome = mux.end(&open).await;
+            {
+                let mut state = mux.state.lock().await;
+                match &outcome {
+                    Ended::Fenced(_) => state.forget_fenced(open.lane),
+                    Ended::Failed(_) => state.lanes[open.lane].unaborted = true,
+                    Ended::Committed | Ended::Aborted(_) => {}
+                }
+                let lane = &mut state.lanes[open.lane];
+                lane.busy = false;
+                lane.ended_at = Some(std::time::Instant::now());
+            }
+            mux.freed.send_modify(|ends| *ends += 1);
             metrics::histogram!("sluice_relay_transaction_partitions").record(open.positions.len() as f64);
             let _ = open.ended.send(Some(outcome.clone()));
             outcome
@@ -1017,7 +1106,7 @@ impl Mux {
     }
 
     /// Commits or aborts `open`, every vote in.
-    async fn end(&self, state: &mut MuxState, open: &OpenTransaction) -> Ended {
+    async fn end(&self, open: &OpenTransaction) -> Ended {
         let reason = match &open.abort {
             None => {
                 let (producer, group, positions) = (open.producer.clone(), self.group.clone(), open.positions.clone());
@@ -1032,10 +1121,7 @@ impl Mux {
                 .await;
                 match committed {
                     Ok(()) => return Ended::Committed,
-                    Err(RelayError::Fenced(reason)) => {
-                        state.producer = None;
-                        return Ended::Fenced(reason);
-                    }
+                    Err(RelayError::Fenced(reason)) => return Ended::Fenced(reason),
                     Err(RelayError::Transient(reason)) => reason,
                 }
             }
@@ -1044,14 +1130,8 @@ impl Mux {
         let producer = open.producer.clone();
         match blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await {
             Ok(()) => Ended::Aborted(reason),
-            Err(RelayError::Fenced(fenced)) => {
-                state.producer = None;
-                Ended::Fenced(fenced)
-            }
-            Err(RelayError::Transient(e)) => {
-                state.unaborted = true;
-                Ended::Failed(format!("{reason}; abort: {e}"))
-            }
+            Err(RelayError::Fenced(fenced)) => Ended::Fenced(fenced),
+            Err(RelayError::Transient(e)) => Ended::Failed(format!("{reason}; abort: {e}")),
         }
     }
 }

@@ -15,7 +15,7 @@
 //! 5. writes each stream's new events in one write, records rejections,
 //!    produces the events in a Kafka transaction that also commits the
 //!    journal position (other partitions' rounds may share it: the
-//!    processor has one producer per context, [`crate::kafka`]), recording
+//!    processor shares its producers per context, [`crate::kafka`]), recording
 //!    the successes before the commit.
 //!
 //! Step 5 of a round runs in a task of its own (the relay) while the next
@@ -796,10 +796,10 @@ where
             match self.try_finish(entries, next, traces, tries > 1).await {
                 Ok(()) => break,
                 Err(RelayError::Fenced(reason)) => {
-                    // The producer serves every partition of the context
+                    // The producers serve every partition of the context
                     // this processor owns, and a takeover of any of them
-                    // fences it: this one goes on once the journal says it
-                    // is still this owner's.
+                    // fences them: this one goes on once the journal says
+                    // it is still this owner's.
                     self.still_ours(&reason).await?;
                     info!(queue = %self.partition.queue(), %reason, "the processor's producer was fenced by a takeover of another partition; trying again");
                     metrics::counter!("sluice_relay_fenced_still_owner_total", "tenant" => self.partition.tenant.clone())

@@ -754,6 +754,46 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
     assert_eq!(b_zero.position().await.unwrap(), Some(1));
 }
 
+/// A processor's partitions share two producers (lanes): once a lane's
+/// transaction is sealed, the next begins on the other lane, the one idle
+/// the longest. A takeover fences both lanes of the previous owner: what
+/// it had open on either commits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_takeover_fences_every_lane_of_the_previous_owner() {
+    use sluice_processors::amqp::consumer::PartitionRef;
+    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayError, RelayFactory};
+    use sluice_streams::clusters::{Cluster, Clusters};
+
+    require_stack().await;
+    let tenant = TestTenant::new();
+    let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
+    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
+    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    let b = KafkaRelays::new(clusters, &test_settings(&[&tenant]).registry.url).unwrap();
+    let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
+    let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
+    let [first_lane, second_lane] = kafka::producer_names(&one_ref, "a");
+
+    // The first transaction goes on the first lane; the next, begun after
+    // it, on the second.
+    a_zero.produce(vec![test_event(&topic, "x", 0)]).await.unwrap();
+    a_zero.commit(1).await.unwrap();
+    a_one.produce(vec![test_event(&topic, "y", 0)]).await.unwrap();
+    let state = |id| async move { sluice_processors::hanging::describe_transaction(KAFKA, id).await.unwrap().state };
+    let first = state(&first_lane).await;
+    assert!(["PrepareCommit", "CompleteCommit"].contains(&first.as_str()), "first lane: {first}");
+    assert_eq!(state(&second_lane).await, "Ongoing", "second lane");
+
+    // b takes partition 1 over while a's transaction on the second lane is open.
+    b.fence(&one_ref, &["a".to_owned()]).await.unwrap();
+    let (_b_one, position) = b.open(&one_ref, "b").await.unwrap();
+    assert_eq!(position.committed, None);
+    let voted = a_one.commit(1).await;
+    assert!(matches!(voted, Err(RelayError::Fenced(_))), "{voted:?}");
+    assert_eq!(committed_keys(&topic, 0).await, ["x"], "nothing of the fenced lane's transaction");
+}
+
 /// An event of order `key` carrying journal seq `seq`, for `topic`.
 fn test_event(topic: &str, key: &str, seq: i64) -> sluice_processors::kafka::OutgoingEvent {
     use sluice_schemas::orders::{OrderCancelled, OrderEvent};
@@ -1087,7 +1127,7 @@ async fn relayed_to_3(
     let (first, _) = relays.open(partition, "first").await.unwrap();
     first.produce(vec![]).await.unwrap();
     first.commit(3).await.unwrap();
-    let producer = sluice_processors::kafka::producer_name(partition, "first");
+    let [producer, _] = sluice_processors::kafka::producer_names(partition, "first");
     (first, sluice_processors::hanging::describe_transaction(KAFKA, &producer).await.unwrap())
 }
 
