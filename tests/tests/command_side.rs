@@ -645,7 +645,7 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     assert!(!position.may_lag);
 }
 
-/// A processor's partitions of one context share its producer: rounds that
+/// A processor's partitions of one context share its producers: rounds that
 /// come together go into one transaction, which commits once each of them
 /// voted to commit, with each one's position. One that aborts, or whose
 /// round is dropped (its relay gone), takes the others' records with it: no
