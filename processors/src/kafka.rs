@@ -970,9 +970,9 @@ impl Mux {
             .set("transactional.id", id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // A round's events are queued together before any is awaited:
-            // they batch without waiting for more.
-            .set("linger.ms", "0")
+            // A round's events are queued together, then sent together
+            // (with 0 the first went out alone as soon as it was queued).
+            .set("linger.ms", "1")
             .set("transaction.timeout.ms", TXN_LIFETIME.as_millis().to_string())
             // A delivery Kafka does not confirm in time fails the
             // transaction, which is aborted and tried again.

@@ -316,8 +316,8 @@ async fn amqp_consume_at(
 }
 
 /// The events topic of a scratch context (`raw`, `bare`), created with the
-/// events topics' partitions, and a producer with the processors' settings
-/// (idempotent, acks=all, linger 2 ms).
+/// events topics' partitions, and an idempotent producer (acks=all, linger 2 ms;
+/// the processors' relay producers are transactional, with 1 ms).
 pub async fn scratch_topic(bench: &Bench, context: &str) -> anyhow::Result<(String, FutureProducer)> {
     let topic = names::events_topic(bench.workload.tenant(), context);
     sluice_processors::kafka::ensure_topics(

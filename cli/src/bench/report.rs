@@ -76,7 +76,7 @@ pub struct RawReport {
     pub amqp_publish: Ceiling,
     /// Deliveries of that queue, acked one by one, prefetch = window.
     pub amqp_consume: Ceiling,
-    /// Idempotent produce (acks=all, linger 2 ms, as the processors).
+    /// Idempotent produce (acks=all, linger 2 ms).
     pub kafka_produce: Ceiling,
     /// Prepared INSERTs of the read model's order row (USING TIMESTAMP).
     pub cql_insert: Ceiling,
