@@ -568,15 +568,12 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::{BaseProducer, Producer};
     use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayFactory};
-    use sluice_streams::clusters::{Cluster, Clusters};
+    use sluice_processors::kafka::{self, Relay, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
-    let settings = test_settings(&[&tenant]);
     kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
-    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
-    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
+    let relays = relays_of(&tenant);
     let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 1 };
     let neighbour = PartitionRef { partition: 0, ..partition.clone() };
 
@@ -708,8 +705,7 @@ async fn a_processors_partitions_share_a_transaction_that_commits_only_with_ever
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_fences_the_previous_owners_shared_producer() {
     use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayError, RelayFactory};
-    use sluice_streams::clusters::{Cluster, Clusters};
+    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
@@ -718,8 +714,7 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
     let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
     let two_ref = PartitionRef { partition: 2, ..zero_ref.clone() };
     // Another processor: relays of its own.
-    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
-    let b = KafkaRelays::new(clusters, &test_settings(&[&tenant]).registry.url).unwrap();
+    let b = relays_of(&tenant);
 
     let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
     let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
@@ -761,16 +756,14 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_fences_every_lane_of_the_previous_owner() {
     use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, KafkaRelays, Relay, RelayError, RelayFactory};
-    use sluice_streams::clusters::{Cluster, Clusters};
+    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
     let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
     kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
     let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
-    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
-    let b = KafkaRelays::new(clusters, &test_settings(&[&tenant]).registry.url).unwrap();
+    let b = relays_of(&tenant);
     let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
     let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
     let [first_lane, second_lane] = kafka::producer_names(&one_ref, "a");
@@ -1138,16 +1131,19 @@ async fn hanging_setup(
     partitions: i32,
 ) -> (sluice_processors::kafka::KafkaRelays, sluice_processors::amqp::consumer::PartitionRef, String) {
     use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, KafkaRelays};
-    use sluice_streams::clusters::{Cluster, Clusters};
-    let settings = test_settings(&[tenant]);
+    use sluice_processors::kafka;
     let topic = sluice_schemas::names::events_topic(&tenant.name, "orders");
     kafka::ensure_topics(KAFKA, std::slice::from_ref(&topic), partitions, Default::default()).await.unwrap();
     kafka::ensure_relay_topic(KAFKA, 1, Default::default()).await.unwrap();
-    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
-    let relays = KafkaRelays::new(clusters, &settings.registry.url).unwrap();
     let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
-    (relays, partition, topic)
+    (relays_of(tenant), partition, topic)
+}
+
+/// A processor's relays for `tenant` (each call another processor's).
+fn relays_of(tenant: &TestTenant) -> sluice_processors::kafka::KafkaRelays {
+    use sluice_streams::clusters::{Cluster, Clusters};
+    let clusters = Clusters::new(vec![Cluster { brokers: KAFKA.into(), tenants: vec![tenant.name.clone()] }]);
+    sluice_processors::kafka::KafkaRelays::new(clusters, &test_settings(&[tenant]).registry.url).unwrap()
 }
 
 /// Writes one record per (partition, entry seq) of relay `name` to `topic`,
