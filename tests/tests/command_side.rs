@@ -649,14 +649,11 @@ async fn a_new_owner_reads_its_relay_position_past_a_commit_left_pending() {
 /// partition's records are ever visible without its position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_processors_partitions_share_a_transaction_that_commits_only_with_every_vote() {
-    use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
+    use sluice_processors::kafka::{Relay, RelayError, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
-    let (relays, zero_ref, topic) = hanging_setup(&tenant, 1).await;
-    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
-    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    let (relays, [zero_ref, one_ref], topic) = relay_partitions(&tenant).await;
     let (zero, _) = relays.open(&zero_ref, "proc").await.unwrap();
     let (one, _) = relays.open(&one_ref, "proc").await.unwrap();
 
@@ -704,15 +701,11 @@ async fn a_processors_partitions_share_a_transaction_that_commits_only_with_ever
 /// whether the partition is still its own, then tries again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_fences_the_previous_owners_shared_producer() {
-    use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
+    use sluice_processors::kafka::{Relay, RelayError, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
-    let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
-    kafka::ensure_relay_topic(KAFKA, 3, Default::default()).await.unwrap();
-    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
-    let two_ref = PartitionRef { partition: 2, ..zero_ref.clone() };
+    let (a, [zero_ref, one_ref, two_ref], topic) = relay_partitions(&tenant).await;
     // Another processor: relays of its own.
     let b = relays_of(&tenant);
 
@@ -755,18 +748,15 @@ async fn a_takeover_fences_the_previous_owners_shared_producer() {
 /// it had open on either commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_fences_every_lane_of_the_previous_owner() {
-    use sluice_processors::amqp::consumer::PartitionRef;
-    use sluice_processors::kafka::{self, Relay, RelayError, RelayFactory};
+    use sluice_processors::kafka::{Relay, RelayError, RelayFactory};
 
     require_stack().await;
     let tenant = TestTenant::new();
-    let (a, zero_ref, topic) = hanging_setup(&tenant, 1).await;
-    kafka::ensure_relay_topic(KAFKA, 2, Default::default()).await.unwrap();
-    let one_ref = PartitionRef { partition: 1, ..zero_ref.clone() };
+    let (a, [zero_ref, one_ref], topic) = relay_partitions(&tenant).await;
     let b = relays_of(&tenant);
     let (a_zero, _) = a.open(&zero_ref, "a").await.unwrap();
     let (a_one, _) = a.open(&one_ref, "a").await.unwrap();
-    let [first_lane, second_lane] = kafka::producer_names(&one_ref, "a");
+    let [first_lane, second_lane] = sluice_processors::kafka::producer_names(&one_ref, "a");
 
     // The first transaction goes on the first lane; the next, begun after
     // it, on the second.
@@ -1137,6 +1127,20 @@ async fn hanging_setup(
     kafka::ensure_relay_topic(KAFKA, 1, Default::default()).await.unwrap();
     let partition = PartitionRef { tenant: tenant.name.clone(), context: "orders", partition: 0 };
     (relays_of(tenant), partition, topic)
+}
+
+/// A processor's relays for `N` command partitions of `tenant`'s orders
+/// (the relay topic grown to `N`), whose events share a one-partition topic.
+async fn relay_partitions<const N: usize>(
+    tenant: &TestTenant,
+) -> (sluice_processors::kafka::KafkaRelays, [sluice_processors::amqp::consumer::PartitionRef; N], String) {
+    let (relays, zero, topic) = hanging_setup(tenant, 1).await;
+    sluice_processors::kafka::ensure_relay_topic(KAFKA, N as u16, Default::default()).await.unwrap();
+    let refs = std::array::from_fn(|p| sluice_processors::amqp::consumer::PartitionRef {
+        partition: p as u16,
+        ..zero.clone()
+    });
+    (relays, refs, topic)
 }
 
 /// A processor's relays for `tenant` (each call another processor's).
