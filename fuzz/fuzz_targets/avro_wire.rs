@@ -1,7 +1,8 @@
 //! A Kafka record's value as the projections and process managers decode it:
 //! Confluent wire format (magic byte, schema id), then the Avro datum under
 //! the schema the id stands for (here each event schema of the catalog, as
-//! the registry would answer), then the typed event. Never panics; a value
+//! the registry would answer), then the typed event (an order event also by
+//! its hand-written reader, which must agree). Never panics; a value
 //! that breaks its schema never becomes an event; one that fits it
 //! re-encodes to a value that decodes to the same.
 #![no_main]
@@ -12,6 +13,7 @@ use apache_avro::Schema;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use sluice_schemas::avro_body::Body;
 use sluice_schemas::catalog::CONTEXTS;
 use sluice_schemas::codec::schema_id;
 use sluice_schemas::orders::OrderEvent;
@@ -32,6 +34,10 @@ fuzz_target!(|input: &[u8]| {
     let reader = GenericDatumReader::builder(schema).build().expect("a reader for the schema");
     let Ok(value) = reader.read_value(&mut &input[5..]) else { return };
     let typed = OrderEvent::from_avro(ty, &value).is_ok() || PatientEvent::from_avro(ty, &value).is_ok();
+    // The hand-written readers of order events read what apache-avro reads.
+    if let Ok(event) = OrderEvent::from_body(ty, Body::new(&input[5..])) {
+        assert_eq!(OrderEvent::from_avro(ty, &value).ok(), Some(event), "{ty}: the readers disagree");
+    }
     // apache-avro 0.22 reads a record cut short inside a string as that
     // field being null (found by this target): such a value must never
     // become an event.

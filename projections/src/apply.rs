@@ -149,8 +149,9 @@ impl<P: Projection> Applier<P> {
             return Ok((Applied::Skipped, Made::default()));
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
-        let (name, value) = decode_record(&self.codec, &self.dead_letters, message).await?;
-        let event = self.projection.decode(&name, &value).map_err(|e| poison("unknown_event", e))?;
+        let decoded = decode_record(&self.codec, &self.dead_letters, message).await?;
+        let name = decoded.name().to_owned();
+        let event = self.projection.decode(decoded)?;
         let memo = match self.projection.memo_read(&event) {
             Some(read) => {
                 let cached = known.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -6,6 +6,7 @@
 //! the CQL write timestamp: applying an event twice, or replaying the topic,
 //! leaves exactly the same cells, and a later version always wins.
 
+use sluice_schemas::codec::{Decoded, EventError};
 use sluice_schemas::orders::{OrderEvent, OrderLine};
 
 use crate::projection::{Cell, MemoRead, Projection, Table, Write};
@@ -101,8 +102,8 @@ impl Projection for Orders {
         &["daily_sales"]
     }
 
-    fn decode(&self, event_type: &str, value: &apache_avro::types::Value) -> Result<OrderEvent, String> {
-        OrderEvent::from_avro(event_type, value).map_err(|e| e.0)
+    fn decode(&self, decoded: Decoded<'_>) -> Result<OrderEvent, EventError> {
+        OrderEvent::from_decoded(decoded)
     }
 
     fn memo_read(&self, event: &OrderEvent) -> Option<MemoRead> {

@@ -8,6 +8,7 @@
 //!   it like any other).
 
 use serde::Serialize;
+use sluice_schemas::codec::{Decoded, EventError};
 use sluice_schemas::patients::PatientEvent;
 
 use crate::projection::{Cell, Projection, Table, Write};
@@ -135,8 +136,8 @@ impl Projection for Patients {
         TABLES
     }
 
-    fn decode(&self, event_type: &str, value: &apache_avro::types::Value) -> Result<PatientEvent, String> {
-        PatientEvent::from_avro(event_type, value).map_err(|e| e.0)
+    fn decode(&self, decoded: Decoded<'_>) -> Result<PatientEvent, EventError> {
+        PatientEvent::from_decoded(decoded)
     }
 
     fn writes(&self, event: &PatientEvent, _: Option<&()>) -> Vec<Write> {

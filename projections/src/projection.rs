@@ -8,6 +8,8 @@
 //! letters ([`crate::store::tables`], [`crate::apply`], [`crate::runner`],
 //! [`crate::replay`]).
 
+use sluice_schemas::codec::{Decoded, EventError};
+
 /// A read model fed by one bounded context's events.
 pub trait Projection: Send + Sync + 'static {
     /// The decoded event of the context.
@@ -32,8 +34,8 @@ pub trait Projection: Send + Sync + 'static {
         &[]
     }
 
-    /// The event of a decoded Avro record, or why it is none of the context's.
-    fn decode(&self, event_type: &str, value: &apache_avro::types::Value) -> Result<Self::Event, String>;
+    /// The event of a decoded record, or why it is none of the context's.
+    fn decode(&self, decoded: Decoded<'_>) -> Result<Self::Event, EventError>;
 
     /// Where the memo of `event`'s key is read when the batch has none, or
     /// `None` when the event needs no memo.

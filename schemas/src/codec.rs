@@ -2,16 +2,20 @@
 //! big-endian schema id, Avro binary body), schemas held in the registry under
 //! TopicRecordNameStrategy so any Confluent deserializer can read the topics.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::avro_common::AvroSchema;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::avro_body::Body;
 use crate::catalog::EventSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,68 @@ fn http_status(message: &str) -> Option<u16> {
 pub struct EventCodec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
+    /// Writer schemas by id, as [`EventCodec::decode`] found them.
+    writers: RwLock<HashMap<u32, Writer>>,
+}
+
+/// A writer schema, and the event type whose compiled-in schema it is, if
+/// it is one (the same Parsing Canonical Form).
+#[derive(Clone)]
+struct Writer {
+    schema: Arc<AvroSchema>,
+    compiled_in: Option<&'static str>,
+}
+
+/// Why a decoded record is no event of a context.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// Its bytes cannot be read with its own writer schema.
+    #[error("undecodable event: {0}")]
+    Undecodable(String),
+    /// It is none of the context's events, or its fields do not fit one.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl EventError {
+    /// Its class on a dead letter.
+    pub fn class(&self) -> &'static str {
+        match self {
+            EventError::Undecodable(_) => "undecodable",
+            EventError::Unknown(_) => "unknown_event",
+        }
+    }
+}
+
+/// A decoded record: the writer schema's full name and the record.
+pub enum Decoded<'a> {
+    /// Written with the schema compiled in for `name`: its body, for a
+    /// typed reader ([`crate::avro_body::FromBody`]) or [`Decoded::into_value`].
+    Body { name: &'static str, body: Body<'a>, schema: Arc<AvroSchema> },
+    /// Written with another schema (an older or newer version): the value.
+    Value { name: String, value: Value },
+}
+
+impl Decoded<'_> {
+    /// The writer schema's full name (the event type).
+    pub fn name(&self) -> &str {
+        match self {
+            Decoded::Body { name, .. } => name,
+            Decoded::Value { name, .. } => name,
+        }
+    }
+
+    /// The record as an Avro value, for code without a typed reader.
+    pub fn into_value(self) -> Result<Value, EventError> {
+        match self {
+            Decoded::Value { value, .. } => Ok(value),
+            Decoded::Body { name, body, schema } => {
+                let mut bytes = body.rest();
+                let value = GenericDatumReader::builder(&schema.parsed).build().and_then(|r| r.read_value(&mut bytes));
+                value.map_err(|e| EventError::Undecodable(format!("{name}: {e}")))
+            }
+        }
+    }
 }
 
 impl EventCodec {
@@ -71,7 +137,11 @@ impl EventCodec {
                 .build()
                 .map_err(|e| CodecError::Registry(e.to_string()))
         };
-        Ok(Self { encoder: AvroEncoder::new(settings()?), decoder: AvroDecoder::new(settings()?) })
+        Ok(Self {
+            encoder: AvroEncoder::new(settings()?),
+            decoder: AvroDecoder::new(settings()?),
+            writers: RwLock::new(HashMap::new()),
+        })
     }
 
     fn strategy(topic: &str, spec: &EventSpec) -> SubjectNameStrategy {
@@ -105,10 +175,20 @@ impl EventCodec {
         result.map_err(classify)
     }
 
-    /// Decodes a record value: the writer schema's full name and the Avro value.
-    pub async fn decode(&self, bytes: &[u8]) -> Result<(String, Value), CodecError> {
-        if bytes.len() < 5 || bytes[0] != 0 {
+    /// Decodes a record value: the writer schema's full name and the record,
+    /// its body as it is when the writer schema is the one compiled in for
+    /// that name (a typed reader takes it from there), else as an Avro value.
+    pub async fn decode<'a>(&self, bytes: &'a [u8]) -> Result<Decoded<'a>, CodecError> {
+        let Some(id) = schema_id(bytes) else {
             return Err(CodecError::Undecodable("not Confluent wire format (magic byte 0 + schema id)".into()));
+        };
+        let known = self.writers.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        let writer = match known {
+            Some(writer) => writer,
+            None => self.writer(id).await?,
+        };
+        if let Some(name) = writer.compiled_in {
+            return Ok(Decoded::Body { name, body: Body::new(&bytes[5..]), schema: writer.schema });
         }
         let result = self.decoder.decode(Some(bytes)).await;
         if result.is_err() {
@@ -116,14 +196,29 @@ impl EventCodec {
         }
         let decoded = result.map_err(classify)?;
         let name = decoded.name.map(|n| n.fullname(None)).unwrap_or_default();
-        Ok((name, decoded.value))
+        Ok(Decoded::Value { name, value: decoded.value })
     }
 
-    /// Decodes a record value into a typed event.
-    pub async fn decode_as<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<(String, T), CodecError> {
-        let (name, value) = self.decode(bytes).await?;
-        let typed = apache_avro::from_value(&value).map_err(|e| CodecError::Undecodable(format!("{name}: {e}")))?;
-        Ok((name, typed))
+    /// The writer schema of `id`, asked of the registry once.
+    async fn writer(&self, id: u32) -> Result<Writer, CodecError> {
+        let result = self.decoder.get_schema(id).await;
+        if result.is_err() {
+            self.decoder.remove_errors_from_cache();
+        }
+        let schema = result.map_err(classify)?;
+        let name = match &schema.parsed {
+            apache_avro::Schema::Record(record) => Some(record.name.fullname(None)),
+            _ => None,
+        };
+        // The same Parsing Canonical Form means the same bytes' layout.
+        let compiled_in = name.and_then(|name| {
+            let spec = crate::catalog::event_spec(&name)?;
+            let ours = apache_avro::Schema::parse_str(spec.avro).ok()?;
+            (ours.canonical_form() == schema.parsed.canonical_form()).then_some(spec.ty)
+        });
+        let writer = Writer { schema, compiled_in };
+        self.writers.write().unwrap_or_else(|e| e.into_inner()).insert(id, writer.clone());
+        Ok(writer)
     }
 
     /// The converter caches failures; a registry that was down must be asked

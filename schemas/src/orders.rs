@@ -4,7 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::avro_body::{Body, BodyError, FromBody};
 use crate::catalog::{CommandSpec, ContextSpec, EventSpec};
+use crate::codec::{Decoded, EventError};
 
 pub const CONTEXT: &str = "orders";
 
@@ -200,6 +202,75 @@ impl OrderEvent {
         };
         parsed.map_err(|e| UnknownEvent(format!("{event_type}: {e}")))
     }
+
+    /// Reads an event from the body of an Avro record written with its
+    /// compiled-in schema.
+    pub fn from_body(event_type: &str, body: Body<'_>) -> Result<Self, EventError> {
+        let bytes = body.rest();
+        let parsed = match event_type {
+            ORDER_SUBMITTED => OrderSubmitted::read(bytes).map(OrderEvent::Submitted),
+            ORDER_CANCELLED => OrderCancelled::read(bytes).map(OrderEvent::Cancelled),
+            ORDER_SHIPPED => OrderShipped::read(bytes).map(OrderEvent::Shipped),
+            other => return Err(EventError::Unknown(format!("unknown event type {other}"))),
+        };
+        parsed.map_err(|e| EventError::Undecodable(format!("{event_type}: {e}")))
+    }
+
+    /// Rebuilds an event from a record as the codec decoded it.
+    pub fn from_decoded(decoded: Decoded<'_>) -> Result<Self, EventError> {
+        match decoded {
+            Decoded::Body { name, body, .. } => Self::from_body(name, body),
+            Decoded::Value { name, value } => Self::from_avro(&name, &value).map_err(|e| EventError::Unknown(e.0)),
+        }
+    }
+}
+
+// The readers take the fields in the order of `avro/orders/*.avsc`.
+
+impl FromBody for OrderLine {
+    fn from_body(body: &mut Body<'_>) -> Result<Self, BodyError> {
+        Ok(OrderLine { sku: body.string()?, quantity: body.int()?, unit_price_cents: body.long()? })
+    }
+}
+
+impl FromBody for OrderSubmitted {
+    fn from_body(body: &mut Body<'_>) -> Result<Self, BodyError> {
+        Ok(OrderSubmitted {
+            event_id: body.string()?,
+            order_id: body.string()?,
+            version: body.long()?,
+            occurred_at: body.long()?,
+            customer_id: body.string()?,
+            currency: body.string()?,
+            lines: body.array(OrderLine::from_body)?,
+            total_cents: body.long()?,
+        })
+    }
+}
+
+impl FromBody for OrderCancelled {
+    fn from_body(body: &mut Body<'_>) -> Result<Self, BodyError> {
+        Ok(OrderCancelled {
+            event_id: body.string()?,
+            order_id: body.string()?,
+            version: body.long()?,
+            occurred_at: body.long()?,
+            reason: body.string()?,
+        })
+    }
+}
+
+impl FromBody for OrderShipped {
+    fn from_body(body: &mut Body<'_>) -> Result<Self, BodyError> {
+        Ok(OrderShipped {
+            event_id: body.string()?,
+            order_id: body.string()?,
+            version: body.long()?,
+            occurred_at: body.long()?,
+            carrier: body.string()?,
+            tracking_number: body.string()?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +297,13 @@ mod tests {
         let bytes = apache_avro::to_avro_datum(&schema, avro).unwrap();
         let back = apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
         assert_eq!(OrderEvent::from_avro(ORDER_SUBMITTED, &back).unwrap(), event);
+        assert_eq!(OrderEvent::from_body(ORDER_SUBMITTED, Body::new(&bytes)).unwrap(), event);
+        // Bytes its own schema cannot read are undecodable; another type's
+        // name is no event of the context.
+        for cut in [&bytes[..bytes.len() - 1], &[bytes.as_slice(), &[0]].concat()] {
+            assert!(matches!(OrderEvent::from_body(ORDER_SUBMITTED, Body::new(cut)), Err(EventError::Undecodable(_))));
+        }
+        assert!(matches!(OrderEvent::from_body("com.example.Other", Body::new(&bytes)), Err(EventError::Unknown(_))));
         assert_eq!(OrderEvent::from_json(ORDER_SUBMITTED, event.to_json()).unwrap(), event);
     }
 }

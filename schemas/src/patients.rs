@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{CommandSpec, ContextSpec, EventSpec};
+use crate::codec::{Decoded, EventError};
 use crate::orders::UnknownEvent;
 
 pub const CONTEXT: &str = "patients";
@@ -225,6 +226,14 @@ impl PatientEvent {
     /// Rebuilds an event from a decoded Avro record and its full name.
     pub fn from_avro(event_type: &str, value: &apache_avro::types::Value) -> Result<Self, UnknownEvent> {
         parse!(event_type, apache_avro::from_value(value))
+    }
+
+    /// Rebuilds an event from a record as the codec decoded it (through an
+    /// Avro value: patients' events are few, no reader of their own).
+    pub fn from_decoded(decoded: Decoded<'_>) -> Result<Self, EventError> {
+        let name = decoded.name().to_owned();
+        let value = decoded.into_value()?;
+        Self::from_avro(&name, &value).map_err(|e| EventError::Unknown(e.0))
     }
 }
 

@@ -4,7 +4,7 @@
 //! poison, and the registry being unavailable is transient.
 
 use rdkafka::message::Message;
-use sluice_schemas::codec::EventCodec;
+use sluice_schemas::codec::{Decoded, EventCodec, EventError};
 
 use crate::dead_letter::{DeadLetters, Parking, PARKED};
 
@@ -18,14 +18,14 @@ pub enum ApplyError {
     Poison { class: &'static str, reason: String },
 }
 
-/// The event name and Avro value of a record, or why it cannot be applied:
-/// its key is parked, it has no value or cannot be decoded (poison), or the
-/// registry is unavailable (transient).
-pub async fn decode_record(
+/// The decoded record (its event type and body or Avro value), or why it
+/// cannot be applied: its key is parked, it has no value or cannot be
+/// decoded (poison), or the registry is unavailable (transient).
+pub async fn decode_record<'m>(
     codec: &EventCodec,
     dead_letters: &DeadLetters,
-    message: &impl Message,
-) -> Result<(String, apache_avro::types::Value), ApplyError> {
+    message: &'m impl Message,
+) -> Result<Decoded<'m>, ApplyError> {
     let poison = |class, reason: String| ApplyError::Poison { class, reason };
     match dead_letters.parking(message).await.map_err(|e| ApplyError::Transient(e.0))? {
         Parking::Free => {}
@@ -43,4 +43,11 @@ pub async fn decode_record(
             poison("undecodable", e.to_string())
         }
     })
+}
+
+impl From<EventError> for ApplyError {
+    /// A record that is no event of the context is poison.
+    fn from(e: EventError) -> Self {
+        ApplyError::Poison { class: e.class(), reason: e.to_string() }
+    }
 }

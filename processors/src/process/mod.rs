@@ -27,6 +27,7 @@ pub mod timers;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sluice_schemas::codec::{Decoded, EventError};
 
 use crate::domain::DomainEvent;
 
@@ -89,9 +90,10 @@ pub trait ProcessManager: Send + Sync + 'static {
     type State: Default + Clone + PartialEq + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync;
     type Event: DomainEvent;
 
-    /// Reads an event of the followed context from its Avro record; `None`
-    /// for events it does not know.
-    fn from_avro(event_type: &str, value: &apache_avro::types::Value) -> Option<Self::Event>;
+    /// Reads an event of the followed context from its decoded record;
+    /// `None` for events it does not know, an error for bytes its own
+    /// schema cannot read.
+    fn from_decoded(decoded: Decoded<'_>) -> Result<Option<Self::Event>, EventError>;
     /// The process instance an event belongs to (the patient id).
     fn correlation(event: &Self::Event) -> &str;
     fn react(&self, state: &Self::State, event: &Self::Event) -> Decision<Self::State>;

@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sluice_schemas::codec::{Decoded, EventError};
 use sluice_schemas::patients::{self as contract, PatientEvent};
 
 use super::{CommandIntent, Decision, ProcessManager, Timer};
@@ -64,8 +65,12 @@ impl ProcessManager for Onboarding {
     type State = OnboardingState;
     type Event = PatientEvent;
 
-    fn from_avro(event_type: &str, value: &apache_avro::types::Value) -> Option<PatientEvent> {
-        PatientEvent::from_avro(event_type, value).ok()
+    fn from_decoded(decoded: Decoded<'_>) -> Result<Option<PatientEvent>, EventError> {
+        match PatientEvent::from_decoded(decoded) {
+            Ok(event) => Ok(Some(event)),
+            Err(EventError::Unknown(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn correlation(event: &PatientEvent) -> &str {

@@ -343,9 +343,9 @@ where
     let Some((tenant, _)) = sluice_schemas::names::parse_events_topic(record.topic()) else {
         return Ok(Handling::Ignored);
     };
-    let (name, value) = decode_record(codec, dead_letters, record).await?;
+    let decoded = decode_record(codec, dead_letters, record).await?;
     // Events of the context that the process does not follow pass by.
-    let Some(event) = M::from_avro(&name, &value) else { return Ok(Handling::Ignored) };
+    let Some(event) = M::from_decoded(decoded)? else { return Ok(Handling::Ignored) };
     let correlation = M::correlation(&event).to_owned();
     runtime.handle(tenant, &correlation, &Input::Event(event)).await.map_err(|e| match e {
         StepError::Transient(reason) => ApplyError::Transient(reason),
