@@ -59,6 +59,13 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // mimalloc asks for transparent huge pages for its memory, and gives
+    // freed pages back to the OS after a while: on a kernel whose THP
+    // setting is `madvise` (Debian's), each page it takes back and touches
+    // again was then a 2 MiB page zeroed by the kernel, a quarter of a
+    // rebuild's CPU. Plain pages cost a 4 KiB zeroing each. The flag holds
+    // for the whole process; a kernel without it changes nothing.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
