@@ -183,11 +183,14 @@ impl<P: Projection> Applier<P> {
     }
 }
 
-/// What records make: rows to write, and additions to count.
+/// What records make: rows to write, and additions to count; and how many
+/// of them were applied and dead-lettered.
 #[derive(Default)]
 struct Made {
     rows: Vec<Row>,
     additions: Vec<Addition>,
+    applied: u64,
+    dead_lettered: u64,
 }
 
 /// What a batch knows of a key's memo.
@@ -350,22 +353,18 @@ impl<'x, P: Projection> Settling<'x, P> {
             let settled = settle_record(&self.applier.dead_letters, record, self.stop, make)
                 .instrument(self.applier.span(record))
                 .await?;
-            let outcome = match settled {
+            match settled {
                 Settled::Applied((Applied::Written { .. }, record_made)) => {
                     made.rows.extend(record_made.rows);
                     made.additions.extend(record_made.additions);
-                    self.applied.fetch_add(1, Ordering::Relaxed);
-                    "applied"
+                    made.applied += 1;
                 }
                 Settled::Applied(_) => continue,
                 Settled::DeadLettered { .. } => {
-                    self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    made.dead_lettered += 1;
                     forget = true;
-                    "dead_lettered"
                 }
-            };
-            metrics::counter!("sluice_projection_events_total", "projection" => self.applier.projection.name().to_owned(), "outcome" => outcome)
-                .increment(1);
+            }
         }
         let learned = match known.into_inner().unwrap_or_else(|e| e.into_inner()) {
             _ if forget => Learned::Forget,
@@ -449,10 +448,24 @@ impl<P: Projection> Settling<'_, P> {
         let mut made = Made {
             rows: Vec::with_capacity(each.iter().map(|m| m.rows.len()).sum()),
             additions: Vec::with_capacity(each.iter().map(|m| m.additions.len()).sum()),
+            ..Made::default()
         };
         for key_made in each {
             made.rows.extend(key_made.rows);
             made.additions.extend(key_made.additions);
+            made.applied += key_made.applied;
+            made.dead_lettered += key_made.dead_lettered;
+        }
+        // Counted once a batch: a label per record was a visible share of
+        // a rebuild's CPU.
+        self.applied.fetch_add(made.applied, Ordering::Relaxed);
+        self.dead_lettered.fetch_add(made.dead_lettered, Ordering::Relaxed);
+        let name = self.applier.projection.name();
+        for (outcome, n) in [("applied", made.applied), ("dead_lettered", made.dead_lettered)] {
+            if n > 0 {
+                metrics::counter!("sluice_projection_events_total", "projection" => name.to_owned(), "outcome" => outcome)
+                    .increment(n);
+            }
         }
         Some(MadeBatch { made, learned, began, started, records: records.len() })
     }

@@ -102,11 +102,12 @@ impl Table {
     }
 
     /// The partition key after `tenant`.
-    pub fn partition_key(&self) -> Vec<&'static str> {
-        match self {
-            Table::Rows { partition, .. } => partition.to_vec(),
-            Table::Totals { key, .. } => key.iter().map(|(name, _)| *name).collect(),
-        }
+    pub fn partition_key(&self) -> impl Iterator<Item = &'static str> {
+        let (rows, totals): (&[&str], &[(&str, &str)]) = match self {
+            Table::Rows { partition, .. } => (partition, &[]),
+            Table::Totals { key, .. } => (&[], key),
+        };
+        rows.iter().copied().chain(totals.iter().map(|(name, _)| *name))
     }
 
     /// The primary key after `tenant` (partition, then clustering).

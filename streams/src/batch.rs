@@ -165,7 +165,10 @@ pub async fn settle(batch: &[OwnedMessage], max_keys_in_flight: usize, settle_on
 /// offset order, groups in order of their first record.
 pub fn by_key<M: Message>(batch: &[M]) -> Vec<Vec<&M>> {
     let mut groups: Vec<Vec<&M>> = Vec::new();
-    let mut index: HashMap<(&str, i32, Option<&[u8]>), usize> = HashMap::new();
+    // Sized for a key per record (a rebuild's batches mostly are), hashed
+    // with foldhash: growing and SipHash were a visible share of a replay.
+    let mut index: HashMap<(&str, i32, Option<&[u8]>), usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for record in batch {
         let at = *index.entry((record.topic(), record.partition(), record.key())).or_insert_with(|| {
             groups.push(Vec::new());

@@ -5,7 +5,7 @@
 //! running totals counted once per record.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -323,30 +323,35 @@ impl Tables {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Replicas {
     Nodes(Vec<u128>),
-    Partition(String),
+    Partition(u64),
 }
 
 fn replicas_of(cluster: &ClusterState, row: &Row) -> Replicas {
     match replicas::of(cluster, &row.statement, &row.values) {
         Some(nodes) => Replicas::Nodes(nodes),
-        None => Replicas::Partition(row.partition.clone()),
+        None => Replicas::Partition(row.partition),
     }
 }
 
-/// Which partition a row lands in (table, tenant and partition key), or why
-/// the write lacks its partition key.
-fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<String, ReadModelError> {
-    let mut partition = format!("{}\u{0}{tenant}", spec.name());
+/// Which partition a row lands in, as a hash of its table, tenant and
+/// partition key, or why the write lacks its partition key. Only rows whose
+/// replicas the driver cannot tell are grouped by it: two partitions that
+/// share a hash would merely share a batch.
+fn partition_of(spec: &Table, tenant: &str, cells: &[(&str, Cell)]) -> Result<u64, ReadModelError> {
+    let mut partition = PARTITION_HASH.build_hasher();
+    (spec.name(), tenant).hash(&mut partition);
     for column in spec.partition_key() {
         let (_, value) = cells
             .iter()
             .find(|(name, _)| *name == column)
             .ok_or_else(|| ReadModelError(format!("a write to {} lacks its key column {column}", spec.name())))?;
-        // Written in place: no string of its own per key column.
-        let _ = write!(partition, "\u{0}{value:?}");
+        value.hash(&mut partition);
     }
-    Ok(partition)
+    Ok(partition.finish())
 }
+
+/// The hasher of [`partition_of`].
+const PARTITION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5_1ce);
 
 /// One running total: tenant, table, key and events partition.
 type Slot<'a> = (&'a str, &'a str, &'a [(&'a str, Cell)], i32);
@@ -373,6 +378,6 @@ pub struct Addition {
 #[derive(Debug)]
 pub struct Row {
     statement: PreparedStatement,
-    partition: String,
+    partition: u64,
     values: Vec<Option<CqlValue>>,
 }
