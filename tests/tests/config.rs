@@ -134,3 +134,19 @@ async fn sluice_status_in_the_checkout_finds_the_dev_config_and_prints_the_table
     }
     assert!(matches!(status.code(), Some(0 | 1)), "0 healthy, 1 unhealthy: {status}\n{stderr}");
 }
+
+/// The `sluice` process turns transparent huge pages off for itself: with
+/// them, the allocator's memory given back and touched again was zeroed by
+/// the kernel 2 MiB at a time (a quarter of a rebuild's CPU). The kernel
+/// says so in `/proc/<pid>/status` (`THP_enabled: 0`).
+#[tokio::test]
+async fn the_sluice_process_runs_without_transparent_huge_pages() {
+    let tenant = TestTenant::new();
+    let process = SluiceProcess::spawn(&test_settings(&[&tenant]), "processor");
+    let status = format!("/proc/{}/status", process.child.id());
+    eventually(Duration::from_secs(30), "THP_enabled: 0 in the process's status", || async {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        text.lines().any(|line| line.split_whitespace().eq(["THP_enabled:", "0"])).then_some(())
+    })
+    .await;
+}
