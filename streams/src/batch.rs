@@ -167,7 +167,7 @@ pub fn by_key<M: Message>(batch: &[M]) -> Vec<Vec<&M>> {
     let mut groups: Vec<Vec<&M>> = Vec::new();
     // Sized for a key per record (a rebuild's batches mostly are), hashed
     // with foldhash: growing and SipHash were a visible share of a replay.
-    let mut index: HashMap<(&str, i32, Option<&[u8]>), usize, foldhash::fast::RandomState> =
+    let mut index: HashMap<RecordKey<'_>, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for record in batch {
         let at = *index.entry((record.topic(), record.partition(), record.key())).or_insert_with(|| {
@@ -178,6 +178,9 @@ pub fn by_key<M: Message>(batch: &[M]) -> Vec<Vec<&M>> {
     }
     groups
 }
+
+/// A record's topic, partition and key.
+type RecordKey<'a> = (&'a str, i32, Option<&'a [u8]>);
 
 /// The next offset to read of each (topic, partition) in the batch.
 pub fn next_offsets<M: Message>(batch: &[M]) -> Vec<(String, i32, i64)> {
