@@ -39,12 +39,7 @@ pub fn context_of(topic: &str) -> Option<&str> {
 /// What became of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    Written {
-        event_type: String,
-    },
-    DeadLettered {
-        reason: String,
-    },
+    Written,
     /// The record belongs to another context's topic: not for this
     /// projection, and not poison either.
     Skipped,
@@ -150,7 +145,7 @@ impl<P: Projection> Applier<P> {
         }
         let tenant = tenant_of(topic).ok_or_else(|| poison("bad_topic", format!("topic {topic} names no tenant")))?;
         let decoded = decode_record(&self.codec, &self.dead_letters, message).await?;
-        let name = decoded.name().to_owned();
+        debug!(tenant, event_type = decoded.name(), offset = message.offset(), "making rows");
         let event = self.projection.decode(decoded)?;
         let memo = match self.projection.memo_read(&event) {
             Some(read) => {
@@ -178,8 +173,7 @@ impl<P: Projection> Applier<P> {
             }
         }
         *known.lock().unwrap_or_else(|e| e.into_inner()) = Known::Have(self.projection.memo_after(&event, memo));
-        debug!(tenant, event_type = name, offset = message.offset(), "rows made");
-        Ok((Applied::Written { event_type: name }, made))
+        Ok((Applied::Written, made))
     }
 }
 
@@ -354,7 +348,7 @@ impl<'x, P: Projection> Settling<'x, P> {
                 .instrument(self.applier.span(record))
                 .await?;
             match settled {
-                Settled::Applied((Applied::Written { .. }, record_made)) => {
+                Settled::Applied((Applied::Written, record_made)) => {
                     made.rows.extend(record_made.rows);
                     made.additions.extend(record_made.additions);
                     made.applied += 1;
