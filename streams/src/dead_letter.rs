@@ -136,6 +136,10 @@ impl DeadLetters {
                 }
             }
         }
+        // Mostly nothing is parked: no key made for each record then.
+        if parked.is_empty() {
+            return Ok(Parking::Free);
+        }
         let key = (message.topic().to_owned(), key_of(message));
         if !parked.contains(&key) {
             return Ok(Parking::Free);

@@ -56,7 +56,8 @@ pub fn batches_by_weight<U, K: Eq + Hash>(
     weight: impl Fn(&U) -> usize,
     key: impl Fn(&U) -> K,
 ) -> Vec<Vec<U>> {
-    let mut open: HashMap<K, (Vec<U>, usize)> = HashMap::new();
+    // foldhash: a rebuild looks up a key for every row it writes.
+    let mut open: HashMap<K, (Vec<U>, usize), foldhash::fast::RandomState> = HashMap::default();
     let mut full = Vec::new();
     for unit in units {
         let Some(first) = unit.first() else { continue };

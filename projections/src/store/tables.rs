@@ -2,7 +2,8 @@
 //! tables created from the projection's [`Table`]s on first use, statements
 //! prepared once per shape, rows of one partition sent in unlogged batches
 //! (partitions concurrently), the event's stream version as write timestamp,
-//! running totals counted once per record.
+//! running totals counted once per record. A row's values are serialized
+//! once, when it is made, checked against its statement's bind markers.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -12,6 +13,11 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::ClusterState;
+use scylla::frame::response::result::{ColumnSpec, ColumnType};
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::{CellWriter, RowWriter, WrittenCellProof};
+use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlDate, CqlTimestamp, CqlValue};
@@ -42,11 +48,21 @@ fn cql(cell: &Cell) -> Option<CqlValue> {
     }
 }
 
-/// [`cql`] of a cell given away (its text moved, not copied).
-fn cql_owned(cell: Cell) -> Option<CqlValue> {
-    match cell {
-        Cell::Text(s) => Some(CqlValue::Text(s)),
-        other => cql(&other),
+/// A cell as the value of a bind marker, checked against its CQL type.
+impl SerializeValue for Cell {
+    fn serialize<'b>(
+        &self,
+        typ: &ColumnType,
+        writer: CellWriter<'b>,
+    ) -> Result<WrittenCellProof<'b>, SerializationError> {
+        match self {
+            Cell::Text(s) => s.as_str().serialize(typ, writer),
+            Cell::BigInt(n) => n.serialize(typ, writer),
+            Cell::Int(n) => n.serialize(typ, writer),
+            Cell::Timestamp(ms) => CqlTimestamp(*ms).serialize(typ, writer),
+            Cell::Date(days) => day_date(*days).serialize(typ, writer),
+            Cell::Null => Ok(writer.set_null()),
+        }
     }
 }
 
@@ -80,7 +96,7 @@ pub struct Tables {
     /// The insert statements by their shape (table and columns): a row's
     /// statement is found without spelling out its text (a rebuild makes
     /// tens of thousands of rows a second, of a few shapes).
-    inserts: Mutex<Vec<InsertShape>>,
+    inserts: Mutex<Vec<Arc<InsertShape>>>,
 }
 
 /// An insert statement of [`Tables::inserts`].
@@ -88,6 +104,12 @@ struct InsertShape {
     table: &'static str,
     columns: Vec<&'static str>,
     statement: PreparedStatement,
+}
+
+/// Whether two names are the same; the names of a shape are the
+/// projection's literals, so mostly the very same string.
+fn same_name(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 impl Tables {
@@ -142,11 +164,14 @@ impl Tables {
         &self,
         table: &'static str,
         cells: &[(&'static str, Cell)],
-    ) -> Result<PreparedStatement, ReadModelError> {
-        let same =
-            |shape: &&InsertShape| shape.table == table && shape.columns.iter().eq(cells.iter().map(|(name, _)| name));
+    ) -> Result<Arc<InsertShape>, ReadModelError> {
+        let same = |shape: &&Arc<InsertShape>| {
+            same_name(shape.table, table)
+                && shape.columns.len() == cells.len()
+                && shape.columns.iter().zip(cells).all(|(column, (name, _))| same_name(column, name))
+        };
         if let Some(shape) = self.inserts.lock().unwrap_or_else(|e| e.into_inner()).iter().find(same) {
-            return Ok(shape.statement.clone());
+            return Ok(shape.clone());
         }
         let columns: Vec<&'static str> = cells.iter().map(|(name, _)| *name).collect();
         let statement = self
@@ -157,9 +182,9 @@ impl Tables {
                 ", ?".repeat(columns.len())
             ))
             .await?;
-        let shape = InsertShape { table, columns, statement: statement.clone() };
-        self.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(shape);
-        Ok(statement)
+        let shape = Arc::new(InsertShape { table, columns, statement });
+        self.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(shape.clone());
+        Ok(shape)
     }
 
     /// The cells a [`MemoRead`] names, if the row exists.
@@ -208,12 +233,9 @@ impl Tables {
         timestamp: i64,
     ) -> Result<Row, ReadModelError> {
         let partition = partition_of(self.spec(table)?, tenant, &cells)?;
-        let statement = self.insert(table, &cells).await?;
-        let values: Vec<Option<CqlValue>> = std::iter::once(Some(CqlValue::Text(tenant.to_owned())))
-            .chain(cells.into_iter().map(|(_, c)| cql_owned(c)))
-            .chain([Some(CqlValue::BigInt(timestamp))])
-            .collect();
-        Ok(Row { statement, partition, values })
+        let shape = self.insert(table, &cells).await?;
+        let values = Values::of(shape.statement.get_variable_col_specs().as_slice(), tenant, &cells, timestamp)?;
+        Ok(Row { shape, partition, values })
     }
 
     /// The rows that count additions into their running totals, each events
@@ -307,13 +329,13 @@ impl Tables {
 
     async fn write_chunk(&self, chunk: &[&Row]) -> Result<(), ReadModelError> {
         if let [row] = chunk {
-            return self.session.execute_unpaged(&row.statement, &row.values).await.map(drop).map_err(rm_err);
+            return self.session.execute_unpaged(&row.shape.statement, &row.values).await.map(drop).map_err(rm_err);
         }
         let mut batch = Batch::new(BatchType::Unlogged);
         for row in chunk {
-            batch.append_statement(row.statement.clone());
+            batch.append_statement(row.shape.statement.clone());
         }
-        let values: Vec<&Vec<Option<CqlValue>>> = chunk.iter().map(|r| &r.values).collect();
+        let values: Vec<&Values> = chunk.iter().map(|r| &r.values).collect();
         self.session.batch(&batch, values).await.map(drop).map_err(rm_err)
     }
 }
@@ -327,7 +349,7 @@ enum Replicas {
 }
 
 fn replicas_of(cluster: &ClusterState, row: &Row) -> Replicas {
-    match replicas::of(cluster, &row.statement, &row.values) {
+    match replicas::of(cluster, &row.shape.statement, &row.values) {
         Some(nodes) => Replicas::Nodes(nodes),
         None => Replicas::Partition(row.partition),
     }
@@ -375,9 +397,142 @@ pub struct Addition {
 
 /// One write ready to send: its statement, the partition it lands in, and
 /// its values (the write timestamp last).
-#[derive(Debug)]
 pub struct Row {
-    statement: PreparedStatement,
+    shape: Arc<InsertShape>,
     partition: u64,
-    values: Vec<Option<CqlValue>>,
+    values: Values,
+}
+
+/// A row's values as the protocol sends them, serialized once when the row
+/// is made (a rebuild makes tens of thousands a second): each a `[value]`
+/// (its length, -1 for null, then its bytes), checked then against the
+/// types of the statement's bind markers.
+#[derive(Debug)]
+struct Values {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl Values {
+    /// `tenant`, the cells, then the write timestamp, for a statement whose
+    /// bind markers are `specs`.
+    fn of(
+        specs: &[ColumnSpec<'_>],
+        tenant: &str,
+        cells: &[(&str, Cell)],
+        timestamp: i64,
+    ) -> Result<Self, ReadModelError> {
+        if specs.len() != cells.len() + 2 {
+            return Err(ReadModelError(format!("{} values for {} bind markers", cells.len() + 2, specs.len())));
+        }
+        let text = |cell: &Cell| match cell {
+            Cell::Text(s) => s.len(),
+            _ => 0,
+        };
+        let size = 4 * (cells.len() + 2)
+            + tenant.len()
+            + 8 * (cells.len() + 1)
+            + cells.iter().map(|(_, c)| text(c)).sum::<usize>();
+        let mut bytes = Vec::with_capacity(size);
+        let mut put = |value: &dyn SerializeValue, at: usize| {
+            let spec = &specs[at];
+            value
+                .serialize(spec.typ(), CellWriter::new(&mut bytes))
+                .map(drop)
+                .map_err(|e| ReadModelError(format!("{} of {}: {e}", spec.name(), spec.table_spec().table_name())))
+        };
+        put(&tenant, 0)?;
+        for (at, (_, cell)) in cells.iter().enumerate() {
+            put(cell, at + 1)?;
+        }
+        put(&timestamp, cells.len() + 1)?;
+        Ok(Self { bytes, count: cells.len() + 2 })
+    }
+}
+
+impl SerializeRow for Values {
+    fn serialize(&self, ctx: &RowSerializationContext<'_>, writer: &mut RowWriter) -> Result<(), SerializationError> {
+        if ctx.columns().len() != self.count {
+            return Err(SerializationError::new(ReadModelError(format!(
+                "{} values for {} bind markers",
+                self.count,
+                ctx.columns().len()
+            ))));
+        }
+        let mut rest = self.bytes.as_slice();
+        while let Some((length, after)) = rest.split_first_chunk::<4>() {
+            let cell = writer.make_cell_writer();
+            let Ok(length) = usize::try_from(i32::from_be_bytes(*length)) else {
+                cell.set_null();
+                rest = after;
+                continue;
+            };
+            let (value, after) = after.split_at(length);
+            cell.set_value(value).map_err(SerializationError::new)?;
+            rest = after;
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use scylla::frame::response::result::{NativeType, TableSpec};
+
+    use super::*;
+
+    fn spec(name: &'static str, typ: NativeType) -> ColumnSpec<'static> {
+        ColumnSpec::borrowed(name, ColumnType::Native(typ), TableSpec::borrowed("sluice", "t"))
+    }
+
+    fn serialized(specs: &[ColumnSpec<'_>], row: &impl SerializeRow) -> Result<Vec<u8>, SerializationError> {
+        let mut bytes = Vec::new();
+        row.serialize(&RowSerializationContext::from_specs(specs), &mut RowWriter::new(&mut bytes))?;
+        Ok(bytes)
+    }
+
+    #[test]
+    fn a_rows_values_serialized_once_are_what_the_driver_sends_for_them() {
+        let specs = [
+            spec("tenant", NativeType::Text),
+            spec("order_id", NativeType::Text),
+            spec("total_cents", NativeType::BigInt),
+            spec("lines", NativeType::Int),
+            spec("submitted_at", NativeType::Timestamp),
+            spec("day", NativeType::Date),
+            spec("carrier", NativeType::Text),
+            spec("[timestamp]", NativeType::BigInt),
+        ];
+        let cells = [
+            ("order_id", Cell::text("o-1")),
+            ("total_cents", Cell::BigInt(-2_100)),
+            ("lines", Cell::Int(3)),
+            ("submitted_at", Cell::Timestamp(1_700_000_000_123)),
+            ("day", Cell::day_of(1_700_000_000_123)),
+            ("carrier", Cell::Null),
+        ];
+        let values = Values::of(&specs, "acme", &cells, 7).expect("the cells fit their columns");
+        let driver: Vec<Option<CqlValue>> = std::iter::once(Some(CqlValue::Text("acme".into())))
+            .chain(cells.iter().map(|(_, c)| cql(c)))
+            .chain([Some(CqlValue::BigInt(7))])
+            .collect();
+        assert_eq!(serialized(&specs, &values).unwrap(), serialized(&specs, &driver).unwrap());
+        assert!(serialized(&specs[..7], &values).is_err(), "a statement with another number of markers is refused");
+    }
+
+    #[test]
+    fn a_cell_that_does_not_fit_its_column_names_the_column() {
+        let specs = [
+            spec("tenant", NativeType::Text),
+            spec("total_cents", NativeType::BigInt),
+            spec("[timestamp]", NativeType::BigInt),
+        ];
+        let err = Values::of(&specs, "acme", &[("total_cents", Cell::text("12"))], 1).unwrap_err();
+        assert!(err.0.contains("total_cents of t"), "{err}");
+        assert!(Values::of(&specs, "acme", &[], 1).is_err(), "too few values for the markers");
+    }
 }
