@@ -153,7 +153,9 @@ impl<P: Projection> Applier<P> {
                 match cached {
                     Known::Have(memo) => memo,
                     Known::Ask => {
-                        let cells = self.tables.read_memo(tenant, &read).await.map_err(transient)?;
+                        // Boxed: a rebuild reads no memo, and inline the read's
+                        // future would grow every record's (moved per key).
+                        let cells = Box::pin(self.tables.read_memo(tenant, &read)).await.map_err(transient)?;
                         cells.and_then(|cells| self.projection.memo_of(&cells))
                     }
                 }

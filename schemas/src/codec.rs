@@ -183,14 +183,17 @@ impl EventCodec {
             return Err(CodecError::Undecodable("not Confluent wire format (magic byte 0 + schema id)".into()));
         };
         let known = self.writers.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        // The rare paths are boxed: inline, their futures (an HTTP request
+        // to the registry) would grow the future of every record's decode,
+        // which a rebuild moves and allocates per key.
         let writer = match known {
             Some(writer) => writer,
-            None => self.writer(id).await?,
+            None => Box::pin(self.writer(id)).await?,
         };
         if let Some(name) = writer.compiled_in {
             return Ok(Decoded::Body { name, body: Body::new(&bytes[5..]), schema: writer.schema });
         }
-        let result = self.decoder.decode(Some(bytes)).await;
+        let result = Box::pin(self.decoder.decode(Some(bytes))).await;
         if result.is_err() {
             self.decoder.remove_errors_from_cache();
         }

@@ -128,7 +128,9 @@ impl DeadLetters {
         }
         let mut parked = self.parked.lock().await;
         if self.stale.swap(false, Ordering::SeqCst) {
-            match load_parked(&self.session, &self.consumer, self.version).await {
+            // Boxed, as the key's state below: rare, and inline they would
+            // grow every record's future.
+            match Box::pin(load_parked(&self.session, &self.consumer, self.version)).await {
                 Ok(fresh) => *parked = fresh,
                 Err(e) => {
                     self.stale.store(true, Ordering::SeqCst);
@@ -144,7 +146,7 @@ impl DeadLetters {
         if !parked.contains(&key) {
             return Ok(Parking::Free);
         }
-        let state = key_state(&self.session, &self.consumer, self.version, &key.0, &key.1).await?;
+        let state = Box::pin(key_state(&self.session, &self.consumer, self.version, &key.0, &key.1)).await?;
         if state == Parking::Free {
             parked.remove(&key);
         }

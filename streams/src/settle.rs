@@ -36,12 +36,15 @@ where
     loop {
         match attempt().await {
             Ok(applied) => return Some(Settled::Applied(applied)),
-            Err(ApplyError::Poison { class, reason }) => match dead_letters.send(record, class, &reason).await {
-                Ok(()) => return Some(Settled::DeadLettered { class, reason }),
-                Err(e) => {
-                    warn!(error = %e, topic = record.topic(), offset = record.offset(), "cannot dead-letter a poison record yet")
+            // Boxed: rare, and inline its future would grow every record's.
+            Err(ApplyError::Poison { class, reason }) => {
+                match Box::pin(dead_letters.send(record, class, &reason)).await {
+                    Ok(()) => return Some(Settled::DeadLettered { class, reason }),
+                    Err(e) => {
+                        warn!(error = %e, topic = record.topic(), offset = record.offset(), "cannot dead-letter a poison record yet")
+                    }
                 }
-            },
+            }
             Err(ApplyError::Transient(reason)) => {
                 warn!(%reason, topic = record.topic(), offset = record.offset(), "record not applied yet; retrying");
             }

@@ -174,14 +174,15 @@ impl Tables {
             return Ok(shape.clone());
         }
         let columns: Vec<&'static str> = cells.iter().map(|(name, _)| *name).collect();
-        let statement = self
-            .prepare(format!(
-                "INSERT INTO {} (tenant, {}) VALUES (?{}) USING TIMESTAMP ?",
-                self.full_name(table),
-                columns.join(", "),
-                ", ?".repeat(columns.len())
-            ))
-            .await?;
+        // Boxed: once per shape, and inline the driver's prepare would grow
+        // the future of every row made.
+        let statement = Box::pin(self.prepare(format!(
+            "INSERT INTO {} (tenant, {}) VALUES (?{}) USING TIMESTAMP ?",
+            self.full_name(table),
+            columns.join(", "),
+            ", ?".repeat(columns.len())
+        )))
+        .await?;
         let shape = Arc::new(InsertShape { table, columns, statement });
         self.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(shape.clone());
         Ok(shape)
