@@ -384,19 +384,23 @@ impl<'x, P: Projection> Settling<'x, P> {
 }
 
 impl<P: Projection> SettleBatch for Settling<'_, P> {
-    fn settle_batch<'a, M: Message + Sync>(
+    type Made = MadeBatch<P::Memo>;
+
+    fn make<'a, M: Message + Sync>(
         &'a self,
         records: &'a [M],
         max_keys_in_flight: usize,
-    ) -> BoxFuture<'a, bool> {
-        Box::pin(async move {
-            let Some(made) = self.make_batch(records, max_keys_in_flight, None).await else { return false };
-            let written = self.write_batch(&made).await;
-            if written {
-                self.keep(made);
-            }
-            written
-        })
+        previous: Option<&'a Self::Made>,
+    ) -> BoxFuture<'a, Option<Self::Made>> {
+        Box::pin(self.make_batch(records, max_keys_in_flight, previous))
+    }
+
+    fn write<'a>(&'a self, made: &'a Self::Made) -> BoxFuture<'a, bool> {
+        Box::pin(self.write_batch(made))
+    }
+
+    fn written(&self, made: Self::Made) {
+        self.keep(made);
     }
 }
 
@@ -483,8 +487,10 @@ impl<P: Projection> Settling<'_, P> {
             }
         };
         self.rows.fetch_add(written as u64, Ordering::Relaxed);
+        let name = self.applier.projection.name();
+        metrics::counter!("sluice_projection_rows_total", "projection" => name.to_owned()).increment(written as u64);
         // Each record waited for the whole batch: that is its apply latency.
-        let histogram = metrics::histogram!("sluice_projection_apply_seconds", "projection" => self.applier.projection.name().to_owned());
+        let histogram = metrics::histogram!("sluice_projection_apply_seconds", "projection" => name.to_owned());
         let seconds = batch.started.elapsed().as_secs_f64();
         for _ in 0..batch.records {
             histogram.record(seconds);

@@ -1,8 +1,10 @@
 //! The live projection: a Kafka consumer group per projection version
 //! (`<prefix>.<projection>.v<N>`) applying records to that version's tables,
 //! in batches of the streams runtime (`sluice_streams::batch`): records of
-//! different keys at once, each key's in offset order. Every [`Projection`]
-//! runs on it alike. A batch's offsets
+//! different keys at once, each key's in offset order, the next batch made
+//! while one is written when records are waiting (a backlog drains at the
+//! store's pace, not at the store's and the projector's one after the
+//! other). Every [`Projection`] runs on it alike. A batch's offsets
 //! are stored for commit only after every record of it is settled (applied
 //! or dead-lettered), so a crash replays from the last settled batch, and the
 //! writes (stamped with the event's version) make the replay harmless. When

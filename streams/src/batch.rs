@@ -49,63 +49,116 @@ pub trait Settle: Sync {
     fn settle<'a>(&'a self, record: &'a OwnedMessage) -> BoxFuture<'a, bool>;
 }
 
-/// What a consumer does with a whole batch: settle every record (each key's
-/// in order) and answer `true`, or `false` when stopped before the batch
-/// was settled. A consumer that settles record by record implements
-/// [`Settle`] and answers with [`settle`]; one that writes a batch's effects
-/// together (a projection grouping rows by partition) implements this.
-/// The records are any [`Message`]: [`consume`] hands over the consumer's
-/// own (borrowed, not copied), tests build owned ones.
+/// What a consumer does with a whole batch, in two steps: make its effects
+/// (every record settled: applied or dead-lettered, each key's in order),
+/// then write them. [`consume`] makes the next batch while one is written
+/// when records are waiting, so the store and the consumer work at once; a
+/// batch made then sees what the batch being written made (`previous`).
+/// A consumer that settles record by record implements [`Settle`] and
+/// answers with [`settle`]; one that writes a batch's effects together (a
+/// projection grouping rows by partition) implements this. The records are
+/// any [`Message`]: [`consume`] hands over the consumer's own (borrowed, not
+/// copied), tests build owned ones.
 pub trait SettleBatch: Sync {
-    fn settle_batch<'a, M: Message + Sync>(&'a self, batch: &'a [M], max_keys_in_flight: usize) -> BoxFuture<'a, bool>;
+    /// A batch's effects, made and not written yet.
+    type Made: Send + Sync;
+
+    /// `None` when stopped before the batch was made.
+    fn make<'a, M: Message + Sync>(
+        &'a self,
+        batch: &'a [M],
+        max_keys_in_flight: usize,
+        previous: Option<&'a Self::Made>,
+    ) -> BoxFuture<'a, Option<Self::Made>>;
+
+    /// `false` when stopped before the batch was written.
+    fn write<'a>(&'a self, made: &'a Self::Made) -> BoxFuture<'a, bool>;
+
+    /// Hears each made batch once it is written, in order.
+    fn written(&self, made: Self::Made);
 }
 
-/// Consumes in batches until `stop`: each batch settled with `settle_all`,
-/// then `on_batch` hears the next offsets of its partitions, then they are
-/// stored for commit; when nothing arrives for [`IDLE`], the positions
-/// (past transaction markers) are stored and heard the same way. Returns when stopped (also
-/// mid-batch: that batch's offsets are not stored). Offsets that cannot be
-/// stored (a partition revoked meanwhile) are logged: the partition's next
-/// owner resumes from the last commit, and the writes are idempotent.
-pub async fn consume<C: ConsumerContext + 'static>(
+/// Consumes in batches until `stop`: each batch made, then written with
+/// `settle_all` (the next one made meanwhile, from records already
+/// buffered), then `on_batch` hears the next offsets of its partitions,
+/// then they are stored for commit; when nothing arrives for [`IDLE`], the
+/// positions (past transaction markers) are stored and heard the same way.
+/// Returns when stopped (also mid-batch: that batch's offsets are not
+/// stored). Offsets that cannot be stored (a partition revoked meanwhile)
+/// are logged: the partition's next owner resumes from the last commit, and
+/// the writes are idempotent.
+pub async fn consume<C: ConsumerContext + 'static, S: SettleBatch>(
     consumer: &StreamConsumer<C>,
     config: &BatchConfig,
     stop: &CancellationToken,
-    settle_all: &impl SettleBatch,
+    settle_all: &S,
     mut on_batch: impl FnMut(&[(String, i32, i64)]),
 ) {
+    let keys = config.max_keys_in_flight;
+    // The batch made and not written yet, with its partitions' next offsets.
+    let mut made: Option<(S::Made, NextOffsets)> = None;
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            message = consumer.recv() => match message {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(error = %e, "kafka consumer error");
+        let Some((batch, next)) = made.take() else {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                message = consumer.recv() => match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "kafka consumer error");
+                        continue;
+                    }
+                },
+                // Every record received is settled: move past what follows
+                // them that is no record (transaction markers).
+                _ = tokio::time::sleep(IDLE) => {
+                    let positions = store_positions(consumer);
+                    if !positions.is_empty() {
+                        on_batch(&positions);
+                    }
                     continue;
                 }
-            },
-            // Every record received is settled: move past what follows
-            // them that is no record (transaction markers).
-            _ = tokio::time::sleep(IDLE) => {
-                let positions = store_positions(consumer);
-                if !positions.is_empty() {
-                    on_batch(&positions);
-                }
-                continue;
-            }
+            };
+            let records = fill(consumer, first, config).await;
+            let Some(batch) = settle_all.make(&records, keys, None).await else { return };
+            made = Some((batch, next_offsets(&records)));
+            continue;
         };
-        let records = fill(consumer, first, config).await;
-        if !settle_all.settle_batch(&records, config.max_keys_in_flight).await {
+        // While the batch is written, the records already buffered are made
+        // into the next one; none buffered, none waited for.
+        let following = async {
+            let first = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(first)) => first,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "kafka consumer error");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let records = fill(consumer, first, config).await;
+            let following = settle_all.make(&records, keys, Some(&batch)).await;
+            Some(following.map(|following| (following, next_offsets(&records))))
+        };
+        let (written, following) = futures::join!(settle_all.write(&batch), following);
+        if !written {
             return;
         }
-        let next = next_offsets(&records);
+        settle_all.written(batch);
         on_batch(&next);
         if let Err(e) = store_offsets(consumer, &next) {
             warn!(error = %e, "could not store the batch's offsets");
         }
+        match following {
+            Some(Some(following)) => made = Some(following),
+            // Stopped while the next batch was made.
+            Some(None) => return,
+            None => {}
+        }
     }
 }
+
+/// Topic, partition and next offset of each partition of a batch.
+type NextOffsets = Vec<(String, i32, i64)>;
 
 /// `first` and whatever else the consumer has buffered, up to the limits.
 /// The records stay the consumer's (librdkafka's buffers, freed once they

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_tests::{require_stack, sluice_bin};
+use sluice_tests::{cql, require_stack, sluice_bin};
 
 /// Quick mode takes under a minute on an idle machine; a loaded one gets
 /// room, and a hung run still ends.
@@ -59,6 +59,20 @@ async fn quick_bench_writes_a_complete_report() {
     let printed: Value = serde_json::from_slice(&output.stdout).expect("--json prints the report");
     assert_eq!(printed["tenant"], report["tenant"], "the printed report is the written one");
     assert_eq!(report["mode"], "quick");
+
+    // The run wrote its rows into a keyspace of its own (named as its
+    // projection) and dropped it at the end.
+    let keyspace = report["keyspace"].as_str().expect("the run's keyspace");
+    assert_eq!(report["keyspace"], report["projection"], "the keyspace is named as the run's projection");
+    let left = cql()
+        .await
+        .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
+        .await
+        .expect("reading the schema")
+        .into_rows_result()
+        .expect("rows")
+        .rows_num();
+    assert_eq!(left, 0, "the run's keyspace {keyspace} is gone");
 
     for section in
         ["machine", "mix", "raw", "bare", "edge", "e2e", "reads", "rebuild", "memory", "ratios", "latency_target"]
@@ -161,6 +175,13 @@ async fn quick_bench_writes_a_complete_report() {
         report["apply_latency_target"]["per_second"], report["projector_alone"]["target_per_second"],
         "the apply target is the projector-alone step's"
     );
+    // The live projector on a backlog: every new order applied, its rows
+    // counted by the projector itself.
+    assert_eq!(report["projector_backlog"]["events"], 10_000, "every backlog event applied, each once");
+    for figure in ["rows", "seconds", "rows_per_second"] {
+        positive(&report, &format!("/projector_backlog/{figure}"));
+    }
+    assert!(report["ratios"]["backlog_rows_vs_cql_spread_batch_insert"]["value"].as_f64().is_some_and(|v| v > 0.0));
     positive(&report, "/rebuild/events_per_second");
     positive(&report, "/rebuild/rows_per_second");
     for role in ["ingest_mib", "processor_mib", "projector_mib", "bench_mib"] {

@@ -17,9 +17,11 @@
 //! - [`chart`]: latency against offered load, and each stage's rate (SVG).
 //! - [`cpu`]: CPU time per process group, noise and peak RSS in each phase.
 //!
-//! Every run has a tenant of its own (`bench<hex>`, with a random key) and a
-//! projection of its own (`bench_<hex>`): its queues, topics, consumer groups
-//! and tables are new, so a run never touches demo or test data, and they are
+//! Every run has a tenant of its own (`bench<hex>`, with a random key), a
+//! projection of its own and a CQL keyspace of its own (both `bench_<hex>`):
+//! its queues, topics, consumer groups, tables and rows are new, so a run
+//! never touches demo or test data, and each run's CQL store starts from the
+//! same empty state rather than from every earlier run's rows. They are
 //! removed at the end unless `keep` is set. Load goes only to the configured
 //! servers and the roles' loopback edge, and every phase is bounded in time.
 
@@ -49,8 +51,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use scylla::client::session::Session;
 use sluice_ingest::auth::{hash_key, KeyConfig, TenantConfig};
-use sluice_projections::orders::Orders;
-use sluice_projections::projection::table_names;
 use sluice_projections::runner::group_id;
 use sluice_projections::store::ReadModels;
 use sluice_schemas::{catalog, names};
@@ -59,7 +59,7 @@ use self::probe::KafkaProbe;
 use self::report::{Machine, MemoryReport, Report};
 use self::roles::{ConfigFile, RoleProcess};
 use self::workload::{Mix, Workload};
-use crate::serve::connect_cql;
+use crate::serve::{apply_schema, connect_cql};
 use crate::settings::Settings;
 
 /// A machine whose CPUs are less busy than this is quiet (the stack idling
@@ -97,6 +97,8 @@ pub struct Plan {
     pub warmup: Duration,
     /// Length of each open-loop run.
     pub step_duration: Duration,
+    /// New orders the projector drains alone, produced while it is stopped.
+    pub backlog_events: usize,
     /// Open-loop rates, as fractions of the measured maximum.
     pub fractions: Vec<f64>,
     /// Runs of the latency step at half the sustained maximum; the run with
@@ -143,6 +145,7 @@ impl Plan {
             processors: 3,
             warmup: Duration::from_secs(5),
             step_duration: Duration::from_secs(20),
+            backlog_events: 100_000,
             fractions: vec![0.25, 0.5, 0.75, 0.9, 1.0, 1.1],
             latency_runs: 3,
             refinements: 2,
@@ -168,6 +171,7 @@ impl Plan {
             processors: 2,
             warmup: Duration::from_secs(1),
             step_duration: Duration::from_millis(1_500),
+            backlog_events: 10_000,
             fractions: vec![0.25, 0.5],
             latency_runs: 1,
             refinements: 1,
@@ -282,10 +286,12 @@ impl Bench {
 }
 
 /// The roles' settings: `base` (the caller's file and environment: server
-/// addresses and tuning) with a bench tenant, a projection of its own, the
-/// edge on a free loopback port, and no rate limit on the bench key.
+/// addresses and tuning) with a bench tenant, a projection and a keyspace
+/// of its own (named as the projection), the edge on a free loopback port,
+/// and no rate limit on the bench key.
 fn bench_settings(base: &Settings, tenant: &str, key: &str, projection: &str, port: u16) -> Settings {
     let mut settings = base.clone();
+    settings.cql.keyspace = projection.to_owned();
     settings.tenants = vec![TenantConfig {
         name: tenant.to_owned(),
         sources: vec![format!("/{tenant}/")],
@@ -318,9 +324,11 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     let key = format!("{tenant}-key-{}", uuid::Uuid::new_v4().simple());
     let settings = bench_settings(base, &tenant, &key, &projection, roles::free_port()?);
 
+    step("creating the run's keyspace");
+    apply_schema(&settings).await.context("creating the run's keyspace")?;
     step("connecting to the stack");
     let session = connect_cql(&settings).await?;
-    let leftover_tables = probe::leftover_tables(&session, &settings.cql.keyspace, &projection).await?;
+    let leftover_tables = probe::leftover_tables(&session, &settings.cql.keyspace).await?;
     let store = Arc::new(ReadModels::new(session.clone(), &settings.projector).await?);
     let amqp = raw::amqp_connect(&settings.amqp.url).await?;
     let channel = amqp.create_channel().await?;
@@ -360,18 +368,18 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
     bench.phase(None);
     let load_average_end = cpu::load_average();
     if !bench.plan.keep {
-        step("removing the run's queues, topics and tables");
+        step("removing the run's queues, topics and keyspace");
         for problem in cleanup(&bench).await {
             eprintln!("warning: cleanup: {problem}");
         }
     }
     let _ = bench.amqp.close(200, "bench done".into()).await;
-    let Bench { plan, kafka, cpu, .. } = bench;
+    let Bench { plan, kafka, cpu, settings, .. } = bench;
     kafka.close().await;
     let cpu = cpu.into_inner().unwrap_or_else(|e| e.into_inner()).phases;
-    let Phases { raw, bare, edge, e2e, reads, projector_alone, rebuild, mut memory } = result?;
+    let Phases { raw, bare, edge, e2e, reads, projector_alone, projector_backlog, rebuild, mut memory } = result?;
     memory.bench_mib = peak_over_run(&cpu, "bench");
-    let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
+    let (ratios, latency_target) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild, &projector_backlog);
     let apply_latency_target = Report::apply_latency_target(&projector_alone);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let busy = (busy_share_before > 0.25 || load_average_start > cpus as f64).then(|| {
@@ -408,6 +416,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         },
         tenant,
         projection,
+        keyspace: settings.cql.keyspace,
         mix: plan.mix,
         raw,
         bare,
@@ -420,6 +429,7 @@ pub async fn run(base: &Settings, plan: Plan, out: &Path, step: &dyn Fn(&str)) -
         ratios,
         latency_target,
         projector_alone,
+        projector_backlog,
         apply_latency_target,
     })
 }
@@ -431,6 +441,7 @@ struct Phases {
     e2e: report::E2eReport,
     reads: report::ReadsReport,
     projector_alone: report::ProjectorStep,
+    projector_backlog: report::ProjectorBacklog,
     rebuild: report::RebuildReport,
     memory: MemoryReport,
 }
@@ -502,6 +513,10 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     bench.quiet(step, "the projector alone").await;
     step(&format!("projector alone: {alone:.0} new orders/s produced straight to its topic (half its drain maximum)"));
     let projector_alone = projector::run(bench, alone, bench.plan.step_duration).await?;
+    bench.quiet(step, "the projector on a backlog").await;
+    let n = bench.plan.backlog_events;
+    step(&format!("projector alone on a backlog: {n} new orders produced while it is stopped, then drained"));
+    let projector_backlog = projector::backlog(bench, &projector, n).await?;
 
     // A new phase: the last e2e phase's peaks are recorded while the roles live.
     step("stopping the roles");
@@ -533,7 +548,7 @@ async fn phases(bench: &Bench, out: &Path, step: &dyn Fn(&str)) -> anyhow::Resul
     bench.quiet(step, "the rebuild").await;
     step("rebuild: replaying the topic into a new version");
     let rebuild = rebuild::run(bench).await?;
-    Ok(Phases { raw, bare, edge, e2e, reads, projector_alone, rebuild, memory })
+    Ok(Phases { raw, bare, edge, e2e, reads, projector_alone, projector_backlog, rebuild, memory })
 }
 
 /// Waits until the edge answers `/readyz` (connected to RabbitMQ).
@@ -579,9 +594,7 @@ async fn wait_for_group(bench: &Bench, projector: &mut RoleProcess) -> anyhow::R
 }
 
 /// Removes what the run created, as far as it can; returns what failed.
-/// Rows keyed by the bench tenant in shared tables (event store, operations)
-/// stay: they are unreachable with the run's key gone, and deleting them
-/// would mean one statement per stream.
+/// Its tables and rows go with its keyspace.
 async fn cleanup(bench: &Bench) -> Vec<String> {
     let mut problems = Vec::new();
     let tenant = bench.workload.tenant();
@@ -633,27 +646,10 @@ async fn cleanup(bench: &Bench) -> Vec<String> {
         Err(e) => problems.push(format!("Kafka admin client: {e}")),
     }
 
-    let active = bench.store.versions().get(projection).await.map(|v| v.active).unwrap_or(1);
-    let mut tables: Vec<String> =
-        (1..=active.max(2)).flat_map(|v| table_names(projection, v, Orders::TABLES)).collect();
-    tables.extend(raw::raw_tables(projection));
-    tables.extend(bare::bare_tables(projection));
-    if let Err(e) = drop_tables(bench, &tables).await {
-        problems.push(format!("{e:#}"));
-    }
-    let mut rows = vec![("DELETE FROM projection_versions WHERE projection = ?".to_owned(), None)];
-    for v in 1..=active.max(2) {
-        rows.push(("DELETE FROM projection_offsets WHERE projection = ? AND version = ?".into(), Some(v)));
-        rows.push(("DELETE FROM projection_parked_keys WHERE projection = ? AND version = ?".into(), Some(v)));
-    }
-    for (statement, version) in rows {
-        let done = match version {
-            Some(v) => bench.session.query_unpaged(statement.as_str(), (projection, v)).await,
-            None => bench.session.query_unpaged(statement.as_str(), (projection,)).await,
-        };
-        if let Err(e) = done {
-            problems.push(format!("{statement}: {e}"));
-        }
+    // The run's tables and rows: the keyspace is the run's own.
+    let keyspace = &bench.settings.cql.keyspace;
+    if let Err(e) = bench.session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ()).await {
+        problems.push(format!("dropping keyspace {keyspace}: {e}"));
     }
 
     // The schemas the processors registered for the bench topics.

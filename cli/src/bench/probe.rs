@@ -154,19 +154,24 @@ pub fn generated_table(table: &str) -> bool {
     ["orders_", "patients_", "bench_"].iter().any(|p| generated_name(table, p).is_some_and(|r| r.starts_with('_')))
 }
 
-/// Tables of `keyspace` that projections of tests or other bench runs
-/// left: each one's metrics take the CQL store's heap (~0.6 MiB a table on
-/// Cassandra 5; 753 of them filled a 512 MiB heap).
-pub async fn leftover_tables(session: &Session, keyspace: &str, own: &str) -> anyhow::Result<usize> {
+/// Whether a keyspace is one a bench run made for itself (`bench_<hex>`).
+pub fn generated_keyspace(keyspace: &str) -> bool {
+    generated_name(keyspace, "bench_") == Some("")
+}
+
+/// Tables that tests or other bench runs left in the CQL store (outside
+/// the run's own keyspace `own`): each one's metrics take the store's heap
+/// (~0.6 MiB a table on Cassandra 5; 753 of them filled a 512 MiB heap).
+pub async fn leftover_tables(session: &Session, own: &str) -> anyhow::Result<usize> {
     let rows = session
-        .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
+        .query_unpaged("SELECT keyspace_name, table_name FROM system_schema.tables", ())
         .await
-        .context("listing the keyspace's tables")?
+        .context("listing the CQL store's tables")?
         .into_rows_result()?;
     let mut count = 0;
-    for row in rows.rows::<(String,)>()? {
-        let (table,) = row?;
-        count += usize::from(generated_table(&table) && !table.starts_with(&format!("{own}_")));
+    for row in rows.rows::<(String, String)>()? {
+        let (keyspace, table) = row?;
+        count += usize::from(keyspace != own && (generated_keyspace(&keyspace) || generated_table(&table)));
     }
     Ok(count)
 }
@@ -215,6 +220,18 @@ impl Scrape {
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         buckets
+    }
+
+    /// Counter `name` summed over its series labelled `label`.
+    pub fn counter(&self, name: &str, label: &str) -> f64 {
+        self.0
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && line.contains(label)
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Sum and count of histogram `name` on the series labelled `label`.

@@ -20,11 +20,15 @@ use sluice_schemas::codec::EventCodec;
 use sluice_schemas::orders::{OrderEvent, OrderLine, OrderSubmitted};
 
 use super::probe::{self, Scrape};
-use super::report::ProjectorStep;
+use super::report::{ProjectorBacklog, ProjectorStep};
+use super::roles::RoleProcess;
 use super::Bench;
 
 /// How often the step looks whether the projection caught up.
 const LOOK: Duration = Duration::from_millis(100);
+
+/// How often the backlog step looks: it lasts a few seconds.
+const LOOK_OFTEN: Duration = Duration::from_millis(20);
 
 /// Produces `rate` new orders a second for `duration` and measures the
 /// projector's apply latency over them.
@@ -88,6 +92,95 @@ pub async fn run(bench: &Bench, rate: f64, duration: Duration) -> anyhow::Result
         apply_p50_ms: probe::bucket_quantile_ms(&from, &to, 0.5),
         apply_p99_ms: probe::bucket_quantile_ms(&from, &to, 0.99),
     })
+}
+
+/// The live projector role (`projector`) draining a backlog by itself:
+/// `total` new orders are produced to its topic while its process is
+/// stopped (SIGSTOP: it fetches nothing meanwhile, and its group session
+/// outlasts the few seconds), then it goes on and is timed until it applied
+/// them all. Where the rebuild replays a topic with the replay's code, this
+/// is the role's consumer, batches and commits, as it runs after an outage
+/// or a deploy.
+pub async fn backlog(bench: &Bench, projector: &RoleProcess, total: usize) -> anyhow::Result<ProjectorBacklog> {
+    let topic = bench.events_topic();
+    let payloads = encode(bench, &topic, total).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bench.settings.kafka.brokers)
+        .set("linger.ms", "5")
+        // Every record of the backlog is in flight at once.
+        .set("queue.buffering.max.messages", (total + 1000).to_string())
+        .create()
+        .context("creating the step's producer")?;
+    let metrics = format!("http://{}/metrics", bench.projector_metrics_addr);
+    let label = format!("projection=\"{}\"", bench.settings.projector.name);
+    let before = Scrape::read(&bench.http, &metrics).await?;
+    let tables = sluice_projections::projection::table_names(
+        &bench.settings.projector.name,
+        1,
+        sluice_projections::orders::Orders::TABLES,
+    );
+    let keyspace = &bench.settings.cql.keyspace;
+    let mutations_before = probe::cql_counts(&bench.session, keyspace).await;
+    projector.freeze()?;
+    let produced = produce_all(&producer, &topic, &payloads).await;
+    let produced = match produced {
+        Ok(()) => bench.kafka.end_offsets(&topic).await,
+        Err(e) => Err(e),
+    };
+    projector.thaw()?;
+    let produced = produced?;
+    let resumed = Instant::now();
+    let deadline = resumed + bench.plan.settle_timeout;
+    loop {
+        let applied = probe::applied(&bench.store, 1, &topic).await?;
+        if applied >= produced {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the projection did not catch up within {:?}: {applied} of {produced} offsets applied",
+            bench.plan.settle_timeout
+        );
+        tokio::time::sleep(LOOK_OFTEN).await;
+    }
+    let seconds = resumed.elapsed().as_secs_f64();
+    let after = Scrape::read(&bench.http, &metrics).await?;
+    let mutations_after = probe::cql_counts(&bench.session, keyspace).await;
+    let store_mutations = mutations_before.zip(mutations_after).map(|(before, after)| {
+        tables
+            .iter()
+            .map(|t| after.get(t).map_or(0, |c| c.writes).saturating_sub(before.get(t).map_or(0, |c| c.writes)))
+            .sum::<u64>()
+    });
+    let counted = |name| (after.counter(name, &label) - before.counter(name, &label)).max(0.0) as u64;
+    let (events, rows) = (counted("sluice_projection_events_total"), counted("sluice_projection_rows_total"));
+    anyhow::ensure!(events as usize >= total, "the projector counted {events} events applied of the {total} produced");
+    Ok(ProjectorBacklog {
+        events,
+        rows,
+        store_mutations,
+        seconds,
+        events_per_second: events as f64 / seconds,
+        rows_per_second: rows as f64 / seconds,
+    })
+}
+
+/// Produces every payload, all in flight at once, and waits until Kafka
+/// took each.
+async fn produce_all(producer: &FutureProducer, topic: &str, payloads: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    let event_type = sluice_schemas::orders::ORDER_SUBMITTED;
+    let mut deliveries = Vec::with_capacity(payloads.len());
+    for (key, payload) in payloads {
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header { key: "ce_type", value: Some(event_type) })
+            .insert(Header { key: "ce_id", value: Some(key.as_str()) });
+        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?);
+    }
+    for delivery in deliveries {
+        anyhow::ensure!(matches!(delivery.await, Ok(Ok(_))), "Kafka did not take a backlog record");
+    }
+    Ok(())
 }
 
 /// `total` new orders for `topic`: each its key and its Confluent

@@ -413,6 +413,7 @@ pub struct Ratios {
     pub edge_batch_vs_amqp_publish: Ratio,
     pub rebuild_rows_vs_cql_batch_insert: Ratio,
     pub rebuild_rows_vs_cql_spread_batch_insert: Ratio,
+    pub backlog_rows_vs_cql_spread_batch_insert: Ratio,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +453,9 @@ pub struct Report {
     pub machine: Machine,
     pub tenant: String,
     pub projection: String,
+    /// The CQL keyspace the run made for itself (named as its projection),
+    /// dropped at the end unless `--keep`.
+    pub keyspace: String,
     pub mix: Mix,
     pub raw: RawReport,
     pub bare: BareReport,
@@ -466,6 +470,8 @@ pub struct Report {
     pub latency_target: LatencyTarget,
     /// The projector alone at half of its drain maximum (`projector`).
     pub projector_alone: ProjectorStep,
+    /// The live projector alone on a backlog (`projector::backlog`).
+    pub projector_backlog: ProjectorBacklog,
     /// The projector's apply p99 alone at half of its drain maximum,
     /// against issue 13's 20 ms.
     pub apply_latency_target: LatencyTarget,
@@ -488,6 +494,24 @@ pub struct ProjectorStep {
     pub apply_p99_ms: Option<f64>,
 }
 
+/// The live projector role draining a backlog of new orders by itself
+/// (`projector::backlog`): its rows a second compare with the batched
+/// insert ceiling, as the rebuild's do.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProjectorBacklog {
+    pub events: u64,
+    /// Read-model rows the projector wrote meanwhile
+    /// (`sluice_projection_rows_total`).
+    pub rows: u64,
+    /// The store's count of mutations on the projection's tables meanwhile
+    /// (a batch of one partition's rows is one).
+    pub store_mutations: Option<u64>,
+    /// From the projector's resumption to the last event applied.
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub rows_per_second: f64,
+}
+
 impl Report {
     /// The ratios and the latency target, from the measured figures.
     pub fn ratios(
@@ -496,6 +520,7 @@ impl Report {
         edge: &EdgeReport,
         e2e: &E2eReport,
         rebuild: &RebuildReport,
+        backlog: &ProjectorBacklog,
     ) -> (Ratios, LatencyTarget) {
         let ratios = Ratios {
             sustained_vs_bare: Ratio::new(
@@ -528,6 +553,12 @@ impl Report {
                 0.8,
                 "rebuild rows / raw batched insert rows across partitions",
             ),
+            backlog_rows_vs_cql_spread_batch_insert: Ratio::new(
+                backlog.rows_per_second,
+                raw.cql_spread_batch_insert.per_second,
+                0.8,
+                "live projector rows on a backlog / raw batched insert rows across partitions",
+            ),
         };
         let (per_second, p99) =
             e2e.half_sustained.as_ref().map_or((0.0, 0.0), |s| (s.target_per_second, s.latency_ms.p99));
@@ -553,9 +584,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "\nStarted {} (tenant `{}`), {:.0} s. Load average {:.2} → {:.2}; CPUs busy before the start: {:.0} %.",
+            "\nStarted {} (tenant `{}`, keyspace `{}`), {:.0} s. Load average {:.2} → {:.2}; CPUs busy before the start: \
+             {:.0} %.",
             self.started_at,
             self.tenant,
+            self.keyspace,
             self.seconds,
             m.load_average_start,
             m.load_average_end,
@@ -818,6 +851,18 @@ impl Report {
             bound(a.apply_p50_ms),
             bound(a.apply_p99_ms)
         );
+        let b = &self.projector_backlog;
+        let _ = writeln!(
+            t,
+            "\n## Projector alone on a backlog\n\n{} new orders produced to its topic while it was stopped \
+             (SIGSTOP): applied {:.1} s after it went on, {:.0} events/s, {:.0} rows/s ({} rows{}).",
+            b.events,
+            b.seconds,
+            b.events_per_second,
+            b.rows_per_second,
+            b.rows,
+            b.store_mutations.map(|m| format!("; the store counted {m} mutations")).unwrap_or_default()
+        );
 
         let r = &self.reads;
         let _ = writeln!(
@@ -900,6 +945,7 @@ impl Report {
             &rs.edge_batch_vs_amqp_publish,
             &rs.rebuild_rows_vs_cql_batch_insert,
             &rs.rebuild_rows_vs_cql_spread_batch_insert,
+            &rs.backlog_rows_vs_cql_spread_batch_insert,
         ] {
             let _ = writeln!(
                 t,
@@ -1096,7 +1142,8 @@ mod tests {
         };
         let e2e = E2eReport { sustained_per_second: 300.0, half_sustained: Some(half), ..Default::default() };
         let rebuild = RebuildReport { rows_per_second: 5000.0, ..Default::default() };
-        let (ratios, latency) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild);
+        let backlog = ProjectorBacklog { rows_per_second: 4000.0, ..Default::default() };
+        let (ratios, latency) = Report::ratios(&raw, &bare, &edge, &e2e, &rebuild, &backlog);
         assert!((ratios.sustained_vs_bare.value - 0.6).abs() < 1e-9);
         assert!(!ratios.sustained_vs_bare.met);
         assert!((ratios.edge_single_vs_amqp_publish.value - 0.9).abs() < 1e-9, "against the best window");
@@ -1104,6 +1151,8 @@ mod tests {
         assert!((ratios.rebuild_rows_vs_cql_batch_insert.value - 0.5).abs() < 1e-9);
         assert!((ratios.rebuild_rows_vs_cql_spread_batch_insert.value - 0.8).abs() < 1e-9);
         assert!(ratios.rebuild_rows_vs_cql_spread_batch_insert.met);
+        assert!((ratios.backlog_rows_vs_cql_spread_batch_insert.value - 0.64).abs() < 1e-9);
+        assert!(!ratios.backlog_rows_vs_cql_spread_batch_insert.met);
         assert!(latency.met && latency.per_second == 150.0);
     }
 

@@ -108,16 +108,29 @@ impl RoleProcess {
         Ok(())
     }
 
+    /// Stops the process where it stands (SIGSTOP), until [`Self::thaw`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        // No signal crate: `kill` is part of every Debian base system.
+        let sent = Command::new("kill").args([signal, &self.pid().to_string()]).status().context("running kill")?;
+        anyhow::ensure!(sent.success(), "could not send {signal} to the {} role (pid {})", self.role, self.pid());
+        Ok(())
+    }
+
     /// SIGTERM, then waits up to `grace` for the drain to finish; SIGKILL after.
     pub async fn stop(mut self, grace: Duration) -> anyhow::Result<()> {
         if self.child.try_wait()?.is_some() {
             return Ok(());
         }
-        // No signal crate: `kill` is part of every Debian base system.
-        let sent = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().context("running kill")?;
-        if !sent.success() {
-            bail!("could not send SIGTERM to the {} role (pid {})", self.role, self.pid());
-        }
+        self.signal("-TERM")?;
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {

@@ -60,6 +60,10 @@ pub struct Args {
     /// 0.25,0.5,0.75,0.9,1,1.1; 0.25,0.5 with --quick).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// New orders the projector drains alone on a backlog (default 100000,
+    /// or 10000 with --quick).
+    #[arg(long)]
+    backlog_events: Option<usize>,
     /// Shortest wait, in ms, between two reads of an order not yet visible
     /// (waits grow to a tenth of the time waited, at most 100 ms).
     #[arg(long, default_value_t = 5)]
@@ -105,6 +109,9 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<()> {
     plan.seed = args.seed;
     if let Some(processors) = args.processors {
         plan.processors = processors.max(1);
+    }
+    if let Some(events) = args.backlog_events {
+        plan.backlog_events = events.max(1);
     }
     plan.poll_interval = Duration::from_millis(args.poll_ms.max(1));
     plan.keep = args.keep;

@@ -8,7 +8,8 @@
 //! first.
 //!
 //! Only names tests and the bench make are touched: `orders_<10 hex>_…`,
-//! `patients_<10 hex>_…` and `bench_<10 hex>_…` tables older than [`STALE`];
+//! `patients_<10 hex>_…` and `bench_<10 hex>_…` tables and the bench's
+//! `bench_<10 hex>` keyspaces older than [`STALE`];
 //! the queues and topics of `t<10 hex>` and `bench<10 hex>` tenants none of
 //! whose queues has a consumer. Queues tell no age, so this runs before a
 //! run starts, never beside one.
@@ -22,7 +23,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use scylla::client::session_builder::SessionBuilder;
 use serde_json::Value;
-use sluice_cli::bench::probe::{generated_name, generated_table};
+use sluice_cli::bench::probe::{generated_keyspace, generated_name, generated_table};
 use sluice_cli::ops::management::encode;
 
 /// Left alone while younger than this: no test runs this long.
@@ -33,36 +34,47 @@ async fn main() -> anyhow::Result<()> {
     sluice_tests::require_stack().await;
     let settings =
         sluice_cli::settings::Settings::load(None).map_err(|e| anyhow::anyhow!("loading the dev settings: {e}"))?;
-    let tables = sweep_tables(&settings.cql.nodes, &settings.cql.keyspace).await?;
+    let (tables, keyspaces) = sweep_tables(&settings.cql.nodes, &settings.cql.keyspace).await?;
     let (queues, topics) = sweep_tenants(&settings.kafka.brokers).await?;
-    println!("leftovers of earlier test runs removed: {tables} tables, {queues} queues, {topics} topics");
+    println!(
+        "leftovers of earlier test runs removed: {tables} tables, {keyspaces} keyspaces, {queues} queues, {topics} topics"
+    );
     Ok(())
 }
 
-async fn sweep_tables(nodes: &[String], keyspace: &str) -> anyhow::Result<usize> {
+/// Drops the stale generated tables of `keyspace` and the stale keyspaces
+/// bench runs made for themselves; how many of each.
+async fn sweep_tables(nodes: &[String], keyspace: &str) -> anyhow::Result<(usize, usize)> {
     let session = SessionBuilder::new().known_nodes(nodes).build().await.context("connecting to the CQL store")?;
     let rows = session
-        .query_unpaged("SELECT table_name, id FROM system_schema.tables WHERE keyspace_name = ?", (keyspace,))
+        .query_unpaged("SELECT keyspace_name, table_name, id FROM system_schema.tables", ())
         .await?
         .into_rows_result()?;
     let now = SystemTime::now();
-    let mut stale = Vec::new();
-    for row in rows.rows::<(String, uuid::Uuid)>()? {
-        let (table, id) = row?;
-        let ours = generated_table(&table);
+    let (mut tables, mut keyspaces) = (Vec::new(), BTreeSet::new());
+    for row in rows.rows::<(String, String, uuid::Uuid)>()? {
+        let (space, table, id) = row?;
         // A table's id is a time-based UUID: when it was created.
         let created = id.get_timestamp().map(|t| {
             let (secs, nanos) = t.to_unix();
             SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
         });
-        if ours && created.is_some_and(|c| now.duration_since(c).is_ok_and(|age| age > STALE)) {
-            stale.push(table);
+        if !created.is_some_and(|c| now.duration_since(c).is_ok_and(|age| age > STALE)) {
+            continue;
+        }
+        if generated_keyspace(&space) {
+            keyspaces.insert(space);
+        } else if space == keyspace && generated_table(&table) {
+            tables.push(table);
         }
     }
-    for table in &stale {
+    for table in &tables {
         session.query_unpaged(format!("DROP TABLE IF EXISTS {keyspace}.{table}"), ()).await?;
     }
-    Ok(stale.len())
+    for space in &keyspaces {
+        session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {space}"), ()).await?;
+    }
+    Ok((tables.len(), keyspaces.len()))
 }
 
 /// The queues and topics of test and bench tenants none of whose queues
