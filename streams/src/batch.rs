@@ -125,8 +125,12 @@ pub async fn consume<C: ConsumerContext + 'static, S: SettleBatch>(
             continue;
         };
         // While the batch is written, the records already buffered are made
-        // into the next one; none buffered, none waited for.
+        // into the next one; none buffered, none waited for. Once stopped,
+        // the batch is written and nothing more is taken.
         let following = async {
+            if stop.is_cancelled() {
+                return None;
+            }
             let first = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(Ok(first)) => first,
                 Ok(Err(e)) => {
