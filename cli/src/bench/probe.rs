@@ -134,6 +134,18 @@ pub async fn cql_counts(session: &Session, keyspace: &str) -> Option<HashMap<Str
     Some(counts)
 }
 
+/// Writes the store coordinated on `tables` between two [`cql_counts`]
+/// (a batch of one partition's rows is one); `None` if either is missing.
+pub fn writes_between(
+    before: Option<HashMap<String, CqlTableCounts>>,
+    after: Option<HashMap<String, CqlTableCounts>>,
+    tables: &[String],
+) -> Option<u64> {
+    let (before, after) = (before?, after?);
+    let writes = |counts: &HashMap<String, CqlTableCounts>, table: &String| counts.get(table).map_or(0, |c| c.writes);
+    Some(tables.iter().map(|t| writes(&after, t).saturating_sub(writes(&before, t))).sum())
+}
+
 /// One table's coordinator counts (an LWT counts as a write and reads).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CqlTableCounts {

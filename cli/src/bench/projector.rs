@@ -146,12 +146,7 @@ pub async fn backlog(bench: &Bench, projector: &RoleProcess, total: usize) -> an
     let seconds = resumed.elapsed().as_secs_f64();
     let after = Scrape::read(&bench.http, &metrics).await?;
     let mutations_after = probe::cql_counts(&bench.session, keyspace).await;
-    let store_mutations = mutations_before.zip(mutations_after).map(|(before, after)| {
-        tables
-            .iter()
-            .map(|t| after.get(t).map_or(0, |c| c.writes).saturating_sub(before.get(t).map_or(0, |c| c.writes)))
-            .sum::<u64>()
-    });
+    let store_mutations = probe::writes_between(mutations_before, mutations_after, &tables);
     let counted = |name| (after.counter(name, &label) - before.counter(name, &label)).max(0.0) as u64;
     let (events, rows) = (counted("sluice_projection_events_total"), counted("sluice_projection_rows_total"));
     anyhow::ensure!(events as usize >= total, "the projector counted {events} events applied of the {total} produced");

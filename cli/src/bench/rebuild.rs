@@ -33,15 +33,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<RebuildReport> {
     let after = probe::cql_counts(&bench.session, keyspace).await;
     let events = report.applied + report.dead_lettered;
     let tables = replay::version_tables(&*orders, report.version);
-    let mutations = before.zip(after).map(|(before, after)| {
-        tables
-            .iter()
-            .map(|t| {
-                let then = before.get(t).map_or(0, |c| c.writes);
-                after.get(t).map_or(0, |c| c.writes).saturating_sub(then)
-            })
-            .sum::<u64>()
-    });
+    let mutations = probe::writes_between(before, after, &tables);
     let seconds = report.seconds.max(1e-9);
     Ok(RebuildReport {
         events,
