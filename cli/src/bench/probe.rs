@@ -205,10 +205,10 @@ impl Scrape {
         Ok(Self(text))
     }
 
-    /// The lines of histogram `name`'s `part` (`bucket`, `sum`, `count`)
-    /// whose labels include `label` (`""`: any), with their values.
-    fn series<'a>(&'a self, name: &'a str, part: &'a str, label: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-        let series = format!("{name}_{part}");
+    /// The lines of series `series` (a counter's name, or a histogram's
+    /// with `_bucket`, `_sum` or `_count`) whose labels include `label`
+    /// (`""`: any), with their values.
+    fn series<'a>(&'a self, series: String, label: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
         self.0.lines().filter_map(move |line| {
             let rest = line.strip_prefix(series.as_str())?;
             if !(rest.starts_with('{') || rest.starts_with(' ')) || !line.contains(label) {
@@ -223,7 +223,7 @@ impl Scrape {
     /// cumulative counts by upper bound in seconds, `+Inf` last.
     pub fn buckets(&self, name: &str, label: &str) -> Vec<(f64, u64)> {
         let mut buckets: Vec<(f64, u64)> = self
-            .series(name, "bucket", label)
+            .series(format!("{name}_bucket"), label)
             .filter_map(|(line, count)| {
                 let le = line.split("le=\"").nth(1)?.split('"').next()?;
                 let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
@@ -236,19 +236,12 @@ impl Scrape {
 
     /// Counter `name` summed over its series labelled `label`.
     pub fn counter(&self, name: &str, label: &str) -> f64 {
-        self.0
-            .lines()
-            .filter(|line| {
-                line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                    && line.contains(label)
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.series(name.to_owned(), label).map(|(_, v)| v).sum()
     }
 
     /// Sum and count of histogram `name` on the series labelled `label`.
     fn sum_count(&self, name: &str, label: &str) -> (f64, f64) {
-        let total = |part| self.series(name, part, label).map(|(_, v)| v).sum::<f64>();
+        let total = |part| self.series(format!("{name}_{part}"), label).map(|(_, v)| v).sum::<f64>();
         (total("sum"), total("count"))
     }
 }
@@ -308,6 +301,25 @@ mod tests {
         assert_eq!(generated_name("t0a1b2c3d4e", "t"), Some(""));
         assert_eq!(generated_name("bench0a1b2c3d4e.raw.commands.0", "bench"), Some(".raw.commands.0"));
         assert_eq!(generated_name("tenant", "t"), None);
+        assert!(generated_keyspace("bench_0a1b2c3d4e"));
+        assert!(!generated_keyspace("bench_0a1b2c3d4e_by_id_v1"), "a table's name, not a run's keyspace");
+        assert!(!generated_keyspace("sluice"));
+    }
+
+    #[test]
+    fn a_counter_is_summed_over_its_labelled_series_only() {
+        let scrape = Scrape(
+            "# TYPE sluice_projection_rows_total counter\n\
+             sluice_projection_rows_total{projection=\"p\"} 200\n\
+             sluice_projection_rows_total{projection=\"other\"} 7\n\
+             sluice_projection_rows_total_extra{projection=\"p\"} 9\n\
+             sluice_projection_events_total{projection=\"p\",outcome=\"applied\"} 90\n\
+             sluice_projection_events_total{projection=\"p\",outcome=\"dead_lettered\"} 10\n"
+                .to_owned(),
+        );
+        assert_eq!(scrape.counter("sluice_projection_rows_total", "projection=\"p\""), 200.0);
+        assert_eq!(scrape.counter("sluice_projection_events_total", "projection=\"p\""), 100.0);
+        assert_eq!(scrape.counter("sluice_missing_total", ""), 0.0);
     }
 
     #[test]
