@@ -124,6 +124,89 @@ async fn a_projector_killed_mid_stream_leaves_daily_sales_equal_to_the_accepted_
     edge.stop().await.unwrap();
 }
 
+/// A backlog drained with several batches written at once: their rows land
+/// in any order, but each batch counts its sales into the day's running
+/// totals after the batch before it did (a total is read, then written).
+/// SIGKILLed mid-way and restarted, the projector still counts every sale
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_drained_with_batches_written_at_once_counts_every_sale_once() {
+    use sluice_schemas::orders::{OrderEvent, OrderLine, OrderSubmitted};
+
+    let tenant = TestTenant::new();
+    let mut settings = test_settings(&[&tenant]);
+    // Small batches, four written at once: hundreds of batches, each
+    // counting into the same few totals as the ones beside it.
+    settings.projector.batch_max_records = 25;
+    settings.projector.batches_in_flight = 4;
+    let topic = format!("{}.orders.events", tenant.name);
+    sluice_processors::kafka::ensure_topics(
+        &settings.kafka.brokers,
+        std::slice::from_ref(&topic),
+        settings.processor.topic_partitions,
+        settings.kafka.replication(),
+    )
+    .await
+    .unwrap();
+
+    let count = 6_000usize;
+    let codec = sluice_schemas::codec::EventCodec::new(&settings.registry.url).unwrap();
+    let spec = sluice_schemas::catalog::event_spec(sluice_schemas::orders::ORDER_SUBMITTED).unwrap();
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &settings.kafka.brokers).create().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut expected_total = 0i64;
+    let mut deliveries = Vec::with_capacity(count);
+    for i in 0..count {
+        let order_id = format!("b{i}");
+        let cents = (i as i64 % 7 + 1) * 100;
+        expected_total += cents;
+        let event = OrderEvent::Submitted(OrderSubmitted {
+            event_id: format!("e{i}"),
+            order_id: order_id.clone(),
+            version: 1,
+            occurred_at: now,
+            customer_id: format!("c{}", i % 50),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "x".into(), quantity: 1, unit_price_cents: cents }],
+            total_cents: cents,
+        });
+        let payload = codec.encode_value(&topic, spec, event.to_avro()).await.unwrap();
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "ce_type", value: Some(sluice_schemas::orders::ORDER_SUBMITTED) })
+            .insert(rdkafka::message::Header { key: "ce_id", value: Some(&format!("e{i}")) });
+        let record = FutureRecord::to(&topic).key(&order_id).payload(&payload).headers(headers);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in deliveries {
+        assert!(matches!(delivery.await, Ok(Ok(_))), "Kafka took the record");
+    }
+
+    // The projector finds the whole backlog; it is killed once it counted
+    // some of it, and started again.
+    let store = ReadModels::new(cql_sluice().await, &settings.projector).await.unwrap();
+    let today = chrono::Utc::now().timestamp_millis();
+    let counted = || async {
+        let days = store.daily_sales(&tenant.name, today - 86_400_000, today).await.ok()?;
+        Some(days.iter().fold((0i64, 0i64), |(o, t), d| (o + d.orders, t + d.total_cents)))
+    };
+    let mut projector = SluiceProcess::spawn(&settings, "projector");
+    let at_kill =
+        eventually(WAIT, "the first sales counted", || async { counted().await.filter(|(o, _)| *o > 0) }).await;
+    projector.kill();
+    projector = SluiceProcess::spawn(&settings, "projector");
+    let expected = (count as i64, expected_total);
+    let totals = eventually(WAIT, "every sale counted", || async { counted().await.filter(|c| *c == expected) }).await;
+    assert_eq!(totals, expected, "killed after {at_kill:?} were counted");
+    let group = sluice_projections::runner::group_id(&settings.projector, 1);
+    eventually(WAIT, "projector caught up", || async {
+        sluice_tests::caught_up(&settings.kafka.brokers, &group, std::slice::from_ref(&topic)).await.then_some(())
+    })
+    .await;
+    assert_eq!(counted().await, Some(expected), "and none twice once caught up");
+    drop(projector);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_records_go_to_the_dead_letter_topic_and_their_key_waits_behind_them() {
     let tenant = TestTenant::new();

@@ -100,7 +100,9 @@ pub async fn run(bench: &Bench, rate: f64, duration: Duration) -> anyhow::Result
 /// outlasts the few seconds), then it goes on and is timed until it applied
 /// them all. Where the rebuild replays a topic with the replay's code, this
 /// is the role's consumer, batches and commits, as it runs after an outage
-/// or a deploy.
+/// or a deploy. Its pace is rows written from the first the projector
+/// counted to the last, sampled as it goes: the wait before its first write
+/// (the consumer fetching again after the stop) is reported beside it.
 pub async fn backlog(bench: &Bench, projector: &RoleProcess, total: usize) -> anyhow::Result<ProjectorBacklog> {
     let topic = bench.events_topic();
     let payloads = encode(bench, &topic, total).await?;
@@ -131,7 +133,11 @@ pub async fn backlog(bench: &Bench, projector: &RoleProcess, total: usize) -> an
     let produced = produced?;
     let resumed = Instant::now();
     let deadline = resumed + bench.plan.settle_timeout;
+    let rows_before = before.counter("sluice_projection_rows_total", &label);
+    let mut pace = Pace::default();
     loop {
+        let rows = Scrape::read(&bench.http, &metrics).await?.counter("sluice_projection_rows_total", &label);
+        pace.saw(resumed.elapsed().as_secs_f64(), rows - rows_before);
         let applied = probe::applied(&bench.store, 1, &topic).await?;
         if applied >= produced {
             break;
@@ -145,19 +151,61 @@ pub async fn backlog(bench: &Bench, projector: &RoleProcess, total: usize) -> an
     }
     let seconds = resumed.elapsed().as_secs_f64();
     let after = Scrape::read(&bench.http, &metrics).await?;
+    pace.saw(seconds, after.counter("sluice_projection_rows_total", &label) - rows_before);
     let mutations_after = probe::cql_counts(&bench.session, keyspace).await;
     let store_mutations = probe::writes_between(mutations_before, mutations_after, &tables);
     let counted = |name| (after.counter(name, &label) - before.counter(name, &label)).max(0.0) as u64;
     let (events, rows) = (counted("sluice_projection_events_total"), counted("sluice_projection_rows_total"));
     anyhow::ensure!(events as usize >= total, "the projector counted {events} events applied of the {total} produced");
+    let rows_per_second = pace.rows_per_second().unwrap_or(rows as f64 / seconds);
     Ok(ProjectorBacklog {
         events,
         rows,
         store_mutations,
         seconds,
-        events_per_second: events as f64 / seconds,
-        rows_per_second: rows as f64 / seconds,
+        first_write_after_s: pace.first.map_or(seconds, |(at, _)| at),
+        writing_seconds: pace.seconds(),
+        events_per_second: rows_per_second * events as f64 / rows.max(1) as f64,
+        rows_per_second,
     })
+}
+
+/// The projector's rows counter as the backlog step samples it: when it
+/// first moved and when it last did, with its count then.
+#[derive(Debug, Default)]
+struct Pace {
+    first: Option<(f64, f64)>,
+    last: Option<(f64, f64)>,
+}
+
+impl Pace {
+    /// `rows` counted `at` seconds after the projector went on.
+    fn saw(&mut self, at: f64, rows: f64) {
+        if rows <= 0.0 {
+            return;
+        }
+        if self.first.is_none() {
+            self.first = Some((at, rows));
+        }
+        if self.last.is_none_or(|(_, last)| rows > last) {
+            self.last = Some((at, rows));
+        }
+    }
+
+    /// Between the first sample that saw rows and the last that saw more.
+    fn seconds(&self) -> f64 {
+        match (self.first, self.last) {
+            (Some((from, _)), Some((to, _))) => to - from,
+            _ => 0.0,
+        }
+    }
+
+    /// Rows written between those two samples, per second; `None` when
+    /// one sample saw them all.
+    fn rows_per_second(&self) -> Option<f64> {
+        let ((from, first), (to, last)) = (self.first?, self.last?);
+        (to > from).then(|| (last - first) / (to - from))
+    }
 }
 
 /// Produces every payload, all in flight at once, and waits until Kafka
@@ -201,4 +249,34 @@ async fn encode(bench: &Bench, topic: &str, total: usize) -> anyhow::Result<Vec<
         payloads.push((order_id, codec.encode_value(topic, spec, event.to_avro()).await?));
     }
     Ok(payloads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    #[test]
+    fn the_pace_runs_from_the_first_rows_seen_to_the_last_change() {
+        let mut pace = Pace::default();
+        // Nothing written for 0.6 s, then 1000 rows every 0.1 s, then the
+        // offsets are recorded a while later.
+        for (at, rows) in
+            [(0.0, 0.0), (0.3, 0.0), (0.6, 500.0), (0.7, 1500.0), (0.8, 2500.0), (0.9, 2500.0), (1.1, 2500.0)]
+        {
+            pace.saw(at, rows);
+        }
+        assert_eq!(pace.first, Some((0.6, 500.0)));
+        assert!((pace.seconds() - 0.2).abs() < 1e-9);
+        assert!((pace.rows_per_second().unwrap() - 10_000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn one_sample_that_saw_every_row_gives_no_pace() {
+        let mut pace = Pace::default();
+        pace.saw(0.2, 0.0);
+        pace.saw(0.4, 2000.0);
+        pace.saw(0.6, 2000.0);
+        assert_eq!(pace.rows_per_second(), None);
+        assert_eq!(pace.seconds(), 0.0);
+    }
 }

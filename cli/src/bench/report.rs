@@ -506,9 +506,17 @@ pub struct ProjectorBacklog {
     /// The store's count of mutations on the projection's tables meanwhile
     /// (a batch of one partition's rows is one).
     pub store_mutations: Option<u64>,
-    /// From the projector's resumption to the last event applied.
+    /// From the projector's resumption to the last event applied (its
+    /// offsets recorded).
     pub seconds: f64,
+    /// From its resumption to the first rows it counted written.
+    pub first_write_after_s: f64,
+    /// From the first rows counted to the last, as the step sampled them
+    /// (every 20 ms): the window of the pace below.
+    pub writing_seconds: f64,
+    /// At the pace of its rows.
     pub events_per_second: f64,
+    /// Rows written per second over `writing_seconds`.
     pub rows_per_second: f64,
 }
 
@@ -855,11 +863,14 @@ impl Report {
         let _ = writeln!(
             t,
             "\n## Projector alone on a backlog\n\n{} new orders produced to its topic while it was stopped \
-             (SIGSTOP): applied {:.1} s after it went on, {:.0} events/s, {:.0} rows/s ({} rows{}).",
+             (SIGSTOP): its first rows written {:.2} s after it went on, then {:.0} rows/s ({:.0} events/s) over \
+             {:.2} s, the last applied {:.1} s after it went on ({} rows{}).",
             b.events,
-            b.seconds,
-            b.events_per_second,
+            b.first_write_after_s,
             b.rows_per_second,
+            b.events_per_second,
+            b.writing_seconds,
+            b.seconds,
             b.rows,
             b.store_mutations.map(|m| format!("; the store counted {m} mutations")).unwrap_or_default()
         );
