@@ -248,7 +248,7 @@ impl<M: Clone> Memos<M> {
 
     /// Keeps what a written batch learned, unless the partitions moved
     /// while it was applied (`began`: the count when it began).
-    fn learn(&self, began: u64, learned: impl ExactSizeIterator<Item = (KeyOf, Learned<M>)>) {
+    fn learn(&self, began: u64, learned: KeyMap<Learned<M>>) {
         if self.check() != began {
             return;
         }
@@ -271,7 +271,6 @@ impl<M: Clone> Memos<M> {
 }
 
 /// What a batch's records of one key teach about its memo.
-#[derive(Clone)]
 enum Learned<M> {
     Nothing,
     Memo(Option<M>),
@@ -328,22 +327,14 @@ impl<'x, P: Projection> Settling<'x, P> {
     async fn key_rows<M: Message + Sync>(
         &self,
         records: Vec<&M>,
-        previous: &[&MadeBatch<P::Memo>],
+        previous: Option<&KeyMap<Learned<P::Memo>>>,
     ) -> KeyMade<P::Memo> {
         let key: Option<KeyOf> =
             records.first().and_then(|r| Some((r.topic().to_owned(), r.partition(), r.key()?.to_vec())));
-        // The last batch that learned something of the key, else the memos
-        // kept, else the store.
-        let start = key.as_ref().map_or(Known::Ask, |key| {
-            let learned = previous.iter().find_map(|p| match p.learned.get(key) {
-                Some(Learned::Nothing) | None => None,
-                learned => learned,
-            });
-            match learned {
-                Some(Learned::Memo(memo)) => Known::Have(memo.clone()),
-                Some(Learned::Forget) => Known::Ask,
-                Some(Learned::Nothing) | None => self.memos.get(key),
-            }
+        let start = key.as_ref().map_or(Known::Ask, |key| match previous.and_then(|p| p.get(key)) {
+            Some(Learned::Memo(memo)) => Known::Have(memo.clone()),
+            Some(Learned::Forget) => Known::Ask,
+            Some(Learned::Nothing) | None => self.memos.get(key),
         });
         let known = Mutex::new(start);
         let mut forget = false;
@@ -380,33 +371,15 @@ impl<'x, P: Projection> Settling<'x, P> {
     }
 
     /// Writes a batch's rows and counts its additions, concurrently;
-    /// answers the rows written, `None` when stopped. Its additions are
-    /// counted once the batch made before it counted its own: a running
-    /// total is read, then written, and its count is only right if it was
-    /// read after the earlier batch's write. Rows carry their event's
-    /// version as write timestamp, so their order does not matter.
-    async fn write(&self, batch: &MadeBatch<P::Memo>) -> Result<Option<usize>, ReadModelError> {
+    /// answers the rows written.
+    async fn write(&self, made: &Made) -> Result<usize, ReadModelError> {
         let tables = &self.applier.tables;
         let counted = async {
-            if let Some(mut before) = batch.counted_after.clone() {
-                tokio::select! {
-                    biased;
-                    _ = self.stop.cancelled() => return Ok(None),
-                    // Its sender dropped uncounted only when that batch was
-                    // stopped: wait for the stop then.
-                    counted = async { before.wait_for(|counted| *counted).await.is_ok() } => if !counted {
-                        self.stop.cancelled().await;
-                        return Ok(None);
-                    },
-                }
-            }
-            let totals = tables.tally(&batch.made.additions).await?;
-            tables.write_rows(&totals).await?;
-            batch.counted.send_replace(true);
-            Ok(Some(totals.len()))
+            let totals = tables.tally(&made.additions).await?;
+            tables.write_rows(&totals).await.map(|()| totals.len())
         };
-        let (_, totals) = futures::try_join!(tables.write_rows(&batch.made.rows), counted)?;
-        Ok(totals.map(|totals| batch.made.rows.len() + totals))
+        let (_, totals) = futures::try_join!(tables.write_rows(&made.rows), counted)?;
+        Ok(made.rows.len() + totals)
     }
 }
 
@@ -417,7 +390,7 @@ impl<P: Projection> SettleBatch for Settling<'_, P> {
         &'a self,
         records: &'a [M],
         max_keys_in_flight: usize,
-        previous: &'a [&'a Self::Made],
+        previous: Option<&'a Self::Made>,
     ) -> BoxFuture<'a, Option<Self::Made>> {
         Box::pin(self.make_batch(records, max_keys_in_flight, previous))
     }
@@ -426,10 +399,8 @@ impl<P: Projection> SettleBatch for Settling<'_, P> {
         Box::pin(self.write_batch(made))
     }
 
-    fn written(&self, made: &Self::Made) {
-        // Copied: a batch still being made may hold this one as `previous`.
-        // The live projector's batches are small enough.
-        self.memos.learn(made.began, made.learned.iter().map(|(key, learned)| (key.clone(), learned.clone())));
+    fn written(&self, made: Self::Made) {
+        self.keep(made);
     }
 }
 
@@ -441,11 +412,6 @@ pub struct MadeBatch<M> {
     learned: KeyMap<Learned<M>>,
     /// The rebalance count when it began ([`Memos::check`]).
     began: u64,
-    /// Set once its additions are counted into their running totals.
-    counted: tokio::sync::watch::Sender<bool>,
-    /// The batch made before it, while it was not written yet: its
-    /// additions are counted first.
-    counted_after: Option<tokio::sync::watch::Receiver<bool>>,
     started: std::time::Instant,
     records: usize,
 }
@@ -453,20 +419,18 @@ pub struct MadeBatch<M> {
 impl<P: Projection> Settling<'_, P> {
     /// Settles a batch's records (each key's in order, keys concurrently)
     /// into the rows they make, written by [`Settling::write_batch`];
-    /// `None` when stopped. `previous`: the batches made before this one
-    /// whose rows may not be written yet, the last made first: their keys'
-    /// memos come from them, not from the store, and this batch counts its
-    /// additions after the first of them did (a replay makes one batch
-    /// while it writes the one before; the live projector writes a few).
+    /// `None` when stopped. `previous`: a batch made before this one whose
+    /// rows may not be written yet: its keys' memos come from it, not from
+    /// the store (a replay makes one batch while it writes the one before).
     pub async fn make_batch<M: Message + Sync>(
         &self,
         records: &[M],
         max_keys_in_flight: usize,
-        previous: &[&MadeBatch<P::Memo>],
+        previous: Option<&MadeBatch<P::Memo>>,
     ) -> Option<MadeBatch<P::Memo>> {
         let started = std::time::Instant::now();
         let began = self.memos.check();
-        let counted_after = previous.first().map(|p| p.counted.subscribe());
+        let previous = previous.map(|p| &p.learned);
         let keys: Vec<BoxFuture<'_, KeyMade<P::Memo>>> = batch::by_key(records)
             .into_iter()
             .map(|records| -> BoxFuture<'_, KeyMade<P::Memo>> { Box::pin(self.key_rows(records, previous)) })
@@ -503,8 +467,7 @@ impl<P: Projection> Settling<'_, P> {
                     .increment(n);
             }
         }
-        let (counted, _) = tokio::sync::watch::channel(false);
-        Some(MadeBatch { made, learned, began, counted, counted_after, started, records: records.len() })
+        Some(MadeBatch { made, learned, began, started, records: records.len() })
     }
 
     /// Writes a made batch's rows and counts its additions (retried until
@@ -513,9 +476,8 @@ impl<P: Projection> Settling<'_, P> {
     pub async fn write_batch(&self, batch: &MadeBatch<P::Memo>) -> bool {
         let mut backoff = Backoff::default();
         let written = loop {
-            match self.write(batch).await {
-                Ok(Some(written)) => break written,
-                Ok(None) => return false,
+            match self.write(&batch.made).await {
+                Ok(written) => break written,
                 Err(e) => {
                     warn!(error = %e, rows = batch.made.rows.len(), "the batch's rows were not written; retrying");
                     if !backoff.wait(self.stop).await {
@@ -539,7 +501,7 @@ impl<P: Projection> Settling<'_, P> {
     /// Keeps what a written batch taught about its keys' memos (moved, not
     /// copied: a rebuild learns a memo for most of its records).
     pub fn keep(&self, batch: MadeBatch<P::Memo>) {
-        self.memos.learn(batch.began, batch.learned.into_iter());
+        self.memos.learn(batch.began, batch.learned);
     }
 }
 
@@ -615,13 +577,14 @@ mod tests {
                 (key("o2"), Learned::Nothing),
                 (key("o3"), Learned::Memo(None)),
             ]
-            .into_iter(),
+            .into_iter()
+            .collect(),
         );
         assert_eq!(have(memos.get(&key("o1"))), Some(Some("after o1")));
         assert_eq!(have(memos.get(&key("o2"))), None, "nothing learned: read");
         assert_eq!(have(memos.get(&key("o3"))), None, "no memo is kept: read");
         let began = memos.check();
-        memos.learn(began, [(key("o1"), Learned::Forget)].into_iter());
+        memos.learn(began, [(key("o1"), Learned::Forget)].into_iter().collect());
         assert_eq!(have(memos.get(&key("o1"))), None, "dead-lettered: read again");
     }
 
@@ -630,7 +593,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(3));
         let memos = memos(&count);
         let began = memos.check();
-        memos.learn(began, [(key("o1"), Learned::Memo(Some("mine")))].into_iter());
+        memos.learn(began, [(key("o1"), Learned::Memo(Some("mine")))].into_iter().collect());
         // The partitions moved between two batches: another instance may
         // have applied later events of o1.
         count.fetch_add(1, Ordering::SeqCst);
@@ -638,7 +601,7 @@ mod tests {
         assert_eq!(have(memos.get(&key("o1"))), None);
         // They moved while a batch was applied.
         count.fetch_add(1, Ordering::SeqCst);
-        memos.learn(began, [(key("o2"), Learned::Memo(Some("stale?")))].into_iter());
+        memos.learn(began, [(key("o2"), Learned::Memo(Some("stale?")))].into_iter().collect());
         assert_eq!(have(memos.get(&key("o2"))), None);
     }
 }

@@ -46,9 +46,6 @@ pub struct ProjectorConfig {
     /// Keys (orders) of a batch applied at once (default 64); each key's
     /// records always one after the other.
     pub max_keys_in_flight: usize,
-    /// Batches written at once (default 2): the next batch is made while
-    /// earlier ones are written, and written beside them.
-    pub batches_in_flight: usize,
 }
 
 impl ProjectorConfig {
@@ -57,7 +54,6 @@ impl ProjectorConfig {
         sluice_streams::batch::BatchConfig {
             max_records: self.batch_max_records.max(1),
             max_keys_in_flight: self.max_keys_in_flight.max(1),
-            max_batches_in_flight: self.batches_in_flight.max(1),
             ..Default::default()
         }
     }
@@ -73,7 +69,6 @@ impl Default for ProjectorConfig {
             version_poll_ms: 1_000,
             batch_max_records: 500,
             max_keys_in_flight: 64,
-            batches_in_flight: 2,
         }
     }
 }

@@ -520,8 +520,11 @@ async fn replay_loop<P: Projection>(
                 _ = tokio::time::sleep(REPLAY_IDLE) => return Next::Idle,
             };
             let records = batch::fill(&consumer, first, shared.batching).await;
-            let previous: Vec<&MadeBatch<P::Memo>> = previous.iter().map(|(made, _)| made).collect();
-            let made = shared.settling.make_batch(&records, shared.batching.max_keys_in_flight, &previous);
+            let made = shared.settling.make_batch(
+                &records,
+                shared.batching.max_keys_in_flight,
+                previous.as_ref().map(|(made, _)| made),
+            );
             match made.await {
                 Some(made) => Next::Made(made, batch::next_offsets(&records)),
                 None => Next::Stopped,

@@ -2,12 +2,11 @@
 //! (`<prefix>.<projection>.v<N>`) applying records to that version's tables,
 //! in batches of the streams runtime (`sluice_streams::batch`): records of
 //! different keys at once, each key's in offset order, the next batch made
-//! while earlier ones are written and then written beside them
-//! (`batches_in_flight`; a backlog drains at the store's pace, not at the
-//! store's and the projector's one after the other). Every [`Projection`]
-//! runs on it alike. A batch's offsets are stored for commit only after
-//! every record of it and of every batch before it is settled (applied or
-//! dead-lettered), so a crash replays from the last settled batch, and the
+//! while one is written when records are waiting (a backlog drains at the
+//! store's pace, not at the store's and the projector's one after the
+//! other). Every [`Projection`] runs on it alike. A batch's offsets
+//! are stored for commit only after every record of it is settled (applied
+//! or dead-lettered), so a crash replays from the last settled batch, and the
 //! writes (stamped with the event's version) make the replay harmless. When
 //! a rebuild makes another version active, the projector moves to that
 //! version's group, which the rebuild left at the end of the log.

@@ -11,12 +11,10 @@
 //! dead-lettered): a crash mid-batch replays the whole batch, which the
 //! idempotent writes absorb.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaResult;
@@ -36,14 +34,11 @@ pub struct BatchConfig {
     pub max_wait: Duration,
     /// Keys applied at once.
     pub max_keys_in_flight: usize,
-    /// Batches being written at once: a batch is made while earlier ones
-    /// are written, and written beside them, their offsets stored in order.
-    pub max_batches_in_flight: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_records: 500, max_wait: Duration::ZERO, max_keys_in_flight: 64, max_batches_in_flight: 2 }
+        Self { max_records: 500, max_wait: Duration::ZERO, max_keys_in_flight: 64 }
     }
 }
 
@@ -56,12 +51,9 @@ pub trait Settle: Sync {
 
 /// What a consumer does with a whole batch, in two steps: make its effects
 /// (every record settled: applied or dead-lettered, each key's in order),
-/// then write them. [`consume`] makes the next batch while earlier ones are
-/// written, and writes it beside them, so the store and the consumer work
-/// at once and the store has more than one batch's requests to work on; a
-/// batch is made seeing what the batches still being written made
-/// (`previous`), and must write what depends on them (a read then a write)
-/// after they did.
+/// then write them. [`consume`] makes the next batch while one is written
+/// when records are waiting, so the store and the consumer work at once; a
+/// batch made then sees what the batch being written made (`previous`).
 /// A consumer that settles record by record implements [`Settle`] and
 /// answers with [`settle`]; one that writes a batch's effects together (a
 /// projection grouping rows by partition) implements this. The records are
@@ -71,33 +63,30 @@ pub trait SettleBatch: Sync {
     /// A batch's effects, made and not written yet.
     type Made: Send + Sync;
 
-    /// `None` when stopped before the batch was made. `previous`: the
-    /// batches made before it and not written yet, the last made first.
+    /// `None` when stopped before the batch was made.
     fn make<'a, M: Message + Sync>(
         &'a self,
         batch: &'a [M],
         max_keys_in_flight: usize,
-        previous: &'a [&'a Self::Made],
+        previous: Option<&'a Self::Made>,
     ) -> BoxFuture<'a, Option<Self::Made>>;
 
     /// `false` when stopped before the batch was written.
     fn write<'a>(&'a self, made: &'a Self::Made) -> BoxFuture<'a, bool>;
 
-    /// Hears each made batch once it is written, in the order they were made.
-    fn written(&self, made: &Self::Made);
+    /// Hears each made batch once it is written, in order.
+    fn written(&self, made: Self::Made);
 }
 
-/// Consumes in batches until `stop`: each batch made (while earlier ones
-/// are written, at most `max_batches_in_flight` at once), then written with
-/// `settle_all`; once it and every batch made before it are written,
-/// `on_batch` hears the next offsets of its partitions, then they are
-/// stored for commit. When nothing arrives for [`IDLE`] and nothing is
-/// being written, the positions (past transaction markers) are stored and
-/// heard the same way. Once stopped it takes no more records, finishes the
-/// batches being written and returns; a batch stopped before it was written
-/// stores no offset, nor does any later one. Offsets that cannot be stored
-/// (a partition revoked meanwhile) are logged: the partition's next owner
-/// resumes from the last commit, and the writes are idempotent.
+/// Consumes in batches until `stop`: each batch made, then written with
+/// `settle_all` (the next one made meanwhile, from records already
+/// buffered), then `on_batch` hears the next offsets of its partitions,
+/// then they are stored for commit; when nothing arrives for [`IDLE`], the
+/// positions (past transaction markers) are stored and heard the same way.
+/// Returns when stopped (also mid-batch: that batch's offsets are not
+/// stored). Offsets that cannot be stored (a partition revoked meanwhile)
+/// are logged: the partition's next owner resumes from the last commit, and
+/// the writes are idempotent.
 pub async fn consume<C: ConsumerContext + 'static, S: SettleBatch>(
     consumer: &StreamConsumer<C>,
     config: &BatchConfig,
@@ -105,99 +94,70 @@ pub async fn consume<C: ConsumerContext + 'static, S: SettleBatch>(
     settle_all: &S,
     mut on_batch: impl FnMut(&[(String, i32, i64)]),
 ) {
-    let depth = config.max_batches_in_flight.max(1);
-    // The batches being written, oldest first, with their partitions' next
-    // offsets; their writes finish in this order.
-    let mut in_flight: VecDeque<Arc<S::Made>> = VecDeque::new();
-    let mut writing: FuturesOrdered<BoxFuture<'_, (bool, NextOffsets)>> = FuturesOrdered::new();
-    // The next batch being taken and made: kept across the loop's turns
-    // (dropped mid-way, the records it took would be skipped).
-    let mut taking: Option<BoxFuture<'_, Taken<S::Made>>> = None;
-    let mut stopped = false;
+    let keys = config.max_keys_in_flight;
+    // The batch made and not written yet, with its partitions' next offsets.
+    let mut made: Option<(S::Made, NextOffsets)> = None;
     loop {
-        if taking.is_none() && !stopped && writing.len() < depth {
-            let previous: Vec<Arc<S::Made>> = in_flight.iter().rev().cloned().collect();
-            taking = Some(Box::pin(take(consumer, config, stop, settle_all, previous)));
-        }
-        if taking.is_none() && writing.is_empty() {
+        let Some((batch, next)) = made.take() else {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                message = consumer.recv() => match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "kafka consumer error");
+                        continue;
+                    }
+                },
+                // Every record received is settled: move past what follows
+                // them that is no record (transaction markers).
+                _ = tokio::time::sleep(IDLE) => {
+                    let positions = store_positions(consumer);
+                    if !positions.is_empty() {
+                        on_batch(&positions);
+                    }
+                    continue;
+                }
+            };
+            let records = fill(consumer, first, config).await;
+            let Some(batch) = settle_all.make(&records, keys, None).await else { return };
+            made = Some((batch, next_offsets(&records)));
+            continue;
+        };
+        // While the batch is written, the records already buffered are made
+        // into the next one; none buffered, none waited for. Once stopped,
+        // the batch is written and nothing more is taken.
+        let following = async {
+            if stop.is_cancelled() {
+                return None;
+            }
+            let first = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(first)) => first,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "kafka consumer error");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let records = fill(consumer, first, config).await;
+            let following = settle_all.make(&records, keys, Some(&batch)).await;
+            Some(following.map(|following| (following, next_offsets(&records))))
+        };
+        let (written, following) = futures::join!(settle_all.write(&batch), following);
+        if !written {
             return;
         }
-        let taking_next = async {
-            match taking.as_mut() {
-                Some(taking) => taking.await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            Some((written, next)) = writing.next() => {
-                let made = in_flight.pop_front().expect("a batch being written");
-                if !written {
-                    return;
-                }
-                settle_all.written(&made);
-                on_batch(&next);
-                if let Err(e) = store_offsets(consumer, &next) {
-                    warn!(error = %e, "could not store the batch's offsets");
-                }
-            }
-            taken = taking_next => {
-                taking = None;
-                match taken {
-                    Taken::Made(made, next) => {
-                        let made = Arc::new(made);
-                        in_flight.push_back(made.clone());
-                        writing.push_back(Box::pin(async move { (settle_all.write(&made).await, next) }));
-                    }
-                    // Every record received is settled: move past what
-                    // follows them that is no record (transaction markers).
-                    Taken::Idle if writing.is_empty() => {
-                        let positions = store_positions(consumer);
-                        if !positions.is_empty() {
-                            on_batch(&positions);
-                        }
-                    }
-                    Taken::Idle => {}
-                    Taken::Stopped => stopped = true,
-                }
-            }
+        settle_all.written(batch);
+        on_batch(&next);
+        if let Err(e) = store_offsets(consumer, &next) {
+            warn!(error = %e, "could not store the batch's offsets");
         }
-    }
-}
-
-/// What taking the next batch came to.
-enum Taken<M> {
-    Made(M, NextOffsets),
-    /// Nothing arrived for [`IDLE`].
-    Idle,
-    Stopped,
-}
-
-/// Waits for a record, takes it and what else is buffered, and makes them
-/// into a batch, seeing `previous` (the batches still being written, the
-/// last made first).
-async fn take<C: ConsumerContext + 'static, S: SettleBatch>(
-    consumer: &StreamConsumer<C>,
-    config: &BatchConfig,
-    stop: &CancellationToken,
-    settle_all: &S,
-    previous: Vec<Arc<S::Made>>,
-) -> Taken<S::Made> {
-    let first = loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Taken::Stopped,
-            message = consumer.recv() => match message {
-                Ok(m) => break m,
-                Err(e) => warn!(error = %e, "kafka consumer error"),
-            },
-            _ = tokio::time::sleep(IDLE) => return Taken::Idle,
+        match following {
+            Some(Some(following)) => made = Some(following),
+            // Stopped while the next batch was made.
+            Some(None) => return,
+            None => {}
         }
-    };
-    let records = fill(consumer, first, config).await;
-    let previous: Vec<&S::Made> = previous.iter().map(|made| &**made).collect();
-    match settle_all.make(&records, config.max_keys_in_flight, &previous).await {
-        Some(made) => Taken::Made(made, next_offsets(&records)),
-        None => Taken::Stopped,
     }
 }
 
