@@ -81,8 +81,16 @@ async fn quick_bench_writes_a_complete_report() {
     }
     // Every ceiling swept over both quick windows, each with a rate and the
     // CPU it cost; the bare-hops pipeline likewise.
-    let ceilings =
-        ["amqp_publish", "amqp_consume", "kafka_produce", "cql_insert", "cql_batch_insert", "cql_lwt_insert"];
+    let ceilings = [
+        "amqp_publish",
+        "amqp_consume",
+        "kafka_produce",
+        "cql_insert",
+        "cql_batch_insert",
+        "cql_spread_batch_insert",
+        "cql_order_rows_insert",
+        "cql_lwt_insert",
+    ];
     let sweeps = ceilings.iter().map(|c| format!("/raw/{c}")).chain(["/bare/ceiling".to_owned()]);
     for ceiling in sweeps {
         positive(&report, &format!("{ceiling}/per_second"));
@@ -182,6 +190,7 @@ async fn quick_bench_writes_a_complete_report() {
         positive(&report, &format!("/projector_backlog/{figure}"));
     }
     assert!(report["ratios"]["backlog_rows_vs_cql_spread_batch_insert"]["value"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(report["ratios"]["backlog_rows_vs_cql_order_rows_insert"].as_f64().is_some_and(|v| v > 0.0));
     positive(&report, "/rebuild/events_per_second");
     positive(&report, "/rebuild/rows_per_second");
     for role in ["ingest_mib", "processor_mib", "projector_mib", "bench_mib"] {

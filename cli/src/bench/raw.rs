@@ -27,9 +27,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::CqlTimestamp;
+use scylla::value::{CqlTimestamp, CqlValue};
 use sluice_projections::orders::Orders;
 use sluice_projections::projection::{create_statements, table_names};
+use sluice_projections::store::tables::ROWS_PER_BATCH as PROJECTOR_ROWS_PER_BATCH;
 use sluice_schemas::{cql, names};
 use sluice_streams::replicas;
 use tokio::task::JoinSet;
@@ -115,6 +116,12 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport
         step(&format!("raw: CQL unlogged batches of {ROWS_PER_BATCH} partitions' rows, {w} in flight"));
         cql_spread_batch_insert.push(point(w, spread.run(bench, w, duration)).await?);
     }
+    let mut cql_order_rows_insert = Vec::new();
+    let order_rows = CqlInsert::prepare_order_rows(bench).await?;
+    for &w in &windows {
+        step(&format!("raw: CQL unlogged batches of new orders' rows, {} rows, {w} in flight", order_rows.rows()));
+        cql_order_rows_insert.push(point(w, order_rows.run(bench, w, duration)).await?);
+    }
     let mut cql_lwt_insert = Vec::new();
     for &w in &windows {
         step(&format!("raw: CQL inserts IF NOT EXISTS, {w} in flight"));
@@ -128,6 +135,8 @@ pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<RawReport
         cql_insert: Ceiling::new("rows", cql_insert),
         cql_batch_insert: Ceiling::new("rows", cql_batch_insert),
         cql_spread_batch_insert: Ceiling::new("rows", cql_spread_batch_insert),
+        cql_order_rows_insert: Ceiling::new("rows", cql_order_rows_insert),
+        rows_per_order_rows_batch: order_rows.rows(),
         cql_lwt_insert: Ceiling::new("rows", cql_lwt_insert),
         rows_per_batch: ROWS_PER_BATCH,
         command_bytes: bench.workload.command_bytes().len(),
@@ -403,6 +412,7 @@ enum CqlInsert {
     Single(PreparedStatement),
     Batched(Arc<Batch>),
     Spread(PreparedStatement),
+    OrderRows { order: PreparedStatement, customer: PreparedStatement },
 }
 
 impl CqlInsert {
@@ -439,6 +449,44 @@ impl CqlInsert {
         Ok(Self::Spread(Self::customer_insert(bench).await?))
     }
 
+    /// The rows the projection writes for new orders (an order row with
+    /// its lines, a customer row) into copies of its tables, as the live
+    /// projector writes a batch of them: its batch size, in unlogged
+    /// batches by the replicas that hold them. The same rows with no
+    /// projector: the ceiling of the live projector on a backlog.
+    async fn prepare_order_rows(bench: &Bench) -> anyhow::Result<Self> {
+        let session = &bench.session;
+        let projection = &bench.settings.projector.name;
+        let statements = create_statements(&format!("{projection}_raw"), 1, Orders::TABLES);
+        let (orders, customers) = (raw_orders_table(projection), raw_customer_table(projection));
+        create_copy(session, &statements, &orders, &orders).await?;
+        create_copy(session, &statements, &customers, &customers).await?;
+        let order = session
+            .prepare(format!(
+                "INSERT INTO {orders} (tenant, order_id, customer_id, status, currency, lines, total_cents, \
+                 version, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await
+            .context("preparing the raw order row insert")?;
+        let customer = session
+            .prepare(format!(
+                "INSERT INTO {customers} (tenant, customer_id, submitted_at, order_id, status, version, currency, \
+                 total_cents) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await
+            .context("preparing the raw customer row insert")?;
+        Ok(Self::OrderRows { order, customer })
+    }
+
+    /// Rows one execution writes.
+    fn rows(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Batched(_) | Self::Spread(_) => ROWS_PER_BATCH,
+            Self::OrderRows { .. } => PROJECTOR_ROWS_PER_BATCH,
+        }
+    }
+
     /// The insert of a by-customer row, into a copy of the table.
     async fn customer_insert(bench: &Bench) -> anyhow::Result<PreparedStatement> {
         let session = &bench.session;
@@ -458,10 +506,7 @@ impl CqlInsert {
 
     /// `window` executions in flight for `duration`; counts rows.
     async fn run(&self, bench: &Bench, window: usize, duration: Duration) -> anyhow::Result<Throughput> {
-        let rows = match self {
-            Self::Single(_) => 1,
-            Self::Batched(_) | Self::Spread(_) => ROWS_PER_BATCH,
-        };
+        let rows = self.rows();
         let session = bench.session.clone();
         let lines = bench.workload.lines_json();
         let tenant = bench.workload.tenant().to_owned();
@@ -502,6 +547,66 @@ impl CqlInsert {
                                 async move { session.batch(&batch, rows).await }
                             });
                             futures::future::try_join_all(writes).await.context("raw spread batched insert")?;
+                        }
+                        Self::OrderRows { order, customer } => {
+                            let rows = (0..rows / 2).flat_map(|_| {
+                                let order_id = workload.next_order();
+                                let customer_id = format!("c-{order_id}");
+                                let text = |s: &str| CqlValue::Text(s.to_owned());
+                                let (cents, version, at) =
+                                    (CqlValue::BigInt(2100), CqlValue::BigInt(1), CqlValue::Timestamp(at));
+                                // The write timestamp, as the other raw inserts bind it.
+                                let written = CqlValue::BigInt(1);
+                                [
+                                    vec![(
+                                        order,
+                                        vec![
+                                            text(&tenant),
+                                            text(&order_id),
+                                            text(&customer_id),
+                                            text("submitted"),
+                                            text("EUR"),
+                                            text(&lines),
+                                            cents.clone(),
+                                            version.clone(),
+                                            at.clone(),
+                                            at.clone(),
+                                            written.clone(),
+                                        ],
+                                    )],
+                                    vec![(
+                                        customer,
+                                        vec![
+                                            text(&tenant),
+                                            text(&customer_id),
+                                            at.clone(),
+                                            text(&order_id),
+                                            text("submitted"),
+                                            version,
+                                            text("EUR"),
+                                            cents,
+                                            written,
+                                        ],
+                                    )],
+                                ]
+                            });
+                            let cluster = session.get_cluster_state();
+                            let groups = replicas::batches(rows, PROJECTOR_ROWS_PER_BATCH, |(statement, values)| {
+                                replicas::of(&cluster, statement, values)
+                            });
+                            let writes = groups.into_iter().map(|rows| {
+                                let mut batch = Batch::new(BatchType::Unlogged);
+                                let values: Vec<Vec<CqlValue>> = rows
+                                    .into_iter()
+                                    .map(|(statement, values)| {
+                                        batch.append_statement((*statement).clone());
+                                        values
+                                    })
+                                    .collect();
+                                let session = &session;
+                                async move { session.batch(&batch, values).await }
+                            });
+                            futures::future::try_join_all(writes).await.context("raw batched order rows")?;
                         }
                     }
                     n += 1;
