@@ -106,7 +106,7 @@ pub async fn run(
             extra.push(processor);
             metrics.push(url);
         }
-        let rate = scaled_drain(bench, roles, &mut extra, &metrics).await;
+        let rate = scaled_drain(bench, roles, &mut extra, &metrics, report.processor_per_second).await;
         for processor in extra {
             processor.stop(Duration::from_secs(30)).await?;
         }
@@ -269,12 +269,16 @@ async fn window(bench: &Bench, processors: &[String]) -> anyhow::Result<(Sample,
 
 /// The processors' rate once the processes whose metrics are at `processors`
 /// consume the backlog: commands they settled per second over a window that
-/// opens once they all consume, plus the settle time.
+/// opens once they all consume, plus the settle time. The settle is cut to
+/// what leaves a window: at most half the time the rest of the backlog
+/// lasts at `one_process`'s rate (what the first drain left of it shrinks
+/// as the processors get faster).
 async fn scaled_drain(
     bench: &Bench,
     roles: &mut [&mut RoleProcess],
     extra: &mut [RoleProcess],
     processors: &[String],
+    one_process: f64,
 ) -> anyhow::Result<f64> {
     let processes = processors.len();
     let began = Instant::now();
@@ -294,9 +298,19 @@ async fn scaled_drain(
         }
         tokio::time::sleep(SAMPLE).await;
     }
-    tokio::time::sleep(bench.plan.drain_settle).await;
+    let (left, _) = queues_state(&bench.channel, &bench.work_queues()).await?;
+    tokio::time::sleep(scaled_settle(bench.plan.drain_settle, u64::from(left), one_process)).await;
     let (start, end) = window(bench, processors).await?;
     Ok((end.settled - start.settled) as f64 / end.at.duration_since(start.at).as_secs_f64())
+}
+
+/// The scaled drain's settle: `settle`, or half the time `backlog`
+/// commands last at `rate` if that is shorter.
+fn scaled_settle(settle: Duration, backlog: u64, rate: f64) -> Duration {
+    if rate <= 0.0 {
+        return settle;
+    }
+    settle.min(Duration::from_secs_f64(backlog as f64 / rate / 2.0))
 }
 
 async fn purge(bench: &Bench) -> anyhow::Result<()> {
@@ -799,6 +813,14 @@ fn per_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scaled_drain_settles_for_at_most_half_of_what_the_backlog_lasts() {
+        let settle = Duration::from_secs(15);
+        assert_eq!(scaled_settle(settle, 1_000_000, 5_000.0), settle, "a long backlog: the whole settle");
+        assert_eq!(scaled_settle(settle, 100_000, 5_000.0), Duration::from_secs(10));
+        assert_eq!(scaled_settle(settle, 100, 0.0), settle, "no rate measured");
+    }
 
     #[test]
     fn a_step_keeps_its_slowest_followed_commands_slowest_first() {
