@@ -335,11 +335,16 @@ fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
 
 /// Whether a round of `picked` deliveries goes now. While another round is
 /// in the relay, only a round of a quarter of the prefetch or more goes
-/// ahead of it: a smaller one waits and grows, since every round costs a
-/// journal write and a Kafka transaction of its own.
+/// ahead of it, and never one of more than [`ROUND_AHEAD`]: a smaller one
+/// waits and grows, since every round costs a journal write and a Kafka
+/// transaction of its own; a deep prefetch would otherwise keep moderate
+/// loads from ever overlapping two rounds.
 fn may_decide(can_decide: bool, busy: bool, picked: usize, prefetch: u16) -> bool {
-    picked > 0 && can_decide && (!busy || picked >= usize::from(prefetch).div_ceil(4))
+    picked > 0 && can_decide && (!busy || picked >= usize::from(prefetch).div_ceil(4).min(ROUND_AHEAD))
 }
+
+/// The most deliveries a round needs to go ahead of one in the relay.
+const ROUND_AHEAD: usize = 32;
 
 /// The next round the owner finishes; never resolves without an owner.
 async fn finished_of<A, S, J, O, F>(owner: &mut Option<Owner<A, S, J, O, F>>) -> Result<Finished, Halt>
@@ -658,6 +663,8 @@ mod tests {
         assert!(may_decide(true, true, 8, 32), "a quarter of the prefetch goes ahead");
         assert!(!may_decide(false, false, 32, 32), "one is queued already");
         assert!(!may_decide(true, false, 0, 32), "nothing to decide");
+        assert!(!may_decide(true, true, 31, 512), "a deep prefetch: a small one still waits");
+        assert!(may_decide(true, true, 32, 512), "a deep prefetch: 32 go ahead");
     }
 
     #[test]
