@@ -334,10 +334,10 @@ fn pickable(pending: &VecDeque<Pending>, now: Instant) -> Vec<usize> {
 }
 
 /// Whether a round of `picked` deliveries goes now. While another round is
-/// in the relay, only a round of a quarter of the prefetch or more goes
-/// ahead of it, and never one of more than [`ROUND_AHEAD`]: a smaller one
-/// waits and grows, since every round costs a journal write and a Kafka
-/// transaction of its own; a deep prefetch would otherwise keep moderate
+/// in the relay, only a round of a quarter of the prefetch, or of
+/// [`ROUND_AHEAD`] deliveries if that is fewer, goes ahead of it: a smaller
+/// one waits and grows, since every round costs a journal write and a Kafka
+/// transaction of its own. Without the cap a deep prefetch kept moderate
 /// loads from ever overlapping two rounds.
 fn may_decide(can_decide: bool, busy: bool, picked: usize, prefetch: u16) -> bool {
     picked > 0 && can_decide && (!busy || picked >= usize::from(prefetch).div_ceil(4).min(ROUND_AHEAD))
