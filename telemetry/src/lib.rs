@@ -11,6 +11,8 @@
 
 pub mod trace_context;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
@@ -23,6 +25,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+/// Whether [`init`] installed an exporter: spans then leave the process.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans (an OTLP endpoint is configured). A
+/// hot path that makes a span per item only to continue a trace skips it
+/// when they are not: without an exporter the span is only a log context.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// Log levels when `SLUICE_LOG` is not set.
 const DEFAULT_FILTER: &str = "info,lapin=warn,scylla=error";
@@ -73,6 +85,7 @@ pub fn init(service: &str, otlp_endpoint: Option<&str>) -> Result<Telemetry, Str
         .with(spans)
         .try_init()
         .map_err(|e| format!("installing the log subscriber: {e}"))?;
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     Ok(Telemetry { provider })
 }
 
