@@ -40,8 +40,10 @@ pub struct ProjectorConfig {
     pub offset_flush_ms: u64,
     /// How often the projector checks which version is active (default 1000 ms).
     pub version_poll_ms: u64,
-    /// Records applied as one batch at most (default 500); 1 applies one
-    /// record at a time.
+    /// Records applied as one batch at most (default 2,000); 1 applies one
+    /// record at a time. Batches only fill on a backlog (a batch is what the
+    /// consumer holds, no waiting for more); there, 2,000 wrote ~3 % more
+    /// rows a second than 500 (fewer waits for a batch's slowest write).
     pub batch_max_records: usize,
     /// Keys (orders) of a batch applied at once (default 64); each key's
     /// records always one after the other.
@@ -67,7 +69,7 @@ impl Default for ProjectorConfig {
             group_prefix: "sluice.projection".into(),
             offset_flush_ms: 200,
             version_poll_ms: 1_000,
-            batch_max_records: 500,
+            batch_max_records: 2_000,
             max_keys_in_flight: 64,
         }
     }
