@@ -209,13 +209,8 @@ where
             }
         }
         // Take whatever else has arrived.
-        match ctx.take_arrived(&mut deliveries, &mut pending) {
-            Arrived::Taken => {}
-            Arrived::Ended => break,
-            Arrived::Failed(e) => {
-                failure = Some(e);
-                break;
-            }
+        if !ctx.take_arrived(&mut deliveries, &mut pending, &mut failure) {
+            break;
         }
         if stop.is_cancelled() {
             break;
@@ -254,13 +249,8 @@ where
                 _ = stop.cancelled() => break,
             },
         };
-        match ctx.take_arrived(&mut deliveries, &mut pending) {
-            Arrived::Taken => {}
-            Arrived::Ended => break,
-            Arrived::Failed(e) => {
-                failure = Some(e);
-                break;
-            }
+        if !ctx.take_arrived(&mut deliveries, &mut pending, &mut failure) {
+            break;
         }
         let picked = pickable(&pending, Instant::now());
         let commands: Vec<IncomingCommand> = picked
@@ -454,31 +444,28 @@ const NOTE_WHEN_IDLE: Duration = Duration::from_millis(500);
 const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const SETTLE_TRIES: u32 = 3;
 
-/// What [`Ctx::take_arrived`] found.
-enum Arrived {
-    Taken,
-    /// The consumer ended (stop, or the broker cancelled it).
-    Ended,
-    Failed(lapin::Error),
-}
-
 impl Ctx {
     /// Takes the deliveries that have arrived, up to the prefetch, without
-    /// waiting for more.
+    /// waiting for more; false when the consumer ended (stop, or the broker
+    /// cancelled it) or failed (`failure`).
     fn take_arrived(
         &self,
         deliveries: &mut (impl futures::Stream<Item = lapin::Result<Delivery>> + Unpin),
         pending: &mut VecDeque<Pending>,
-    ) -> Arrived {
+        failure: &mut Option<lapin::Error>,
+    ) -> bool {
         while pending.len() < usize::from(self.settings.prefetch.max(1)) {
             match deliveries.next().now_or_never() {
                 Some(Some(Ok(delivery))) => pending.push_back(self.pending(delivery)),
-                Some(Some(Err(e))) => return Arrived::Failed(e),
-                Some(None) => return Arrived::Ended,
+                Some(Some(Err(e))) => {
+                    *failure = Some(e);
+                    return false;
+                }
+                Some(None) => return false,
                 None => break,
             }
         }
-        Arrived::Taken
+        true
     }
 
     fn pending(&self, delivery: Delivery) -> Pending {
