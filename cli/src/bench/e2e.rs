@@ -121,7 +121,7 @@ pub async fn run(
             extra.push(processor);
             metrics.push(url);
         }
-        let rate = scaled_drain(bench, roles, &mut extra, &metrics, report.processor_per_second).await;
+        let rate = scaled_drain(bench, roles, &mut extra, &metrics, report.processor_per_second, step).await;
         for processor in extra {
             processor.stop(Duration::from_secs(30)).await?;
         }
@@ -285,16 +285,18 @@ async fn window(bench: &Bench, processors: &[String]) -> anyhow::Result<(Sample,
 
 /// The processors' rate once the processes whose metrics are at `processors`
 /// consume the backlog: commands they settled per second over a window that
-/// opens once they all consume, plus the settle time. The settle is cut to
-/// what leaves a window: at most half the time the rest of the backlog
-/// lasts at `one_process`'s rate (what the first drain left of it shrinks
-/// as the processors get faster).
+/// opens once they all consume, plus the settle time. A backlog too short
+/// for a window is first topped up through the edge ([`scaled_backlog`]).
+/// The settle is cut to what leaves a window: at most half the time the
+/// rest of the backlog lasts if the processes scaled linearly from
+/// `one_process`'s rate (they do not on two cores, so the window gets more).
 async fn scaled_drain(
     bench: &Bench,
     roles: &mut [&mut RoleProcess],
     extra: &mut [RoleProcess],
     processors: &[String],
     one_process: f64,
+    step: &dyn Fn(&str),
 ) -> anyhow::Result<f64> {
     let processes = processors.len();
     let began = Instant::now();
@@ -315,9 +317,52 @@ async fn scaled_drain(
         tokio::time::sleep(SAMPLE).await;
     }
     let (left, _) = queues_state(&bench.channel, &bench.work_queues()).await?;
-    tokio::time::sleep(scaled_settle(bench.plan.drain_settle, u64::from(left), one_process)).await;
+    let expected = one_process * processes as f64;
+    let need = scaled_backlog(expected);
+    let left = if u64::from(left) < need {
+        step(&format!("e2e: {left} commands left, topping the backlog up to {need} through the edge"));
+        top_up(bench, need).await?
+    } else {
+        u64::from(left)
+    };
+    tokio::time::sleep(scaled_settle(bench.plan.drain_settle, left, expected)).await;
     let (start, end) = window(bench, processors).await?;
     Ok((end.settled - start.settled) as f64 / end.at.duration_since(start.at).as_secs_f64())
+}
+
+/// The shortest window the scaled drain plans for.
+const MIN_SCALED_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long the edge may take to refill the backlog for the scaled drain.
+const TOP_UP_LIMIT: Duration = Duration::from_secs(30);
+
+/// The backlog the scaled drain needs once every process consumes, when
+/// they take `rate` commands a second together: the settle takes at most
+/// half of it, and the other half lasts [`MIN_SCALED_WINDOW`]. What the
+/// first drain left can be less: the processes take it while they join
+/// (a quick run in CI ran out: the debug build's edge phase leaves ~6 s of
+/// one process's work).
+fn scaled_backlog(rate: f64) -> u64 {
+    (2.0 * rate * MIN_SCALED_WINDOW.as_secs_f64()).ceil() as u64
+}
+
+/// Sends batches through the edge until the work queues hold `need`
+/// commands (the processors drain them meanwhile); returns what they hold.
+async fn top_up(bench: &Bench, need: u64) -> anyhow::Result<u64> {
+    let began = Instant::now();
+    loop {
+        let (depth, _) = queues_state(&bench.channel, &bench.work_queues()).await?;
+        if u64::from(depth) >= need {
+            return Ok(u64::from(depth));
+        }
+        if began.elapsed() > TOP_UP_LIMIT {
+            bail!(
+                "the edge did not refill the backlog to {need} commands within {TOP_UP_LIMIT:?} while the \
+                 processors drained it ({depth} queued)"
+            );
+        }
+        super::edge::send_batches(bench, Duration::from_millis(500)).await?;
+    }
 }
 
 /// The scaled drain's settle: `settle`, or half the time `backlog`
@@ -844,6 +889,15 @@ mod tests {
         assert_eq!(scaled_settle(settle, 1_000_000, 5_000.0), settle, "a long backlog: the whole settle");
         assert_eq!(scaled_settle(settle, 100_000, 5_000.0), Duration::from_secs(10));
         assert_eq!(scaled_settle(settle, 100, 0.0), settle, "no rate measured");
+    }
+
+    #[test]
+    fn the_scaled_drain_needs_a_backlog_that_leaves_a_window_after_its_settle() {
+        // Two processes at 1,500/s each: 3,000/s, one second for the settle
+        // (half the backlog at most) and one for the window.
+        assert_eq!(scaled_backlog(3_000.0), 6_000);
+        let settle = scaled_settle(Duration::from_secs(15), scaled_backlog(3_000.0), 3_000.0);
+        assert_eq!(settle, MIN_SCALED_WINDOW, "the settle takes half of it");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::task::JoinSet;
@@ -24,13 +24,19 @@ enum Mode {
 
 pub async fn run(bench: &Bench, step: &dyn Fn(&str)) -> anyhow::Result<EdgeReport> {
     step("edge: single mode");
-    let single = drive(bench, Mode::Single).await?;
+    let single = drive(bench, Mode::Single, bench.plan.edge_duration).await?;
     step("edge: batch mode");
-    let batch = drive(bench, Mode::Batch(bench.plan.batch_size)).await?;
+    let batch = drive(bench, Mode::Batch(bench.plan.batch_size), bench.plan.edge_duration).await?;
     Ok(EdgeReport { clients: bench.plan.concurrency, batch_size: bench.plan.batch_size, single, batch })
 }
 
-async fn drive(bench: &Bench, mode: Mode) -> anyhow::Result<EdgeMode> {
+/// Sends batches of the workload's mix through the edge for `duration`, as
+/// the batch mode does: more backlog for a drain that needs it.
+pub async fn send_batches(bench: &Bench, duration: Duration) -> anyhow::Result<()> {
+    drive(bench, Mode::Batch(bench.plan.batch_size), duration).await.map(|_| ())
+}
+
+async fn drive(bench: &Bench, mode: Mode, duration: Duration) -> anyhow::Result<EdgeMode> {
     let url = bench.url("/events");
     let content_type = match mode {
         Mode::Single => "application/cloudevents+json",
@@ -43,7 +49,7 @@ async fn drive(bench: &Bench, mode: Mode) -> anyhow::Result<EdgeMode> {
     let (requests, commands, errors) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let started = Instant::now();
-    let deadline = started + bench.plan.edge_duration;
+    let deadline = started + duration;
     let mut clients = JoinSet::new();
     for _ in 0..bench.plan.concurrency {
         let (http, key, url, workload) = (bench.http.clone(), bench.key.clone(), url.clone(), bench.workload.clone());
