@@ -235,16 +235,15 @@ where
         // waits for them; one going ahead of the round in the relay is big
         // enough already.
         let entered = match turn.take() {
-            Some(in_relay @ (Some(_), _)) => {
-                turn = Some(in_relay);
-                None
-            }
-            // Going ahead: a finished turn is let go.
-            _ if current.busy() => None,
             Some((None, finished)) => tokio::select! {
                 turn = finished.next() => Some(turn),
                 _ = stop.cancelled() => break,
             },
+            Some(in_relay) => {
+                turn = Some(in_relay);
+                None
+            }
+            None if current.busy() => None,
             None => tokio::select! {
                 turn = backends.gate.enter() => Some(turn),
                 _ = stop.cancelled() => break,
