@@ -209,8 +209,13 @@ where
             }
         }
         // Take whatever else has arrived.
-        if !ctx.take_arrived(&mut deliveries, &mut pending, &mut failure) {
-            break;
+        match ctx.take_arrived(&mut deliveries, &mut pending) {
+            Arrived::Taken => {}
+            Arrived::Ended => break,
+            Arrived::Failed(e) => {
+                failure = Some(e);
+                break;
+            }
         }
         if stop.is_cancelled() {
             break;
@@ -249,8 +254,13 @@ where
                 _ = stop.cancelled() => break,
             },
         };
-        if !ctx.take_arrived(&mut deliveries, &mut pending, &mut failure) {
-            break;
+        match ctx.take_arrived(&mut deliveries, &mut pending) {
+            Arrived::Taken => {}
+            Arrived::Ended => break,
+            Arrived::Failed(e) => {
+                failure = Some(e);
+                break;
+            }
         }
         let picked = pickable(&pending, Instant::now());
         let commands: Vec<IncomingCommand> = picked
@@ -444,28 +454,31 @@ const NOTE_WHEN_IDLE: Duration = Duration::from_millis(500);
 const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const SETTLE_TRIES: u32 = 3;
 
+/// What [`Ctx::take_arrived`] found.
+enum Arrived {
+    Taken,
+    /// The consumer ended (stop, or the broker cancelled it).
+    Ended,
+    Failed(lapin::Error),
+}
+
 impl Ctx {
     /// Takes the deliveries that have arrived, up to the prefetch, without
-    /// waiting for more; false when the consumer ended (stop, or the broker
-    /// cancelled it) or failed (`failure`).
+    /// waiting for more.
     fn take_arrived(
         &self,
         deliveries: &mut (impl futures::Stream<Item = lapin::Result<Delivery>> + Unpin),
         pending: &mut VecDeque<Pending>,
-        failure: &mut Option<lapin::Error>,
-    ) -> bool {
+    ) -> Arrived {
         while pending.len() < usize::from(self.settings.prefetch.max(1)) {
             match deliveries.next().now_or_never() {
                 Some(Some(Ok(delivery))) => pending.push_back(self.pending(delivery)),
-                Some(Some(Err(e))) => {
-                    *failure = Some(e);
-                    return false;
-                }
-                Some(None) => return false,
+                Some(Some(Err(e))) => return Arrived::Failed(e),
+                Some(None) => return Arrived::Ended,
                 None => break,
             }
         }
-        true
+        Arrived::Taken
     }
 
     fn pending(&self, delivery: Delivery) -> Pending {
