@@ -18,7 +18,6 @@
 pub mod amqp;
 pub mod domain;
 pub mod event_store;
-pub mod gate;
 pub mod hanging;
 pub mod journal;
 pub mod kafka;
@@ -597,6 +596,5 @@ async fn backends_for(infra: &Infra, instance: &str, config: &ProcessorConfig) -
         operations: CqlOperationStore::new(infra.session.clone(), instance).await.map_err(|e| setup(&e))?,
         relays: KafkaRelays::new(infra.kafka.clone(), &infra.registry_url).map_err(|e| setup(&e))?,
         retry_delays_ms: config.retry_delays_ms.clone(),
-        gate: Default::default(),
     })
 }

@@ -50,7 +50,6 @@ use tracing::{debug, info, warn};
 use crate::amqp::consumer::PartitionRef;
 use crate::domain::{Aggregate, DomainEvent, Stamp};
 use crate::event_store::{EventStore, StoredEvent, StreamRef};
-use crate::gate::RoundGate;
 use crate::journal::{Appended, Entry, Journal, Verdict, MAX_BYTES_PER_WRITE};
 use crate::kafka::{OutgoingEvent, Relay, RelayError, RelayFactory, RelayPosition};
 use crate::operations::{EventPosition, OperationRef, OperationStore, Order, Status};
@@ -133,8 +132,6 @@ pub struct Backends<S, J, O, F> {
     pub relays: F,
     /// Backoff between tries of what follows the journal.
     pub retry_delays_ms: Vec<u64>,
-    /// The owners' rounds go through it together ([`crate::gate`]).
-    pub gate: RoundGate,
 }
 
 /// A stream as the owner knows it.
@@ -1433,7 +1430,6 @@ mod tests {
             operations: Ops::default(),
             relays: Relays::default(),
             retry_delays_ms: vec![1],
-            gate: RoundGate::default(),
         })
     }
 

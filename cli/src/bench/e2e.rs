@@ -669,7 +669,6 @@ fn processor_times(before: &Scrape, after: &Scrape) -> Option<ProcessorTimes> {
     Some(ProcessorTimes {
         commands_per_transaction: (transactions > 0.0).then(|| commands / transactions),
         partitions_per_transaction: mean("sluice_relay_transaction_partitions", ""),
-        partitions_per_generation: mean("sluice_round_gate_partitions", ""),
         round: timing("sluice_round_seconds", "")?,
         wait: timing("sluice_command_wait_seconds", "").unwrap_or_default(),
         commands_per_round: mean("sluice_round_commands", "").unwrap_or(0.0),

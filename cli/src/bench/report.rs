@@ -307,9 +307,6 @@ pub struct ProcessorTimes {
     /// Kafka the same requests whatever it carries.
     pub commands_per_transaction: Option<f64>,
     pub partitions_per_transaction: Option<f64>,
-    /// The partitions that decided together through the round gate, on
-    /// average (`sluice_round_gate_partitions`).
-    pub partitions_per_generation: Option<f64>,
 }
 
 /// One histogram's figures between two scrapes: the mean, and the upper
@@ -815,9 +812,6 @@ impl Report {
                     ),
                     _ => "no Kafka transaction ended".to_owned(),
                 }
-                + &p.partitions_per_generation
-                    .map(|n| format!("; {n:.1} partitions decided together"))
-                    .unwrap_or_default()
             );
         }
         for (run, s) in latency_rows.iter().enumerate() {

@@ -8,11 +8,9 @@
 //! order the queue handed them out: the order the edge accepted them. The
 //! next round is decided while the owner's relay finishes the last one
 //! (Kafka, operation records); a round's commands are settled when it is
-//! finished. A round that does not go ahead of one in the relay goes
-//! through the processor's round gate ([`crate::gate`]): the partitions it
-//! owns in the context decide and relay their rounds together. A command
-//! sent back for a retry waits for its backoff in memory, still unacked;
-//! later commands of its stream wait behind it, other streams go on.
+//! finished. A command sent back for a retry waits for its backoff in
+//! memory, still unacked; later commands of its stream wait behind it, other
+//! streams go on.
 //!
 //! A dead letter is first published to the DLQ and confirmed by the broker,
 //! and only then is the original acked: a crash in between duplicates,
@@ -43,7 +41,6 @@ use super::headers::{self, string};
 use super::topology::stream_key_of;
 use crate::domain::Aggregate;
 use crate::event_store::EventStore;
-use crate::gate::Turn;
 use crate::journal::Journal;
 use crate::kafka::RelayFactory;
 use crate::operations::OperationStore;
@@ -143,9 +140,6 @@ where
     let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     // When the owner notes its relay position, once idle for a moment.
     let mut note_at: Option<Instant> = None;
-    // The gate's turn this partition holds: for its round in the relay, or
-    // (`None`) for one finished, until it decides again or has nothing to.
-    let mut turn: Option<(Option<u64>, Turn<'_>)> = None;
     'rounds: loop {
         if Instant::now() >= sweep_at {
             if sweeping.as_ref().is_none_or(|s| s.is_finished()) {
@@ -167,10 +161,6 @@ where
         let picked = pickable(&pending, now).len();
         let prefetch = ctx.settings.prefetch;
         if !owner.as_ref().map_or(picked > 0, |o| may_decide(o.can_decide(), o.busy(), picked, prefetch)) {
-            if turn.as_ref().is_some_and(|(round, _)| round.is_none()) {
-                // Nothing to decide: the others need not wait for it.
-                turn = None;
-            }
             let due = pending.iter().map(|p| p.not_before).filter(|&at| at > now).min();
             let busy = owner.as_ref().is_some_and(|o| o.busy());
             let finished = tokio::select! {
@@ -194,12 +184,7 @@ where
             };
             if let (Some(done), Some(current)) = (finished, &owner) {
                 match done {
-                    Ok(finished) => {
-                        if let Some((round, _)) = turn.as_mut().filter(|(round, _)| *round == Some(finished.round)) {
-                            *round = None;
-                        }
-                        ctx.settle_finished(current, &mut pending, finished).await
-                    }
+                    Ok(finished) => ctx.settle_finished(current, &mut pending, finished).await,
                     Err(halt) => {
                         log_halt(&ctx.queue, &halt);
                         break;
@@ -209,12 +194,15 @@ where
             }
         }
         // Take whatever else has arrived.
-        match ctx.take_arrived(&mut deliveries, &mut pending) {
-            Arrived::Taken => {}
-            Arrived::Ended => break,
-            Arrived::Failed(e) => {
-                failure = Some(e);
-                break;
+        while pending.len() < usize::from(ctx.settings.prefetch.max(1)) {
+            match deliveries.next().now_or_never() {
+                Some(Some(Ok(delivery))) => pending.push_back(ctx.pending(delivery)),
+                Some(Some(Err(e))) => {
+                    failure = Some(e);
+                    break 'rounds;
+                }
+                Some(None) => break 'rounds,
+                None => break,
             }
         }
         if stop.is_cancelled() {
@@ -232,37 +220,10 @@ where
                 }
             },
         };
-        if !may_decide(current.can_decide(), current.busy(), pickable(&pending, Instant::now()).len(), prefetch) {
+        let picked = pickable(&pending, Instant::now());
+        if !may_decide(current.can_decide(), current.busy(), picked.len(), ctx.settings.prefetch) {
             continue;
         }
-        // A round that follows a finished one goes with the other
-        // partitions' ([`crate::gate`]), and takes what arrives while it
-        // waits for them; one going ahead of the round in the relay is big
-        // enough already.
-        let entered = match turn.take() {
-            Some((None, finished)) => tokio::select! {
-                turn = finished.next() => Some(turn),
-                _ = stop.cancelled() => break,
-            },
-            Some(in_relay) => {
-                turn = Some(in_relay);
-                None
-            }
-            None if current.busy() => None,
-            None => tokio::select! {
-                turn = backends.gate.enter() => Some(turn),
-                _ = stop.cancelled() => break,
-            },
-        };
-        match ctx.take_arrived(&mut deliveries, &mut pending) {
-            Arrived::Taken => {}
-            Arrived::Ended => break,
-            Arrived::Failed(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-        let picked = pickable(&pending, Instant::now());
         let commands: Vec<IncomingCommand> = picked
             .iter()
             .filter_map(|&i| {
@@ -279,13 +240,6 @@ where
                 break;
             }
         };
-        // The turn lasts until the round is finished: the partitions of a
-        // generation go through the relay together too.
-        if decided.outcomes.iter().any(Option::is_none) {
-            if let Some(entered) = entered {
-                turn = Some((Some(decided.round), entered));
-            }
-        }
         // Settle in order what is answered now; what the relay finishes
         // waits for its round, what waits for a retry stays.
         let mut outcomes = decided.outcomes.into_iter();
@@ -336,7 +290,6 @@ where
         }
         ctx.settle_all(current, &mut pending, settled).await;
     }
-    drop(turn);
     // The rounds in the relay finish (on stop, their current try ends). A
     // failed channel can ack nothing: the next owner finishes them. With
     // every round finished, the partition is let go in the journal.
@@ -454,33 +407,7 @@ const NOTE_WHEN_IDLE: Duration = Duration::from_millis(500);
 const SETTLE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const SETTLE_TRIES: u32 = 3;
 
-/// What [`Ctx::take_arrived`] found.
-enum Arrived {
-    Taken,
-    /// The consumer ended (stop, or the broker cancelled it).
-    Ended,
-    Failed(lapin::Error),
-}
-
 impl Ctx {
-    /// Takes the deliveries that have arrived, up to the prefetch, without
-    /// waiting for more.
-    fn take_arrived(
-        &self,
-        deliveries: &mut (impl futures::Stream<Item = lapin::Result<Delivery>> + Unpin),
-        pending: &mut VecDeque<Pending>,
-    ) -> Arrived {
-        while pending.len() < usize::from(self.settings.prefetch.max(1)) {
-            match deliveries.next().now_or_never() {
-                Some(Some(Ok(delivery))) => pending.push_back(self.pending(delivery)),
-                Some(Some(Err(e))) => return Arrived::Failed(e),
-                Some(None) => return Arrived::Ended,
-                None => break,
-            }
-        }
-        Arrived::Taken
-    }
-
     fn pending(&self, delivery: Delivery) -> Pending {
         let headers = headers::headers_of(&delivery);
         let attempt = headers::attempt(&headers);
