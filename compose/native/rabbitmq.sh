@@ -19,15 +19,6 @@ export RABBITMQ_PID_FILE="$HOME_DIR/rabbitmq.pid"
 # distribution port listen on loopback too, like the AMQP and HTTP ports.
 export ERL_EPMD_ADDRESS=127.0.0.1
 export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-# RabbitMQ pins each Erlang scheduler thread to one CPU by default (`+stbt
-# db`). Here the broker shares two CPUs with Cassandra, Kafka, the registry
-# and sluice's own processes, so a scheduler whose CPU is busy waits even when
-# the other CPU is free. Unbound (`u`), the kernel moves it: in three pairs
-# of bench runs the unbound run drained more than the pinned one beside it
-# (7,506, 7,661, 5,833 against 6,696, 5,681, 5,364 commands/s); the open-loop
-# figures stayed within their spread (docs/bench-history.md, session 47).
-# An operator's own setting wins.
-export RABBITMQ_SCHEDULER_BIND_TYPE="${RABBITMQ_SCHEDULER_BIND_TYPE:-u}"
 MGMT="http://127.0.0.1:$SLUICE_RABBITMQ_MGMT_PORT/api"
 
 ctl() { rabbitmqctl -q -n "$RABBITMQ_NODENAME" "$@"; }
